@@ -1,0 +1,250 @@
+"""The built-in continuous trainer: `python -m trainer [--config PATH] [--resume latest|best|none|STEP|PATH]`.
+
+Trains the small GPT on the configured data forever (or to trainer.max_steps), checkpoints every N
+steps through CheckpointManager, evaluates, tracks best, pins epoch ends, logs metrics to
+logs/metrics.jsonl. SIGINT/SIGTERM: finish the step, save, exit 0. Under torchrun: DDP with gloo on
+CPU (nccl on GPUs); rank 0 writes; every rank loads the checkpoint rank 0 chose.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from maintenance import runtime
+from maintenance.config import Config, load_config
+from maintenance.errors import CkptError
+from maintenance.logs import append_jsonl
+from trainer.checkpoint import CheckpointManager, capture_rng, restore_rng
+from trainer.data import Sampler, load_corpus, val_batches
+from trainer.model import GPT, GPTConfig
+
+log = logging.getLogger("trainer")
+
+
+class StopFlag:
+    def __init__(self) -> None:
+        self.signal: Optional[int] = None
+
+    def __call__(self, signum, _frame) -> None:
+        if self.signal is None:
+            log.info("received %s: finishing this step, saving, then exiting", signal.Signals(signum).name)
+        self.signal = signum
+
+
+def lr_lambda(cfg) -> callable:
+    warm, cycle, floor = cfg.warmup_steps, cfg.lr_cycle_steps, cfg.min_lr_ratio
+
+    def f(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        t = ((step - warm) % cycle) / cycle
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
+
+    return f
+
+
+def build(cfg: Config, vocab_size: int):
+    tc = cfg.trainer
+    mc = GPTConfig(vocab_size=vocab_size, block_size=tc.model.block_size, n_layer=tc.model.n_layer,
+                   n_head=tc.model.n_head, n_embd=tc.model.n_embd, dropout=tc.model.dropout)
+    model = GPT(mc)
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=tc.learning_rate, betas=(0.9, 0.95))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tc))
+    return model, mc, opt, sched
+
+
+@torch.no_grad()
+def evaluate(model: GPT, corpus, cfg) -> float:
+    model.eval()
+    losses = [model(x, y)[1].item() for x, y in val_batches(corpus.val, cfg.model.block_size, cfg.batch_size,
+                                                             cfg.eval_batches)]
+    model.train()
+    return sum(losses) / len(losses)
+
+
+def _remove_stale_temps(ckpt_dir: Path) -> None:
+    """We hold the trainer lock, so no one else is writing: every temp folder is a dead save."""
+    for p in ckpt_dir.glob(".tmp-checkpoint-*"):
+        log.warning("removing %s, left by a save that was interrupted", p.name)
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def run(cfg: Config, resume: str, max_steps: Optional[int] = None) -> int:
+    tc = cfg.trainer
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    distributed = world > 1
+    if distributed:
+        dist.init_process_group("gloo" if not torch.cuda.is_available() else "nccl")
+    if tc.threads:
+        torch.set_num_threads(tc.threads)
+    stop = StopFlag()
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+
+    ckpt_dir = cfg.checkpoint_dir
+    metrics_path = cfg.log_dir / "metrics.jsonl"
+    lock = runtime.TrainerLock(ckpt_dir).acquire() if rank == 0 else None
+    if rank == 0:
+        _remove_stale_temps(ckpt_dir)
+    torch.manual_seed(tc.seed)
+    corpus = load_corpus(cfg.data_path(), tc.data.synthetic_chars, tc.seed, tc.data.val_fraction)
+    model, mc, opt, sched = build(cfg, corpus.vocab_size)
+    sampler = Sampler(corpus.train, tc.model.block_size, tc.batch_size, tc.seed, rank, world)
+    mgr = CheckpointManager(ckpt_dir, best_metric=tc.best_metric, best_mode=tc.best_mode,
+                            save_margin_bytes=int(cfg.disk.save_margin_mb * 2**20), patterns=cfg.checkpoints.pattern,
+                            rank=rank)
+    step, resumed_from = 0, None
+    torch.manual_seed(tc.seed + rank)  # per-rank stream for dropout; restored from the checkpoint on resume
+
+    if resume != "none":
+        target = resume
+        if distributed:
+            # Rank 0 chooses (and verifies); the others load exactly that folder.
+            box = [None]
+            if rank == 0:
+                cands, _ = mgr.candidates(resume)
+                box = [str(cands[0].path) if cands else None]
+            dist.broadcast_object_list(box, src=0)
+            target = box[0]
+        loaded = mgr.load(target, model=model, optimizer=opt, scheduler=sched, restore_rng_state=False) if target else None
+        if loaded is not None:
+            step = loaded.step
+            resumed_from = loaded.path.name
+            rng = loaded.extra.get("rng_ranks") or []
+            if loaded.world_size == world and len(rng) == world:
+                restore_rng(rng[rank])
+                sampler.load_state(loaded.data_state)
+            else:
+                sampler.load_state(loaded.data_state)
+                log.warning(
+                    "resuming a run saved with %d process(es) on %d: the data order continues from the same "
+                    "position, but per-rank random streams are reseeded, so losses will not repeat bit for bit",
+                    loaded.world_size, world)
+            if rank == 0:
+                log.info("resumed from %s at step %d (epoch %d)", loaded.path.name, step, sampler.epoch)
+        elif rank == 0:
+            log.info("no checkpoint in %s: starting fresh", ckpt_dir)
+    elif rank == 0:
+        log.info("--resume none: starting fresh at step 0")
+
+    ddp_model = torch.nn.parallel.DistributedDataParallel(model) if distributed else model
+    limit = max_steps if max_steps is not None else tc.max_steps
+    model_cfg = {"model": mc.to_dict(), "vocab": corpus.vocab, "trainer": cfg.trainer.model_dump(mode="json")}
+    best: Optional[float] = mgr._best
+    last_hb = 0.0
+    t_last, tokens = time.perf_counter(), 0
+    val_loss: Optional[float] = None
+
+    def save(pin: Optional[str], blocking: bool, metrics: dict) -> None:
+        rngs = [capture_rng()]
+        if distributed:
+            rngs = [None] * world
+            dist.all_gather_object(rngs, capture_rng())
+        if rank == 0:
+            mgr.save(step, model=model, optimizer=opt, scheduler=sched, epoch=sampler.epoch,
+                     data_state=sampler.state(), metrics=metrics, config=model_cfg, pin=pin, world_size=world,
+                     extra={"rng_ranks": rngs}, rng={}, blocking=blocking)
+
+    model.train()
+    try:
+        while limit is None or step < limit:
+            x, y, epoch_ended = sampler.next_batch()
+            _, loss = ddp_model(x, y)
+            loss.backward()
+            if tc.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+            lr = opt.param_groups[0]["lr"]
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            sched.step()
+            step += 1
+            tokens += x.numel() * world
+            loss_v = loss.item()
+            if not math.isfinite(loss_v):
+                raise FloatingPointError(f"loss became {loss_v} at step {step}; lower trainer.learning_rate")
+            rec = {"step": step, "loss": loss_v, "lr": lr, "epoch": sampler.epoch}
+            metrics = {"loss": loss_v}
+            new_best = False
+            if step % tc.eval_every_steps == 0:
+                val_loss = evaluate(model, corpus, tc)
+                rec["val_loss"] = val_loss
+                metrics["val_loss"] = val_loss
+                better = best is None or (val_loss < best if tc.best_mode == "min" else val_loss > best)
+                if better and tc.best_metric == "val_loss":
+                    best, new_best = val_loss, True
+            if rank == 0:
+                append_jsonl(metrics_path, {**rec, "time": time.time()})
+            stopping = stop.signal is not None
+            if distributed:
+                flag = torch.tensor([1 if stopping else 0])
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                stopping = bool(flag.item())
+            finished = limit is not None and step >= limit
+            pin = f"end of epoch {sampler.epoch}" if epoch_ended else None
+            if finished or stopping:
+                save(pin, True, metrics)
+            elif step % tc.checkpoint_every_steps == 0 or pin or new_best:
+                save(pin, not tc.async_save, metrics)
+            if rank == 0:
+                now = time.perf_counter()
+                if step % tc.log_every_steps == 0:
+                    msg = f"step {step} | loss {loss_v:.4f} | lr {lr:.2e} | {tokens / (now - t_last):,.0f} tok/s | epoch {sampler.epoch}"
+                    if "val_loss" in rec:
+                        msg += f" | val_loss {rec['val_loss']:.4f}"
+                    log.info(msg)
+                    t_last, tokens = now, 0
+                if now - last_hb > 1.0 or finished or stopping:
+                    runtime.write_heartbeat(ckpt_dir, step=step, epoch=sampler.epoch, saving=mgr.saving,
+                                            resumed_from=resumed_from, world_size=world)
+                    last_hb = now
+            if stopping:
+                log.info("stopped by signal at step %d after saving", step)
+                break
+        else:
+            if rank == 0:
+                log.info("reached max_steps=%s", limit)
+        mgr.close()
+    finally:
+        if lock:
+            lock.release()
+        if distributed:
+            dist.destroy_process_group()
+    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m trainer", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", default="config.yaml", help="path of config.yaml (default: ./config.yaml)")
+    ap.add_argument("--resume", default=None,
+                    help="latest | best | none | STEP | PATH (default: $CKPT_RESUME if set, else latest)")
+    ap.add_argument("--max-steps", type=int, default=None, help="override trainer.max_steps")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    try:
+        cfg = load_config(args.config)
+        resume = args.resume or os.environ.get("CKPT_RESUME") or "latest"
+        return run(cfg, resume, args.max_steps)
+    except CkptError as exc:
+        log.error("%s", exc)
+        return exc.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
