@@ -320,25 +320,26 @@ class Config(_Section):
     def base_dir(self) -> Path:
         return self.source.parent if self.source else Path.cwd()
 
-    def _abs(self, p: Path) -> Path:
+    def resolve_path(self, p: Path) -> Path:
+        """A config path made absolute against config.yaml's folder."""
         p = p.expanduser()
         return (p if p.is_absolute() else self.base_dir / p).resolve()
 
     @property
     def checkpoint_dir(self) -> Path:
-        return self._abs(self.checkpoints.dir)
+        return self.resolve_path(self.checkpoints.dir)
 
     @property
     def snapshot_dir(self) -> Path:
-        return self._abs(self.snapshots.dir)
+        return self.resolve_path(self.snapshots.dir)
 
     @property
     def consolidation_dir(self) -> Path:
-        return self._abs(self.consolidation.dir)
+        return self.resolve_path(self.consolidation.dir)
 
     @property
     def log_dir(self) -> Path:
-        return self._abs(self.logging.dir)
+        return self.resolve_path(self.logging.dir)
 
     @property
     def state_dir(self) -> Path:
@@ -346,7 +347,7 @@ class Config(_Section):
         return self.log_dir
 
     def data_path(self) -> Optional[Path]:
-        return self._abs(self.trainer.data.path) if self.trainer.data.path else None
+        return self.resolve_path(self.trainer.data.path) if self.trainer.data.path else None
 
     @model_validator(mode="after")
     def _folders(self) -> "Config":

@@ -1,0 +1,231 @@
+"""ckpt-daemon: supervise continuous PyTorch training and keep its checkpoints safe.
+
+Commands (each takes --config PATH, default ./config.yaml):
+  run             run the daemon in the foreground (what systemd starts)
+  status          what is running, the latest and best checkpoints, disk, next jobs
+  list            the checkpoint catalog as a table (--verify checks checksums)
+  check-config    validate a config file and print the effective config
+  config-schema   print the JSON Schema of config.yaml (for editors)
+  install-unit    render systemd/ckpt-daemon.service for this install
+  pin / unpin     protect a checkpoint from retention, or release it
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+from maintenance.errors import CkptError
+
+
+def _age(seconds: Optional[float]) -> str:
+    if seconds is None:
+        return "-"
+    for unit, n in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= n:
+            return f"{seconds / n:.1f}{unit}"
+    return f"{seconds:.0f}s"
+
+
+def cmd_check_config(args) -> int:
+    import yaml
+
+    from maintenance.config import effective_config, load_config
+
+    cfg = load_config(args.path or args.config)
+    print(f"# {cfg.source}: valid. Effective config (defaults filled in, folders resolved):")
+    eff = effective_config(cfg)
+    eff["checkpoints"]["dir"] = str(cfg.checkpoint_dir)
+    eff["snapshots"]["dir"] = str(cfg.snapshot_dir)
+    eff["consolidation"]["dir"] = str(cfg.consolidation_dir)
+    eff["logging"]["dir"] = str(cfg.log_dir)
+    print(yaml.safe_dump(eff, sort_keys=False, default_flow_style=None), end="")
+    return 0
+
+
+def cmd_schema(args) -> int:
+    from maintenance.config import config_schema
+
+    print(json.dumps(config_schema(), indent=2))
+    return 0
+
+
+def cmd_list(args) -> int:
+    from maintenance import catalog as cat
+    from maintenance.cleanup import human
+    from maintenance.config import load_config
+
+    cfg = load_config(args.config)
+    c = cat.scan_config(cfg, verify=args.verify)
+    if args.json:
+        print(json.dumps({"root": str(c.root), "checkpoints": [e.to_json() for e in c.entries],
+                          "in_progress": [{"name": p.name, "step": p.step} for p in c.in_progress],
+                          "ignored": [{"name": n, "why": w} for n, w in c.ignored], "pointers": c.pointers,
+                          "resumed_from": c.resumed_from}, indent=2, default=str))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"{c.root} ({len(c.entries)} checkpoints, {len(c.valid())} valid)", title_justify="left")
+    for col in ("name", "step", "layout", "status", "size", "frees", "age", "epoch", "metrics", "marks"):
+        t.add_column(col, justify="right" if col in ("step", "size", "frees", "age", "epoch") else "left")
+    now = time.time()
+    for e in c.entries:
+        marks = [p for p, n in c.pointers.items() if n == e.name]
+        if e.pin:
+            marks.append(f"pinned: {e.pin}")
+        if c.resumed_from == e.name:
+            marks.append("resumed from")
+        status = e.status + (" (verified)" if e.verified and e.valid else "") + (f": {e.reason}" if e.reason else "")
+        t.add_row(e.name, str(e.step), e.layout, status, human(e.bytes), human(e.freeable_bytes), _age(now - e.mtime),
+                  "" if e.epoch is None else str(e.epoch), " ".join(f"{k}={v:.4g}" for k, v in e.metrics.items()),
+                  ", ".join(marks))
+    Console(width=max(120, os.get_terminal_size().columns if sys.stdout.isatty() else 160)).print(t)
+    for p in c.in_progress:
+        print(f"in progress or interrupted (ignored): {p.name}")
+    for n, w in c.ignored:
+        print(f"not a checkpoint: {n} ({w})")
+    return 0
+
+
+def cmd_status(args) -> int:
+    from daemon.state import read_state
+    from maintenance.cleanup import human
+    from maintenance.config import load_config
+
+    cfg = load_config(args.config)
+    s = read_state(cfg.log_dir)
+    alive = False
+    if s:
+        try:
+            os.kill(s["daemon"]["pid"], 0)
+            alive = True
+        except (ProcessLookupError, PermissionError, KeyError, TypeError):
+            alive = False
+    if args.json:
+        print(json.dumps({"running": alive, **(s or {})}, indent=2, default=str))
+        return 0 if alive else 3
+    if not s:
+        print(f"ckpt-daemon has not run with {cfg.source} (no {cfg.log_dir / 'daemon-state.json'}).")
+        return 3
+    now = time.time()
+    d, t, ck = s["daemon"], s["training"], s["checkpoints"]
+    print(f"daemon:   {'running' if alive else 'NOT RUNNING (last state below)'} pid {d['pid']}, up {_age(d['uptime_s'])}, "
+          f"state written {_age(now - d['updated'])} ago")
+    if d.get("config_error"):
+        print(f"config:   LAST EDIT REJECTED, running with the last good config: {d['config_error']}")
+    line = f"training: {t['state']}"
+    if t.get("pid"):
+        line += f" pid {t['pid']}"
+    if t.get("uptime_s") is not None:
+        line += f", up {_age(t['uptime_s'])}"
+    if t.get("step") is not None:
+        line += f", step {t['step']}"
+    line += f", restarts {t['restarts']}"
+    print(line)
+    if t.get("message"):
+        print(f"          {t['message']}")
+    if t.get("last_crash"):
+        lc = t["last_crash"]
+        print(f"last crash: {lc['description']} after {lc['ran_s']}s, {_age(now - lc['time'])} ago (from {lc.get('resumed_from') or 'scratch'})")
+    for which in ("latest", "best"):
+        e = ck.get(which)
+        if e:
+            m = " ".join(f"{k}={v:.4g}" for k, v in e.get("metrics", {}).items())
+            print(f"{which + ':':9} {e['name']} (step {e['step']}, {_age(e['age_s'])} old) {m}")
+        else:
+            print(f"{which + ':':9} none")
+    print(f"checkpoints: {ck['count']} in {ck['dir']}, {ck['valid']} valid")
+    for n, why in (ck.get("failed_verification") or {}).items():
+        print(f"  FAILED VERIFICATION: {n}: {why}")
+    disk = s.get("disk") or {}
+    if disk:
+        print(f"disk:     {human(disk.get('free_bytes', 0))} free ({disk.get('level')})")
+    nxt = s.get("jobs", {}).get("next", {})
+    for j in ("snapshot", "retention"):
+        print(f"next {j}: {nxt.get(j) or 'not scheduled'}")
+    lc = s.get("last_cleanup")
+    if lc:
+        print(f"last cleanup: {_age(now - lc['time'])} ago ({lc['reason']}): deleted {lc['deleted']}, kept {lc['kept']}, "
+              f"freed {human(lc['freed_bytes'])}" + (f", {lc['failed']} FAILED" if lc["failed"] else ""))
+    return 0 if alive else 3
+
+
+def cmd_run(args) -> int:
+    from daemon.core import Daemon
+
+    return Daemon(Path(args.config), echo_trainer=not args.quiet_trainer).run()
+
+
+def cmd_install_unit(args) -> int:
+    from daemon.unit import install_unit
+
+    print(install_unit(Path(args.config), user=args.user, output=Path(args.output) if args.output else None,
+                       print_only=args.print))
+    return 0
+
+
+def cmd_pin(args) -> int:
+    from maintenance import catalog as cat
+    from maintenance import runtime
+    from maintenance.config import load_config
+
+    cfg = load_config(args.config)
+    c = cat.scan_config(cfg, stats=False)
+    if c.by_name(args.name) is None:
+        raise CkptError(f"There is no checkpoint named {args.name!r} in {cfg.checkpoint_dir}; `ckpt-daemon list` shows them.")
+    if args.command == "pin":
+        runtime.pin(cfg.checkpoint_dir, args.name, args.reason)
+        print(f"pinned {args.name}: retention will keep it")
+    else:
+        print(f"unpinned {args.name}" if runtime.unpin(cfg.checkpoint_dir, args.name) else f"{args.name} was not pinned by a user")
+    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="ckpt-daemon", description=__doc__.split("\n\n")[0],
+                                 epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    def add(name, func, help_):
+        p = sub.add_parser(name, help=help_, description=help_)
+        p.add_argument("--config", default="config.yaml", help="path of config.yaml (default: ./config.yaml)")
+        p.set_defaults(func=func)
+        return p
+
+    p = add("run", cmd_run, "run the daemon in the foreground")
+    p.add_argument("--quiet-trainer", action="store_true", help="do not echo the trainer's output (it is in logs/trainer.log)")
+    p = add("status", cmd_status, "show the daemon's status")
+    p.add_argument("--json", action="store_true")
+    p = add("list", cmd_list, "list checkpoints")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--verify", action="store_true", help="verify checksums (reads every byte)")
+    p = add("check-config", cmd_check_config, "validate a config file and print the effective config")
+    p.add_argument("path", nargs="?", help="config file (default: --config)")
+    add("config-schema", cmd_schema, "print the JSON Schema of config.yaml")
+    p = add("install-unit", cmd_install_unit, "render and install the systemd unit")
+    p.add_argument("--user", default=None, help="unprivileged user the service runs as (default: owner of config.yaml)")
+    p.add_argument("--output", default=None, help="where to write the unit (default: /etc/systemd/system/ckpt-daemon.service)")
+    p.add_argument("--print", action="store_true", help="print the unit instead of writing it")
+    for name in ("pin", "unpin"):
+        p = add(name, cmd_pin, f"{name} a checkpoint (retention never deletes a pinned one)")
+        p.add_argument("name", help="checkpoint name, e.g. checkpoint-5000")
+        if name == "pin":
+            p.add_argument("--reason", default="pinned by user")
+    args = ap.parse_args(argv)
+    try:
+        return args.func(args)
+    except CkptError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

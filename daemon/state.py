@@ -1,0 +1,63 @@
+"""The daemon's state file (logs/daemon-state.json): what `ckpt-daemon status` shows, rewritten
+atomically so a reader never sees half of it; and the job history used to catch up missed runs."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from maintenance.fsutil import atomic_write_json
+
+STATE_FILE = "daemon-state.json"
+JOBS_FILE = "jobs-state.json"
+
+
+def state_path(log_dir: Path) -> Path:
+    return Path(log_dir) / STATE_FILE
+
+
+def read_state(log_dir: Path) -> Optional[dict]:
+    try:
+        return json.loads(state_path(log_dir).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def write_state(log_dir: Path, state: dict) -> None:
+    atomic_write_json(state_path(log_dir), state, mode=0o644)
+
+
+class JobHistory:
+    """Last successful run of each scheduled job, persisted (APScheduler's memory store forgets)."""
+
+    def __init__(self, log_dir: Path, now: Optional[float] = None):
+        self.path = Path(log_dir) / JOBS_FILE
+        try:
+            self.data: dict[str, Any] = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            self.data = {}
+        if "created" not in self.data:
+            # First start ever: nothing was missed before this moment.
+            self.data["created"] = time.time() if now is None else now
+            self._save()
+
+    def _save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(self.path, self.data)
+
+    def job(self, name: str) -> dict:
+        return self.data.setdefault("jobs", {}).setdefault(name, {})
+
+    def last_success(self, name: str) -> float:
+        return float(self.job(name).get("last_success") or self.data["created"])
+
+    def record(self, name: str, ok: bool, when: float, message: str) -> None:
+        j = self.job(name)
+        j["last_attempt"] = when
+        j["last_result"] = "ok" if ok else "error"
+        j["last_message"] = message
+        if ok:
+            j["last_success"] = when
+        self._save()

@@ -1,0 +1,51 @@
+"""Render systemd/ckpt-daemon.service with this install's paths and user."""
+
+from __future__ import annotations
+
+import grp
+import os
+import pwd
+import shutil
+import sys
+from pathlib import Path
+from typing import Optional
+
+from maintenance.config import load_config
+from maintenance.errors import UsageError
+from maintenance.fsutil import atomic_write_bytes
+
+TEMPLATE = Path(__file__).resolve().parent.parent / "systemd" / "ckpt-daemon.service"
+DEFAULT_OUTPUT = Path("/etc/systemd/system/ckpt-daemon.service")
+
+
+def render_unit(config_path: Path, user: Optional[str] = None, exec_path: Optional[str] = None) -> str:
+    cfg = load_config(config_path)
+    root = cfg.base_dir
+    if user is None:
+        user = pwd.getpwuid(os.stat(config_path).st_uid).pw_name
+    try:
+        pw = pwd.getpwnam(user)
+    except KeyError:
+        raise UsageError(f"There is no user {user!r} on this machine. Create it (useradd --system {user}) or pass --user.") from None
+    if pw.pw_uid == 0:
+        print("warning: the unit will run as root; pass --user to run it as an unprivileged user", file=sys.stderr)
+    group = grp.getgrgid(pw.pw_gid).gr_name
+    exe = exec_path or shutil.which("ckpt-daemon") or str(Path(sys.executable).parent / "ckpt-daemon")
+    rw = sorted({str(p) for p in (cfg.checkpoint_dir, cfg.snapshot_dir, cfg.consolidation_dir, cfg.log_dir)})
+    text = TEMPLATE.read_text()
+    for k, v in {"@ROOT@": str(root), "@USER@": user, "@GROUP@": group, "@EXEC@": exe,
+                 "@CONFIG@": str(Path(config_path).resolve()), "@RW_PATHS@": " ".join(rw),
+                 "@STOP_TIMEOUT@": str(int(cfg.training.stop_timeout_s + 30))}.items():
+        text = text.replace(k, v)
+    return text
+
+
+def install_unit(config_path: Path, user: Optional[str] = None, output: Optional[Path] = None,
+                 print_only: bool = False) -> str:
+    text = render_unit(config_path, user)
+    if print_only:
+        return text
+    out = output or DEFAULT_OUTPUT
+    atomic_write_bytes(out, text.encode(), mode=0o644)
+    return (f"wrote {out}. Now: systemctl daemon-reload && systemctl enable --now ckpt-daemon; "
+            "journalctl -u ckpt-daemon -f to follow it.")

@@ -1,0 +1,250 @@
+"""python -m maintenance.snapshot [--config PATH] [--prune] [--dry-run]
+
+Creates snapshots/YYYY-MM-DD/ holding the latest valid checkpoint and the best one, with a manifest
+(snapshot.json). Built in a temp folder and renamed, so a half-made snapshot never looks done; a
+second run the same day does nothing. Native checkpoint files are never rewritten after their commit,
+so they are hard-linked (zero extra bytes); other layouts (whose trainers may rewrite files in place)
+are reflink-copied where the filesystem can, else copied. Then snapshot retention (keep_daily,
+keep_weekly, keep_monthly, as restic's `forget` defines them) prunes old snapshots, logged to
+logs/cleanup.log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import errno
+import json
+import os
+import re
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+from maintenance import catalog as cat
+from maintenance.config import Config, load_config
+from maintenance.errors import CheckpointError, CkptError, NoValidCheckpoint
+from maintenance.fsutil import atomic_write_json, copy_into, fsync_dir, inside, iter_files, remove_tree_safely
+from maintenance.logs import append_text
+
+SNAPSHOT_MANIFEST = "snapshot.json"
+DATE_RE = re.compile(r"\A(\d{4})-(\d{2})-(\d{2})\Z")
+
+
+@dataclass
+class SnapshotResult:
+    name: str
+    path: Path
+    created: bool
+    checkpoints: list[dict] = field(default_factory=list)
+    apparent_bytes: int = 0
+    added_bytes: int = 0
+    message: str = ""
+
+
+def _select(c: cat.Catalog, include: Sequence[str]) -> dict[str, list[str]]:
+    chosen: dict[str, list[str]] = {}
+    if "latest" in include:
+        e = c.newest_valid()
+        if e is None:
+            raise NoValidCheckpoint(
+                f"No valid checkpoint in {c.root} to snapshot. Nothing was created; the snapshot runs again at its next time."
+            )
+        chosen.setdefault(e.name, []).append("latest")
+    if "best" in include:
+        e = c.pointer("best")
+        if e is not None and e.valid:
+            chosen.setdefault(e.name, []).append("best")
+    return chosen
+
+
+def _copy_checkpoint(src: Path, dst: Path, link: bool, progress=None) -> tuple[int, int, list[str]]:
+    """Copy one checkpoint (folder or file) without following symlinks. Returns (apparent, added, notes)."""
+    apparent = added = 0
+    notes: list[str] = []
+    if src.is_symlink():
+        raise CheckpointError(f"{src} is a symlink; snapshots never follow links")
+    if src.is_file():
+        apparent = src.stat().st_size
+        added = copy_into(src, dst, link=False, progress=progress)
+        return apparent, added, notes
+    dst.mkdir()
+    for root, dirs, files in os.walk(src, followlinks=False):
+        rel = Path(root).relative_to(src)
+        for d in dirs:
+            if os.path.islink(os.path.join(root, d)):
+                notes.append(f"skipped symlink {rel / d}")
+            else:
+                (dst / rel / d).mkdir()
+        for f in files:
+            p = Path(root) / f
+            if p.is_symlink():
+                notes.append(f"skipped symlink {rel / f}")
+                continue
+            apparent += p.stat().st_size
+            try:
+                added += copy_into(p, dst / rel / f, link=link, progress=progress)
+            except OSError as exc:
+                if link and exc.errno in (errno.EXDEV, errno.EPERM, errno.EMLINK):
+                    added += copy_into(p, dst / rel / f, link=False, progress=progress)
+                else:
+                    raise
+    return apparent, added, notes
+
+
+def take_snapshot(cfg: Config, now: Optional[dt.datetime] = None, show_progress: bool = False) -> SnapshotResult:
+    """Create today's snapshot (in cfg.timezone) unless it exists. Idempotent per day."""
+    import zoneinfo
+
+    now = now or dt.datetime.now(zoneinfo.ZoneInfo(cfg.timezone))
+    name = now.strftime("%Y-%m-%d")
+    root = cfg.snapshot_dir
+    final = root / name
+    if final.exists():
+        return SnapshotResult(name, final, False, message=f"snapshot {name} already exists; nothing to do")
+    c = cat.scan_config(cfg, stats=False)
+    chosen = _select(c, cfg.snapshots.include)
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".tmp-{name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    res = SnapshotResult(name, final, True)
+    progress = None
+    bar = None
+    try:
+        todo = [c.by_name(n) for n in chosen]
+        if show_progress and any(e.layout != "native" for e in todo):
+            from rich.progress import Progress
+
+            total = sum(cat.tree_stats(e.path)[0] for e in todo if e.layout != "native")
+            bar = Progress(transient=True)
+            bar.start()
+            task = bar.add_task("copying", total=total)
+            progress = lambda n: bar.advance(task, n)  # noqa: E731
+        for e in todo:
+            apparent, added, notes = _copy_checkpoint(e.path, tmp / e.name, link=e.layout == "native", progress=progress)
+            res.apparent_bytes += apparent
+            res.added_bytes += added
+            res.checkpoints.append({"name": e.name, "step": e.step, "layout": e.layout, "roles": chosen[e.name],
+                                    "metrics": e.metrics, "epoch": e.epoch, "apparent_bytes": apparent,
+                                    "added_bytes": added, "method": "hard link" if e.layout == "native" else "copy",
+                                    "notes": notes})
+        atomic_write_json(tmp / SNAPSHOT_MANIFEST, {
+            "format": "ckpt-daemon-snapshot/1", "date": name, "created": now.isoformat(),
+            "source": str(cfg.checkpoint_dir), "checkpoints": res.checkpoints,
+            "apparent_bytes": res.apparent_bytes, "added_bytes": res.added_bytes,
+        })
+        fsync_dir(tmp)
+        os.rename(tmp, final)
+        fsync_dir(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        if bar is not None:
+            bar.stop()
+    held = ", ".join("{} ({})".format(d["name"], "/".join(d["roles"])) for d in res.checkpoints)
+    res.message = (f"snapshot {name}: {held}; "
+                   f"apparent size {res.apparent_bytes / 2**20:.1f} MiB, really added {res.added_bytes / 2**20:.1f} MiB")
+    return res
+
+
+# ------------------------------------------------------------------------------ calendar retention
+@dataclass
+class SnapDecision:
+    name: str
+    keep: bool
+    reasons: list[str]
+
+
+def plan_calendar(dates: Sequence[tuple[str, dt.date]], keep_daily: int, keep_weekly: int, keep_monthly: int) -> list[SnapDecision]:
+    """restic `forget` semantics: for the last N days (weeks, months) that have snapshots, keep the
+    newest snapshot of each. The newest snapshot is always kept. Pure."""
+    snaps = sorted(dates, key=lambda x: x[1], reverse=True)
+    reasons: dict[str, list[str]] = {n: [] for n, _ in snaps}
+    rules = [
+        ("daily", keep_daily, lambda d: d.isoformat()),
+        ("weekly", keep_weekly, lambda d: "%04d-W%02d" % d.isocalendar()[:2]),
+        ("monthly", keep_monthly, lambda d: d.strftime("%Y-%m")),
+    ]
+    for label, n, bucket in rules:
+        seen: list[str] = []
+        for name, d in snaps:
+            if len(seen) >= n:
+                break
+            b = bucket(d)
+            if b in seen:
+                continue
+            seen.append(b)
+            reasons[name].append(f"{label} #{len(seen)} ({b})")
+    if snaps:
+        reasons[snaps[0][0]].append("newest snapshot")
+    return [SnapDecision(n, bool(reasons[n]), reasons[n] or ["outside keep_daily/keep_weekly/keep_monthly"]) for n, _ in snaps]
+
+
+def list_snapshots(root: Path) -> list[tuple[str, dt.date]]:
+    out = []
+    if root.is_dir():
+        for p in root.iterdir():
+            m = DATE_RE.match(p.name)
+            if m and p.is_dir() and not p.is_symlink() and (p / SNAPSHOT_MANIFEST).exists():
+                out.append((p.name, dt.date(int(m[1]), int(m[2]), int(m[3]))))
+    return out
+
+
+def prune_snapshots(cfg: Config, dry_run: bool = False) -> list[SnapDecision]:
+    s = cfg.snapshots
+    decisions = plan_calendar(list_snapshots(cfg.snapshot_dir), s.keep_daily, s.keep_weekly, s.keep_monthly)
+    lines = [f"=== {time.strftime('%Y-%m-%d %H:%M:%S %z')} snapshot retention ({'dry run' if dry_run else 'applied'}) "
+             f"of {cfg.snapshot_dir}: keep_daily {s.keep_daily}, keep_weekly {s.keep_weekly}, keep_monthly {s.keep_monthly}"]
+    for d in decisions:
+        if d.keep:
+            continue
+        path = cfg.snapshot_dir / d.name
+        if dry_run:
+            lines.append(f"would delete snapshot {d.name}: {'; '.join(d.reasons)}")
+            continue
+        try:
+            remove_tree_safely(path, cfg.snapshot_dir)
+            lines.append(f"deleted snapshot {d.name}: {'; '.join(d.reasons)}")
+        except OSError as exc:
+            lines.append(f"FAILED to delete snapshot {d.name}: {exc}")
+    lines.append(f"kept {sum(d.keep for d in decisions)} snapshots: " + ", ".join(f"{d.name} ({'; '.join(d.reasons)})" for d in decisions if d.keep))
+    append_text(cfg.log_dir / "cleanup.log", "\n".join(lines) + "\n\n")
+    return decisions
+
+
+def run_snapshot_job(cfg: Config, now: Optional[dt.datetime] = None) -> str:
+    res = take_snapshot(cfg, now)
+    prune_snapshots(cfg)
+    return res.message
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m maintenance.snapshot", description=__doc__.split("\n\n")[1])
+    ap.add_argument("--config", default="config.yaml", help="path of config.yaml (default: ./config.yaml)")
+    ap.add_argument("--no-prune", action="store_true", help="do not apply snapshot retention afterwards")
+    ap.add_argument("--list", action="store_true", help="list snapshots and what retention would do, then exit")
+    args = ap.parse_args(argv)
+    try:
+        cfg = load_config(args.config)
+        if args.list:
+            s = cfg.snapshots
+            for d in plan_calendar(list_snapshots(cfg.snapshot_dir), s.keep_daily, s.keep_weekly, s.keep_monthly):
+                print(f"{'keep  ' if d.keep else 'delete'} {d.name}  {'; '.join(d.reasons)}")
+            return 0
+        res = take_snapshot(cfg, show_progress=sys.stderr.isatty())
+        print(res.message)
+        if not args.no_prune:
+            prune_snapshots(cfg)
+    except CkptError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
