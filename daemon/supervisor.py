@@ -295,6 +295,7 @@ class Supervisor:
             self.proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             log.error("trainer did not exit in time; killing it", timeout_s=timeout_s)
+            runtime.kill_tree(self.proc.pid, signal.SIGKILL)
             try:
                 os.killpg(self.proc.pid, signal.SIGKILL)
             except ProcessLookupError:

@@ -164,3 +164,23 @@ def unpin(ckpt_dir: Path, name: str) -> bool:
         return True
     except FileNotFoundError:
         return False
+
+
+def kill_tree(pid: int, sig: int) -> int:
+    """Send `sig` to `pid` and all its descendants (torchrun's workers live in sessions of their own,
+    so a process-group kill does not reach them). Returns how many processes were signalled."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        procs = root.children(recursive=True) + [root]
+    except psutil.NoSuchProcess:
+        return 0
+    n = 0
+    for p in procs:
+        try:
+            p.send_signal(sig)
+            n += 1
+        except psutil.NoSuchProcess:
+            pass
+    return n

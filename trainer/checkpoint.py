@@ -333,8 +333,10 @@ class CheckpointManager:
                 )
         else:
             c = cat.scan(self.dir, self.patterns, stats=False)
+            native_entries = [e for e in c.entries if e.layout == "native"]
             if which == "latest":
-                start = c.newest_valid() or (c.entries[-1] if c.entries else None)
+                # Start at the newest folder of any status, so the ones passed over are reported.
+                start = native_entries[-1] if native_entries else None
             elif which == "best":
                 start = c.pointer("best") or c.newest_valid()
             else:

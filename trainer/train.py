@@ -224,7 +224,11 @@ def run(cfg: Config, resume: str, max_steps: Optional[int] = None) -> int:
         if lock:
             lock.release()
         if distributed:
-            dist.destroy_process_group()
+            # Leave together: a rank that tears down gloo while rank 0 still saves aborts the job.
+            try:
+                dist.barrier()
+            finally:
+                dist.destroy_process_group()
     return 0
 
 

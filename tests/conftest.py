@@ -1,0 +1,89 @@
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+PY = sys.executable
+
+# A model small enough that a test run takes seconds, big enough to learn.
+TINY_TRAINER = {
+    "seed": 7,
+    "batch_size": 8,
+    "learning_rate": 0.003,
+    "warmup_steps": 5,
+    "checkpoint_every_steps": 5,
+    "eval_every_steps": 10,
+    "eval_batches": 2,
+    "log_every_steps": 5,
+    "threads": 1,
+    "model": {"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 32},
+    "data": {"synthetic_chars": 20000},
+}
+
+
+def deep_merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def write_config(folder: Path, overrides: dict | None = None, tiny: bool = True) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    data = {"trainer": dict(TINY_TRAINER)} if tiny else {}
+    data = deep_merge(data, overrides or {})
+    p = folder / "config.yaml"
+    p.write_text(yaml.safe_dump(data, sort_keys=False))
+    return p
+
+
+def env_for_children() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONUNBUFFERED"] = "1"
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def run_py(args: list[str], timeout: float = 300, check: bool = False, **kw) -> subprocess.CompletedProcess:
+    r = subprocess.run([PY, *args], capture_output=True, text=True, timeout=timeout, env=kw.pop("env", env_for_children()),
+                       stdin=kw.pop("stdin", subprocess.DEVNULL), **kw)
+    if check and r.returncode != 0:
+        raise AssertionError(f"{args} exited {r.returncode}\nstdout:\n{r.stdout}\nstderr:\n{r.stderr}")
+    return r
+
+
+def read_losses(metrics: Path) -> dict[int, float]:
+    """step -> loss, the last record per step (a resumed run re-logs the steps after its checkpoint)."""
+    out = {}
+    for line in metrics.read_text().splitlines():
+        r = json.loads(line)
+        out[r["step"]] = r["loss"]
+    return out
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """A real small filesystem, to get a real ENOSPC. Needs root (CI and developers run as root here)."""
+    mounted = []
+
+    def make(size: str = "16m") -> Path:
+        if os.geteuid() != 0 or shutil.which("mount") is None:
+            pytest.skip("mounting a tmpfs needs root and mount(8); this machine lacks them")
+        d = tmp_path / f"tmpfs{len(mounted)}"
+        d.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(d)], check=True)
+        mounted.append(d)
+        return d
+
+    yield make
+    for d in mounted:
+        subprocess.run(["umount", "-l", str(d)], check=False)

@@ -1,0 +1,171 @@
+"""The built-in trainer as users run it: real processes, real signals, real files."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from maintenance import catalog as cat
+from maintenance.runtime import kill_tree
+from tests.conftest import PY, env_for_children, read_losses, run_py, write_config
+
+STEPS = 40
+
+
+def start(args: list[str], log: Path) -> subprocess.Popen:
+    return subprocess.Popen(args, stdout=open(log, "wb"), stderr=subprocess.STDOUT, env=env_for_children(),
+                            start_new_session=True)
+
+
+def wait_for_step(metrics: Path, step: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if metrics.exists():
+            losses = read_losses(metrics)
+            if losses and max(losses) >= step:
+                return
+        if proc.poll() is not None:
+            raise AssertionError(f"trainer exited {proc.returncode} before step {step}")
+        time.sleep(0.02)
+    raise AssertionError(f"step {step} not reached in {timeout}s")
+
+
+def trainer_cmd(cfg: Path, world: int, *extra: str) -> list[str]:
+    if world == 1:
+        return [PY, "-m", "trainer", "--config", str(cfg), *extra]
+    return [PY, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}", "-m", "trainer",
+            "--config", str(cfg), *extra]
+
+
+@pytest.mark.parametrize("world", [1, 2], ids=["single", "torchrun-2"])
+def test_exact_resume_after_sigkill(tmp_path, world):
+    # The uninterrupted reference run.
+    ref = write_config(tmp_path / "ref")
+    r = subprocess.run(trainer_cmd(ref, world, "--max-steps", str(STEPS)), capture_output=True, text=True,
+                       env=env_for_children(), timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    expected = read_losses(tmp_path / "ref" / "logs" / "metrics.jsonl")
+    assert sorted(expected) == list(range(1, STEPS + 1))
+    assert expected[STEPS] < expected[1]  # it learns
+
+    # The same run, SIGKILLed at a random step after at least two checkpoints (every 5 steps).
+    cfg = write_config(tmp_path / "run")
+    metrics = tmp_path / "run" / "logs" / "metrics.jsonl"
+    kill_at = random.Random(world).randint(12, STEPS - 4)
+    p = start(trainer_cmd(cfg, world, "--max-steps", str(STEPS)), tmp_path / "run1.log")
+    wait_for_step(metrics, kill_at, p)
+    kill_tree(p.pid, signal.SIGKILL)  # torchrun's workers have sessions of their own
+    p.wait()
+    time.sleep(0.5)
+    c = cat.scan(tmp_path / "run" / "checkpoints", ["checkpoint-{step}"])
+    resumed_step = c.newest_valid().step
+    assert resumed_step >= 10 and resumed_step < STEPS
+
+    r = subprocess.run(trainer_cmd(cfg, world, "--max-steps", str(STEPS), "--resume", "latest"), capture_output=True,
+                       text=True, env=env_for_children(), timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"resumed from checkpoint-{resumed_step}" in r.stderr + r.stdout
+    got = read_losses(metrics)
+    # every loss from the checkpoint on equals the uninterrupted run's, bit for bit
+    for step in range(resumed_step + 1, STEPS + 1):
+        assert got[step] == expected[step], f"step {step}: {got[step]!r} != {expected[step]!r}"
+    assert got == expected
+
+
+def test_resume_with_another_world_size_continues_and_says_so(tmp_path):
+    cfg = write_config(tmp_path)
+    run_py(["-m", "trainer", "--config", str(cfg), "--max-steps", "10"], check=True)
+    r = subprocess.run(trainer_cmd(cfg, 2, "--max-steps", "20"), capture_output=True, text=True, env=env_for_children(),
+                       timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "saved with 1 process(es) on 2" in r.stderr and "will not repeat bit for bit" in r.stderr
+    losses = read_losses(tmp_path / "logs" / "metrics.jsonl")
+    assert max(losses) == 20 and all(s in losses for s in range(11, 21))
+
+
+def test_sigterm_finishes_the_step_saves_and_exits_0(tmp_path):
+    cfg = write_config(tmp_path, {"trainer": {"checkpoint_every_steps": 1000, "eval_every_steps": 1000}})
+    metrics = tmp_path / "logs" / "metrics.jsonl"
+    p = start([PY, "-m", "trainer", "--config", str(cfg)], tmp_path / "t.log")
+    wait_for_step(metrics, 7, p)
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(timeout=60) == 0
+    last = max(read_losses(metrics))
+    c = cat.scan(tmp_path / "checkpoints", ["checkpoint-{step}"], verify=True)
+    assert c.newest_valid().step == last  # the final save is the step it stopped at
+    assert "stopped by signal" in (tmp_path / "t.log").read_text()
+
+
+def test_second_trainer_on_same_folder_is_refused_and_heartbeat_is_written(tmp_path):
+    cfg = write_config(tmp_path)
+    metrics = tmp_path / "logs" / "metrics.jsonl"
+    p = start([PY, "-m", "trainer", "--config", str(cfg)], tmp_path / "t.log")
+    try:
+        wait_for_step(metrics, 3, p)
+        r = run_py(["-m", "trainer", "--config", str(cfg)], timeout=120)
+        assert r.returncode == 4
+        assert "Another trainer" in r.stderr and f"pid {p.pid}" in r.stderr
+        from maintenance.runtime import training_activity
+
+        time.sleep(1.2)
+        act = training_activity(tmp_path / "checkpoints")
+        assert act.active and act.pid == p.pid and act.step >= 3 and act.heartbeat_age_s < 5
+    finally:
+        p.send_signal(signal.SIGTERM)
+        p.wait(timeout=60)
+    from maintenance.runtime import training_activity
+
+    assert not training_activity(tmp_path / "checkpoints").active
+
+
+def test_training_on_a_full_disk_skips_saves_and_goes_on(tmp_path, tmpfs):
+    disk = tmpfs("1m")  # a tiny-model checkpoint is ~200 KB: a few fit, then the disk is full
+    cfg = write_config(tmp_path, {"checkpoints": {"dir": str(disk)}, "disk": {"save_margin_mb": 0.05}})
+    r = run_py(["-m", "trainer", "--config", str(cfg), "--max-steps", "60"], timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "Not saving checkpoint" in r.stderr or "Not enough disk space" in r.stderr
+    assert max(read_losses(tmp_path / "logs" / "metrics.jsonl")) == 60  # training went on to the end
+    c = cat.scan(disk, ["checkpoint-{step}"], verify=True)
+    assert c.entries and all(e.valid for e in c.entries)  # every committed checkpoint intact
+    assert not c.in_progress and not list(disk.glob(".tmp-*"))
+    assert [e.step for e in c.entries] == [5 * i for i in range(1, len(c.entries) + 1)]  # the first ones survived
+
+
+def test_resume_none_and_explicit_path(tmp_path):
+    cfg = write_config(tmp_path)
+    run_py(["-m", "trainer", "--config", str(cfg), "--max-steps", "10"], check=True)
+    r = run_py(["-m", "trainer", "--config", str(cfg), "--max-steps", "12", "--resume", str(tmp_path / "checkpoints" / "checkpoint-5")],
+               check=True)
+    assert "resumed from checkpoint-5 at step 5" in r.stderr
+    r = run_py(["-m", "trainer", "--config", str(cfg), "--max-steps", "3", "--resume", "none"], check=True)
+    assert "starting fresh" in r.stderr
+
+
+def test_ckpt_resume_environment_is_honoured(tmp_path):
+    cfg = write_config(tmp_path)
+    run_py(["-m", "trainer", "--config", str(cfg), "--max-steps", "10"], check=True)
+    env = env_for_children()
+    env["CKPT_RESUME"] = str(tmp_path / "checkpoints" / "checkpoint-5")
+    r = run_py(["-m", "trainer", "--config", str(cfg), "--max-steps", "11"], env=env, check=True)
+    assert "resumed from checkpoint-5" in r.stderr
+
+
+def test_generate_from_checkpoint_and_export(tmp_path):
+    cfg = write_config(tmp_path, {"trainer": {"checkpoint_every_steps": 50}})
+    run_py(["-m", "trainer", "--config", str(cfg), "--max-steps", "100"], check=True)
+    ckpt = tmp_path / "checkpoints" / "checkpoint-100"
+    r = run_py(["-m", "trainer.generate", "--checkpoint", str(ckpt), "--prompt", "the cat", "--tokens", "40"], check=True)
+    assert r.stdout.startswith("the cat") and len(r.stdout.strip()) >= 30
+    from trainer.checkpoint import export_weights
+
+    out = export_weights(ckpt, tmp_path / "export")
+    r = run_py(["-m", "trainer.generate", "--checkpoint", str(out), "--prompt", "the cat", "--tokens", "40"], check=True)
+    assert r.stdout.startswith("the cat")
