@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from maintenance import catalog as cat
+from maintenance import runtime
 from maintenance.config import Config, load_config
 from maintenance.errors import CheckpointError, CkptError, NoValidCheckpoint
 from maintenance.fsutil import atomic_write_json, copy_into, fsync_dir, inside, iter_files, remove_tree_safely
@@ -95,6 +96,15 @@ def _copy_checkpoint(src: Path, dst: Path, link: bool, progress=None) -> tuple[i
     return apparent, added, notes
 
 
+def _add(res: SnapshotResult, e: cat.Entry, tmp: Path, roles: list[str], link: bool, progress=None) -> None:
+    apparent, added, notes = _copy_checkpoint(e.path, tmp / e.name, link=link, progress=progress)
+    res.apparent_bytes += apparent
+    res.added_bytes += added
+    res.checkpoints.append({"name": e.name, "step": e.step, "layout": e.layout, "roles": roles, "metrics": e.metrics,
+                            "epoch": e.epoch, "apparent_bytes": apparent, "added_bytes": added,
+                            "method": "hard link" if link else "copy", "notes": notes})
+
+
 def take_snapshot(cfg: Config, now: Optional[dt.datetime] = None, show_progress: bool = False) -> SnapshotResult:
     """Create today's snapshot (in cfg.timezone) unless it exists. Idempotent per day."""
     import zoneinfo
@@ -105,33 +115,33 @@ def take_snapshot(cfg: Config, now: Optional[dt.datetime] = None, show_progress:
     final = root / name
     if final.exists():
         return SnapshotResult(name, final, False, message=f"snapshot {name} already exists; nothing to do")
-    c = cat.scan_config(cfg, stats=False)
-    chosen = _select(c, cfg.snapshots.include)
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".tmp-{name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     res = SnapshotResult(name, final, True)
-    progress = None
     bar = None
     try:
-        todo = [c.by_name(n) for n in chosen]
-        if show_progress and any(e.layout != "native" for e in todo):
+        # Choose and hard-link under the commit lock, so a cleanup cannot move a chosen checkpoint into
+        # the trash half-way through; copies of other layouts (slow) are made after releasing it.
+        with runtime.commit_lock(cfg.checkpoint_dir):
+            c = cat.scan_config(cfg, stats=False)
+            chosen = _select(c, cfg.snapshots.include)
+            todo = [c.by_name(n) for n in chosen]
+            for e in todo:
+                if e.layout == "native":
+                    _add(res, e, tmp, chosen[e.name], link=True)
+        slow = [e for e in todo if e.layout != "native"]
+        progress = None
+        if show_progress and slow:
             from rich.progress import Progress
 
-            total = sum(cat.tree_stats(e.path)[0] for e in todo if e.layout != "native")
             bar = Progress(transient=True)
             bar.start()
-            task = bar.add_task("copying", total=total)
+            task = bar.add_task("copying", total=sum(cat.tree_stats(e.path)[0] for e in slow))
             progress = lambda n: bar.advance(task, n)  # noqa: E731
-        for e in todo:
-            apparent, added, notes = _copy_checkpoint(e.path, tmp / e.name, link=e.layout == "native", progress=progress)
-            res.apparent_bytes += apparent
-            res.added_bytes += added
-            res.checkpoints.append({"name": e.name, "step": e.step, "layout": e.layout, "roles": chosen[e.name],
-                                    "metrics": e.metrics, "epoch": e.epoch, "apparent_bytes": apparent,
-                                    "added_bytes": added, "method": "hard link" if e.layout == "native" else "copy",
-                                    "notes": notes})
+        for e in slow:
+            _add(res, e, tmp, chosen[e.name], link=False, progress=progress)
         atomic_write_json(tmp / SNAPSHOT_MANIFEST, {
             "format": "ckpt-daemon-snapshot/1", "date": name, "created": now.isoformat(),
             "source": str(cfg.checkpoint_dir), "checkpoints": res.checkpoints,

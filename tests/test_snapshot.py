@@ -1,0 +1,199 @@
+"""Daily snapshots, calendar retention, restore; consolidation and compression."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from maintenance import catalog as cat
+from maintenance.config import load_config
+from maintenance.snapshot import plan_calendar, take_snapshot
+from tests.conftest import run_py, write_config
+from tests.test_catalog import native
+
+
+def du_bytes(path: Path) -> int:
+    return int(subprocess.run(["du", "-sB1", str(path)], capture_output=True, text=True, check=True).stdout.split()[0])
+
+
+def setup(tmp_path: Path, overrides=None):
+    cfg_path = write_config(tmp_path, overrides or {}, tiny=False)
+    mgr = native(tmp_path / "checkpoints", [10, 20, 30])
+    return load_config(cfg_path), cfg_path
+
+
+def test_snapshot_hard_links_share_inodes_and_add_no_blocks(tmp_path):
+    cfg, cfg_path = setup(tmp_path)
+    (tmp_path / "checkpoints" / "best").unlink()
+    os.symlink("checkpoint-20", tmp_path / "checkpoints" / "best")
+    df_before = os.statvfs(tmp_path).f_bfree
+    r = run_py(["-m", "maintenance.snapshot", "--config", str(cfg_path)], check=True)
+    snaps = list((tmp_path / "snapshots").iterdir())
+    assert len(snaps) == 1 and snaps[0].name == dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
+    man = json.loads((snaps[0] / "snapshot.json").read_text())
+    assert {c["name"]: c["roles"] for c in man["checkpoints"]} == {"checkpoint-30": ["latest"], "checkpoint-20": ["best"]}
+    assert man["added_bytes"] == 0 and man["apparent_bytes"] > 0
+    for name in ("checkpoint-30", "checkpoint-20"):
+        for f in (tmp_path / "checkpoints" / name).iterdir():
+            a, b = f.stat(), (snaps[0] / name / f.name).stat()
+            assert (a.st_ino, a.st_dev) == (b.st_ino, b.st_dev) and a.st_nlink == 2
+    assert "really added 0.0 MiB" in r.stdout
+    # a few KiB of folder entries at most, not the 2 x checkpoint size
+    assert (df_before - os.statvfs(tmp_path).f_bfree) * os.statvfs(tmp_path).f_frsize < 64 * 1024
+    # the snapshot is a valid checkpoint copy
+    assert cat.check_entry(snaps[0] / "checkpoint-30", verify=True)[1] == "complete"
+
+
+def test_same_day_rerun_is_a_noop(tmp_path):
+    cfg, _ = setup(tmp_path)
+    now = dt.datetime(2026, 11, 22, 3, 0, tzinfo=dt.timezone.utc)
+    first = take_snapshot(cfg, now)
+    before = sorted(p.name for p in first.path.rglob("*"))
+    native(tmp_path / "checkpoints", [40])  # a newer checkpoint the same day
+    second = take_snapshot(cfg, now.replace(hour=15))
+    assert first.created and not second.created and "already exists" in second.message
+    assert sorted(p.name for p in first.path.rglob("*")) == before
+
+
+def test_rewritten_in_place_file_does_not_change_its_snapshot(tmp_path):
+    cfg_path = write_config(tmp_path, {"checkpoints": {"pattern": "rolling_step_{step}.pt"}}, tiny=False)
+    cfg = load_config(cfg_path)
+    root = cfg.checkpoint_dir
+    root.mkdir()
+    f = root / "rolling_step_000100.pt"
+    torch.save({"model_state_dict": {"w": torch.ones(100)}}, f)
+    res = take_snapshot(cfg)
+    snap_file = res.path / "rolling_step_000100.pt"
+    assert snap_file.stat().st_ino != f.stat().st_ino  # copied (or reflinked), never hard-linked
+    assert res.added_bytes > 0 or snap_file.stat().st_blocks > 0
+    # the user's trainer rewrites the file in place
+    with open(f, "r+b") as fh:
+        fh.seek(0)
+        fh.write(b"\0" * 64)
+    back = torch.load(snap_file, weights_only=True)
+    assert torch.equal(back["model_state_dict"]["w"], torch.ones(100))
+
+
+def test_half_made_snapshot_never_looks_done(tmp_path, monkeypatch):
+    cfg, _ = setup(tmp_path)
+    import maintenance.snapshot as snap
+
+    def fail(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(snap, "copy_into", fail)
+    with pytest.raises(OSError):
+        take_snapshot(cfg)
+    assert not [p for p in (tmp_path / "snapshots").iterdir() if not p.name.startswith(".")]
+    assert not list((tmp_path / "snapshots").glob(".tmp-*"))
+
+
+def test_calendar_retention_on_a_synthetic_month():
+    start = dt.date(2026, 9, 1)
+    snaps = [(d.isoformat(), d) for d in (start + dt.timedelta(days=i) for i in range(0, 75))]  # Sep 1 .. Nov 14
+    decisions = {d.name: d for d in plan_calendar(snaps, keep_daily=7, keep_weekly=4, keep_monthly=3)}
+    kept = sorted(n for n, d in decisions.items() if d.keep)
+    daily = [f"2026-11-{d:02d}" for d in range(8, 15)]
+    # weekly: the newest of each of the last 4 ISO weeks (weeks end on Sunday)
+    weekly = ["2026-11-14", "2026-11-08", "2026-11-01", "2026-10-25"]
+    monthly = ["2026-11-14", "2026-10-31", "2026-09-30"]
+    assert kept == sorted(set(daily + weekly + monthly))
+    assert "daily #1 (2026-11-14)" in decisions["2026-11-14"].reasons and "newest snapshot" in decisions["2026-11-14"].reasons
+    assert decisions["2026-10-31"].reasons == ["monthly #2 (2026-10)"]
+    assert not decisions["2026-10-01"].keep and decisions["2026-10-01"].reasons == ["outside keep_daily/keep_weekly/keep_monthly"]
+
+
+def test_prune_deletes_old_snapshots_and_logs(tmp_path):
+    cfg, _ = setup(tmp_path, {"snapshots": {"keep_daily": 2, "keep_weekly": 0, "keep_monthly": 0}})
+    for day in (1, 2, 3, 4):
+        take_snapshot(cfg, dt.datetime(2026, 11, day, 3, tzinfo=dt.timezone.utc))
+    from maintenance.snapshot import prune_snapshots
+
+    prune_snapshots(cfg)
+    assert sorted(p.name for p in cfg.snapshot_dir.iterdir()) == ["2026-11-03", "2026-11-04"]
+    log = (tmp_path / "logs" / "cleanup.log").read_text()
+    assert "deleted snapshot 2026-11-01" in log and "kept 2 snapshots" in log
+    # the checkpoints the snapshots linked to are untouched
+    assert all(e.valid for e in cat.scan_config(cfg, verify=True).entries)
+
+
+def test_restored_snapshot_is_resumed_from(tmp_path):
+    cfg_path = write_config(tmp_path)
+    run_py(["-m", "trainer", "--config", str(cfg_path), "--max-steps", "20"], check=True)
+    run_py(["-m", "maintenance.snapshot", "--config", str(cfg_path)], check=True)
+    snap = next((tmp_path / "snapshots").iterdir())
+    # "I deleted too much"
+    shutil.rmtree(tmp_path / "checkpoints")
+    r = run_py(["-m", "maintenance.restore", snap.name, "--config", str(cfg_path)], check=True)
+    assert "restored checkpoint-20" in r.stdout and "training will resume from checkpoint-20" in r.stdout
+    # restoring again overwrites nothing
+    r = run_py(["-m", "maintenance.restore", snap.name, "--config", str(cfg_path)], check=True)
+    assert "already in" in r.stdout and "nothing was overwritten" in r.stdout
+    r = run_py(["-m", "trainer", "--config", str(cfg_path), "--max-steps", "25"], check=True)
+    assert "resumed from checkpoint-20 at step 20" in r.stderr
+
+
+def test_consolidate_sizes_loadability_and_average(tmp_path):
+    cfg_path = write_config(tmp_path, {"trainer": {"model": {"n_embd": 64, "n_head": 2, "n_layer": 2, "block_size": 32}}})
+    run_py(["-m", "trainer", "--config", str(cfg_path), "--max-steps", "15"], check=True)
+    r = run_py(["-m", "maintenance.consolidate", "--config", str(cfg_path), "--from", "latest", "--json"], check=True)
+    fp32 = json.loads(r.stdout)
+    assert fp32["source_steps"] == [15] and "forward pass OK" in fp32["check"]
+    assert 0.30 < fp32["ratio"] < 0.37  # weights are a third of a full AdamW checkpoint
+    r = run_py(["-m", "maintenance.consolidate", "--config", str(cfg_path), "--from", "15", "--dtype", "bf16", "--json"], check=True)
+    bf16 = json.loads(r.stdout)
+    assert 0.15 < bf16["ratio"] < 0.19  # and a sixth in bf16
+    out = Path(fp32["path"])
+    assert out.parent == tmp_path / "consolidated_models" and out.name.endswith("-step15")
+    meta = json.loads((out / "metadata.json").read_text())
+    assert meta["source_steps"] == [15] and meta["files"]["model.safetensors"]["sha256"]
+    assert json.loads((out / "config.json").read_text())["n_embd"] == 64
+    # --average K equals the mean of the K checkpoints' tensors
+    r = run_py(["-m", "maintenance.consolidate", "--config", str(cfg_path), "--average", "3", "--json"], check=True)
+    avg = json.loads(r.stdout)
+    assert avg["source_steps"] == [5, 10, 15]
+    from trainer.checkpoint import load_weights, read_checkpoint
+
+    got, _ = load_weights(Path(avg["path"]))
+    srcs = [read_checkpoint(tmp_path / "checkpoints" / f"checkpoint-{s}")["model"] for s in (5, 10, 15)]
+    for k, v in got.items():
+        expect = (srcs[0][k].double() + srcs[1][k].double() + srcs[2][k].double()) / 3
+        assert torch.equal(v, expect.float()), k
+    r = run_py(["-m", "maintenance.consolidate", "--config", str(cfg_path), "--average", "9"])
+    assert r.returncode == 2 and "needs 9 valid checkpoints" in r.stderr
+
+
+def test_compress_user_checkpoint(tmp_path):
+    m = torch.nn.Linear(256, 256)
+    opt = torch.optim.AdamW(m.parameters())
+    m(torch.randn(2, 256)).sum().backward()
+    opt.step()
+    f = tmp_path / "checkpoint_model_step5000.pt"
+    torch.save({"step": 5000, "model_state_dict": m.state_dict(), "optimizer_state_dict": opt.state_dict(), "loss": 1.5}, f)
+    original = f.read_bytes()
+    r = run_py(["-m", "maintenance.compress", str(tmp_path / "checkpoint_*.pt")], check=True)
+    out = tmp_path / "checkpoint_model_step5000_compressed.pt"
+    assert "verified" in r.stdout and out.exists() and f.read_bytes() == original
+    small = torch.load(out, weights_only=True)
+    assert "optimizer_state_dict" not in small and small["step"] == 5000
+    assert all(torch.equal(small["model_state_dict"][k], v) for k, v in m.state_dict().items())
+    assert out.stat().st_size < len(original) / 2.5
+    r = run_py(["-m", "maintenance.compress", str(f), "--replace"], check=True)
+    assert f.stat().st_size == out.stat().st_size
+    assert "optimizer_state_dict" not in torch.load(f, weights_only=True)
+
+
+def test_compress_refuses_unsafe_pickles_and_leaves_them(tmp_path):
+    f = tmp_path / "evil.pt"
+    torch.save({"model_state_dict": {}, "obj": Path("x")}, f)  # not loadable with weights_only
+    before = f.read_bytes()
+    r = run_py(["-m", "maintenance.compress", str(f), "--replace"])
+    assert r.returncode == 1 and "cannot be loaded safely" in r.stderr
+    assert f.read_bytes() == before
