@@ -97,9 +97,12 @@ def choose_resume(c: cat.Catalog, exclude: set[str], known_bad: dict[str, str],
             continue
         v = verify(e)
         if not v.valid:
-            known_bad[e.name] = v.reason
             notes.append(f"{e.name} skipped: failed verification ({v.reason})")
             log.error("checkpoint failed verification; it will not be used for resume", checkpoint=e.name, reason=v.reason)
+            if e.layout == "native" and runtime.quarantine(c.root, e.name, v.reason) is not None:
+                notes.append(f"{e.name} moved to {cat.RUNTIME_DIR}/quarantine/ so the resumed run can write that step again")
+            else:
+                known_bad[e.name] = v.reason
             continue
         return v, notes
     return None, notes

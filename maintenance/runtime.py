@@ -184,3 +184,24 @@ def kill_tree(pid: int, sig: int) -> int:
         except psutil.NoSuchProcess:
             pass
     return n
+
+
+def quarantine(ckpt_dir: Path, name: str, reason: str) -> Optional[Path]:
+    """Move a checkpoint that failed verification out of the catalog into .ckpt-daemon/quarantine/,
+    with a note of why. Nothing is deleted (the evidence stays for the user), it can never be chosen
+    for resume again, and a resumed trainer can write that step afresh."""
+    from maintenance.fsutil import atomic_write_bytes, fsync_dir
+
+    src = Path(ckpt_dir) / name
+    if src.is_symlink() or not src.exists():
+        return None
+    qdir = runtime_dir(ckpt_dir) / "quarantine"
+    qdir.mkdir(exist_ok=True)
+    dst = qdir / f"{name}.{time.strftime('%Y%m%dT%H%M%S')}.{os.getpid()}"
+    with commit_lock(ckpt_dir):
+        if not src.exists():
+            return None
+        os.rename(src, dst)
+        fsync_dir(ckpt_dir)
+    atomic_write_bytes(qdir / f"{dst.name}.reason", (reason.strip() + "\n").encode())
+    return dst

@@ -174,6 +174,11 @@ def test_corruption_of_each_file_is_detected_and_resume_falls_back(tmp_path, dam
     assert any("checkpoint-20" in name for name, _ in loaded.skipped)
     assert all(torch.equal(m2.state_dict()[k], v) for k, v in good.items())
     assert "checkpoint-20" in caplog.text
+    # the corrupt one is quarantined with its reason (not deleted), so the resumed run can save step 20 again
+    q = tmp_path / ".ckpt-daemon" / "quarantine"
+    assert [p.name.split(".")[0] for p in q.iterdir() if not p.name.endswith(".reason")] == ["checkpoint-20"]
+    assert CheckpointManager(tmp_path).save(20, model=m2, optimizer=opt2) is not None
+    assert cat.scan(tmp_path, ["checkpoint-{step}"], verify=True).by_name("checkpoint-20").valid
 
 
 def test_no_valid_checkpoint_is_a_clear_error(tmp_path):

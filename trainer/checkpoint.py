@@ -371,6 +371,10 @@ class CheckpointManager:
         cands, skipped = self.candidates(which)
         for name, why in skipped:
             log.warning("skipping checkpoint %s: %s", name, why)
+        by_name = {e.name: e for e in cat.scan(self.dir, self.patterns, stats=False).entries} if skipped else {}
+        for name, why in skipped:
+            if name in by_name and by_name[name].layout == "native":
+                self._quarantine(by_name[name], why)
         if not cands:
             if skipped:
                 raise NoValidCheckpoint(
@@ -385,6 +389,7 @@ class CheckpointManager:
             except (CheckpointError, ValueError, OSError) as exc:
                 log.error("checkpoint %s failed verification and will not be used: %s", e.name, exc)
                 skipped.append((e.name, str(exc)))
+                self._quarantine(e, str(exc))
                 continue
             self._apply(state, model, optimizer, scheduler, scaler, restore_rng_state, strict)
             m = state["manifest"]
@@ -397,6 +402,13 @@ class CheckpointManager:
             + "; ".join(f"{n}: {w}" for n, w in skipped)
             + "). Restore one from snapshots/ (python -m maintenance.restore) or start fresh with --resume none."
         )
+
+    def _quarantine(self, e: cat.Entry, why: str) -> None:
+        if self.rank != 0 or e.path.parent != self.dir:
+            return
+        dst = runtime.quarantine(self.dir, e.name, why)
+        if dst is not None:
+            log.warning("moved %s to %s (it failed verification: %s)", e.name, dst, why)
 
     @staticmethod
     def _apply(state, model, optimizer, scheduler, scaler, restore_rng_state, strict) -> None:
