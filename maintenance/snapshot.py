@@ -116,6 +116,9 @@ def take_snapshot(cfg: Config, now: Optional[dt.datetime] = None, show_progress:
     if final.exists():
         return SnapshotResult(name, final, False, message=f"snapshot {name} already exists; nothing to do")
     root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(".tmp-*"):  # left by a run that was killed; an hour is far beyond any live one
+        if time.time() - stale.lstat().st_mtime > 3600:
+            remove_tree_safely(stale, root)
     tmp = root / f".tmp-{name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()

@@ -334,8 +334,16 @@ def test_a_missed_0300_snapshot_is_taken_once_at_start(tmp_path, daemons):
     today = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
     d.wait(lambda s: (tmp_path / "snapshots" / today / "snapshot.json").exists(), what="the catch-up snapshot")
     assert "catching up a run missed while the daemon was down" in d.log()
+    # today is due for both jobs when the last run was two days ago (the weekly one too on a Sunday)
     d.wait(lambda s: s["jobs"]["history"]["snapshot"]["last_result"] == "ok", what="the job record")
+    due = [j for j in ("snapshot", "retention") if f'"job": "{j}"' in d.log() and "catching up" in d.log()]
+    d.wait(lambda s: all(s["jobs"]["history"].get(j, {}).get("last_result") == "ok" for j in due), what="all catch-ups recorded")
     assert d.stop() == 0
+
+    def catchups(text):
+        return sum(1 for line in text.splitlines() if "catching up" in line and '"job": "snapshot"' in line)
+
+    assert catchups(d.log()) == 1
     # started again the same day: nothing is due, nothing runs twice
     log_before = d.log().count("catching up")
     d2 = Daemon(tmp_path, {"training": {"command": [PY, "-c", "import time; time.sleep(3600)"]}}).start()
