@@ -1,0 +1,375 @@
+"""python -m benchmarks [--quick] [--json] [--only NAME,...]
+
+Each figure is measured against a baseline taken in the same run, on the same disk, and printed as
+a ratio. The full run rewrites benchmarks/RESULTS.md. --quick uses small sizes (under a minute).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+WORK = Path(os.environ.get("CKPT_BENCH_DIR", REPO / "benchmarks" / ".work"))
+
+
+def timed(fn, *a, **k) -> tuple[float, object]:
+    t0 = time.perf_counter()
+    r = fn(*a, **k)
+    return time.perf_counter() - t0, r
+
+
+def drop_caches() -> bool:
+    try:
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def dd_write(path: Path, nbytes: int) -> float:
+    count = max(1, nbytes // (16 << 20))
+    t, _ = timed(subprocess.run, ["dd", "if=/dev/zero", f"of={path}", "bs=16M", f"count={count}", "conv=fsync"],
+                 check=True, capture_output=True)
+    path.unlink()
+    return t * nbytes / (count * (16 << 20))
+
+
+def gpt2_state(quick: bool):
+    """A GPT-2-124M-shaped training state: fp32 weights plus AdamW moments (about 1.5 GB)."""
+    import torch
+
+    torch.manual_seed(0)
+    d, layers, vocab, ctx = (768, 12, 50257, 1024) if not quick else (256, 4, 8192, 256)
+    shapes = {"wte.weight": (vocab, d), "wpe.weight": (ctx, d), "ln_f.weight": (d,), "ln_f.bias": (d,)}
+    for i in range(layers):
+        p = f"h.{i}."
+        shapes.update({p + "ln_1.weight": (d,), p + "ln_1.bias": (d,), p + "attn.c_attn.weight": (d, 3 * d),
+                       p + "attn.c_attn.bias": (3 * d,), p + "attn.c_proj.weight": (d, d), p + "attn.c_proj.bias": (d,),
+                       p + "ln_2.weight": (d,), p + "ln_2.bias": (d,), p + "mlp.c_fc.weight": (d, 4 * d),
+                       p + "mlp.c_fc.bias": (4 * d,), p + "mlp.c_proj.weight": (4 * d, d), p + "mlp.c_proj.bias": (d,)})
+
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.params = torch.nn.ParameterDict({k.replace(".", "_"): torch.nn.Parameter(torch.randn(*s) * 0.02) for k, s in shapes.items()})
+
+    m = M()
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
+    for p in m.parameters():
+        p.grad = torch.randn_like(p) * 1e-3
+    opt.step()
+    nbytes = sum(p.numel() * 4 * 3 for p in m.parameters())
+    return m, opt, nbytes
+
+
+# ------------------------------------------------------------------------------------------ figures
+def bench_save_and_load(quick: bool, out: dict) -> None:
+    from maintenance.fsutil import hash_file
+    from trainer.checkpoint import CheckpointManager, read_checkpoint
+
+    m, opt, nbytes = gpt2_state(quick)
+    root = WORK / "save"
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+    out["state_bytes"] = nbytes
+    dd = min(dd_write(root / "dd.bin", nbytes) for _ in range(2))
+    mgr = CheckpointManager(root, save_margin_bytes=0)
+    saves = []
+    for step in (1, 2):
+        t, _ = timed(mgr.save, step, model=m, optimizer=opt)
+        saves.append(t)
+    save = min(saves)
+    out["save_s"], out["dd_s"] = round(save, 3), round(dd, 3)
+    out["save_vs_dd"] = round(dd / save, 3)
+    # async: how long training is blocked, against a synchronous save of the same state
+    stalls = []
+    for step in (3, 4):
+        t, _ = timed(mgr.save, step, model=m, optimizer=opt, blocking=False)
+        stalls.append(t)
+        mgr.wait()
+    out["async_stall_s"] = round(min(stalls), 3)
+    out["async_stall_ratio"] = round(min(stalls) / save, 4)
+    ck = root / "checkpoint-4"
+    files = sorted(p for p in ck.iterdir() if p.is_file())
+    # resume: load and verify, against reading the same bytes raw (both from the page cache, or both cold)
+    cold = drop_caches()
+
+    def raw_read():
+        for f in files:
+            with open(f, "rb", buffering=0) as fh:
+                buf = bytearray(16 << 20)
+                while fh.readinto(buf):
+                    pass
+
+    reads, loads = [], []
+    for _ in range(2):
+        drop_caches()
+        reads.append(timed(raw_read)[0])
+        drop_caches()
+        loads.append(timed(read_checkpoint, ck)[0])
+    out["load_s"], out["read_s"], out["load_cold_cache"] = round(min(loads), 3), round(min(reads), 3), cold
+    out["load_vs_read"] = round(min(reads) / min(loads), 3)
+    # verify (sha256 of every file) against the command-line tool for the manifest's checksum
+    tool = min(timed(subprocess.run, ["sha256sum", *map(str, files)], check=True, capture_output=True)[0] for _ in range(2))
+    ours = min(timed(lambda: [hash_file(f) for f in files])[0] for _ in range(2))
+    out["verify_s"], out["sha256sum_s"] = round(ours, 3), round(tool, 3)
+    out["verify_vs_hash_tool"] = round(tool / ours, 3)
+    mgr.close()
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def bench_snapshot(quick: bool, out: dict) -> None:
+    import numpy as np
+
+    from maintenance.snapshot import _copy_checkpoint
+    from maintenance.manifest import build_manifest
+
+    root = WORK / "snap"
+    shutil.rmtree(root, ignore_errors=True)
+    src, dst_snap, dst_cp = root / "ck", root / "snap", root / "cp"
+    for d in (src, dst_snap, dst_cp):
+        d.mkdir(parents=True)
+    per = (256 << 20) if not quick else (4 << 20)
+    data = np.random.default_rng(0).integers(0, 255, size=per, dtype=np.uint8).tobytes()
+    for i in range(20):
+        d = src / f"checkpoint-{(i + 1) * 100}"
+        d.mkdir()
+        (d / "state.safetensors").write_bytes(data)
+        (d / "manifest.json").write_text(json.dumps(build_manifest((i + 1) * 100, {"state.safetensors": {"size": per}})))
+    os.sync()
+    total = 20 * per
+    free0 = shutil.disk_usage(root).free
+    t_snap, _ = timed(lambda: [_copy_checkpoint(d, dst_snap / d.name, link=True) for d in sorted(src.iterdir())])
+    os.sync()
+    extra = max(0, free0 - shutil.disk_usage(root).free)
+    t_cp, _ = timed(subprocess.run, ["cp", "-a", *[str(p) for p in sorted(src.iterdir())], str(dst_cp)], check=True)
+    os.sync()
+    out["snapshot_bytes"] = total
+    out["snapshot_s"], out["cp_a_s"] = round(t_snap, 4), round(t_cp, 3)
+    out["snapshot_vs_cp"] = round(t_snap / t_cp, 5)
+    out["snapshot_extra_bytes"] = extra
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def bench_plan(quick: bool, out: dict) -> None:
+    from maintenance.config import Config
+    from maintenance.retention import Item, plan
+
+    tiers = Config().retention.tiers
+    small, big = (100_000, 1_000_000) if not quick else (20_000, 200_000)
+    times = {}
+    for n in (small, big):
+        its = [Item(f"checkpoint-{s}", s) for s in range(100, 100 * (n + 1), 100)]
+        times[n] = min(timed(plan, its, tiers)[0] for _ in range(2))
+    out["plan_small_n"], out["plan_big_n"] = small, big
+    out["plan_small_s"], out["plan_big_s"] = round(times[small], 3), round(times[big], 3)
+    out["plan_scaling"] = round(times[big] / times[small], 2)
+
+
+def bench_cleanup(quick: bool, out: dict) -> None:
+    from maintenance import cleanup
+    from maintenance.config import load_config
+    from maintenance.manifest import build_manifest
+    from trainer.stio import header_for
+
+    import torch
+
+    n = 10_000 if not quick else 2_000
+    root = WORK / "cleanup"
+    shutil.rmtree(root, ignore_errors=True)
+    ck = root / "checkpoints"
+    ck.mkdir(parents=True)
+    t = {"w": torch.zeros(4)}
+    st = header_for(t) + bytes(16)
+    for i in range(1, n + 1):
+        d = ck / f"checkpoint-{i * 100}"
+        d.mkdir()
+        (d / "model.safetensors").write_bytes(st)
+        (d / "manifest.json").write_text(json.dumps(build_manifest(i * 100, {"model.safetensors": {"size": len(st), "sha256": "0"}})))
+    (root / "config.yaml").write_text("{}\n")
+    cfg = load_config(root / "config.yaml")
+    find = min(timed(subprocess.run, ["find", str(ck), "-maxdepth", "2"], check=True, capture_output=True)[0] for _ in range(3))
+    dry = min(timed(cleanup.run_cleanup, cfg, True)[0] for _ in range(2))
+    out["cleanup_folders"] = n
+    out["cleanup_dry_run_s"], out["find_s"] = round(dry, 3), round(find, 3)
+    out["cleanup_vs_find"] = round(dry / find, 2)
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def bench_train_overhead(quick: bool, out: dict) -> None:
+    """Steps/s of the built-in trainer with checkpoints at the default interval against none."""
+    steps = 600 if not quick else 200
+    rates = {}
+    for label, every in (("none", 10**9), ("default", 100)):
+        d = WORK / f"train-{label}"
+        shutil.rmtree(d, ignore_errors=True)
+        d.mkdir(parents=True)
+        (d / "config.yaml").write_text(json.dumps({"trainer": {"checkpoint_every_steps": every, "eval_every_steps": 10**9,
+                                                               "log_every_steps": 10**9, "threads": 1}}))
+        env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+        subprocess.run([sys.executable, "-m", "trainer", "--config", str(d / "config.yaml"), "--max-steps", str(steps)],
+                       check=True, capture_output=True, env=env)
+        recs = [json.loads(l) for l in (d / "logs" / "metrics.jsonl").read_text().splitlines()]
+        # from step 20 to the last step before the final save: startup and the final save excluded
+        a = next(r for r in recs if r["step"] == 20)
+        b = next(r for r in recs if r["step"] == steps - 1)
+        rates[label] = (b["step"] - a["step"]) / (b["time"] - a["time"])
+        shutil.rmtree(d, ignore_errors=True)
+    out["steps_per_s_no_ckpt"], out["steps_per_s_ckpt"] = round(rates["none"], 1), round(rates["default"], 1)
+    out["train_overhead"] = round(1 - rates["default"] / rates["none"], 4)
+
+
+def bench_daemon(quick: bool, out: dict) -> None:
+    import psutil
+
+    d = WORK / "daemon"
+    shutil.rmtree(d, ignore_errors=True)
+    d.mkdir(parents=True)
+    (d / "config.yaml").write_text(json.dumps({
+        "training": {"command": [sys.executable, "-c", "import time; time.sleep(3600)"]}}))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    p = subprocess.Popen([sys.executable, "-m", "daemon", "run", "--config", str(d / "config.yaml"), "--quiet-trainer"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    try:
+        time.sleep(3)
+        proc = psutil.Process(p.pid)
+        window = 60 if not quick else 10
+        c0, t0 = proc.cpu_times(), time.monotonic()
+        time.sleep(window)
+        c1, t1 = proc.cpu_times(), time.monotonic()
+        out["daemon_idle_window_s"] = window
+        out["daemon_rss_mb"] = round(proc.memory_info().rss / 2**20, 1)
+        out["daemon_cpu_share"] = round(((c1.user - c0.user) + (c1.system - c0.system)) / (t1 - t0), 5)
+    finally:
+        p.send_signal(signal.SIGTERM)
+        p.wait(timeout=60)
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def bench_recovery(quick: bool, out: dict) -> None:
+    """From a SIGKILL of the trainer to its first step after resume, minus the configured backoff."""
+    d = WORK / "recovery"
+    shutil.rmtree(d, ignore_errors=True)
+    d.mkdir(parents=True)
+    backoff = 1.0
+    (d / "config.yaml").write_text(json.dumps({
+        "trainer": {"checkpoint_every_steps": 20, "eval_every_steps": 10**9, "log_every_steps": 10**9, "threads": 1},
+        "training": {"restart": {"initial_backoff_s": backoff, "max_backoff_s": backoff}}}))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    p = subprocess.Popen([sys.executable, "-m", "daemon", "run", "--config", str(d / "config.yaml"), "--quiet-trainer"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    metrics = d / "logs" / "metrics.jsonl"
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            s = json.loads((d / "logs" / "daemon-state.json").read_text()) if (d / "logs" / "daemon-state.json").exists() else {}
+            if s.get("training", {}).get("step", 0) and s["training"]["step"] >= 60:
+                break
+            time.sleep(0.1)
+        pid = s["training"]["pid"]
+        n_before = len(metrics.read_text().splitlines())
+        t_kill = time.time()
+        os.kill(pid, signal.SIGKILL)
+        while time.time() < deadline:
+            lines = metrics.read_text().splitlines()[n_before:]
+            recs = [json.loads(l) for l in lines if l.strip()]
+            after = [r for r in recs if r["time"] > t_kill]
+            if after:
+                out["recovery_s"] = round(after[0]["time"] - t_kill - backoff, 2)
+                out["recovery_backoff_s"] = backoff
+                break
+            time.sleep(0.05)
+    finally:
+        p.send_signal(signal.SIGTERM)
+        p.wait(timeout=60)
+        shutil.rmtree(d, ignore_errors=True)
+
+
+BENCHES = {"save": bench_save_and_load, "snapshot": bench_snapshot, "plan": bench_plan, "cleanup": bench_cleanup,
+           "train": bench_train_overhead, "daemon": bench_daemon, "recovery": bench_recovery}
+
+GOALS = {  # name: (comparison, goal, meaning)
+    "save_vs_dd": (">=", 0.9, "dd time / our save time, same bytes, both fsynced"),
+    "async_stall_ratio": ("<=", 0.10, "training blocked by an async save / a sync save"),
+    "train_overhead": ("<=", 0.02, "1 - steps/s with checkpoints at the default interval / without"),
+    "load_vs_read": (">=", 0.9, "raw read time / load-and-verify time of the same checkpoint"),
+    "verify_vs_hash_tool": (">=", 0.9, "sha256sum time / our verify time, same files"),
+    "snapshot_vs_cp": ("<=", 0.01, "snapshot of 20 checkpoints / cp -a of them"),
+    "snapshot_extra_bytes": ("<=", 0, "bytes the snapshot added on disk"),
+    "plan_scaling": ("<=", 12, "plan time at 1M / at 100k checkpoints"),
+    "cleanup_vs_find": ("<=", 5, "cleanup --dry-run over 10k folders / find -maxdepth 2"),
+    "daemon_rss_mb": ("<=", 80, "daemon RSS while idle, MiB"),
+    "daemon_cpu_share": ("<=", 0.005, "daemon CPU share while idle"),
+    "recovery_s": ("<=", None, "SIGKILL to first step after resume, minus backoff, s"),
+}
+
+
+def verdict(name: str, value) -> str:
+    op, goal, _ = GOALS.get(name, (None, None, None))
+    if goal is None or value is None:
+        return ""
+    ok = value >= goal if op == ">=" else value <= goal
+    return "met" if ok else "NOT met"
+
+
+def machine() -> str:
+    cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("model name")), platform.processor())
+    import torch
+
+    return (f"{cpu}, {os.cpu_count()} cores, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB, "
+            f"{platform.system()} {platform.release()}, Python {platform.python_version()}, torch {torch.__version__}, "
+            f"GPU: {'yes' if torch.cuda.is_available() else 'none'}")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[1])
+    ap.add_argument("--quick", action="store_true", help="small sizes (under a minute)")
+    ap.add_argument("--json", action="store_true", help="print one JSON object")
+    ap.add_argument("--only", default="", help=f"comma-separated subset of {','.join(BENCHES)}")
+    args = ap.parse_args(argv)
+    WORK.mkdir(parents=True, exist_ok=True)
+    out: dict = {}
+    chosen = [b for b in (args.only.split(",") if args.only else BENCHES) if b]
+    t0 = time.time()
+    for name in chosen:
+        if not args.json:
+            print(f"running {name} ...", file=sys.stderr, flush=True)
+        BENCHES[name](args.quick, out)
+    out["elapsed_s"] = round(time.time() - t0, 1)
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        for k, v in out.items():
+            g = GOALS.get(k)
+            print(f"{k:24} {v!s:>14}  {('goal ' + g[0] + ' ' + str(g[1]) + ' ' + verdict(k, v)) if g and g[1] is not None else ''}")
+    if not args.quick and not args.only:
+        write_results(out)
+    return 0
+
+
+def write_results(out: dict) -> None:
+    lines = ["# Benchmark results", "", f"- date: {time.strftime('%Y-%m-%d %H:%M %Z')}", f"- machine: {machine()}",
+             "- command: `.venv/bin/python -m benchmarks`", "", "| figure | value | goal | meaning |", "|---|---|---|---|"]
+    for k, (op, goal, meaning) in GOALS.items():
+        v = out.get(k)
+        lines.append(f"| `{k}` | {v} | {op + ' ' + str(goal) + ' (' + verdict(k, v) + ')' if goal is not None else 'recorded'} | {meaning} |")
+    lines += ["", "Raw figures:", "", "```json", json.dumps(out, indent=2), "```", ""]
+    notes = REPO / "benchmarks" / "NOTES.md"
+    if notes.exists():
+        lines += [notes.read_text()]
+    (REPO / "benchmarks" / "RESULTS.md").write_text("\n".join(lines))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
