@@ -149,6 +149,8 @@ class Daemon:
         training = self.supervisor.snapshot()
         if hb and hb.get("pid") == training.get("pid"):
             training["step"] = hb.get("step")
+            if "resumed_from" in hb:  # what the trainer really loaded (it may have fallen back further)
+                training["resumed_from"] = hb["resumed_from"]
             training["heartbeat_age_s"] = round(now - hb.get("time", now), 1)
         return {
             "daemon": {"pid": os.getpid(), "started": self.started, "uptime_s": round(now - self.started, 1),

@@ -31,6 +31,9 @@ def cron_to_apscheduler(expr: str) -> dict[str, str]:
     therefore rewritten to names, which both agree on.
     """
     fields = expr.split()
+    second = None
+    if len(fields) == 6:  # an optional leading seconds field, for tests and soaks
+        second, fields = fields[0], fields[1:]
     if len(fields) != 5:
         raise ValueError(f"a cron expression has 5 fields (minute hour day month weekday), got {len(fields)}")
 
@@ -62,7 +65,10 @@ def cron_to_apscheduler(expr: str) -> dict[str, str]:
         return ",".join(parts)
 
     minute, hour, day, month, weekday = fields
-    return {"minute": minute, "hour": hour, "day": day, "month": month, "day_of_week": convert_dow(weekday)}
+    out = {"minute": minute, "hour": hour, "day": day, "month": month, "day_of_week": convert_dow(weekday)}
+    if second is not None:
+        out["second"] = second
+    return out
 
 
 def validate_cron(expr: str) -> str:
@@ -207,7 +213,7 @@ class Tier(_Section):
 
 class RetentionConfig(_Section):
     enabled: bool = Field(True, description="Run retention on its schedule (cleanup by hand works regardless).")
-    schedule: str = Field("0 4 * * 0", description="Cron expression (weekday 0 = Sunday) for the weekly retention.")
+    schedule: str = Field("0 4 * * 0", description="Cron expression (weekday 0 = Sunday) for the weekly retention; a 6th leading field gives seconds.")
     tiers: list[Tier] = Field(
         default_factory=lambda: [Tier(count=20), Tier(count=20, every_steps=200), Tier(every_steps=1000)],
         description="Graduated tiers, newest first; only the last may omit count.",

@@ -110,6 +110,7 @@ def test_cron_weekday_zero_is_sunday():
     assert nxt.weekday() == 6 and nxt.hour == 4  # Sunday 04:00
     assert cron_to_apscheduler("0 4 * * 1-5")["day_of_week"] == "mon-fri"
     assert cron_to_apscheduler("0 4 * * 5-7")["day_of_week"] == "fri,sat,sun"
+    assert cron_to_apscheduler("*/10 * * * * *")["second"] == "*/10"  # optional leading seconds field
 
 
 def test_diff_names_changed_fields(tmp_path):

@@ -1,0 +1,27 @@
+"""The chaos soak, short form (run in CI). The long form: see tests/soak/README.md."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from tests.soak.soak import Soak
+
+SHORT_S = float(os.environ.get("CKPT_SOAK_SECONDS", "75"))
+
+
+@pytest.mark.soak
+def test_short_soak_has_no_violations(tmp_path, tmpfs, capsys):
+    disk = tmpfs("48m")
+    seed = int(os.environ.get("CKPT_SOAK_SEED", time.time()))
+    soak = Soak(tmp_path, disk, seed, SHORT_S)
+    rc = soak.run()
+    out = capsys.readouterr().out
+    print(out)
+    assert "violations: 0" in out, f"seed {seed}: {soak.violations}\n{out}"
+    assert rc == 0
+    # the soak really injected faults of the kinds it promises
+    assert sum(soak.faults.values()) >= 10, soak.faults
+    assert soak.faults["kill_trainer"] >= 3, soak.faults

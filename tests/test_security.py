@@ -1,0 +1,143 @@
+"""Security edges: symlinks out of the managed folders, crafted pickles, file permissions, dangerous
+folder configurations."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import stat
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from maintenance import catalog as cat
+from maintenance.config import ConfigError, load_config
+from tests.conftest import PY, env_for_children, run_py, write_config
+from tests.test_catalog import native
+
+
+class _Evil:
+    def __init__(self, mark: str):
+        self.mark = mark
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.mark}",))
+
+
+@pytest.fixture
+def outside(tmp_path):
+    d = tmp_path / "outside"
+    d.mkdir()
+    (d / "precious.bin").write_bytes(b"p" * 4096)
+    return d
+
+
+def test_snapshot_and_restore_never_follow_symlinks(tmp_path, outside):
+    cfg_path = write_config(tmp_path / "proj", tiny=False)
+    root = tmp_path / "proj" / "checkpoints"
+    native(root, [10, 20])
+    os.symlink(outside / "precious.bin", root / "checkpoint-20" / "sneaky.bin")
+    os.symlink(outside, root / "checkpoint-20" / "sneakydir")
+    r = run_py(["-m", "maintenance.snapshot", "--config", str(cfg_path)], check=True)
+    snap = next((tmp_path / "proj" / "snapshots").iterdir())
+    assert not (snap / "checkpoint-20" / "sneaky.bin").exists() and not (snap / "checkpoint-20" / "sneakydir").exists()
+    man = json.loads((snap / "snapshot.json").read_text())
+    assert any("skipped symlink" in n for c in man["checkpoints"] for n in c["notes"])
+    # a snapshot whose checkpoint is itself a symlink to the outside is not restored through it
+    import shutil
+
+    shutil.rmtree(root)
+    (snap / "checkpoint-20").rename(tmp_path / "moved")
+    os.symlink(outside, snap / "checkpoint-20")
+    r = run_py(["-m", "maintenance.restore", snap.name, "--config", str(cfg_path)], check=True)
+    assert "skipped checkpoint-20" in r.stdout and "symlink" in r.stdout
+    assert not (root / "checkpoint-20").exists()
+    assert (outside / "precious.bin").read_bytes() == b"p" * 4096 and sorted(p.name for p in outside.iterdir()) == ["precious.bin"]
+
+
+def test_consolidate_never_reads_through_a_symlinked_weights_file(tmp_path, outside):
+    cfg_path = write_config(tmp_path / "proj")
+    run_py(["-m", "trainer", "--config", str(cfg_path), "--max-steps", "10"], check=True)
+    ck = tmp_path / "proj" / "checkpoints" / "checkpoint-10"
+    (ck / "model.safetensors").rename(outside / "model.safetensors")
+    os.symlink(outside / "model.safetensors", ck / "model.safetensors")
+    e = cat.scan(tmp_path / "proj" / "checkpoints", ["checkpoint-{step}"]).by_name("checkpoint-10")
+    assert e.status == "corrupt" and "not a regular file" in e.reason
+    r = run_py(["-m", "maintenance.consolidate", "--config", str(cfg_path), "--from", "10"])
+    assert r.returncode != 0 and "no valid native checkpoint at step 10" in r.stderr.lower()
+    assert not list((tmp_path / "proj" / "consolidated_models").glob("*step10*"))
+
+
+def test_crafted_pickles_do_not_run_on_list_verify_consolidate_or_resume(tmp_path):
+    mark = tmp_path / "PWNED"
+    cfg_path = write_config(tmp_path / "proj", {"checkpoints": {"pattern": ["checkpoint-{step}", "model_step_{step}.pt"]}})
+    run_py(["-m", "trainer", "--config", str(cfg_path), "--max-steps", "10"], check=True)
+    root = tmp_path / "proj" / "checkpoints"
+    torch.save({"model_state_dict": {}, "evil": _Evil(str(mark))}, root / "model_step_99.pt")
+    # and a native checkpoint whose state.json was replaced by a pickle with a matching manifest
+    d = root / "checkpoint-10"
+    payload = pickle.dumps(_Evil(str(mark)))
+    (d / "state.json").write_bytes(payload)
+    import hashlib
+
+    man = json.loads((d / "manifest.json").read_text())
+    man["files"]["state.json"] = {"size": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}
+    (d / "manifest.json").write_text(json.dumps(man))
+    run_py(["-m", "daemon", "list", "--config", str(cfg_path), "--verify"], check=True)
+    run_py(["-m", "maintenance.cleanup", "--config", str(cfg_path), "--dry-run"], check=True)
+    run_py(["-m", "maintenance.consolidate", "--config", str(cfg_path), "--from", "10"])
+    run_py(["-m", "trainer", "--config", str(cfg_path), "--max-steps", "12", "--resume", str(d)])
+    assert not mark.exists(), "a pickle inside a checkpoint was executed"
+
+
+def test_files_the_daemon_creates_are_not_world_writable(tmp_path):
+    cfg_path = write_config(tmp_path, {"trainer": {"checkpoint_every_steps": 5},
+                                       "training": {"stop_timeout_s": 30}})
+    # even when started with a careless umask
+    p = subprocess.Popen([PY, "-m", "daemon", "run", "--config", str(cfg_path), "--quiet-trainer"], env=env_for_children(),
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=lambda: os.umask(0))
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and len(list((tmp_path / "checkpoints").glob("checkpoint-*"))) < 2:
+            time.sleep(0.2)
+        from maintenance.snapshot import take_snapshot
+
+        os.umask(0o022)
+        take_snapshot(load_config(cfg_path))
+        time.sleep(1.5)
+    finally:
+        p.terminate()
+        assert p.wait(timeout=60) == 0
+    checked = 0
+    for base in (tmp_path / "logs", tmp_path / "checkpoints", tmp_path / "snapshots"):
+        for dirpath, dirs, files in os.walk(base):
+            for name in dirs + files:
+                path = Path(dirpath) / name
+                mode = os.lstat(path).st_mode
+                if stat.S_ISLNK(mode):
+                    continue
+                assert not mode & stat.S_IWOTH, f"{path} is world-writable ({oct(mode)})"
+                checked += 1
+    assert checked > 10
+    for f in ("daemon.log", "daemon-state.json", "jobs-state.json", "trainer.log", "metrics.jsonl"):
+        assert (tmp_path / "logs" / f).exists(), f
+
+
+@pytest.mark.parametrize("yaml_text,needle", [
+    ("snapshots:\n  dir: checkpoints/snapshots\n", "snapshots.dir"),
+    ("snapshots:\n  dir: /\n", "snapshots.dir"),
+    ("consolidation:\n  dir: checkpoints\n", "consolidation.dir"),
+    ("checkpoints:\n  dir: snapshots/inner\n", "overlaps checkpoints.dir"),
+    ("checkpoints:\n  dir: /\n", "filesystem root"),
+])
+def test_dangerous_folder_overlaps_are_refused(tmp_path, yaml_text, needle):
+    (tmp_path / "config.yaml").write_text(yaml_text)
+    with pytest.raises(ConfigError) as ei:
+        load_config(tmp_path / "config.yaml")
+    msg = str(ei.value)
+    assert needle in msg
+    assert ("give them separate folders" in msg) or ("filesystem root" in msg)
