@@ -22,20 +22,68 @@ from daemon.supervisor import Supervisor
 from daemon.watch import Watcher
 from maintenance import catalog as cat
 from maintenance import cleanup, snapshot
-from maintenance.config import Config, diff_configs, load_config
+from maintenance.config import Config, diff_configs, load_config, parse_config
 from maintenance.errors import ConfigError
-from maintenance.fsutil import free_bytes
+from maintenance.fsutil import atomic_write_bytes, free_bytes
 from maintenance.logs import get_logger, setup_logging
 
 log = get_logger("daemon")
+
+LAST_GOOD = "config.last-good.yaml"
+
+
+def _guess_log_dir(config_path: Path) -> Path:
+    """Where the last good config copy lives when config.yaml itself does not validate: its
+    logging.dir if the YAML still says one, else the default `logs` beside it."""
+    import yaml
+
+    base = config_path.parent
+    try:
+        raw = yaml.safe_load(config_path.read_text())
+        d = Path(raw["logging"]["dir"]).expanduser()
+        return d if d.is_absolute() else base / d
+    except Exception:
+        return base / "logs"
+
+
+def read_config(config_path: Path) -> tuple[Config, str]:
+    """Validate config.yaml from one read of its text; raise ConfigError (the precise message) on any problem."""
+    try:
+        text = config_path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        load_config(config_path)  # raises the ConfigError that names the cause
+        raise ConfigError(f"{config_path} changed while it was being read; it will be read again at the next change.")
+    return parse_config(text, config_path), text
+
+
+def load_with_fallback(config_path: Path) -> tuple[Config, Optional[str]]:
+    """Load config.yaml; if it does not validate, run on the last config that did (kept by every
+    successful load), so a bad edit followed by a daemon restart still never stops the daemon."""
+    try:
+        cfg, text = read_config(config_path)
+    except ConfigError as exc:
+        copy = _guess_log_dir(config_path) / LAST_GOOD
+        if not copy.is_file():
+            raise ConfigError(f"{exc} (No last good config was found to fall back to, so the daemon cannot start.)") from None
+        return parse_config(copy.read_text(encoding="utf-8"), config_path), str(exc)
+    save_last_good(cfg, text)
+    return cfg, None
+
+
+def save_last_good(cfg: Config, text: str) -> None:
+    try:
+        cfg.log_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(cfg.log_dir / LAST_GOOD, text.encode("utf-8"), mode=0o644)
+    except OSError as exc:
+        log.warning("could not keep a copy of the last good config", error=str(exc))
 
 
 class Daemon:
     def __init__(self, config_path: Path, echo_trainer: bool = True):
         self.config_path = Path(config_path).resolve()
-        self.cfg: Config = load_config(self.config_path)  # no last good config at start: errors are fatal
+        # An invalid file at start falls back to the last good config (errors only if there is none).
+        self.cfg, self.config_error = load_with_fallback(self.config_path)
         self.cfg_lock = threading.Lock()
-        self.config_error: Optional[str] = None
         self.config_loaded_at = time.time()
         self._config_mtime = self._mtime()
         self._reload_due: Optional[float] = None
@@ -109,12 +157,16 @@ class Daemon:
 
     def reload(self) -> bool:
         try:
-            new = load_config(self.config_path)
+            new, text = read_config(self.config_path)
         except ConfigError as exc:
             self.config_error = str(exc)
             log.error("config.yaml edit rejected; the last good config stays in force", error=str(exc))
             self.notifier.status("config.yaml edit rejected; running with the last good config")
             return False
+        save_last_good(new, text)
+        return self._apply(new)
+
+    def _apply(self, new: Config) -> bool:
         old = self.get_cfg()
         changes = diff_configs(old, new)
         self.config_error = None
@@ -133,9 +185,23 @@ class Daemon:
         return True
 
     # ------------------------------------------------------------------------------------ status
+    def _catalog(self, cfg: Config) -> cat.Catalog:
+        """The catalog for status, rescanned only when the folder changed (its mtime moves whenever a
+        checkpoint is added, renamed or removed) or every 30 s, so an idle daemon stays idle."""
+        try:
+            key = (str(cfg.checkpoint_dir), cfg.checkpoint_dir.stat().st_mtime_ns)
+        except OSError:
+            key = (str(cfg.checkpoint_dir), None)
+        cached = getattr(self, "_cat_cache", None)
+        if cached and cached[0] == key and time.monotonic() - cached[1] < 30:
+            return cached[2]
+        c = cat.scan_config(cfg, stats=False)
+        self._cat_cache = (key, time.monotonic(), c)
+        return c
+
     def status(self) -> dict:
         cfg = self.get_cfg()
-        c = cat.scan_config(cfg, stats=False)
+        c = self._catalog(cfg)
         now = time.time()
 
         def desc(e):
@@ -191,6 +257,9 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self._on_signal)
         log.info("ckpt-daemon starting", config=str(self.config_path), checkpoints=str(cfg.checkpoint_dir), pid=os.getpid())
+        if self.config_error:
+            log.error("config.yaml does not validate; running with the last good config until it is fixed",
+                      error=self.config_error)
         cfg.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         self.watcher = Watcher(self.get_cfg, self.request_reload)
         self.supervisor = Supervisor(self.get_cfg, self.watcher.bad, echo=self.echo_trainer)

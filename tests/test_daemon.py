@@ -399,3 +399,26 @@ def test_daemon_is_small_and_signals_ready_to_systemd(tmp_path, daemons):
     except TimeoutError:
         pass
     assert "STOPPING=1" in tail
+
+
+def test_restart_with_a_broken_config_runs_on_the_last_good_one(tmp_path, daemons):
+    cmd = {"training": {"command": [PY, "-c", "import time; time.sleep(3600)"]}}
+    # never validated: a broken file at the very first start is a clear error
+    (tmp_path / "config.yaml").write_text("retention:\n  tiers: [{count: -1}]\n")
+    r = run_py(["-m", "daemon", "run", "--config", str(tmp_path / "config.yaml")], timeout=60)
+    assert r.returncode == 2 and "retention.tiers[0].count" in r.stderr and "No last good config" in r.stderr
+    d = Daemon(tmp_path, cmd).start()
+    daemons.append(d)
+    d.wait(lambda s: s["training"]["state"] == "running", what="the first start")
+    assert d.stop() == 0
+    assert (tmp_path / "logs" / "config.last-good.yaml").exists()
+    d.cfg.write_text(d.cfg.read_text() + "\nretention: {tiers: [{count: -1}]}\n")  # broken while the daemon is down
+    d.start()
+    s = d.wait(lambda s: s["daemon"]["pid"] == d.proc.pid and s["training"]["state"] == "running" and s,
+               what="a start on the last good config")
+    assert "retention" in s["daemon"]["config_error"]
+    assert "running with the last good config until it is fixed" in d.log()
+    good = yaml.safe_load((tmp_path / "logs" / "config.last-good.yaml").read_text())
+    d.cfg.write_text(yaml.safe_dump(good))  # fixed: picked up without a restart
+    d.wait(lambda s: s["daemon"]["config_error"] is None, what="the fix to be picked up")
+    assert d.stop() == 0
