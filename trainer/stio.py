@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
+import queue
 import struct
+import threading
 from pathlib import Path
 from typing import BinaryIO, Optional
 
@@ -62,41 +65,63 @@ def header_for(tensors: dict[str, torch.Tensor], metadata: Optional[dict[str, st
 
 
 def write_safetensors(f: BinaryIO, tensors: dict[str, torch.Tensor], metadata: Optional[dict[str, str]] = None) -> tuple[int, str]:
-    """Write `tensors` to the open binary file `f`; return (bytes written, sha256 hex)."""
+    """Write `tensors` to the open binary file `f`; return (bytes written, sha256 hex).
+
+    The checksum is computed from the same buffers as they are written, by a second thread, so
+    hashing overlaps the write instead of adding to it (both release the GIL)."""
     h = hashlib.new(HASH_NAME)
-    head = header_for(tensors, metadata)
-    h.update(head)
-    f.write(head)
-    size = len(head)
-    for t in tensors.values():
-        mv = _as_bytes(t)
-        for off in range(0, len(mv), CHUNK):
-            part = mv[off : off + CHUNK]
+    q: "queue.Queue[Optional[memoryview]]" = queue.Queue(maxsize=8)
+
+    def hasher() -> None:
+        while (part := q.get()) is not None:
             h.update(part)
-            f.write(part)
-        size += len(mv)
+
+    worker = threading.Thread(target=hasher, daemon=True)
+    worker.start()
+    size = 0
+    try:
+        head = header_for(tensors, metadata)
+        q.put(memoryview(head))
+        f.write(head)
+        size = len(head)
+        for t in tensors.values():
+            mv = _as_bytes(t)
+            for off in range(0, len(mv), CHUNK):
+                part = mv[off : off + CHUNK]
+                q.put(part)
+                f.write(part)
+            size += len(mv)
+    finally:
+        q.put(None)
+        worker.join()
     return size, h.hexdigest()
 
 
-def read_file_checked(path: Path, expected_size: Optional[int] = None, expected_sha256: Optional[str] = None) -> bytearray:
-    """Read a whole file into memory, hashing it in the same pass; raise ChecksumMismatch on a mismatch."""
+def read_file_checked(path: Path, expected_size: Optional[int] = None, expected_sha256: Optional[str] = None):
+    """Map a whole file into memory and check its sha256 in the same pass. Returns a buffer (a private,
+    copy-on-write mapping) that tensors can view without a copy.
+
+    Mapping avoids zero-filling and then page-faulting a fresh multi-GB buffer before reading into it;
+    with sequential readahead the kernel reads ahead while we hash. Raises ChecksumMismatch."""
     size = os.path.getsize(path)
     if expected_size is not None and size != expected_size:
         raise ChecksumMismatch(f"{Path(path).name} has {size} bytes, the manifest says {expected_size}")
-    buf = bytearray(size)
-    mv = memoryview(buf)
-    h = hashlib.new(HASH_NAME)
-    with open(path, "rb", buffering=0) as f:
-        pos = 0
-        while pos < size:
-            n = f.readinto(mv[pos : min(size, pos + CHUNK)])
-            if not n:
-                raise ChecksumMismatch(f"{Path(path).name} ended early at byte {pos} of {size}")
-            if expected_sha256 is not None:
-                h.update(mv[pos : pos + n])
-            pos += n
-    if expected_sha256 is not None and h.hexdigest() != expected_sha256:
-        raise ChecksumMismatch(f"{Path(path).name} fails its sha256 checksum (the file changed after it was written)")
+    if size == 0:
+        buf = bytearray()
+    else:
+        with open(path, "rb") as f:
+            buf = mmap.mmap(f.fileno(), size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        for advice in ("MADV_SEQUENTIAL", "MADV_WILLNEED"):
+            if hasattr(mmap, advice):
+                buf.madvise(getattr(mmap, advice))
+    if expected_sha256 is not None:
+        h = hashlib.new(HASH_NAME)
+        mv = memoryview(buf)
+        for off in range(0, size, CHUNK):
+            h.update(mv[off : off + CHUNK])
+        mv.release()
+        if h.hexdigest() != expected_sha256:
+            raise ChecksumMismatch(f"{Path(path).name} fails its sha256 checksum (the file changed after it was written)")
     return buf
 
 

@@ -287,8 +287,9 @@ class Soak:
             p.wait(timeout=60)
         time.sleep(3)
         self.check(final=True)
-        s = self.status()
-        restarts = s.get("training", {}).get("restarts", 0)
+        dlog = (self.work / "logs" / "daemon.log").read_text(errors="replace")
+        restarts = dlog.count('"event": "restarting after backoff"')
+        adoptions = dlog.count("adopting it")
         self.daemon.send_signal(signal.SIGTERM)
         try:
             rc = self.daemon.wait(timeout=60)
@@ -307,7 +308,7 @@ class Soak:
             self.violation("after the soak, an undamaged checkpoint fails verification or none is left")
         kinds = ", ".join(f"{k} {v}" for k, v in sorted(self.faults.items()))
         summary = (f"soak: {rounds} rounds in {self.duration_s:.0f}s, faults: {sum(self.faults.values())} ({kinds}), "
-                   f"trainer restarts: {restarts} (counted by the last daemon), daemon restarts: {self.daemon_restarts}, "
+                   f"trainer restarts after crashes: {restarts}, daemon restarts: {self.daemon_restarts} (trainers adopted: {adoptions}), "
                    f"newest step: {self.prev_newest[1] if self.prev_newest else None}, violations: {len(self.violations)}")
         print(summary, flush=True)
         (self.work / "summary.txt").write_text(summary + "\n" + "\n".join(self.violations) + "\n")
