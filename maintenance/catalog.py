@@ -187,26 +187,55 @@ def read_resumed_from(root: Path) -> Optional[str]:
         return None
 
 
-def check_entry(path: Path, verify: bool) -> tuple[str, str, str, dict]:
+def _folder_stats(path: Path) -> tuple[dict[str, os.stat_result], bool]:
+    """lstat of every entry of a folder (one listing), and whether it has subfolders."""
+    stats, subdirs = {}, False
+    with os.scandir(path) as it:
+        for d in it:
+            try:
+                st = d.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            stats[d.name] = st
+            subdirs = subdirs or stat.S_ISDIR(st.st_mode)
+    return stats, subdirs
+
+
+def check_entry(path: Path, verify: bool, stats: Optional[dict] = None) -> tuple[str, str, str, dict]:
     """(layout, status, reason, meta) of one checkpoint path (folder or file)."""
     st = os.lstat(path)
     if stat.S_ISDIR(st.st_mode):
+        if stats is None:
+            stats, _ = _folder_stats(path)
         # A manifest makes it native; trainer_state.json or HF's own files make it Hugging Face; an
         # empty or unrecognised folder is a native save that never committed.
         hf_markers = ("trainer_state.json", "config.json", "pytorch_model.bin", "optimizer.pt")
-        if (path / mf.MANIFEST).exists():
+        if mf.MANIFEST in stats:
             layout = "native"
-        elif any((path / n).exists() for n in hf_markers):
+        elif any(n in stats for n in hf_markers):
             layout = "hf"
         else:
             layout = "native"
         if layout == "native":
-            status, reason, meta = mf.check_native(path, verify)
+            status, reason, meta = mf.check_native(path, verify, stats=stats)
         else:
             status, reason, meta = _hf_status(path, verify)
         return layout, status, reason, meta
     status, reason = _file_status(path, verify)
     return "file", status, reason, {}
+
+
+def _sizes(entry_st: os.stat_result, stats: dict[str, os.stat_result]) -> tuple[int, int, float]:
+    """tree_stats for a folder without subfolders, from the lstat results we already have."""
+    allocated = freed = entry_st.st_blocks * 512
+    newest = entry_st.st_mtime
+    for st in stats.values():
+        size = st.st_blocks * 512
+        allocated += size
+        if st.st_nlink <= 1:
+            freed += size
+        newest = max(newest, st.st_mtime)
+    return allocated, freed, newest
 
 
 def scan(root: Path, patterns: Iterable[str], verify: bool = False, stats: bool = True) -> Catalog:
@@ -219,15 +248,16 @@ def scan(root: Path, patterns: Iterable[str], verify: bool = False, stats: bool 
     ignored: list[tuple[str, str]] = []
     pins = _read_pins(root)
     try:
-        names = sorted(os.listdir(root))
+        with os.scandir(root) as it:
+            listing = sorted(((d.name, d) for d in it), key=lambda x: x[0])
     except FileNotFoundError:
-        names = []
-    for name in names:
+        listing = []
+    for name, dentry in listing:
         path = root / name
         if name in (RUNTIME_DIR, TRASH_DIR, ".gitkeep") or name in POINTERS:
             continue
         try:
-            st = os.lstat(path)
+            st = dentry.stat(follow_symlinks=False)
         except FileNotFoundError:
             continue  # deleted while we looked
         if name.startswith(TEMP_PREFIXES) or name.endswith(".tmp"):
@@ -250,8 +280,11 @@ def scan(root: Path, patterns: Iterable[str], verify: bool = False, stats: bool 
         if not (stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode)):
             ignored.append((name, "is neither a file nor a folder"))
             continue
+        fstats, subdirs = None, True
         try:
-            layout, status, reason, meta = check_entry(path, verify)
+            if stat.S_ISDIR(st.st_mode):
+                fstats, subdirs = _folder_stats(path)
+            layout, status, reason, meta = check_entry(path, verify, fstats)
         except FileNotFoundError:
             continue
         e = Entry(name=name, path=path, step=fields["step"], layout=layout, status=status, reason=reason,
@@ -270,7 +303,10 @@ def scan(root: Path, patterns: Iterable[str], verify: bool = False, stats: bool 
             e.pin = pins[name]
         if stats:
             try:
-                e.bytes, e.freeable_bytes, e.mtime = tree_stats(path)
+                if fstats is not None and not subdirs:
+                    e.bytes, e.freeable_bytes, e.mtime = _sizes(st, fstats)
+                else:
+                    e.bytes, e.freeable_bytes, e.mtime = tree_stats(path)
             except FileNotFoundError:
                 continue
         else:
