@@ -52,7 +52,7 @@ def read_config(config_path: Path) -> tuple[Config, str]:
         text = config_path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError):
         load_config(config_path)  # raises the ConfigError that names the cause
-        raise ConfigError(f"{config_path} changed while it was being read; it will be read again at the next change.")
+        raise ConfigError(f"{config_path} changed while it was being read; it will be read again at the next change.") from None
     return parse_config(text, config_path), text
 
 

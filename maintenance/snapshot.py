@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import errno
-import json
 import os
 import re
 import shutil
@@ -28,7 +27,7 @@ from maintenance import catalog as cat
 from maintenance import runtime
 from maintenance.config import Config, load_config
 from maintenance.errors import CheckpointError, CkptError, NoValidCheckpoint
-from maintenance.fsutil import atomic_write_json, copy_into, fsync_dir, inside, iter_files, remove_tree_safely
+from maintenance.fsutil import atomic_write_json, copy_into, fsync_dir, remove_tree_safely
 from maintenance.logs import append_text
 
 SNAPSHOT_MANIFEST = "snapshot.json"

@@ -7,7 +7,6 @@ import json
 import os
 from pathlib import Path
 
-import pytest
 import safetensors.torch
 import torch
 

@@ -10,8 +10,6 @@ import subprocess
 import time
 from pathlib import Path
 
-import pytest
-import torch
 
 from maintenance import catalog as cat
 from maintenance.cleanup import run_cleanup

@@ -4,7 +4,6 @@ file, the field path, what was given and what is expected; never a traceback."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 

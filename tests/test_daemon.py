@@ -12,7 +12,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -22,7 +21,7 @@ from daemon.notify import Notifier
 from daemon.supervisor import CrashPolicy, choose_resume, expand_command
 from maintenance import catalog as cat
 from maintenance.config import RestartPolicy
-from tests.conftest import PY, REPO, env_for_children, run_py, write_config
+from tests.conftest import PY, env_for_children, run_py, write_config
 from tests.test_catalog import native
 
 

@@ -25,7 +25,7 @@ def du_bytes(path: Path) -> int:
 
 def setup(tmp_path: Path, overrides=None):
     cfg_path = write_config(tmp_path, overrides or {}, tiny=False)
-    mgr = native(tmp_path / "checkpoints", [10, 20, 30])
+    native(tmp_path / "checkpoints", [10, 20, 30])
     return load_config(cfg_path), cfg_path
 
 

@@ -35,7 +35,7 @@ from maintenance import catalog as cat
 from maintenance import manifest as mf
 from maintenance import runtime
 from maintenance.errors import CheckpointError, DiskFullError, NoValidCheckpoint
-from maintenance.fsutil import atomic_symlink, fsync_dir, free_bytes, is_enospc
+from maintenance.fsutil import atomic_symlink, atomic_write_json, disk_full_error, fsync_dir, free_bytes, is_enospc
 from trainer import stio
 from trainer.statecodec import decode, encode
 
@@ -84,9 +84,9 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "module", model)
 
 
-def model_tensors(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Unique tensors of the model's state_dict, and aliases for tied weights (name -> stored name)."""
-    sd = _unwrap(model).state_dict()
+def split_tied(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Unique tensors of a state dict, and aliases (name -> stored name) for tied ones: safetensors
+    stores no shared storage, and a tied weight written twice would come back untied."""
     seen: dict[tuple, str] = {}
     tensors: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
@@ -98,6 +98,17 @@ def model_tensors(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict
         seen[key] = name
         tensors[name] = t
     return tensors, aliases
+
+
+def join_tied(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> dict[str, torch.Tensor]:
+    """The inverse of split_tied, from the aliases kept in the safetensors metadata."""
+    for alias, target in json.loads(meta.get("aliases", "{}")).items():
+        tensors[alias] = tensors[target]
+    return tensors
+
+
+def model_tensors(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    return split_tied(_unwrap(model).state_dict())
 
 
 def _snapshot(tensors: dict[str, torch.Tensor], copy: bool, staging: Optional[dict] = None) -> dict[str, torch.Tensor]:
@@ -281,8 +292,6 @@ class CheckpointManager:
         except BaseException as exc:
             shutil.rmtree(tmp, ignore_errors=True)
             if is_enospc(exc):
-                from maintenance.fsutil import disk_full_error
-
                 raise disk_full_error(f"save checkpoint {name}", self.dir, exc) from exc
             raise
         self.last_save_bytes = sum(f["size"] for f in files.values())
@@ -468,8 +477,7 @@ def read_checkpoint(path: Path, map_location: str | torch.device = "cpu", verify
         bufs = dict(zip(wanted, pool.map(get, wanted)))
     get = bufs.__getitem__  # noqa: F811
     model, meta = stio.parse_safetensors(get(mf.MODEL_FILE))
-    for alias, target in json.loads(meta.get("aliases", "{}")).items():
-        model[alias] = model[target]
+    join_tied(model, meta)
     state_t: dict = {}
     skeleton: dict = {}
     if STATE_TENSORS in files:
@@ -488,8 +496,6 @@ def read_checkpoint(path: Path, map_location: str | torch.device = "cpu", verify
 def export_weights(src: Path, dst_dir: Path, dtype: Optional[torch.dtype] = None, extra_meta: Optional[dict] = None) -> Path:
     """Write a weights-only model (model.safetensors + metadata.json) from a native checkpoint or a
     state dict into the new folder `dst_dir` (temp sibling, fsync, rename)."""
-    from maintenance.fsutil import atomic_write_json
-
     state = read_checkpoint(src)
     tensors = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v) for k, v in state["model"].items()}
     return write_weights(tensors, dst_dir, {"source": str(src), "step": state["manifest"]["step"],
@@ -499,23 +505,13 @@ def export_weights(src: Path, dst_dir: Path, dtype: Optional[torch.dtype] = None
 
 def write_weights(tensors: dict[str, torch.Tensor], dst_dir: Path, meta: dict) -> Path:
     """Write tensors (tied ones stored once) and metadata.json into a new folder, atomically."""
-    from maintenance.fsutil import atomic_write_json
-
     dst_dir = Path(dst_dir)
     if dst_dir.exists():
         raise FileExistsError(f"{dst_dir} already exists; refusing to overwrite it")
     tmp = dst_dir.with_name(f".tmp-{dst_dir.name}-{os.getpid()}")
     tmp.mkdir(parents=True)
     try:
-        uniq, aliases = {}, {}
-        seen = {}
-        for k, v in tensors.items():
-            key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), v.dtype)
-            if v.numel() and key in seen:
-                aliases[k] = seen[key]
-                continue
-            seen[key] = k
-            uniq[k] = v
+        uniq, aliases = split_tied(tensors)
         with open(tmp / mf.MODEL_FILE, "xb") as f:
             size, digest = stio.write_safetensors(f, uniq, {"format": "ckpt-daemon/weights-1", "aliases": json.dumps(aliases)})
             f.flush()
@@ -542,6 +538,4 @@ def load_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
         tensors, smeta = stio.load_safetensors(path / mf.MODEL_FILE, f.get("size"), f.get("sha256"))
     except stio.ChecksumMismatch as exc:
         raise CheckpointError(f"{path.name} is corrupt: {exc}") from None
-    for alias, target in json.loads(smeta.get("aliases", "{}")).items():
-        tensors[alias] = tensors[target]
-    return tensors, meta
+    return join_tied(tensors, smeta), meta
