@@ -218,6 +218,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         if name == "pin":
             p.add_argument("--reason", default="pinned by user")
     args = ap.parse_args(argv)
+    if args.command != "run":
+        import signal
+
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `ckpt-daemon list | head` ends quietly
     try:
         return args.func(args)
     except CkptError as exc:

@@ -276,14 +276,17 @@ class Daemon:
         try:
             while not self.stop_requested.is_set():
                 now = time.monotonic()
-                self.supervisor.poll()
-                m = self._mtime()
-                if m != self._config_mtime:
-                    self._config_mtime = m
-                    self.request_reload()
-                if self._reload_due is not None and now >= self._reload_due:
-                    self._reload_due = None
-                    self.reload()
+                try:
+                    self.supervisor.poll()
+                    m = self._mtime()
+                    if m != self._config_mtime:
+                        self._config_mtime = m
+                        self.request_reload()
+                    if self._reload_due is not None and now >= self._reload_due:
+                        self._reload_due = None
+                        self.reload()
+                except Exception as exc:  # one bad tick must not end supervision; the next tick retries
+                    log.exception("daemon tick failed; retrying", error=str(exc))
                 if self.notifier.watchdog_interval_s and now - last_ping >= self.notifier.watchdog_interval_s:
                     self.notifier.watchdog()
                     last_ping = now

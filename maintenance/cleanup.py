@@ -54,6 +54,8 @@ class Report:
     failed: list[tuple[str, str]] = field(default_factory=list)
     skipped_changed: list[str] = field(default_factory=list)  # planned, but the re-plan under the lock kept them
     freed_bytes: int = 0
+    disk_free: int = 0
+    disk_total: int = 0
     started: float = 0.0
     duration_s: float = 0.0
 
@@ -68,6 +70,7 @@ class Report:
         return {
             "mode": self.mode, "root": str(self.root), "tiers": self.tiers,
             "training_active": self.activity.active, "training": self.activity.detail,
+            "disk_free_bytes": self.disk_free, "disk_total_bytes": self.disk_total,
             "open_files": self.open_files, "in_progress": self.in_progress,
             "counts": {str(k): {"kept": v[0], "deleted": v[1]} for k, v in retention.tier_counts(self.decisions).items()},
             "decisions": [{"name": d.name, "step": d.step, "action": d.action, "tier": d.tier, "reasons": d.reasons,
@@ -101,18 +104,26 @@ def build_report(cfg: Config, mode: str, extra_protected: Optional[dict[str, str
     root = cfg.checkpoint_dir
     c = cat.scan_config(cfg)
     prot = retention.protections(c, extra_protected, cfg.trainer.best_metric)
+    import shutil
+
+    usage = shutil.disk_usage(root) if root.exists() else None
     decisions = retention.plan(retention.items_from_catalog(c), cfg.retention.tiers, prot)
     return Report(
         mode=mode, root=root, tiers=retention.describe_tiers(cfg.retention.tiers), decisions=decisions,
         entries={e.name: e for e in c.entries}, activity=runtime.training_activity(root),
         open_files=open_checkpoint_files(root) if root.exists() else [],
         in_progress=[p.name for p in c.in_progress], ignored=c.ignored, started=time.time(),
+        disk_free=usage.free if usage else 0, disk_total=usage.total if usage else 0,
     )
 
 
 def render(r: Report, verbose: bool = True) -> str:
     lines = [f"Cleanup of {r.root} ({r.mode})"]
-    lines.append("Training: " + ("ACTIVE, " if r.activity.active else "not active, ") + r.activity.detail)
+    lines.append("Training: " + ("ACTIVE, " if r.activity.active else "not active, ") + r.activity.detail
+                 + (" (the checkpoint being written, the newest and the one it resumed from are protected; "
+                    "deletions wait for the commit lock)" if r.activity.active else ""))
+    if r.disk_total:
+        lines.append(f"Disk: {human(r.disk_free)} free of {human(r.disk_total)} ({r.disk_free / r.disk_total:.0%})")
     if r.in_progress:
         lines.append(f"Being written or interrupted (never touched): {', '.join(r.in_progress)}")
     if r.open_files:
@@ -194,7 +205,8 @@ def log_block(cfg: Config, r: Report) -> None:
     counts = retention.tier_counts(r.decisions)
     lines = [f"=== {ts} cleanup ({r.mode}) of {r.root}",
              f"tiers: {'; '.join(r.tiers)}",
-             "training: " + ("active, " if r.activity.active else "not active, ") + r.activity.detail]
+             "training: " + ("active, " if r.activity.active else "not active, ") + r.activity.detail,
+             f"disk before: {human(r.disk_free)} free of {human(r.disk_total)}"]
     for t in sorted(counts, key=lambda k: (k is None, k or 0)):
         kept, deleted = counts[t]
         lines.append(f"{'tier ' + str(t) if t is not None else 'outside tiers'}: keep {kept}, delete {deleted}")
@@ -240,6 +252,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--json", action="store_true", help="print the report as JSON")
     ap.add_argument("-q", "--quiet", action="store_true", help="print only the summary, not every decision")
     args = ap.parse_args(argv)
+    import signal
+
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `cleanup --dry-run | head` ends quietly
     try:
         cfg = load_config(args.config)
         if not args.dry_run and not args.yes and not sys.stdin.isatty():

@@ -99,9 +99,10 @@ def _add(res: SnapshotResult, e: cat.Entry, tmp: Path, roles: list[str], link: b
     apparent, added, notes = _copy_checkpoint(e.path, tmp / e.name, link=link, progress=progress)
     res.apparent_bytes += apparent
     res.added_bytes += added
+    method = "hard link" if link else ("reflink" if added == 0 and apparent > 0 else "copy")
     res.checkpoints.append({"name": e.name, "step": e.step, "layout": e.layout, "roles": roles, "metrics": e.metrics,
                             "epoch": e.epoch, "apparent_bytes": apparent, "added_bytes": added,
-                            "method": "hard link" if link else "copy", "notes": notes})
+                            "method": method, "notes": notes})
 
 
 def take_snapshot(cfg: Config, now: Optional[dt.datetime] = None, show_progress: bool = False) -> SnapshotResult:

@@ -421,3 +421,27 @@ def test_restart_with_a_broken_config_runs_on_the_last_good_one(tmp_path, daemon
     d.cfg.write_text(yaml.safe_dump(good))  # fixed: picked up without a restart
     d.wait(lambda s: s["daemon"]["config_error"] is None, what="the fix to be picked up")
     assert d.stop() == 0
+
+
+def test_trainer_log_rotates_by_size(tmp_path):
+    from daemon.supervisor import RotatingWriter
+
+    w = RotatingWriter(tmp_path / "trainer.log", max_bytes=1000, backups=2)
+    for i in range(100):
+        w.write(f"line {i:04d} ".encode() * 5 + b"\n")
+    w.close()
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files == ["trainer.log", "trainer.log.1", "trainer.log.2"]
+    assert all((tmp_path / f).stat().st_size <= 1000 for f in files)
+    assert (tmp_path / "trainer.log").read_text().rstrip().endswith("line 0099")
+
+
+def test_a_trainer_whose_heartbeat_stops_is_restarted(tmp_path, daemons):
+    d = Daemon(tmp_path, {"training": {"command": [PY, "-c", "import time; time.sleep(3600)"],  # never beats
+                                       "stop_timeout_s": 2,
+                                       "restart": {"heartbeat_timeout_s": 2, "initial_backoff_s": 0.2}}}).start()
+    daemons.append(d)
+    s = d.wait(lambda s: s["training"]["restarts"] >= 1 and s, what="a restart for a stale heartbeat")
+    assert "trainer heartbeat is stale" in d.log()
+    assert s["training"]["last_crash"]["description"] == "signal SIGTERM"
+    assert d.stop() == 0

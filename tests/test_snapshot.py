@@ -81,6 +81,27 @@ def test_rewritten_in_place_file_does_not_change_its_snapshot(tmp_path):
     assert torch.equal(back["model_state_dict"]["w"], torch.ones(100))
 
 
+def test_reflink_copy_on_a_filesystem_that_has_them(btrfs):
+    disk = btrfs()
+    cfg_path = write_config(disk, {"checkpoints": {"pattern": "rolling_step_{step}.pt"}}, tiny=False)
+    cfg = load_config(cfg_path)
+    cfg.checkpoint_dir.mkdir()
+    f = cfg.checkpoint_dir / "rolling_step_000100.pt"
+    torch.save({"model_state_dict": {"w": torch.randn(4 << 20)}}, f)  # 16 MiB
+    os.sync()
+    free0 = shutil.disk_usage(disk).free
+    res = take_snapshot(cfg)
+    os.sync()
+    snap_file = res.path / f.name
+    assert res.checkpoints[0]["method"] == "reflink" and res.added_bytes == 0
+    assert snap_file.stat().st_ino != f.stat().st_ino
+    assert free0 - shutil.disk_usage(disk).free < 4 << 20  # far less than the 16 MiB a copy costs
+    with open(f, "r+b") as fh:  # the trainer rewrites its file in place: copy-on-write keeps the snapshot
+        fh.seek(100)
+        fh.write(b"\xff" * 4096)
+    assert torch.load(snap_file, weights_only=True)["model_state_dict"]["w"].numel() == 4 << 20
+
+
 def test_half_made_snapshot_never_looks_done(tmp_path, monkeypatch):
     cfg, _ = setup(tmp_path)
     import maintenance.snapshot as snap

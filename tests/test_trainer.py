@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import signal
 import subprocess
@@ -144,6 +145,13 @@ def test_resume_none_and_explicit_path(tmp_path):
     assert "resumed from checkpoint-5 at step 5" in r.stderr
     r = run_py(["-m", "trainer", "--config", str(cfg), "--max-steps", "3", "--resume", "none"], check=True)
     assert "starting fresh" in r.stderr
+    r = run_py(["-m", "trainer", "--config", str(cfg), "--max-steps", "11", "--resume", "10"], check=True)
+    assert "resumed from checkpoint-10 at step 10" in r.stderr
+    best = os.readlink(tmp_path / "checkpoints" / "best")
+    r = run_py(["-m", "trainer", "--config", str(cfg), "--max-steps", "30", "--resume", "best"], check=True)
+    assert f"resumed from {best}" in r.stderr
+    r = run_py(["-m", "trainer", "--config", str(cfg), "--resume", "999"])
+    assert r.returncode != 0 and "There is no checkpoint at step 999" in r.stderr
 
 
 def test_ckpt_resume_environment_is_honoured(tmp_path):

@@ -43,6 +43,9 @@ log = logging.getLogger("trainer.checkpoint")
 
 STATE_TENSORS = "state.safetensors"
 STATE_JSON = "state.json"
+# Optimizer state above this is split into several files: a checkpoint's files are verified in
+# parallel (one thread each), so shards let a resume use every core for the checksums.
+STATE_SHARD_BYTES = 256 << 20
 NATIVE_PATTERN = "checkpoint-{step}"
 
 
@@ -268,11 +271,14 @@ class CheckpointManager:
         files: dict[str, dict] = {}
         try:
             tmp.mkdir()
-            for fname, writer in (
-                (mf.MODEL_FILE, lambda f: stio.write_safetensors(f, p.model, p.model_meta)),
-                (STATE_TENSORS, lambda f: stio.write_safetensors(f, p.state, {"format": "ckpt-daemon/1"})),
-                (STATE_JSON, lambda f: _write_json(f, p.state_json)),
-            ):
+            shards = shard_tensors(p.state, STATE_SHARD_BYTES)
+            names = [STATE_TENSORS] if len(shards) == 1 else [
+                f"state-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+            writers = [(mf.MODEL_FILE, lambda f: stio.write_safetensors(f, p.model, p.model_meta))]
+            writers += [(n, lambda f, sh=sh: stio.write_safetensors(f, sh, {"format": "ckpt-daemon/1"}))
+                        for n, sh in zip(names, shards)]
+            writers.append((STATE_JSON, lambda f: _write_json(f, p.state_json)))
+            for fname, writer in writers:
                 with open(tmp / fname, "xb") as f:
                     size, digest = writer(f)
                     f.flush()
@@ -446,6 +452,20 @@ class CheckpointManager:
             restore_rng(state["rng"])
 
 
+def shard_tensors(tensors: dict[str, torch.Tensor], limit: int) -> list[dict[str, torch.Tensor]]:
+    """Split into groups of at most `limit` bytes (a larger single tensor gets a group of its own)."""
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for k, t in tensors.items():
+        n = t.numel() * t.element_size()
+        if shards[-1] and size + n > limit:
+            shards.append({})
+            size = 0
+        shards[-1][k] = t
+        size += n
+    return shards
+
+
 def _write_json(f, obj) -> tuple[int, str]:
     import hashlib
 
@@ -472,16 +492,17 @@ def read_checkpoint(path: Path, map_location: str | torch.device = "cpu", verify
     # Verify the files in parallel: each one is read and hashed by its own thread (hashing releases the GIL).
     from concurrent.futures import ThreadPoolExecutor
 
-    wanted = [n for n in (mf.MODEL_FILE, STATE_TENSORS, STATE_JSON) if n in files]
-    with ThreadPoolExecutor(max_workers=len(wanted)) as pool:
+    state_files = sorted(n for n in files if n.startswith("state") and n.endswith(".safetensors"))
+    wanted = [n for n in [mf.MODEL_FILE, *state_files, STATE_JSON] if n in files]
+    with ThreadPoolExecutor(max_workers=min(len(wanted), 8)) as pool:
         bufs = dict(zip(wanted, pool.map(get, wanted)))
     get = bufs.__getitem__  # noqa: F811
     model, meta = stio.parse_safetensors(get(mf.MODEL_FILE))
     join_tied(model, meta)
     state_t: dict = {}
     skeleton: dict = {}
-    if STATE_TENSORS in files:
-        state_t, _ = stio.parse_safetensors(get(STATE_TENSORS))
+    for name in state_files:
+        state_t.update(stio.parse_safetensors(get(name))[0])
     if STATE_JSON in files:
         skeleton = json.loads(bytes(get(STATE_JSON)))
     if map_location not in ("cpu", torch.device("cpu")):
