@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -53,6 +54,7 @@ class Report:
     deleted: list[str] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)
     skipped_changed: list[str] = field(default_factory=list)  # planned, but the re-plan under the lock kept them
+    leftovers: list[str] = field(default_factory=list)  # removed from .trash, left by an earlier run
     freed_bytes: int = 0
     disk_free: int = 0
     disk_total: int = 0
@@ -152,17 +154,18 @@ def render(r: Report, verbose: bool = True) -> str:
 def execute(cfg: Config, r: Report, extra_protected: Optional[dict[str, str]] = None,
             remove: Callable[[Path, Path], None] = remove_tree_safely) -> Report:
     """Delete what the plan says, safely: under the commit lock re-scan and re-plan (a save may have
-    committed since), move each victim into .trash (it stops being a checkpoint at once), then remove
-    the trash outside the lock. One failure is recorded and the rest go on."""
+    committed since), move each victim into this run's own folder in .trash (it stops being a
+    checkpoint at once), then remove that folder outside the lock. One failure is recorded and the
+    rest go on."""
     root = cfg.checkpoint_dir
     planned = {d.name for d in r.to_delete}
-    trash = root / cat.TRASH_DIR
+    run_trash = root / cat.TRASH_DIR / f"run-{os.getpid()}-{int(time.time() * 1000)}"
     moved: list[tuple[str, Path, int]] = []
     with runtime.commit_lock(root):
         fresh = build_report(cfg, r.mode, extra_protected)
         now_delete = {d.name for d in fresh.to_delete}
         r.skipped_changed = sorted(planned - now_delete)
-        trash.mkdir(exist_ok=True)
+        run_trash.mkdir(parents=True, exist_ok=True)
         for d in fresh.to_delete:
             if d.name not in planned:
                 continue  # not in the plan the user saw: leave it for the next run
@@ -171,7 +174,7 @@ def execute(cfg: Config, r: Report, extra_protected: Optional[dict[str, str]] = 
             try:
                 if not inside(src, root) or os.path.islink(src):
                     raise CkptError(f"{src} is a symlink or lies outside {root}")
-                dst = trash / f"{d.name}.{int(time.time() * 1000)}"
+                dst = run_trash / d.name
                 os.rename(src, dst)
                 moved.append((d.name, dst, e.freeable_bytes))
             except (OSError, CkptError) as exc:
@@ -181,23 +184,51 @@ def execute(cfg: Config, r: Report, extra_protected: Optional[dict[str, str]] = 
     for name, dst, freeable in moved:
         try:
             if not cfg.retention.keep_trash:
-                remove(dst, trash)
+                try:
+                    remove(dst, run_trash)
+                except FileNotFoundError:
+                    pass  # already gone: deleted all the same
             r.deleted.append(name)
             r.freed_bytes += freeable
         except (OSError, CkptError) as exc:
             r.failed.append((name, f"moved to {dst} but not removed: {exc}"))
+    if not cfg.retention.keep_trash:
+        try:
+            run_trash.rmdir()
+        except OSError:
+            pass
     return r
 
 
-def empty_trash(root: Path) -> None:
-    """Remove what an interrupted or keep_trash cleanup left in .trash (never a valid checkpoint)."""
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def empty_trash(root: Path) -> list[str]:
+    """Remove what earlier cleanups left in .trash: interrupted runs, or kept with keep_trash (never a
+    valid checkpoint). A folder of a cleanup that is still running is left to it. Returns the names
+    of the checkpoints removed."""
     trash = root / cat.TRASH_DIR
-    if trash.is_dir():
-        for p in trash.iterdir():
-            try:
-                remove_tree_safely(p, trash)
-            except OSError:
-                pass
+    removed: list[str] = []
+    if not trash.is_dir():
+        return removed
+    for p in trash.iterdir():
+        m = re.fullmatch(r"run-(\d+)-\d+", p.name)
+        if m and _pid_alive(int(m.group(1))):
+            continue
+        names = [c.name for c in p.iterdir()] if m and p.is_dir() and not p.is_symlink() else [p.name.split(".")[0]]
+        try:
+            remove_tree_safely(p, trash)
+            removed.extend(names)
+        except OSError:
+            pass
+    return removed
 
 
 def log_block(cfg: Config, r: Report) -> None:
@@ -220,6 +251,8 @@ def log_block(cfg: Config, r: Report) -> None:
             lines.append(f"deleted {name} ({human(r.entries[name].freeable_bytes)} freed): {'; '.join(by_name[name].reasons)}")
         for name in r.skipped_changed:
             lines.append(f"kept {name} after all: the re-plan under the commit lock no longer deletes it")
+        for name in r.leftovers:
+            lines.append(f"removed {name} from .trash (moved there by an earlier cleanup that was interrupted or kept its trash)")
         for name, why in r.failed:
             lines.append(f"FAILED to delete {name}: {why}")
         lines.append(f"freed {human(r.freed_bytes)} ({r.freed_bytes} bytes)")
@@ -233,7 +266,7 @@ def run_cleanup(cfg: Config, dry_run: bool, confirm: Callable[[Report], bool] | 
     t0 = time.monotonic()
     r = build_report(cfg, "dry run" if dry_run else "applied", extra_protected)
     if not dry_run and r.to_delete and (confirm is None or confirm(r)):
-        empty_trash(cfg.checkpoint_dir)
+        r.leftovers = empty_trash(cfg.checkpoint_dir)
         execute(cfg, r, extra_protected)
     elif not dry_run and r.to_delete:
         r.mode = "cancelled"

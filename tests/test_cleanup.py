@@ -156,7 +156,7 @@ def test_one_failed_delete_is_reported_and_the_rest_go_on(tmp_path):
 
     def flaky_remove(path, root):
         calls.append(path.name)
-        if path.name.startswith("checkpoint-10."):
+        if path.name == "checkpoint-10":
             raise PermissionError(13, "Permission denied", str(path))
         import shutil
 
@@ -207,3 +207,18 @@ def test_cleanup_loop_races_a_trainer_saving_every_step(tmp_path):
     # and training resumes from what is left
     r = run_py(["-m", "trainer", "--config", str(cfg_path), "--max-steps", str(c.newest_valid().step + 2)], check=True)
     assert f"resumed from {c.newest_valid().name}" in r.stderr
+
+
+def test_concurrent_cleanups_never_take_each_others_trash(tmp_path):
+    cfg_path = setup_native(tmp_path)
+    trash = tmp_path / "checkpoints" / ".trash"
+    live = trash / f"run-{os.getpid()}-1"  # a cleanup still running (this process)
+    dead = trash / "run-999999999-1"  # one that was killed half-way
+    for d, name in ((live, "checkpoint-1"), (dead, "checkpoint-2")):
+        (d / name).mkdir(parents=True)
+        (d / name / "model.safetensors").write_bytes(b"x" * 100)
+    run_py(["-m", "maintenance.cleanup", "--config", str(cfg_path), "-y"], check=True)
+    assert (live / "checkpoint-1").exists() and not dead.exists()
+    log = (tmp_path / "logs" / "cleanup.log").read_text()
+    assert "removed checkpoint-2 from .trash" in log and "FAILED" not in log
+    assert [p.name for p in trash.iterdir()] == [live.name]  # this run's own trash folder is gone too

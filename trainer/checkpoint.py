@@ -304,6 +304,11 @@ class CheckpointManager:
         log.info("saved %s (%.1f MiB in %.2fs)", name, self.last_save_bytes / 2**20, time.perf_counter() - t0)
         return final
 
+    @property
+    def best_value(self) -> Optional[float]:
+        """The best_metric value of the current `best` checkpoint (None before the first)."""
+        return self._best
+
     def _better(self, value: float) -> bool:
         if self._best is None:
             return True

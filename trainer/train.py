@@ -146,7 +146,7 @@ def run(cfg: Config, resume: str, max_steps: Optional[int] = None) -> int:
     ddp_model = torch.nn.parallel.DistributedDataParallel(model) if distributed else model
     limit = max_steps if max_steps is not None else tc.max_steps
     model_cfg = {"model": mc.to_dict(), "vocab": corpus.vocab, "trainer": cfg.trainer.model_dump(mode="json")}
-    best: Optional[float] = mgr._best
+    best: Optional[float] = mgr.best_value
     last_hb = 0.0
     t_last, tokens = time.perf_counter(), 0
     val_loss: Optional[float] = None

@@ -50,6 +50,7 @@ class Soak:
         self.corrupted: dict[int, tuple[str, float]] = {}  # inode of a folder we damaged -> (name, when)
         self.pinned_seen: dict[str, int] = {}  # name -> inode of epoch-end checkpoints seen
         self.prev_names: dict[str, int] = {}
+        self.unaccounted: set[str] = set()
         self.prev_newest: tuple[str, int, int] | None = None  # (name, step, inode)
         self.cleanups: list[subprocess.Popen] = []
         self.filler = disk / "filler.bin"
@@ -237,13 +238,13 @@ class Soak:
             self.prev_newest = (newest.name, newest.step, names[newest.name])
         # every checkpoint that disappeared is accounted for by cleanup.log or our quarantine of damage
         log = (self.work / "logs" / "cleanup.log").read_text() if (self.work / "logs" / "cleanup.log").exists() else ""
-        deleted = set(re.findall(r"^deleted (checkpoint-\d+) ", log, re.M))
+        deleted = set(re.findall(r"^(?:deleted|removed) (checkpoint-\d+) ", log, re.M))
         for name, ino in self.prev_names.items():
-            if name not in names or names[name] != ino:
-                if name in deleted:
-                    continue
-                if ino in self.corrupted:
-                    continue  # quarantined by a resume that found our damage
+            if (name not in names or names[name] != ino) and ino not in self.corrupted:
+                self.unaccounted.add(name)  # a cleanup writes its block when it ends: look again later
+        self.unaccounted -= deleted
+        if final:
+            for name in sorted(self.unaccounted):
                 self.violation(f"{name} disappeared without a line in cleanup.log")
         # protected: pinned epoch ends are never deleted (unless we damaged them)
         for e in c.entries:
