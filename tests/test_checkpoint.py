@@ -38,24 +38,25 @@ def same_state(a: torch.nn.Module, b: torch.nn.Module) -> bool:
 
 def test_round_trip_full_state(tmp_path):
     m, opt, sched = make_state()
-    scaler_state = {"scale": 1024.0, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 2000, "_growth_tracker": 3}
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=7)
     mgr = CheckpointManager(tmp_path)
     random.seed(5)
     torch.manual_seed(6)
-    mgr.save(7, model=m, optimizer=opt, scheduler=sched, epoch=2, data_state={"epoch": 2, "pos": 96},
+    mgr.save(7, model=m, optimizer=opt, scheduler=sched, scaler=scaler, epoch=2, data_state={"epoch": 2, "pos": 96},
              metrics={"val_loss": 1.5}, config={"lr": 1e-3}, extra={"tokens": 12345})
     expect_py, expect_torch = random.random(), torch.rand(3)
     m2, opt2, sched2 = make_state(seed=1)
     random.seed(0)
     torch.manual_seed(0)
-    loaded = CheckpointManager(tmp_path).load("latest", model=m2, optimizer=opt2, scheduler=sched2)
+    scaler2 = torch.amp.GradScaler("cpu")
+    loaded = CheckpointManager(tmp_path).load("latest", model=m2, optimizer=opt2, scheduler=sched2, scaler=scaler2)
+    assert scaler2.state_dict() == scaler.state_dict() and scaler2.state_dict()["growth_interval"] == 7
     assert (loaded.step, loaded.epoch, loaded.data_state, loaded.metrics) == (7, 2, {"epoch": 2, "pos": 96}, {"val_loss": 1.5})
     assert loaded.config == {"lr": 1e-3} and loaded.extra == {"tokens": 12345}
     assert same_state(m, m2)
     assert str(opt.state_dict()) == str(opt2.state_dict())
     assert sched.state_dict() == sched2.state_dict()
     assert random.random() == expect_py and torch.equal(torch.rand(3), expect_torch)  # RNG restored
-    del scaler_state
 
 
 def test_interop_with_the_safetensors_package(tmp_path):
