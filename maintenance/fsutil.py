@@ -16,7 +16,7 @@ import shutil
 import stat
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Optional
 
 from maintenance.errors import DiskFullError, UnsafePathError
 
@@ -38,20 +38,6 @@ def fsync_file(path: str | os.PathLike) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def write_bytes_durable(path: Path, data: bytes | memoryview) -> str:
-    """Write `data` to a new file, fsync it, and return its hex digest (computed in the same pass)."""
-    h = hashlib.new(HASH_NAME)
-    mv = memoryview(data).cast("B")
-    with open(path, "xb") as f:
-        for off in range(0, len(mv), CHUNK):
-            part = mv[off : off + CHUNK]
-            h.update(part)
-            f.write(part)
-        f.flush()
-        os.fsync(f.fileno())
-    return h.hexdigest()
 
 
 def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o644) -> None:
@@ -214,9 +200,3 @@ def copy_into(src: Path, dst: Path, link: bool, progress: Optional[Callable[[int
         os.fsync(fo.fileno())
     shutil.copystat(src, dst)
     return written
-
-
-def iter_files(root: Path) -> Iterable[Path]:
-    for dirpath, _dirs, files in os.walk(root, followlinks=False):
-        for name in files:
-            yield Path(dirpath) / name
