@@ -74,8 +74,8 @@ def gpt2_state(quick: bool):
 
 # ------------------------------------------------------------------------------------------ figures
 def bench_save_and_load(quick: bool, out: dict) -> None:
-    from maintenance.fsutil import hash_file
-    from trainer.checkpoint import CheckpointManager, read_checkpoint
+    from ckpt_daemon.fsutil import hash_file
+    from ckpt_daemon.checkpoint import CheckpointManager, read_checkpoint
 
     m, opt, nbytes = gpt2_state(quick)
     root = WORK / "save"
@@ -133,7 +133,7 @@ def bench_snapshot(quick: bool, out: dict) -> None:
     import numpy as np
 
     from maintenance.snapshot import _copy_checkpoint
-    from maintenance.manifest import build_manifest
+    from ckpt_daemon.manifest import build_manifest
 
     root = WORK / "snap"
     shutil.rmtree(root, ignore_errors=True)
@@ -163,7 +163,7 @@ def bench_snapshot(quick: bool, out: dict) -> None:
 
 
 def bench_plan(quick: bool, out: dict) -> None:
-    from maintenance.config import Config
+    from ckpt_daemon.config import Config
     from maintenance.retention import Item, plan
 
     tiers = Config().retention.tiers
@@ -179,9 +179,9 @@ def bench_plan(quick: bool, out: dict) -> None:
 
 def bench_cleanup(quick: bool, out: dict) -> None:
     from maintenance import cleanup
-    from maintenance.config import load_config
-    from maintenance.manifest import build_manifest
-    from trainer.stio import header_for
+    from ckpt_daemon.config import load_config
+    from ckpt_daemon.manifest import build_manifest
+    from ckpt_daemon.stio import header_for
 
     import torch
 

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from maintenance.errors import CkptError
+from ckpt_daemon.errors import CkptError
 
 
 def _age(seconds: Optional[float]) -> str:
@@ -35,7 +35,7 @@ def _age(seconds: Optional[float]) -> str:
 def cmd_check_config(args) -> int:
     import yaml
 
-    from maintenance.config import effective_config, load_config
+    from ckpt_daemon.config import effective_config, load_config
 
     cfg = load_config(args.path or args.config)
     print(f"# {cfg.source}: valid. Effective config (defaults filled in, folders resolved):")
@@ -49,16 +49,16 @@ def cmd_check_config(args) -> int:
 
 
 def cmd_schema(args) -> int:
-    from maintenance.config import config_schema
+    from ckpt_daemon.config import config_schema
 
     print(json.dumps(config_schema(), indent=2))
     return 0
 
 
 def cmd_list(args) -> int:
-    from maintenance import catalog as cat
+    from ckpt_daemon import catalog as cat
     from maintenance.cleanup import human
-    from maintenance.config import load_config
+    from ckpt_daemon.config import load_config
 
     cfg = load_config(args.config)
     c = cat.scan_config(cfg, verify=args.verify)
@@ -96,7 +96,7 @@ def cmd_list(args) -> int:
 def cmd_status(args) -> int:
     from daemon.state import read_state
     from maintenance.cleanup import human
-    from maintenance.config import load_config
+    from ckpt_daemon.config import load_config
 
     cfg = load_config(args.config)
     s = read_state(cfg.log_dir)
@@ -171,9 +171,9 @@ def cmd_install_unit(args) -> int:
 
 
 def cmd_pin(args) -> int:
-    from maintenance import catalog as cat
-    from maintenance import runtime
-    from maintenance.config import load_config
+    from ckpt_daemon import catalog as cat
+    from ckpt_daemon import runtime
+    from ckpt_daemon.config import load_config
 
     cfg = load_config(args.config)
     c = cat.scan_config(cfg, stats=False)

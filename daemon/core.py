@@ -20,12 +20,12 @@ from daemon.jobs import Jobs
 from daemon.notify import Notifier
 from daemon.supervisor import Supervisor
 from daemon.watch import Watcher
-from maintenance import catalog as cat
+from ckpt_daemon import catalog as cat
 from maintenance import cleanup, snapshot
-from maintenance.config import Config, diff_configs, load_config, parse_config
-from maintenance.errors import ConfigError
-from maintenance.fsutil import atomic_write_bytes, free_bytes
-from maintenance.logs import get_logger, setup_logging
+from ckpt_daemon.config import Config, diff_configs, load_config, parse_config
+from ckpt_daemon.errors import ConfigError
+from ckpt_daemon.fsutil import atomic_write_bytes, free_bytes
+from ckpt_daemon.logs import get_logger, setup_logging
 
 log = get_logger("daemon")
 
@@ -209,7 +209,7 @@ class Daemon:
                 return None
             return {"name": e.name, "step": e.step, "age_s": round(now - e.mtime, 1), "metrics": e.metrics}
 
-        from maintenance.runtime import read_heartbeat
+        from ckpt_daemon.runtime import read_heartbeat
 
         hb = read_heartbeat(cfg.checkpoint_dir) or {}
         training = self.supervisor.snapshot()

@@ -19,8 +19,8 @@ from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
 from daemon.state import JobHistory
-from maintenance.config import Config, cron_to_apscheduler
-from maintenance.logs import get_logger
+from ckpt_daemon.config import Config, cron_to_apscheduler
+from ckpt_daemon.logs import get_logger
 
 log = get_logger("daemon.jobs")
 

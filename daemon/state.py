@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from maintenance.fsutil import atomic_write_json
+from ckpt_daemon.fsutil import atomic_write_json
 
 STATE_FILE = "daemon-state.json"
 JOBS_FILE = "jobs-state.json"

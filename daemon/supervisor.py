@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-from maintenance import catalog as cat
-from maintenance import runtime
-from maintenance.logs import get_logger
+from ckpt_daemon import catalog as cat
+from ckpt_daemon import runtime
+from ckpt_daemon.logs import get_logger
 
 log = get_logger("daemon.supervisor")
 

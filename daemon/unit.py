@@ -10,9 +10,9 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from maintenance.config import load_config
-from maintenance.errors import UsageError
-from maintenance.fsutil import atomic_write_bytes
+from ckpt_daemon.config import load_config
+from ckpt_daemon.errors import UsageError
+from ckpt_daemon.fsutil import atomic_write_bytes
 
 TEMPLATE = Path(__file__).resolve().parent.parent / "systemd" / "ckpt-daemon.service"
 DEFAULT_OUTPUT = Path("/etc/systemd/system/ckpt-daemon.service")

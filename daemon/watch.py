@@ -18,8 +18,8 @@ from typing import Callable, Optional
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
-from maintenance import catalog as cat
-from maintenance.logs import get_logger
+from ckpt_daemon import catalog as cat
+from ckpt_daemon.logs import get_logger
 
 log = get_logger("daemon.watch")
 

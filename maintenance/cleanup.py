@@ -24,12 +24,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-from maintenance import catalog as cat
-from maintenance import retention, runtime
-from maintenance.config import Config, load_config
-from maintenance.errors import CkptError, UsageError
-from maintenance.fsutil import fsync_dir, inside, remove_tree_safely
-from maintenance.logs import append_text
+from ckpt_daemon import catalog as cat
+from ckpt_daemon import runtime
+from maintenance import retention
+from ckpt_daemon.config import Config, load_config
+from ckpt_daemon.errors import CkptError, UsageError
+from ckpt_daemon.fsutil import fsync_dir, inside, remove_tree_safely
+from ckpt_daemon.logs import append_text
 
 
 def human(n: float) -> str:

@@ -15,8 +15,8 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from maintenance.errors import CkptError, UsageError
-from maintenance.fsutil import fsync_dir
+from ckpt_daemon.errors import CkptError, UsageError
+from ckpt_daemon.fsutil import fsync_dir
 
 DROP = ("optimizer_state_dict", "optimizer", "scheduler_state_dict", "scaler_state_dict", "lr_scheduler")
 

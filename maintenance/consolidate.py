@@ -16,9 +16,9 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from maintenance import catalog as cat
-from maintenance.config import Config, load_config
-from maintenance.errors import CkptError, NoValidCheckpoint, UsageError
+from ckpt_daemon import catalog as cat
+from ckpt_daemon.config import Config, load_config
+from ckpt_daemon.errors import CkptError, NoValidCheckpoint, UsageError
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
@@ -53,7 +53,7 @@ def consolidate(cfg: Config, which: str = "latest", average: int = 1, dtype: Opt
                 now: Optional[float] = None) -> dict:
     import torch
 
-    from trainer.checkpoint import read_checkpoint, write_weights
+    from ckpt_daemon.checkpoint import read_checkpoint, write_weights
 
     dtype = dtype or cfg.consolidation.dtype
     tdtype = getattr(torch, DTYPES[dtype])
@@ -91,7 +91,7 @@ def consolidate(cfg: Config, which: str = "latest", average: int = 1, dtype: Opt
             "averaged": len(sources), "dtype": dtype, "metrics": last.metrics, "step": last.step, "config": conf,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     write_weights(out, dst, meta)
-    from maintenance.fsutil import atomic_write_json
+    from ckpt_daemon.fsutil import atomic_write_json
 
     if conf.get("model"):
         atomic_write_json(dst / "config.json", conf["model"])
@@ -105,11 +105,11 @@ def consolidate(cfg: Config, which: str = "latest", average: int = 1, dtype: Opt
 def verify_export(dst: Path, conf: dict) -> str:
     import torch
 
-    from trainer.checkpoint import load_weights
+    from ckpt_daemon.checkpoint import load_weights
 
     tensors, _ = load_weights(dst)  # checksum verified
     if conf.get("model"):
-        from trainer.model import GPT, GPTConfig
+        from ckpt_daemon.gpt import GPT, GPTConfig
 
         model = GPT(GPTConfig(**conf["model"]))
         model.load_state_dict({k: v.float() for k, v in tensors.items()})

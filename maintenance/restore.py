@@ -17,11 +17,11 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from maintenance import catalog as cat
-from maintenance import runtime
-from maintenance.config import Config, load_config
-from maintenance.errors import CheckpointError, CkptError, UsageError
-from maintenance.fsutil import fsync_dir, inside
+from ckpt_daemon import catalog as cat
+from ckpt_daemon import runtime
+from ckpt_daemon.config import Config, load_config
+from ckpt_daemon.errors import CheckpointError, CkptError, UsageError
+from ckpt_daemon.fsutil import fsync_dir, inside
 from maintenance.snapshot import SNAPSHOT_MANIFEST, _copy_checkpoint
 
 

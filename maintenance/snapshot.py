@@ -23,12 +23,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
-from maintenance import catalog as cat
-from maintenance import runtime
-from maintenance.config import Config, load_config
-from maintenance.errors import CheckpointError, CkptError, NoValidCheckpoint
-from maintenance.fsutil import atomic_write_json, copy_into, fsync_dir, remove_tree_safely
-from maintenance.logs import append_text
+from ckpt_daemon import catalog as cat
+from ckpt_daemon import runtime
+from ckpt_daemon.config import Config, load_config
+from ckpt_daemon.errors import CheckpointError, CkptError, NoValidCheckpoint
+from ckpt_daemon.fsutil import atomic_write_json, copy_into, fsync_dir, remove_tree_safely
+from ckpt_daemon.logs import append_text
 
 SNAPSHOT_MANIFEST = "snapshot.json"
 DATE_RE = re.compile(r"\A(\d{4})-(\d{2})-(\d{2})\Z")

@@ -10,9 +10,9 @@ from pathlib import Path
 import safetensors.torch
 import torch
 
-from maintenance import catalog as cat
+from ckpt_daemon import catalog as cat
 from tests.conftest import run_py, write_config
-from trainer.checkpoint import CheckpointManager
+from ckpt_daemon.checkpoint import CheckpointManager
 
 PATTERNS = ["checkpoint-{step}", "rolling_step_{step}.pt", "epoch={epoch}-step={step}.ckpt", "model_step_{step}.pt"]
 

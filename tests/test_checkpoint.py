@@ -1,4 +1,4 @@
-"""trainer.checkpoint under faults: SIGKILL mid-save, corruption of every file, disk full, pickles."""
+"""ckpt_daemon.checkpoint under faults: SIGKILL mid-save, corruption of every file, disk full, pickles."""
 
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ import pytest
 import safetensors.torch
 import torch
 
-from maintenance import catalog as cat
-from maintenance.errors import CheckpointError, NoValidCheckpoint
-from trainer import checkpoint as ck
-from trainer.checkpoint import CheckpointManager, read_checkpoint
+from ckpt_daemon import catalog as cat
+from ckpt_daemon.errors import CheckpointError, NoValidCheckpoint
+from ckpt_daemon import checkpoint as ck
+from ckpt_daemon.checkpoint import CheckpointManager, read_checkpoint
 
 
 def make_state(width: int = 64, seed: int = 0):
@@ -65,7 +65,7 @@ def test_interop_with_the_safetensors_package(tmp_path):
     theirs = safetensors.torch.load_file(tmp_path / "checkpoint-1" / "model.safetensors")
     assert all(torch.equal(theirs[k], v) for k, v in m.state_dict().items())
     # and we read files the package wrote
-    from trainer import stio
+    from ckpt_daemon import stio
 
     safetensors.torch.save_file({"a": torch.arange(10, dtype=torch.bfloat16), "b": torch.ones(2, 3)}, tmp_path / "x.safetensors")
     ours, _ = stio.load_safetensors(tmp_path / "x.safetensors")

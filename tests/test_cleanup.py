@@ -11,9 +11,9 @@ import time
 from pathlib import Path
 
 
-from maintenance import catalog as cat
+from ckpt_daemon import catalog as cat
 from maintenance.cleanup import run_cleanup
-from maintenance.config import load_config
+from ckpt_daemon.config import load_config
 from tests.conftest import PY, env_for_children, run_py, write_config
 from tests.test_catalog import hf_folder, native, single_file
 
@@ -140,7 +140,7 @@ def test_pinned_and_resumed_from_are_protected(tmp_path):
     cfg = setup_native(tmp_path)
     r = run_py(["-m", "daemon", "pin", "--config", str(cfg), "checkpoint-15", "--reason", "paper figure"], check=True)
     assert "pinned checkpoint-15" in r.stdout
-    from maintenance.runtime import record_resumed_from
+    from ckpt_daemon.runtime import record_resumed_from
 
     record_resumed_from(tmp_path / "checkpoints", "checkpoint-25", 25)
     out = run_py(["-m", "maintenance.cleanup", "--config", str(cfg), "-y"], check=True).stdout

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from maintenance.config import ConfigError, config_schema, cron_to_apscheduler, diff_configs, load_config, parse_config
+from ckpt_daemon.config import ConfigError, config_schema, cron_to_apscheduler, diff_configs, load_config, parse_config
 from tests.conftest import REPO, run_py
 
 BAD = [

@@ -19,8 +19,8 @@ import yaml
 from daemon.jobs import missed
 from daemon.notify import Notifier
 from daemon.supervisor import CrashPolicy, choose_resume, expand_command
-from maintenance import catalog as cat
-from maintenance.config import RestartPolicy
+from ckpt_daemon import catalog as cat
+from ckpt_daemon.config import RestartPolicy
 from tests.conftest import PY, env_for_children, run_py, write_config
 from tests.test_catalog import native
 
@@ -119,7 +119,8 @@ def test_notify_protocol_against_our_own_socket(tmp_path, monkeypatch):
 
 def test_the_daemon_never_imports_torch():
     code = ("import sys; import daemon.cli, daemon.core, daemon.supervisor, daemon.jobs, daemon.watch, "
-            "maintenance.cleanup, maintenance.snapshot, maintenance.restore; "
+            "maintenance.cleanup, maintenance.snapshot, maintenance.restore, ckpt_daemon, ckpt_daemon.config, "
+            "ckpt_daemon.catalog, ckpt_daemon.runtime, ckpt_daemon.manifest, ckpt_daemon.fsutil, ckpt_daemon.logs; "
             "assert 'torch' not in sys.modules, 'torch was imported'; print('ok')")
     assert run_py(["-c", code], check=True).stdout.strip() == "ok"
 
@@ -221,7 +222,7 @@ def daemons():
         if d.proc and d.proc.poll() is None:
             d.proc.kill()
             d.proc.wait()
-        from maintenance.runtime import kill_tree, read_heartbeat
+        from ckpt_daemon.runtime import kill_tree, read_heartbeat
 
         hb = read_heartbeat(d.folder / "checkpoints") or {}
         if hb.get("pid"):

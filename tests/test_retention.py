@@ -102,7 +102,7 @@ def test_properties(steps, tier_spec, data):
     # protections as cleanup computes them, from a catalog: the newest valid one among them
     from pathlib import Path
 
-    from maintenance.catalog import Catalog, Entry
+    from ckpt_daemon.catalog import Catalog, Entry
     from maintenance.retention import protections
 
     catalog = Catalog(Path("/x"), [Entry(i.name, Path("/x") / i.name, i.step, "native", "complete") for i in sorted(its, key=lambda i: i.step)],

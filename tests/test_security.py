@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from maintenance import catalog as cat
-from maintenance.config import ConfigError, load_config
+from ckpt_daemon import catalog as cat
+from ckpt_daemon.config import ConfigError, load_config
 from tests.conftest import PY, env_for_children, run_py, write_config
 from tests.test_catalog import native
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from maintenance import catalog as cat
-from maintenance.config import load_config
+from ckpt_daemon import catalog as cat
+from ckpt_daemon.config import load_config
 from maintenance.snapshot import plan_calendar, take_snapshot
 from tests.conftest import run_py, write_config
 from tests.test_catalog import native
@@ -180,7 +180,7 @@ def test_consolidate_sizes_loadability_and_average(tmp_path):
     r = run_py(["-m", "maintenance.consolidate", "--config", str(cfg_path), "--average", "3", "--json"], check=True)
     avg = json.loads(r.stdout)
     assert avg["source_steps"] == [5, 10, 15]
-    from trainer.checkpoint import load_weights, read_checkpoint
+    from ckpt_daemon.checkpoint import load_weights, read_checkpoint
 
     got, _ = load_weights(Path(avg["path"]))
     srcs = [read_checkpoint(tmp_path / "checkpoints" / f"checkpoint-{s}")["model"] for s in (5, 10, 15)]

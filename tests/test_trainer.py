@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from maintenance import catalog as cat
-from maintenance.runtime import kill_tree
+from ckpt_daemon import catalog as cat
+from ckpt_daemon.runtime import kill_tree
 from tests.conftest import PY, env_for_children, read_losses, run_py, write_config
 
 STEPS = 40
@@ -111,7 +111,7 @@ def test_second_trainer_on_same_folder_is_refused_and_heartbeat_is_written(tmp_p
         r = run_py(["-m", "trainer", "--config", str(cfg)], timeout=120)
         assert r.returncode == 4
         assert "Another trainer" in r.stderr and f"pid {p.pid}" in r.stderr
-        from maintenance.runtime import training_activity
+        from ckpt_daemon.runtime import training_activity
 
         time.sleep(1.2)
         act = training_activity(tmp_path / "checkpoints")
@@ -119,7 +119,7 @@ def test_second_trainer_on_same_folder_is_refused_and_heartbeat_is_written(tmp_p
     finally:
         p.send_signal(signal.SIGTERM)
         p.wait(timeout=60)
-    from maintenance.runtime import training_activity
+    from ckpt_daemon.runtime import training_activity
 
     assert not training_activity(tmp_path / "checkpoints").active
 
@@ -169,7 +169,7 @@ def test_generate_from_checkpoint_and_export(tmp_path):
     ckpt = tmp_path / "checkpoints" / "checkpoint-100"
     r = run_py(["-m", "trainer.generate", "--checkpoint", str(ckpt), "--prompt", "the cat", "--tokens", "40"], check=True)
     assert r.stdout.startswith("the cat") and len(r.stdout.strip()) >= 30
-    from trainer.checkpoint import export_weights
+    from ckpt_daemon.checkpoint import export_weights
 
     out = export_weights(ckpt, tmp_path / "export")
     r = run_py(["-m", "trainer.generate", "--checkpoint", str(out), "--prompt", "the cat", "--tokens", "40"], check=True)

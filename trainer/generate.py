@@ -11,9 +11,9 @@ from pathlib import Path
 
 import torch
 
-from maintenance.errors import CkptError
-from trainer.checkpoint import load_weights
-from trainer.model import GPT, GPTConfig
+from ckpt_daemon.errors import CkptError
+from ckpt_daemon.checkpoint import load_weights
+from ckpt_daemon.gpt import GPT, GPTConfig
 
 
 def load_model(path: Path) -> tuple[GPT, list[str]]:

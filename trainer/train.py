@@ -22,13 +22,13 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from maintenance import runtime
-from maintenance.config import Config, load_config
-from maintenance.errors import CkptError
-from maintenance.logs import append_jsonl
-from trainer.checkpoint import CheckpointManager, capture_rng, restore_rng
+from ckpt_daemon import runtime
+from ckpt_daemon.config import Config, load_config
+from ckpt_daemon.errors import CkptError
+from ckpt_daemon.logs import append_jsonl
+from ckpt_daemon.checkpoint import CheckpointManager, capture_rng, restore_rng
 from trainer.data import Sampler, load_corpus, val_batches
-from trainer.model import GPT, GPTConfig
+from ckpt_daemon.gpt import GPT, GPTConfig
 
 log = logging.getLogger("trainer")
 

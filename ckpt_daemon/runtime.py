@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
-from maintenance.catalog import PINS_DIR, RUNTIME_DIR
-from maintenance.errors import TrainingActiveError
-from maintenance.fsutil import atomic_write_json
+from ckpt_daemon.catalog import PINS_DIR, RUNTIME_DIR
+from ckpt_daemon.errors import TrainingActiveError
+from ckpt_daemon.fsutil import atomic_write_json
 
 HEARTBEAT = "heartbeat.json"
 
@@ -152,7 +152,7 @@ def record_resumed_from(ckpt_dir: Path, name: Optional[str], step: Optional[int]
 def pin(ckpt_dir: Path, name: str, reason: str = "pinned by user") -> None:
     d = runtime_dir(ckpt_dir) / PINS_DIR
     d.mkdir(exist_ok=True)
-    from maintenance.fsutil import atomic_write_bytes
+    from ckpt_daemon.fsutil import atomic_write_bytes
 
     atomic_write_bytes(d / name, (reason.strip() + "\n").encode())
 
@@ -190,7 +190,7 @@ def quarantine(ckpt_dir: Path, name: str, reason: str) -> Optional[Path]:
     """Move a checkpoint that failed verification out of the catalog into .ckpt-daemon/quarantine/,
     with a note of why. Nothing is deleted (the evidence stays for the user), it can never be chosen
     for resume again, and a resumed trainer can write that step afresh."""
-    from maintenance.fsutil import atomic_write_bytes, fsync_dir
+    from ckpt_daemon.fsutil import atomic_write_bytes, fsync_dir
 
     src = Path(ckpt_dir) / name
     if src.is_symlink() or not src.exists():

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional
 
-from maintenance import manifest as mf
-from maintenance.fsutil import tree_stats
+from ckpt_daemon import manifest as mf
+from ckpt_daemon.fsutil import tree_stats
 
 RUNTIME_DIR = ".ckpt-daemon"  # lock, heartbeat, pins, resume record (inside checkpoints.dir)
 TRASH_DIR = ".trash"  # deletions are renamed here first, so a crash mid-delete leaves nothing valid-looking

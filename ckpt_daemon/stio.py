@@ -20,7 +20,7 @@ from typing import BinaryIO, Optional
 
 import torch
 
-from maintenance.fsutil import CHUNK, HASH_NAME
+from ckpt_daemon.fsutil import CHUNK, HASH_NAME
 
 DTYPES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",

@@ -16,7 +16,7 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from maintenance.errors import ConfigError
+from ckpt_daemon.errors import ConfigError
 
 DEFAULT_CONFIG_NAME = "config.yaml"
 

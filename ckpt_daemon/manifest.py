@@ -14,7 +14,7 @@ import struct
 from pathlib import Path
 from typing import Any, Optional
 
-from maintenance.fsutil import hash_file
+from ckpt_daemon.fsutil import hash_file
 
 MANIFEST = "manifest.json"
 FORMAT = "ckpt-daemon/1"

@@ -18,7 +18,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from maintenance.errors import DiskFullError, UnsafePathError
+from ckpt_daemon.errors import DiskFullError, UnsafePathError
 
 HASH_NAME = "sha256"
 CHUNK = 16 << 20

@@ -1,0 +1,567 @@
+"""ckpt_daemon.checkpoint: crash-safe save and verified load of the full training state.
+
+Usable from any training script:
+
+    mgr = CheckpointManager("checkpoints", best_metric="val_loss", best_mode="min")
+    loaded = mgr.load("latest", model=model, optimizer=opt, scheduler=sched)   # None on a fresh start
+    ...
+    mgr.save(step, model=model, optimizer=opt, scheduler=sched, epoch=epoch,
+             data_state={"pos": pos}, metrics={"val_loss": v}, blocking=False)
+    mgr.close()
+
+Native format (see maintenance/manifest.py): `checkpoint-<step>/` written into `.tmp-checkpoint-<step>-<pid>/`,
+each file fsynced with its sha256 computed while writing, manifest.json written last, the folder
+renamed into place and the parent fsynced. `latest` and `best` are symlinks replaced atomically.
+Loading reads each file once, checking size and checksum in the same pass, and never unpickles.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from ckpt_daemon import catalog as cat
+from ckpt_daemon import manifest as mf
+from ckpt_daemon import runtime
+from ckpt_daemon.errors import CheckpointError, DiskFullError, NoValidCheckpoint
+from ckpt_daemon.fsutil import atomic_symlink, atomic_write_json, disk_full_error, fsync_dir, free_bytes, is_enospc
+from ckpt_daemon import stio
+from ckpt_daemon.statecodec import decode, encode
+
+log = logging.getLogger("ckpt_daemon.checkpoint")
+
+STATE_TENSORS = "state.safetensors"
+STATE_JSON = "state.json"
+# Optimizer state above this is split into several files: a checkpoint's files are verified in
+# parallel (one thread each), so shards let a resume use every core for the checksums.
+STATE_SHARD_BYTES = 256 << 20
+NATIVE_PATTERN = "checkpoint-{step}"
+
+
+def native_name(step: int) -> str:
+    return f"checkpoint-{step}"
+
+
+# ---------------------------------------------------------------------------------------- capture
+def capture_rng() -> dict:
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict) -> None:
+    if "python" in state:
+        v = state["python"]
+        random.setstate((v[0], tuple(v[1]), v[2]))
+    if "numpy" in state:
+        n = state["numpy"]
+        np.random.set_state((n[0], np.asarray(n[1], dtype=np.uint32), int(n[2]), int(n[3]), float(n[4])))
+    if "torch" in state:
+        torch.set_rng_state(state["torch"].clone())
+    if "cuda" in state and torch.cuda.is_available():
+        states = state["cuda"]
+        if len(states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all([s.clone() for s in states])
+        else:
+            log.warning("cuda RNG states saved for %d devices, %d present: not restored",
+                        len(states), torch.cuda.device_count())
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return getattr(model, "module", model)
+
+
+def split_tied(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Unique tensors of a state dict, and aliases (name -> stored name) for tied ones: safetensors
+    stores no shared storage, and a tied weight written twice would come back untied."""
+    seen: dict[tuple, str] = {}
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    for name, t in sd.items():
+        key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        if t.numel() and key in seen:
+            aliases[name] = seen[key]
+            continue
+        seen[key] = name
+        tensors[name] = t
+    return tensors, aliases
+
+
+def join_tied(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> dict[str, torch.Tensor]:
+    """The inverse of split_tied, from the aliases kept in the safetensors metadata."""
+    for alias, target in json.loads(meta.get("aliases", "{}")).items():
+        tensors[alias] = tensors[target]
+    return tensors
+
+
+def model_tensors(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    return split_tied(_unwrap(model).state_dict())
+
+
+def _snapshot(tensors: dict[str, torch.Tensor], copy: bool, staging: Optional[dict] = None) -> dict[str, torch.Tensor]:
+    """Detach to CPU; copy when the write happens in the background (training mutates in place).
+
+    Copies go into `staging` buffers kept from the previous save when shapes match: writing into
+    memory that is already mapped avoids a page fault per 4 KiB, which is most of the cost of a fresh
+    allocation of a multi-GB state. GPU tensors are staged in pinned memory for a fast device copy."""
+    out = {}
+    on_gpu = False
+    for k, t in tensors.items():
+        t = t.detach()
+        if t.device.type == "cpu" and not copy:
+            out[k] = t
+            continue
+        buf = staging.get(k) if staging is not None else None
+        if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+            buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=t.device.type != "cpu" and torch.cuda.is_available())
+            if staging is not None:
+                staging[k] = buf
+        buf.copy_(t, non_blocking=t.device.type != "cpu")
+        on_gpu = on_gpu or t.device.type != "cpu"
+        out[k] = buf
+    if on_gpu:
+        torch.cuda.synchronize()
+    return out
+
+
+@dataclass
+class Loaded:
+    """What `CheckpointManager.load` restored."""
+
+    path: Path
+    step: int
+    epoch: int
+    data_state: dict
+    metrics: dict
+    config: dict
+    extra: dict
+    world_size: int
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (name, why) of checkpoints passed over
+
+
+@dataclass
+class _Prepared:
+    step: int
+    model: dict[str, torch.Tensor]
+    model_meta: dict[str, str]
+    state: dict[str, torch.Tensor]
+    state_json: dict
+    manifest_extra: dict
+    nbytes: int
+
+
+class CheckpointManager:
+    """Saves and loads native checkpoints in one folder. Only rank 0 of a job should save."""
+
+    def __init__(self, directory: str | os.PathLike, *, best_metric: str = "val_loss", best_mode: str = "min",
+                 save_margin_bytes: int = 64 << 20, patterns: Optional[list[str]] = None, rank: int = 0):
+        self.dir = Path(directory).resolve()
+        self.best_metric = best_metric
+        self.best_mode = best_mode
+        self.save_margin = int(save_margin_bytes)
+        self.patterns = patterns or [NATIVE_PATTERN]
+        self.rank = rank
+        self.last_save_bytes = 0
+        self._thread: Optional[threading.Thread] = None
+        self._error: Optional[BaseException] = None
+        self._best: Optional[float] = None
+        self.saving: Optional[str] = None  # name being written, for the heartbeat
+        # Reused copies of the state for background saves (free again once the previous save is joined).
+        self._staging_model: dict[str, torch.Tensor] = {}
+        self._staging_state: dict[str, torch.Tensor] = {}
+        self.skipped_saves = 0
+        if rank == 0:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            self._best = self._current_best()
+
+    # ------------------------------------------------------------------------------------ save
+    def save(self, step: int, *, model: torch.nn.Module, optimizer: Any = None, scheduler: Any = None,
+             scaler: Any = None, epoch: int = 0, data_state: Optional[dict] = None, metrics: Optional[dict] = None,
+             config: Optional[dict] = None, extra: Optional[dict] = None, pin: Optional[str] = None,
+             world_size: int = 1, rng: Optional[dict] = None, blocking: bool = True) -> Optional[Path]:
+        """Save the full state as checkpoint-<step>. Returns the final path, or None if the save was
+        skipped (not enough disk space: logged; training should go on). With blocking=False the state
+        is copied to CPU memory and written by a background thread; at most one save is in flight."""
+        self._join()  # one in flight; surfaces the previous one's error
+        final = self.dir / native_name(step)
+        if final.exists():
+            log.info("checkpoint %s already exists; not saving it again", final.name)
+            return final
+        prepared = self._prepare(step, model, optimizer, scheduler, scaler, epoch, data_state, metrics, config,
+                                 extra, pin, world_size, rng, copy=not blocking)
+        need = max(self.last_save_bytes, prepared.nbytes) + self.save_margin
+        free = free_bytes(self.dir)
+        if free < need:
+            self.skipped_saves += 1
+            log.error(
+                "Not saving checkpoint %s: %.0f MiB free in %s, a save needs about %.0f MiB (last save plus the "
+                "%.0f MiB margin). Every earlier checkpoint is intact and training goes on; the save will be tried "
+                "again at the next interval. Free space, e.g. `python -m maintenance.cleanup --dry-run`.",
+                final.name, free / 2**20, self.dir, need / 2**20, self.save_margin / 2**20)
+            return None
+        if blocking:
+            return self._write_logged(prepared)
+        self.saving = final.name
+        self._thread = threading.Thread(target=self._bg_write, args=(prepared,), name=f"save-{step}", daemon=True)
+        self._thread.start()
+        return final
+
+    def _prepare(self, step, model, optimizer, scheduler, scaler, epoch, data_state, metrics, config, extra, pin,
+                 world_size, rng, copy: bool) -> _Prepared:
+        mt, aliases = model_tensors(model)
+        state_t: dict[str, torch.Tensor] = {}
+        skeleton = {
+            "optimizer": encode(optimizer.state_dict(), "optimizer", state_t) if optimizer is not None else None,
+            "scheduler": encode(scheduler.state_dict(), "scheduler", state_t) if scheduler is not None else None,
+            "scaler": encode(scaler.state_dict(), "scaler", state_t) if scaler is not None else None,
+            "rng": encode(rng if rng is not None else capture_rng(), "rng", state_t),
+            "data": encode(data_state or {}, "data", state_t),
+            "extra": encode(extra or {}, "extra", state_t),
+            "config": config or {},
+        }
+        metrics = {k: float(v) for k, v in (metrics or {}).items()}
+        manifest_extra = {
+            "epoch": int(epoch), "metrics": metrics, "pin": pin, "world_size": int(world_size),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "created_unix": time.time(),
+            "torch": torch.__version__,
+        }
+        model_meta = {"format": "ckpt-daemon/1", "step": str(step), "aliases": json.dumps(aliases)}
+        model_s = _snapshot(mt, copy, self._staging_model)
+        state_s = _snapshot(state_t, copy, self._staging_state)
+        nbytes = sum(t.numel() * t.element_size() for t in list(model_s.values()) + list(state_s.values()))
+        return _Prepared(step, model_s, model_meta, state_s, skeleton, manifest_extra, nbytes)
+
+    def _bg_write(self, prepared: _Prepared) -> None:
+        try:
+            self._write_logged(prepared)
+        except BaseException as exc:  # surfaced by the next save() or close()
+            self._error = exc
+        finally:
+            self.saving = None
+
+    def _write_logged(self, prepared: _Prepared) -> Optional[Path]:
+        try:
+            return self._write(prepared)
+        except DiskFullError as exc:
+            self.skipped_saves += 1
+            log.error("%s", exc)
+            return None
+
+    def _write(self, p: _Prepared) -> Path:
+        name = native_name(p.step)
+        final = self.dir / name
+        tmp = self.dir / f".tmp-{name}-{os.getpid()}"
+        t0 = time.perf_counter()
+        files: dict[str, dict] = {}
+        try:
+            tmp.mkdir()
+            shards = shard_tensors(p.state, STATE_SHARD_BYTES)
+            names = [STATE_TENSORS] if len(shards) == 1 else [
+                f"state-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+            writers = [(mf.MODEL_FILE, lambda f: stio.write_safetensors(f, p.model, p.model_meta))]
+            writers += [(n, lambda f, sh=sh: stio.write_safetensors(f, sh, {"format": "ckpt-daemon/1"}))
+                        for n, sh in zip(names, shards)]
+            writers.append((STATE_JSON, lambda f: _write_json(f, p.state_json)))
+            for fname, writer in writers:
+                with open(tmp / fname, "xb") as f:
+                    size, digest = writer(f)
+                    f.flush()
+                    os.fsync(f.fileno())
+                files[fname] = {"size": size, "sha256": digest}
+            manifest = mf.build_manifest(p.step, files, **p.manifest_extra)
+            with open(tmp / mf.MANIFEST, "xb") as f:
+                _write_json(f, manifest)
+                f.flush()
+                os.fsync(f.fileno())
+            fsync_dir(tmp)
+            with runtime.commit_lock(self.dir):
+                os.rename(tmp, final)
+                fsync_dir(self.dir)
+                atomic_symlink(name, self.dir / "latest")
+                self._maybe_best(name, p.manifest_extra["metrics"])
+        except BaseException as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if is_enospc(exc):
+                raise disk_full_error(f"save checkpoint {name}", self.dir, exc) from exc
+            raise
+        self.last_save_bytes = sum(f["size"] for f in files.values())
+        log.info("saved %s (%.1f MiB in %.2fs)", name, self.last_save_bytes / 2**20, time.perf_counter() - t0)
+        return final
+
+    @property
+    def best_value(self) -> Optional[float]:
+        """The best_metric value of the current `best` checkpoint (None before the first)."""
+        return self._best
+
+    def _better(self, value: float) -> bool:
+        if self._best is None:
+            return True
+        return value < self._best if self.best_mode == "min" else value > self._best
+
+    def _maybe_best(self, name: str, metrics: dict) -> None:
+        value = metrics.get(self.best_metric)
+        if value is None or value != value or not self._better(value):
+            return
+        atomic_symlink(name, self.dir / "best")
+        self._best = value
+
+    def _current_best(self) -> Optional[float]:
+        c = cat.scan(self.dir, self.patterns, stats=False)
+        e = c.pointer("best")
+        if e is not None and e.valid:
+            return e.metrics.get(self.best_metric)
+        return None
+
+    def _join(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise CheckpointError(f"The background save failed: {err}") from err
+
+    def wait(self) -> None:
+        """Block until the in-flight save (if any) is on disk; raise its error if it failed."""
+        self._join()
+
+    def close(self) -> None:
+        self._join()
+
+    # ------------------------------------------------------------------------------------ load
+    def candidates(self, which: str | int | os.PathLike = "latest") -> tuple[list[cat.Entry], list[tuple[str, str]]]:
+        """Native checkpoints to try, best first, for `which` = latest | best | step | path; and the
+        ones passed over with why (found incomplete or corrupt by the quick structural check)."""
+        if isinstance(which, os.PathLike) or (isinstance(which, str) and ("/" in which or which.startswith("."))):
+            p = Path(which).resolve()
+            if p.is_symlink() or p.name in cat.POINTERS:
+                p = p.resolve()
+            root, patterns = p.parent, [NATIVE_PATTERN]
+            c = cat.scan(root, patterns, stats=False)
+            start = c.by_name(p.name)
+            if start is None:
+                if p.is_dir() and (p / mf.MANIFEST).exists():  # a folder not named checkpoint-<step>
+                    status, reason, m = mf.check_native(p, verify=False)
+                    e = cat.Entry(p.name, p, int(m.get("step", 0)), "native", status, reason)
+                    return ([e] if e.valid else []), ([] if e.valid else [(e.name, reason)])
+                raise NoValidCheckpoint(
+                    f"{p} is not a ckpt-daemon checkpoint (a checkpoint-<step> folder with manifest.json). "
+                    "Pass a checkpoint folder, or latest, best or a step number."
+                )
+        else:
+            c = cat.scan(self.dir, self.patterns, stats=False)
+            native_entries = [e for e in c.entries if e.layout == "native"]
+            if which == "latest":
+                # Start at the newest folder of any status, so the ones passed over are reported.
+                start = native_entries[-1] if native_entries else None
+            elif which == "best":
+                start = c.pointer("best") or c.newest_valid()
+            else:
+                try:
+                    step = int(which)
+                except (TypeError, ValueError):
+                    raise NoValidCheckpoint(
+                        f"--resume {which!r} is not understood: use latest, best, none, a step number or a path."
+                    ) from None
+                start = next((e for e in c.entries if e.step == step and e.layout == "native"), None)
+                if start is None:
+                    raise NoValidCheckpoint(f"There is no checkpoint at step {step} in {self.dir}.")
+        if start is None:
+            return [], []
+        skipped = []
+        out = []
+        for e in sorted(c.entries, key=lambda e: e.step, reverse=True):
+            if e.step > start.step or e.layout != "native":
+                continue
+            if e.valid:
+                out.append(e)
+            else:
+                skipped.append((e.name, e.reason))
+        return out, skipped
+
+    def load(self, which: str | int | os.PathLike = "latest", *, model: torch.nn.Module, optimizer: Any = None,
+             scheduler: Any = None, scaler: Any = None, restore_rng_state: bool = True,
+             map_location: str | torch.device = "cpu", strict: bool = True) -> Optional[Loaded]:
+        """Restore state from the newest valid checkpoint at or before `which`. Each candidate is fully
+        verified (sizes and checksums) while it is read; a corrupt one is logged and the previous valid
+        one is used. Returns None if there is no checkpoint at all (a fresh start)."""
+        cands, skipped = self.candidates(which)
+        for name, why in skipped:
+            log.warning("skipping checkpoint %s: %s", name, why)
+        by_name = {e.name: e for e in cat.scan(self.dir, self.patterns, stats=False).entries} if skipped else {}
+        for name, why in skipped:
+            if name in by_name and by_name[name].layout == "native":
+                self._quarantine(by_name[name], why)
+        if not cands:
+            if skipped:
+                raise NoValidCheckpoint(
+                    f"No valid checkpoint to resume from in {self.dir}: "
+                    + "; ".join(f"{n}: {w}" for n, w in skipped)
+                    + ". Restore one from snapshots/ (python -m maintenance.restore) or start fresh with --resume none."
+                )
+            return None
+        for e in cands:
+            try:
+                state = read_checkpoint(e.path, map_location=map_location)
+            except (CheckpointError, ValueError, OSError) as exc:
+                log.error("checkpoint %s failed verification and will not be used: %s", e.name, exc)
+                skipped.append((e.name, str(exc)))
+                self._quarantine(e, str(exc))
+                continue
+            self._apply(state, model, optimizer, scheduler, scaler, restore_rng_state, strict)
+            m = state["manifest"]
+            if self.rank == 0:
+                runtime.record_resumed_from(self.dir, e.name if e.path.parent == self.dir else str(e.path), m["step"])
+            return Loaded(e.path, m["step"], m.get("epoch", 0), state["data"], m.get("metrics", {}),
+                          state["config"], state["extra"], m.get("world_size", 1), skipped)
+        raise NoValidCheckpoint(
+            f"Every checkpoint in {self.dir} failed verification ("
+            + "; ".join(f"{n}: {w}" for n, w in skipped)
+            + "). Restore one from snapshots/ (python -m maintenance.restore) or start fresh with --resume none."
+        )
+
+    def _quarantine(self, e: cat.Entry, why: str) -> None:
+        if self.rank != 0 or e.path.parent != self.dir:
+            return
+        dst = runtime.quarantine(self.dir, e.name, why)
+        if dst is not None:
+            log.warning("moved %s to %s (it failed verification: %s)", e.name, dst, why)
+
+    @staticmethod
+    def _apply(state, model, optimizer, scheduler, scaler, restore_rng_state, strict) -> None:
+        _unwrap(model).load_state_dict(state["model"], strict=strict)
+        if optimizer is not None:
+            if state["optimizer"] is None:
+                raise CheckpointError("The checkpoint has no optimizer state; it is a weights-only export.")
+            optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None and state["scheduler"] is not None:
+            scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None and state["scaler"] is not None:
+            scaler.load_state_dict(state["scaler"])
+        if restore_rng_state and state["rng"]:
+            restore_rng(state["rng"])
+
+
+def shard_tensors(tensors: dict[str, torch.Tensor], limit: int) -> list[dict[str, torch.Tensor]]:
+    """Split into groups of at most `limit` bytes (a larger single tensor gets a group of its own)."""
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for k, t in tensors.items():
+        n = t.numel() * t.element_size()
+        if shards[-1] and size + n > limit:
+            shards.append({})
+            size = 0
+        shards[-1][k] = t
+        size += n
+    return shards
+
+
+def _write_json(f, obj) -> tuple[int, str]:
+    import hashlib
+
+    data = (json.dumps(obj, indent=1, allow_nan=True) + "\n").encode()
+    f.write(data)
+    return len(data), hashlib.sha256(data).hexdigest()
+
+
+def read_checkpoint(path: Path, map_location: str | torch.device = "cpu", verify: bool = True) -> dict:
+    """Read and verify a native checkpoint folder into plain state (no pickle). Raises CheckpointError."""
+    path = Path(path)
+    status, reason, m = mf.check_native(path, verify=False)
+    if status != "complete":
+        raise CheckpointError(f"{path.name} is {status}: {reason}")
+    files = m["files"]
+
+    def get(name: str):
+        meta = files[name]
+        try:
+            return stio.read_file_checked(path / name, meta["size"], meta["sha256"] if verify else None)
+        except stio.ChecksumMismatch as exc:
+            raise CheckpointError(f"{path.name} is corrupt: {exc}") from None
+
+    # Verify the files in parallel: each one is read and hashed by its own thread (hashing releases the GIL).
+    from concurrent.futures import ThreadPoolExecutor
+
+    state_files = sorted(n for n in files if n.startswith("state") and n.endswith(".safetensors"))
+    wanted = [n for n in [mf.MODEL_FILE, *state_files, STATE_JSON] if n in files]
+    with ThreadPoolExecutor(max_workers=min(len(wanted), 8)) as pool:
+        bufs = dict(zip(wanted, pool.map(get, wanted)))
+    get = bufs.__getitem__  # noqa: F811
+    model, meta = stio.parse_safetensors(get(mf.MODEL_FILE))
+    join_tied(model, meta)
+    state_t: dict = {}
+    skeleton: dict = {}
+    for name in state_files:
+        state_t.update(stio.parse_safetensors(get(name))[0])
+    if STATE_JSON in files:
+        skeleton = json.loads(bytes(get(STATE_JSON)))
+    if map_location not in ("cpu", torch.device("cpu")):
+        model = {k: v.to(map_location) for k, v in model.items()}
+    out = {k: decode(skeleton.get(k), state_t) for k in ("optimizer", "scheduler", "scaler", "rng", "data", "extra")}
+    out.update(model=model, config=skeleton.get("config") or {}, manifest=m)
+    out["data"] = out["data"] or {}
+    out["extra"] = out["extra"] or {}
+    return out
+
+
+def export_weights(src: Path, dst_dir: Path, dtype: Optional[torch.dtype] = None, extra_meta: Optional[dict] = None) -> Path:
+    """Write a weights-only model (model.safetensors + metadata.json) from a native checkpoint or a
+    state dict into the new folder `dst_dir` (temp sibling, fsync, rename)."""
+    state = read_checkpoint(src)
+    tensors = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v) for k, v in state["model"].items()}
+    return write_weights(tensors, dst_dir, {"source": str(src), "step": state["manifest"]["step"],
+                                            "metrics": state["manifest"].get("metrics", {}),
+                                            "config": state["config"], **(extra_meta or {})})
+
+
+def write_weights(tensors: dict[str, torch.Tensor], dst_dir: Path, meta: dict) -> Path:
+    """Write tensors (tied ones stored once) and metadata.json into a new folder, atomically."""
+    dst_dir = Path(dst_dir)
+    if dst_dir.exists():
+        raise FileExistsError(f"{dst_dir} already exists; refusing to overwrite it")
+    tmp = dst_dir.with_name(f".tmp-{dst_dir.name}-{os.getpid()}")
+    tmp.mkdir(parents=True)
+    try:
+        uniq, aliases = split_tied(tensors)
+        with open(tmp / mf.MODEL_FILE, "xb") as f:
+            size, digest = stio.write_safetensors(f, uniq, {"format": "ckpt-daemon/weights-1", "aliases": json.dumps(aliases)})
+            f.flush()
+            os.fsync(f.fileno())
+        atomic_write_json(tmp / "metadata.json", {**meta, "files": {mf.MODEL_FILE: {"size": size, "sha256": digest}}})
+        fsync_dir(tmp)
+        os.rename(tmp, dst_dir)
+        fsync_dir(dst_dir.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dst_dir
+
+
+def load_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """Model weights from a native checkpoint folder or a weights-only export folder (verified)."""
+    path = Path(path)
+    if (path / mf.MANIFEST).exists():
+        st = read_checkpoint(path)
+        return st["model"], {"config": st["config"], "step": st["manifest"]["step"]}
+    meta = json.loads((path / "metadata.json").read_text())
+    f = meta.get("files", {}).get(mf.MODEL_FILE, {})
+    try:
+        tensors, smeta = stio.load_safetensors(path / mf.MODEL_FILE, f.get("size"), f.get("sha256"))
+    except stio.ChecksumMismatch as exc:
+        raise CheckpointError(f"{path.name} is corrupt: {exc}") from None
+    return join_tied(tensors, smeta), meta
