@@ -8,91 +8,62 @@ the config file's folder, so the daemon behaves the same whatever its working di
 
 from __future__ import annotations
 
+import datetime as dt
+import difflib
+import os
 import re
+import stat
+import typing
 import zoneinfo
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from ckpt_daemon.cron import next_fire_times, validate_cron
 from ckpt_daemon.errors import ConfigError
 
 DEFAULT_CONFIG_NAME = "config.yaml"
 
-_DOW_NAMES = ["sun", "mon", "tue", "wed", "thu", "fri", "sat", "sun"]
+# Upper bounds no real deployment reaches; they keep a typo (or a hostile file) from overflowing a timer,
+# blocking the daemon or filling memory. Counts of list items are also capped by MAX_YAML_NODES.
+DAY_S = 86_400
+MONTH_S = 30 * DAY_S
+MAX_STEPS = 10**15
+MAX_PATH_CHARS = 4096
+MAX_ARG_BYTES = 64 << 10
+MAX_ENV_VARS = 256
+MAX_ENV_NAME_CHARS = 256
+MAX_ENV_BYTES = 256 << 10
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
-def cron_to_apscheduler(expr: str) -> dict[str, str]:
-    """Split a standard 5-field crontab line into APScheduler 3.x CronTrigger fields.
-
-    APScheduler 3.x numbers weekdays from Monday=0, while crontab uses Sunday=0 (and 7); feeding
-    "0 4 * * 0" straight to `CronTrigger.from_crontab` would fire on Mondays. Numeric weekdays are
-    therefore rewritten to names, which both agree on.
-    """
-    fields = expr.split()
-    second = None
-    if len(fields) == 6:  # an optional leading seconds field, for tests and soaks
-        second, fields = fields[0], fields[1:]
-    if len(fields) != 5:
-        raise ValueError(f"a cron expression has 5 fields (minute hour day month weekday), got {len(fields)}")
-
-    def dow(token: str) -> str:
-        if token.isdigit():
-            n = int(token)
-            if n > 7:
-                raise ValueError(f"weekday {n} is out of range 0-7 (0 and 7 are Sunday)")
-            return _DOW_NAMES[n]
-        return token
-
-    def convert_dow(field: str) -> str:
-        parts = []
-        for part in field.split(","):
-            rng, _, step = part.partition("/")
-            if "-" in rng:
-                lo, hi = rng.split("-", 1)
-                if lo.isdigit() and hi.isdigit() and int(hi) == 7 and int(lo) > 0:
-                    # "5-7" in crontab means fri-sun, which APScheduler cannot wrap: spell it out.
-                    names = [_DOW_NAMES[i] for i in range(int(lo), 8)]
-                    if step:
-                        raise ValueError("a weekday range ending at 7 cannot take a step")
-                    parts.extend(names)
-                    continue
-                conv = f"{dow(lo)}-{dow(hi)}"
-            else:
-                conv = dow(rng)
-            parts.append(conv + (f"/{step}" if step else ""))
-        return ",".join(parts)
-
-    minute, hour, day, month, weekday = fields
-    out = {"minute": minute, "hour": hour, "day": day, "month": month, "day_of_week": convert_dow(weekday)}
-    if second is not None:
-        out["second"] = second
-    return out
+def _check_path(p: Path) -> Path:
+    text = str(p)
+    if len(text) > MAX_PATH_CHARS:
+        raise ValueError(f"a path has at most {MAX_PATH_CHARS} characters, this one has {len(text)}")
+    if "\0" in text:
+        raise ValueError("a path cannot contain a NUL character")
+    return p
 
 
-def validate_cron(expr: str) -> str:
-    from apscheduler.triggers.cron import CronTrigger  # small import, no torch
-
-    try:
-        CronTrigger(timezone="UTC", **cron_to_apscheduler(expr))
-    except ValueError as exc:
-        raise ValueError(f"{expr!r} is not a valid cron expression: {exc}") from None
-    return expr
+BoundedPath = Annotated[Path, AfterValidator(_check_path)]
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=False)
+    model_config = ConfigDict(extra="forbid", validate_assignment=False, allow_inf_nan=False)
 
 
 class CheckpointsConfig(_Section):
-    dir: Path = Field(Path("checkpoints"), description="Folder holding the checkpoints (relative to config.yaml).")
+    dir: BoundedPath = Field(Path("checkpoints"), description="Folder holding the checkpoints (relative to config.yaml).")
     pattern: list[str] = Field(
         default_factory=lambda: ["checkpoint-{step}"],
+        max_length=32,
         description=(
             "Name patterns of numbered checkpoints, each with one {step} field; other {fields} match digits. "
             "Folders matching are native or Hugging Face checkpoints; files (e.g. 'rolling_step_{step}.pt', "
-            "'epoch={epoch}-step={step}.ckpt') are single-file checkpoints. A string or a list."
+            "'epoch={epoch}-step={step}.ckpt') are single-file checkpoints. A string or a list (at most 32)."
         ),
     )
 
@@ -107,10 +78,12 @@ class CheckpointsConfig(_Section):
         if not v:
             raise ValueError("give at least one pattern, e.g. 'checkpoint-{step}'")
         for p in v:
+            if len(p) > 255:
+                raise ValueError(f"pattern {_short(p)} has {len(p)} characters; a file name has at most 255")
             if p.count("{step}") != 1:
                 raise ValueError(f"pattern {p!r} must contain the field {{step}} exactly once")
-            if "/" in p or p.startswith("."):
-                raise ValueError(f"pattern {p!r} must be a plain name: no '/' and no leading '.'")
+            if "/" in p or p.startswith(".") or "\0" in p:
+                raise ValueError(f"pattern {p!r} must be a plain name: no '/', no NUL and no leading '.'")
             leftover = re.sub(r"\{[A-Za-z_][A-Za-z0-9_]*\}", "", p)
             if "{" in leftover or "}" in leftover:
                 raise ValueError(f"pattern {p!r} has a malformed {{field}}: use names like {{step}} or {{epoch}}")
@@ -118,16 +91,31 @@ class CheckpointsConfig(_Section):
 
 
 class RestartPolicy(_Section):
-    initial_backoff_s: float = Field(5.0, gt=0, description="Wait before the first restart after a crash.")
-    max_backoff_s: float = Field(300.0, gt=0, description="Backoff doubles per crash up to this cap.")
-    healthy_after_s: float = Field(600.0, gt=0, description="A run this long resets the backoff and crash count.")
-    max_crashes: int = Field(5, ge=1, description="Give up after this many crashes within crash_window_s.")
-    crash_window_s: float = Field(3600.0, gt=0, description="Window for counting crashes (crash-loop protection).")
+    initial_backoff_s: float = Field(5.0, gt=0, le=DAY_S, description="Wait before the first restart after a crash (at most a day).")
+    max_backoff_s: float = Field(300.0, gt=0, le=DAY_S, description="Backoff doubles per crash up to this cap (at most a day).")
+    healthy_after_s: float = Field(
+        600.0, gt=0, le=MONTH_S, description="A run this long resets the backoff and crash count (at most 30 days)."
+    )
+    max_crashes: int = Field(5, ge=1, le=10_000, description="Give up after this many crashes within crash_window_s.")
+    crash_window_s: float = Field(
+        3600.0, gt=0, le=MONTH_S, description="Window for counting crashes (crash-loop protection; at most 30 days)."
+    )
     same_checkpoint_crashes: int = Field(
-        2, ge=1, description="After this many crashes from one checkpoint with no newer one, fall back to the previous."
+        2, ge=1, le=1000,
+        description="After this many crashes from one checkpoint with no newer one, fall back to the previous.",
     )
     heartbeat_timeout_s: float = Field(
-        0.0, ge=0, description="Restart a trainer whose heartbeat is older than this (0 disables)."
+        0.0, ge=0, le=DAY_S, description="Restart a trainer whose heartbeat is older than this (0 disables; at most a day)."
+    )
+    heartbeat_grace_s: float = Field(
+        300.0, ge=0, le=DAY_S,
+        description=("Before a run's first heartbeat, allow this long (imports, data loading, torchrun's rendezvous); "
+                     "heartbeat_timeout_s applies from the first heartbeat on."),
+    )
+    give_up_retry_s: float = Field(
+        1800.0, ge=0, le=MONTH_S,
+        description=("After giving up (max_crashes), try again after this long (0: never by itself). A give-up for a "
+                     "full disk is retried as soon as there is room again."),
     )
 
     @model_validator(mode="after")
@@ -142,16 +130,22 @@ class RestartPolicy(_Section):
 class TrainingConfig(_Section):
     command: list[str] = Field(
         default_factory=lambda: ["{python}", "-m", "trainer", "--config", "{config}"],
+        max_length=1024,
         description=(
             "argv of the training process. {python} is the daemon's interpreter, {config} this file, "
-            "{resume} the checkpoint chosen for resume (also in $CKPT_RESUME; 'none' for a fresh start)."
+            "{resume} the checkpoint chosen for resume (also in $CKPT_RESUME; 'none' for a fresh start). "
+            "At most 1024 arguments of at most 64 KiB each."
         ),
     )
-    cwd: Optional[Path] = Field(None, description="Working directory of the trainer (default: config.yaml's folder).")
-    env: dict[str, str] = Field(default_factory=dict, description="Extra environment variables for the trainer.")
+    cwd: Optional[BoundedPath] = Field(None, description="Working directory of the trainer (default: config.yaml's folder).")
+    env: dict[str, str] = Field(
+        default_factory=dict,
+        max_length=MAX_ENV_VARS,
+        description="Extra environment variables for the trainer (at most 256; values at most 64 KiB, 256 KiB in all).",
+    )
     restart: RestartPolicy = Field(default_factory=RestartPolicy, description="Crash restart policy.")
     stop_timeout_s: float = Field(
-        120.0, gt=0, description="On stop, wait this long for the trainer's final save before killing it."
+        120.0, gt=0, le=DAY_S, description="On stop, wait this long for the trainer's final save before killing it."
     )
 
     @field_validator("command")
@@ -159,14 +153,39 @@ class TrainingConfig(_Section):
     def _nonempty(cls, v: list[str]) -> list[str]:
         if not v or not all(isinstance(a, str) and a for a in v):
             raise ValueError("give the command as a non-empty list of arguments, e.g. ['python', 'train.py']")
+        for i, a in enumerate(v):
+            if len(a.encode("utf-8", "surrogatepass")) > MAX_ARG_BYTES:
+                raise ValueError(f"[{i}]|is {_short(a)}: an argument has at most 64 KiB")
+            if "\0" in a:
+                raise ValueError(f"[{i}]|is {_short(a)}: an argument cannot hold a NUL character")
         return v
+
+    @field_validator("env")
+    @classmethod
+    def _env(cls, env: dict[str, str]) -> dict[str, str]:
+        total = 0
+        for name, value in env.items():
+            if len(name) > MAX_ENV_NAME_CHARS or not _ENV_NAME.fullmatch(name):
+                raise ValueError(
+                    f"|has a variable named {_short(name)}: a name is letters, digits and '_', not starting with a "
+                    f"digit, at most {MAX_ENV_NAME_CHARS} characters"
+                )
+            size = len(value.encode("utf-8", "surrogatepass"))
+            if size > MAX_ARG_BYTES:
+                raise ValueError(f".{name}|is {size} bytes long; a value has at most 64 KiB")
+            if "\0" in value:
+                raise ValueError(f".{name}|is {_short(value)}: a value cannot hold a NUL character")
+            total += len(name) + 1 + size
+        if total > MAX_ENV_BYTES:
+            raise ValueError(f"|holds {total} bytes of variables; at most {MAX_ENV_BYTES // 1024} KiB in all")
+        return env
 
 
 class ModelConfig(_Section):
-    n_layer: int = Field(2, ge=1, description="Transformer blocks.")
-    n_head: int = Field(4, ge=1, description="Attention heads per block.")
-    n_embd: int = Field(128, ge=8, description="Embedding width; a multiple of n_head.")
-    block_size: int = Field(64, ge=4, description="Context length in tokens.")
+    n_layer: int = Field(2, ge=1, le=1024, description="Transformer blocks.")
+    n_head: int = Field(4, ge=1, le=1024, description="Attention heads per block.")
+    n_embd: int = Field(128, ge=8, le=65_536, description="Embedding width; a multiple of n_head.")
+    block_size: int = Field(64, ge=4, le=1 << 20, description="Context length in tokens.")
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout probability.")
 
     @model_validator(mode="after")
@@ -177,38 +196,46 @@ class ModelConfig(_Section):
 
 
 class DataConfig(_Section):
-    path: Optional[Path] = Field(
+    path: Optional[BoundedPath] = Field(
         None, description="A UTF-8 text file (character-level) or a .npy/.bin token file; null: a synthetic corpus."
     )
-    synthetic_chars: int = Field(200_000, ge=10_000, description="Size of the synthetic corpus in characters.")
+    synthetic_chars: int = Field(
+        200_000, ge=10_000, le=10**9, description="Size of the synthetic corpus in characters (held in memory)."
+    )
     val_fraction: float = Field(0.1, gt=0, lt=0.5, description="Share of the data held out for validation.")
 
 
 class TrainerConfig(_Section):
-    seed: int = Field(1337, description="Seed of everything: weights, data order, dropout.")
-    max_steps: Optional[int] = Field(None, ge=1, description="Stop after this step; null trains forever.")
-    batch_size: int = Field(16, ge=1, description="Sequences per step (per process under torchrun).")
-    learning_rate: float = Field(3e-3, gt=0, description="Peak AdamW learning rate.")
+    seed: int = Field(1337, ge=0, le=2**32 - 1, description="Seed of everything: weights, data order, dropout.")
+    max_steps: Optional[int] = Field(None, ge=1, le=MAX_STEPS, description="Stop after this step; null trains forever.")
+    batch_size: int = Field(16, ge=1, le=1 << 20, description="Sequences per step (per process under torchrun).")
+    learning_rate: float = Field(3e-3, gt=0, le=10, description="Peak AdamW learning rate.")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Cosine schedule floor as a share of the peak.")
-    warmup_steps: int = Field(50, ge=0, description="Linear warmup steps.")
-    lr_cycle_steps: int = Field(5000, ge=1, description="Length of one cosine cycle (restarts after it).")
-    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay.")
-    grad_clip: float = Field(1.0, ge=0, description="Gradient norm clip (0 disables).")
-    checkpoint_every_steps: int = Field(100, ge=1, description="Save a checkpoint every N steps.")
-    eval_every_steps: int = Field(100, ge=1, description="Evaluate validation loss every N steps.")
-    eval_batches: int = Field(8, ge=1, description="Batches per validation.")
-    log_every_steps: int = Field(10, ge=1, description="Print a progress line every N steps.")
-    best_metric: str = Field("val_loss", description="Metric that decides the best checkpoint.")
+    warmup_steps: int = Field(50, ge=0, le=MAX_STEPS, description="Linear warmup steps.")
+    lr_cycle_steps: int = Field(5000, ge=1, le=MAX_STEPS, description="Length of one cosine cycle (restarts after it).")
+    weight_decay: float = Field(0.1, ge=0, le=10, description="AdamW weight decay.")
+    grad_clip: float = Field(1.0, ge=0, le=1e6, description="Gradient norm clip (0 disables).")
+    checkpoint_every_steps: int = Field(100, ge=1, le=MAX_STEPS, description="Save a checkpoint every N steps.")
+    eval_every_steps: int = Field(100, ge=1, le=MAX_STEPS, description="Evaluate validation loss every N steps.")
+    eval_batches: int = Field(8, ge=1, le=1_000_000, description="Batches per validation.")
+    log_every_steps: int = Field(10, ge=1, le=MAX_STEPS, description="Print a progress line every N steps.")
+    best_metric: str = Field(
+        "val_loss", min_length=1, max_length=128, description="Metric that decides the best checkpoint."
+    )
     best_mode: Literal["min", "max"] = Field("min", description="Whether lower or higher best_metric is better.")
     async_save: bool = Field(True, description="Write checkpoints in the background (training continues).")
-    threads: int = Field(0, ge=0, description="torch CPU threads (0: torch's default).")
+    threads: int = Field(0, ge=0, le=1024, description="torch CPU threads (0: torch's default).")
     model: ModelConfig = Field(default_factory=ModelConfig, description="Model size.")
     data: DataConfig = Field(default_factory=DataConfig, description="Training data.")
 
 
 class Tier(_Section):
-    count: Optional[int] = Field(None, ge=1, description="How many numbered checkpoints this tier covers.")
-    every_steps: Optional[int] = Field(None, ge=1, description="Keep one per this many steps (omit: keep all).")
+    count: Optional[int] = Field(
+        None, ge=1, le=1_000_000, description="How many numbered checkpoints this tier covers."
+    )
+    every_steps: Optional[int] = Field(
+        None, ge=1, le=10**12, description="Keep one per this many steps (omit: keep all)."
+    )
 
 
 class RetentionConfig(_Section):
@@ -216,7 +243,8 @@ class RetentionConfig(_Section):
     schedule: str = Field("0 4 * * 0", description="Cron expression (weekday 0 = Sunday) for the weekly retention; a 6th leading field gives seconds.")
     tiers: list[Tier] = Field(
         default_factory=lambda: [Tier(count=20), Tier(count=20, every_steps=200), Tier(every_steps=1000)],
-        description="Graduated tiers, newest first; only the last may omit count.",
+        max_length=32,
+        description="Graduated tiers, newest first; only the last may omit count (at most 32 tiers).",
     )
     keep_trash: bool = Field(False, description="Keep deleted checkpoints in .trash until the next run (for undo).")
 
@@ -250,14 +278,21 @@ class RetentionConfig(_Section):
 
 class SnapshotsConfig(_Section):
     enabled: bool = Field(True, description="Take the daily snapshot.")
-    dir: Path = Field(Path("snapshots"), description="Folder of the daily snapshots (relative to config.yaml).")
+    dir: BoundedPath = Field(Path("snapshots"), description="Folder of the daily snapshots (relative to config.yaml).")
     schedule: str = Field("0 3 * * *", description="Cron expression of the snapshot (daily 03:00).")
     include: list[Literal["latest", "best"]] = Field(
-        default_factory=lambda: ["latest", "best"], description="Which checkpoints a snapshot holds."
+        default_factory=lambda: ["latest", "best"], max_length=2, description="Which checkpoints a snapshot holds."
     )
-    keep_daily: int = Field(7, ge=0, description="Keep the last snapshot of each of the last N days.")
-    keep_weekly: int = Field(4, ge=0, description="Keep the last snapshot of each of the last N weeks.")
-    keep_monthly: int = Field(6, ge=0, description="Keep the last snapshot of each of the last N months.")
+    keep_daily: int = Field(7, ge=0, le=10_000, description="Keep the last snapshot of each of the last N days.")
+    keep_weekly: int = Field(4, ge=0, le=10_000, description="Keep the last snapshot of each of the last N weeks.")
+    keep_monthly: int = Field(6, ge=0, le=10_000, description="Keep the last snapshot of each of the last N months.")
+    mode: Literal["auto", "link", "copy"] = Field(
+        "auto",
+        description=("How checkpoints go into a snapshot. link: hard links (zero bytes, but a byte damaged in place "
+                     "damages the snapshot too); copy: an independent, verified copy (a reflink where the filesystem "
+                     "can, else real bytes); auto: a reflink where the filesystem can (independent and zero bytes), "
+                     "else hard links."),
+    )
 
     _cron = field_validator("schedule")(classmethod(lambda cls, v: validate_cron(v)))
 
@@ -268,18 +303,31 @@ class SnapshotsConfig(_Section):
             raise ValueError("a snapshot must include at least one of 'latest', 'best'")
         return v
 
+    @model_validator(mode="after")
+    def _keeps_something(self) -> "SnapshotsConfig":
+        # Manual snapshots prune too, so this holds whether or not the daily one is enabled.
+        if not (self.keep_daily or self.keep_weekly or self.keep_monthly):
+            raise ValueError(
+                "|has keep_daily, keep_weekly and keep_monthly all 0, which would delete every snapshot but the "
+                "newest: set at least one of them above 0 (to take no daily snapshot, set snapshots.enabled: false)"
+            )
+        return self
+
 
 class ConsolidationConfig(_Section):
-    dir: Path = Field(Path("consolidated_models"), description="Folder of the exported models.")
+    dir: BoundedPath = Field(Path("consolidated_models"), description="Folder of the exported models.")
     dtype: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Default dtype of exports.")
 
 
 class DiskConfig(_Section):
-    check_interval_s: float = Field(300.0, ge=5, description="How often the daemon checks free space.")
-    warn_free_gb: float = Field(20.0, ge=0, description="Below this much free space, warn.")
-    emergency_free_gb: float = Field(5.0, ge=0, description="Below this, run retention at once.")
+    check_interval_s: float = Field(
+        300.0, ge=5, le=DAY_S, description="How often the daemon checks free space (5 s to a day)."
+    )
+    warn_free_gb: float = Field(20.0, ge=0, le=1e9, description="Below this much free space, warn.")
+    emergency_free_gb: float = Field(5.0, ge=0, le=1e9, description="Below this, run retention at once.")
     save_margin_mb: float = Field(
-        64.0, ge=0, description="A save starts only if free space exceeds the last save's size plus this margin."
+        64.0, ge=0, le=1e7,
+        description="A save starts only if free space exceeds the last save's size plus this margin.",
     )
 
     @model_validator(mode="after")
@@ -292,10 +340,12 @@ class DiskConfig(_Section):
 
 
 class LoggingConfig(_Section):
-    dir: Path = Field(Path("logs"), description="Folder of daemon.log, cleanup.log, trainer.log, metrics.jsonl.")
+    dir: BoundedPath = Field(Path("logs"), description="Folder of daemon.log, cleanup.log, trainer.log, metrics.jsonl.")
     level: Literal["debug", "info", "warning", "error"] = Field("info", description="Console and file log level.")
-    max_bytes: int = Field(10 * 1024 * 1024, ge=1024, description="Rotate daemon.log and trainer.log at this size.")
-    backups: int = Field(5, ge=0, description="Rotated files kept.")
+    max_bytes: int = Field(
+        10 * 1024 * 1024, ge=1024, le=10 << 30, description="Rotate daemon.log and trainer.log at this size (1 KiB to 10 GiB)."
+    )
+    backups: int = Field(5, ge=0, le=100, description="Rotated files kept (at most 100).")
 
 
 class Config(_Section):
@@ -307,7 +357,9 @@ class Config(_Section):
     consolidation: ConsolidationConfig = Field(default_factory=ConsolidationConfig)
     disk: DiskConfig = Field(default_factory=DiskConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
-    timezone: str = Field("UTC", description="IANA time zone of the schedules, e.g. 'Europe/Berlin'.")
+    timezone: str = Field(
+        "UTC", min_length=1, max_length=64, description="IANA time zone of the schedules, e.g. 'Europe/Berlin'."
+    )
 
     # Where the file lives; set by load_config. Not a YAML key.
     source: Optional[Path] = Field(None, exclude=True, description="(internal) path of the loaded file")
@@ -317,7 +369,7 @@ class Config(_Section):
     def _tz(cls, v: str) -> str:
         try:
             zoneinfo.ZoneInfo(v)
-        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError):
             raise ValueError(f"{v!r} is not a known IANA time zone (e.g. 'UTC', 'Europe/Berlin')") from None
         return v
 
@@ -371,40 +423,80 @@ class Config(_Section):
         return self
 
 
+def _short(value: Any, limit: int = 60) -> str:
+    shown = repr(value)
+    return shown if len(shown) <= limit else shown[: limit - 3] + "..."
+
+
 def _loc(loc: tuple) -> str:
     out = ""
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
         else:
-            out += ("." if out else "") + str(part)
+            part = str(part)
+            out += ("." if out else "") + (part if len(part) <= 60 else part[:57] + "...")
     return out or "(top level)"
 
 
+def _model_of(annotation: Any) -> Optional[type[BaseModel]]:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):  # Optional[...], list[...], Annotated[...]
+        model = _model_of(arg)
+        if model is not None:
+            return model
+    return None
+
+
+def _known_keys(parent: tuple) -> list[str]:
+    """The keys a config accepts at `parent` (a pydantic error location), for 'did you mean'."""
+    model: Optional[type[BaseModel]] = Config
+    for part in parent:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        model = _model_of(field.annotation) if field else None
+        if model is None:
+            return []
+    return [k for k in model.model_fields if k != "source"]
+
+
+def _unknown_key(loc: tuple) -> str:
+    known = _known_keys(loc[:-1])
+    close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+    if close:
+        hint = f"; did you mean {close[0]!r}?"
+    else:
+        hint = f" (the keys here are: {', '.join(known)})" if known else ""
+    return f"{_loc(loc)} is not a known key{hint} (check its spelling and indentation; `ckpt-daemon config-schema` lists them)"
+
+
+_WHERE = re.compile(r"([\w.\[\]]*)\|")  # "[1].count|msg", "snapshots.dir|msg", "|msg": a check naming its own field
+MAX_LISTED_PROBLEMS = 10
+
+
+def _describe_one(err: dict) -> str:
+    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith(("function-", "tagged-"))))
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        return _unknown_key(loc)
+    if err["type"] == "missing":
+        return f"{_loc(loc)} is required"
+    where = _WHERE.match(msg)
+    if where:
+        # A cross-field check names its own field: relative ("[1].count", "" for itself) or absolute ("snapshots.dir").
+        w = where.group(1)
+        field = _loc(loc) + w if not w or w.startswith(("[", ".")) else w
+        return f"{field} {msg[where.end():]}"
+    return f"{_loc(loc)}: {msg} (given: {_short(err.get('input'), 80)})"
+
+
 def _describe_errors(path: Path, exc: ValidationError) -> str:
-    lines = []
-    for err in exc.errors(include_url=False):
-        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith(("function-", "tagged-"))))
-        msg = err["msg"].removeprefix("Value error, ")
-        given = err.get("input")
-        if err["type"] == "extra_forbidden":
-            msg = "is not a known key (check its spelling and indentation; `ckpt-daemon config-schema` lists them)"
-            lines.append(f"{_loc(loc)} {msg}")
-            continue
-        if err["type"] == "missing":
-            lines.append(f"{_loc(loc)} is required")
-            continue
-        if "|" in msg and not msg.startswith(" "):
-            where, msg = msg.split("|", 1)
-            # A cross-field check names its own field: relative ("[1].count") or absolute ("snapshots.dir").
-            field = _loc(loc) + where if where.startswith(("[", ".")) else where
-            lines.append(f"{field} {msg}")
-            continue
-        shown = repr(given)
-        if len(shown) > 80:
-            shown = shown[:77] + "..."
-        lines.append(f"{_loc(loc)}: {msg} (given: {shown})")
+    lines = [_describe_one(err) for err in exc.errors(include_url=False)]
     n = len(lines)
+    if n > MAX_LISTED_PROBLEMS:
+        lines = lines[:MAX_LISTED_PROBLEMS] + [f"and {n - MAX_LISTED_PROBLEMS} more"]
     return (
         f"{path} is not a valid ckpt-daemon config ({n} problem{'s' if n != 1 else ''}): "
         + "; ".join(lines)
@@ -412,20 +504,122 @@ def _describe_errors(path: Path, exc: ValidationError) -> str:
     )
 
 
+# ---- reading the file: it is untrusted input too -----------------------------------------------------
+MAX_CONFIG_BYTES = 256 << 10  # the shipped config.yaml is ~6 KiB
+MAX_YAML_NODES = 10_000  # values after aliases are expanded (the shipped config has a few hundred)
+MAX_YAML_DEPTH = 32  # nesting levels (the config tree is 4 deep)
+_START_FROM = "start from the shipped config.yaml"
+
+
+def _too_large(path: Path) -> ConfigError:
+    return ConfigError(
+        f"{path} is larger than {MAX_CONFIG_BYTES // 1024} KiB, far more than any ckpt-daemon config; it was not "
+        f"read. Check that the path points at the right file, or {_START_FROM}."
+    )
+
+
+def _too_deep(path: Path) -> ConfigError:
+    return ConfigError(
+        f"{path} nests more than {MAX_YAML_DEPTH} levels deep (or a YAML alias refers to itself), far deeper than "
+        f"any ckpt-daemon config; it was not loaded. Check its brackets and indentation, or {_START_FROM}."
+    )
+
+
+def _yaml_error(path: Path, exc: yaml.YAMLError) -> ConfigError:
+    mark = getattr(exc, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    return ConfigError(
+        f"{path} is not valid YAML{where}: {problem}. Check the indentation and quoting there "
+        "(a value containing ':' or '#' needs quotes)."
+    )
+
+
+def _compose(text: str, path: Path) -> Optional[yaml.Node]:
+    """The YAML node graph, before any value is built (aliases are still shared nodes here)."""
+    try:
+        return yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as exc:
+        raise _yaml_error(path, exc) from None
+    except RecursionError:
+        raise _too_deep(path) from None
+
+
+def _expanded(node: yaml.Node, depth: int, memo: dict[int, tuple[int, int]]) -> tuple[int, int]:
+    """(number of values, height) of `node` with every alias expanded; memoised per node, so that an
+    alias bomb costs one visit per distinct node. Raises _Refused past the limits."""
+    if id(node) not in memo:
+        if depth > MAX_YAML_DEPTH:
+            raise _Refused("deep")
+        children: list = []
+        if isinstance(node, yaml.SequenceNode):
+            children = node.value
+        elif isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        size, height = 1, 1
+        for child in children:
+            s, h = _expanded(child, depth + 1, memo)
+            size, height = size + s, max(height, h + 1)
+            if size > MAX_YAML_NODES:
+                raise _Refused("large")
+        memo[id(node)] = (size, height)
+    size, height = memo[id(node)]
+    if depth + height - 1 > MAX_YAML_DEPTH:
+        raise _Refused("deep")
+    return size, height
+
+
+class _Refused(Exception):
+    pass
+
+
+def _check_expansion(node: yaml.Node, path: Path) -> None:
+    try:
+        _expanded(node, 1, {})
+    except _Refused as exc:
+        if str(exc) == "deep":
+            raise _too_deep(path) from None
+        raise ConfigError(
+            f"{path} holds more than {MAX_YAML_NODES} values (counting each YAML alias *name as the values it "
+            f"repeats), far more than any ckpt-daemon config; it was not loaded. Write the settings out without "
+            f"aliases, or {_START_FROM}."
+        ) from None
+
+
+def _construct(node: yaml.Node, path: Path) -> Any:
+    loader = yaml.SafeLoader("")
+    try:
+        return loader.construct_document(node)
+    except yaml.YAMLError as exc:
+        raise _yaml_error(path, exc) from None
+    except RecursionError:
+        raise _too_deep(path) from None
+    except (ValueError, TypeError, OverflowError) as exc:  # e.g. a date like 2024-13-45, a 5000-digit number
+        why = str(exc).split(";")[0]
+        raise ConfigError(f"{path} holds a value YAML cannot read ({why}). Quote it if it is meant as text.") from None
+    finally:
+        loader.dispose()
+
+
+def _load_yaml(text: str, path: Path) -> Any:
+    if len(text) > MAX_CONFIG_BYTES or len(text.encode("utf-8", "surrogatepass")) > MAX_CONFIG_BYTES:
+        raise _too_large(path)
+    node = _compose(text, path)
+    if node is None:
+        return None
+    _check_expansion(node, path)
+    return _construct(node, path)
+
+
 def parse_config(text: str, path: Path) -> Config:
     """Validate YAML text as if it were the file at `path` (relative folders resolve against its folder)."""
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    data = _load_yaml(text, path)
+    if data is None or data == {}:
         raise ConfigError(
-            f"{path} is not valid YAML{where}: {problem}. Check the indentation and quoting there "
-            "(a value containing ':' or '#' needs quotes)."
-        ) from None
-    if data is None:
-        data = {}
+            f"{path} holds no settings; {_START_FROM}. An empty file is refused so that an emptied or truncated "
+            "config never silently means 'all defaults': to use the defaults on purpose, write one section, "
+            "e.g. `checkpoints: {}`."
+        )
     if not isinstance(data, dict):
         raise ConfigError(
             f"{path} must hold a mapping of sections (checkpoints:, training:, ...), but its top level is a "
@@ -437,11 +631,26 @@ def parse_config(text: str, path: Path) -> Config:
         raise ConfigError(_describe_errors(path, exc)) from None
 
 
+def _read_bounded(p: Path) -> str:
+    """At most MAX_CONFIG_BYTES of a regular file (never a FIFO or device), decoded as UTF-8."""
+    fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as f:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(str(p))
+        if not stat.S_ISREG(mode):
+            raise ConfigError(f"{p} is not a regular file. Pass the path of config.yaml itself.")
+        data = f.read(MAX_CONFIG_BYTES + 1)
+    if len(data) > MAX_CONFIG_BYTES:
+        raise _too_large(p)
+    return data.decode("utf-8")
+
+
 def load_config(path: str | Path | None = None) -> Config:
     """Read and validate config.yaml; raise ConfigError with a one-paragraph message on any problem."""
     p = Path(path) if path is not None else Path.cwd() / DEFAULT_CONFIG_NAME
     try:
-        text = p.read_text(encoding="utf-8")
+        text = _read_bounded(p)
     except FileNotFoundError:
         raise ConfigError(
             f"The config file {p} does not exist. Pass --config PATH, or run from the folder that holds "
@@ -449,7 +658,7 @@ def load_config(path: str | Path | None = None) -> Config:
         ) from None
     except IsADirectoryError:
         raise ConfigError(f"{p} is a folder, not a config file. Pass the path of config.yaml itself.") from None
-    except (PermissionError, UnicodeDecodeError) as exc:
+    except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"The config file {p} cannot be read ({exc}). Check its permissions and encoding (UTF-8).") from None
     return parse_config(text, p)
 
@@ -478,4 +687,14 @@ def diff_configs(old: Config, new: Config) -> list[str]:
             out.append(f"{path}: {a!r} -> {b!r}")
 
     walk(effective_config(old), effective_config(new), "")
+    return out
+
+
+def next_runs(cfg: Config, now: dt.datetime, n: int = 3) -> dict[str, list[str]]:
+    """The next `n` fire times (ISO 8601, in the configured zone) of every enabled cron schedule."""
+    out = {}
+    for name, enabled, expr in (("snapshot", cfg.snapshots.enabled, cfg.snapshots.schedule),
+                                ("retention", cfg.retention.enabled, cfg.retention.schedule)):
+        if enabled:
+            out[name] = [t.isoformat() for t in next_fire_times(expr, cfg.timezone, now, n)]
     return out

@@ -15,25 +15,50 @@ import zoneinfo
 from typing import Callable, Optional
 
 from apscheduler.schedulers.background import BackgroundScheduler
-from apscheduler.triggers.cron import CronTrigger
+from apscheduler.triggers.base import BaseTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
 from daemon.state import JobHistory
-from ckpt_daemon.config import Config, cron_to_apscheduler
+from ckpt_daemon.config import Config
+from ckpt_daemon.cron import next_fire_times, validate_cron
 from ckpt_daemon.logs import get_logger
 
 log = get_logger("daemon.jobs")
 
 
-def cron_trigger(expr: str, tz: str) -> CronTrigger:
-    return CronTrigger(timezone=zoneinfo.ZoneInfo(tz), **cron_to_apscheduler(expr))
+class CronsimTrigger(BaseTrigger):
+    """An APScheduler 3.x trigger that fires when cron would: the times come from cronsim
+    (ckpt_daemon.cron), so weekday 0 and 7 are Sunday, ranges, steps and names mean what crontab(5)
+    says, and a day matching day-of-month OR weekday fires when both are restricted. APScheduler's own
+    CronTrigger numbers weekdays from Monday and ANDs the two day fields."""
+
+    __slots__ = ("expr", "tz")
+
+    def __init__(self, expr: str, tz: str):
+        zoneinfo.ZoneInfo(tz)  # an unknown zone fails here, not at the first fire time
+        self.expr, self.tz = validate_cron(expr), tz
+
+    def get_next_fire_time(self, previous_fire_time: Optional[dt.datetime], now: dt.datetime) -> Optional[dt.datetime]:
+        # Strictly after the previous fire time, so a time never fires twice (even if the clock went back).
+        start = now if previous_fire_time is None else previous_fire_time + dt.timedelta(microseconds=1)
+        return first_fire_at_or_after(self.expr, self.tz, start)
+
+    def __str__(self) -> str:
+        return f"cron[{self.expr}, {self.tz}]"
+
+    def __repr__(self) -> str:
+        return f"<CronsimTrigger ({self.expr!r}, timezone={self.tz!r})>"
+
+
+def first_fire_at_or_after(expr: str, tz: str, start: dt.datetime) -> Optional[dt.datetime]:
+    times = next_fire_times(expr, tz, start.astimezone(dt.timezone.utc) - dt.timedelta(microseconds=1), 1)
+    return times[0] if times else None
 
 
 def missed(expr: str, tz: str, last_success: float, now: float) -> Optional[dt.datetime]:
     """The first fire time after `last_success` if it is already past `now` (a missed run), else None."""
-    zone = zoneinfo.ZoneInfo(tz)
-    trig = cron_trigger(expr, tz)
-    nxt = trig.get_next_fire_time(None, dt.datetime.fromtimestamp(last_success, zone) + dt.timedelta(seconds=1))
+    after = dt.datetime.fromtimestamp(last_success, dt.timezone.utc) + dt.timedelta(seconds=1)
+    nxt = first_fire_at_or_after(expr, tz, after)
     return nxt if nxt is not None and nxt.timestamp() <= now else None
 
 
@@ -92,10 +117,10 @@ class Jobs:
         s = self.sched
         tz = cfg.timezone
         if cfg.snapshots.enabled and "snapshot" in self.funcs:
-            s.add_job(self.run_job, cron_trigger(cfg.snapshots.schedule, tz), args=["snapshot"], id="snapshot",
+            s.add_job(self.run_job, CronsimTrigger(cfg.snapshots.schedule, tz), args=["snapshot"], id="snapshot",
                       replace_existing=True)
         if cfg.retention.enabled and "retention" in self.funcs:
-            s.add_job(self.run_job, cron_trigger(cfg.retention.schedule, tz), args=["retention"], id="retention",
+            s.add_job(self.run_job, CronsimTrigger(cfg.retention.schedule, tz), args=["retention"], id="retention",
                       replace_existing=True)
         if "disk" in self.funcs:
             s.add_job(self.run_job, IntervalTrigger(seconds=cfg.disk.check_interval_s), args=["disk"], id="disk",
