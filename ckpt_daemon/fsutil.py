@@ -40,8 +40,9 @@ def fsync_file(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Replace `path` with `data` atomically: temp sibling, fsync, rename, fsync folder."""
+def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o644, durable: bool = True) -> None:
+    """Replace `path` with `data` atomically: temp sibling, fsync, rename, fsync folder. With
+    durable=False (status files rewritten often) the fsyncs are skipped: still never half-written."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
@@ -49,16 +50,18 @@ def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o644) -> None:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    fsync_dir(path.parent)
+    if durable:
+        fsync_dir(path.parent)
 
 
-def atomic_write_json(path: Path, obj: Any, mode: int = 0o644) -> None:
-    atomic_write_bytes(Path(path), (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode(), mode)
+def atomic_write_json(path: Path, obj: Any, mode: int = 0o644, durable: bool = True) -> None:
+    atomic_write_bytes(Path(path), (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode(), mode, durable)
 
 
 def atomic_symlink(target: str, link: Path) -> None:
@@ -72,6 +75,52 @@ def atomic_symlink(target: str, link: Path) -> None:
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(link.parent)
+
+
+def read_bytes_bounded(path: str | os.PathLike, limit: int, dir_fd: Optional[int] = None) -> bytes:
+    """The bytes of a regular file, never following a symlink and never reading more than `limit`.
+
+    Raises OSError (ELOOP for a symlink, ENOENT...) or ValueError with the reason for a file that is
+    not a regular file or is larger than `limit`: every file in the managed folders is untrusted."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError(f"{os.fsdecode(path)} is not a regular file")
+        if st.st_size > limit:
+            raise ValueError(f"{os.fsdecode(path)} is {st.st_size} bytes, more than the {limit} a file of its kind may have")
+        chunks, n = [], 0
+        while n <= limit:
+            b = os.read(fd, min(limit + 1 - n, 1 << 20))
+            if not b:
+                break
+            chunks.append(b)
+            n += len(b)
+        if n > limit:
+            raise ValueError(f"{os.fsdecode(path)} grew beyond the {limit} bytes a file of its kind may have")
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def loads_json_bounded(data: bytes | str, what: str) -> Any:
+    """json.loads that turns every failure, deep nesting (RecursionError) included, into ValueError."""
+    try:
+        return json.loads(data)
+    except RecursionError:
+        raise ValueError(f"{what} is nested too deeply to be a real one") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{what} is not valid JSON ({str(exc)[:120]})") from None
+
+
+def read_json_file(path: str | os.PathLike, limit: int = 1 << 20, default: Any = None, kind: type = dict) -> Any:
+    """A small JSON file of ours (heartbeat, pins, records): `default` if it is missing, unreadable,
+    a symlink, oversized, malformed or not of type `kind`. Never raises."""
+    try:
+        obj = loads_json_bounded(read_bytes_bounded(path, limit), os.fsdecode(path))
+    except (OSError, ValueError):
+        return default
+    return obj if isinstance(obj, kind) else default
 
 
 def hash_file(path: Path, chunk: int = CHUNK) -> str:
@@ -171,32 +220,53 @@ def remove_tree_safely(path: Path, root: Path) -> None:
         os.unlink(path)
 
 
-def copy_into(src: Path, dst: Path, link: bool, progress: Optional[Callable[[int], None]] = None) -> int:
-    """Copy the file `src` to the new file `dst`: a hard link if `link`, else a reflink when the
-    filesystem supports it, else a plain copy. Returns the bytes actually written (0 for links)."""
-    if link:
-        os.link(src, dst, follow_symlinks=False)
-        return 0
-    with open(src, "rb") as fi, open(dst, "xb") as fo:
-        try:
-            import fcntl
+FICLONE = 0x40049409
 
-            FICLONE = 0x40049409
-            fcntl.ioctl(fo.fileno(), FICLONE, fi.fileno())
-            os.fsync(fo.fileno())
-            return 0
-        except OSError:
-            pass
-        written = 0
-        while True:
-            buf = fi.read(CHUNK)
-            if not buf:
-                break
-            fo.write(buf)
-            written += len(buf)
-            if progress:
-                progress(len(buf))
-        fo.flush()
-        os.fsync(fo.fileno())
-    shutil.copystat(src, dst)
-    return written
+
+def reflink(src_fd: int, dst_fd: int) -> bool:
+    """Clone src into dst (copy-on-write: shares blocks, yet a later write to either does not change
+    the other). False where the filesystem cannot (ext4, tmpfs, another filesystem)."""
+    import fcntl
+
+    try:
+        fcntl.ioctl(dst_fd, FICLONE, src_fd)
+        return True
+    except OSError:
+        return False
+
+
+def copy_into(src: Path, dst: Path, method: str = "copy", progress: Optional[Callable[[int], None]] = None) -> tuple[str, int]:
+    """Copy the file `src` to the new file `dst` without following symlinks.
+
+    method: "link" (hard link: zero bytes, but a byte changed in place shows in both), "reflink"
+    (clone, falling back to a copy where the filesystem cannot) or "copy" (reflink where possible,
+    else a plain copy). Returns (how it was done: "hard link" | "reflink" | "copy", bytes written)."""
+    if method == "link":
+        os.link(src, dst, follow_symlinks=False)
+        return "hard link", 0
+    fi = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        fo = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        try:
+            if reflink(fi, fo):
+                os.fsync(fo)
+                return "reflink", 0
+            written = 0
+            while True:
+                buf = os.read(fi, CHUNK)
+                if not buf:
+                    break
+                mv = memoryview(buf)
+                while mv:
+                    n = os.write(fo, mv)
+                    mv = mv[n:]
+                written += len(buf)
+                if progress:
+                    progress(len(buf))
+            os.fsync(fo)
+        finally:
+            os.close(fo)
+    finally:
+        os.close(fi)
+    shutil.copystat(src, dst, follow_symlinks=False)
+    return "copy", written

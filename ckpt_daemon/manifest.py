@@ -1,86 +1,150 @@
 """The native checkpoint format's manifest: the commit marker of a checkpoint (no torch here).
 
 A native checkpoint is a folder `checkpoint-<step>/` holding `model.safetensors`, `state.safetensors`,
-`state.json` and, written last, `manifest.json`, which lists every file with its size and sha256. A
+`state.json` and, written last, `manifest.json`, which lists every file with its size and checksum. A
 folder without a valid manifest is not a checkpoint for anyone.
+
+Every byte read here is untrusted: sizes are bounded, JSON nesting is bounded, every field's type is
+checked, and a bad file is reported as a reason string, never as an exception.
 """
 
 from __future__ import annotations
 
-import json
 import os
+import re
 import stat
 import struct
 from pathlib import Path
 from typing import Any, Optional
 
-from ckpt_daemon.fsutil import hash_file
+from ckpt_daemon.fsutil import hash_file, loads_json_bounded, read_bytes_bounded
 
 MANIFEST = "manifest.json"
 FORMAT = "ckpt-daemon/1"
 MODEL_FILE = "model.safetensors"
+MANIFEST_MAX_BYTES = 16 << 20
+SAFETENSORS_HEADER_MAX = 100 << 20
+MAX_STEP = 10**15  # a step number beyond this is not a real one
+_HEX64 = re.compile(r"[0-9a-f]{64}\Z")
+ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+            "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "F4": 1, "F6_E2M3": 1,
+            "F6_E3M2": 1, "C64": 8}
+
+
+def is_step(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_STEP
 
 
 def read_manifest(folder: Path, st: Optional[os.stat_result] = None) -> dict:
     """Parse and sanity-check manifest.json; raise ValueError with the reason if it is not usable."""
     p = os.path.join(folder, MANIFEST)
     try:
-        st = st or os.lstat(p)
+        data = read_bytes_bounded(p, MANIFEST_MAX_BYTES)
     except FileNotFoundError:
         raise ValueError("no manifest.json (never committed, or a save was interrupted)") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise ValueError("manifest.json is not a regular file")
-    try:
-        with open(p, "rb") as f:
-            m = json.loads(f.read())
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ValueError(f"manifest.json is not valid JSON ({exc})") from None
+    except OSError as exc:
+        raise ValueError(f"manifest.json cannot be read ({exc.strerror or exc})") from None
+    m = loads_json_bounded(data, "manifest.json")
     if not isinstance(m, dict) or m.get("format") != FORMAT:
-        raise ValueError(f"manifest.json has an unknown format {m.get('format') if isinstance(m, dict) else None!r}")
+        fmt = m.get("format") if isinstance(m, dict) else None
+        raise ValueError(f"manifest.json has an unknown format {str(fmt)[:40]!r}")
     files = m.get("files")
-    if not isinstance(files, dict) or not files or not isinstance(m.get("step"), int):
-        raise ValueError("manifest.json lacks its file list or step")
+    if not isinstance(files, dict) or not files or not is_step(m.get("step")):
+        raise ValueError("manifest.json lacks its file list or a valid step")
+    if len(files) > 100_000:
+        raise ValueError("manifest.json lists more files than a checkpoint has")
     for name, meta in files.items():
-        if "/" in name or name.startswith(".") or not isinstance(meta, dict):
-            raise ValueError(f"manifest.json lists an unsafe file name {name!r}")
+        if not name or "/" in name or "\0" in name or name.startswith(".") or len(name) > 255 or not isinstance(meta, dict):
+            raise ValueError(f"manifest.json lists an unsafe file name {name[:60]!r}")
+        size = meta.get("size")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise ValueError(f"manifest.json gives {name} no valid size")
+        if not isinstance(meta.get("sha256"), str) or not _HEX64.match(meta["sha256"]):
+            raise ValueError(f"manifest.json gives {name} no valid sha256")
+    for key, kind in (("epoch", int), ("metrics", dict), ("pin", str), ("world_size", int)):
+        if m.get(key) is not None and not isinstance(m[key], kind):
+            raise ValueError(f"manifest.json has a {key} of the wrong type")
+    if isinstance(m.get("metrics"), dict):
+        m["metrics"] = {str(k)[:64]: float(v) for k, v in list(m["metrics"].items())[:256]
+                        if isinstance(v, (int, float)) and not isinstance(v, bool)}
     return m
 
 
+def _safetensors_header(path: Path, size: int) -> tuple[int, Any]:
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError(f"{path.name} is truncated (no header)")
+        (n,) = struct.unpack("<Q", head)
+        if n > min(size - 8, SAFETENSORS_HEADER_MAX):
+            raise ValueError(f"{path.name} has a corrupt header length")
+        raw = f.read(n)
+    return n, loads_json_bounded(raw, f"the header of {path.name}")
+
+
 def safetensors_problem(path: Path, size: Optional[int] = None) -> Optional[str]:
-    """Why a safetensors file is unusable (truncated, bad header), or None if its structure is sound."""
+    """Why a safetensors file is unusable (truncated, bad header), or None if its structure is sound:
+    the header is an object of well-formed tensor entries whose data tiles the rest of the file."""
     try:
-        size = os.path.getsize(path) if size is None else size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                return f"{path.name} is truncated (no header)"
-            (n,) = struct.unpack("<Q", head)
-            if n > min(size - 8, 100 << 20):
-                return f"{path.name} has a corrupt header length"
-            header = json.loads(f.read(n))
-    except (OSError, ValueError, UnicodeDecodeError) as exc:
-        return f"{path.name} has an unreadable header ({exc.__class__.__name__})"
-    end = 0
+        size = os.lstat(path).st_size if size is None else size
+        n, header = _safetensors_header(path, size)
+    except ValueError as exc:
+        return str(exc)
+    except OSError as exc:
+        return f"{path.name} is unreadable ({exc.strerror or exc.__class__.__name__})"
+    if not isinstance(header, dict):
+        return f"{path.name} has a header that is not a JSON object"
+    spans = []
     for key, meta in header.items():
         if key == "__metadata__":
+            if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+                return f"{path.name} has malformed __metadata__"
             continue
-        try:
-            end = max(end, int(meta["data_offsets"][1]))
-        except (KeyError, TypeError, IndexError, ValueError):
-            return f"{path.name} has a malformed entry for {key!r}"
+        problem = _entry_problem(meta)
+        if problem:
+            return f"{path.name} has a malformed entry for {key[:60]!r}: {problem}"
+        spans.append(tuple(meta["data_offsets"]))
+    end = 0
+    for b, e in sorted(spans):
+        if b != end:
+            return f"{path.name} has overlapping or gapped tensor data"
+        end = e
     if 8 + n + end != size:
         return f"{path.name} is truncated or padded ({size} bytes, header says {8 + n + end})"
     return None
 
 
+def _entry_problem(meta: Any) -> Optional[str]:
+    if not isinstance(meta, dict):
+        return "not an object"
+    dtype, shape, offs = meta.get("dtype"), meta.get("shape"), meta.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in ITEMSIZE:
+        return "unknown dtype"
+    if not isinstance(shape, list) or len(shape) > 64 or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        return "bad shape"
+    if not (isinstance(offs, list) and len(offs) == 2 and all(isinstance(o, int) and not isinstance(o, bool) for o in offs)):
+        return "bad data_offsets"
+    b, e = offs
+    count = 1
+    for d in shape:
+        count *= d
+    if not 0 <= b <= e or (dtype not in ("F4", "F6_E2M3", "F6_E3M2") and e - b != count * ITEMSIZE[dtype]):
+        return "data_offsets do not match the shape"
+    return None
+
+
 def check_native(folder: Path, verify: bool, manifest: Optional[dict] = None,
-                 stats: Optional[dict[str, os.stat_result]] = None) -> tuple[str, str, dict]:
-    """(status, reason, manifest) for a native checkpoint folder. status: complete|incomplete|corrupt.
-    `stats` (name -> lstat result of the folder's entries), when the caller has them, saves syscalls."""
+                 stats: Optional[dict[str, os.stat_result]] = None, step: Optional[int] = None) -> tuple[str, str, dict]:
+    """(status, reason, manifest) for a native checkpoint folder. status: complete|incomplete|corrupt|invalid.
+    `stats` (name -> lstat result of the folder's entries), when the caller has them, saves syscalls.
+    `step`, when given (the step its name says), must equal the manifest's: a copy renamed to another
+    step is not that checkpoint."""
     try:
         m = manifest or read_manifest(folder, stats.get(MANIFEST) if stats is not None else None)
     except ValueError as exc:
         return "incomplete", str(exc), {}
+    if step is not None and m["step"] != step:
+        return "invalid", f"its manifest says step {m['step']}, its name says step {step} (a renamed copy?)", m
     # The manifest records each file's size at commit: a size check catches truncation without reading
     # the file (a changed byte is what the checksums are for, with verify).
     for name, meta in m["files"].items():
@@ -90,13 +154,16 @@ def check_native(folder: Path, verify: bool, manifest: Optional[dict] = None,
             return "incomplete", f"{name} listed in the manifest is missing", m
         if not stat.S_ISREG(st.st_mode):
             return "corrupt", f"{name} is not a regular file (symlinks are not followed)", m
-        if st.st_size != meta.get("size"):
-            return "corrupt", f"{name} has {st.st_size} bytes, the manifest says {meta.get('size')}", m
+        if st.st_size != meta["size"]:
+            return "corrupt", f"{name} has {st.st_size} bytes, the manifest says {meta['size']}", m
     if verify:
         for name, meta in m["files"].items():
-            digest = hash_file(Path(folder) / name)
-            if digest != meta.get("sha256"):
-                return "corrupt", f"{name} fails its checksum (sha256 {digest[:12]}..., manifest {str(meta.get('sha256'))[:12]}...)", m
+            try:
+                digest = hash_file(Path(folder) / name)
+            except OSError as exc:
+                return "corrupt", f"{name} cannot be read ({exc.strerror or exc})", m
+            if digest != meta["sha256"]:
+                return "corrupt", f"{name} fails its checksum (sha256 {digest[:12]}..., manifest {meta['sha256'][:12]}...)", m
     return "complete", "", m
 
 

@@ -1,0 +1,177 @@
+"""Every name and every byte in the checkpoint folder is untrusted input.
+
+A step is named by ASCII digits only and must agree with what the checkpoint holds; a file that merely
+matches a pattern is not a checkpoint; hostile headers, deep nesting and unreadable folders are reported
+as invalid with a reason, never as an exception, by the catalog, `list`, cleanup and the resume choice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import subprocess
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ckpt_daemon import catalog as cat
+from daemon.supervisor import choose_resume
+from tests.conftest import PY, env_for_children, run_py, write_config
+from tests.test_catalog import native
+
+PATTERNS = ["checkpoint-{step}", "model_step_{step}.pt", "rolling_step_{step}"]
+
+
+def test_only_ascii_digits_name_a_step(tmp_path):
+    native(tmp_path, [10, 20])
+    for name in ("checkpoint-\u0669\u0669\u0669\u0669", "checkpoint-\uff19\uff19\uff19\uff19", "checkpoint-9\u0669"):
+        shutil.copytree(tmp_path / "checkpoint-20", tmp_path / name)  # Arabic-Indic and full-width nines
+    c = cat.scan(tmp_path, PATTERNS)
+    assert [e.name for e in c.entries] == ["checkpoint-10", "checkpoint-20"]
+    assert {n for n, _ in c.ignored} >= {"checkpoint-\u0669\u0669\u0669\u0669", "checkpoint-\uff19\uff19\uff19\uff19"}
+    assert cat.compile_pattern("checkpoint-{step}").match("checkpoint-\u0661\u0662") is None
+
+
+def test_a_renamed_copy_is_not_the_checkpoint_its_name_claims(tmp_path):
+    native(tmp_path, [10, 20, 30])
+    shutil.copytree(tmp_path / "checkpoint-10", tmp_path / "checkpoint-99999999")  # an old checkpoint, renamed
+    (tmp_path / "checkpoint-12345678901234567890").mkdir()  # more digits than any run gets to
+    c = cat.scan(tmp_path, PATTERNS)
+    fake = c.by_name("checkpoint-99999999")
+    assert fake.status == "invalid" and "manifest says step 10" in fake.reason
+    assert ("checkpoint-12345678901234567890", "its step number has more than 15 digits; no real run gets there") in c.ignored
+    e, notes = choose_resume(c, set(), {})
+    assert e.name == "checkpoint-30"  # the real newest, not the renamed copy
+    assert any("checkpoint-99999999 skipped: invalid" in n for n in notes)
+
+
+def test_a_file_that_merely_matches_a_pattern_is_not_a_checkpoint(tmp_path):
+    native(tmp_path, [10])
+    (tmp_path / "model_step_900.pt").write_text("this is not a checkpoint\n")  # a 25-byte text file
+    (tmp_path / "rolling_step_950").write_bytes(b"29 bytes of someone's notes.\n")
+    c = cat.scan(tmp_path, PATTERNS)
+    assert c.by_name("model_step_900.pt").status == "incomplete"
+    junk = c.by_name("rolling_step_950")
+    assert junk.status == "invalid" and "neither a torch.save zip nor a safetensors file" in junk.reason
+    assert c.newest_valid().name == "checkpoint-10"
+    assert choose_resume(c, set(), {})[0].name == "checkpoint-10"
+
+
+def _safetensors(path: Path, header: bytes, payload: bytes = b"") -> None:
+    path.write_bytes(struct.pack("<Q", len(header)) + header + payload)
+
+
+HOSTILE_HEADERS = {
+    "a JSON list": b"[1, 2, 3]",
+    "a JSON string": b'"hello"',
+    "deep nesting": b"[" * 100_000 + b"]" * 100_000,
+    "an entry that is not an object": b'{"w": 5}',
+    "an unknown dtype": b'{"w": {"dtype": "Q99", "shape": [1], "data_offsets": [0, 4]}}',
+    "a shape of strings": b'{"w": {"dtype": "F32", "shape": ["a"], "data_offsets": [0, 4]}}',
+    "offsets that lie": b'{"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}',
+    "overlapping tensors": (b'{"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},'
+                            b' "b": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}'),
+    "metadata of numbers": b'{"__metadata__": {"a": 1}}',
+    "not JSON": b"\xff\xfe{{{",
+}
+
+
+@pytest.mark.parametrize("what", sorted(HOSTILE_HEADERS))
+def test_hostile_safetensors_headers_are_reported_not_raised(tmp_path, what):
+    root = tmp_path / "checkpoints"
+    native(root, [10])
+    d = root / "checkpoint-20"
+    shutil.copytree(root / "checkpoint-10", d)
+    m = json.loads((d / "manifest.json").read_text())
+    m["step"] = 20
+    (d / "manifest.json").write_text(json.dumps(m))
+    _safetensors(root / "rolling_step_30", HOSTILE_HEADERS[what], b"\0" * 4)
+    hf = root / "checkpoint-40"
+    hf.mkdir()
+    (hf / "trainer_state.json").write_text(json.dumps({"global_step": 40}))
+    _safetensors(hf / "model.safetensors", HOSTILE_HEADERS[what], b"\0" * 4)
+    c = cat.scan(root, PATTERNS, verify=True)
+    bad = {e.name: e for e in c.entries if not e.valid}
+    assert set(bad) == {"rolling_step_30", "checkpoint-40"}, what
+    assert all(e.reason for e in bad.values())
+    assert choose_resume(c, set(), {})[0].name == "checkpoint-20"
+    # and the commands that read the folder say so instead of crashing
+    cfg = write_config(tmp_path, {"checkpoints": {"pattern": PATTERNS}}, tiny=False)
+    r = run_py(["-m", "daemon", "list", "--config", str(cfg), "--verify", "--json"], check=True)
+    got = {e["name"]: e["status"] for e in json.loads(r.stdout)["checkpoints"]}
+    assert got["checkpoint-40"] != "complete" and got["rolling_step_30"] != "complete"
+    r = run_py(["-m", "maintenance.cleanup", "--config", str(cfg), "--dry-run"], check=True)
+    assert "Traceback" not in r.stderr
+
+
+def test_a_hostile_manifest_is_reported_not_raised(tmp_path):
+    native(tmp_path, [10, 20, 30])
+    variants = [b"[" * 50_000 + b"]" * 50_000, b'{"format": "ckpt-daemon/1", "step": 20, "files": {"model.safetensors": 7}}',
+                b'{"format": "ckpt-daemon/1", "step": 20, "files": {"../../etc/passwd": {"size": 1, "sha256": "' + b"0" * 64 + b'"}}}',
+                b'{"format": "ckpt-daemon/1", "step": true, "files": {}}', b"\x00" * 100, b" " * (17 << 20)]
+    for i, data in enumerate(variants):
+        (tmp_path / "checkpoint-30" / "manifest.json").write_bytes(data)
+        c = cat.scan(tmp_path, PATTERNS)
+        e = c.by_name("checkpoint-30")
+        assert e.status in ("incomplete", "invalid", "corrupt") and e.reason, (i, e)
+        assert c.newest_valid().name == "checkpoint-20"
+
+
+def test_an_unreadable_folder_is_reported_as_such_when_not_root():
+    """Run the scan as an unprivileged user (root reads everything): the folder without read permission
+    becomes an entry with status `unreadable`, and the scan goes on."""
+    import tempfile
+
+    tmp_path = Path(tempfile.mkdtemp(prefix="ckpt-unreadable-", dir="/tmp"))  # pytest's tmp_path is root-only
+    os.chmod(tmp_path, 0o755)
+    native(tmp_path / "checkpoints", [10, 20])
+    locked = tmp_path / "checkpoints" / "checkpoint-20"
+    locked.chmod(0o000)
+    code = ("import json, sys; from ckpt_daemon import catalog as cat; "
+            f"c = cat.scan({str(tmp_path / 'checkpoints')!r}, ['checkpoint-{{step}}'], verify=True); "
+            "print(json.dumps([(e.name, e.status, e.reason) for e in c.entries]))")
+    if os.geteuid() != 0:
+        pytest.skip("needs root to run the scan as another user")
+    # import first (the interpreter lives under /root), then become `nobody` for the scan itself
+    r = subprocess.run([PY, "-c", f"import os, json, ckpt_daemon.catalog; os.setgid(65534); os.setuid(65534); exec({code!r})"],
+                       capture_output=True, text=True, env=env_for_children(), timeout=60)
+    locked.chmod(0o755)
+    shutil.rmtree(tmp_path)
+    assert r.returncode == 0, r.stderr
+    got = {n: (s, why) for n, s, why in json.loads(r.stdout)}
+    assert got["checkpoint-10"][0] == "complete"
+    assert got["checkpoint-20"][0] == "unreadable" and "permission denied" in got["checkpoint-20"][1]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_random_damage_never_raises(tmp_path_factory, data):
+    """Truncate, flip, or replace any file of any layout: the scan and the verification report a status,
+    never an exception, and a damaged checkpoint is never `complete` with verify."""
+    root = tmp_path_factory.mktemp("fuzz")
+    native(root, [10])
+    import torch
+
+    torch.save({"model_state_dict": {"w": torch.ones(64)}, "step": 20}, root / "model_step_20.pt")
+    files = sorted(p for p in root.rglob("*") if p.is_file() and ".ckpt-daemon" not in p.parts)
+    victim = files[int(data.draw(st.floats(0, 1, exclude_max=True)) * len(files))]
+    raw = victim.read_bytes()
+    how = data.draw(st.sampled_from(["truncate", "flip", "replace"]))
+    where = data.draw(st.floats(0, 1, exclude_max=True))  # a position relative to the file's size (which varies)
+    if how == "truncate":
+        victim.write_bytes(raw[: int(where * len(raw))])
+    elif how == "flip":
+        i = int(where * len(raw))
+        victim.write_bytes(raw[:i] + bytes([raw[i] ^ (1 << data.draw(st.integers(0, 7)))]) + raw[i + 1 :])
+    else:
+        victim.write_bytes(data.draw(st.binary(max_size=300)))
+    c = cat.scan(root, PATTERNS, verify=True)
+    damaged = victim.parent.name if victim.parent != root else victim.name
+    e = c.by_name(damaged)
+    if victim.parent != root and victim.name != "manifest.json" and victim.read_bytes() != raw:
+        # a native file covered by the manifest's checksums: any change is caught
+        assert e is not None and e.status != "complete", (how, victim.name, e)
