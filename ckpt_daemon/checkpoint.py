@@ -186,6 +186,7 @@ class CheckpointManager:
         self._staging_model: dict[str, torch.Tensor] = {}
         self._staging_state: dict[str, torch.Tensor] = {}
         self.skipped_saves = 0
+        self._pointer_error: Optional[str] = None
         if rank == 0:
             self.dir.mkdir(parents=True, exist_ok=True)
             self._best = self._current_best()
@@ -266,43 +267,61 @@ class CheckpointManager:
     def _write(self, p: _Prepared) -> Path:
         name = native_name(p.step)
         final = self.dir / name
-        tmp = self.dir / f".tmp-{name}-{os.getpid()}"
         t0 = time.perf_counter()
         files: dict[str, dict] = {}
+        scratch = None
         try:
-            tmp.mkdir()
-            shards = shard_tensors(p.state, STATE_SHARD_BYTES)
-            names = [STATE_TENSORS] if len(shards) == 1 else [
-                f"state-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
-            writers = [(mf.MODEL_FILE, lambda f: stio.write_safetensors(f, p.model, p.model_meta))]
-            writers += [(n, lambda f, sh=sh: stio.write_safetensors(f, sh, {"format": "ckpt-daemon/1"}))
-                        for n, sh in zip(names, shards)]
-            writers.append((STATE_JSON, lambda f: _write_json(f, p.state_json)))
-            for fname, writer in writers:
-                with open(tmp / fname, "xb") as f:
-                    size, digest = writer(f)
+            # Built in the state folder's scratch space (with a lock that marks it as live work), so a
+            # killed save is told apart from a live one and removed by whoever starts next.
+            with runtime.Scratch(self.dir, name) as scratch:
+                tmp = scratch.path
+                shards = shard_tensors(p.state, STATE_SHARD_BYTES)
+                names = [STATE_TENSORS] if len(shards) == 1 else [
+                    f"state-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+                writers = [(mf.MODEL_FILE, lambda f: stio.write_safetensors(f, p.model, p.model_meta))]
+                writers += [(n, lambda f, sh=sh: stio.write_safetensors(f, sh, {"format": "ckpt-daemon/1"}))
+                            for n, sh in zip(names, shards)]
+                writers.append((STATE_JSON, lambda f: _write_json(f, p.state_json)))
+                for fname, writer in writers:
+                    with open(tmp / fname, "xb") as f:
+                        size, digest = writer(f)
+                        f.flush()
+                        os.fsync(f.fileno())
+                    files[fname] = {"size": size, "sha256": digest}
+                manifest = mf.build_manifest(p.step, files, **p.manifest_extra)
+                with open(tmp / mf.MANIFEST, "xb") as f:
+                    _write_json(f, manifest)
                     f.flush()
                     os.fsync(f.fileno())
-                files[fname] = {"size": size, "sha256": digest}
-            manifest = mf.build_manifest(p.step, files, **p.manifest_extra)
-            with open(tmp / mf.MANIFEST, "xb") as f:
-                _write_json(f, manifest)
-                f.flush()
-                os.fsync(f.fileno())
-            fsync_dir(tmp)
-            with runtime.commit_lock(self.dir):
-                os.rename(tmp, final)
-                fsync_dir(self.dir)
-                atomic_symlink(name, self.dir / "latest")
-                self._maybe_best(name, p.manifest_extra["metrics"])
-        except BaseException as exc:
-            shutil.rmtree(tmp, ignore_errors=True)
-            if is_enospc(exc):
-                raise disk_full_error(f"save checkpoint {name}", self.dir, exc) from exc
-            raise
+                fsync_dir(tmp)
+                with runtime.commit_lock(self.dir):
+                    scratch.commit(final)
+                    fsync_dir(tmp.parent)
+                    self._update_pointers(name, p.manifest_extra["metrics"])
+        except OSError as exc:
+            if not is_enospc(exc):
+                raise
+            if scratch is not None and scratch.committed is not None:  # committed; only the bookkeeping after the commit failed
+                log.error("checkpoint %s is committed and valid; what came after the commit failed: %s", name, exc)
+                return final
+            raise disk_full_error(f"save checkpoint {name}", self.dir, exc) from exc
         self.last_save_bytes = sum(f["size"] for f in files.values())
         log.info("saved %s (%.1f MiB in %.2fs)", name, self.last_save_bytes / 2**20, time.perf_counter() - t0)
         return final
+
+    def _update_pointers(self, name: str, metrics: dict) -> None:
+        """`latest` and `best` after a commit. The checkpoint is already committed and valid whatever
+        happens here: a pointer that cannot be written (no inode left, say) is logged and caught up at
+        the next save, and the save is not reported as failed."""
+        try:
+            atomic_symlink(name, self.dir / "latest")
+            self._maybe_best(name, metrics)
+            self._pointer_error = None
+        except OSError as exc:
+            self._pointer_error = str(exc)
+            log.error("checkpoint %s is committed and valid, but the latest/best pointers could not be updated "
+                      "(%s); the daemon and resume use the newest valid checkpoint regardless, and the pointers "
+                      "are retried at the next save", name, exc)
 
     @property
     def best_value(self) -> Optional[float]:
@@ -415,6 +434,7 @@ class CheckpointManager:
                     + ". Restore one from snapshots/ (python -m maintenance.restore) or start fresh with --resume none."
                 )
             return None
+        misfits: list[str] = []
         for e in cands:
             try:
                 state = read_checkpoint(e.path, map_location=map_location)
@@ -423,12 +443,26 @@ class CheckpointManager:
                 skipped.append((e.name, str(exc)))
                 self._quarantine(e, str(exc))
                 continue
-            self._apply(state, model, optimizer, scheduler, scaler, restore_rng_state, strict)
+            try:
+                self._apply(state, model, optimizer, scheduler, scaler, restore_rng_state, strict)
+            except (RuntimeError, KeyError, ValueError, TypeError, IndexError, CheckpointError) as exc:
+                # Intact (its checksums hold) but not this model's: a changed architecture, or a checkpoint of
+                # another run. Not quarantined (nothing is wrong with it); an older one may still fit.
+                why = f"does not fit the model or optimizer ({str(exc).splitlines()[0][:300]})"
+                log.error("checkpoint %s %s; trying the previous one", e.name, why)
+                skipped.append((e.name, why))
+                misfits.append(e.name)
+                continue
             m = state["manifest"]
             if self.rank == 0:
                 runtime.record_resumed_from(self.dir, e.name if e.path.parent == self.dir else str(e.path), m["step"])
             return Loaded(e.path, m["step"], m.get("epoch", 0), state["data"], m.get("metrics", {}),
                           state["config"], state["extra"], m.get("world_size", 1), skipped)
+        if misfits:
+            raise NoValidCheckpoint(
+                f"No checkpoint in {self.dir} fits this model: {'; '.join(f'{n}: {w}' for n, w in skipped)}. If the "
+                "model settings changed on purpose, start a new run in another checkpoints.dir (or --resume none); "
+                "otherwise restore the settings the run was started with. Nothing was changed.")
         raise NoValidCheckpoint(
             f"Every checkpoint in {self.dir} failed verification ("
             + "; ".join(f"{n}: {w}" for n, w in skipped)

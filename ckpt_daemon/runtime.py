@@ -1,103 +1,120 @@
-"""Coordination between the trainer, cleanup and the daemon through files in
+"""Coordination between the trainer, cleanup and the daemon through files in the state folder
 `<checkpoints.dir>/.ckpt-daemon/` (no torch, no sockets: works for any number of processes).
 
-- trainer.lock: held (flock, exclusive) by a running trainer for its whole life. Others test it.
+- daemon.lock: held (flock) by the one daemon that manages this folder; daemon.json says what it runs.
+- trainer.lock: held by a running trainer for its whole life. Others test it.
 - heartbeat.json: the trainer's pid, step and time, rewritten atomically every few seconds.
-- commit.lock: held exclusively while a checkpoint is committed (rename + pointers) and while cleanup
-  re-plans and moves its victims to the trash, so a deletion never races a commit.
+- commit.lock: held while a checkpoint is committed (rename + pointers) and while cleanup re-plans and
+  moves its victims to the trash, so a deletion never races a commit.
 - resumed_from.json: the checkpoint the trainer last resumed from (protected from deletion).
 - pins/<name>: one file per pinned checkpoint, holding the reason.
+- tmp/: scratch space for saves, restores and snapshots being built; trash/: cleanups in progress;
+  quarantine/: checkpoints that failed verification, with the reason.
+
+The state folder is ours and nobody else's: it is created by us, a symlink or a file in its place is
+refused (never followed), and every scratch entry carries a lock so that leftovers of a killed
+process are told apart from live work and removed at the next start of any job.
 """
 
 from __future__ import annotations
 
 import errno
 import fcntl
-import json
+import logging
 import os
+import shutil
+import stat
 import time
+import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
-from ckpt_daemon.catalog import PINS_DIR, RUNTIME_DIR
-from ckpt_daemon.errors import TrainingActiveError
-from ckpt_daemon.fsutil import atomic_write_json
+from ckpt_daemon.errors import AlreadyRunningError, TrainingActiveError, UnsafePathError
+from ckpt_daemon.fsutil import atomic_write_bytes, atomic_write_json, fsync_dir, read_bytes_bounded, read_json_file
 
+STATE_DIR = ".ckpt-daemon"
+RUNTIME_DIR = STATE_DIR  # the name used before 0.2
+PINS_DIR = "pins"
 HEARTBEAT = "heartbeat.json"
+DAEMON_RECORD = "daemon.json"
+_O_LOCK = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+
+log = logging.getLogger("ckpt_daemon.runtime")
+
+
+def _ensure_dir(p: Path, create: bool) -> Path:
+    try:
+        st = os.lstat(p)
+    except FileNotFoundError:
+        if not create:
+            return p
+        try:
+            os.mkdir(p, 0o755)
+        except FileExistsError:
+            pass
+        st = os.lstat(p)
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+        kind = "a symlink" if stat.S_ISLNK(st.st_mode) else "not a folder"
+        raise UnsafePathError(
+            f"{p} is {kind}. ckpt-daemon keeps its locks and scratch space there and never follows a link "
+            "or writes through something it did not create. Move it away (it is not ckpt-daemon's) and try again; "
+            "nothing was changed."
+        )
+    return p
+
+
+def state_dir(root: str | os.PathLike, *sub: str, create: bool = True) -> Path:
+    """`root/.ckpt-daemon[/sub...]`, created if missing (unless create=False); raises UnsafePathError
+    if any level is a symlink or not a folder."""
+    if create:
+        os.makedirs(root, exist_ok=True)
+    p = _ensure_dir(Path(root) / STATE_DIR, create)
+    for s in sub:
+        p = _ensure_dir(p / s, create)
+    return p
 
 
 def runtime_dir(ckpt_dir: Path, create: bool = True) -> Path:
-    d = Path(ckpt_dir) / RUNTIME_DIR
-    if create:
-        d.mkdir(parents=True, exist_ok=True)
-    return d
+    return state_dir(ckpt_dir, create=create)
 
 
-class TrainerLock:
-    """Exclusive lock a trainer holds while it runs; a second trainer on the same folder is refused."""
-
-    def __init__(self, ckpt_dir: Path):
-        self.path = runtime_dir(ckpt_dir) / "trainer.lock"
-        self.fd: Optional[int] = None
-
-    def acquire(self) -> "TrainerLock":
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            os.close(fd)
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                hb = read_heartbeat(self.path.parent.parent) or {}
-                raise TrainingActiveError(
-                    f"Another trainer (pid {hb.get('pid', '?')}) is already writing checkpoints to "
-                    f"{self.path.parent.parent}. Two writers would corrupt the run: stop the other one, or give "
-                    "this run its own checkpoints.dir."
-                ) from None
-            raise
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        self.fd = fd
-        return self
-
-    def release(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)  # closing drops the flock
-            self.fd = None
-
-    def __enter__(self) -> "TrainerLock":
-        return self.acquire()
-
-    def __exit__(self, *exc) -> None:
-        self.release()
+def read_record(root: Path, name: str, limit: int = 1 << 20) -> Optional[dict]:
+    """A small JSON record of the state folder, or None (missing, a symlink, malformed, too big)."""
+    return read_json_file(Path(root) / STATE_DIR / name, limit)
 
 
-@dataclass
-class Activity:
-    active: bool
-    pid: Optional[int] = None
-    step: Optional[int] = None
-    heartbeat_age_s: Optional[float] = None
-    saving: Optional[str] = None
-    detail: str = ""
-
-
-def read_heartbeat(ckpt_dir: Path) -> Optional[dict]:
+def write_record(root: Path, name: str, obj: dict, durable: bool = True) -> bool:
+    """Replace a record atomically. Bookkeeping must never stop training: a full disk or a read-only
+    folder is logged (once per kind) and reported as False, never raised."""
     try:
-        return json.loads((Path(ckpt_dir) / RUNTIME_DIR / HEARTBEAT).read_text())
-    except (OSError, ValueError):
-        return None
+        atomic_write_json(state_dir(root) / name, obj, durable=durable)
+        return True
+    except (OSError, UnsafePathError) as exc:
+        _warn_once(f"record:{name}:{getattr(exc, 'errno', '')}",
+                   "could not write %s in %s (%s); training goes on without it", name, root, exc)
+        return False
 
 
-def write_heartbeat(ckpt_dir: Path, **fields) -> None:
-    atomic_write_json(runtime_dir(ckpt_dir) / HEARTBEAT, {"pid": os.getpid(), "time": time.time(), **fields})
+_warned: set[str] = set()
+
+
+def _warn_once(key: str, msg: str, *args: Any) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        log.warning(msg, *args)
+
+
+# ------------------------------------------------------------------------------------------ locks
+def _lock_fd(path: Path) -> int:
+    return os.open(path, _O_LOCK, 0o644)
 
 
 def lock_held(path: Path) -> bool:
     try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
         return False
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
@@ -109,22 +126,95 @@ def lock_held(path: Path) -> bool:
         os.close(fd)
 
 
-def training_activity(ckpt_dir: Path, now: Optional[float] = None) -> Activity:
-    """Is a trainer writing to `ckpt_dir`? From its lock (authoritative) and its heartbeat."""
-    now = time.time() if now is None else now
-    held = lock_held(Path(ckpt_dir) / RUNTIME_DIR / "trainer.lock")
-    hb = read_heartbeat(ckpt_dir) or {}
-    age = now - hb["time"] if isinstance(hb.get("time"), (int, float)) else None
-    if held:
-        return Activity(True, hb.get("pid"), hb.get("step"), age, hb.get("saving"),
-                        f"trainer lock held (pid {hb.get('pid', '?')}, step {hb.get('step', '?')})")
-    return Activity(False, hb.get("pid"), hb.get("step"), age, None, "no trainer holds the lock")
+class _FileLock:
+    name = ""
+
+    def __init__(self, ckpt_dir: Path):
+        self.root = Path(ckpt_dir)
+        self.path = state_dir(ckpt_dir) / self.name
+        self.fd: Optional[int] = None
+
+    def try_acquire(self) -> bool:
+        fd = _lock_fd(self.path)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                return False
+            raise
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+        except OSError:
+            pass  # the pid is informational; the flock is what counts (and a full disk must not stop us)
+        self.fd = fd
+        return True
+
+    def holder_pid(self) -> Optional[int]:
+        try:
+            text = os.read(fd := os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW), 32).decode("ascii", "replace")
+            os.close(fd)
+            return int(text.strip()) if text.strip().isascii() and text.strip().isdigit() else None
+        except OSError:
+            return None
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing drops the flock
+            self.fd = None
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+class TrainerLock(_FileLock):
+    """Exclusive lock a trainer holds while it runs; a second trainer on the same folder is refused."""
+
+    name = "trainer.lock"
+
+    def acquire(self) -> "TrainerLock":
+        if not self.try_acquire():
+            hb = read_heartbeat(self.root) or {}
+            raise TrainingActiveError(
+                f"Another trainer (pid {hb.get('pid', self.holder_pid() or '?')}) is already writing checkpoints to "
+                f"{self.root}. Two writers would corrupt the run: stop the other one, or give this run its own "
+                "checkpoints.dir."
+            )
+        return self
+
+    def __enter__(self) -> "TrainerLock":
+        return self.acquire()
+
+
+class DaemonLock(_FileLock):
+    """One daemon per checkpoint folder: held for the daemon's whole life."""
+
+    name = "daemon.lock"
+
+    def acquire(self) -> "DaemonLock":
+        if not self.try_acquire():
+            rec = read_record(self.root, DAEMON_RECORD) or {}
+            pid = rec.get("pid") or self.holder_pid() or "?"
+            raise AlreadyRunningError(
+                f"Another ckpt-daemon (pid {pid}) already manages {self.root}. One daemon per checkpoint folder: "
+                f"a second one would fight the first over the trainer. Stop that one first (systemctl stop "
+                f"ckpt-daemon, or kill {pid}), or give this config its own checkpoints.dir."
+            )
+        return self
+
+    def __enter__(self) -> "DaemonLock":
+        return self.acquire()
+
+
+def daemon_running(ckpt_dir: Path) -> bool:
+    return lock_held(Path(ckpt_dir) / STATE_DIR / DaemonLock.name)
 
 
 @contextmanager
 def commit_lock(ckpt_dir: Path, timeout_s: float = 600.0) -> Iterator[None]:
     """Exclusive lock around commits and deletions in `ckpt_dir`."""
-    fd = os.open(runtime_dir(ckpt_dir) / "commit.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    fd = _lock_fd(state_dir(ckpt_dir) / "commit.lock")
     deadline = time.monotonic() + timeout_s
     try:
         while True:
@@ -145,20 +235,96 @@ def commit_lock(ckpt_dir: Path, timeout_s: float = 600.0) -> Iterator[None]:
         os.close(fd)
 
 
-def record_resumed_from(ckpt_dir: Path, name: Optional[str], step: Optional[int]) -> None:
-    atomic_write_json(runtime_dir(ckpt_dir) / "resumed_from.json", {"name": name, "step": step, "time": time.time()})
+# ------------------------------------------------------------------------------------ heartbeat
+@dataclass
+class Activity:
+    active: bool
+    pid: Optional[int] = None
+    step: Optional[int] = None
+    heartbeat_age_s: Optional[float] = None
+    saving: Optional[str] = None
+    detail: str = ""
+    resume_from: Optional[str] = None  # the daemon's chosen resume point, if a daemon runs
+
+
+def read_heartbeat(ckpt_dir: Path) -> Optional[dict]:
+    return read_record(ckpt_dir, HEARTBEAT, 64 << 10)
+
+
+def write_heartbeat(ckpt_dir: Path, **fields) -> bool:
+    """The trainer's sign of life. Best effort: a full disk is logged once and training goes on.
+    The daemon's run token (CKPT_DAEMON_RUN) is included so that the daemon can tell its own
+    trainer's heartbeat from another's, whatever pid wrote it (torchrun's rank 0 is a grandchild)."""
+    rec = {"pid": os.getpid(), "time": time.time(), **fields}
+    token = os.environ.get("CKPT_DAEMON_RUN")
+    if token:
+        rec["run"] = token
+    return write_record(ckpt_dir, HEARTBEAT, rec, durable=False)
+
+
+def _pid_alive(pid: Any) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def read_daemon_record(ckpt_dir: Path) -> Optional[dict]:
+    """What the daemon managing `ckpt_dir` runs, if a daemon is alive (its lock is held)."""
+    if not daemon_running(ckpt_dir):
+        return None
+    return read_record(ckpt_dir, DAEMON_RECORD)
+
+
+def training_activity(ckpt_dir: Path, now: Optional[float] = None) -> Activity:
+    """Is a trainer writing to `ckpt_dir`? From the trainer lock (the built-in trainer and
+    CheckpointManager hold it), and from the daemon's record of its child (any command)."""
+    now = time.time() if now is None else now
+    held = lock_held(Path(ckpt_dir) / STATE_DIR / TrainerLock.name)
+    hb = read_heartbeat(ckpt_dir) or {}
+    age = now - hb["time"] if isinstance(hb.get("time"), (int, float)) else None
+    rec = read_daemon_record(ckpt_dir) or {}
+    resume = rec.get("resume_from") if isinstance(rec.get("resume_from"), str) else None
+    child = rec.get("trainer_pid")
+    if held:
+        return Activity(True, hb.get("pid"), hb.get("step"), age, hb.get("saving"),
+                        f"trainer lock held (pid {hb.get('pid', '?')}, step {hb.get('step', '?')})", resume)
+    if rec and rec.get("state") in ("running", "adopted", "stopping") and _pid_alive(child):
+        return Activity(True, child, hb.get("step"), age, hb.get("saving"),
+                        f"the daemon (pid {rec.get('pid', '?')}) runs training as pid {child}"
+                        + (f", resumed from {resume}" if resume else ""), resume)
+    return Activity(False, hb.get("pid"), hb.get("step"), age, None, "no trainer holds the lock"
+                    + (" and the daemon runs none" if rec else " and no daemon runs"), resume)
+
+
+def record_resumed_from(ckpt_dir: Path, name: Optional[str], step: Optional[int]) -> bool:
+    return write_record(ckpt_dir, "resumed_from.json", {"name": name, "step": step, "time": time.time()})
+
+
+def read_resumed_from(root: Path) -> Optional[str]:
+    name = (read_record(root, "resumed_from.json") or {}).get("name")
+    return name if isinstance(name, str) else None
+
+
+# ------------------------------------------------------------------------------------------- pins
+def _check_name(name: str) -> str:
+    if not name or "/" in name or "\0" in name or name.startswith(".") or len(name) > 255:
+        raise UnsafePathError(f"{name!r} is not a checkpoint name (a plain name inside the checkpoint folder).")
+    return name
 
 
 def pin(ckpt_dir: Path, name: str, reason: str = "pinned by user") -> None:
-    d = runtime_dir(ckpt_dir) / PINS_DIR
-    d.mkdir(exist_ok=True)
-    from ckpt_daemon.fsutil import atomic_write_bytes
-
-    atomic_write_bytes(d / name, (reason.strip() + "\n").encode())
+    d = state_dir(ckpt_dir, PINS_DIR)
+    atomic_write_bytes(d / _check_name(name), (reason.strip()[:500] + "\n").encode())
 
 
 def unpin(ckpt_dir: Path, name: str) -> bool:
-    p = runtime_dir(ckpt_dir) / PINS_DIR / name
+    p = state_dir(ckpt_dir, PINS_DIR) / _check_name(name)
     try:
         p.unlink()
         return True
@@ -166,6 +332,24 @@ def unpin(ckpt_dir: Path, name: str) -> bool:
         return False
 
 
+def read_pins(root: Path) -> dict[str, str]:
+    pins: dict[str, str] = {}
+    d = Path(root) / STATE_DIR / PINS_DIR
+    try:
+        with os.scandir(d) as it:
+            names = [e.name for e in it][:100_000]
+    except OSError:
+        return pins
+    for n in names:
+        try:
+            text = read_bytes_bounded(d / n, 4096).decode("utf-8", "replace").strip()
+        except (OSError, ValueError):
+            continue
+        pins[n] = text or "pinned by user"
+    return pins
+
+
+# --------------------------------------------------------------------------------------- processes
 def kill_tree(pid: int, sig: int) -> int:
     """Send `sig` to `pid` and all its descendants (torchrun's workers live in sessions of their own,
     so a process-group kill does not reach them). Returns how many processes were signalled."""
@@ -186,22 +370,160 @@ def kill_tree(pid: int, sig: int) -> int:
     return n
 
 
-def quarantine(ckpt_dir: Path, name: str, reason: str) -> Optional[Path]:
-    """Move a checkpoint that failed verification out of the catalog into .ckpt-daemon/quarantine/,
-    with a note of why. Nothing is deleted (the evidence stays for the user), it can never be chosen
-    for resume again, and a resumed trainer can write that step afresh."""
-    from ckpt_daemon.fsutil import atomic_write_bytes, fsync_dir
+# ------------------------------------------------------------------------------------ scratch space
+class Scratch:
+    """A folder being built in `<root>/.ckpt-daemon/<sub>/` (tmp/ by default), with a sibling lock file
+    held while its builder lives. `commit(dest)` renames it into place; leaving the block without a
+    commit removes it (unless keep=True). A builder killed mid-way leaves a folder whose lock nobody
+    holds: `clean_scratch` (or, for the trash, cleanup's recovery) finishes it off."""
 
+    def __init__(self, root: Path, label: str, sub: str = "tmp", keep: bool = False):
+        self.root = Path(root)
+        d = state_dir(root, sub)
+        safe = "".join(c if c.isascii() and (c.isalnum() or c in "-_=.") else "_" for c in label)[:100]
+        self.id = f"{safe}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.lock_path = d / f"{self.id}.lock"
+        self.path = d / self.id
+        self.keep = keep
+        self.fd: Optional[int] = _lock_fd(self.lock_path)
+        fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.mkdir(self.path, 0o755)
+        self.committed: Optional[Path] = None
+
+    def commit(self, dest: Path) -> Path:
+        """Rename the scratch folder to `dest` (which must not exist) and make it durable."""
+        dest = Path(dest)
+        if os.path.lexists(dest):
+            raise FileExistsError(errno.EEXIST, f"{dest} already exists; refusing to overwrite it", str(dest))
+        os.rename(self.path, dest)
+        fsync_dir(dest.parent)
+        self.committed = dest
+        return dest
+
+    def close(self) -> None:
+        if self.committed is None and not self.keep:
+            _remove_entry(self.path)
+        if self.fd is not None:
+            try:
+                os.unlink(self.lock_path)
+            except OSError:
+                pass
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self) -> "Scratch":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def live_scratch(root: Path, sub: str = "tmp") -> list[str]:
+    """Ids of scratch entries whose builder is alive (e.g. a save being written)."""
+    d = Path(root) / STATE_DIR / sub
+    try:
+        names = os.listdir(d)
+    except OSError:
+        return []
+    return sorted(n[:-5] for n in names if n.endswith(".lock") and n[:-5] in names and lock_held(d / n))
+
+
+def claim_dead(root: Path, sub: str = "tmp") -> Iterator[Path]:
+    """Yield the entries of `<root>/.ckpt-daemon/<sub>/` whose builder died (lock free or never made),
+    holding their lock while the caller deals with each; the lock file goes once the entry is gone."""
+    try:
+        d = state_dir(root, sub, create=False)
+        names = set(os.listdir(d))
+    except (OSError, UnsafePathError):
+        return
+    for n in sorted(names):
+        if n.endswith(".lock"):
+            if n[:-5] not in names and not lock_held(d / n):  # killed between rename and unlink
+                try:
+                    os.unlink(d / n)
+                except OSError:
+                    pass
+            continue
+        fd = None
+        if f"{n}.lock" in names:
+            try:
+                fd = os.open(d / f"{n}.lock", os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                if fd is not None:
+                    os.close(fd)
+                continue  # its builder is alive
+        try:
+            yield d / n
+        finally:
+            if fd is not None:
+                if not os.path.lexists(d / n):
+                    try:
+                        os.unlink(d / f"{n}.lock")
+                    except OSError:
+                        pass
+                os.close(fd)
+
+
+def clean_scratch(root: Path) -> list[str]:
+    """Remove the scratch entries of builders that died. Safe to call at any time by anyone: live work
+    holds its lock. Returns the ids removed."""
+    removed = []
+    for p in claim_dead(root, "tmp"):
+        _remove_entry(p)
+        removed.append(p.name)
+    return removed
+
+
+def _remove_entry(p: Path) -> None:
+    try:
+        st = os.lstat(p)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        os.unlink(p)
+
+
+# ------------------------------------------------------------------------------------- quarantine
+def quarantine(ckpt_dir: Path, name: str, reason: str) -> Optional[Path]:
+    """Move a checkpoint that failed verification (a folder or a file, any layout) out of the catalog
+    into .ckpt-daemon/quarantine/, with a note of why. Nothing is deleted (the evidence stays for the
+    user), it can never be chosen for resume again, and the trainer can write that step afresh under
+    the same name."""
+    _check_name(name)
     src = Path(ckpt_dir) / name
     if src.is_symlink() or not src.exists():
         return None
-    qdir = runtime_dir(ckpt_dir) / "quarantine"
-    qdir.mkdir(exist_ok=True)
-    dst = qdir / f"{name}.{time.strftime('%Y%m%dT%H%M%S')}.{os.getpid()}"
+    qdir = state_dir(ckpt_dir, "quarantine")
+    dst = qdir / f"{name}.{time.strftime('%Y%m%dT%H%M%S')}.{os.getpid()}.{uuid.uuid4().hex[:4]}"
     with commit_lock(ckpt_dir):
-        if not src.exists():
+        if not src.exists() or src.is_symlink():
             return None
         os.rename(src, dst)
         fsync_dir(ckpt_dir)
-    atomic_write_bytes(qdir / f"{dst.name}.reason", (reason.strip() + "\n").encode())
+    try:
+        atomic_write_bytes(qdir / f"{dst.name}.reason", (reason.strip() + "\n").encode())
+    except OSError:
+        pass  # the move is what protects the run; the note is for the user
     return dst
+
+
+def quarantined(ckpt_dir: Path) -> list[dict]:
+    """What is in quarantine: [{name, path, reason}], newest first."""
+    d = Path(ckpt_dir) / STATE_DIR / "quarantine"
+    try:
+        names = sorted(os.listdir(d), reverse=True)
+    except OSError:
+        return []
+    out = []
+    for n in names:
+        if n.endswith(".reason"):
+            continue
+        try:
+            reason = read_bytes_bounded(d / f"{n}.reason", 8192).decode("utf-8", "replace").strip()
+        except (OSError, ValueError):
+            reason = ""
+        out.append({"name": n.rsplit(".", 3)[0], "path": str(d / n), "reason": reason})
+    return out

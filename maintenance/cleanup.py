@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -27,9 +26,9 @@ from typing import Callable, Optional
 from ckpt_daemon import catalog as cat
 from ckpt_daemon import runtime
 from maintenance import retention
-from ckpt_daemon.config import Config, load_config
+from ckpt_daemon.config import Config, RetentionConfig, load_config
 from ckpt_daemon.errors import CkptError, UsageError
-from ckpt_daemon.fsutil import fsync_dir, inside, remove_tree_safely
+from ckpt_daemon.fsutil import fsync_dir, inside, read_json_file, remove_tree_safely
 from ckpt_daemon.logs import append_text
 
 
@@ -43,7 +42,7 @@ def human(n: float) -> str:
 
 @dataclass
 class Report:
-    mode: str  # "dry run" | "applied"
+    mode: str  # "dry run" | "applied" | "cancelled"
     root: Path
     tiers: list[str]
     decisions: list[retention.Decision]
@@ -55,8 +54,11 @@ class Report:
     deleted: list[str] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)
     skipped_changed: list[str] = field(default_factory=list)  # planned, but the re-plan under the lock kept them
-    leftovers: list[str] = field(default_factory=list)  # removed from .trash, left by an earlier run
+    leftovers: list[str] = field(default_factory=list)  # lines: what earlier, interrupted runs left and we finished
+    held: list[str] = field(default_factory=list)  # names an unconfirmed policy would delete; kept (unattended runs)
+    policy: dict = field(default_factory=dict)  # {"confirmed": bool, "tiers": [...], "confirmed_tiers": [...]}
     freed_bytes: int = 0
+    trashed_bytes: int = 0  # keep_trash: moved to the trash, freed only when it is emptied
     disk_free: int = 0
     disk_total: int = 0
     started: float = 0.0
@@ -80,7 +82,8 @@ class Report:
                            "bytes": self.entries[d.name].bytes, "freeable_bytes": self.entries[d.name].freeable_bytes}
                           for d in self.decisions],
             "planned_free_bytes": self.planned_free(), "deleted": self.deleted, "failed": self.failed,
-            "freed_bytes": self.freed_bytes, "duration_s": round(self.duration_s, 3),
+            "held": self.held, "policy": self.policy, "leftovers": self.leftovers,
+            "freed_bytes": self.freed_bytes, "trashed_bytes": self.trashed_bytes, "duration_s": round(self.duration_s, 3),
         }
 
 
@@ -96,28 +99,81 @@ def open_checkpoint_files(root: Path) -> list[str]:
             continue
         try:
             for f in proc.open_files():
-                if f.path.startswith(root_s) and f"{os.sep}{cat.RUNTIME_DIR}{os.sep}" not in f.path:
+                if f.path.startswith(root_s) and f"{os.sep}{runtime.STATE_DIR}{os.sep}" not in f.path:
                     out.append(f"{f.path} (pid {proc.pid} {proc.info['name']})")
         except (psutil.Error, OSError):
             continue
     return out
 
 
-def build_report(cfg: Config, mode: str, extra_protected: Optional[dict[str, str]] = None) -> Report:
+# ---------------------------------------------------------------------------------- policy guard
+POLICY_RECORD = "policy.json"
+
+
+def _canon(tiers) -> list[dict]:
+    return [{"count": t.count, "every_steps": t.every_steps} for t in retention.tier_specs(tiers)]
+
+
+def confirmed_tiers(root: Path) -> tuple[list[dict], Optional[dict]]:
+    """The last retention tiers a person confirmed for this folder (a manual cleanup records them), and
+    the record. Without a record, the shipped default tiers count as confirmed: they are the documented
+    policy, and nobody edited them."""
+    rec = runtime.read_record(root, POLICY_RECORD)
+    tiers = rec.get("tiers") if rec else None
+    ok = isinstance(tiers, list) and 0 < len(tiers) <= 64 and all(
+        isinstance(t, dict) and all(v is None or (isinstance(v, int) and not isinstance(v, bool) and v > 0)
+                                    for v in (t.get("count"), t.get("every_steps"))) for t in tiers)
+    if not ok:
+        return _canon(RetentionConfig().tiers), None
+    return [{"count": t.get("count"), "every_steps": t.get("every_steps")} for t in tiers], rec
+
+
+def confirm_policy(cfg: Config, how: str) -> None:
+    runtime.write_record(cfg.checkpoint_dir, POLICY_RECORD, {
+        "tiers": _canon(cfg.retention.tiers), "confirmed_at": time.time(),
+        "confirmed": time.strftime("%Y-%m-%d %H:%M:%S %z"), "how": how})
+
+
+def _hold_unconfirmed(r: Report, items, conf: list[dict], prot) -> None:
+    """Unattended runs under an edited policy apply only what the confirmed policy would also delete."""
+    conf_plan = {d.name: d for d in retention.plan(items, [retention.TierSpec(**t) for t in conf], prot)}
+    for d in r.decisions:
+        if not d.keep and d.name in conf_plan and conf_plan[d.name].keep:
+            d.keep = True
+            d.reasons = [f"held: the edited retention policy deletes it, the last confirmed one keeps it "
+                         f"({'; '.join(conf_plan[d.name].reasons)}); run `python -m maintenance.cleanup` to review "
+                         "and confirm the new policy"] + [f"(new policy: {x})" for x in d.reasons]
+            r.held.append(d.name)
+
+
+# ---------------------------------------------------------------------------------- plan
+def build_report(cfg: Config, mode: str, extra_protected: Optional[dict[str, str]] = None,
+                 unattended: bool = False) -> Report:
     root = cfg.checkpoint_dir
     c = cat.scan_config(cfg)
-    prot = retention.protections(c, extra_protected, cfg.trainer.best_metric)
+    activity = runtime.training_activity(root)
+    extra = dict(extra_protected or {})
+    if activity.resume_from and c.by_name(activity.resume_from) is not None:
+        extra.setdefault(activity.resume_from, "the daemon resumed training from it")
+    prot = retention.protections(c, extra, cfg.trainer.best_metric)
     import shutil
 
     usage = shutil.disk_usage(root) if root.exists() else None
-    decisions = retention.plan(retention.items_from_catalog(c), cfg.retention.tiers, prot)
-    return Report(
+    items = retention.items_from_catalog(c)
+    decisions = retention.plan(items, cfg.retention.tiers, prot)
+    conf, rec = confirmed_tiers(root)
+    r = Report(
         mode=mode, root=root, tiers=retention.describe_tiers(cfg.retention.tiers), decisions=decisions,
-        entries={e.name: e for e in c.entries}, activity=runtime.training_activity(root),
+        entries={e.name: e for e in c.entries}, activity=activity,
         open_files=open_checkpoint_files(root) if root.exists() else [],
         in_progress=[p.name for p in c.in_progress], ignored=c.ignored, started=time.time(),
         disk_free=usage.free if usage else 0, disk_total=usage.total if usage else 0,
+        policy={"confirmed": conf == _canon(cfg.retention.tiers), "tiers": _canon(cfg.retention.tiers),
+                "confirmed_tiers": conf, "confirmed_at": (rec or {}).get("confirmed")},
     )
+    if unattended and not r.policy["confirmed"]:
+        _hold_unconfirmed(r, items, conf, prot)
+    return r
 
 
 def render(r: Report, verbose: bool = True) -> str:
@@ -132,6 +188,11 @@ def render(r: Report, verbose: bool = True) -> str:
     if r.open_files:
         lines.append(f"Open by other processes: {'; '.join(r.open_files[:5])}" + (" ..." if len(r.open_files) > 5 else ""))
     lines.append("Tiers: " + "; ".join(r.tiers))
+    if not r.policy.get("confirmed"):
+        lines.append("Policy: CHANGED since it was last confirmed (confirmed tiers: "
+                     + "; ".join(retention.describe_tiers([retention.TierSpec(**t) for t in r.policy["confirmed_tiers"]]))
+                     + "). The daemon's unattended runs hold what only the new policy would delete until you run "
+                     "this command without --dry-run and confirm.")
     counts = retention.tier_counts(r.decisions)
     for t in sorted(counts, key=lambda k: (k is None, k or 0)):
         kept, deleted = counts[t]
@@ -141,6 +202,8 @@ def render(r: Report, verbose: bool = True) -> str:
         for d in r.decisions:
             e = r.entries[d.name]
             lines.append(f"  {d.action.upper():6} {d.name:<28} {human(e.bytes):>10}  {'; '.join(d.reasons)}")
+    for n, why in r.ignored[:20]:
+        lines.append(f"  not a checkpoint (never touched): {n}: {why}")
     dels = r.to_delete
     linked = [d.name for d in dels if r.entries[d.name].freeable_bytes < r.entries[d.name].bytes]
     total = sum(r.entries[d.name].bytes for d in dels)
@@ -149,87 +212,122 @@ def render(r: Report, verbose: bool = True) -> str:
     if linked:
         lines.append(f"  {len(linked)} of them share files with snapshots (hard links): deleting them frees only "
                      f"what no snapshot holds ({', '.join(linked[:5])}{' ...' if len(linked) > 5 else ''})")
+    if r.held:
+        lines.append(f"Held (unconfirmed policy): {len(r.held)} checkpoint(s) kept: {', '.join(r.held[:10])}"
+                     + (" ..." if len(r.held) > 10 else ""))
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------------------------- execute
+JOURNAL = ".journal.json"
+
+
+def _write_journal(run: runtime.Scratch, obj: dict) -> None:
+    from ckpt_daemon.fsutil import atomic_write_json
+
+    atomic_write_json(run.path / JOURNAL, obj)
+
+
 def execute(cfg: Config, r: Report, extra_protected: Optional[dict[str, str]] = None,
-            remove: Callable[[Path, Path], None] = remove_tree_safely) -> Report:
+            remove: Callable[[Path, Path], None] = remove_tree_safely, unattended: bool = False,
+            lock_timeout_s: float = 600.0) -> Report:
     """Delete what the plan says, safely: under the commit lock re-scan and re-plan (a save may have
-    committed since), move each victim into this run's own folder in .trash (it stops being a
-    checkpoint at once), then remove that folder outside the lock. One failure is recorded and the
-    rest go on."""
+    committed since), move each victim into this run's own folder in the state folder's trash (it stops
+    being a checkpoint at once), then remove that folder outside the lock. A journal written first lets
+    the next job finish (and log) a run that was killed half-way. One failure is recorded and the rest
+    go on."""
     root = cfg.checkpoint_dir
     planned = {d.name for d in r.to_delete}
-    run_trash = root / cat.TRASH_DIR / f"run-{os.getpid()}-{int(time.time() * 1000)}"
-    moved: list[tuple[str, Path, int]] = []
-    with runtime.commit_lock(root):
-        fresh = build_report(cfg, r.mode, extra_protected)
-        now_delete = {d.name for d in fresh.to_delete}
-        r.skipped_changed = sorted(planned - now_delete)
-        run_trash.mkdir(parents=True, exist_ok=True)
-        for d in fresh.to_delete:
-            if d.name not in planned:
-                continue  # not in the plan the user saw: leave it for the next run
-            e = fresh.entries[d.name]
-            src = root / d.name
-            try:
-                if not inside(src, root) or os.path.islink(src):
-                    raise CkptError(f"{src} is a symlink or lies outside {root}")
-                dst = run_trash / d.name
-                os.rename(src, dst)
-                moved.append((d.name, dst, e.freeable_bytes))
-            except (OSError, CkptError) as exc:
-                r.failed.append((d.name, str(exc)))
-        if moved:
-            fsync_dir(root)
-    for name, dst, freeable in moved:
-        try:
-            if not cfg.retention.keep_trash:
+    keep = cfg.retention.keep_trash
+    with runtime.Scratch(root, "run", sub="trash", keep=keep) as run:
+        moved: list[tuple[str, Path, int]] = []
+        journal = {"started": r.started, "pid": os.getpid(), "keep_trash": keep, "state": "moving",
+                   "planned": {}}
+        with runtime.commit_lock(root, timeout_s=lock_timeout_s):
+            fresh = build_report(cfg, r.mode, extra_protected, unattended=unattended)
+            now_delete = {d.name: d for d in fresh.to_delete}
+            r.skipped_changed = sorted(planned - set(now_delete))
+            victims = [d for d in fresh.to_delete if d.name in planned]  # never more than the plan the user saw
+            journal["planned"] = {d.name: {"reasons": d.reasons, "freeable_bytes": fresh.entries[d.name].freeable_bytes}
+                                  for d in victims}
+            _write_journal(run, journal)
+            for d in victims:
+                src = root / d.name
                 try:
-                    remove(dst, run_trash)
-                except FileNotFoundError:
-                    pass  # already gone: deleted all the same
-            r.deleted.append(name)
-            r.freed_bytes += freeable
-        except (OSError, CkptError) as exc:
-            r.failed.append((name, f"moved to {dst} but not removed: {exc}"))
-    if not cfg.retention.keep_trash:
-        try:
-            run_trash.rmdir()
-        except OSError:
-            pass
+                    if not inside(src, root) or os.path.islink(src):
+                        raise CkptError(f"{src} is a symlink or lies outside {root}")
+                    dst = run.path / d.name
+                    os.rename(src, dst)
+                    moved.append((d.name, dst, fresh.entries[d.name].freeable_bytes))
+                except (OSError, CkptError) as exc:
+                    r.failed.append((d.name, str(exc)))
+            if moved:
+                fsync_dir(root)
+        for name, dst, freeable in moved:
+            try:
+                if keep:
+                    r.trashed_bytes += freeable
+                else:
+                    try:
+                        remove(dst, run.path)
+                    except FileNotFoundError:
+                        pass  # already gone: deleted all the same
+                    r.freed_bytes += freeable
+                r.deleted.append(name)
+            except (OSError, CkptError) as exc:
+                r.failed.append((name, f"moved to {dst} but not removed: {exc}"))
+        if keep:
+            _write_journal(run, {**journal, "state": "kept", "deleted": r.deleted})
     return r
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-
-
-def empty_trash(root: Path) -> list[str]:
-    """Remove what earlier cleanups left in .trash: interrupted runs, or kept with keep_trash (never a
-    valid checkpoint). A folder of a cleanup that is still running is left to it. Returns the names
-    of the checkpoints removed."""
-    trash = root / cat.TRASH_DIR
-    removed: list[str] = []
-    if not trash.is_dir():
-        return removed
-    for p in trash.iterdir():
-        m = re.fullmatch(r"run-(\d+)-\d+", p.name)
-        if m and _pid_alive(int(m.group(1))):
+def finish_leftovers(cfg: Config, empty_kept: bool = False) -> list[str]:
+    """Finish what killed runs left behind, and say so (returns log lines, also appended to
+    logs/cleanup.log): scratch folders of saves, restores and snapshots whose builder died, and
+    cleanups killed half-way (their victims are removed, as their journal planned). With empty_kept
+    (a cleanup run), the trash kept by keep_trash is emptied too. Called at the start of every job."""
+    lines: list[str] = []
+    for root in (cfg.checkpoint_dir, cfg.snapshot_dir, cfg.consolidation_dir):
+        for sid in runtime.clean_scratch(root):
+            lines.append(f"removed {root / runtime.STATE_DIR / 'tmp' / sid}, left by a save, restore or snapshot "
+                         "that was killed before it finished")
+    root = cfg.checkpoint_dir
+    for run in runtime.claim_dead(root, "trash"):
+        j = read_json_file(run / JOURNAL, 16 << 20) or {}
+        if j.get("state") == "kept" and not empty_kept:
             continue
-        names = [c.name for c in p.iterdir()] if m and p.is_dir() and not p.is_symlink() else [p.name.split(".")[0]]
+        planned = j.get("planned") if isinstance(j.get("planned"), dict) else {}
         try:
-            remove_tree_safely(p, trash)
-            removed.extend(names)
+            names = sorted(n for n in os.listdir(run) if n != JOURNAL)
         except OSError:
-            pass
-    return removed
+            names = []
+        freed = 0
+        for n in names:
+            meta = planned.get(n) if isinstance(planned.get(n), dict) else {}
+            fb = meta.get("freeable_bytes") if isinstance(meta.get("freeable_bytes"), int) else 0
+            try:
+                remove_tree_safely(run / n, run)
+            except (OSError, CkptError) as exc:
+                lines.append(f"FAILED to remove {n} from the trash ({exc})")
+                continue
+            freed += fb
+            why = "; ".join(str(x) for x in meta.get("reasons", []) if isinstance(x, str))[:500] if meta else ""
+            if j.get("state") == "kept":
+                lines.append(f"emptied {n} from the trash kept by an earlier cleanup (keep_trash)"
+                             + (f"; it was deleted because: {why}" if why else ""))
+            else:
+                lines.append(f"deleted {n}: finishing a cleanup that was interrupted"
+                             + (f" (started {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(j['started']))})"
+                                if isinstance(j.get("started"), (int, float)) else "")
+                             + (f"; its reasons: {why}" if why else ""))
+        if names:
+            lines.append(f"freed {human(freed)} ({freed} bytes) from the trash")
+        remove_tree_safely(run, run.parent)
+    if lines:
+        append_text(cfg.log_dir / "cleanup.log",
+                    f"=== {time.strftime('%Y-%m-%d %H:%M:%S %z')} leftovers of interrupted runs in {root}\n"
+                    + "\n".join(lines) + "\n\n")
+    return lines
 
 
 def log_block(cfg: Config, r: Report) -> None:
@@ -248,29 +346,41 @@ def log_block(cfg: Config, r: Report) -> None:
             lines.append(f"would delete {d.name} ({human(r.entries[d.name].freeable_bytes)} freed): {'; '.join(d.reasons)}")
         lines.append(f"would free {human(r.planned_free())} ({r.planned_free()} bytes)")
     else:
+        verb = "moved to the trash (keep_trash; freed when the next cleanup empties it)" if r.trashed_bytes or (
+            r.deleted and cfg.retention.keep_trash) else "deleted"
         for name in r.deleted:
-            lines.append(f"deleted {name} ({human(r.entries[name].freeable_bytes)} freed): {'; '.join(by_name[name].reasons)}")
+            lines.append(f"{verb} {name} ({human(r.entries[name].freeable_bytes)}): {'; '.join(by_name[name].reasons)}")
         for name in r.skipped_changed:
             lines.append(f"kept {name} after all: the re-plan under the commit lock no longer deletes it")
-        for name in r.leftovers:
-            lines.append(f"removed {name} from .trash (moved there by an earlier cleanup that was interrupted or kept its trash)")
         for name, why in r.failed:
             lines.append(f"FAILED to delete {name}: {why}")
-        lines.append(f"freed {human(r.freed_bytes)} ({r.freed_bytes} bytes)")
+        lines.append(f"freed {human(r.freed_bytes)} ({r.freed_bytes} bytes)"
+                     + (f"; {human(r.trashed_bytes)} kept in the trash until the next cleanup" if r.trashed_bytes else ""))
+    for name in r.held:
+        lines.append(f"HELD {name}: {by_name[name].reasons[0]}")
+    if r.held:
+        lines.append(f"held {len(r.held)} deletion(s): the retention tiers in config.yaml differ from the last "
+                     "confirmed ones; run `python -m maintenance.cleanup` (or -y) once to review and confirm them")
     lines.append(f"kept {sum(d.keep for d in r.decisions)} checkpoints; duration {r.duration_s:.2f}s")
     append_text(cfg.log_dir / "cleanup.log", "\n".join(lines) + "\n\n")
 
 
 def run_cleanup(cfg: Config, dry_run: bool, confirm: Callable[[Report], bool] | None = None,
-                extra_protected: Optional[dict[str, str]] = None) -> Report:
-    """Plan, (confirm,) execute and log. Used by the CLI and the daemon's scheduled job."""
+                extra_protected: Optional[dict[str, str]] = None, unattended: bool = False,
+                confirmed_by: Optional[str] = None, lock_timeout_s: float = 600.0) -> Report:
+    """Plan, (confirm,) execute and log. Used by the CLI and the daemon's scheduled job (unattended:
+    an edited, unconfirmed policy only deletes what the confirmed one also would). A manual run that a
+    person confirmed (`confirmed_by`) records the policy as confirmed."""
     t0 = time.monotonic()
-    r = build_report(cfg, "dry run" if dry_run else "applied", extra_protected)
+    leftovers = [] if dry_run else finish_leftovers(cfg, empty_kept=True)
+    r = build_report(cfg, "dry run" if dry_run else "applied", extra_protected, unattended=unattended)
+    r.leftovers = leftovers
     if not dry_run and r.to_delete and (confirm is None or confirm(r)):
-        r.leftovers = empty_trash(cfg.checkpoint_dir)
-        execute(cfg, r, extra_protected)
+        execute(cfg, r, extra_protected, unattended=unattended, lock_timeout_s=lock_timeout_s)
     elif not dry_run and r.to_delete:
         r.mode = "cancelled"
+    if r.mode == "applied" and confirmed_by and not unattended:
+        confirm_policy(cfg, confirmed_by)
     r.duration_s = time.monotonic() - t0
     if r.mode != "cancelled":
         log_block(cfg, r)
@@ -285,12 +395,21 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
     ap.add_argument("--json", action="store_true", help="print the report as JSON")
     ap.add_argument("-q", "--quiet", action="store_true", help="print only the summary, not every decision")
+    ap.add_argument("--wait", type=float, default=600.0, metavar="SECONDS",
+                    help="how long to wait for the commit lock while a save commits (default 600); exit 4 after")
     args = ap.parse_args(argv)
     import signal
 
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `cleanup --dry-run | head` ends quietly
     try:
-        cfg = load_config(args.config)
+        if args.dry_run:  # only looks: with a broken config.yaml, show the plan of the last good one
+            from ckpt_daemon.configfile import load_for_reading
+
+            cfg, error = load_for_reading(Path(args.config))
+            if error:
+                print(f"warning: {args.config} is broken; this plan uses the last good config. {error}", file=sys.stderr)
+        else:
+            cfg = load_config(args.config)
         if not args.dry_run and not args.yes and not sys.stdin.isatty():
             plan_only = build_report(cfg, "dry run")
             if plan_only.to_delete:
@@ -307,7 +426,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             ans = input(f"Delete {len(r.to_delete)} checkpoint(s), freeing {human(r.planned_free())}? [y/N] ")
             return ans.strip().lower() in ("y", "yes")
 
-        r = run_cleanup(cfg, args.dry_run, ask)
+        how = "cleanup -y" if args.yes else ("cleanup, confirmed at the prompt" if sys.stdin.isatty() else None)
+        r = run_cleanup(cfg, args.dry_run, ask, confirmed_by=how, lock_timeout_s=max(0.0, args.wait))
     except CkptError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -328,6 +448,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                   + f". Logged to {cfg.log_dir / 'cleanup.log'}.")
         else:
             print(f"Dry run: nothing was changed. Logged to {cfg.log_dir / 'cleanup.log'}.")
+        for line in r.leftovers:
+            print(f"Leftover of an interrupted run: {line}")
     return 1 if r.failed else 0
 
 

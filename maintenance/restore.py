@@ -10,9 +10,7 @@ when nothing newer is present; the command says which will be used.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import shutil
 import sys
 from pathlib import Path
 from typing import Optional
@@ -21,8 +19,8 @@ from ckpt_daemon import catalog as cat
 from ckpt_daemon import runtime
 from ckpt_daemon.config import Config, load_config
 from ckpt_daemon.errors import CheckpointError, CkptError, UsageError
-from ckpt_daemon.fsutil import fsync_dir, inside
-from maintenance.snapshot import SNAPSHOT_MANIFEST, _copy_checkpoint
+from ckpt_daemon.fsutil import fsync_dir, inside, read_json_file
+from maintenance.snapshot import SNAPSHOT_MANIFEST, _copy_checkpoint, choose_method
 
 
 def find_snapshot(cfg: Config, which: str) -> Path:
@@ -38,43 +36,40 @@ def find_snapshot(cfg: Config, which: str) -> Path:
 
 def restore(cfg: Config, which: str, only: Optional[str] = None) -> list[str]:
     snap = find_snapshot(cfg, which)
-    manifest = json.loads((snap / SNAPSHOT_MANIFEST).read_text())
+    manifest = read_json_file(snap / SNAPSHOT_MANIFEST, 16 << 20) or {}
+    listed = manifest.get("checkpoints") if isinstance(manifest.get("checkpoints"), list) else []
     root = cfg.checkpoint_dir
     root.mkdir(parents=True, exist_ok=True)
     lines = []
-    names = [c["name"] for c in manifest["checkpoints"] if only is None or c["name"] == only]
+    all_names = [c["name"] for c in listed if isinstance(c, dict) and isinstance(c.get("name"), str)]
+    names = [n for n in all_names if only is None or n == only]
     if not names:
         raise UsageError(f"Snapshot {snap.name} holds no checkpoint named {only!r}; it holds "
-                         f"{', '.join(c['name'] for c in manifest['checkpoints'])}.")
+                         f"{', '.join(all_names) or 'nothing'}.")
+    rxs = [cat.compile_pattern(p) for p in cfg.checkpoints.pattern]
     for name in names:
         src = snap / name
-        if "/" in name or name.startswith(".") or not inside(src, snap) or src.is_symlink():
-            lines.append(f"skipped {name}: unsafe name or a symlink in the snapshot (not followed)")
+        fields = cat.match_name(name, rxs)
+        if "/" in name or name.startswith(".") or not inside(src, snap) or src.is_symlink() or fields is None:
+            lines.append(f"skipped {name}: unsafe name, a symlink, or not named like a checkpoint (not followed)")
             continue
         dst = root / name
-        if dst.exists() or dst.is_symlink():
+        if os.path.lexists(dst):
             lines.append(f"kept {name}: a checkpoint of that name is already in {root}; nothing was overwritten")
             continue
-        tmp = root / f".tmp-restore-{name}-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        native = (src / "manifest.json").exists()
-        try:
-            if src.is_dir():
-                _copy_checkpoint(src, tmp, link=native)
-            else:
-                _copy_checkpoint(src, tmp, link=False)
-            layout, status, reason, _ = cat.check_entry(tmp, verify=True)
+        layout = "native" if (src / "manifest.json").exists() else "other"
+        with runtime.Scratch(root, f"restore-{name}") as scratch:
+            tmp = scratch.path / name
+            _copy_checkpoint(src, tmp, choose_method(cfg.snapshots.mode, layout, scratch.path, src))
+            layout, status, reason, _ = cat.check_entry(tmp, verify=True, step=fields["step"])
             if status != "complete":
                 raise CheckpointError(f"the copy of {name} in the snapshot is {status} ({reason}); it was not restored")
             with runtime.commit_lock(root):
-                if dst.exists():
+                if os.path.lexists(dst):
                     raise CheckpointError(f"{name} appeared in {root} meanwhile; nothing was overwritten")
                 os.rename(tmp, dst)
                 fsync_dir(root)
-            lines.append(f"restored {name} from snapshot {snap.name} ({layout}, verified)")
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        lines.append(f"restored {name} from snapshot {snap.name} ({layout}, verified)")
     c = cat.scan_config(cfg, stats=False)
     newest = c.newest_valid()
     if newest is not None:

@@ -16,7 +16,6 @@ import datetime as dt
 import errno
 import os
 import re
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -27,10 +26,12 @@ from ckpt_daemon import catalog as cat
 from ckpt_daemon import runtime
 from ckpt_daemon.config import Config, load_config
 from ckpt_daemon.errors import CheckpointError, CkptError, NoValidCheckpoint
-from ckpt_daemon.fsutil import atomic_write_json, copy_into, fsync_dir, remove_tree_safely
+from ckpt_daemon.fsutil import (atomic_write_json, copy_into, disk_full_error, fsync_dir, is_enospc, read_json_file,
+                                remove_tree_safely, tree_stats)
 from ckpt_daemon.logs import append_text
 
 SNAPSHOT_MANIFEST = "snapshot.json"
+SNAPSHOT_FORMAT = "ckpt-daemon-snapshot/1"
 DATE_RE = re.compile(r"\A(\d{4})-(\d{2})-(\d{2})\Z")
 
 
@@ -61,16 +62,31 @@ def _select(c: cat.Catalog, include: Sequence[str]) -> dict[str, list[str]]:
     return chosen
 
 
-def _copy_checkpoint(src: Path, dst: Path, link: bool, progress=None) -> tuple[int, int, list[str]]:
-    """Copy one checkpoint (folder or file) without following symlinks. Returns (apparent, added, notes)."""
+def _copy_checkpoint(src: Path, dst: Path, method: str, progress=None) -> tuple[int, int, set[str], list[str]]:
+    """Copy one checkpoint (folder or file) without following symlinks.
+    Returns (apparent bytes, bytes written, the methods really used, notes)."""
     apparent = added = 0
+    used: set[str] = set()
     notes: list[str] = []
     if src.is_symlink():
         raise CheckpointError(f"{src} is a symlink; snapshots never follow links")
+
+    def one(p: Path, d: Path) -> None:
+        nonlocal added
+        try:
+            how, n = copy_into(p, d, method, progress)
+        except OSError as exc:
+            if method != "link" or exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
+                raise
+            how, n = copy_into(p, d, "copy", progress)  # another filesystem, or too many links: copy
+            notes.append(f"{d.name}: hard link impossible ({exc.strerror}), copied")
+        used.add(how)
+        added += n
+
     if src.is_file():
-        apparent = src.stat().st_size
-        added = copy_into(src, dst, link=False, progress=progress)
-        return apparent, added, notes
+        apparent = src.lstat().st_size
+        one(src, dst)
+        return apparent, added, used, notes
     dst.mkdir()
     for root, dirs, files in os.walk(src, followlinks=False):
         rel = Path(root).relative_to(src)
@@ -84,82 +100,118 @@ def _copy_checkpoint(src: Path, dst: Path, link: bool, progress=None) -> tuple[i
             if p.is_symlink():
                 notes.append(f"skipped symlink {rel / f}")
                 continue
-            apparent += p.stat().st_size
+            apparent += p.lstat().st_size
+            one(p, dst / rel / f)
+    return apparent, added, used, notes
+
+
+def choose_method(mode: str, layout: str, probe_dir: Path, src: Path) -> str:
+    """How a checkpoint goes into a snapshot. `link`: hard links for native checkpoints (never rewritten
+    after commit; zero bytes) and copies for other layouts (their trainers may rewrite files in place).
+    `copy`: an independent copy (reflink where the filesystem can, else bytes), verified. `auto`: a
+    reflink where the filesystem can (independent and zero bytes), else as `link`."""
+    if mode == "copy" or layout != "native":
+        return "copy"
+    if mode == "link":
+        return "link"
+    return "reflink" if _can_reflink(src, probe_dir) else "link"
+
+
+def _can_reflink(src: Path, probe_dir: Path) -> bool:
+    from ckpt_daemon.fsutil import reflink
+
+    f = src if src.is_file() else next((p for p in sorted(src.iterdir()) if p.is_file() and not p.is_symlink()), None)
+    if f is None:
+        return False
+    probe = probe_dir / ".reflink-probe"
+    try:
+        fi = os.open(f, os.O_RDONLY | os.O_NOFOLLOW)
+        try:
+            fo = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
-                added += copy_into(p, dst / rel / f, link=link, progress=progress)
-            except OSError as exc:
-                if link and exc.errno in (errno.EXDEV, errno.EPERM, errno.EMLINK):
-                    added += copy_into(p, dst / rel / f, link=False, progress=progress)
-                else:
-                    raise
-    return apparent, added, notes
+                return reflink(fi, fo)
+            finally:
+                os.close(fo)
+        finally:
+            os.close(fi)
+    except OSError:
+        return False
+    finally:
+        probe.unlink(missing_ok=True)
 
 
-def _add(res: SnapshotResult, e: cat.Entry, tmp: Path, roles: list[str], link: bool, progress=None) -> None:
-    apparent, added, notes = _copy_checkpoint(e.path, tmp / e.name, link=link, progress=progress)
+def _add(res: SnapshotResult, e: cat.Entry, tmp: Path, roles: list[str], method: str, verify: bool, progress=None) -> None:
+    apparent, added, used, notes = _copy_checkpoint(e.path, tmp / e.name, method, progress)
+    if verify:
+        _layout, status, reason, _ = cat.check_entry(tmp / e.name, verify=True, step=e.step)
+        if status != "complete":
+            raise CheckpointError(f"The snapshot's copy of {e.name} does not verify ({status}: {reason}); the snapshot "
+                                  "was not created. Check the disk (dmesg) and run it again.")
     res.apparent_bytes += apparent
     res.added_bytes += added
-    method = "hard link" if link else ("reflink" if added == 0 and apparent > 0 else "copy")
+    how = "/".join(sorted(used)) or "nothing to copy"
     res.checkpoints.append({"name": e.name, "step": e.step, "layout": e.layout, "roles": roles, "metrics": e.metrics,
                             "epoch": e.epoch, "apparent_bytes": apparent, "added_bytes": added,
-                            "method": method, "notes": notes})
+                            "method": how, "independent": "hard link" not in used, "verified": verify, "notes": notes})
 
 
 def take_snapshot(cfg: Config, now: Optional[dt.datetime] = None, show_progress: bool = False) -> SnapshotResult:
     """Create today's snapshot (in cfg.timezone) unless it exists. Idempotent per day."""
+    try:
+        return _take_snapshot(cfg, now, show_progress)
+    except OSError as exc:
+        if is_enospc(exc):
+            raise disk_full_error("take the snapshot", cfg.snapshot_dir, exc) from None
+        raise
+
+
+def _take_snapshot(cfg: Config, now: Optional[dt.datetime], show_progress: bool) -> SnapshotResult:
     import zoneinfo
 
     now = now or dt.datetime.now(zoneinfo.ZoneInfo(cfg.timezone))
     name = now.strftime("%Y-%m-%d")
     root = cfg.snapshot_dir
     final = root / name
-    if final.exists():
+    if os.path.lexists(final):
         return SnapshotResult(name, final, False, message=f"snapshot {name} already exists; nothing to do")
     root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob(".tmp-*"):  # left by a run that was killed; an hour is far beyond any live one
-        if time.time() - stale.lstat().st_mtime > 3600:
-            remove_tree_safely(stale, root)
-    tmp = root / f".tmp-{name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    mode = cfg.snapshots.mode
     res = SnapshotResult(name, final, True)
     bar = None
-    try:
-        # Choose and hard-link under the commit lock, so a cleanup cannot move a chosen checkpoint into
-        # the trash half-way through; copies of other layouts (slow) are made after releasing it.
-        with runtime.commit_lock(cfg.checkpoint_dir):
-            c = cat.scan_config(cfg, stats=False)
-            chosen = _select(c, cfg.snapshots.include)
-            todo = [c.by_name(n) for n in chosen]
-            for e in todo:
-                if e.layout == "native":
-                    _add(res, e, tmp, chosen[e.name], link=True)
-        slow = [e for e in todo if e.layout != "native"]
-        progress = None
-        if show_progress and slow:
-            from rich.progress import Progress
+    with runtime.Scratch(root, f"snapshot-{name}") as scratch:
+        tmp = scratch.path
+        try:
+            # Choose and hard-link under the commit lock, so a cleanup cannot move a chosen checkpoint into
+            # the trash half-way through; copies (slow) are made after releasing it.
+            with runtime.commit_lock(cfg.checkpoint_dir):
+                c = cat.scan_config(cfg, stats=False)
+                chosen = _select(c, cfg.snapshots.include)
+                todo = [(e, choose_method(mode, e.layout, tmp, e.path)) for e in (c.by_name(n) for n in chosen)]
+                for e, method in todo:
+                    if method == "link":
+                        _add(res, e, tmp, chosen[e.name], method, verify=False)
+            slow = [(e, m) for e, m in todo if m != "link"]
+            progress = None
+            if show_progress and slow:
+                from rich.progress import Progress
 
-            bar = Progress(transient=True)
-            bar.start()
-            task = bar.add_task("copying", total=sum(cat.tree_stats(e.path)[0] for e in slow))
-            progress = lambda n: bar.advance(task, n)  # noqa: E731
-        for e in slow:
-            _add(res, e, tmp, chosen[e.name], link=False, progress=progress)
+                bar = Progress(transient=True)
+                bar.start()
+                task = bar.add_task("copying", total=sum(tree_stats(e.path)[0] for e, _ in slow))
+                progress = lambda n: bar.advance(task, n)  # noqa: E731
+            for e, method in slow:
+                _add(res, e, tmp, chosen[e.name], method, verify=True, progress=progress)
+        finally:
+            if bar is not None:
+                bar.stop()
         atomic_write_json(tmp / SNAPSHOT_MANIFEST, {
-            "format": "ckpt-daemon-snapshot/1", "date": name, "created": now.isoformat(),
+            "format": SNAPSHOT_FORMAT, "date": name, "created": now.isoformat(), "mode": mode,
             "source": str(cfg.checkpoint_dir), "checkpoints": res.checkpoints,
             "apparent_bytes": res.apparent_bytes, "added_bytes": res.added_bytes,
         })
         fsync_dir(tmp)
-        os.rename(tmp, final)
-        fsync_dir(root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        if bar is not None:
-            bar.stop()
-    held = ", ".join("{} ({})".format(d["name"], "/".join(d["roles"])) for d in res.checkpoints)
+        scratch.commit(final)
+    held = ", ".join("{} ({}, {})".format(d["name"], "/".join(d["roles"]), d["method"]) for d in res.checkpoints)
     res.message = (f"snapshot {name}: {held}; "
                    f"apparent size {res.apparent_bytes / 2**20:.1f} MiB, really added {res.added_bytes / 2**20:.1f} MiB")
     return res
@@ -203,7 +255,7 @@ def list_snapshots(root: Path) -> list[tuple[str, dt.date]]:
     if root.is_dir():
         for p in root.iterdir():
             m = DATE_RE.match(p.name)
-            if m and p.is_dir() and not p.is_symlink() and (p / SNAPSHOT_MANIFEST).exists():
+            if m and p.is_dir() and not p.is_symlink() and (read_json_file(p / SNAPSHOT_MANIFEST, 16 << 20) or {}).get("format") == SNAPSHOT_FORMAT:
                 out.append((p.name, dt.date(int(m[1]), int(m[2]), int(m[3]))))
     return out
 
@@ -231,6 +283,9 @@ def prune_snapshots(cfg: Config, dry_run: bool = False) -> list[SnapDecision]:
 
 
 def run_snapshot_job(cfg: Config, now: Optional[dt.datetime] = None) -> str:
+    from maintenance.cleanup import finish_leftovers
+
+    finish_leftovers(cfg)
     res = take_snapshot(cfg, now)
     prune_snapshots(cfg)
     return res.message
@@ -249,6 +304,10 @@ def main(argv: Optional[list[str]] = None) -> int:
             for d in plan_calendar(list_snapshots(cfg.snapshot_dir), s.keep_daily, s.keep_weekly, s.keep_monthly):
                 print(f"{'keep  ' if d.keep else 'delete'} {d.name}  {'; '.join(d.reasons)}")
             return 0
+        from maintenance.cleanup import finish_leftovers
+
+        for line in finish_leftovers(cfg):
+            print(f"Leftover of an interrupted run: {line}")
         res = take_snapshot(cfg, show_progress=sys.stderr.isatty())
         print(res.message)
         if not args.no_prune:

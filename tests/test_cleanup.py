@@ -53,7 +53,7 @@ def test_applied_cleanup_deletes_by_policy_and_logs_every_deletion(tmp_path):
         assert f"deleted checkpoint-{s} (" in log
     assert "deleted checkpoint-25 (" in log and "not first of steps 20-39 (20 is)" in log
     assert "freed " in log and "duration" in log
-    assert not list((tmp_path / "checkpoints" / ".trash").iterdir())
+    assert not list((tmp_path / "checkpoints" / ".ckpt-daemon" / "trash").iterdir())  # nothing left in the trash
     # a second run appends, never overwrites
     run_py(["-m", "maintenance.cleanup", "--config", str(cfg), "-y"], check=True)
     assert (tmp_path / "logs" / "cleanup.log").read_text().startswith(log)
@@ -198,7 +198,7 @@ def test_cleanup_loop_races_a_trainer_saving_every_step(tmp_path):
     finally:
         p.send_signal(signal.SIGTERM)
         rc = p.wait(timeout=60)
-    assert rc == 0, (tmp_path / "trainer.log").read_text()
+    assert rc == 143, (tmp_path / "trainer.log").read_text()  # stopped by SIGTERM after saving: not finished
     assert deleted_total > 10
     log = (tmp_path / "trainer.log").read_text()
     assert "Error" not in log and "Traceback" not in log
@@ -210,15 +210,24 @@ def test_cleanup_loop_races_a_trainer_saving_every_step(tmp_path):
 
 
 def test_concurrent_cleanups_never_take_each_others_trash(tmp_path):
+    from ckpt_daemon import runtime
+    from ckpt_daemon.fsutil import atomic_write_json
+
     cfg_path = setup_native(tmp_path)
-    trash = tmp_path / "checkpoints" / ".trash"
-    live = trash / f"run-{os.getpid()}-1"  # a cleanup still running (this process)
-    dead = trash / "run-999999999-1"  # one that was killed half-way
-    for d, name in ((live, "checkpoint-1"), (dead, "checkpoint-2")):
-        (d / name).mkdir(parents=True)
-        (d / name / "model.safetensors").write_bytes(b"x" * 100)
+    root = tmp_path / "checkpoints"
+    live = runtime.Scratch(root, "run", sub="trash")  # a cleanup still running (it holds its lock)
+    (live.path / "checkpoint-1").mkdir()
+    dead = runtime.Scratch(root, "run", sub="trash")  # one killed half-way: its lock is free, its journal says why
+    (dead.path / "checkpoint-2").mkdir()
+    (dead.path / "checkpoint-2" / "model.safetensors").write_bytes(b"x" * 100)
+    atomic_write_json(dead.path / ".journal.json", {"started": time.time() - 60, "state": "moving", "planned": {
+        "checkpoint-2": {"reasons": ["tier 2: not first of steps 0-19"], "freeable_bytes": 4096}}})
+    os.close(dead.fd)  # the process dies: its lock goes, its folder and lock file stay
+    dead.fd = None
     run_py(["-m", "maintenance.cleanup", "--config", str(cfg_path), "-y"], check=True)
-    assert (live / "checkpoint-1").exists() and not dead.exists()
+    assert (live.path / "checkpoint-1").exists() and not dead.path.exists() and not dead.lock_path.exists()
     log = (tmp_path / "logs" / "cleanup.log").read_text()
-    assert "removed checkpoint-2 from .trash" in log and "FAILED" not in log
-    assert [p.name for p in trash.iterdir()] == [live.name]  # this run's own trash folder is gone too
+    assert "deleted checkpoint-2: finishing a cleanup that was interrupted" in log
+    assert "its reasons: tier 2: not first of steps 0-19" in log and "FAILED" not in log
+    assert sorted(p.name for p in (root / ".ckpt-daemon" / "trash").iterdir()) == sorted([live.id, live.id + ".lock"])
+    live.close()

@@ -43,7 +43,7 @@ def test_snapshot_and_restore_never_follow_symlinks(tmp_path, outside):
     os.symlink(outside / "precious.bin", root / "checkpoint-20" / "sneaky.bin")
     os.symlink(outside, root / "checkpoint-20" / "sneakydir")
     r = run_py(["-m", "maintenance.snapshot", "--config", str(cfg_path)], check=True)
-    snap = next((tmp_path / "proj" / "snapshots").iterdir())
+    snap = next(p for p in (tmp_path / "proj" / "snapshots").iterdir() if not p.name.startswith("."))
     assert not (snap / "checkpoint-20" / "sneaky.bin").exists() and not (snap / "checkpoint-20" / "sneakydir").exists()
     man = json.loads((snap / "snapshot.json").read_text())
     assert any("skipped symlink" in n for c in man["checkpoints"] for n in c["notes"])
@@ -108,7 +108,8 @@ def test_files_the_daemon_creates_are_not_world_writable(tmp_path):
 
         os.umask(0o022)
         take_snapshot(load_config(cfg_path))
-        time.sleep(1.5)
+        while time.monotonic() < deadline and not (tmp_path / "logs" / "daemon-state.json").exists():
+            time.sleep(0.1)  # every kind of file the daemon writes exists before we look at their modes
     finally:
         p.terminate()
         assert p.wait(timeout=60) == 0

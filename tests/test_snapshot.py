@@ -14,9 +14,27 @@ import torch
 
 from ckpt_daemon import catalog as cat
 from ckpt_daemon.config import load_config
+from ckpt_daemon.errors import DiskFullError
 from maintenance.snapshot import plan_calendar, take_snapshot
 from tests.conftest import run_py, write_config
 from tests.test_catalog import native
+
+
+def visible(path: Path) -> list[Path]:
+    """Entries of a folder, without ckpt-daemon's own state folder (and other hidden names)."""
+    return sorted(p for p in path.iterdir() if not p.name.startswith("."))
+
+
+def own_blocks_bytes(tree: Path, exclude: Path) -> int:
+    """Bytes allocated to the files of `tree` that no file under `exclude` shares: what a snapshot
+    really costs, measured on its own files (not the free space of a filesystem others write to)."""
+    shared = {(st.st_dev, st.st_ino) for st in (os.lstat(p) for p in exclude.rglob("*"))}
+    total = 0
+    for p in tree.rglob("*"):
+        st = os.lstat(p)
+        if p.is_file() and not p.is_symlink() and (st.st_dev, st.st_ino) not in shared:
+            total += st.st_blocks * 512
+    return total
 
 
 def du_bytes(path: Path) -> int:
@@ -33,9 +51,8 @@ def test_snapshot_hard_links_share_inodes_and_add_no_blocks(tmp_path):
     cfg, cfg_path = setup(tmp_path)
     (tmp_path / "checkpoints" / "best").unlink()
     os.symlink("checkpoint-20", tmp_path / "checkpoints" / "best")
-    df_before = os.statvfs(tmp_path).f_bfree
     r = run_py(["-m", "maintenance.snapshot", "--config", str(cfg_path)], check=True)
-    snaps = list((tmp_path / "snapshots").iterdir())
+    snaps = visible(tmp_path / "snapshots")
     assert len(snaps) == 1 and snaps[0].name == dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
     man = json.loads((snaps[0] / "snapshot.json").read_text())
     assert {c["name"]: c["roles"] for c in man["checkpoints"]} == {"checkpoint-30": ["latest"], "checkpoint-20": ["best"]}
@@ -45,8 +62,8 @@ def test_snapshot_hard_links_share_inodes_and_add_no_blocks(tmp_path):
             a, b = f.stat(), (snaps[0] / name / f.name).stat()
             assert (a.st_ino, a.st_dev) == (b.st_ino, b.st_dev) and a.st_nlink == 2
     assert "really added 0.0 MiB" in r.stdout
-    # a few KiB of folder entries at most, not the 2 x checkpoint size
-    assert (df_before - os.statvfs(tmp_path).f_bfree) * os.statvfs(tmp_path).f_frsize < 64 * 1024
+    # only snapshot.json has blocks of its own: every checkpoint file is shared with the checkpoint folder
+    assert own_blocks_bytes(snaps[0], tmp_path / "checkpoints") <= (snaps[0] / "snapshot.json").stat().st_blocks * 512
     # the snapshot is a valid checkpoint copy
     assert cat.check_entry(snaps[0] / "checkpoint-30", verify=True)[1] == "complete"
 
@@ -110,10 +127,10 @@ def test_half_made_snapshot_never_looks_done(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(snap, "copy_into", fail)
-    with pytest.raises(OSError):
+    with pytest.raises(DiskFullError, match="Not enough disk space to take the snapshot"):
         take_snapshot(cfg)
-    assert not [p for p in (tmp_path / "snapshots").iterdir() if not p.name.startswith(".")]
-    assert not list((tmp_path / "snapshots").glob(".tmp-*"))
+    assert not visible(tmp_path / "snapshots")
+    assert not list((tmp_path / "snapshots" / ".ckpt-daemon" / "tmp").iterdir())  # no scratch left behind
 
 
 def test_calendar_retention_on_a_synthetic_month():
@@ -138,7 +155,7 @@ def test_prune_deletes_old_snapshots_and_logs(tmp_path):
     from maintenance.snapshot import prune_snapshots
 
     prune_snapshots(cfg)
-    assert sorted(p.name for p in cfg.snapshot_dir.iterdir()) == ["2026-11-03", "2026-11-04"]
+    assert [p.name for p in visible(cfg.snapshot_dir)] == ["2026-11-03", "2026-11-04"]
     log = (tmp_path / "logs" / "cleanup.log").read_text()
     assert "deleted snapshot 2026-11-01" in log and "kept 2 snapshots" in log
     # the checkpoints the snapshots linked to are untouched
@@ -149,7 +166,7 @@ def test_restored_snapshot_is_resumed_from(tmp_path):
     cfg_path = write_config(tmp_path)
     run_py(["-m", "trainer", "--config", str(cfg_path), "--max-steps", "20"], check=True)
     run_py(["-m", "maintenance.snapshot", "--config", str(cfg_path)], check=True)
-    snap = next((tmp_path / "snapshots").iterdir())
+    snap = visible(tmp_path / "snapshots")[0]
     # "I deleted too much"
     shutil.rmtree(tmp_path / "checkpoints")
     r = run_py(["-m", "maintenance.restore", snap.name, "--config", str(cfg_path)], check=True)

@@ -1,0 +1,252 @@
+"""Nothing may be deleted that should not be.
+
+The daemon deletes only what it created or what the catalog recognised as a checkpoint, never follows a
+symlink, and keeps its scratch space inside its own state folder; runs killed half-way are finished
+(and logged) by the next job; an edited retention policy nobody confirmed never deletes unattended.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ckpt_daemon import catalog as cat
+from ckpt_daemon import runtime
+from ckpt_daemon.config import load_config
+from maintenance.cleanup import build_report, run_cleanup
+from tests.conftest import PY, env_for_children, run_py, write_config
+from tests.test_catalog import native
+
+
+def fake_native(root: Path, step: int, payload: bytes = b"w" * 16, extra_files: int = 0) -> Path:
+    """A committed native checkpoint in a few microseconds (retention only looks at its manifest)."""
+    d = root / f"checkpoint-{step}"
+    d.mkdir(parents=True)
+    (d / "model.safetensors").write_bytes(payload)
+    for i in range(extra_files):
+        (d / f"pad-{i}").write_bytes(b"p")
+    files = {"model.safetensors": {"size": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}}
+    (d / "manifest.json").write_text(json.dumps({"format": "ckpt-daemon/1", "step": step, "files": files}))
+    return d
+
+
+def steps_left(root: Path) -> list[int]:
+    return sorted(e.step for e in cat.scan(root, ["checkpoint-{step}"]).entries)
+
+
+# ------------------------------------------------------------------------------ the state folder
+def test_a_planted_symlink_for_the_state_folder_is_refused_and_nothing_outside_is_touched(tmp_path):
+    outside = tmp_path / "outside"
+    (outside / "trash" / "run-1").mkdir(parents=True)
+    (outside / "trash" / "run-1" / "precious.txt").write_text("the user's own file")
+    (outside / "tmp" / "x").mkdir(parents=True)
+    cfg = write_config(tmp_path / "proj", {"retention": {"tiers": [{"count": 1}]}}, tiny=False)
+    root = tmp_path / "proj" / "checkpoints"
+    for s in (10, 20, 30):
+        fake_native(root, s)
+    os.symlink(outside, root / ".ckpt-daemon")
+    r = run_py(["-m", "maintenance.cleanup", "--config", str(cfg), "-y"])
+    assert r.returncode == 1 and "is a symlink" in r.stderr and "never follows a link" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert steps_left(root) == [10, 20, 30]  # nothing deleted
+    assert (outside / "trash" / "run-1" / "precious.txt").read_text() == "the user's own file"
+    assert (outside / "tmp" / "x").is_dir()
+    # the same with the trash folder itself a symlink
+    os.unlink(root / ".ckpt-daemon")
+    (root / ".ckpt-daemon").mkdir()
+    os.symlink(outside / "trash", root / ".ckpt-daemon" / "trash")
+    r = run_py(["-m", "maintenance.cleanup", "--config", str(cfg), "-y"])
+    assert r.returncode == 1 and "trash is a symlink" in r.stderr
+    assert steps_left(root) == [10, 20, 30]
+    assert (outside / "trash" / "run-1" / "precious.txt").exists()
+
+
+def test_foreign_trash_and_temp_folders_are_never_ours_to_delete(tmp_path):
+    """A checkpoint or snapshot folder that is also someone's home: their .trash and .tmp-* stay."""
+    home = tmp_path / "home"
+    cfg_path = write_config(tmp_path / "proj", {"checkpoints": {"dir": str(home)},
+                                                "snapshots": {"dir": str(tmp_path / "snaps")},
+                                                "retention": {"tiers": [{"count": 1}]}}, tiny=False)
+    for d in (home / ".trash" / "run-1-1", home / ".tmp-vim-session", tmp_path / "snaps" / ".tmp-2026-01-01-1",
+              home / "tmp-download"):
+        d.mkdir(parents=True)
+        (d / "keep.txt").write_text("mine")
+    old = time.time() - 7200
+    os.utime(tmp_path / "snaps" / ".tmp-2026-01-01-1", (old, old))
+    native(home, [10, 20, 30])
+    run_py(["-m", "maintenance.cleanup", "--config", str(cfg_path), "-y"], check=True)
+    run_py(["-m", "maintenance.snapshot", "--config", str(cfg_path)], check=True)
+    assert steps_left(home) == [30]
+    for d in (home / ".trash" / "run-1-1", home / ".tmp-vim-session", tmp_path / "snaps" / ".tmp-2026-01-01-1",
+              home / "tmp-download"):
+        assert (d / "keep.txt").read_text() == "mine", d
+
+
+# ------------------------------------------------------------------------------ killed runs
+def test_a_cleanup_killed_half_way_is_finished_and_logged_by_the_next_job(tmp_path):
+    cfg_path = write_config(tmp_path, {"retention": {"tiers": [{"count": 2}]}}, tiny=False)
+    root = tmp_path / "checkpoints"
+    for s in range(1, 13):
+        fake_native(root, s * 10, extra_files=1500)  # slow to remove, so the kill lands mid-way
+    p = subprocess.Popen([PY, "-m", "maintenance.cleanup", "--config", str(cfg_path), "-y", "-q"],
+                         env=env_for_children(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    trash = root / ".ckpt-daemon" / "trash"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        runs = [d for d in trash.glob("run-*") if d.is_dir()] if trash.exists() else []
+        moved = sorted(n for n in os.listdir(runs[0]) if not n.startswith(".")) if runs else []
+        if len(moved) >= 9 and sorted(n for n in os.listdir(root) if n.startswith("checkpoint-")) == [
+                "checkpoint-110", "checkpoint-120"]:
+            break  # every victim has left the catalog, and the removals are under way
+        assert p.poll() is None, "the cleanup finished before it could be killed"
+        time.sleep(0.002)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert steps_left(root) == [110, 120]  # the victims left the catalog at once
+    log_before = (tmp_path / "logs" / "cleanup.log").read_text() if (tmp_path / "logs" / "cleanup.log").exists() else ""
+    assert "finishing a cleanup that was interrupted" not in log_before
+    # the next job of any kind (here a snapshot) finishes it and says so
+    r = run_py(["-m", "maintenance.snapshot", "--config", str(cfg_path)], check=True)
+    assert "finishing a cleanup that was interrupted" in r.stdout
+    assert not list(trash.iterdir())  # trash empty, lock files gone
+    log = (tmp_path / "logs" / "cleanup.log").read_text()
+    finished = [line for line in log.splitlines() if "finishing a cleanup that was interrupted" in line]
+    assert finished and all("its reasons: beyond the last tier" in line for line in finished)
+    assert "freed " in log.split("leftovers of interrupted runs")[-1]
+
+
+def test_a_snapshot_killed_half_way_leaves_nothing_that_blocks_the_next(tmp_path):
+    import torch
+
+    cfg_path = write_config(tmp_path, {"checkpoints": {"pattern": "rolling_step_{step}.pt"}}, tiny=False)
+    root = tmp_path / "checkpoints"
+    root.mkdir()
+    torch.save({"model_state_dict": {"w": torch.randn(64 << 20)}}, root / "rolling_step_100.pt")  # 256 MiB: copied
+    p = subprocess.Popen([PY, "-m", "maintenance.snapshot", "--config", str(cfg_path)], env=env_for_children(),
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    scratch = tmp_path / "snapshots" / ".ckpt-daemon" / "tmp"
+    deadline = time.monotonic() + 60
+    while not (scratch.exists() and any(f.stat().st_size > 0 for f in scratch.rglob("*.pt"))):
+        assert time.monotonic() < deadline and p.poll() is None, "the snapshot finished before it could be killed"
+        time.sleep(0.002)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    left = [d for d in scratch.iterdir() if d.is_dir()]
+    assert left and sum(f.stat().st_size for d in left for f in d.rglob("*") if f.is_file()) > 0
+    r = run_py(["-m", "maintenance.snapshot", "--config", str(cfg_path)], check=True)
+    assert "left by a save, restore or snapshot that was killed" in r.stdout
+    assert not list(scratch.iterdir())
+    snaps = [d for d in (tmp_path / "snapshots").iterdir() if not d.name.startswith(".")]
+    assert len(snaps) == 1 and (snaps[0] / "rolling_step_100.pt").stat().st_size == (root / "rolling_step_100.pt").stat().st_size
+
+
+def test_keep_trash_reports_nothing_freed_until_the_trash_is_emptied(tmp_path):
+    cfg_path = write_config(tmp_path, {"retention": {"tiers": [{"count": 1}], "keep_trash": True}}, tiny=False)
+    root = tmp_path / "checkpoints"
+    for s in (10, 20, 30):
+        fake_native(root, s, payload=b"x" * 50_000)
+    cfg = load_config(cfg_path)
+    r = run_cleanup(cfg, dry_run=False, confirm=lambda r: True, confirmed_by="test")
+    assert sorted(r.deleted) == ["checkpoint-10", "checkpoint-20"] and r.freed_bytes == 0 and r.trashed_bytes > 0
+    log = (tmp_path / "logs" / "cleanup.log").read_text()
+    assert "moved to the trash (keep_trash; freed when the next cleanup empties it) checkpoint-10" in log
+    assert "freed 0 B (0 bytes)" in log
+    kept = [d for d in (root / ".ckpt-daemon" / "trash").iterdir() if d.is_dir()]
+    assert {p.name for p in kept[0].iterdir()} >= {"checkpoint-10", "checkpoint-20"}
+    # a snapshot job does not empty it (only the next cleanup does, as documented)
+    run_py(["-m", "maintenance.snapshot", "--config", str(cfg_path)], check=True)
+    assert kept[0].exists()
+    fake_native(root, 40)
+    r2 = run_cleanup(cfg, dry_run=False, confirm=lambda r: True)
+    assert not kept[0].exists()
+    log = (tmp_path / "logs" / "cleanup.log").read_text()
+    assert "emptied checkpoint-10 from the trash kept by an earlier cleanup" in log
+    assert r2.leftovers and any("freed" in line for line in r2.leftovers)
+
+
+# ------------------------------------------------------------------------------ the policy guard
+def seed_history(root: Path) -> None:
+    for s in range(100, 17001, 100):
+        fake_native(root, s)
+
+
+def test_the_seed_example_runs_unattended_with_the_confirmed_default_policy(tmp_path):
+    cfg = load_config(write_config(tmp_path, {"retention": {"enabled": True}}, tiny=False))  # the default tiers (20, 20 by 200, by 1000)
+    seed_history(cfg.checkpoint_dir)
+    r = run_cleanup(cfg, dry_run=False, confirm=lambda r: True, unattended=True)
+    assert not r.held and r.policy["confirmed"]
+    assert len(steps_left(cfg.checkpoint_dir)) == 43 and len(r.deleted) == 127
+
+
+def test_an_edited_policy_nobody_confirmed_never_deletes_unattended(tmp_path):
+    typo = {"retention": {"tiers": [{"count": 20}, {"count": 20, "every_steps": 200}, {"every_steps": 1000000}]}}
+    cfg_path = write_config(tmp_path, typo, tiny=False)
+    cfg = load_config(cfg_path)
+    seed_history(cfg.checkpoint_dir)
+    r = run_cleanup(cfg, dry_run=False, confirm=lambda r: True, unattended=True)
+    # only what the confirmed (default) policy would delete too is deleted; the rest of the typo is held
+    left = steps_left(cfg.checkpoint_dir)
+    assert len(left) == 43 and all(s % 1000 == 0 for s in left if s < 13200)
+    assert len(r.held) == 13 and not r.policy["confirmed"]
+    log = (tmp_path / "logs" / "cleanup.log").read_text()
+    assert "HELD checkpoint-1000: held: the edited retention policy deletes it, the last confirmed one keeps it" in log
+    assert "held 13 deletion(s)" in log and "python -m maintenance.cleanup" in log
+    # the dry run shows the policy as changed, and the held ones as deletions a person would confirm
+    dry = run_py(["-m", "maintenance.cleanup", "--config", str(cfg_path), "--dry-run", "-q"], check=True).stdout
+    # (on the 43 left, the typo's tiers re-rank: 1000, 2000 and 3000 fall into its tier 3)
+    assert "Policy: CHANGED since it was last confirmed" in dry and "Delete 3 of 43" in dry
+    # one manual run confirms it (here with -y); from then on unattended runs apply it
+    run_py(["-m", "maintenance.cleanup", "--config", str(cfg_path), "-y", "-q"], check=True)
+    rec = json.loads((cfg.checkpoint_dir / ".ckpt-daemon" / "policy.json").read_text())
+    assert rec["tiers"][-1] == {"count": None, "every_steps": 1000000} and rec["how"] == "cleanup -y"
+    assert len(steps_left(cfg.checkpoint_dir)) == 40
+    fake_native(cfg.checkpoint_dir, 17100)
+    r = run_cleanup(cfg, dry_run=False, confirm=lambda r: True, unattended=True)
+    assert r.policy["confirmed"] and not r.held
+
+
+def test_a_more_careful_edit_applies_unattended_without_confirmation(tmp_path):
+    cfg = load_config(write_config(tmp_path, {"retention": {"tiers": [{"count": 40}, {"every_steps": 1000}]}}, tiny=False))
+    seed_history(cfg.checkpoint_dir)
+    planned = {d.name for d in build_report(cfg, "dry run").to_delete}
+    r = run_cleanup(cfg, dry_run=False, confirm=lambda r: True, unattended=True)
+    # it keeps everything the confirmed default keeps, so nothing needs holding
+    assert not r.held and not r.policy["confirmed"] and set(r.deleted) == planned
+    assert len(steps_left(cfg.checkpoint_dir)) == 40 + 13
+
+
+def test_the_state_folder_is_ours_only(tmp_path):
+    root = tmp_path / "ck"
+    root.mkdir()
+    (root / ".ckpt-daemon").write_text("a file where our folder should be")
+    with pytest.raises(Exception, match="not a folder"):
+        runtime.state_dir(root)
+    (root / ".ckpt-daemon").unlink()
+    d = runtime.state_dir(root, "tmp")
+    assert d.is_dir() and not d.is_symlink()
+    with runtime.Scratch(root, "x") as s:
+        assert s.path.is_dir() and runtime.live_scratch(root) == [s.id]
+        assert runtime.clean_scratch(root) == []  # alive: never removed
+    assert not s.path.exists() and not s.lock_path.exists()
+
+
+def test_pins_and_records_are_never_written_through_a_symlink(tmp_path):
+    root = tmp_path / "ck"
+    native(root, [10])
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    os.symlink(victim, root / ".ckpt-daemon" / "trainer.lock")
+    with pytest.raises(OSError):
+        runtime.TrainerLock(root).acquire()  # O_NOFOLLOW: a planted link is never opened, let alone truncated
+    assert victim.read_text() == "keep me"
+    with pytest.raises(Exception, match="not a checkpoint name"):
+        runtime.pin(root, "../../victim.txt")
+    assert yaml.safe_load(victim.read_text()) == "keep me"
