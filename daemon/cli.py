@@ -33,18 +33,34 @@ def _age(seconds: Optional[float]) -> str:
 
 
 def cmd_check_config(args) -> int:
+    import datetime as dt
+
     import yaml
 
-    from ckpt_daemon.config import effective_config, load_config
+    from ckpt_daemon.config import effective_config, load_config, next_runs
+    from ckpt_daemon.errors import ConfigError
 
-    cfg = load_config(args.path or args.config)
-    print(f"# {cfg.source}: valid. Effective config (defaults filled in, folders resolved):")
+    try:
+        cfg = load_config(args.path or args.config)
+    except ConfigError as exc:
+        if not args.json:
+            raise
+        print(json.dumps({"ok": False, "error": {"type": type(exc).__name__, "message": str(exc), "exit_code": exc.exit_code}}))
+        return exc.exit_code
     eff = effective_config(cfg)
-    eff["checkpoints"]["dir"] = str(cfg.checkpoint_dir)
-    eff["snapshots"]["dir"] = str(cfg.snapshot_dir)
-    eff["consolidation"]["dir"] = str(cfg.consolidation_dir)
-    eff["logging"]["dir"] = str(cfg.log_dir)
+    for section, folder in (("checkpoints", cfg.checkpoint_dir), ("snapshots", cfg.snapshot_dir),
+                            ("consolidation", cfg.consolidation_dir), ("logging", cfg.log_dir)):
+        eff[section]["dir"] = str(folder)
+    runs = next_runs(cfg, dt.datetime.now(dt.timezone.utc))
+    if args.json:
+        print(json.dumps({"ok": True, "config": str(cfg.source), "effective": eff, "next_runs": runs}, indent=2))
+        return 0
+    print(f"# {cfg.source}: valid. Effective config (defaults filled in, folders resolved):")
     print(yaml.safe_dump(eff, sort_keys=False, default_flow_style=None), end="")
+    for name, times in runs.items():
+        print(f"# next {name} runs ({cfg.timezone}): {', '.join(times)}")
+    if not runs:
+        print("# no scheduled snapshot or retention: both are disabled")
     return 0
 
 
@@ -58,9 +74,8 @@ def cmd_schema(args) -> int:
 def cmd_list(args) -> int:
     from ckpt_daemon import catalog as cat
     from maintenance.cleanup import human
-    from ckpt_daemon.config import load_config
 
-    cfg = load_config(args.config)
+    cfg, _ = _load_for_reading(args)
     c = cat.scan_config(cfg, verify=args.verify)
     if args.json:
         print(json.dumps({"root": str(c.root), "checkpoints": [e.to_json() for e in c.entries],
@@ -93,67 +108,49 @@ def cmd_list(args) -> int:
     return 0
 
 
+def _load_for_reading(args):
+    """The config for a command that only looks; with a broken config.yaml, the last good copy and the
+    error (printed to stderr), so that what runs is still shown."""
+    from ckpt_daemon.configfile import load_for_reading
+
+    cfg, error = load_for_reading(Path(args.config))
+    if error:
+        print(f"warning: {args.config} is broken; showing what is there with the last good config. {error}",
+              file=sys.stderr)
+    return cfg, error
+
+
+def daemon_alive(cfg, s: Optional[dict]) -> bool:
+    from ckpt_daemon import runtime
+
+    if not s:
+        return False
+    try:
+        os.kill(int(s["daemon"]["pid"]), 0)
+    except (ProcessLookupError, KeyError, TypeError, ValueError):
+        return False
+    except PermissionError:
+        pass
+    return runtime.daemon_running(cfg.checkpoint_dir)
+
+
 def cmd_status(args) -> int:
     from daemon.state import read_state
-    from maintenance.cleanup import human
-    from ckpt_daemon.config import load_config
+    from daemon.statusview import render
 
-    cfg = load_config(args.config)
+    cfg, config_error = _load_for_reading(args)
     s = read_state(cfg.log_dir)
-    alive = False
-    if s:
-        try:
-            os.kill(s["daemon"]["pid"], 0)
-            alive = True
-        except (ProcessLookupError, PermissionError, KeyError, TypeError):
-            alive = False
+    alive = daemon_alive(cfg, s)
+    code = 0 if alive else 5
     if args.json:
-        print(json.dumps({"running": alive, **(s or {})}, indent=2, default=str))
-        return 0 if alive else 3
+        print(json.dumps({"running": alive, "config_error": config_error, **(s or {})}, indent=2, default=str))
+        return code
     if not s:
         print(f"ckpt-daemon has not run with {cfg.source} (no {cfg.log_dir / 'daemon-state.json'}).")
-        return 3
-    now = time.time()
-    d, t, ck = s["daemon"], s["training"], s["checkpoints"]
-    print(f"daemon:   {'running' if alive else 'NOT RUNNING (last state below)'} pid {d['pid']}, up {_age(d['uptime_s'])}, "
-          f"state written {_age(now - d['updated'])} ago")
-    if d.get("config_error"):
-        print(f"config:   LAST EDIT REJECTED, running with the last good config: {d['config_error']}")
-    line = f"training: {t['state']}"
-    if t.get("pid"):
-        line += f" pid {t['pid']}"
-    if t.get("uptime_s") is not None:
-        line += f", up {_age(t['uptime_s'])}"
-    if t.get("step") is not None:
-        line += f", step {t['step']}"
-    line += f", restarts {t['restarts']}"
-    print(line)
-    if t.get("message"):
-        print(f"          {t['message']}")
-    if t.get("last_crash"):
-        lc = t["last_crash"]
-        print(f"last crash: {lc['description']} after {lc['ran_s']}s, {_age(now - lc['time'])} ago (from {lc.get('resumed_from') or 'scratch'})")
-    for which in ("latest", "best"):
-        e = ck.get(which)
-        if e:
-            m = " ".join(f"{k}={v:.4g}" for k, v in e.get("metrics", {}).items())
-            print(f"{which + ':':9} {e['name']} (step {e['step']}, {_age(e['age_s'])} old) {m}")
-        else:
-            print(f"{which + ':':9} none")
-    print(f"checkpoints: {ck['count']} in {ck['dir']}, {ck['valid']} valid")
-    for n, why in (ck.get("failed_verification") or {}).items():
-        print(f"  FAILED VERIFICATION: {n}: {why}")
-    disk = s.get("disk") or {}
-    if disk:
-        print(f"disk:     {human(disk.get('free_bytes', 0))} free ({disk.get('level')})")
-    nxt = s.get("jobs", {}).get("next", {})
-    for j in ("snapshot", "retention"):
-        print(f"next {j}: {nxt.get(j) or 'not scheduled'}")
-    lc = s.get("last_cleanup")
-    if lc:
-        print(f"last cleanup: {_age(now - lc['time'])} ago ({lc['reason']}): deleted {lc['deleted']}, kept {lc['kept']}, "
-              f"freed {human(lc['freed_bytes'])}" + (f", {lc['failed']} FAILED" if lc["failed"] else ""))
-    return 0 if alive else 3
+        return code
+    for _style, line in render(s, alive, time.time(), config_error, str(args.config)):
+        print(line)
+    return code
 
 
 def cmd_run(args) -> int:
@@ -205,8 +202,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     p = add("list", cmd_list, "list checkpoints")
     p.add_argument("--json", action="store_true")
     p.add_argument("--verify", action="store_true", help="verify checksums (reads every byte)")
-    p = add("check-config", cmd_check_config, "validate a config file and print the effective config")
+    p = add("check-config", cmd_check_config, "validate a config file and print the effective config and next runs")
     p.add_argument("path", nargs="?", help="config file (default: --config)")
+    p.add_argument("--json", action="store_true", help="print one JSON object: ok, effective config, next runs (or the error)")
     add("config-schema", cmd_schema, "print the JSON Schema of config.yaml")
     p = add("install-unit", cmd_install_unit, "render and install the systemd unit")
     p.add_argument("--user", default=None, help="unprivileged user the service runs as (default: owner of config.yaml)")

@@ -1,13 +1,22 @@
 """The daemon: one foreground process (`ckpt-daemon run`) that never imports torch.
 
-Main thread: a 0.25 s tick that polls the supervisor, applies config reloads, pings the systemd
-watchdog and rewrites the state file. Background: APScheduler's job threads, watchdog's observer and
-the verification worker. SIGTERM/SIGINT stop it cleanly (the trainer gets SIGTERM and time for its
-final save); SIGHUP reloads config.yaml.
+Threads: the main loop (a 0.25 s tick: applies config reloads, writes the state file when it changed,
+pings the systemd watchdog), the supervisor (the trainer's life cycle, see supervisor.py), a config
+reader (reading and validating config.yaml never runs on the main loop), APScheduler's job threads,
+watchdog's observer and the verification worker. The watchdog ping means "the main loop and the
+supervisor are alive"; nothing slow runs on the main loop.
+
+One daemon per checkpoint folder: `.ckpt-daemon/daemon.lock` is held for the daemon's whole life, and
+`.ckpt-daemon/daemon.json` says what it runs (read by `python -m maintenance.cleanup` to protect the
+checkpoint training resumed from, whatever the training command is).
+
+SIGTERM/SIGINT stop it cleanly (the trainer gets SIGTERM and time for its final save); SIGHUP re-reads
+config.yaml.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import signal
 import threading
@@ -15,95 +24,53 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from ckpt_daemon import catalog as cat
+from ckpt_daemon import configfile, runtime
+from ckpt_daemon.config import Config, diff_configs, parse_config
+from ckpt_daemon.errors import ConfigError
+from ckpt_daemon.fsutil import free_bytes
+from ckpt_daemon.logs import get_logger, setup_logging
 from daemon import state as st
 from daemon.jobs import Jobs
 from daemon.notify import Notifier
 from daemon.supervisor import Supervisor
 from daemon.watch import Watcher
-from ckpt_daemon import catalog as cat
 from maintenance import cleanup, snapshot
-from ckpt_daemon.config import Config, diff_configs, load_config, parse_config
-from ckpt_daemon.errors import ConfigError
-from ckpt_daemon.fsutil import atomic_write_bytes, free_bytes
-from ckpt_daemon.logs import get_logger, setup_logging
 
 log = get_logger("daemon")
-
-LAST_GOOD = "config.last-good.yaml"
-
-
-def _guess_log_dir(config_path: Path) -> Path:
-    """Where the last good config copy lives when config.yaml itself does not validate: its
-    logging.dir if the YAML still says one, else the default `logs` beside it."""
-    import yaml
-
-    base = config_path.parent
-    try:
-        raw = yaml.safe_load(config_path.read_text())
-        d = Path(raw["logging"]["dir"]).expanduser()
-        return d if d.is_absolute() else base / d
-    except Exception:
-        return base / "logs"
-
-
-def read_config(config_path: Path) -> tuple[Config, str]:
-    """Validate config.yaml from one read of its text; raise ConfigError (the precise message) on any problem."""
-    try:
-        text = config_path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError):
-        load_config(config_path)  # raises the ConfigError that names the cause
-        raise ConfigError(f"{config_path} changed while it was being read; it will be read again at the next change.") from None
-    return parse_config(text, config_path), text
-
-
-def load_with_fallback(config_path: Path) -> tuple[Config, Optional[str]]:
-    """Load config.yaml; if it does not validate, run on the last config that did (kept by every
-    successful load), so a bad edit followed by a daemon restart still never stops the daemon."""
-    try:
-        cfg, text = read_config(config_path)
-    except ConfigError as exc:
-        copy = _guess_log_dir(config_path) / LAST_GOOD
-        if not copy.is_file():
-            raise ConfigError(f"{exc} (No last good config was found to fall back to, so the daemon cannot start.)") from None
-        return parse_config(copy.read_text(encoding="utf-8"), config_path), str(exc)
-    save_last_good(cfg, text)
-    return cfg, None
-
-
-def save_last_good(cfg: Config, text: str) -> None:
-    try:
-        cfg.log_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(cfg.log_dir / LAST_GOOD, text.encode("utf-8"), mode=0o644)
-    except OSError as exc:
-        log.warning("could not keep a copy of the last good config", error=str(exc))
 
 
 class Daemon:
     def __init__(self, config_path: Path, echo_trainer: bool = True):
-        self.config_path = Path(config_path).resolve()
-        # An invalid file at start falls back to the last good config (errors only if there is none).
-        self.cfg, self.config_error = load_with_fallback(self.config_path)
+        # Not resolved: a config.yaml that is a symlink is re-read through the link, so `ln -sfn` works.
+        self.config_path = Path(os.path.abspath(config_path))
+        loaded = configfile.load_with_fallback(self.config_path)  # a broken file at start: the last good copy
+        self.cfg: Config = loaded.cfg
+        self.config_text = loaded.text
+        self.config_error: Optional[str] = loaded.error
+        self.config_pending: Optional[str] = None  # a valid edit held until restart (a folder moved)
+        self.config_notes = loaded.notes
+        self._seen_digest = configfile.text_digest(loaded.text) if loaded.error is None else None
         self.cfg_lock = threading.Lock()
         self.config_loaded_at = time.time()
-        self._config_mtime = self._mtime()
+        self._config_key = configfile.config_key(self.config_path)
+        self._reader = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="config-read")
+        self._pending_read: Optional[concurrent.futures.Future] = None
         self._reload_due: Optional[float] = None
+        self._force_reload = False
         self.stop_requested = threading.Event()
         self.started = time.time()
         self.notifier = Notifier()
         self.disk: dict = {}
         self.last_cleanup: Optional[dict] = None
         self.echo_trainer = echo_trainer
+        self._state_dirty = threading.Event()
+        self._last_state: Optional[dict] = None
+        self._last_write = 0.0
 
     def get_cfg(self) -> Config:
         with self.cfg_lock:
             return self.cfg
-
-    def _mtime(self) -> Optional[float]:
-        try:
-            s = self.config_path.stat()
-            return s.st_mtime_ns
-        except OSError:
-            return None
 
     # ------------------------------------------------------------------------------------ jobs
     def job_snapshot(self) -> str:
@@ -117,11 +84,17 @@ class Daemon:
 
     def job_retention(self, reason: str = "weekly schedule") -> str:
         cfg = self.get_cfg()
-        r = cleanup.run_cleanup(cfg, dry_run=False, confirm=lambda r: True, extra_protected=self._protected_extra())
+        r = cleanup.run_cleanup(cfg, dry_run=False, confirm=lambda r: True, extra_protected=self._protected_extra(),
+                                unattended=True)
         self.last_cleanup = {"time": time.time(), "reason": reason, "deleted": len(r.deleted), "failed": len(r.failed),
-                             "freed_bytes": r.freed_bytes, "kept": sum(d.keep for d in r.decisions)}
+                             "freed_bytes": r.freed_bytes, "kept": sum(d.keep for d in r.decisions),
+                             "held": len(r.held), "policy_confirmed": r.policy.get("confirmed")}
+        self._state_dirty.set()
+        if r.held:
+            log.warning("retention held deletions under an unconfirmed policy", held=len(r.held),
+                        remedy="run `python -m maintenance.cleanup` to review and confirm the new tiers")
         return f"deleted {len(r.deleted)}, kept {self.last_cleanup['kept']}, freed {cleanup.human(r.freed_bytes)}" + (
-            f", {len(r.failed)} failed" if r.failed else "")
+            f", {len(r.failed)} failed" if r.failed else "") + (f", held {len(r.held)} (unconfirmed policy)" if r.held else "")
 
     def job_disk(self) -> str:
         cfg = self.get_cfg()
@@ -132,19 +105,31 @@ class Daemon:
             level = "emergency"
         elif gb < cfg.disk.warn_free_gb:
             level = "warning"
-        self.disk = {"free_bytes": free, "level": level, "checked": time.time()}
+        message = None
         if level == "warning":
             log.warning("free disk space is low", free_gib=round(gb, 2), warn_free_gb=cfg.disk.warn_free_gb)
+        elif level == "emergency" and not cfg.retention.enabled:
+            # Disabled means disabled: nothing is deleted, but nobody may miss it.
+            message = (f"DISK EMERGENCY: {gb:.2f} GiB free, below disk.emergency_free_gb ({cfg.disk.emergency_free_gb}); "
+                       "retention is disabled (retention.enabled: false), so nothing is deleted. Free space by hand, or "
+                       "run `python -m maintenance.cleanup` to apply the tiers once.")
+            log.error(message)
         elif level == "emergency":
             log.error("free disk space below the emergency threshold: running retention now",
                       free_gib=round(gb, 2), emergency_free_gb=cfg.disk.emergency_free_gb)
             ok = self.jobs.run_job("retention", reason=f"disk emergency: {gb:.2f} GiB free < {cfg.disk.emergency_free_gb} GiB")
             after = free_bytes(cfg.checkpoint_dir) / 2**30
-            self.disk["free_bytes"] = int(after * 2**30)
+            free = int(after * 2**30)
             if after < cfg.disk.emergency_free_gb:
-                log.error("still below the emergency threshold after retention: the remaining checkpoints are "
-                          "protected or kept by the tiers, and are never deleted to make room. Free space by hand "
-                          "or loosen retention.tiers.", free_gib=round(after, 2), retention_ran=ok)
+                message = (f"DISK EMERGENCY: still {after:.2f} GiB free after retention; the remaining checkpoints are "
+                           "protected or kept by the tiers and are never deleted to make room. Free space by hand or "
+                           "loosen retention.tiers.")
+                log.error(message, retention_ran=ok)
+        import shutil
+
+        total = shutil.disk_usage(cfg.checkpoint_dir).total
+        self.disk = {"free_bytes": free, "total_bytes": total, "level": level, "checked": time.time(), "message": message}
+        self._state_dirty.set()
         return f"{gb:.2f} GiB free ({level})"
 
     def job_rescan(self) -> str:
@@ -152,37 +137,87 @@ class Daemon:
         return f"{n} checkpoint(s) queued for verification"
 
     # ------------------------------------------------------------------------------------ reload
-    def request_reload(self) -> None:
+    def request_reload(self, force: bool = False) -> None:
+        self._force_reload = self._force_reload or force
         self._reload_due = time.monotonic() + 0.3  # debounce editors' write+rename bursts
 
-    def reload(self) -> bool:
+    def _read_config(self) -> tuple[Optional[str], str, Optional[Config], Optional[str]]:
+        """Off the main loop: read and validate config.yaml. Returns (digest of the text, text, config, error)."""
         try:
-            new, text = read_config(self.config_path)
+            text = configfile.read_config_text(self.config_path)
         except ConfigError as exc:
-            self.config_error = str(exc)
-            log.error("config.yaml edit rejected; the last good config stays in force", error=str(exc))
-            self.notifier.status("config.yaml edit rejected; running with the last good config")
-            return False
-        save_last_good(new, text)
-        return self._apply(new)
+            return None, "", None, str(exc)
+        digest = configfile.text_digest(text)
+        try:
+            cfg = parse_config(text, self.config_path)
+        except ConfigError as exc:
+            return digest, text, None, str(exc)
+        lost = configfile.lost_sections(text, self.config_text)
+        if lost:
+            return digest, text, None, configfile.lost_sections_error(self.config_path, lost)
+        return digest, text, cfg, None
 
-    def _apply(self, new: Config) -> bool:
+    def _poll_reload(self, now: float) -> None:
+        key = configfile.config_key(self.config_path)
+        if key != self._config_key:
+            self._config_key = key
+            self.request_reload()
+        if self._pending_read is None and self._reload_due is not None and now >= self._reload_due:
+            self._reload_due = None
+            self._pending_read = self._reader.submit(self._read_config)
+        if self._pending_read is not None and self._pending_read.done():
+            fut, self._pending_read = self._pending_read, None
+            force, self._force_reload = self._force_reload, False
+            self._apply_read(*fut.result(), force=force)
+
+    def _apply_read(self, digest: Optional[str], text: str, new: Optional[Config], error: Optional[str],
+                    force: bool = False) -> None:
+        if digest is not None and digest == self._seen_digest and not force:
+            log.debug("config.yaml re-read: the same text as before, nothing to do")
+            return  # a touch, a rewrite with no change: nothing to say or do
+        if error is not None and error == self.config_error and not force:
+            log.debug("config.yaml re-read: the same problem as before, already reported")
+            return
+        self._seen_digest = digest
+        if error is not None:
+            self.config_error = error
+            log.error("config.yaml edit rejected; the config in force stays", error=error)
+            self.notifier.status("config.yaml edit rejected; running with the last good config")
+            self._state_dirty.set()
+            return
         old = self.get_cfg()
+        moved = configfile.folder_changes(old, new)
+        if moved:
+            self.config_pending = (
+                f"config.yaml moves {'; '.join(moved)}. A folder never moves under a running daemon (it would "
+                "silently start a new run from step 0, or leave the old checkpoints unmanaged), so this edit is held "
+                "and nothing of it is in force: restart the daemon (systemctl restart ckpt-daemon) to use it, or "
+                "undo the change.")
+            self.config_error = None
+            log.error("config.yaml edit held until the daemon restarts", reason=self.config_pending)
+            self._state_dirty.set()
+            return
+        self.config_error = self.config_pending = None
+        self.config_text = text
+        err = configfile.save_last_good(new, text)  # only ever a config that validated and is put in force
+        if err:
+            log.warning("could not keep a copy of the last good config", error=err)
+        self._apply(old, new)
+        self._state_dirty.set()
+
+    def _apply(self, old: Config, new: Config) -> None:
         changes = diff_configs(old, new)
-        self.config_error = None
-        if not changes:
-            return True
         with self.cfg_lock:
             self.cfg = new
+        if not changes:
+            log.info("config.yaml re-read: no change in effect")
+            return
         self.config_loaded_at = time.time()
         log.info("config.yaml reloaded", changes=changes)
         if any(c.startswith(("snapshots.", "retention.", "disk.", "timezone")) for c in changes):
             self.jobs.reschedule()
-        if any(c.startswith("checkpoints.dir") or c.startswith("logging.dir") for c in changes):
-            self.watcher.restart_observer()
         if any(c.startswith("training.") for c in changes):
             log.info("training settings changed; they take effect at the trainer's next (re)start")
-        return True
 
     # ------------------------------------------------------------------------------------ status
     def _catalog(self, cfg: Config) -> cat.Catalog:
@@ -200,106 +235,144 @@ class Daemon:
         return c
 
     def status(self) -> dict:
+        """What `ckpt-daemon status` shows. Holds times, not ages: readers compute ages when they read."""
         cfg = self.get_cfg()
         c = self._catalog(cfg)
-        now = time.time()
 
         def desc(e):
             if e is None:
                 return None
-            return {"name": e.name, "step": e.step, "age_s": round(now - e.mtime, 1), "metrics": e.metrics}
+            return {"name": e.name, "step": e.step, "mtime": e.mtime, "metrics": e.metrics, "layout": e.layout}
 
-        from ckpt_daemon.runtime import read_heartbeat
-
-        hb = read_heartbeat(cfg.checkpoint_dir) or {}
+        hb = runtime.read_heartbeat(cfg.checkpoint_dir) or {}
         training = self.supervisor.snapshot()
-        if hb and hb.get("pid") == training.get("pid"):
+        if hb and (hb.get("run") == training.get("run") or hb.get("pid") == training.get("pid")) and training.get("pid"):
             training["step"] = hb.get("step")
-            if "resumed_from" in hb:  # what the trainer really loaded (it may have fallen back further)
+            if isinstance(hb.get("resumed_from"), str):  # what the trainer really loaded (it may have fallen back)
                 training["resumed_from"] = hb["resumed_from"]
-            training["heartbeat_age_s"] = round(now - hb.get("time", now), 1)
+            training["heartbeat_time"] = hb.get("time")
         return {
-            "daemon": {"pid": os.getpid(), "started": self.started, "uptime_s": round(now - self.started, 1),
+            "daemon": {"pid": os.getpid(), "started": self.started,
                        "config": str(self.config_path), "config_loaded_at": self.config_loaded_at,
-                       "config_error": self.config_error, "updated": now},
+                       "config_error": self.config_error, "config_pending": self.config_pending},
             "training": training,
             "checkpoints": {"dir": str(cfg.checkpoint_dir), "count": len(c.entries), "valid": len(c.valid()),
                             "latest": desc(c.newest_valid()), "best": desc(c.pointer("best")),
-                            "failed_verification": dict(self.watcher.bad), "in_progress": [p.name for p in c.in_progress]},
+                            "failed_verification": dict(self.watcher.bad), "in_progress": [p.name for p in c.in_progress],
+                            "quarantined": len(runtime.quarantined(cfg.checkpoint_dir))},
+            "retention": {"enabled": cfg.retention.enabled,
+                          "policy_confirmed": cleanup.confirmed_tiers(cfg.checkpoint_dir)[0] == cleanup._canon(cfg.retention.tiers)},
             "disk": self.disk,
             "jobs": {"next": self.jobs.next_times(), "history": self.jobs.history.data.get("jobs", {})},
             "last_cleanup": self.last_cleanup,
         }
 
-    def write_status(self) -> None:
+    def write_status(self, force: bool = False) -> None:
+        """Rewrite the state file when what it says changed (an idle daemon writes nothing)."""
         try:
             s = self.status()
-            st.write_state(self.get_cfg().log_dir, s)
+            now = time.time()
+            if s == self._last_state and not force and now - self._last_write < 30:
+                return  # unchanged: rewritten only as a sign of life, twice a minute
+            self._last_state, self._last_write = s, now
+            st.write_state(self.get_cfg().log_dir, {**s, "written": now})
             t = s["training"]
             self.notifier.status(f"training {t['state']}" + (f" step {t.get('step')}" if t.get("step") else "")
                                  + (f", latest {s['checkpoints']['latest']['name']}" if s["checkpoints"]["latest"] else ""))
         except Exception as exc:
             log.error("could not write the state file", error=str(exc))
 
+    def _write_record(self) -> None:
+        """`.ckpt-daemon/daemon.json`: what this daemon runs, for cleanup and the other tools."""
+        sup = getattr(self, "supervisor", None)
+        snap = sup.snapshot() if sup else {}
+        runtime.write_record(self.get_cfg().checkpoint_dir, runtime.DAEMON_RECORD, {
+            "pid": os.getpid(), "started": self.started, "config": str(self.config_path),
+            "state": snap.get("state"), "trainer_pid": snap.get("pid"), "run": snap.get("run"),
+            "resume_from": snap.get("resumed_from"), "updated": time.time()})
+        self._state_dirty.set()
+
     # ------------------------------------------------------------------------------------ main
     def _on_signal(self, signum, _frame) -> None:
         if signum == signal.SIGHUP:
-            self.request_reload()
+            self.request_reload(force=True)
             return
-        if not self.stop_requested.is_set():
-            log.info("stop requested", signal=signal.Signals(signum).name)
         self.stop_requested.set()
 
     def run(self) -> int:
         cfg = self.cfg
         os.umask(0o022)
         setup_logging(cfg.logging.level, cfg.log_dir / "daemon.log", cfg.logging.max_bytes, cfg.logging.backups)
+        cfg.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        lock = runtime.DaemonLock(cfg.checkpoint_dir).acquire()  # one daemon per folder (AlreadyRunningError)
+        try:
+            return self._run(cfg)
+        finally:
+            lock.release()
+
+    def _run(self, cfg: Config) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self._on_signal)
         log.info("ckpt-daemon starting", config=str(self.config_path), checkpoints=str(cfg.checkpoint_dir), pid=os.getpid())
         if self.config_error:
-            log.error("config.yaml does not validate; running with the last good config until it is fixed",
+            log.error("config.yaml is not in force; running with the last good config until it is fixed",
                       error=self.config_error)
-        cfg.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        self.watcher = Watcher(self.get_cfg, self.request_reload)
-        self.supervisor = Supervisor(self.get_cfg, self.watcher.bad, echo=self.echo_trainer)
+        else:
+            configfile.save_last_good(cfg, self.config_text)
+        for note in self.config_notes:
+            log.warning("config.yaml changed a folder while the daemon was down", change=note)
+        self.watcher = Watcher(self.get_cfg, self.request_reload, self.config_path)
+        self.supervisor = Supervisor(self.get_cfg, self.watcher.bad, echo=self.echo_trainer, on_change=self._write_record)
+        self._write_record()
         history = st.JobHistory(cfg.log_dir)
         self.jobs = Jobs(self.get_cfg, history, {"snapshot": self.job_snapshot, "retention": self.job_retention,
                                                  "disk": self.job_disk, "rescan": self.job_rescan})
         self.watcher.start()
         self.jobs.start()
-        self.jobs.run_job("disk", reason="startup")
-        self.jobs.catch_up()
-        self.supervisor.start()
+        threading.Thread(target=self._startup_jobs, daemon=True, name="startup").start()
+        sup_thread = threading.Thread(target=self.supervisor.run, args=(self.stop_requested,), name="supervisor")
+        sup_thread.start()
         self.notifier.ready("ckpt-daemon up")
         last_ping = last_state = 0.0
         try:
             while not self.stop_requested.is_set():
                 now = time.monotonic()
                 try:
-                    self.supervisor.poll()
-                    m = self._mtime()
-                    if m != self._config_mtime:
-                        self._config_mtime = m
-                        self.request_reload()
-                    if self._reload_due is not None and now >= self._reload_due:
-                        self._reload_due = None
-                        self.reload()
+                    self._poll_reload(now)
                 except Exception as exc:  # one bad tick must not end supervision; the next tick retries
                     log.exception("daemon tick failed; retrying", error=str(exc))
-                if self.notifier.watchdog_interval_s and now - last_ping >= self.notifier.watchdog_interval_s:
+                interval = self.notifier.watchdog_interval_s
+                if interval and now - last_ping >= interval and sup_thread.is_alive():
                     self.notifier.watchdog()
                     last_ping = now
                 if now - last_state >= 1.0:
                     self.write_status()
                     last_state = now
                 self.stop_requested.wait(0.25)
-        finally:
+            log.info("stop requested")
             self.notifier.stopping()
+            # The supervisor stops the trainer (SIGTERM, its final save); keep pinging while it does.
+            while sup_thread.is_alive():
+                sup_thread.join(timeout=1.0)
+                if self.notifier.watchdog_interval_s:
+                    self.notifier.watchdog()
+        finally:
             log.info("ckpt-daemon stopping")
-            self.supervisor.stop()
             self.jobs.shutdown()
             self.watcher.stop()
-            self.write_status()
+            self._reader.shutdown(wait=False, cancel_futures=True)
+            self._write_record()
+            self.write_status(force=True)
             log.info("ckpt-daemon stopped")
         return 0
+
+    def _startup_jobs(self) -> None:
+        try:
+            lines = cleanup.finish_leftovers(self.get_cfg())
+            for line in lines:
+                log.warning("finished a leftover of an interrupted run", what=line)
+        except Exception as exc:
+            log.error("could not finish the leftovers of interrupted runs", error=str(exc))
+        self.jobs.run_job("disk", reason="startup")
+        due = self.jobs.catch_up()
+        log.info("startup jobs done", caught_up=due)

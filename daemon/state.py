@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from ckpt_daemon.fsutil import atomic_write_json
+from ckpt_daemon.fsutil import atomic_write_json, read_json_file
 
 STATE_FILE = "daemon-state.json"
 JOBS_FILE = "jobs-state.json"
@@ -19,14 +19,11 @@ def state_path(log_dir: Path) -> Path:
 
 
 def read_state(log_dir: Path) -> Optional[dict]:
-    try:
-        return json.loads(state_path(log_dir).read_text())
-    except (OSError, ValueError):
-        return None
+    return read_json_file(state_path(log_dir), 16 << 20)
 
 
 def write_state(log_dir: Path, state: dict) -> None:
-    atomic_write_json(state_path(log_dir), state, mode=0o644)
+    atomic_write_json(state_path(log_dir), state, mode=0o644, durable=False)  # a status, rewritten often: no fsync
 
 
 class JobHistory:

@@ -1,10 +1,18 @@
 """Supervisor: runs training.command as a child and keeps it running from the highest valid checkpoint.
 
-The crash policy (`CrashPolicy`) is pure: time is passed in, so its decisions are tested without
-sleeping or forking. `Supervisor` is the process side: a new process group per trainer (so SIGTERM
-reaches torchrun's workers too), the parent-death signal set to SIGTERM (if the daemon is SIGKILLed the
-trainer saves and exits rather than running on unsupervised), output to logs/trainer.log with the
-last lines kept for crash reports.
+The decisions are pure and tested without sleeping or forking: `classify` (what an exit means),
+`CrashPolicy` (backoff, fallback, giving up). `Supervisor` is the process side. It runs in a thread of
+its own, so that slow work (verifying a multi-GB checkpoint before a restart, waiting for a trainer's
+final save) never blocks the daemon's main loop and its systemd watchdog pings.
+
+The child gets a new session (so SIGTERM reaches torchrun's workers too), the parent-death signal
+SIGTERM (if the daemon is SIGKILLed the trainer saves and exits rather than running on unsupervised),
+a run token in $CKPT_DAEMON_RUN (its heartbeats carry it, whichever process of the tree writes them),
+and its output goes to logs/trainer.log with the last lines kept for crash reports.
+
+Stop versus finished: training has finished only when the trainer exits 0 on its own. An exit by a
+signal the daemon did not send (e.g. 143 after saving on someone else's SIGTERM) is "stopped from
+outside" and training is restarted.
 """
 
 from __future__ import annotations
@@ -17,18 +25,83 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
 from ckpt_daemon import catalog as cat
 from ckpt_daemon import runtime
+from ckpt_daemon.fsutil import free_bytes
 from ckpt_daemon.logs import get_logger
 
 log = get_logger("daemon.supervisor")
 
+# Resolved once, at import, in the daemon's single thread: the child of a multi-threaded process may
+# not dlopen or take locks between fork and exec; calling an already resolved function is all it does.
+try:
+    _PRCTL = ctypes.CDLL(None, use_errno=True).prctl
+except (OSError, AttributeError):  # not Linux
+    _PRCTL = None
+_PR_SET_PDEATHSIG = 1
+_SIGTERM = int(signal.SIGTERM)
 
-# ----------------------------------------------------------------------------------- pure policy
+
+def _pdeathsig() -> None:
+    """Runs in the child before exec: SIGTERM if the thread that started it (the supervisor) dies."""
+    if _PRCTL is not None:
+        _PRCTL(_PR_SET_PDEATHSIG, _SIGTERM)
+
+
+# ----------------------------------------------------------------------------------- pure decisions
+_STOP_SIGNALS = {int(signal.SIGTERM), int(signal.SIGINT), int(signal.SIGHUP), int(signal.SIGQUIT)}
+_DISK_FULL = ("No space left on device", "ENOSPC", "Disk quota exceeded", "EDQUOT")
+_OOM = ("CUDA out of memory", "OutOfMemoryError", "MemoryError", "Cannot allocate memory")
+
+
+@dataclass
+class Exit:
+    """What a trainer's exit means."""
+
+    kind: str  # finished|stopped|stopped_outside|disk_full|out_of_memory|heartbeat|killed|signal|error|start_failed
+    description: str
+    blame_checkpoint: bool  # may the checkpoint it resumed from be at fault?
+
+
+def describe_rc(rc: int) -> str:
+    if rc < 0:
+        try:
+            return f"signal {signal.Signals(-rc).name}"
+        except ValueError:
+            return f"signal {-rc}"
+    if rc > 128 and rc - 128 in _STOP_SIGNALS:
+        return f"exit code {rc} ({signal.Signals(rc - 128).name} after saving)"
+    return f"exit code {rc}"
+
+
+def classify(rc: int, tail: list[str], stopped_by_daemon: bool, stale_heartbeat: bool = False) -> Exit:
+    desc = describe_rc(rc)
+    text = "\n".join(tail[-40:])
+    if stopped_by_daemon:
+        return Exit("stopped", desc, False)
+    if stale_heartbeat:
+        return Exit("heartbeat", f"{desc} (its heartbeat went stale)", False)
+    if rc == 0:
+        return Exit("finished", "exit code 0", False)
+    sig = -rc if rc < 0 else (rc - 128 if rc > 128 else None)
+    if sig in _STOP_SIGNALS:
+        return Exit("stopped_outside", f"{desc}: a signal the daemon did not send", False)
+    if any(s in text for s in _DISK_FULL):
+        return Exit("disk_full", f"{desc}: the disk is full", False)
+    if any(s in text for s in _OOM):
+        return Exit("out_of_memory", f"{desc}: out of memory", False)
+    if rc == -int(signal.SIGKILL):
+        return Exit("killed", desc, True)
+    if rc < 0:
+        return Exit("signal", desc, True)
+    return Exit("error", desc, True)
+
+
 @dataclass
 class Verdict:
     action: str  # restart | give_up | finished
@@ -38,8 +111,9 @@ class Verdict:
 
 class CrashPolicy:
     """Backoff (starts small, doubles, capped, reset after a healthy run), fallback to the previous
-    checkpoint after repeated crashes from one checkpoint with nothing newer, and giving up after too
-    many crashes in a window."""
+    checkpoint after repeated crashes from one checkpoint with nothing newer (only for crashes that may
+    be the checkpoint's fault: not a full disk or a stop from outside), and giving up after too many
+    crashes in a window."""
 
     def __init__(self, policy):
         self.p = policy
@@ -50,7 +124,7 @@ class CrashPolicy:
         self.restarts = 0
 
     def on_exit(self, now: float, returncode: int, ran_s: float, resumed_from: Optional[str],
-                newest_after: Optional[str]) -> Verdict:
+                newest_after: Optional[str], blame: bool = True) -> Verdict:
         if returncode == 0:
             self.consecutive = 0
             return Verdict("finished", notes=["training exited 0: finished"])
@@ -62,28 +136,35 @@ class CrashPolicy:
         self.crash_times.append(now)
         while self.crash_times and now - self.crash_times[0] > self.p.crash_window_s:
             self.crash_times.popleft()
-        if resumed_from is not None and newest_after == resumed_from:
+        if blame and resumed_from is not None and newest_after == resumed_from:
             self.same[resumed_from] = self.same.get(resumed_from, 0) + 1
             if self.same[resumed_from] >= self.p.same_checkpoint_crashes and resumed_from not in self.suspect:
                 self.suspect.add(resumed_from)
                 notes.append(f"{self.same[resumed_from]} crashes from {resumed_from} without a newer checkpoint: "
                              "falling back to the previous valid checkpoint")
-        else:
+        elif newest_after != resumed_from:
             self.same.clear()
         if len(self.crash_times) >= self.p.max_crashes:
             return Verdict("give_up", notes=notes + [
                 f"{len(self.crash_times)} crashes within {self.p.crash_window_s:.0f}s (training.restart.max_crashes "
-                f"= {self.p.max_crashes}): not restarting. Fix the cause (see logs/trainer.log), then restart the daemon."])
+                f"= {self.p.max_crashes})"])
         delay = min(self.p.initial_backoff_s * 2 ** (self.consecutive - 1), self.p.max_backoff_s)
         self.restarts += 1
         return Verdict("restart", delay, notes)
+
+    def reset_window(self) -> None:
+        """After giving up, a retry starts with a clean count (but the suspects stay avoided)."""
+        self.crash_times.clear()
+        self.consecutive = 0
+        self.same.clear()
 
 
 # ----------------------------------------------------------------------------------- resume choice
 def choose_resume(c: cat.Catalog, exclude: set[str], known_bad: dict[str, str],
                   verify: Callable[[cat.Entry], cat.Entry] = cat.verify_entry) -> tuple[Optional[cat.Entry], list[str]]:
     """Highest complete checkpoint that passes full verification and is not excluded. Returns it (None
-    for a fresh start) and notes on what was passed over and why."""
+    for a fresh start) and notes on what was passed over and why. One that fails verification is moved
+    to quarantine (any layout), so a trainer that picks its own newest file never sees it."""
     notes = []
     for e in sorted(c.entries, key=lambda e: e.step, reverse=True):
         if not e.valid:
@@ -99,8 +180,8 @@ def choose_resume(c: cat.Catalog, exclude: set[str], known_bad: dict[str, str],
         if not v.valid:
             notes.append(f"{e.name} skipped: failed verification ({v.reason})")
             log.error("checkpoint failed verification; it will not be used for resume", checkpoint=e.name, reason=v.reason)
-            if e.layout == "native" and runtime.quarantine(c.root, e.name, v.reason) is not None:
-                notes.append(f"{e.name} moved to {cat.RUNTIME_DIR}/quarantine/ so the resumed run can write that step again")
+            if runtime.quarantine(c.root, e.name, v.reason) is not None:
+                notes.append(f"{e.name} moved to {runtime.STATE_DIR}/quarantine/ so the trainer can write that step again")
             else:
                 known_bad[e.name] = v.reason
             continue
@@ -109,38 +190,18 @@ def choose_resume(c: cat.Catalog, exclude: set[str], known_bad: dict[str, str],
 
 
 # ----------------------------------------------------------------------------------- process side
-class RotatingWriter:
-    def __init__(self, path: Path, max_bytes: int, backups: int):
-        self.path, self.max_bytes, self.backups = path, max_bytes, backups
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.f = open(path, "ab")
-
-    def write(self, data: bytes) -> None:
-        if self.f.tell() + len(data) > self.max_bytes and self.f.tell() > 0:
-            self.f.close()
-            for i in range(self.backups - 1, 0, -1):
-                src = self.path.with_name(f"{self.path.name}.{i}")
-                if src.exists():
-                    os.replace(src, self.path.with_name(f"{self.path.name}.{i + 1}"))
-            if self.backups:
-                os.replace(self.path, self.path.with_name(f"{self.path.name}.1"))
-            else:
-                self.path.unlink(missing_ok=True)
-            self.f = open(self.path, "ab")
-        self.f.write(data)
-        self.f.flush()
-
-    def close(self) -> None:
-        self.f.close()
+RELAY = str(Path(__file__).with_name("logrelay.py"))
 
 
-def _pdeathsig() -> None:
-    """Runs in the child before exec: new process group (session), and SIGTERM if the daemon dies."""
+def _append_line(path: Path, text: str) -> None:
     try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            os.write(fd, text.encode("utf-8", "replace"))
+        finally:
+            os.close(fd)
     except OSError:
-        pass
+        pass  # a full disk costs a log line, nothing else
 
 
 def expand_command(argv: list[str], config_path: Path, resume: str) -> list[str]:
@@ -154,36 +215,70 @@ def expand_command(argv: list[str], config_path: Path, resume: str) -> list[str]
 
 
 class Supervisor:
+    """The trainer's life cycle. `run(stop_event)` is the supervisor thread's loop; everything that
+    changes the child happens on that thread (the parent-death signal is bound to it)."""
+
     def __init__(self, get_cfg: Callable, known_bad: dict[str, str], clock: Callable[[], float] = time.time,
-                 echo: bool = True):
+                 echo: bool = True, on_change: Optional[Callable[[], None]] = None):
         self.get_cfg = get_cfg
         self.clock = clock
         self.known_bad = known_bad
         self.echo = echo
+        self.on_change = on_change or (lambda: None)
         cfg = get_cfg()
         self.policy = CrashPolicy(cfg.training.restart)
         self.state = "idle"  # idle running backoff stopping stopped finished gave_up adopted
         self.proc: Optional[subprocess.Popen] = None
         self.pid: Optional[int] = None
+        self.token: Optional[str] = None
         self.started_at: Optional[float] = None
         self.resume_from: Optional[str] = None
         self.next_start: Optional[float] = None
         self.last_crash: Optional[dict] = None
+        self.crashes: collections.deque[dict] = collections.deque(maxlen=20)
+        self.crash_counts: collections.Counter = collections.Counter()
+        self.gave_up: Optional[dict] = None
         self.tail: collections.deque[str] = collections.deque(maxlen=40)
         self._reader: Optional[threading.Thread] = None
-        self._writer: Optional[RotatingWriter] = None
+        self._relay: Optional[subprocess.Popen] = None
+        self.log_path: Optional[Path] = None
+        self._stale = False
+        self._last_disk_check = 0.0
         self.message = ""
+        self.tick = time.monotonic()
+        self.lock = threading.Lock()
+
+    # -- thread -----------------------------------------------------------------------------------
+    def run(self, stop: threading.Event) -> None:
+        try:
+            self.start()
+        except Exception as exc:
+            log.exception("could not start training; retrying at the next tick", error=str(exc))
+        while not stop.is_set():
+            self.tick = time.monotonic()
+            try:
+                self.poll()
+            except Exception as exc:  # one bad tick must not end supervision
+                log.exception("supervisor tick failed; retrying", error=str(exc))
+            stop.wait(0.2)
+        self.stop()
+
+    def _set(self, **kw) -> None:
+        with self.lock:
+            for k, v in kw.items():
+                setattr(self, k, v)
+        self.on_change()
 
     # -- start ------------------------------------------------------------------------------------
     def start(self) -> None:
         cfg = self.get_cfg()
         self.policy.p = cfg.training.restart
         act = runtime.training_activity(cfg.checkpoint_dir)
-        if act.active:
+        if act.active and runtime.lock_held(cfg.checkpoint_dir / runtime.STATE_DIR / runtime.TrainerLock.name):
             # A trainer from before a daemon restart still holds the lock: watch it rather than start a
             # second writer (which the lock would refuse anyway).
-            self.state, self.pid, self.started_at = "adopted", act.pid, self.clock()
-            self.message = f"adopted a running trainer (pid {act.pid}) started before this daemon"
+            self._set(state="adopted", pid=act.pid, started_at=self.clock(),
+                      message=f"adopted a running trainer (pid {act.pid}) started before this daemon")
             log.warning("a trainer is already running on this checkpoint folder; adopting it", pid=act.pid)
             return
         c = cat.scan_config(cfg, stats=False)
@@ -191,37 +286,57 @@ class Supervisor:
         for n in notes:
             log.warning("resume choice", note=n)
         resume = str(entry.path) if entry else "none"
-        self.resume_from = entry.name if entry else None
+        token = uuid.uuid4().hex
         argv = expand_command(cfg.training.command, cfg.source, resume)
-        env = {**os.environ, **cfg.training.env, "CKPT_RESUME": resume, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, **cfg.training.env, "CKPT_RESUME": resume, "CKPT_DAEMON_RUN": token,
+               "CKPT_DAEMON_CHECKPOINTS": str(cfg.checkpoint_dir), "CKPT_DAEMON_CONFIG": str(cfg.source),
+               "CKPT_DAEMON_METRICS": str(cfg.log_dir / "metrics.jsonl"), "PYTHONUNBUFFERED": "1"}
         cwd = str(cfg.resolve_path(cfg.training.cwd)) if cfg.training.cwd else str(cfg.base_dir)
-        self._writer = RotatingWriter(cfg.log_dir / "trainer.log", cfg.logging.max_bytes, cfg.logging.backups)
-        self._writer.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} ckpt-daemon starts: {' '.join(argv)} "
-                           f"(CKPT_RESUME={resume})\n".encode())
+        self.log_path = cfg.log_dir / "trainer.log"
+        cfg.log_dir.mkdir(parents=True, exist_ok=True)
+        # The trainer writes into a pipe drained by a relay process that outlives the daemon (see logrelay.py).
+        r, w = os.pipe()
         try:
-            self.proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                         stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_pdeathsig)
+            relay = subprocess.Popen([sys.executable, "-I", "-S", RELAY, str(self.log_path), str(cfg.logging.max_bytes),
+                                      str(cfg.logging.backups)], stdin=r, stdout=subprocess.PIPE,
+                                     stderr=subprocess.DEVNULL, start_new_session=True)
+        finally:
+            os.close(r)
+        try:
+            os.write(w, f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} ckpt-daemon starts: {' '.join(argv)} "
+                        f"(CKPT_RESUME={resume})\n".encode())
+            proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=w,
+                                    stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_pdeathsig)
         except OSError as exc:
-            self.proc = None
+            os.close(w)
+            relay.stdout.close()
+            relay.wait()
+            self.proc, self.resume_from = None, entry.name if entry else None
+            self.started_at = self.clock()
             self._on_exit(127, f"could not start {argv[0]!r}: {exc}. Check training.command in config.yaml.")
             return
-        self.pid = self.proc.pid
-        self.started_at = self.clock()
-        self.state = "running"
-        self.message = f"training (pid {self.pid}) from {self.resume_from or 'scratch'}"
+        os.close(w)
         self.tail.clear()
-        self._reader = threading.Thread(target=self._pump, args=(self.proc, self._writer), daemon=True, name="trainer-out")
+        self._stale = False
+        self._set(proc=proc, pid=proc.pid, token=token, started_at=self.clock(), state="running",
+                  resume_from=entry.name if entry else None, gave_up=None, next_start=None,
+                  message=f"training (pid {proc.pid}) from {entry.name if entry else 'scratch'}")
+        self._relay = relay
+        self._reader = threading.Thread(target=self._pump, args=(relay,), daemon=True, name="trainer-out")
         self._reader.start()
         log.info("started trainer", pid=self.pid, resume=resume, argv=argv)
 
-    def _pump(self, proc: subprocess.Popen, writer: RotatingWriter) -> None:
-        for line in iter(proc.stdout.readline, b""):
-            writer.write(line)
+    def _pump(self, relay: subprocess.Popen) -> None:
+        for line in iter(relay.stdout.readline, b""):
             text = line.decode("utf-8", "replace").rstrip("\n")
-            self.tail.append(text)
+            self.tail.append(text[:2000])
             if self.echo:
-                sys.stderr.write(f"[trainer] {text}\n")
-        proc.stdout.close()
+                try:
+                    sys.stderr.write(f"[trainer] {text}\n")
+                except (OSError, ValueError):
+                    pass
+        relay.stdout.close()
+        relay.wait()
 
     # -- tick -------------------------------------------------------------------------------------
     def poll(self) -> None:
@@ -234,56 +349,118 @@ class Supervisor:
                     self._reader.join(timeout=5)
                 self._on_exit(rc)
                 return
-            hb_timeout = cfg.training.restart.heartbeat_timeout_s
-            if hb_timeout and now - (self.started_at or now) > hb_timeout:
-                hb = runtime.read_heartbeat(cfg.checkpoint_dir) or {}
-                age = now - float(hb.get("time", 0)) if hb.get("pid") == self.pid else now - (self.started_at or now)
-                if age > hb_timeout:
-                    log.error("trainer heartbeat is stale; restarting it", age_s=round(age), pid=self.pid)
+            rp = cfg.training.restart
+            if rp.heartbeat_timeout_s:
+                age, seen = self.heartbeat_age(now)
+                limit = rp.heartbeat_timeout_s if seen else max(rp.heartbeat_timeout_s, rp.heartbeat_grace_s)
+                if age > limit:
+                    log.error("trainer heartbeat is stale; restarting it", age_s=round(age), pid=self.pid,
+                              first_heartbeat_seen=seen)
+                    self._stale = True
                     self._kill_group(cfg.training.stop_timeout_s)
         elif self.state == "adopted":
-            if not runtime.training_activity(cfg.checkpoint_dir).active:
+            if not runtime.lock_held(cfg.checkpoint_dir / runtime.STATE_DIR / runtime.TrainerLock.name):
                 log.info("the adopted trainer has exited; starting training under this daemon")
-                self.state = "idle"
+                self._set(state="idle")
                 self.start()
         elif self.state == "backoff" and self.next_start is not None and now >= self.next_start:
             self.start()
+        elif self.state == "gave_up":
+            self._maybe_retry(now, cfg)
+
+    def heartbeat_age(self, now: float) -> tuple[float, bool]:
+        """(age, seen) of this run's newest heartbeat: one written with this run's token (any process of
+        the tree, e.g. torchrun's rank 0), or by the child itself or one of its descendants. Before the
+        first one, the age counts from the start."""
+        cfg = self.get_cfg()
+        hb = runtime.read_heartbeat(cfg.checkpoint_dir) or {}
+        t = hb.get("time")
+        ours = (self.token is not None and hb.get("run") == self.token) or (hb.get("pid") == self.pid and self.pid)
+        if not ours and isinstance(hb.get("pid"), int) and self.pid and not hb.get("run"):
+            try:
+                import psutil
+
+                ours = hb["pid"] in {p.pid for p in psutil.Process(self.pid).children(recursive=True)}
+            except Exception:
+                ours = False
+        started = self.started_at or now
+        if ours and isinstance(t, (int, float)) and t >= started - 1:
+            return now - t, True
+        return now - started, False
+
+    def _maybe_retry(self, now: float, cfg) -> None:
+        """A give-up is not forever: retried on a timer, and at once when its cause is gone."""
+        g = self.gave_up or {}
+        retry_s = cfg.training.restart.give_up_retry_s
+        why = None
+        if g.get("kind") == "disk_full" and now - self._last_disk_check >= 5:
+            self._last_disk_check = now
+            need = int(cfg.disk.save_margin_mb * 2**20) + self._last_checkpoint_bytes(cfg)
+            free = free_bytes(cfg.checkpoint_dir)
+            if free >= need:
+                why = f"disk space came back ({free / 2**20:.0f} MiB free)"
+        if why is None and retry_s and now - g.get("since", now) >= retry_s:
+            why = f"{retry_s:.0f}s passed since giving up (training.restart.give_up_retry_s)"
+        if why:
+            log.warning("retrying training after giving up", reason=why)
+            self.policy.reset_window()
+            self._set(gave_up=None, state="idle")
+            self.start()
+
+    @staticmethod
+    def _last_checkpoint_bytes(cfg) -> int:
+        newest = cat.scan_config(cfg).newest_valid()
+        return newest.bytes if newest else 0
 
     def _on_exit(self, rc: int, why: str = "") -> None:
         now = self.clock()
         cfg = self.get_cfg()
         ran = now - (self.started_at or now)
-        if self._writer:
-            self._writer.write(f"--- trainer exited with {rc} after {ran:.0f}s\n".encode())
-            self._writer.close()
-            self._writer = None
-        if self.state == "stopping":
-            self.state = "stopped"
+        if getattr(self, "log_path", None) is not None:
+            _append_line(self.log_path, f"--- trainer exited with {rc} after {ran:.0f}s\n")
+        tail = list(self.tail)[-15:]
+        ex = (Exit("start_failed", why, False) if why
+              else classify(rc, list(self.tail), self.state == "stopping", self._stale))
+        if ex.kind == "stopped":
+            self._set(state="stopped", proc=None, message=f"stopped by the daemon ({ex.description})")
             return
         c = cat.scan_config(cfg, stats=False)
         newest = c.newest_valid()
-        verdict = self.policy.on_exit(now, rc, ran, self.resume_from, newest.name if newest else None)
+        verdict = self.policy.on_exit(now, rc, ran, self.resume_from, newest.name if newest else None,
+                                      blame=ex.blame_checkpoint)
         self.proc = None
         if verdict.action == "finished":
-            self.state = "finished"
-            self.message = "training finished (exit 0)"
+            self._set(state="finished", message="training finished (the trainer exited 0)")
             log.info("training finished", returncode=rc)
             return
-        desc = f"signal {signal.Signals(-rc).name}" if rc < 0 else f"exit code {rc}"
-        self.last_crash = {"time": now, "returncode": rc, "description": desc, "ran_s": round(ran, 1),
-                           "resumed_from": self.resume_from, "tail": list(self.tail)[-15:], "why": why}
-        log.error("trainer crashed", how=desc, ran_s=round(ran, 1), resumed_from=self.resume_from,
-                  last_output="\n".join(list(self.tail)[-15:]) or why)
-        for n in verdict.notes:
+        crash = {"time": now, "returncode": rc, "description": ex.description, "kind": ex.kind, "ran_s": round(ran, 1),
+                 "resumed_from": self.resume_from, "tail": tail, "why": why}
+        self.crashes.append(crash)
+        self.crash_counts[ex.kind] += 1
+        self.last_crash = crash
+        if ex.kind == "stopped_outside":
+            log.warning("trainer stopped by a signal the daemon did not send; training is not finished, restarting it",
+                        how=ex.description)
+        else:
+            log.error("trainer crashed", how=ex.description, kind=ex.kind, ran_s=round(ran, 1),
+                      resumed_from=self.resume_from, last_output="\n".join(tail) or why)
+        for n in verdict.notes[:-1] if verdict.action == "give_up" else verdict.notes:
             log.warning(n)
         if verdict.action == "give_up":
-            self.state = "gave_up"
-            self.message = verdict.notes[-1]
-            log.error("not restarting training", reason=verdict.notes[-1])
+            retry_s = cfg.training.restart.give_up_retry_s
+            cause = {"disk_full": "the disk is full", "out_of_memory": "it runs out of memory"}.get(ex.kind, "see the last crash")
+            msg = (f"gave up: {verdict.notes[-1]}; the last one: {ex.description} ({cause}). "
+                   + ("It retries by itself as soon as there is room again, " if ex.kind == "disk_full" else "")
+                   + (f"and in any case in {retry_s:.0f}s (training.restart.give_up_retry_s). " if retry_s
+                      else "Automatic retries are off (training.restart.give_up_retry_s: 0). ")
+                   + "Fix the cause (logs/trainer.log), then `systemctl restart ckpt-daemon` to retry now.")
+            self._set(state="gave_up", message=msg, gave_up={"kind": ex.kind, "since": now, "message": msg,
+                                                            "retry_at": now + retry_s if retry_s else None})
+            log.error("not restarting training for now", reason=msg)
             return
-        self.state = "backoff"
-        self.next_start = now + verdict.delay_s
-        self.message = f"crashed ({desc}); restarting in {verdict.delay_s:.0f}s"
+        self._set(state="backoff", next_start=now + verdict.delay_s,
+                  message=f"{'stopped from outside' if ex.kind == 'stopped_outside' else 'crashed'} ({ex.description}); "
+                          f"restarting in {verdict.delay_s:.1f}s")
         log.info("restarting after backoff", delay_s=verdict.delay_s, restarts=self.policy.restarts)
 
     # -- stop -------------------------------------------------------------------------------------
@@ -309,7 +486,7 @@ class Supervisor:
         """Forward SIGTERM to the trainer's process group, wait for its final save, then kill."""
         cfg = self.get_cfg()
         if self.state == "running" and self.proc is not None:
-            self.state = "stopping"
+            self._set(state="stopping")
             log.info("stopping trainer: SIGTERM, waiting for its final save", pid=self.proc.pid,
                      timeout_s=cfg.training.stop_timeout_s)
             self._kill_group(cfg.training.stop_timeout_s)
@@ -323,12 +500,14 @@ class Supervisor:
                 os.kill(self.pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass
-        self.state = "stopped"
+        self._set(state="stopped")
 
     def snapshot(self) -> dict:
-        now = self.clock()
-        return {"state": self.state, "pid": self.pid if self.state in ("running", "adopted", "stopping") else None,
-                "started_at": self.started_at, "uptime_s": round(now - self.started_at, 1) if self.started_at and self.state in ("running", "adopted") else None,
-                "resumed_from": self.resume_from, "restarts": self.policy.restarts, "last_crash": self.last_crash,
-                "next_start": self.next_start if self.state == "backoff" else None, "message": self.message,
-                "avoided_checkpoints": sorted(self.policy.suspect)}
+        with self.lock:
+            live = self.state in ("running", "adopted", "stopping")
+            return {"state": self.state, "pid": self.pid if live else None,
+                    "started_at": self.started_at if live else None,
+                    "resumed_from": self.resume_from, "restarts": self.policy.restarts, "last_crash": self.last_crash,
+                    "crashes": list(self.crashes), "crash_counts": dict(self.crash_counts),
+                    "next_start": self.next_start if self.state == "backoff" else None, "message": self.message,
+                    "gave_up": self.gave_up, "avoided_checkpoints": sorted(self.policy.suspect), "run": self.token}

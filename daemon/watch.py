@@ -35,9 +35,10 @@ class _Handler(FileSystemEventHandler):
 
 
 class Watcher:
-    def __init__(self, get_cfg: Callable, on_config_change: Callable[[], None]):
+    def __init__(self, get_cfg: Callable, on_config_change: Callable[[], None], config_path: Optional[Path] = None):
         self.get_cfg = get_cfg
         self.on_config_change = on_config_change
+        self.config_link = Path(config_path) if config_path else None
         self.results: dict[str, tuple[str, str, float]] = {}  # name -> (status, reason, mtime checked)
         self.bad: dict[str, str] = {}  # name -> reason; shared with the supervisor
         self.q: "queue.Queue[str]" = queue.Queue()
@@ -58,9 +59,13 @@ class Watcher:
         obs = Observer()
         cfg.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         self.ckpt_dir = cfg.checkpoint_dir
-        self.config_path = Path(cfg.source)
+        link = self.config_link or Path(cfg.source)
+        # config.yaml may be a symlink the user re-points (ln -sfn): watch the link's folder and the target's.
+        self.config_names = {(link.parent, link.name), (Path(os.path.realpath(link)).parent, Path(os.path.realpath(link)).name)}
         obs.schedule(_Handler(self), str(cfg.checkpoint_dir), recursive=False)
-        obs.schedule(_Handler(self), str(self.config_path.parent), recursive=False)
+        for d in {p for p, _ in self.config_names}:
+            if d != cfg.checkpoint_dir and d.is_dir():
+                obs.schedule(_Handler(self), str(d), recursive=False)
         obs.daemon = True
         obs.start()
         self.observer = obs
@@ -72,8 +77,8 @@ class Watcher:
 
     def _path_event(self, path: str, kind: str) -> None:
         p = Path(path)
-        if p == self.config_path or (p.parent == self.config_path.parent and p.name == self.config_path.name):
-            self.on_config_change()
+        if (p.parent, p.name) in self.config_names:
+            self.on_config_change()  # only a hint: the daemon re-reads off its main loop and applies real changes only
             return
         if p.parent != self.ckpt_dir:
             return

@@ -39,7 +39,7 @@ def deep_merge(a: dict, b: dict) -> dict:
 def write_config(folder: Path, overrides: dict | None = None, tiny: bool = True) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     data = {"trainer": dict(TINY_TRAINER)} if tiny else {}
-    data = deep_merge(data, overrides or {})
+    data = deep_merge(data, overrides or {}) or {"checkpoints": {"dir": "checkpoints"}}  # an empty file is refused
     p = folder / "config.yaml"
     p.write_text(yaml.safe_dump(data, sort_keys=False))
     return p
@@ -61,6 +61,21 @@ def run_py(args: list[str], timeout: float = 300, check: bool = False, **kw) -> 
     return r
 
 
+def same_nested(a, b) -> bool:
+    """Deep equality of nested state (optimizer, scheduler, RNG): every tensor compared element by
+    element with torch.equal (str() would elide large tensors), every other value with ==."""
+    import torch
+
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype and \
+            a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, dict) and isinstance(b, dict):
+        return list(a) == list(b) and all(same_nested(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(same_nested(x, y) for x, y in zip(a, b))
+    return a == b
+
+
 def read_losses(metrics: Path) -> dict[int, float]:
     """step -> loss, the last record per step (a resumed run re-logs the steps after its checkpoint)."""
     out = {}
@@ -75,12 +90,13 @@ def tmpfs(tmp_path):
     """A real small filesystem, to get a real ENOSPC. Needs root (CI and developers run as root here)."""
     mounted = []
 
-    def make(size: str = "16m") -> Path:
+    def make(size: str = "16m", options: str = "") -> Path:
         if os.geteuid() != 0 or shutil.which("mount") is None:
             pytest.skip("mounting a tmpfs needs root and mount(8); this machine lacks them")
         d = tmp_path / f"tmpfs{len(mounted)}"
         d.mkdir()
-        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(d)], check=True)
+        opts = f"size={size}" + (f",{options}" if options else "")
+        subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(d)], check=True)
         mounted.append(d)
         return d
 

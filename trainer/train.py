@@ -2,7 +2,7 @@
 
 Trains the small GPT on the configured data forever (or to trainer.max_steps), checkpoints every N
 steps through CheckpointManager, evaluates, tracks best, pins epoch ends, logs metrics to
-logs/metrics.jsonl. SIGINT/SIGTERM: finish the step, save, exit 0. Under torchrun: DDP with gloo on
+logs/metrics.jsonl. SIGINT/SIGTERM: finish the step, save, exit 128+signal (143 for SIGTERM: stopped, not finished; exit 0 means finished). Under torchrun: DDP with gloo on
 CPU (nccl on GPUs); rank 0 writes; every rank loads the checkpoint rank 0 chose.
 """
 
@@ -12,7 +12,6 @@ import argparse
 import logging
 import math
 import os
-import shutil
 import signal
 import sys
 import time
@@ -77,11 +76,20 @@ def evaluate(model: GPT, corpus, cfg) -> float:
     return sum(losses) / len(losses)
 
 
-def _remove_stale_temps(ckpt_dir: Path) -> None:
-    """We hold the trainer lock, so no one else is writing: every temp folder is a dead save."""
-    for p in ckpt_dir.glob(".tmp-checkpoint-*"):
-        log.warning("removing %s, left by a save that was interrupted", p.name)
-        shutil.rmtree(p, ignore_errors=True)
+def _remove_dead_saves(ckpt_dir: Path) -> None:
+    """Saves killed half-way leave scratch folders whose lock nobody holds; live ones keep theirs."""
+    for sid in runtime.clean_scratch(ckpt_dir):
+        log.warning("removed %s, left by a save that was interrupted", sid)
+
+
+def _append_metrics(path: Path, rec: dict) -> None:
+    """metrics.jsonl is bookkeeping: a full disk must not stop training (logged once)."""
+    try:
+        append_jsonl(path, rec)
+    except OSError as exc:
+        if not getattr(_append_metrics, "warned", False):
+            _append_metrics.warned = True
+            log.warning("cannot append to %s (%s); training goes on without metrics lines", path, exc)
 
 
 def run(cfg: Config, resume: str, max_steps: Optional[int] = None) -> int:
@@ -101,7 +109,7 @@ def run(cfg: Config, resume: str, max_steps: Optional[int] = None) -> int:
     metrics_path = cfg.log_dir / "metrics.jsonl"
     lock = runtime.TrainerLock(ckpt_dir).acquire() if rank == 0 else None
     if rank == 0:
-        _remove_stale_temps(ckpt_dir)
+        _remove_dead_saves(ckpt_dir)
     torch.manual_seed(tc.seed)
     corpus = load_corpus(cfg.data_path(), tc.data.synthetic_chars, tc.seed, tc.data.val_fraction)
     model, mc, opt, sched = build(cfg, corpus.vocab_size)
@@ -162,6 +170,7 @@ def run(cfg: Config, resume: str, max_steps: Optional[int] = None) -> int:
                      extra={"rng_ranks": rngs}, rng={}, blocking=blocking)
 
     model.train()
+    rc = 0
     try:
         while limit is None or step < limit:
             x, y, epoch_ended = sampler.next_batch()
@@ -189,7 +198,7 @@ def run(cfg: Config, resume: str, max_steps: Optional[int] = None) -> int:
                 if better and tc.best_metric == "val_loss":
                     best, new_best = val_loss, True
             if rank == 0:
-                append_jsonl(metrics_path, {**rec, "time": time.time()})
+                _append_metrics(metrics_path, {**rec, "time": time.time()})
             stopping = stop.signal is not None
             if distributed:
                 flag = torch.tensor([1 if stopping else 0])
@@ -213,8 +222,11 @@ def run(cfg: Config, resume: str, max_steps: Optional[int] = None) -> int:
                     runtime.write_heartbeat(ckpt_dir, step=step, epoch=sampler.epoch, saving=mgr.saving,
                                             resumed_from=resumed_from, world_size=world)
                     last_hb = now
-            if stopping:
-                log.info("stopped by signal at step %d after saving", step)
+            if stopping and not finished:
+                # Not finished: exit as a shell reports a death by that signal (143 for SIGTERM), so that a
+                # supervisor which did not send it restarts training; only a finished run exits 0.
+                rc = 128 + (stop.signal or signal.SIGTERM)
+                log.info("stopped by signal at step %d after saving (exit %d: not finished)", step, rc)
                 break
         else:
             if rank == 0:
@@ -229,7 +241,7 @@ def run(cfg: Config, resume: str, max_steps: Optional[int] = None) -> int:
                 dist.barrier()
             finally:
                 dist.destroy_process_group()
-    return 0
+    return rc
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import time
 
 import pytest
 
@@ -15,7 +14,7 @@ SHORT_S = float(os.environ.get("CKPT_SOAK_SECONDS", "75"))
 @pytest.mark.soak
 def test_short_soak_has_no_violations(tmp_path, tmpfs, capsys):
     disk = tmpfs("48m")
-    seed = int(os.environ.get("CKPT_SOAK_SEED", time.time()))
+    seed = int(os.environ.get("CKPT_SOAK_SEED", "20261123"))  # reproducible; CKPT_SOAK_SEED=N tries another
     soak = Soak(tmp_path, disk, seed, SHORT_S)
     rc = soak.run()
     out = capsys.readouterr().out
