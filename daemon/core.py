@@ -300,6 +300,8 @@ class Daemon:
         self.stop_requested.set()
 
     def run(self) -> int:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):  # first: a stop during start-up is a clean stop
+            signal.signal(sig, self._on_signal)
         cfg = self.cfg
         os.umask(0o022)
         setup_logging(cfg.logging.level, cfg.log_dir / "daemon.log", cfg.logging.max_bytes, cfg.logging.backups)
@@ -311,8 +313,6 @@ class Daemon:
             lock.release()
 
     def _run(self, cfg: Config) -> int:
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(sig, self._on_signal)
         log.info("ckpt-daemon starting", config=str(self.config_path), checkpoints=str(cfg.checkpoint_dir), pid=os.getpid())
         if self.config_error:
             log.error("config.yaml is not in force; running with the last good config until it is fixed",

@@ -348,7 +348,8 @@ def test_a_missed_0300_snapshot_is_taken_once_at_start(tmp_path, daemons):
     log_before = d.log().count("catching up")
     d2 = Daemon(tmp_path, {"training": {"command": [PY, "-c", "import time; time.sleep(3600)"]}}).start()
     daemons.append(d2)
-    d2.wait(lambda s: "startup jobs done" in d2.log().split("ckpt-daemon starting")[-1], what="the startup jobs")
+    d2.wait(lambda s: s["daemon"]["pid"] == d2.proc.pid, what="the second daemon's state")
+    d2.wait(lambda s: "startup jobs done" in d2.log().split("ckpt-daemon starting")[-1], what="its startup jobs")
     assert d2.log().count("catching up") == log_before
     assert d2.stop() == 0
 
