@@ -10,7 +10,17 @@ Status:
 - corrupt: damaged after it was written (checksum or CRC mismatch, inconsistent structure);
 - invalid: not what its name claims (a renamed copy whose content says another step, a text file
   named like a checkpoint);
-- unreadable: the catalog could not look inside (permissions, I/O error).
+- unreadable: the catalog could not look inside (permissions, I/O error);
+- in_progress: another trainer's checkpoint whose files are still changing (within `settle_s`) and
+  which is not complete yet: being written, neither valid nor failed.
+
+Foreign checkpoints (Hugging Face, Lightning, plain torch.save files) get a sidecar manifest once they
+settle (see foreign.py); from then on any change to their bytes is caught like a native checkpoint's.
+A Lightning re-save of a step (`epoch=1-step=100-v1.ckpt`) is the same step, a later version.
+
+Runs: `checkpoints.runs` names subfolders (e.g. `sft`, `dpo`) that each hold a run of their own, with
+its own latest, best, retention and state folder; `scan_runs` gives one catalog per run ("" is the
+checkpoint folder itself).
 
 Every name and every byte in the folder is untrusted: only ASCII digits name a step, no symlink is
 followed, every header is size- and type-checked, and a bad entry is reported with its reason, never
@@ -22,15 +32,16 @@ from __future__ import annotations
 import os
 import re
 import stat
-import zipfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional
 
+from ckpt_daemon import foreign
 from ckpt_daemon import manifest as mf
 from ckpt_daemon import runtime
 from ckpt_daemon.errors import UnsafePathError
-from ckpt_daemon.fsutil import loads_json_bounded, read_bytes_bounded, tree_stats
+from ckpt_daemon.fsutil import tree_stats
 from ckpt_daemon.runtime import PINS_DIR, RUNTIME_DIR, STATE_DIR  # noqa: F401  (re-exported)
 
 POINTERS = ("latest", "best")
@@ -38,8 +49,8 @@ HF_TEMP_PREFIX = "tmp-"  # Hugging Face's tmp-checkpoint-<step> (and 0.1's .tmp-
 TEMP_PREFIXES = (".tmp-", HF_TEMP_PREFIX)
 TORCH_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
 MAX_STEP_DIGITS = 15
-TRAINER_STATE_MAX = 64 << 20
-STATUSES = ("complete", "incomplete", "corrupt", "invalid", "unreadable")
+STATUSES = ("complete", "incomplete", "corrupt", "invalid", "unreadable", "in_progress")
+SETTLE_S = 30.0  # a foreign checkpoint none of whose files changed for this long has settled
 
 
 @dataclass
@@ -60,6 +71,11 @@ class Entry:
     pin: Optional[str] = None
     verified: bool = False  # checksums (or zip CRCs) were checked
     fields: dict = field(default_factory=dict)
+    version: int = 0  # Lightning's -v1, -v2... re-saves of a step
+    recorded: bool = False  # foreign: a sidecar manifest holds its checksums
+    epoch_end: bool = False  # the last checkpoint of an epoch that a later checkpoint moved past
+    meta: dict = field(default_factory=dict)  # what it says about itself (best info, optimizer, kind...)
+    digest: Optional[str] = None  # foreign, recorded: a digest of all its files' checksums
 
     @property
     def valid(self) -> bool:
@@ -90,6 +106,8 @@ class Catalog:
     pointers: dict[str, Optional[str]]  # "latest"/"best" -> entry name
     pins: dict[str, str]  # entry name -> reason
     resumed_from: Optional[str]
+    run: str = ""  # "" for the checkpoint folder itself, else the run's subfolder
+    best_source: Optional[str] = None  # symlink | trainer_state | lightning | metric
 
     def by_name(self, name: str) -> Optional[Entry]:
         return next((e for e in self.entries if e.name == name), None)
@@ -109,19 +127,26 @@ class Catalog:
 # ------------------------------------------------------------------------------------------- names
 def compile_pattern(pattern: str) -> re.Pattern:
     """`checkpoint-{step}` -> a regex whose fields match ASCII digits only (str.isdigit and re's \\d
-    also accept Arabic-Indic or full-width digits, which must never name a step)."""
+    also accept Arabic-Indic or full-width digits, which must never name a step). A pattern ending in a
+    file suffix also matches Lightning's re-saves of the same name: `epoch=1-step=100-v1.ckpt`."""
     out, pos = "", 0
     for m in re.finditer(r"\{([A-Za-z_][A-Za-z0-9_]*)\}", pattern):
         out += re.escape(pattern[pos : m.start()]) + f"(?P<{m.group(1)}>[0-9]+)"
         pos = m.end()
-    return re.compile(out + re.escape(pattern[pos:]) + r"\Z")
+    tail = pattern[pos:]
+    suffix = re.search(r"\.[A-Za-z0-9]{1,10}\Z", tail)
+    if suffix:
+        out += re.escape(tail[: suffix.start()]) + r"(?:-v(?P<_version>[0-9]{1,6}))?" + re.escape(suffix.group(0))
+    else:
+        out += re.escape(tail)
+    return re.compile(out + r"\Z")
 
 
 def match_name(name: str, patterns: Iterable[re.Pattern]) -> Optional[dict]:
     for rx in patterns:
         m = rx.match(name)
         if m:
-            groups = m.groupdict()
+            groups = {k: v for k, v in m.groupdict().items() if v is not None}
             if any(len(v) > MAX_STEP_DIGITS for v in groups.values()):
                 return None
             return {k: int(v) for k, v in groups.items()}
@@ -146,49 +171,6 @@ def _name_problem(name: str, rxs: list[re.Pattern]) -> str:
 
 
 # ------------------------------------------------------------------------------------- each layout
-def _hf_status(folder: Path, verify: bool, step: Optional[int], stats: dict[str, os.stat_result]) -> tuple[str, str, dict]:
-    if "trainer_state.json" not in stats:
-        return "incomplete", "no trainer_state.json (a Hugging Face save that did not finish)", {}
-    try:
-        state = loads_json_bounded(read_bytes_bounded(folder / "trainer_state.json", TRAINER_STATE_MAX),
-                                   "trainer_state.json")
-    except (OSError, ValueError) as exc:
-        return "incomplete", f"trainer_state.json is unreadable ({str(exc)[:120]})", {}
-    if not isinstance(state, dict):
-        return "corrupt", "trainer_state.json is not a JSON object", {}
-    gs = state.get("global_step")
-    if step is not None and mf.is_step(gs) and gs != step:
-        return "invalid", f"its trainer_state.json says global_step {gs}, its name says step {step} (a renamed copy?)", state
-    weights = sorted(n for n in stats if n.endswith((".safetensors", ".bin")) and n != "training_args.bin")
-    if not weights:
-        return "incomplete", "no weights file (model.safetensors or pytorch_model.bin)", state
-    for n in [*weights, *(n for n in ("optimizer.pt", "scheduler.pt") if n in stats)]:
-        if not stat.S_ISREG(stats[n].st_mode):
-            return "corrupt", f"{n} is not a regular file (symlinks are not followed)", state
-        p = folder / n
-        problem = mf.safetensors_problem(p, stats[n].st_size) if n.endswith(".safetensors") else _zip_problem(p, verify)
-        if problem:
-            return ("corrupt" if "checksum" in problem or "CRC" in problem else "incomplete"), problem, state
-    return "complete", "", state
-
-
-def _zip_problem(path: Path, verify: bool) -> Optional[str]:
-    """A torch.save file is a zip: a missing central directory means truncation; CRCs catch flips."""
-    try:
-        with zipfile.ZipFile(path) as z:
-            if len(z.infolist()) > 1_000_000:
-                return f"{path.name} has an implausible number of entries"
-            if verify:
-                bad = z.testzip()
-                if bad:
-                    return f"{path.name} fails its checksum (zip CRC of {bad[:80]})"
-    except zipfile.BadZipFile:
-        return f"{path.name} is truncated or not a torch zip file"
-    except (OSError, EOFError, ValueError, NotImplementedError, RuntimeError) as exc:
-        return f"{path.name} is unreadable ({exc.__class__.__name__}: {str(exc)[:100]})"
-    return None
-
-
 _LEGACY_TORCH = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19."  # pickle proto 2 + torch's magic number
 
 
@@ -208,24 +190,19 @@ def sniff(path: Path) -> str:
     return "unknown"
 
 
-def _file_status(path: Path, size: int, verify: bool) -> tuple[str, str]:
+def _file_status(path: Path, size: int, verify: bool) -> tuple[str, str, dict]:
     if size == 0:
-        return "incomplete", f"{path.name} is empty"
+        return "incomplete", f"{path.name} is empty", {}
     kind = sniff(path)
     if path.name.endswith(".safetensors") or (kind == "safetensors" and not path.name.endswith(TORCH_SUFFIXES)):
         problem = mf.safetensors_problem(path, size)
-    elif kind == "zip":
-        problem = _zip_problem(path, verify)
-    elif kind == "legacy-torch":
-        problem = None  # torch's pre-1.6 format: no structure to check without unpickling
-    elif path.name.endswith(TORCH_SUFFIXES):
-        return "incomplete", f"{path.name} is truncated or not a torch zip file"
-    else:
-        return "invalid", (f"{path.name} is not a checkpoint: it is neither a torch.save zip nor a safetensors file "
-                           f"({size} bytes)")
-    if problem:
-        return ("corrupt" if "checksum" in problem or "CRC" in problem else "incomplete"), problem
-    return "complete", ""
+        return ("incomplete", problem, {}) if problem else ("complete", "", {})
+    if kind in ("zip", "legacy-torch"):
+        return foreign.describe_file(path, verify)
+    if path.name.endswith(TORCH_SUFFIXES):
+        return "incomplete", f"{path.name} is truncated or not a torch zip file", {}
+    return "invalid", (f"{path.name} is not a checkpoint: it is neither a torch.save zip nor a safetensors file "
+                       f"({size} bytes)"), {}
 
 
 def _folder_stats(path: Path) -> tuple[dict[str, os.stat_result], bool]:
@@ -247,10 +224,20 @@ def _folder_stats(path: Path) -> tuple[dict[str, os.stat_result], bool]:
 HF_MARKERS = ("trainer_state.json", "config.json", "pytorch_model.bin", "optimizer.pt", "training_args.bin")
 
 
-def check_entry(path: Path, verify: bool, stats: Optional[dict] = None,
-                step: Optional[int] = None) -> tuple[str, str, str, dict]:
+def _step_problem(meta: dict, step: Optional[int], what: str) -> Optional[str]:
+    said = meta.get("step")
+    if step is not None and said is not None and said != step:
+        return f"its {what} says step {said}, its name says step {step} (a renamed copy?)"
+    return None
+
+
+def check_entry(path: Path, verify: bool, stats: Optional[dict] = None, step: Optional[int] = None,
+                sidecar: Optional[dict] = None) -> tuple[str, str, str, dict]:
     """(layout, status, reason, meta) of one checkpoint path (folder or file). Never raises for
-    anything the path holds: problems come back as a status and a reason."""
+    anything the path holds: problems come back as a status and a reason.
+
+    With `sidecar` (a foreign checkpoint's recorded manifest), the files are checked against it: sizes
+    always, checksums with verify. Without one, a foreign checkpoint is checked by its structure."""
     try:
         st = os.lstat(path)
         if stat.S_ISDIR(st.st_mode):
@@ -258,12 +245,28 @@ def check_entry(path: Path, verify: bool, stats: Optional[dict] = None,
                 stats, _ = _folder_stats(path)
             # A manifest makes it native; trainer_state.json or HF's own files make it Hugging Face; an
             # empty or unrecognised folder is a native save that never committed.
-            if mf.MANIFEST not in stats and any(n in stats for n in HF_MARKERS):
-                return ("hf", *_hf_status(path, verify, step, stats))
-            return ("native", *mf.check_native(path, verify, stats=stats, step=step))
-        if not stat.S_ISREG(st.st_mode):
+            if mf.MANIFEST in stats or not any(n in stats for n in HF_MARKERS):
+                return ("native", *mf.check_native(path, verify, stats=stats, step=step))
+            layout = "hf"
+        elif stat.S_ISREG(st.st_mode):
+            layout = "file"
+        else:
             return "file", "invalid", "neither a regular file nor a folder (symlinks are never followed)", {}
-        return ("file", *_file_status(path, st.st_size, verify), {})
+        if sidecar is not None:
+            res, why = foreign.compare(sidecar, path, foreign.entry_files(path), verify, same_entry=False)
+            if res == "ok":
+                return layout, "complete", "", dict(sidecar.get("meta") or {})
+            if res == "corrupt":
+                return layout, "corrupt", why, dict(sidecar.get("meta") or {})
+        if layout == "hf":
+            status, reason, meta = foreign.describe_hf(path, stats, verify)
+            problem = _step_problem(meta, step, "trainer_state.json")
+        else:
+            status, reason, meta = _file_status(path, st.st_size, verify)
+            problem = _step_problem(meta, step, "content")
+        if problem and status == "complete":
+            return layout, "invalid", problem, meta
+        return layout, status, reason, meta
     except PermissionError as exc:
         return "file", "unreadable", f"cannot be read: permission denied ({exc.filename or path})", {}
     except (OSError, ValueError, RecursionError, UnicodeError) as exc:
@@ -306,10 +309,13 @@ def _list_root(root: Path) -> list[tuple[str, os.DirEntry]]:
             "owns it, or give that user read access; nothing was changed.") from None
 
 
-def scan(root: Path, patterns: Iterable[str], verify: bool = False, stats: bool = True) -> Catalog:
+def scan(root: Path, patterns: Iterable[str], verify: bool = False, stats: bool = True,
+         best_metric: Optional[str] = None, best_mode: str = "min", settle_s: float = SETTLE_S,
+         now: Optional[float] = None, run: str = "") -> Catalog:
     """Look at `root` once and describe every checkpoint in it. Reads no checkpoint payload unless
-    `verify` (then: checksums for native, zip CRCs for torch files)."""
+    `verify` (then: checksums for native and recorded foreign checkpoints, zip CRCs for torch files)."""
     root = Path(root)
+    now = time.time() if now is None else now
     rxs = [compile_pattern(p) for p in patterns]
     entries: list[Entry] = []
     in_progress: list[InProgress] = []
@@ -338,20 +344,30 @@ def scan(root: Path, patterns: Iterable[str], verify: bool = False, stats: bool 
         if not (stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode)):
             ignored.append((name, "is neither a file nor a folder"))
             continue
-        e = _entry(root, name, st, fields, verify, stats)
+        e = _entry(root, name, st, fields, verify, stats, settle_s, now)
         if e is not None:
-            e.pin = pins.get(name, e.pin)
+            if name in pins:
+                e.pin = pins[name]
             entries.append(e)
     for sid in runtime.live_scratch(root):
         in_progress.append(InProgress(sid, root / STATE_DIR / "tmp" / sid, _temp_step(sid, rxs), 0.0))
-    entries.sort(key=lambda e: (e.step, e.name))
+    entries.sort(key=lambda e: (e.step, e.version, e.name))
+    _mark_copies(entries)
+    _mark_epoch_ends(entries)
     pointers = {p: _read_pointer(root, p) for p in POINTERS}
-    return Catalog(root, entries, in_progress, ignored, pointers, pins, runtime.read_resumed_from(root))
+    c = Catalog(root, entries, in_progress, ignored, pointers, pins, runtime.read_resumed_from(root), run=run)
+    if pointers["best"]:
+        c.best_source = "symlink"
+    else:
+        _foreign_best(c, best_metric, best_mode)
+    return c
 
 
-def _entry(root: Path, name: str, st: os.stat_result, fields: dict, verify: bool, stats: bool) -> Optional[Entry]:
+def _entry(root: Path, name: str, st: os.stat_result, fields: dict, verify: bool, stats: bool,
+           settle_s: float, now: float) -> Optional[Entry]:
     path = root / name
     fstats, subdirs = None, True
+    step = fields["step"]
     try:
         if stat.S_ISDIR(st.st_mode):
             fstats, subdirs = _folder_stats(path)
@@ -359,11 +375,29 @@ def _entry(root: Path, name: str, st: os.stat_result, fields: dict, verify: bool
         return None
     except (OSError, ValueError) as exc:
         why = "permission denied" if isinstance(exc, PermissionError) else str(exc)[:120]
-        return Entry(name=name, path=path, step=fields["step"], layout="native", status="unreadable",
+        return Entry(name=name, path=path, step=step, layout="native", status="unreadable",
                      reason=f"cannot be read ({why})", mtime=st.st_mtime, fields=fields)
-    layout, status, reason, meta = check_entry(path, verify, fstats, step=fields["step"])
-    e = Entry(name=name, path=path, step=fields["step"], layout=layout, status=status, reason=reason,
-              verified=verify and status not in ("incomplete", "unreadable"), fields=fields)
+    sc = foreign.read_sidecar(root, name)
+    recorded = False
+    if sc is not None:
+        try:
+            files = foreign.entry_files(path)
+            res, why = foreign.compare(sc, path, files, verify)
+        except (OSError, ValueError) as exc:
+            res, why = "corrupt", f"cannot be read ({str(exc)[:120]})"
+        if res in ("ok", "corrupt"):
+            recorded = True
+            layout = sc.get("layout") if sc.get("layout") in ("hf", "file") else "file"
+            status, reason, meta = ("complete", "", dict(sc.get("meta") or {})) if res == "ok" else ("corrupt", why, dict(sc.get("meta") or {}))
+        else:
+            sc = None  # stale (the name holds something else now) or re-saved: judged afresh
+    if not recorded:
+        layout, status, reason, meta = check_entry(path, verify, fstats, step=step)
+    e = Entry(name=name, path=path, step=step, layout=layout, status=status, reason=reason,
+              verified=verify and status not in ("incomplete", "unreadable"), fields=fields,
+              version=fields.get("_version", 0), recorded=recorded, meta=meta,
+              digest=sc.get("digest") if recorded and isinstance(sc.get("digest"), str) else None)
+    e.fields = {k: v for k, v in fields.items() if not k.startswith("_")}
     _describe(e, meta, fields)
     if stats:
         try:
@@ -376,31 +410,98 @@ def _entry(root: Path, name: str, st: os.stat_result, fields: dict, verify: bool
         except OSError:
             e.mtime = st.st_mtime
     else:
-        e.mtime = st.st_mtime
+        e.mtime = st.st_mtime if fstats is None else max([st.st_mtime, *(s.st_mtime for s in fstats.values())])
+    if layout != "native" and not recorded and status in ("incomplete", "corrupt") and now - e.mtime < settle_s:
+        e.status, e.reason = "in_progress", f"being written (changed {now - e.mtime:.0f}s ago; {e.reason})"
     return e
 
 
 def _describe(e: Entry, meta: dict, fields: dict) -> None:
     """Epoch, metrics and pins from what the checkpoint says about itself (type-checked)."""
-    if e.layout == "native" and meta:
-        e.epoch = meta.get("epoch") if isinstance(meta.get("epoch"), int) else None
-        e.metrics = dict(meta.get("metrics") or {})
-        e.pin = meta.get("pin") if isinstance(meta.get("pin"), str) else None
-    elif e.layout == "hf" and meta:
-        ep = meta.get("epoch")
-        e.epoch = int(ep) if isinstance(ep, (int, float)) and not isinstance(ep, bool) and 0 <= ep < 1e9 else None
-        bm = meta.get("best_metric")
-        if isinstance(bm, (int, float)) and not isinstance(bm, bool):
-            e.metrics = {"best_metric": float(bm)}
+    ep = meta.get("epoch") if meta else None
+    if isinstance(ep, int) and not isinstance(ep, bool) and 0 <= ep < 10**9:
+        e.epoch = ep
     elif "epoch" in fields:
         e.epoch = fields["epoch"]
+    if isinstance(meta.get("metrics"), dict):
+        e.metrics = {str(k)[:64]: float(v) for k, v in meta["metrics"].items()
+                     if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    pin = meta.get("pin") if e.layout == "native" else None
+    if isinstance(pin, str) and pin.startswith("end of epoch"):
+        e.epoch_end = True  # the built-in trainer marks its epoch ends; retention.keep_epoch_ends decides
+    elif isinstance(pin, str):
+        e.pin = pin
+    e.meta = {k: v for k, v in (meta or {}).items() if k in (
+        "has_optimizer", "kind", "state_dict_key", "best_model_checkpoint", "best_model_path", "best_model_score",
+        "monitor", "best_metric", "epoch_float", "note")}
+
+
+def _mark_copies(entries: list[Entry]) -> None:
+    """A recorded foreign checkpoint with the same bytes as an earlier one under another step is a copy."""
+    first: dict[str, Entry] = {}
+    for e in sorted((e for e in entries if e.digest and e.valid), key=lambda e: e.mtime):
+        seen = first.setdefault(e.digest, e)
+        if seen is not e and seen.step != e.step:
+            e.status, e.reason = "invalid", f"the same bytes as {seen.name} under another step number (a copy)"
+
+
+def _mark_epoch_ends(entries: list[Entry]) -> None:
+    """The last valid checkpoint of each epoch that a later valid checkpoint has moved past."""
+    valid = [e for e in entries if e.valid and e.epoch is not None]
+    for a, b in zip(valid, valid[1:]):
+        if b.epoch > a.epoch:
+            a.epoch_end = True
+
+
+def _foreign_best(c: Catalog, best_metric: Optional[str], best_mode: str) -> None:
+    """The best checkpoint of a foreign run: what its trainer says (HF trainer_state.json's
+    best_model_checkpoint, Lightning's ModelCheckpoint best_model_path), else best by the metric."""
+    for e in reversed(c.valid()):
+        for key, source in (("best_model_checkpoint", "trainer_state"), ("best_model_path", "lightning")):
+            target = e.meta.get(key)
+            if isinstance(target, str):
+                best = c.by_name(os.path.basename(target.rstrip("/")))
+                if best is not None and best.valid:
+                    c.pointers["best"], c.best_source = best.name, source
+                    return
+        if e.meta.get("best_model_checkpoint") or e.meta.get("best_model_path"):
+            break  # the newest says which is best, and that one is gone: no guessing
+    if best_metric:
+        scored = [e for e in c.valid() if best_metric in e.metrics]
+        if scored:
+            pick = (min if best_mode == "min" else max)(scored, key=lambda e: (e.metrics[best_metric], -e.step))
+            c.pointers["best"], c.best_source = pick.name, "metric"
+
+
+def scan_runs(cfg, verify: bool = False, stats: bool = True) -> dict[str, Catalog]:
+    """One catalog per run: "" (checkpoints.dir itself) and every folder named in checkpoints.runs."""
+    out = {"": scan_config(cfg, verify, stats)}
+    for run in cfg.checkpoints.runs:
+        out[run] = scan(cfg.checkpoint_dir / run, cfg.checkpoints.pattern, verify, stats, cfg.trainer.best_metric,
+                        cfg.trainer.best_mode, cfg.checkpoints.settle_s, run=run)
+    return out
+
+
+def newest_valid_rel(cfg) -> Optional[str]:
+    """The most recently written valid checkpoint across runs, named relative to checkpoints.dir: where
+    training was when it stopped (the daemon resumes from it unless it fails verification)."""
+    best = None
+    for run, c in scan_runs(cfg, stats=False).items():
+        e = c.newest_valid()
+        if e is not None and (best is None or e.mtime > best[0].mtime):
+            best = (e, run)
+    return (f"{best[1]}/{best[0].name}" if best[1] else best[0].name) if best else None
 
 
 def scan_config(cfg, verify: bool = False, stats: bool = True) -> Catalog:
-    return scan(cfg.checkpoint_dir, cfg.checkpoints.pattern, verify=verify, stats=stats)
+    return scan(cfg.checkpoint_dir, cfg.checkpoints.pattern, verify=verify, stats=stats,
+                best_metric=cfg.trainer.best_metric, best_mode=cfg.trainer.best_mode,
+                settle_s=cfg.checkpoints.settle_s)
 
 
 def verify_entry(entry: Entry) -> Entry:
-    """Re-check one entry with checksums; returns a new Entry with the verified status."""
-    layout, status, reason, _ = check_entry(entry.path, verify=True, step=entry.step)
+    """Re-check one entry with checksums (against its sidecar manifest, if recorded); returns a new
+    Entry with the verified status."""
+    sc = foreign.read_sidecar(entry.path.parent, entry.name) if entry.layout != "native" else None
+    layout, status, reason, _ = check_entry(entry.path, verify=True, step=entry.step, sidecar=sc)
     return Entry(**{**entry.__dict__, "layout": layout, "status": status, "reason": reason, "verified": True})

@@ -67,6 +67,28 @@ class CheckpointsConfig(_Section):
         ),
     )
 
+    runs: list[str] = Field(
+        default_factory=list, max_length=64,
+        description=("Subfolders of dir that each hold a run or stage of their own (e.g. [sft, dpo] for "
+                     "checkpoints/sft/checkpoint-1000/): each gets its own latest, best, retention and state "
+                     "folder. Other subfolders are never touched."),
+    )
+    settle_s: float = Field(
+        30.0, ge=1, le=DAY_S,
+        description=("A checkpoint written by another trainer whose files have not changed for this long has "
+                     "settled: it is checked and its checksums are recorded. Before that it is 'in progress'."),
+    )
+
+    @field_validator("runs")
+    @classmethod
+    def _runs(cls, v: list[str]) -> list[str]:
+        for r in v:
+            if not r or len(r) > 255 or "/" in r or "\0" in r or r.startswith(".") or r in ("latest", "best"):
+                raise ValueError(f"run {r[:60]!r} must be a plain folder name inside checkpoints.dir")
+        if len(set(v)) != len(v):
+            raise ValueError("a run is named twice")
+        return v
+
     @field_validator("pattern", mode="before")
     @classmethod
     def _one_or_many(cls, v: Any) -> Any:
@@ -246,6 +268,8 @@ class RetentionConfig(_Section):
         max_length=32,
         description="Graduated tiers, newest first; only the last may omit count (at most 32 tiers).",
     )
+    keep_epoch_ends: bool = Field(
+        True, description="Keep the last checkpoint of every epoch (any trainer), whatever the tiers say.")
     keep_trash: bool = Field(False, description="Keep deleted checkpoints in .trash until the next run (for undo).")
 
     _cron = field_validator("schedule")(classmethod(lambda cls, v: validate_cron(v)))

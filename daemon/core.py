@@ -220,24 +220,27 @@ class Daemon:
             log.info("training settings changed; they take effect at the trainer's next (re)start")
 
     # ------------------------------------------------------------------------------------ status
-    def _catalog(self, cfg: Config) -> cat.Catalog:
-        """The catalog for status, rescanned only when the folder changed (its mtime moves whenever a
-        checkpoint is added, renamed or removed) or every 30 s, so an idle daemon stays idle."""
-        try:
-            key = (str(cfg.checkpoint_dir), cfg.checkpoint_dir.stat().st_mtime_ns)
-        except OSError:
-            key = (str(cfg.checkpoint_dir), None)
+    def _catalogs(self, cfg: Config) -> dict[str, cat.Catalog]:
+        """The catalogs for status, rescanned only when a run's folder changed (its mtime moves whenever
+        a checkpoint is added, renamed or removed) or every 30 s, so an idle daemon stays idle."""
+        key = [str(cfg.checkpoint_dir)]
+        for run in ("", *cfg.checkpoints.runs):
+            try:
+                key.append((cfg.checkpoint_dir / run).stat().st_mtime_ns)
+            except OSError:
+                key.append(None)
         cached = getattr(self, "_cat_cache", None)
         if cached and cached[0] == key and time.monotonic() - cached[1] < 30:
             return cached[2]
-        c = cat.scan_config(cfg, stats=False)
-        self._cat_cache = (key, time.monotonic(), c)
-        return c
+        cats = cat.scan_runs(cfg, stats=False)
+        self._cat_cache = (key, time.monotonic(), cats)
+        return cats
 
     def status(self) -> dict:
         """What `ckpt-daemon status` shows. Holds times, not ages: readers compute ages when they read."""
         cfg = self.get_cfg()
-        c = self._catalog(cfg)
+        cats = self._catalogs(cfg)
+        c = cats[""]
 
         def desc(e):
             if e is None:
@@ -259,7 +262,10 @@ class Daemon:
             "checkpoints": {"dir": str(cfg.checkpoint_dir), "count": len(c.entries), "valid": len(c.valid()),
                             "latest": desc(c.newest_valid()), "best": desc(c.pointer("best")),
                             "failed_verification": dict(self.watcher.bad), "in_progress": [p.name for p in c.in_progress],
-                            "quarantined": len(runtime.quarantined(cfg.checkpoint_dir))},
+                            "quarantined": len(runtime.quarantined(cfg.checkpoint_dir)),
+                            "runs": {run: {"count": len(rc.entries), "valid": len(rc.valid()),
+                                           "latest": desc(rc.newest_valid()), "best": desc(rc.pointer("best"))}
+                                     for run, rc in cats.items() if run}},
             "retention": {"enabled": cfg.retention.enabled,
                           "policy_confirmed": cleanup.confirmed_tiers(cfg.checkpoint_dir)[0] == cleanup._canon(cfg.retention.tiers)},
             "disk": self.disk,

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from ckpt_daemon import catalog as cat
-from ckpt_daemon import runtime
+from ckpt_daemon import foreign, runtime
 from ckpt_daemon.fsutil import free_bytes
 from ckpt_daemon.logs import get_logger
 
@@ -161,32 +161,64 @@ class CrashPolicy:
 
 # ----------------------------------------------------------------------------------- resume choice
 def choose_resume(c: cat.Catalog, exclude: set[str], known_bad: dict[str, str],
-                  verify: Callable[[cat.Entry], cat.Entry] = cat.verify_entry) -> tuple[Optional[cat.Entry], list[str]]:
+                  verify: Callable[[cat.Entry], cat.Entry] = cat.verify_entry,
+                  writer_alive: bool = False, prefix: str = "") -> tuple[Optional[cat.Entry], list[str]]:
     """Highest complete checkpoint that passes full verification and is not excluded. Returns it (None
-    for a fresh start) and notes on what was passed over and why. One that fails verification is moved
-    to quarantine (any layout), so a trainer that picks its own newest file never sees it."""
+    for a fresh start) and notes on what was passed over and why.
+
+    Called when no trainer runs (writer_alive=False): a checkpoint still "in progress" then is a save
+    that died half-way. Everything newer than the choice that is not valid (incomplete, corrupt, invalid,
+    or failing verification), in any layout, is moved to quarantine with its reason: a trainer that
+    picks its own newest file (an HF script's get_last_checkpoint, a glob over model_step_*.pt) then
+    finds the same checkpoint the daemon chose, and can write those steps again under the same names.
+    `prefix` ("sft/") names checkpoints of a run in `exclude` and `known_bad`."""
     notes = []
-    for e in sorted(c.entries, key=lambda e: e.step, reverse=True):
+
+    def set_aside(e: cat.Entry, why: str) -> None:
+        if runtime.quarantine(c.root, e.name, why) is not None:
+            notes.append(f"{prefix}{e.name} moved to {runtime.STATE_DIR}/quarantine/ ({why})")
+            foreign.forget(c.root, e.name)
+        else:
+            known_bad[prefix + e.name] = why
+
+    for e in sorted(c.entries, key=lambda e: (e.step, e.version), reverse=True):
+        if e.status == "in_progress" and writer_alive:
+            notes.append(f"{prefix}{e.name} skipped: still being written")
+            continue
         if not e.valid:
-            notes.append(f"{e.name} skipped: {e.status} ({e.reason})")
+            notes.append(f"{prefix}{e.name} skipped: {e.status} ({e.reason})")
+            if not writer_alive and e.status != "unreadable":
+                set_aside(e, f"{e.status}: {e.reason}")
             continue
-        if e.name in exclude:
-            notes.append(f"{e.name} skipped: the trainer kept crashing from it")
+        if prefix + e.name in exclude:
+            notes.append(f"{prefix}{e.name} skipped: the trainer kept crashing from it")
             continue
-        if e.name in known_bad:
-            notes.append(f"{e.name} skipped: failed verification ({known_bad[e.name]})")
+        if prefix + e.name in known_bad:
+            notes.append(f"{prefix}{e.name} skipped: failed verification ({known_bad[prefix + e.name]})")
             continue
         v = verify(e)
         if not v.valid:
-            notes.append(f"{e.name} skipped: failed verification ({v.reason})")
-            log.error("checkpoint failed verification; it will not be used for resume", checkpoint=e.name, reason=v.reason)
-            if runtime.quarantine(c.root, e.name, v.reason) is not None:
-                notes.append(f"{e.name} moved to {runtime.STATE_DIR}/quarantine/ so the trainer can write that step again")
-            else:
-                known_bad[e.name] = v.reason
+            notes.append(f"{prefix}{e.name} skipped: failed verification ({v.reason})")
+            log.error("checkpoint failed verification; it will not be used for resume", checkpoint=prefix + e.name,
+                      reason=v.reason)
+            set_aside(e, f"failed verification: {v.reason}")
             continue
         return v, notes
     return None, notes
+
+
+def choose_resume_all(cats: dict[str, cat.Catalog], exclude: set[str], known_bad: dict[str, str],
+                      writer_alive: bool = False) -> tuple[Optional[cat.Entry], str, list[str]]:
+    """The resume point across runs: each run's choice, then the most recently written of them (where
+    training was when it stopped). Returns (entry, its run, notes)."""
+    best: tuple[Optional[cat.Entry], str] = (None, "")
+    notes: list[str] = []
+    for run, c in cats.items():
+        e, n = choose_resume(c, exclude, known_bad, writer_alive=writer_alive, prefix=f"{run}/" if run else "")
+        notes += n
+        if e is not None and (best[0] is None or e.mtime > best[0].mtime):
+            best = (e, run)
+    return best[0], best[1], notes
 
 
 # ----------------------------------------------------------------------------------- process side
@@ -281,11 +313,11 @@ class Supervisor:
                       message=f"adopted a running trainer (pid {act.pid}) started before this daemon")
             log.warning("a trainer is already running on this checkpoint folder; adopting it", pid=act.pid)
             return
-        c = cat.scan_config(cfg, stats=False)
-        entry, notes = choose_resume(c, self.policy.suspect, self.known_bad)
+        entry, run, notes = choose_resume_all(cat.scan_runs(cfg, stats=False), self.policy.suspect, self.known_bad)
         for n in notes:
             log.warning("resume choice", note=n)
         resume = str(entry.path) if entry else "none"
+        chosen = (f"{run}/{entry.name}" if run else entry.name) if entry else None
         token = uuid.uuid4().hex
         argv = expand_command(cfg.training.command, cfg.source, resume)
         env = {**os.environ, **cfg.training.env, "CKPT_RESUME": resume, "CKPT_DAEMON_RUN": token,
@@ -311,7 +343,7 @@ class Supervisor:
             os.close(w)
             relay.stdout.close()
             relay.wait()
-            self.proc, self.resume_from = None, entry.name if entry else None
+            self.proc, self.resume_from = None, chosen
             self.started_at = self.clock()
             self._on_exit(127, f"could not start {argv[0]!r}: {exc}. Check training.command in config.yaml.")
             return
@@ -319,8 +351,8 @@ class Supervisor:
         self.tail.clear()
         self._stale = False
         self._set(proc=proc, pid=proc.pid, token=token, started_at=self.clock(), state="running",
-                  resume_from=entry.name if entry else None, gave_up=None, next_start=None,
-                  message=f"training (pid {proc.pid}) from {entry.name if entry else 'scratch'}")
+                  resume_from=chosen, gave_up=None, next_start=None,
+                  message=f"training (pid {proc.pid}) from {chosen or 'scratch'}")
         self._relay = relay
         self._reader = threading.Thread(target=self._pump, args=(relay,), daemon=True, name="trainer-out")
         self._reader.start()
@@ -424,10 +456,7 @@ class Supervisor:
         if ex.kind == "stopped":
             self._set(state="stopped", proc=None, message=f"stopped by the daemon ({ex.description})")
             return
-        c = cat.scan_config(cfg, stats=False)
-        newest = c.newest_valid()
-        verdict = self.policy.on_exit(now, rc, ran, self.resume_from, newest.name if newest else None,
-                                      blame=ex.blame_checkpoint)
+        verdict = self.policy.on_exit(now, rc, ran, self.resume_from, cat.newest_valid_rel(cfg), blame=ex.blame_checkpoint)
         self.proc = None
         if verdict.action == "finished":
             self._set(state="finished", message="training finished (the trainer exited 0)")

@@ -63,6 +63,8 @@ class Report:
     disk_total: int = 0
     started: float = 0.0
     duration_s: float = 0.0
+    run: str = ""  # "" for checkpoints.dir, else the run's subfolder
+    runs: dict = field(default_factory=dict)  # the other runs' reports (on the first one)
 
     @property
     def to_delete(self) -> list[retention.Decision]:
@@ -82,7 +84,8 @@ class Report:
                            "bytes": self.entries[d.name].bytes, "freeable_bytes": self.entries[d.name].freeable_bytes}
                           for d in self.decisions],
             "planned_free_bytes": self.planned_free(), "deleted": self.deleted, "failed": self.failed,
-            "held": self.held, "policy": self.policy, "leftovers": self.leftovers,
+            "held": self.held, "policy": self.policy, "leftovers": self.leftovers, "run": self.run,
+            "runs": {k: v.to_json() for k, v in self.runs.items()},
             "freed_bytes": self.freed_bytes, "trashed_bytes": self.trashed_bytes, "duration_s": round(self.duration_s, 3),
         }
 
@@ -147,21 +150,34 @@ def _hold_unconfirmed(r: Report, items, conf: list[dict], prot) -> None:
 
 
 # ---------------------------------------------------------------------------------- plan
+def run_names(cfg: Config) -> list[str]:
+    return ["", *cfg.checkpoints.runs]
+
+
+def _in_run(rel: Optional[str], run: str) -> Optional[str]:
+    """The name inside `run` of a path relative to checkpoints.dir ("sft/checkpoint-5" -> "checkpoint-5")."""
+    if not rel:
+        return None
+    head, _, tail = rel.rpartition("/")
+    return tail if head == run else None
+
+
 def build_report(cfg: Config, mode: str, extra_protected: Optional[dict[str, str]] = None,
-                 unattended: bool = False) -> Report:
-    root = cfg.checkpoint_dir
-    c = cat.scan_config(cfg)
-    activity = runtime.training_activity(root)
-    extra = dict(extra_protected or {})
-    if activity.resume_from and c.by_name(activity.resume_from) is not None:
-        extra.setdefault(activity.resume_from, "the daemon resumed training from it")
-    prot = retention.protections(c, extra, cfg.trainer.best_metric)
+                 unattended: bool = False, run: str = "") -> Report:
+    root = cfg.checkpoint_dir / run if run else cfg.checkpoint_dir
+    c = cat.scan_runs(cfg)[run] if run else cat.scan_config(cfg)
+    activity = runtime.training_activity(cfg.checkpoint_dir)
+    extra = {n: why for rel, why in (extra_protected or {}).items() if (n := _in_run(rel, run))}
+    resume = _in_run(activity.resume_from, run)
+    if resume and c.by_name(resume) is not None:
+        extra.setdefault(resume, "the daemon resumed training from it")
+    prot = retention.protections(c, extra, cfg.trainer.best_metric, cfg.retention.keep_epoch_ends)
     import shutil
 
     usage = shutil.disk_usage(root) if root.exists() else None
     items = retention.items_from_catalog(c)
     decisions = retention.plan(items, cfg.retention.tiers, prot)
-    conf, rec = confirmed_tiers(root)
+    conf, rec = confirmed_tiers(cfg.checkpoint_dir)
     r = Report(
         mode=mode, root=root, tiers=retention.describe_tiers(cfg.retention.tiers), decisions=decisions,
         entries={e.name: e for e in c.entries}, activity=activity,
@@ -171,6 +187,7 @@ def build_report(cfg: Config, mode: str, extra_protected: Optional[dict[str, str
         policy={"confirmed": conf == _canon(cfg.retention.tiers), "tiers": _canon(cfg.retention.tiers),
                 "confirmed_tiers": conf, "confirmed_at": (rec or {}).get("confirmed")},
     )
+    r.run = run
     if unattended and not r.policy["confirmed"]:
         _hold_unconfirmed(r, items, conf, prot)
     return r
@@ -236,7 +253,7 @@ def execute(cfg: Config, r: Report, extra_protected: Optional[dict[str, str]] = 
     being a checkpoint at once), then remove that folder outside the lock. A journal written first lets
     the next job finish (and log) a run that was killed half-way. One failure is recorded and the rest
     go on."""
-    root = cfg.checkpoint_dir
+    root = r.root
     planned = {d.name for d in r.to_delete}
     keep = cfg.retention.keep_trash
     with runtime.Scratch(root, "run", sub="trash", keep=keep) as run:
@@ -244,7 +261,7 @@ def execute(cfg: Config, r: Report, extra_protected: Optional[dict[str, str]] = 
         journal = {"started": r.started, "pid": os.getpid(), "keep_trash": keep, "state": "moving",
                    "planned": {}}
         with runtime.commit_lock(root, timeout_s=lock_timeout_s):
-            fresh = build_report(cfg, r.mode, extra_protected, unattended=unattended)
+            fresh = build_report(cfg, r.mode, extra_protected, unattended=unattended, run=r.run)
             now_delete = {d.name: d for d in fresh.to_delete}
             r.skipped_changed = sorted(planned - set(now_delete))
             victims = [d for d in fresh.to_delete if d.name in planned]  # never more than the plan the user saw
@@ -287,11 +304,22 @@ def finish_leftovers(cfg: Config, empty_kept: bool = False) -> list[str]:
     cleanups killed half-way (their victims are removed, as their journal planned). With empty_kept
     (a cleanup run), the trash kept by keep_trash is emptied too. Called at the start of every job."""
     lines: list[str] = []
-    for root in (cfg.checkpoint_dir, cfg.snapshot_dir, cfg.consolidation_dir):
+    roots = [cfg.checkpoint_dir / r if r else cfg.checkpoint_dir for r in run_names(cfg)]
+    for root in (*roots, cfg.snapshot_dir, cfg.consolidation_dir):
         for sid in runtime.clean_scratch(root):
             lines.append(f"removed {root / runtime.STATE_DIR / 'tmp' / sid}, left by a save, restore or snapshot "
                          "that was killed before it finished")
-    root = cfg.checkpoint_dir
+    for root in roots:
+        lines += _finish_trash(root, empty_kept)
+    if lines:
+        append_text(cfg.log_dir / "cleanup.log",
+                    f"=== {time.strftime('%Y-%m-%d %H:%M:%S %z')} leftovers of interrupted runs in {cfg.checkpoint_dir}\n"
+                    + "\n".join(lines) + "\n\n")
+    return lines
+
+
+def _finish_trash(root: Path, empty_kept: bool) -> list[str]:
+    lines: list[str] = []
     for run in runtime.claim_dead(root, "trash"):
         j = read_json_file(run / JOURNAL, 16 << 20) or {}
         if j.get("state") == "kept" and not empty_kept:
@@ -321,12 +349,8 @@ def finish_leftovers(cfg: Config, empty_kept: bool = False) -> list[str]:
                                 if isinstance(j.get("started"), (int, float)) else "")
                              + (f"; its reasons: {why}" if why else ""))
         if names:
-            lines.append(f"freed {human(freed)} ({freed} bytes) from the trash")
+            lines.append(f"freed {human(freed)} ({freed} bytes) from the trash of {root}")
         remove_tree_safely(run, run.parent)
-    if lines:
-        append_text(cfg.log_dir / "cleanup.log",
-                    f"=== {time.strftime('%Y-%m-%d %H:%M:%S %z')} leftovers of interrupted runs in {root}\n"
-                    + "\n".join(lines) + "\n\n")
     return lines
 
 
@@ -373,14 +397,23 @@ def run_cleanup(cfg: Config, dry_run: bool, confirm: Callable[[Report], bool] | 
     person confirmed (`confirmed_by`) records the policy as confirmed."""
     t0 = time.monotonic()
     leftovers = [] if dry_run else finish_leftovers(cfg, empty_kept=True)
-    r = build_report(cfg, "dry run" if dry_run else "applied", extra_protected, unattended=unattended)
+    reports = [_run_one(cfg, run, dry_run, confirm, extra_protected, unattended, lock_timeout_s, t0)
+               for run in run_names(cfg)]
+    r = reports[0]
     r.leftovers = leftovers
+    r.runs = {x.run: x for x in reports[1:]}
+    if confirmed_by and not unattended and all(x.mode == "applied" for x in reports):
+        confirm_policy(cfg, confirmed_by)
+    return r
+
+
+def _run_one(cfg: Config, run: str, dry_run: bool, confirm, extra_protected, unattended: bool,
+             lock_timeout_s: float, t0: float) -> Report:
+    r = build_report(cfg, "dry run" if dry_run else "applied", extra_protected, unattended=unattended, run=run)
     if not dry_run and r.to_delete and (confirm is None or confirm(r)):
         execute(cfg, r, extra_protected, unattended=unattended, lock_timeout_s=lock_timeout_s)
     elif not dry_run and r.to_delete:
         r.mode = "cancelled"
-    if r.mode == "applied" and confirmed_by and not unattended:
-        confirm_policy(cfg, confirmed_by)
     r.duration_s = time.monotonic() - t0
     if r.mode != "cancelled":
         log_block(cfg, r)
@@ -411,10 +444,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         else:
             cfg = load_config(args.config)
         if not args.dry_run and not args.yes and not sys.stdin.isatty():
-            plan_only = build_report(cfg, "dry run")
-            if plan_only.to_delete:
+            n = sum(len(build_report(cfg, "dry run", run=run).to_delete) for run in run_names(cfg))
+            if n:
                 raise UsageError(
-                    f"Cleanup would delete {len(plan_only.to_delete)} checkpoint(s) but there is no terminal to "
+                    f"Cleanup would delete {n} checkpoint(s) but there is no terminal to "
                     "confirm on. Nothing was deleted. Pass -y to confirm (as the daemon's weekly job does), or "
                     "--dry-run to see the plan."
                 )
@@ -434,23 +467,25 @@ def main(argv: Optional[list[str]] = None) -> int:
     except KeyboardInterrupt:
         print("cancelled; nothing was deleted", file=sys.stderr)
         return 130
-    if r.mode == "cancelled":
-        print("cancelled; nothing was deleted")
+    reports = [r, *r.runs.values()]
+    if any(x.mode == "cancelled" for x in reports):
+        print("cancelled; nothing more was deleted")
         return 130
     if args.json:
         print(json.dumps(r.to_json(), indent=2))
     else:
-        if args.dry_run or args.yes:
-            print(render(r, verbose=not args.quiet))
-        if r.mode == "applied":
-            print(f"Deleted {len(r.deleted)}, freed {human(r.freed_bytes)}"
-                  + (f"; {len(r.failed)} FAILED: " + "; ".join(f"{n}: {w}" for n, w in r.failed) if r.failed else "")
-                  + f". Logged to {cfg.log_dir / 'cleanup.log'}.")
-        else:
-            print(f"Dry run: nothing was changed. Logged to {cfg.log_dir / 'cleanup.log'}.")
+        for x in reports:
+            if args.dry_run or args.yes:
+                print(render(x, verbose=not args.quiet))
+            if x.mode == "applied":
+                print(f"Deleted {len(x.deleted)}, freed {human(x.freed_bytes)}"
+                      + (f"; {len(x.failed)} FAILED: " + "; ".join(f"{n}: {w}" for n, w in x.failed) if x.failed else "")
+                      + f". Logged to {cfg.log_dir / 'cleanup.log'}.")
+            else:
+                print(f"Dry run: nothing was changed. Logged to {cfg.log_dir / 'cleanup.log'}.")
         for line in r.leftovers:
             print(f"Leftover of an interrupted run: {line}")
-    return 1 if r.failed else 0
+    return 1 if any(x.failed for x in reports) else 0
 
 
 if __name__ == "__main__":

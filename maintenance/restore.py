@@ -37,49 +37,65 @@ def find_snapshot(cfg: Config, which: str) -> Path:
 def restore(cfg: Config, which: str, only: Optional[str] = None) -> list[str]:
     snap = find_snapshot(cfg, which)
     manifest = read_json_file(snap / SNAPSHOT_MANIFEST, 16 << 20) or {}
-    listed = manifest.get("checkpoints") if isinstance(manifest.get("checkpoints"), list) else []
-    root = cfg.checkpoint_dir
-    root.mkdir(parents=True, exist_ok=True)
+    listed = [c for c in (manifest.get("checkpoints") if isinstance(manifest.get("checkpoints"), list) else [])
+              if isinstance(c, dict) and isinstance(c.get("name"), str)]
     lines = []
-    all_names = [c["name"] for c in listed if isinstance(c, dict) and isinstance(c.get("name"), str)]
-    names = [n for n in all_names if only is None or n == only]
-    if not names:
+    all_names = [_label(c) for c in listed]
+    todo = [c for c in listed if only is None or only in (c["name"], _label(c))]
+    if not todo:
         raise UsageError(f"Snapshot {snap.name} holds no checkpoint named {only!r}; it holds "
                          f"{', '.join(all_names) or 'nothing'}.")
     rxs = [cat.compile_pattern(p) for p in cfg.checkpoints.pattern]
-    for name in names:
-        src = snap / name
+    runs = ["", *cfg.checkpoints.runs]
+    restored = []
+    for rec in todo:
+        name, run = rec["name"], rec.get("run") or ""
+        label = _label(rec)
+        if run not in runs:
+            lines.append(f"skipped {label}: run {run!r} is not in checkpoints.runs of this config")
+            continue
+        src_dir = snap / run if run else snap
+        src = src_dir / name
         fields = cat.match_name(name, rxs)
         if "/" in name or name.startswith(".") or not inside(src, snap) or src.is_symlink() or fields is None:
-            lines.append(f"skipped {name}: unsafe name, a symlink, or not named like a checkpoint (not followed)")
+            lines.append(f"skipped {label}: unsafe name, a symlink, or not named like a checkpoint (not followed)")
             continue
+        root = cfg.checkpoint_dir / run if run else cfg.checkpoint_dir
+        root.mkdir(parents=True, exist_ok=True)
         dst = root / name
         if os.path.lexists(dst):
-            lines.append(f"kept {name}: a checkpoint of that name is already in {root}; nothing was overwritten")
+            lines.append(f"kept {label}: a checkpoint of that name is already in {root}; nothing was overwritten")
             continue
+        files = rec.get("files") if isinstance(rec.get("files"), dict) else None
+        sidecar = {"files": files} if files else None
         layout = "native" if (src / "manifest.json").exists() else "other"
         with runtime.Scratch(root, f"restore-{name}") as scratch:
             tmp = scratch.path / name
             _copy_checkpoint(src, tmp, choose_method(cfg.snapshots.mode, layout, scratch.path, src))
-            layout, status, reason, _ = cat.check_entry(tmp, verify=True, step=fields["step"])
+            layout, status, reason, _ = cat.check_entry(tmp, verify=True, step=fields["step"], sidecar=sidecar)
             if status != "complete":
-                raise CheckpointError(f"the copy of {name} in the snapshot is {status} ({reason}); it was not restored")
+                raise CheckpointError(f"the copy of {label} in the snapshot is {status} ({reason}); it was not restored")
             with runtime.commit_lock(root):
                 if os.path.lexists(dst):
-                    raise CheckpointError(f"{name} appeared in {root} meanwhile; nothing was overwritten")
+                    raise CheckpointError(f"{label} appeared in {root} meanwhile; nothing was overwritten")
                 os.rename(tmp, dst)
                 fsync_dir(root)
-        lines.append(f"restored {name} from snapshot {snap.name} ({layout}, verified)")
-    c = cat.scan_config(cfg, stats=False)
-    newest = c.newest_valid()
+        restored.append(label)
+        lines.append(f"restored {label} from snapshot {snap.name} ({layout}, verified"
+                     + (" against its recorded checksums" if sidecar else "") + ")")
+    newest = cat.newest_valid_rel(cfg)  # the same choice the daemon makes
     if newest is not None:
-        restored = [n for n in names if c.by_name(n) is not None]
-        if newest.name in restored:
-            lines.append(f"training will resume from {newest.name} (the newest valid checkpoint)")
+        if newest in restored:
+            lines.append(f"training will resume from {newest} (the newest valid checkpoint)")
         else:
-            lines.append(f"training resumes from the newest valid checkpoint, {newest.name}; to continue from a restored "
-                         f"one instead, move the newer checkpoints out of {root} (or pass --resume PATH to the trainer)")
+            lines.append(f"training resumes from the newest valid checkpoint, {newest}; to continue from a restored "
+                         f"one instead, move the newer checkpoints out of {cfg.checkpoint_dir} "
+                         "(or pass --resume PATH to the trainer)")
     return lines
+
+
+def _label(rec: dict) -> str:
+    return f"{rec['run']}/{rec['name']}" if rec.get("run") else rec["name"]
 
 
 def main(argv: Optional[list[str]] = None) -> int:

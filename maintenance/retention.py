@@ -126,10 +126,12 @@ def _plan(checkpoints: Sequence[Item], tiers: Sequence, protected: Mapping[str, 
     return sorted(decisions.values(), key=lambda d: (-d.step, d.name))
 
 
-def protections(catalog, extra: Mapping[str, str] | None = None, best_metric: str = "val_loss") -> dict[str, list[str]]:
+def protections(catalog, extra: Mapping[str, str] | None = None, best_metric: str = "val_loss",
+                keep_epoch_ends: bool = True) -> dict[str, list[str]]:
     """What must never be deleted, with why, from a catalog (pure: reads only the given object).
 
-    The newest valid checkpoint, the latest and best pointer targets, pinned ones, the checkpoint the
+    The newest valid checkpoint, the latest and best (for other trainers: what their own state names
+    best), pinned ones, the last checkpoint of every epoch (unless keep_epoch_ends is off), the one the
     trainer last resumed from, and anything named in `extra` (e.g. the daemon's chosen resume point).
     """
     out: dict[str, list[str]] = defaultdict(list)
@@ -138,14 +140,20 @@ def protections(catalog, extra: Mapping[str, str] | None = None, best_metric: st
         out[newest.name].append("newest valid checkpoint")
     for which in ("latest", "best"):
         e = catalog.pointer(which)
-        if e is not None:
-            if which == "best" and best_metric in e.metrics:
-                out[e.name].append(f"best ({best_metric} {e.metrics[best_metric]:.4g})")
-            else:
-                out[e.name].append(which)
+        if e is None:
+            continue
+        source = getattr(catalog, "best_source", None) if which == "best" else "symlink"
+        said = {"trainer_state": " (trainer_state.json's best_model_checkpoint)",
+                "lightning": " (Lightning's ModelCheckpoint best_model_path)"}.get(source or "", "")
+        if which == "best" and best_metric in e.metrics:
+            out[e.name].append(f"best ({best_metric} {e.metrics[best_metric]:.4g}){said}")
+        else:
+            out[e.name].append(which + said)
     for e in catalog.entries:
         if e.pin:
             out[e.name].append(f"pinned ({e.pin})")
+        if keep_epoch_ends and getattr(e, "epoch_end", False):
+            out[e.name].append(f"last checkpoint of epoch {e.epoch}")
     if catalog.resumed_from:
         name = catalog.resumed_from
         if catalog.by_name(name) is not None:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from ckpt_daemon import catalog as cat
-from ckpt_daemon import runtime
+from ckpt_daemon import foreign, runtime
 from ckpt_daemon.config import Config, load_config
 from ckpt_daemon.errors import CheckpointError, CkptError, NoValidCheckpoint
 from ckpt_daemon.fsutil import (atomic_write_json, copy_into, disk_full_error, fsync_dir, is_enospc, read_json_file,
@@ -47,14 +47,12 @@ class SnapshotResult:
 
 
 def _select(c: cat.Catalog, include: Sequence[str]) -> dict[str, list[str]]:
+    """name -> roles ("latest", "best") of what a snapshot takes from one run (may be empty)."""
     chosen: dict[str, list[str]] = {}
     if "latest" in include:
         e = c.newest_valid()
-        if e is None:
-            raise NoValidCheckpoint(
-                f"No valid checkpoint in {c.root} to snapshot. Nothing was created; the snapshot runs again at its next time."
-            )
-        chosen.setdefault(e.name, []).append("latest")
+        if e is not None:
+            chosen.setdefault(e.name, []).append("latest")
     if "best" in include:
         e = c.pointer("best")
         if e is not None and e.valid:
@@ -140,19 +138,24 @@ def _can_reflink(src: Path, probe_dir: Path) -> bool:
         probe.unlink(missing_ok=True)
 
 
-def _add(res: SnapshotResult, e: cat.Entry, tmp: Path, roles: list[str], method: str, verify: bool, progress=None) -> None:
-    apparent, added, used, notes = _copy_checkpoint(e.path, tmp / e.name, method, progress)
+def _add(res: SnapshotResult, e: cat.Entry, dest: Path, roles: list[str], method: str, verify: bool,
+         run: str = "", progress=None) -> None:
+    sc = foreign.read_sidecar(e.path.parent, e.name) if e.layout != "native" else None
+    apparent, added, used, notes = _copy_checkpoint(e.path, dest / e.name, method, progress)
     if verify:
-        _layout, status, reason, _ = cat.check_entry(tmp / e.name, verify=True, step=e.step)
+        _layout, status, reason, _ = cat.check_entry(dest / e.name, verify=True, step=e.step, sidecar=sc)
         if status != "complete":
             raise CheckpointError(f"The snapshot's copy of {e.name} does not verify ({status}: {reason}); the snapshot "
                                   "was not created. Check the disk (dmesg) and run it again.")
     res.apparent_bytes += apparent
     res.added_bytes += added
     how = "/".join(sorted(used)) or "nothing to copy"
-    res.checkpoints.append({"name": e.name, "step": e.step, "layout": e.layout, "roles": roles, "metrics": e.metrics,
-                            "epoch": e.epoch, "apparent_bytes": apparent, "added_bytes": added,
-                            "method": how, "independent": "hard link" not in used, "verified": verify, "notes": notes})
+    rec = {"name": e.name, "run": run, "step": e.step, "layout": e.layout, "roles": roles, "metrics": e.metrics,
+           "epoch": e.epoch, "apparent_bytes": apparent, "added_bytes": added, "method": how,
+           "independent": "hard link" not in used, "verified": verify, "notes": notes}
+    if sc is not None:
+        rec["files"] = sc["files"]  # what restore checks the copy against
+    res.checkpoints.append(rec)
 
 
 def take_snapshot(cfg: Config, now: Optional[dt.datetime] = None, show_progress: bool = False) -> SnapshotResult:
@@ -184,23 +187,32 @@ def _take_snapshot(cfg: Config, now: Optional[dt.datetime], show_progress: bool)
             # Choose and hard-link under the commit lock, so a cleanup cannot move a chosen checkpoint into
             # the trash half-way through; copies (slow) are made after releasing it.
             with runtime.commit_lock(cfg.checkpoint_dir):
-                c = cat.scan_config(cfg, stats=False)
-                chosen = _select(c, cfg.snapshots.include)
-                todo = [(e, choose_method(mode, e.layout, tmp, e.path)) for e in (c.by_name(n) for n in chosen)]
-                for e, method in todo:
+                todo = []
+                for run, c in cat.scan_runs(cfg, stats=False).items():
+                    chosen = _select(c, cfg.snapshots.include)
+                    dest = tmp / run if run else tmp
+                    dest.mkdir(exist_ok=True)
+                    for n, roles in chosen.items():
+                        e = c.by_name(n)
+                        todo.append((run, e, roles, dest, choose_method(mode, e.layout, dest, e.path)))
+                if not todo:
+                    raise NoValidCheckpoint(
+                        f"No valid checkpoint in {cfg.checkpoint_dir} to snapshot. Nothing was created; the snapshot "
+                        "runs again at its next time.")
+                for run, e, roles, dest, method in todo:
                     if method == "link":
-                        _add(res, e, tmp, chosen[e.name], method, verify=False)
-            slow = [(e, m) for e, m in todo if m != "link"]
+                        _add(res, e, dest, roles, method, verify=False, run=run)
+            slow = [t for t in todo if t[4] != "link"]
             progress = None
             if show_progress and slow:
                 from rich.progress import Progress
 
                 bar = Progress(transient=True)
                 bar.start()
-                task = bar.add_task("copying", total=sum(tree_stats(e.path)[0] for e, _ in slow))
+                task = bar.add_task("copying", total=sum(tree_stats(t[1].path)[0] for t in slow))
                 progress = lambda n: bar.advance(task, n)  # noqa: E731
-            for e, method in slow:
-                _add(res, e, tmp, chosen[e.name], method, verify=True, progress=progress)
+            for run, e, roles, dest, method in slow:
+                _add(res, e, dest, roles, method, verify=True, run=run, progress=progress)
         finally:
             if bar is not None:
                 bar.stop()
@@ -211,7 +223,8 @@ def _take_snapshot(cfg: Config, now: Optional[dt.datetime], show_progress: bool)
         })
         fsync_dir(tmp)
         scratch.commit(final)
-    held = ", ".join("{} ({}, {})".format(d["name"], "/".join(d["roles"]), d["method"]) for d in res.checkpoints)
+    held = ", ".join("{}{} ({}, {})".format(f"{d['run']}/" if d["run"] else "", d["name"], "/".join(d["roles"]), d["method"])
+                     for d in res.checkpoints)
     res.message = (f"snapshot {name}: {held}; "
                    f"apparent size {res.apparent_bytes / 2**20:.1f} MiB, really added {res.added_bytes / 2**20:.1f} MiB")
     return res

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import safetensors.torch
@@ -46,7 +47,8 @@ def hf_folder(root: Path, step: int, complete: bool = True) -> Path:
 
 def single_file(root: Path, name: str) -> Path:
     p = root / name
-    torch.save({"model_state_dict": tiny_model().state_dict(), "step": 1}, p)
+    m = cat.match_name(name, [cat.compile_pattern(x) for x in PATTERNS])
+    torch.save({"model_state_dict": tiny_model().state_dict(), "step": m["step"] if m else 1}, p)
     return p
 
 
@@ -65,7 +67,11 @@ def test_hugging_face_layout(tmp_path):
     hf_folder(tmp_path, 1000, complete=False)
     c = cat.scan(tmp_path, PATTERNS)
     a, b = c.entries
-    assert (a.layout, a.status, a.epoch) == ("hf", "complete", 1.0)
+    assert (a.layout, a.status, a.epoch) == ("hf", "complete", 1)
+    # a folder still being written is in progress, neither valid nor failed...
+    assert (b.layout, b.status) == ("hf", "in_progress") and "trainer_state.json" in b.reason
+    # ...until it has settled: then it is an incomplete save
+    b = cat.scan(tmp_path, PATTERNS, now=time.time() + cat.SETTLE_S + 1).entries[1]
     assert (b.layout, b.status) == ("hf", "incomplete") and "trainer_state.json" in b.reason
 
 
@@ -82,6 +88,10 @@ def test_single_file_patterns(tmp_path):
     assert ("latest.pt", "does not match checkpoints.pattern") in c.ignored
 
 
+def c_status(c, name: str) -> str:
+    return c.by_name(name).status
+
+
 def test_truncated_files_are_incomplete(tmp_path):
     p = single_file(tmp_path, "model_step_100.pt")
     os.truncate(p, p.stat().st_size // 2)
@@ -91,7 +101,8 @@ def test_truncated_files_are_incomplete(tmp_path):
     native(tmp_path, [300])
     ms = tmp_path / "checkpoint-300" / "model.safetensors"
     os.truncate(ms, ms.stat().st_size - 1)
-    c = cat.scan(tmp_path, PATTERNS)
+    assert c_status(cat.scan(tmp_path, PATTERNS), "model_step_100.pt") == "in_progress"  # just written: may go on
+    c = cat.scan(tmp_path, PATTERNS, now=time.time() + 3600)  # an hour later nothing changed: it never will
     assert c.by_name("model_step_100.pt").status == "incomplete" and "truncated" in c.by_name("model_step_100.pt").reason
     assert c.by_name("checkpoint-200").status == "incomplete" and "truncated" in c.by_name("checkpoint-200").reason
     bad = c.by_name("checkpoint-300")
@@ -110,7 +121,7 @@ def test_flipped_byte_is_corrupt_only_when_verified(tmp_path):
         f.write_bytes(bytes(data))
     quick = cat.scan(tmp_path, PATTERNS)
     assert all(e.status == "complete" for e in quick.entries)  # sizes and structure look right
-    full = cat.scan(tmp_path, PATTERNS, verify=True)
+    full = cat.scan(tmp_path, PATTERNS, verify=True, now=time.time() + 3600)
     assert {e.name: e.status for e in full.entries} == {"model_step_100.pt": "corrupt", "checkpoint-200": "corrupt"}
     assert "checksum" in full.by_name("checkpoint-200").reason
 
