@@ -16,6 +16,7 @@ config.yaml.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import os
 import signal
@@ -66,6 +67,7 @@ class Daemon:
         self.echo_trainer = echo_trainer
         self._state_dirty = threading.Event()
         self._last_state: Optional[dict] = None
+        self._hb_samples: collections.deque = collections.deque(maxlen=600)
         self._last_write = 0.0
 
     def get_cfg(self) -> Config:
@@ -251,6 +253,7 @@ class Daemon:
         training = self.supervisor.snapshot()
         if hb and (hb.get("run") == training.get("run") or hb.get("pid") == training.get("pid")) and training.get("pid"):
             training["step"] = hb.get("step")
+            training["steps_per_s"] = self._rate(hb)
             if isinstance(hb.get("resumed_from"), str):  # what the trainer really loaded (it may have fallen back)
                 training["resumed_from"] = hb["resumed_from"]
             training["heartbeat_time"] = hb.get("time")
@@ -272,6 +275,21 @@ class Daemon:
             "jobs": {"next": self.jobs.next_times(), "history": self.jobs.history.data.get("jobs", {})},
             "last_cleanup": self.last_cleanup,
         }
+
+    def _rate(self, hb: dict) -> Optional[float]:
+        """Steps per second over the last minute of heartbeats (None until two differ)."""
+        step, t = hb.get("step"), hb.get("time")
+        if not isinstance(step, int) or not isinstance(t, (int, float)):
+            return None
+        samples = self._hb_samples
+        if not samples or samples[-1] != (t, step):
+            if samples and step < samples[-1][1]:
+                samples.clear()  # a restart went back to an earlier step
+            samples.append((t, step))
+        while len(samples) > 2 and t - samples[0][0] > 60:
+            samples.popleft()
+        (t0, s0), (t1, s1) = samples[0], samples[-1]
+        return round((s1 - s0) / (t1 - t0), 3) if t1 > t0 and s1 >= s0 else None
 
     def write_status(self, force: bool = False) -> None:
         """Rewrite the state file when what it says changed (an idle daemon writes nothing)."""

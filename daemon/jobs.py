@@ -98,9 +98,9 @@ class Jobs:
             finally:
                 if heavy:
                     self.maintenance_lock.release()
-            if name in ("snapshot", "retention"):
-                with self.hist_lock:
-                    self.history.record(name, ok, t0, msg)
+            with self.hist_lock:  # every job's last result and duration (status, metrics); missed runs use the cron jobs'
+                self.history.record(name, ok, t0, msg, duration_s=self.clock() - t0,
+                                    persist=name in ("snapshot", "retention"))
             return ok
         finally:
             lock.release()

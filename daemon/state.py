@@ -50,11 +50,15 @@ class JobHistory:
     def last_success(self, name: str) -> float:
         return float(self.job(name).get("last_success") or self.data["created"])
 
-    def record(self, name: str, ok: bool, when: float, message: str) -> None:
+    def record(self, name: str, ok: bool, when: float, message: str, duration_s: float = 0.0,
+               persist: bool = True) -> None:
         j = self.job(name)
         j["last_attempt"] = when
         j["last_result"] = "ok" if ok else "error"
-        j["last_message"] = message
+        j["last_message"] = message[:2000]
+        j["last_duration_s"] = round(duration_s, 3)
+        j["runs"] = int(j.get("runs", 0)) + 1
         if ok:
             j["last_success"] = when
-        self._save()
+        if persist:
+            self._save()
