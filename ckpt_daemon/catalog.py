@@ -392,7 +392,7 @@ def _entry(root: Path, name: str, st: os.stat_result, fields: dict, verify: bool
         else:
             sc = None  # stale (the name holds something else now) or re-saved: judged afresh
     if not recorded:
-        layout, status, reason, meta = check_entry(path, verify, fstats, step=step)
+        layout, status, reason, meta = _check_cached(path, st, fstats, verify, step)
     e = Entry(name=name, path=path, step=step, layout=layout, status=status, reason=reason,
               verified=verify and status not in ("incomplete", "unreadable"), fields=fields,
               version=fields.get("_version", 0), recorded=recorded, meta=meta,
@@ -434,6 +434,29 @@ def _describe(e: Entry, meta: dict, fields: dict) -> None:
     e.meta = {k: v for k, v in (meta or {}).items() if k in (
         "has_optimizer", "kind", "state_dict_key", "best_model_checkpoint", "best_model_path", "best_model_score",
         "monitor", "best_metric", "epoch_float", "note")}
+
+
+_CACHE: dict[tuple, tuple[str, str, str, dict]] = {}
+_CACHE_MAX = 20_000
+
+
+def _check_cached(path: Path, st: os.stat_result, fstats: Optional[dict], verify: bool,
+                  step: int) -> tuple[str, str, str, dict]:
+    """check_entry without verify, remembered per file version (path, inode, size, mtime of every file):
+    a folder that gains a file per save is rescanned often, and parsing a pickle's header once per
+    version of a file is enough. With verify the bytes are read every time: that is what verify means."""
+    if verify:
+        return check_entry(path, verify, fstats, step=step)
+    files = tuple(sorted((n, x.st_ino, x.st_size, x.st_mtime_ns) for n, x in (fstats or {}).items()))
+    key = (str(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, files, step)
+    hit = _CACHE.get(key)
+    if hit is None:
+        hit = check_entry(path, verify, fstats, step=step)
+        if len(_CACHE) >= _CACHE_MAX:
+            _CACHE.clear()
+        _CACHE[key] = hit
+    layout, status, reason, meta = hit
+    return layout, status, reason, dict(meta)
 
 
 def _mark_copies(entries: list[Entry]) -> None:

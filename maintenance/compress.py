@@ -1,9 +1,19 @@
 """python -m maintenance.compress PATH|GLOB [PATH|GLOB ...] [--replace]
 
-For single-file .pt checkpoints of your own format (a dict with `model_state_dict` and
-`optimizer_state_dict`): writes `<name>_compressed.pt` without the optimizer state, verifies that it
-loads and that every weight is bit-identical, and with --replace only then replaces the original.
-Files are loaded with torch.load(weights_only=True): a file that needs arbitrary unpickling is refused.
+Drops the optimizer (and scheduler and scaler) state from single-file checkpoints: writes
+`<stem>_compressed<suffix>`, verifies that it loads and that every tensor it keeps is bit-identical,
+and with --replace only then replaces the original. A file with nothing to drop is left alone.
+
+What is dropped:
+  Lightning .ckpt        `optimizer_states` and `lr_schedulers`; everything else stays, so
+                         `YourModule.load_from_checkpoint(path)` still works, but `Trainer.fit(ckpt_path=path)`
+                         cannot resume from it any more.
+  torch.save dicts       optimizer, optimizer_state_dict, scheduler, lr_scheduler, scaler... (see DROP), as long
+                         as the weights stay (under `model`, `model_state_dict`, `state_dict` or any other key).
+
+Files are loaded only with torch.load(weights_only=True): a file that needs arbitrary unpickling is
+refused and left untouched. The compressed name never matches a `{step}` pattern such as
+`model_step_{step}.pt`, so ckpt-daemon does not take the copy for a checkpoint to resume from.
 """
 
 from __future__ import annotations
@@ -11,59 +21,120 @@ from __future__ import annotations
 import argparse
 import glob
 import os
+import stat
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
+from ckpt_daemon import catalog as cat
 from ckpt_daemon.errors import CkptError, UsageError
-from ckpt_daemon.fsutil import fsync_dir
+from ckpt_daemon.fsutil import disk_full_error, fsync_dir, is_enospc
+from maintenance.consolidate import human, is_lightning, load_torch_file, same_bits
 
-DROP = ("optimizer_state_dict", "optimizer", "scheduler_state_dict", "scaler_state_dict", "lr_scheduler")
+LIGHTNING_DROP = ("optimizer_states", "lr_schedulers")
+DROP = ("optimizer", "optimizer_state_dict", "optimizers", "optimizer_states", "optim_state_dict",
+        "scheduler", "scheduler_state_dict", "schedulers", "lr_scheduler", "lr_scheduler_state_dict", "lr_schedulers",
+        "scaler", "scaler_state_dict", "grad_scaler", "grad_scaler_state_dict", "amp", "amp_state_dict")
+SUFFIX = "_compressed"
+
+
+def droppable(obj: Any) -> list[str]:
+    """The keys of a loaded checkpoint that only resuming needs."""
+    if not isinstance(obj, dict):
+        return []
+    names = LIGHTNING_DROP if is_lightning(obj) else DROP
+    return [k for k in obj if k in names]
+
+
+def tensors_of(obj: Any, prefix: str = "") -> dict:
+    """Every tensor in nested dicts, lists and tuples, by its path ('state_dict/layer.weight')."""
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return {prefix: obj}
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    out: dict = {}
+    for k, v in items:
+        out.update(tensors_of(v, f"{prefix}/{k}" if prefix else str(k)))
+    return out
 
 
 def compress_file(path: Path, replace: bool = False) -> dict:
+    path = Path(path)
+    result = {"source": str(path), "written": None, "replaced": False, "dropped": [], "original_size": 0, "size": 0}
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        raise UsageError(f"{path} does not exist.") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise UsageError(f"{path} is a folder: compress handles single-file checkpoints. For a Hugging Face checkpoint "
+                         f"folder, `python -m maintenance.consolidate --from {path}` writes its weights without the "
+                         "optimizer.")
+    if not stat.S_ISREG(st.st_mode):
+        raise UsageError(f"{path} is not a regular file (symlinks are never followed); it was left untouched.")
+    result["original_size"] = result["size"] = st.st_size
+    if path.name.endswith(".safetensors") or cat.sniff(path) == "safetensors":
+        return {**result, "nothing": "a safetensors file holds weights only"}
+    obj = load_torch_file(path)
+    drop = droppable(obj)
+    if not drop:
+        return {**result, "nothing": "it holds no optimizer, scheduler or scaler state"}
+    small = {k: v for k, v in obj.items() if k not in drop}
+    if not tensors_of(small):
+        raise UsageError(f"{path} holds no model weights besides its {', '.join(drop)}; there is nothing worth keeping "
+                         "in a compressed copy, so it was left untouched.")
+    target = _write_verified(path, small, replace)
+    return {**result, "written": str(target), "replaced": replace, "dropped": drop, "size": target.stat().st_size,
+            "lightning": is_lightning(obj)}
+
+
+def _write_verified(path: Path, small: dict, replace: bool) -> Path:
+    """torch.save `small` beside `path`, reload it, check every tensor bit for bit, then move it into place."""
     import torch
 
-    path = Path(path)
-    original_size = path.stat().st_size
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CkptError(f"{path} cannot be loaded safely ({exc.__class__.__name__}: {str(exc).splitlines()[0]}). "
-                        "It is left untouched; compress only loads files with weights_only=True.") from None
-    if not isinstance(obj, dict) or "model_state_dict" not in obj:
-        raise UsageError(f"{path} is not a dict with 'model_state_dict'; it is left untouched.")
-    small = {k: v for k, v in obj.items() if k not in DROP}
-    out = path.with_name(f"{path.stem}_compressed{path.suffix}")
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    out = path.with_name(f"{path.stem}{SUFFIX}{path.suffix}")
+    target = path if replace else out
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")  # a .tmp name: the catalog sees a save in progress
     try:
         with open(tmp, "xb") as f:
             torch.save(small, f)
             f.flush()
             os.fsync(f.fileno())
-        back = torch.load(tmp, map_location="cpu", weights_only=True)
-        ms, mb = obj["model_state_dict"], back["model_state_dict"]
-        if list(ms) != list(mb) or not all(torch.equal(ms[k], mb[k]) for k in ms):
-            raise CkptError(f"The compressed copy of {path} does not reload identically; nothing was replaced.")
-        target = path if replace else out
+        os.chmod(tmp, stat.S_IMODE(os.lstat(path).st_mode))
+        back = load_torch_file(tmp)
+        want, got = tensors_of(small), tensors_of(back)
+        bad = next((k for k in want if k not in got or not same_bits(want[k], got[k])), None)
+        if bad is not None or set(want) != set(got) or list(back) != list(small):
+            raise CkptError(f"The compressed copy of {path} does not reload identically ({bad or 'its keys differ'}); "
+                            "it was removed and the original is untouched. Check the disk, then try again.")
         os.replace(tmp, target)
         fsync_dir(target.parent)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        if is_enospc(exc):
+            raise disk_full_error(f"write the compressed copy of {path.name}", path.parent, exc) from None
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return {"source": str(path), "written": str(target), "replaced": replace,
-            "dropped": [k for k in obj if k in DROP], "size": target.stat().st_size, "original_size": original_size}
+    return target
+
+
+def expand(patterns: list[str]) -> list[Path]:
+    files: list[Path] = []
+    for p in patterns:
+        matched = sorted(glob.glob(p)) or ([p] if os.path.lexists(p) else [])
+        files += [Path(m) for m in matched if not Path(m).stem.endswith(SUFFIX)]
+    return files
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m maintenance.compress", description=__doc__.split("\n\n")[1])
+    ap = argparse.ArgumentParser(prog="python -m maintenance.compress", description=__doc__.split("\n\n")[1],
+                                 epilog=__doc__.split("\n\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("paths", nargs="+", help="files or glob patterns, e.g. 'checkpoints/model_step_*.pt'")
     ap.add_argument("--replace", action="store_true", help="replace each original after its compressed copy is verified")
     args = ap.parse_args(argv)
-    files = []
-    for p in args.paths:
-        matched = sorted(glob.glob(p)) or ([p] if Path(p).exists() else [])
-        files += [Path(m) for m in matched if not Path(m).stem.endswith("_compressed")]
+    files = expand(args.paths)
     if not files:
         print(f"error: nothing matches {' '.join(args.paths)}", file=sys.stderr)
         return 2
@@ -75,8 +146,13 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"error: {exc}", file=sys.stderr)
             failed += 1
             continue
-        print(f"{f}: {r['original_size'] / 2**20:.2f} MiB -> {r['written']}: {r['size'] / 2**20:.2f} MiB "
-              f"({1 - r['size'] / r['original_size']:.0%} smaller; dropped {', '.join(r['dropped']) or 'nothing'}; verified)")
+        if not r["dropped"]:
+            print(f"{f}: nothing to drop ({r['nothing']}); left as it is")
+            continue
+        print(f"{f}: {human(r['original_size'])} -> {r['written']}: {human(r['size'])} "
+              f"({1 - r['size'] / r['original_size']:.0%} smaller; dropped {', '.join(r['dropped'])}; verified)")
+        if r["lightning"]:
+            print("  (LightningModule.load_from_checkpoint works on it; Trainer.fit(ckpt_path=...) cannot resume from it)")
     return 1 if failed else 0
 
 

