@@ -329,11 +329,11 @@ def scan(root: Path, patterns: Iterable[str], verify: bool = False, stats: bool 
             st = dentry.stat(follow_symlinks=False)
         except OSError:
             continue  # deleted while we looked
-        if name.startswith(TEMP_PREFIXES) or name.endswith(".tmp"):
+        if name.startswith(TEMP_PREFIXES) or (name.endswith(".tmp") and not name.startswith(".")):
             in_progress.append(InProgress(name, path, _temp_step(name, rxs), st.st_mtime))
             continue
         if name.startswith("."):
-            continue
+            continue  # hidden: the state folder, pointer temps (.latest.*.tmp), not checkpoints
         fields = match_name(name, rxs)
         if fields is None:
             ignored.append((name, _name_problem(name, rxs)))
@@ -373,8 +373,8 @@ def _entry(root: Path, name: str, st: os.stat_result, fields: dict, verify: bool
             fstats, subdirs = _folder_stats(path)
     except FileNotFoundError:
         return None
-    except (OSError, ValueError) as exc:
-        why = "permission denied" if isinstance(exc, PermissionError) else str(exc)[:120]
+    except (OSError, ValueError, RecursionError) as exc:
+        why = "permission denied" if isinstance(exc, PermissionError) else str(exc)[:120] or type(exc).__name__
         return Entry(name=name, path=path, step=step, layout="native", status="unreadable",
                      reason=f"cannot be read ({why})", mtime=st.st_mtime, fields=fields)
     sc = foreign.read_sidecar(root, name)
@@ -383,8 +383,8 @@ def _entry(root: Path, name: str, st: os.stat_result, fields: dict, verify: bool
         try:
             files = foreign.entry_files(path)
             res, why = foreign.compare(sc, path, files, verify)
-        except (OSError, ValueError) as exc:
-            res, why = "corrupt", f"cannot be read ({str(exc)[:120]})"
+        except (OSError, ValueError, RecursionError) as exc:
+            res, why = "corrupt", f"cannot be read ({str(exc)[:120] or type(exc).__name__})"
         if res in ("ok", "corrupt"):
             recorded = True
             layout = sc.get("layout") if sc.get("layout") in ("hf", "file") else "file"
@@ -407,6 +407,9 @@ def _entry(root: Path, name: str, st: os.stat_result, fields: dict, verify: bool
                 e.bytes, e.freeable_bytes, e.mtime = tree_stats(path)
         except FileNotFoundError:
             return None
+        except RecursionError:
+            e.status, e.reason = "unreadable", "its folders are nested too deeply to be a checkpoint"
+            e.mtime = st.st_mtime
         except OSError:
             e.mtime = st.st_mtime
     else:

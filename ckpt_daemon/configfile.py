@@ -76,8 +76,11 @@ def lost_sections(new_text: str, good_text: Optional[str]) -> list[str]:
 
 
 def folder_changes(old: Config, new: Config) -> list[str]:
+    """What would make a running daemon look at other checkpoints: a folder, a name pattern, the runs."""
     out = []
     for key, a, b in (("checkpoints.dir", old.checkpoint_dir, new.checkpoint_dir),
+                      ("checkpoints.pattern", old.checkpoints.pattern, new.checkpoints.pattern),
+                      ("checkpoints.runs", old.checkpoints.runs, new.checkpoints.runs),
                       ("snapshots.dir", old.snapshot_dir, new.snapshot_dir),
                       ("consolidation.dir", old.consolidation_dir, new.consolidation_dir),
                       ("logging.dir", old.log_dir, new.log_dir)):
@@ -107,17 +110,46 @@ def _guess_log_dir(config_path: Path) -> Path:
         return base / "logs"
 
 
+def state_home() -> Path:
+    """Where the daemon keeps what must not depend on config.yaml itself: systemd's StateDirectory, else
+    $XDG_STATE_HOME/ckpt-daemon (~/.local/state/ckpt-daemon)."""
+    sd = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
+    if sd:
+        return Path(sd)
+    xdg = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return Path(xdg) / "ckpt-daemon"
+
+
+def _header(config_path: Path) -> str:
+    return f"# ckpt-daemon: the config in force for {os.path.abspath(config_path)}\n"
+
+
 def last_good_path(config_path: Path, cfg: Optional[Config] = None) -> Path:
     return (cfg.log_dir if cfg is not None else _guess_log_dir(config_path)) / LAST_GOOD
 
 
+def stable_copy_path(config_path: Path) -> Path:
+    """A copy of the config in force at a place that does not depend on config.yaml: found even when an
+    edit lost the `logging:` section that says where the logs are."""
+    key = hashlib.sha256(os.path.abspath(config_path).encode("utf-8", "surrogateescape")).hexdigest()[:16]
+    return state_home() / f"config-in-force-{key}.yaml"
+
+
 def read_last_good(config_path: Path) -> Optional[tuple[Config, str]]:
-    p = last_good_path(config_path)
-    try:
-        text = read_config_text(p)
-        return parse_config(text, config_path), text
-    except ConfigError:
-        return None
+    """The last config put in force for this config.yaml (the stable copy, else the one in the logs
+    folder), or None. A copy made for another config (two configs sharing a logs folder) is not used."""
+    for p in (stable_copy_path(config_path), last_good_path(config_path)):
+        try:
+            text = read_config_text(p)
+        except ConfigError:
+            continue
+        if text.startswith("# ckpt-daemon: the config in force for ") and not text.startswith(_header(config_path)):
+            continue  # another config's
+        try:
+            return parse_config(text, config_path), text
+        except ConfigError:
+            continue
+    return None
 
 
 @dataclass
@@ -128,16 +160,21 @@ class Loaded:
     notes: tuple[str, ...] = ()
 
 
+def _read_checked(config_path: Path, good: Optional[tuple[Config, str]]) -> tuple[Config, str]:
+    text = read_config_text(config_path)
+    cfg = parse_config(text, config_path)
+    lost = lost_sections(text, good[1] if good else None)
+    if lost:
+        raise ConfigError(lost_sections_error(config_path, lost))
+    return cfg, text
+
+
 def load_with_fallback(config_path: Path) -> Loaded:
     """config.yaml if it validates and has every section the last good copy has; else the last good
     copy, with the reason. Raises ConfigError only if there is no last good copy to fall back to."""
     good = read_last_good(config_path)
     try:
-        text = read_config_text(config_path)
-        cfg = parse_config(text, config_path)
-        lost = lost_sections(text, good[1] if good else None)
-        if lost:
-            raise ConfigError(lost_sections_error(config_path, lost))
+        cfg, text = _read_checked(config_path, good)
     except ConfigError as exc:
         if good is None:
             raise ConfigError(f"{exc} (No last good config was found to fall back to, so the daemon cannot start.)") from None
@@ -148,23 +185,35 @@ def load_with_fallback(config_path: Path) -> Loaded:
 
 def load_for_reading(config_path: Path) -> tuple[Config, Optional[str]]:
     """For commands that only look (status, list, cleanup --dry-run): the config, or with a broken one
-    the last good copy and the error to show beside what they print. Raises if neither is usable."""
+    (or one that lost sections) the last good copy and the error to show beside what they print.
+    Raises if neither is usable."""
+    good = read_last_good(config_path)
     try:
-        return parse_config(read_config_text(config_path), config_path), None
+        return _read_checked(config_path, good)[0], None
     except ConfigError as exc:
-        good = read_last_good(config_path)
         if good is None:
             raise
         return good[0], str(exc)
 
 
-def save_last_good(cfg: Config, text: str) -> Optional[str]:
-    """Keep the text of the config now in force; returns an error message instead of raising."""
+def save_last_good(cfg: Config, text: str, config_path: Optional[Path] = None) -> Optional[str]:
+    """Keep the text of the config now in force (in the logs folder, and at a stable place); it is also
+    what the trainer is given. Returns an error message instead of raising."""
     from ckpt_daemon.fsutil import atomic_write_bytes
 
+    config_path = config_path or cfg.source
+    header = _header(config_path)
+    body = text[len(header):] if text.startswith("# ckpt-daemon: the config in force for ") else text
+    data = (header + body.split("\n", 1)[1] if body.startswith("# ckpt-daemon: the config in force for ") else header + body)
+    try:
+        stable = stable_copy_path(config_path)
+        stable.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(stable, data.encode("utf-8"), mode=0o600)
+    except OSError:
+        pass  # best effort: a read-only home under a hardened unit without StateDirectory
     try:
         cfg.log_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(cfg.log_dir / LAST_GOOD, text.encode("utf-8"), mode=0o644)
+        atomic_write_bytes(cfg.log_dir / LAST_GOOD, data.encode("utf-8"), mode=0o644)
         return None
     except OSError as exc:
         return str(exc)

@@ -123,7 +123,8 @@ def describe_file(path: Path, verify: bool) -> tuple[str, str, dict]:
         info = torchzip.inspect(path, verify_crc=verify)
     except torchzip.TorchZipError as exc:
         why = str(exc)
-        return ("corrupt" if "CRC" in why else "incomplete"), f"{path.name}: {why}", {}
+        status = "corrupt" if "CRC" in why else ("invalid" if "not a torch.save file" in why else "incomplete")
+        return status, f"{path.name}: {why}", {}
     if info.kind == "legacy":
         return "complete", "", {"kind": "legacy", "note": info.reason or "torch's pre-1.6 format: not inspected"}
     meta: dict = {"kind": info.kind, "has_optimizer": info.has_optimizer, "state_dict_key": info.state_dict_key,

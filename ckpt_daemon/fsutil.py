@@ -215,7 +215,10 @@ def remove_tree_safely(path: Path, root: Path) -> None:
         )
     st = os.lstat(path)
     if stat.S_ISDIR(st.st_mode):
-        shutil.rmtree(path)
+        try:
+            shutil.rmtree(path)
+        except RecursionError:
+            raise OSError(f"{path} holds folders nested too deeply to delete safely; remove it by hand") from None
     else:
         os.unlink(path)
 

@@ -11,6 +11,7 @@ import json
 import logging
 import logging.handlers
 import os
+import stat
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -73,9 +74,12 @@ def append_text(path: Path, text: str) -> None:
     """Append `text` with one write(2) on an O_APPEND descriptor: concurrent writers never interleave
     within a block, and a rotated-away file is not written to."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    # Never through a symlink or into a FIFO someone put in the log's place.
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
     try:
-        os.write(fd, text.encode("utf-8"))
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(f"{path} is not a regular file; not writing to it")
+        os.write(fd, text.encode("utf-8", "replace"))
     finally:
         os.close(fd)
 

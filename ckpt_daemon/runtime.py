@@ -107,14 +107,27 @@ def _warn_once(key: str, msg: str, *args: Any) -> None:
 
 
 # ------------------------------------------------------------------------------------------ locks
+def _regular_or_refuse(fd: int, path: Path) -> int:
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise UnsafePathError(
+            f"{path} is not a regular file (a FIFO, a device or a folder was put in its place). ckpt-daemon keeps "
+            "its locks there; remove it and try again. Nothing was changed.")
+    return fd
+
+
 def _lock_fd(path: Path) -> int:
-    return os.open(path, _O_LOCK, 0o644)
+    # O_NONBLOCK: a FIFO planted at a lock's name must not hang us in open()
+    return _regular_or_refuse(os.open(path, _O_LOCK | os.O_NONBLOCK, 0o644), path)
 
 
 def lock_held(path: Path) -> bool:
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError:
+        return False
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
         return False
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
@@ -188,18 +201,23 @@ class TrainerLock(_FileLock):
 
 
 class DaemonLock(_FileLock):
-    """One daemon per checkpoint folder: held for the daemon's whole life."""
+    """One daemon per checkpoint folder (and per logs folder): held for the daemon's whole life."""
 
     name = "daemon.lock"
+
+    def __init__(self, folder: Path, what: str = "manages"):
+        super().__init__(folder)
+        self.what = what
 
     def acquire(self) -> "DaemonLock":
         if not self.try_acquire():
             rec = read_record(self.root, DAEMON_RECORD) or {}
             pid = rec.get("pid") or self.holder_pid() or "?"
+            which = "checkpoints.dir" if self.what == "manages" else "logging.dir"
             raise AlreadyRunningError(
-                f"Another ckpt-daemon (pid {pid}) already manages {self.root}. One daemon per checkpoint folder: "
-                f"a second one would fight the first over the trainer. Stop that one first (systemctl stop "
-                f"ckpt-daemon, or kill {pid}), or give this config its own checkpoints.dir."
+                f"Another ckpt-daemon (pid {pid}) already {self.what} {self.root}. One daemon per folder: a second "
+                f"one would fight the first over the trainer, or mix their state files. Stop that one first "
+                f"(systemctl stop ckpt-daemon, or kill {pid}), or give this config its own {which}."
             )
         return self
 
@@ -385,8 +403,11 @@ class Scratch:
         self.lock_path = d / f"{self.id}.lock"
         self.path = d / self.id
         self.keep = keep
-        self.fd: Optional[int] = _lock_fd(self.lock_path)
+        # Locked under a name nobody looks at, then renamed into place: the lock file is never seen unlocked.
+        pending = d / f".{self.id}.lock.new"
+        self.fd: Optional[int] = _lock_fd(pending)
         fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.rename(pending, self.lock_path)
         os.mkdir(self.path, 0o755)
         self.committed: Optional[Path] = None
 
@@ -429,40 +450,59 @@ def live_scratch(root: Path, sub: str = "tmp") -> list[str]:
 
 
 def claim_dead(root: Path, sub: str = "tmp") -> Iterator[Path]:
-    """Yield the entries of `<root>/.ckpt-daemon/<sub>/` whose builder died (lock free or never made),
-    holding their lock while the caller deals with each; the lock file goes once the entry is gone."""
+    """Yield the folders in `<root>/.ckpt-daemon/<sub>/` whose builder died (lock free or never made),
+    holding their lock while the caller deals with each; the lock file goes once the entry is gone.
+    Anything else found there (a symlink, a FIFO, a stray file) was not made by us as it is: it is
+    unlinked as it stands, never followed, listed or opened."""
     try:
         d = state_dir(root, sub, create=False)
         names = set(os.listdir(d))
     except (OSError, UnsafePathError):
         return
     for n in sorted(names):
+        p = d / n
+        try:
+            st = os.lstat(p)
+        except FileNotFoundError:
+            continue
+        if n.startswith("."):  # a lock being made (see Scratch): stale only if nobody holds it
+            if n.endswith(".lock.new") and stat.S_ISREG(st.st_mode) and not lock_held(p):
+                _unlink_quietly(p)
+            continue
         if n.endswith(".lock"):
-            if n[:-5] not in names and not lock_held(d / n):  # killed between rename and unlink
-                try:
-                    os.unlink(d / n)
-                except OSError:
-                    pass
+            if n[:-5] not in names and stat.S_ISREG(st.st_mode) and not lock_held(p):  # killed between rename and unlink
+                _unlink_quietly(p)
+            elif not stat.S_ISREG(st.st_mode):
+                _unlink_quietly(p)
+            continue
+        if not stat.S_ISDIR(st.st_mode):
+            _unlink_quietly(p)  # a symlink (or file) in our scratch space: removed as a link, never followed
             continue
         fd = None
         if f"{n}.lock" in names:
             try:
-                fd = os.open(d / f"{n}.lock", os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+                fd = os.open(d / f"{n}.lock", os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    raise OSError("not a regular file")
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
                 if fd is not None:
                     os.close(fd)
-                continue  # its builder is alive
+                continue  # its builder is alive (or its lock is not a file: leave both alone)
         try:
-            yield d / n
+            yield p
         finally:
             if fd is not None:
-                if not os.path.lexists(d / n):
-                    try:
-                        os.unlink(d / f"{n}.lock")
-                    except OSError:
-                        pass
+                if not os.path.lexists(p):
+                    _unlink_quietly(d / f"{n}.lock")
                 os.close(fd)
+
+
+def _unlink_quietly(p: Path) -> None:
+    try:
+        os.unlink(p)
+    except OSError:
+        pass
 
 
 def clean_scratch(root: Path) -> list[str]:

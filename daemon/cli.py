@@ -84,9 +84,10 @@ def cmd_list(args) -> int:
                           "resumed_from": c.resumed_from}, indent=2, default=str))
         return 0
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
-    t = Table(title=f"{c.root} ({len(c.entries)} checkpoints, {len(c.valid())} valid)", title_justify="left")
+    t = Table(title=escape(f"{c.root} ({len(c.entries)} checkpoints, {len(c.valid())} valid)"), title_justify="left")
     for col in ("name", "step", "layout", "status", "size", "frees", "age", "epoch", "metrics", "marks"):
         t.add_column(col, justify="right" if col in ("step", "size", "frees", "age", "epoch") else "left")
     now = time.time()
@@ -97,9 +98,10 @@ def cmd_list(args) -> int:
         if c.resumed_from == e.name:
             marks.append("resumed from")
         status = e.status + (" (verified)" if e.verified and e.valid else "") + (f": {e.reason}" if e.reason else "")
-        t.add_row(e.name, str(e.step), e.layout, status, human(e.bytes), human(e.freeable_bytes), _age(now - e.mtime),
-                  "" if e.epoch is None else str(e.epoch), " ".join(f"{k}={v:.4g}" for k, v in e.metrics.items()),
-                  ", ".join(marks))
+        # every text from the folder is escaped: a name or a pin reason like "[/x]" is not rich markup
+        t.add_row(*(escape(x) for x in (e.name, str(e.step), e.layout, status, human(e.bytes), human(e.freeable_bytes),
+                                        _age(now - e.mtime), "" if e.epoch is None else str(e.epoch),
+                                        " ".join(f"{k}={v:.4g}" for k, v in e.metrics.items()), ", ".join(marks))))
     Console(width=max(120, os.get_terminal_size().columns if sys.stdout.isatty() else 160)).print(t)
     for p in c.in_progress:
         print(f"in progress or interrupted (ignored): {p.name}")
@@ -216,6 +218,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         if name == "pin":
             p.add_argument("--reason", default="pinned by user")
     args = ap.parse_args(argv)
+    from ckpt_daemon.cliutil import safe_stdio
+
+    safe_stdio()
     if args.command != "run":
         import signal
 

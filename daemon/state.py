@@ -3,7 +3,6 @@ atomically so a reader never sees half of it; and the job history used to catch 
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -31,24 +30,32 @@ class JobHistory:
 
     def __init__(self, log_dir: Path, now: Optional[float] = None):
         self.path = Path(log_dir) / JOBS_FILE
-        try:
-            self.data: dict[str, Any] = json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            self.data = {}
+        # Untrusted like every file: a malformed history is started afresh (a missed run is then not caught
+        # up once, which is the lesser evil), never a daemon that cannot start.
+        self.data: dict[str, Any] = read_json_file(self.path, 1 << 20) or {}
+        jobs = self.data.get("jobs")
+        if not isinstance(jobs, dict) or not all(isinstance(v, dict) for v in jobs.values()):
+            self.data["jobs"] = {}
+        if not isinstance(self.data.get("created"), (int, float)):
+            self.data.pop("created", None)
         if "created" not in self.data:
             # First start ever: nothing was missed before this moment.
             self.data["created"] = time.time() if now is None else now
             self._save()
 
     def _save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(self.path, self.data)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(self.path, self.data)
+        except OSError:
+            pass  # a full disk: the history is kept in memory and written at the next run that can
 
     def job(self, name: str) -> dict:
         return self.data.setdefault("jobs", {}).setdefault(name, {})
 
     def last_success(self, name: str) -> float:
-        return float(self.job(name).get("last_success") or self.data["created"])
+        v = self.job(name).get("last_success")
+        return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else float(self.data["created"])
 
     def record(self, name: str, ok: bool, when: float, message: str, duration_s: float = 0.0,
                persist: bool = True) -> None:

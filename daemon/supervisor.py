@@ -251,12 +251,15 @@ class Supervisor:
     changes the child happens on that thread (the parent-death signal is bound to it)."""
 
     def __init__(self, get_cfg: Callable, known_bad: dict[str, str], clock: Callable[[], float] = time.time,
-                 echo: bool = True, on_change: Optional[Callable[[], None]] = None):
+                 echo: bool = True, on_change: Optional[Callable[[], None]] = None,
+                 config_files: Optional[Callable[[], tuple[Path, Path]]] = None):
         self.get_cfg = get_cfg
         self.clock = clock
         self.known_bad = known_bad
         self.echo = echo
         self.on_change = on_change or (lambda: None)
+        # (the copy of the config in force the trainer reads, the config.yaml it stands for)
+        self.config_files = config_files or (lambda: (Path(get_cfg().source), Path(get_cfg().source)))
         cfg = get_cfg()
         self.policy = CrashPolicy(cfg.training.restart)
         self.state = "idle"  # idle running backoff stopping stopped finished gave_up adopted
@@ -319,10 +322,12 @@ class Supervisor:
         resume = str(entry.path) if entry else "none"
         chosen = (f"{run}/{entry.name}" if run else entry.name) if entry else None
         token = uuid.uuid4().hex
-        argv = expand_command(cfg.training.command, cfg.source, resume)
+        in_force, source = self.config_files()
+        argv = expand_command(cfg.training.command, in_force, resume)
         env = {**os.environ, **cfg.training.env, "CKPT_RESUME": resume, "CKPT_DAEMON_RUN": token,
-               "CKPT_DAEMON_CHECKPOINTS": str(cfg.checkpoint_dir), "CKPT_DAEMON_CONFIG": str(cfg.source),
-               "CKPT_DAEMON_METRICS": str(cfg.log_dir / "metrics.jsonl"), "PYTHONUNBUFFERED": "1"}
+               "CKPT_DAEMON_CHECKPOINTS": str(cfg.checkpoint_dir), "CKPT_DAEMON_CONFIG": str(in_force),
+               "CKPT_DAEMON_CONFIG_SOURCE": str(source), "CKPT_DAEMON_METRICS": str(cfg.log_dir / "metrics.jsonl"),
+               "PYTHONUNBUFFERED": "1"}
         cwd = str(cfg.resolve_path(cfg.training.cwd)) if cfg.training.cwd else str(cfg.base_dir)
         self.log_path = cfg.log_dir / "trainer.log"
         cfg.log_dir.mkdir(parents=True, exist_ok=True)
@@ -529,7 +534,8 @@ class Supervisor:
                 os.kill(self.pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass
-        self._set(state="stopped")
+        if self.state not in ("finished", "gave_up"):  # a finished run stays finished after the daemon stops
+            self._set(state="stopped")
 
     def snapshot(self) -> dict:
         with self.lock:

@@ -31,7 +31,10 @@ def render_unit(config_path: Path, user: Optional[str] = None, exec_path: Option
         print("warning: the unit will run as root; pass --user to run it as an unprivileged user", file=sys.stderr)
     group = grp.getgrgid(pw.pw_gid).gr_name
     exe = exec_path or shutil.which("ckpt-daemon") or str(Path(sys.executable).parent / "ckpt-daemon")
-    rw = sorted({str(p) for p in (cfg.checkpoint_dir, cfg.snapshot_dir, cfg.consolidation_dir, cfg.log_dir)})
+    folders = [cfg.checkpoint_dir, cfg.snapshot_dir, cfg.consolidation_dir, cfg.log_dir]
+    if cfg.http.textfile:
+        folders.append(cfg.resolve_path(cfg.http.textfile))
+    rw = sorted({str(p) for p in folders})
     text = TEMPLATE.read_text()
     for k, v in {"@ROOT@": str(root), "@USER@": user, "@GROUP@": group, "@EXEC@": exe,
                  "@CONFIG@": str(Path(config_path).resolve()), "@RW_PATHS@": " ".join(rw),

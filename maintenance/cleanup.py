@@ -28,7 +28,7 @@ from ckpt_daemon import runtime
 from maintenance import retention
 from ckpt_daemon.config import Config, RetentionConfig, load_config
 from ckpt_daemon.errors import CkptError, UsageError
-from ckpt_daemon.fsutil import fsync_dir, inside, read_json_file, remove_tree_safely
+from ckpt_daemon.fsutil import fsync_dir, inside, is_enospc, read_json_file, remove_tree_safely
 from ckpt_daemon.logs import append_text
 
 
@@ -256,7 +256,14 @@ def execute(cfg: Config, r: Report, extra_protected: Optional[dict[str, str]] = 
     root = r.root
     planned = {d.name for d in r.to_delete}
     keep = cfg.retention.keep_trash
-    with runtime.Scratch(root, "run", sub="trash", keep=keep) as run:
+    try:
+        run = runtime.Scratch(root, "run", sub="trash", keep=keep)
+    except OSError as exc:
+        if not is_enospc(exc):
+            raise
+        # A disk so full that not even the trash folder can be made: deleting is exactly what is needed.
+        return _execute_in_place(cfg, r, extra_protected, remove, unattended, lock_timeout_s)
+    with run:
         moved: list[tuple[str, Path, int]] = []
         journal = {"started": r.started, "pid": os.getpid(), "keep_trash": keep, "state": "moving",
                    "planned": {}}
@@ -267,7 +274,11 @@ def execute(cfg: Config, r: Report, extra_protected: Optional[dict[str, str]] = 
             victims = [d for d in fresh.to_delete if d.name in planned]  # never more than the plan the user saw
             journal["planned"] = {d.name: {"reasons": d.reasons, "freeable_bytes": fresh.entries[d.name].freeable_bytes}
                                   for d in victims}
-            _write_journal(run, journal)
+            try:
+                _write_journal(run, journal)
+            except OSError as exc:
+                if not is_enospc(exc):
+                    raise  # on a full disk the deletions go on without a journal: they are what frees space
             for d in victims:
                 src = root / d.name
                 try:
@@ -298,6 +309,35 @@ def execute(cfg: Config, r: Report, extra_protected: Optional[dict[str, str]] = 
     return r
 
 
+def _execute_in_place(cfg: Config, r: Report, extra_protected, remove, unattended: bool,
+                      lock_timeout_s: float) -> Report:
+    """Delete without the trash (a full disk). A native checkpoint loses its manifest first, so that a
+    crash half-way leaves an incomplete folder, never one that looks valid."""
+    from ckpt_daemon import manifest as mf
+
+    root = r.root
+    planned = {d.name for d in r.to_delete}
+    with runtime.commit_lock(root, timeout_s=lock_timeout_s):
+        fresh = build_report(cfg, r.mode, extra_protected, unattended=unattended, run=r.run)
+        r.skipped_changed = sorted(planned - {d.name for d in fresh.to_delete})
+        for d in fresh.to_delete:
+            if d.name not in planned:
+                continue
+            src = root / d.name
+            try:
+                if not inside(src, root) or os.path.islink(src):
+                    raise CkptError(f"{src} is a symlink or lies outside {root}")
+                if fresh.entries[d.name].layout == "native":
+                    os.unlink(src / mf.MANIFEST)
+                remove(src, root)
+                r.deleted.append(d.name)
+                r.freed_bytes += fresh.entries[d.name].freeable_bytes
+            except (OSError, CkptError) as exc:
+                r.failed.append((d.name, str(exc)))
+        fsync_dir(root)
+    return r
+
+
 def finish_leftovers(cfg: Config, empty_kept: bool = False) -> list[str]:
     """Finish what killed runs left behind, and say so (returns log lines, also appended to
     logs/cleanup.log): scratch folders of saves, restores and snapshots whose builder died, and
@@ -312,9 +352,12 @@ def finish_leftovers(cfg: Config, empty_kept: bool = False) -> list[str]:
     for root in roots:
         lines += _finish_trash(root, empty_kept)
     if lines:
-        append_text(cfg.log_dir / "cleanup.log",
-                    f"=== {time.strftime('%Y-%m-%d %H:%M:%S %z')} leftovers of interrupted runs in {cfg.checkpoint_dir}\n"
-                    + "\n".join(lines) + "\n\n")
+        try:
+            append_text(cfg.log_dir / "cleanup.log",
+                        f"=== {time.strftime('%Y-%m-%d %H:%M:%S %z')} leftovers of interrupted runs in {cfg.checkpoint_dir}\n"
+                        + "\n".join(lines) + "\n\n")
+        except OSError:
+            pass  # a full disk: the lines are returned (and printed) all the same
     return lines
 
 
@@ -386,7 +429,11 @@ def log_block(cfg: Config, r: Report) -> None:
         lines.append(f"held {len(r.held)} deletion(s): the retention tiers in config.yaml differ from the last "
                      "confirmed ones; run `python -m maintenance.cleanup` (or -y) once to review and confirm them")
     lines.append(f"kept {sum(d.keep for d in r.decisions)} checkpoints; duration {r.duration_s:.2f}s")
-    append_text(cfg.log_dir / "cleanup.log", "\n".join(lines) + "\n\n")
+    try:
+        append_text(cfg.log_dir / "cleanup.log", "\n".join(lines) + "\n\n")
+    except OSError as exc:  # the deletions stand; say so where it can still be seen
+        print(f"warning: could not append to {cfg.log_dir / 'cleanup.log'} ({exc}); what was deleted is in the "
+              "report above", file=sys.stderr)
 
 
 def run_cleanup(cfg: Config, dry_run: bool, confirm: Callable[[Report], bool] | None = None,
@@ -431,6 +478,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--wait", type=float, default=600.0, metavar="SECONDS",
                     help="how long to wait for the commit lock while a save commits (default 600); exit 4 after")
     args = ap.parse_args(argv)
+    from ckpt_daemon.cliutil import safe_stdio
+
+    safe_stdio()
     import signal
 
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `cleanup --dry-run | head` ends quietly

@@ -25,7 +25,7 @@ from typing import Optional, Sequence
 from ckpt_daemon import catalog as cat
 from ckpt_daemon import foreign, runtime
 from ckpt_daemon.config import Config, load_config
-from ckpt_daemon.errors import CheckpointError, CkptError, NoValidCheckpoint
+from ckpt_daemon.errors import CheckpointError, CkptError, DiskFullError, NoValidCheckpoint
 from ckpt_daemon.fsutil import (atomic_write_json, copy_into, disk_full_error, fsync_dir, is_enospc, read_json_file,
                                 remove_tree_safely, tree_stats)
 from ckpt_daemon.logs import append_text
@@ -299,7 +299,11 @@ def run_snapshot_job(cfg: Config, now: Optional[dt.datetime] = None) -> str:
     from maintenance.cleanup import finish_leftovers
 
     finish_leftovers(cfg)
-    res = take_snapshot(cfg, now)
+    try:
+        res = take_snapshot(cfg, now)
+    except DiskFullError:
+        prune_snapshots(cfg)  # a full snapshot disk still loses the snapshots its retention would drop
+        raise
     prune_snapshots(cfg)
     return res.message
 
@@ -321,7 +325,12 @@ def main(argv: Optional[list[str]] = None) -> int:
 
         for line in finish_leftovers(cfg):
             print(f"Leftover of an interrupted run: {line}")
-        res = take_snapshot(cfg, show_progress=sys.stderr.isatty())
+        try:
+            res = take_snapshot(cfg, show_progress=sys.stderr.isatty())
+        except DiskFullError:
+            if not args.no_prune:
+                prune_snapshots(cfg)  # a full snapshot disk still loses the snapshots its retention would drop
+            raise
         print(res.message)
         if not args.no_prune:
             prune_snapshots(cfg)

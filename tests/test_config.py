@@ -449,3 +449,14 @@ def test_check_config_text_shows_next_runs(tmp_path, capsys):
     assert main(["check-config", str(p)]) == 2
     captured = capsys.readouterr()
     assert captured.out == "" and "retention.tiers[0].count" in captured.err
+
+
+def test_a_key_written_twice_and_a_home_folder_typo_are_refused(tmp_path):
+    from ckpt_daemon.config import parse_config
+    from ckpt_daemon.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="has the key 'checkpoints' twice"):
+        parse_config("checkpoints:\n  dir: /data/run7\nretention: {}\ncheckpoints:\n  pattern: x-{step}\n",
+                     tmp_path / "config.yaml")
+    with pytest.raises(ConfigError, match="snapshots.dir ~snaps names the home folder of a user 'snaps'.*~/snaps"):
+        parse_config("snapshots:\n  dir: ~snaps\n", tmp_path / "config.yaml")

@@ -15,7 +15,7 @@ import signal
 import yaml
 
 from ckpt_daemon import configfile
-from tests.conftest import PY, run_py
+from tests.conftest import PY, env_for_children, run_py
 from tests.test_daemon import Daemon, daemons  # noqa: F401  (fixture)
 
 SLEEPER = {"training": {"command": [PY, "-c", "import time; time.sleep(3600)"]}}
@@ -167,3 +167,59 @@ def test_a_changed_training_command_takes_effect_at_the_next_start(tmp_path, dae
     os.kill(s["training"]["pid"], signal.SIGKILL)
     d.wait(lambda s: "the new command" in (tmp_path / "logs" / "trainer.log").read_text(), what="the new command")
     assert d.stop() == 0
+
+
+def test_held_and_rejected_edits_never_reach_the_trainer(tmp_path, daemons):
+    """The trainer is given the config in force, not the live file: a held folder move, a rejected edit
+    and a changed name pattern stay out of it until the daemon restarts."""
+    d = Daemon(tmp_path).start()
+    daemons.append(d)
+    s = d.wait(lambda s: (d.step(s) or 0) >= 25 and s, what="training")
+    good = yaml.safe_load(d.cfg.read_text())
+    edit(d.cfg, {**good, "checkpoints": {"dir": str(tmp_path / "elsewhere"), "pattern": "ckpt-{step}"}})
+    d.wait(lambda s: s["daemon"]["config_pending"], what="the held edit")
+    assert "checkpoints.pattern" in d.status()["daemon"]["config_pending"]
+    os.kill(s["training"]["pid"], signal.SIGKILL)
+    s = d.wait(lambda s: s["training"]["restarts"] == 1 and (d.step(s) or 0) > 45 and s, what="the restarted trainer")
+    assert s["training"]["resumed_from"].startswith("checkpoint-")
+    assert not (tmp_path / "elsewhere").exists()  # it saved where the daemon looks
+    # a rejected edit: the trainer keeps training on the config in force
+    edit(d.cfg, {**good, "trainer": {**good["trainer"], "batch_size": -8}})
+    d.wait(lambda s: "trainer.batch_size" in (s["daemon"]["config_error"] or ""), what="the rejection")
+    os.kill(s["training"]["pid"], signal.SIGKILL)
+    s = d.wait(lambda s: s["training"]["restarts"] == 2 and (d.step(s) or 0) > 65 and s, what="training on")
+    assert s["training"]["avoided_checkpoints"] == [] and s["training"]["state"] == "running"
+    assert d.stop() == 0
+
+
+def test_a_config_truncated_while_the_daemon_was_down_is_not_taken_at_restart(tmp_path, daemons):
+    d = Daemon(tmp_path, {**SLEEPER, "logging": {"dir": "mylogs"}, "checkpoints": {"dir": "ck"}},
+               env={"XDG_STATE_HOME": str(tmp_path / "state")})
+    d.status = lambda: json.loads((tmp_path / "mylogs" / "daemon-state.json").read_text()) \
+        if (tmp_path / "mylogs" / "daemon-state.json").exists() else {}  # type: ignore[method-assign]
+    d.start()
+    daemons.append(d)
+    d.wait(lambda s: s.get("training", {}).get("state") == "running", what="the first start")
+    assert d.stop() == 0
+    text = d.cfg.read_text()
+    d.cfg.write_text(text[: text.index("logging:")])  # cut short: logging (and all after it) is gone
+    d.start()
+    s = d.wait(lambda s: s["daemon"]["pid"] == d.proc.pid and s["training"]["state"] == "running" and s,
+               what="a start on the config in force")
+    assert s["checkpoints"]["dir"] == str(tmp_path / "ck") and "no longer has the section" in s["daemon"]["config_error"]
+    env = {**env_for_children(), "XDG_STATE_HOME": str(tmp_path / "state")}
+    r = run_py(["-m", "daemon", "status", "--config", str(d.cfg)], env=env)
+    assert r.returncode == 0 and f"pid {s['training']['pid']}" in r.stdout and "is BROKEN" in r.stdout
+    assert d.stop() == 0
+
+
+def test_two_configs_never_share_a_logs_folder(tmp_path, daemons):
+    a = Daemon(tmp_path, {**SLEEPER, "checkpoints": {"dir": "ckA"}})
+    a.start()
+    daemons.append(a)
+    a.wait(lambda s: s["training"]["state"] == "running", what="the first daemon")
+    b_cfg = tmp_path / "b.yaml"
+    b_cfg.write_text(yaml.safe_dump({**yaml.safe_load(a.cfg.read_text()), "checkpoints": {"dir": "ckB"}}))
+    r = run_py(["-m", "daemon", "run", "--config", str(b_cfg)], timeout=60)
+    assert r.returncode == 4 and "already writes its logs and state to" in r.stderr and "logging.dir" in r.stderr
+    assert a.stop() == 0

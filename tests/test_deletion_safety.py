@@ -250,3 +250,56 @@ def test_pins_and_records_are_never_written_through_a_symlink(tmp_path):
     with pytest.raises(Exception, match="not a checkpoint name"):
         runtime.pin(root, "../../victim.txt")
     assert yaml.safe_load(victim.read_text()) == "keep me"
+
+
+def test_a_symlink_planted_in_the_trash_or_scratch_is_removed_as_a_link_never_followed(tmp_path):
+    cfg_path = write_config(tmp_path / "proj", {"retention": {"tiers": [{"count": 1}]}}, tiny=False)
+    root = tmp_path / "proj" / "checkpoints"
+    for s in (10, 20):
+        fake_native(root, s)
+    victim = tmp_path / "victim"
+    native(victim, [5, 6])  # someone's checkpoints elsewhere
+    before = sorted(p.name for p in victim.iterdir())
+    (root / ".ckpt-daemon" / "trash").mkdir(parents=True)
+    (root / ".ckpt-daemon" / "tmp").mkdir()
+    os.symlink(victim, root / ".ckpt-daemon" / "trash" / "run-7-dead")
+    os.symlink(victim, root / ".ckpt-daemon" / "tmp" / "checkpoint-30-1-dead")
+    r = run_py(["-m", "maintenance.cleanup", "--config", str(cfg_path), "-y"], check=True)
+    assert "Traceback" not in r.stderr
+    assert sorted(p.name for p in victim.iterdir()) == before and cat.scan(victim, ["checkpoint-{step}"]).newest_valid()
+    assert not os.path.lexists(root / ".ckpt-daemon" / "trash" / "run-7-dead")
+    assert not os.path.lexists(root / ".ckpt-daemon" / "tmp" / "checkpoint-30-1-dead")
+    assert steps_left(root) == [20]
+
+
+def test_a_fifo_where_a_lock_should_be_never_hangs_anything(tmp_path):
+    cfg_path = write_config(tmp_path, {}, tiny=False)
+    root = tmp_path / "checkpoints"
+    fake_native(root, 10)
+    (root / ".ckpt-daemon" / "tmp" / "zz").mkdir(parents=True)
+    os.mkfifo(root / ".ckpt-daemon" / "tmp" / "zz.lock")
+    os.mkfifo(root / ".ckpt-daemon" / "trainer.lock")
+    for args in (["-m", "daemon", "list", "--config", str(cfg_path)],
+                 ["-m", "maintenance.cleanup", "--config", str(cfg_path), "--dry-run"]):
+        r = run_py(args, timeout=60)  # a hang would time out here
+        assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    r = run_py(["-m", "maintenance.cleanup", "--config", str(cfg_path), "-y"], timeout=60)
+    assert r.returncode in (0, 1) and "Traceback" not in r.stderr
+
+
+def test_a_cleanup_on_a_100_percent_full_disk_frees_space(tmp_path, tmpfs):
+    disk = tmpfs("4m")
+    cfg_path = write_config(disk, {"retention": {"tiers": [{"count": 2}]}}, tiny=False)
+    for s in range(10, 90, 10):
+        fake_native(disk / "checkpoints", s, payload=b"w" * 200_000)
+    with open(disk / "filler", "wb", buffering=0) as f:  # the disk is now 100% full
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+        except OSError:
+            pass
+    r = run_py(["-m", "maintenance.cleanup", "--config", str(cfg_path), "-y"])
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert steps_left(disk / "checkpoints") == [70, 80]
+    assert os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize > 1_000_000
+    assert "deleted checkpoint-10" in (disk / "logs" / "cleanup.log").read_text()

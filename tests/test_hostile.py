@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from ckpt_daemon import catalog as cat
 from daemon.supervisor import choose_resume
-from tests.conftest import PY, env_for_children, write_config
+from tests.conftest import PY, env_for_children, run_py, write_config
 from tests.test_catalog import native
 
 PATTERNS = ["checkpoint-{step}", "model_step_{step}.pt", "rolling_step_{step}"]
@@ -181,3 +181,65 @@ def test_random_damage_never_raises(tmp_path_factory, data):
     if victim.parent != root and victim.name != "manifest.json" and victim.read_bytes() != raw:
         # a native file covered by the manifest's checksums: any change is caught
         assert e is not None and e.status != "complete", (how, victim.name, e)
+
+
+def test_a_zip_that_is_not_a_torch_file_is_not_a_checkpoint(tmp_path):
+    import zipfile
+
+    native(tmp_path, [10])
+    with zipfile.ZipFile(tmp_path / "model_step_9999.pt", "w") as z:
+        z.writestr("notes.txt", "hello")
+    c = cat.scan(tmp_path, PATTERNS, verify=True)
+    e = c.by_name("model_step_9999.pt")
+    assert e.status == "invalid" and "not a torch.save file" in e.reason
+    assert c.newest_valid().name == "checkpoint-10"
+
+
+def test_odd_names_markup_and_deep_folders_never_crash_the_commands(tmp_path):
+    root = tmp_path / "checkpoints"
+    native(root, [10, 20])
+    os.mkdir(os.path.join(os.fsencode(root), b"checkpoint-30\xff"))  # not UTF-8
+    (root / "checkpoint-40").mkdir()
+    fd = os.open(root / "checkpoint-40", os.O_RDONLY)
+    for _ in range(1200):  # deeper than Python's recursion limit, made one level at a time
+        os.mkdir("a", dir_fd=fd)
+        fd2 = os.open("a", os.O_RDONLY, dir_fd=fd)
+        os.close(fd)
+        fd = fd2
+    os.close(fd)
+    cfg = write_config(tmp_path, {}, tiny=False)
+    run_py(["-m", "daemon", "pin", "--config", str(cfg), "checkpoint-20", "--reason", "see [/data/notes] [bold]x"],
+           check=True)
+    env = {**env_for_children(), "PYTHONIOENCODING": "utf-8"}  # strict UTF-8 output, as an en_US.UTF-8 locale gives
+    for args in (["-m", "daemon", "list", "--config", str(cfg)], ["-m", "maintenance.cleanup", "--config", str(cfg), "--dry-run"]):
+        r = run_py(args, env=env)
+        assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    r = run_py(["-m", "daemon", "list", "--config", str(cfg)], env=env)
+    assert "pinned" in r.stdout and "checkpoint-30\\udcff" in r.stdout  # markup shown as text, odd bytes escaped
+    e = cat.scan(root, ["checkpoint-{step}"]).by_name("checkpoint-40")
+    assert e.status in ("unreadable", "incomplete") and not e.valid
+    _remove_deep(root / "checkpoint-40")  # shutil.rmtree (pytest's own clean-up too) would hit the recursion limit
+
+
+def _remove_deep(top: Path) -> None:
+    depth = 0
+    fd = os.open(top, os.O_RDONLY)
+    fds = [fd]
+    while "a" in os.listdir(fd):
+        fd = os.open("a", os.O_RDONLY, dir_fd=fd)
+        fds.append(fd)
+        depth += 1
+    for parent in reversed(fds[:-1]):
+        os.rmdir("a", dir_fd=parent)
+    for f in fds:
+        os.close(f)
+    top.rmdir()
+
+
+def test_a_hostile_job_history_never_stops_the_daemon(tmp_path):
+    from daemon.state import JobHistory
+
+    for text in ("[]", "[" * 100_000, '{"jobs": [1, 2], "created": "x"}', '{"jobs": {"snapshot": {"last_success": "soon"}}}'):
+        (tmp_path / "jobs-state.json").write_text(text)
+        h = JobHistory(tmp_path, now=1000.0)
+        assert isinstance(h.last_success("snapshot"), float)

@@ -105,8 +105,10 @@ def run(cfg: Config, resume: str, max_steps: Optional[int] = None) -> int:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
 
-    ckpt_dir = cfg.checkpoint_dir
-    metrics_path = cfg.log_dir / "metrics.jsonl"
+    # Under the daemon, its own resolution of the folders (made once, when it loaded the config) wins:
+    # a checkpoints symlink re-pointed since never splits the run between two folders.
+    ckpt_dir = Path(os.environ.get("CKPT_DAEMON_CHECKPOINTS") or cfg.checkpoint_dir)
+    metrics_path = Path(os.environ.get("CKPT_DAEMON_METRICS") or cfg.log_dir / "metrics.jsonl")
     lock = runtime.TrainerLock(ckpt_dir).acquire() if rank == 0 else None
     if rank == 0:
         _remove_dead_saves(ckpt_dir)
