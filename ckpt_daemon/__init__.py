@@ -18,6 +18,10 @@ __version__ = "0.2.0"
 _LAZY = {
     "CheckpointManager": ("ckpt_daemon.checkpoint", "CheckpointManager"),
     "read_checkpoint": ("ckpt_daemon.checkpoint", "read_checkpoint"),
+    "resume_path": ("ckpt_daemon.integrations.common", "resume_path"),
+    "StopRequest": ("ckpt_daemon.integrations.common", "StopRequest"),
+    "Heartbeat": ("ckpt_daemon.integrations.common", "Heartbeat"),
+    "checkpoint_dir": ("ckpt_daemon.integrations.common", "checkpoint_dir"),
 }
 
 

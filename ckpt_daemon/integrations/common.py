@@ -1,0 +1,393 @@
+"""The pieces every training script needs to cooperate with the daemon, whatever trains it.
+
+- `resume_path()`: where to resume from. Under the daemon, the checkpoint it chose and verified
+  (`$CKPT_RESUME`); otherwise the newest checkpoint that passes verification, or None.
+- `StopRequest`: SIGTERM/SIGINT handlers that only record the signal, so that the training loop can
+  finish its step, save, and exit 128+signal (143 for SIGTERM). Exit 0 means "finished" to the
+  daemon: a stopped trainer must never exit 0.
+- `Heartbeat`: rate-limited `heartbeat.json` (the step the daemon shows; with `heartbeat_timeout_s`
+  a stale one gets the trainer restarted) and lines in `logs/metrics.jsonl`.
+
+No torch import here (nor in anything this module imports): the daemon imports the package.
+
+    ckpt = torch.load(p, weights_only=True) if (p := ckpt_daemon.resume_path()) else None
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+import signal
+import sys
+import threading
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional, Sequence
+
+log = logging.getLogger("ckpt_daemon.integrations")
+
+#: Names recognised when no config says otherwise: native and Hugging Face folders, Lightning's
+#: default `{epoch}-{step}` file names (with ModelCheckpoint's `-v1` version suffix), and the
+#: single-file names people write with `torch.save`.
+DEFAULT_PATTERNS: tuple[str, ...] = (
+    "checkpoint-{step}",
+    "epoch={epoch}-step={step}.ckpt",
+    "epoch={epoch}-step={step}-v{version}.ckpt",
+    "step={step}.ckpt",
+    "model_step_{step}.pt",
+    "rolling_step_{step}.pt",
+)
+
+ENV_RESUME = "CKPT_RESUME"
+ENV_RUN = "CKPT_DAEMON_RUN"
+ENV_CHECKPOINTS = "CKPT_DAEMON_CHECKPOINTS"
+ENV_CONFIG = "CKPT_DAEMON_CONFIG"
+ENV_METRICS = "CKPT_DAEMON_METRICS"
+_SCAN_WORDS = ("latest", "auto")  # CKPT_RESUME values that mean "look for it" rather than a path
+
+
+# ----------------------------------------------------------------------------------- where things are
+def under_daemon() -> bool:
+    """True when this process was started by ckpt-daemon (it hands every trainer a run token)."""
+    return bool(os.environ.get(ENV_RUN))
+
+
+def _config(path: Optional[str | os.PathLike] = None):
+    """The ckpt-daemon config this run belongs to, or None. `$CKPT_DAEMON_CONFIG` (a broken one is
+    reported), else `./config.yaml` when it is a ckpt-daemon config (any other file of that name,
+    Hydra's for instance, is silently not ours)."""
+    from ckpt_daemon.config import load_config
+    from ckpt_daemon.errors import ConfigError
+
+    explicit = path or os.environ.get(ENV_CONFIG)
+    candidate = Path(explicit) if explicit else Path.cwd() / "config.yaml"
+    if not explicit and not candidate.is_file():
+        return None
+    try:
+        return load_config(candidate)
+    except ConfigError as exc:
+        if explicit:
+            warnings.warn(f"ckpt-daemon: ignoring the config {candidate}: {exc}", RuntimeWarning, stacklevel=3)
+        else:
+            log.debug("./config.yaml is not a ckpt-daemon config (%s)", exc)
+        return None
+
+
+def checkpoint_dir(default: Optional[str | os.PathLike] = None) -> Optional[Path]:
+    """The folder the daemon manages: `$CKPT_DAEMON_CHECKPOINTS` under the daemon, else the
+    `checkpoints.dir` of the ckpt-daemon config (`$CKPT_DAEMON_CONFIG` or `./config.yaml`), else
+    `default`. Point your trainer's output there (HF `output_dir`, Lightning `ModelCheckpoint(dirpath)`)
+    so that the daemon sees, verifies and resumes from what it writes."""
+    env = os.environ.get(ENV_CHECKPOINTS)
+    if env:
+        return Path(env)
+    cfg = _config()
+    if cfg is not None:
+        return cfg.checkpoint_dir
+    return Path(default) if default is not None else None
+
+
+def _patterns(patterns: Optional[Iterable[str]], cfg) -> list[str]:
+    if patterns is not None:
+        return [patterns] if isinstance(patterns, str) else list(patterns)
+    if cfg is not None:
+        return list(dict.fromkeys([*cfg.checkpoints.pattern, *DEFAULT_PATTERNS]))
+    return list(DEFAULT_PATTERNS)
+
+
+def newest_valid(root: str | os.PathLike, patterns: Iterable[str]) -> Optional[Path]:
+    """The newest checkpoint under `root` that passes full verification (checksums, zip CRCs).
+
+    Same answer as `scan(root, patterns, verify=True).newest_valid()`, but only the candidates from
+    the newest down are checksummed, until one passes: a folder of a hundred multi-GB checkpoints
+    is not read end to end at every start."""
+    from ckpt_daemon import catalog
+
+    verify_entry = getattr(catalog, "verify_entry", None)
+    if verify_entry is None:  # the one-pass way, should the catalog stop offering per-entry checks
+        best = catalog.scan(Path(root), list(patterns), verify=True, stats=False).newest_valid()
+        return best.path if best is not None else None
+    cat = catalog.scan(Path(root), list(patterns), verify=False, stats=False)
+    for entry in reversed(cat.entries):
+        if not entry.valid:
+            continue
+        checked = verify_entry(entry)
+        if checked.valid:
+            return checked.path
+        warnings.warn(f"ckpt-daemon: skipping {entry.name}: {checked.reason}", RuntimeWarning, stacklevel=3)
+    return None
+
+
+def resume_path(checkpoint_dir: Optional[str | os.PathLike] = None,
+                patterns: Optional[Iterable[str]] = None) -> Optional[str]:
+    """Where this run should resume from, or None for a fresh start.
+
+    Under the daemon (`$CKPT_RESUME` set) that is the checkpoint the daemon chose and verified (None
+    for `none`); it is only checked to still exist. If it vanished since, the folder is scanned
+    instead, with a warning. Without the daemon, `checkpoint_dir` (default: `$CKPT_DAEMON_CHECKPOINTS`,
+    else the config's `checkpoints.dir`) is scanned and the newest checkpoint that passes
+    verification is returned; its names are matched with `patterns` (default: the config's patterns
+    plus `DEFAULT_PATTERNS`).
+    """
+    env = os.environ.get(ENV_RESUME, "").strip()
+    vanished: Optional[str] = None
+    if env:
+        if env.lower() == "none":
+            return None
+        if os.path.exists(env):
+            return env
+        if env.lower() not in _SCAN_WORDS:  # "latest"/"auto": a request to look, not a path
+            vanished = env
+    cfg = None if patterns is not None and checkpoint_dir is not None else _config()
+    if checkpoint_dir is not None:
+        root: Optional[Path] = Path(checkpoint_dir)
+    elif os.environ.get(ENV_CHECKPOINTS):
+        root = Path(os.environ[ENV_CHECKPOINTS])
+    else:
+        root = cfg.checkpoint_dir if cfg is not None else None
+    found = newest_valid(root, _patterns(patterns, cfg)) if root is not None else None
+    if vanished:
+        warnings.warn(
+            f"ckpt-daemon: the checkpoint chosen for resume ({vanished}) no longer exists (deleted or moved after "
+            f"it was chosen); resuming from {found if found else 'scratch'} instead, the newest valid checkpoint "
+            f"in {root}.", RuntimeWarning, stacklevel=2)
+    return str(found) if found is not None else None
+
+
+def daemon_choice(patterns: Optional[Iterable[str]] = None) -> Optional[tuple[Optional[str], Optional[int]]]:
+    """What the daemon (or `$CKPT_RESUME`) asked this run to resume from, as (path, step):
+    (None, 0) for a fresh start, None when `$CKPT_RESUME` is not set (nothing to compare with).
+    The step is None when it cannot be told."""
+    env = os.environ.get(ENV_RESUME, "").strip()
+    if not env or env.lower() in _SCAN_WORDS:
+        return None
+    if env.lower() == "none":
+        return None, 0
+    return env, step_of(env, patterns)
+
+
+def step_of(path: str | os.PathLike, patterns: Optional[Iterable[str]] = None) -> Optional[int]:
+    """The training step a checkpoint is at: `trainer_state.json` of a Hugging Face folder, else the
+    `{step}` field of its name."""
+    from ckpt_daemon.catalog import compile_pattern, match_name
+    from ckpt_daemon.fsutil import read_json_file
+
+    p = Path(path)
+    state = read_json_file(p / "trainer_state.json", 64 << 20) if p.is_dir() else None
+    gs = (state or {}).get("global_step")
+    if isinstance(gs, int) and not isinstance(gs, bool) and gs >= 0:
+        return gs
+    pats = list(patterns) if patterns is not None else list(DEFAULT_PATTERNS)
+    fields = match_name(p.name, [compile_pattern(x) for x in pats])
+    if fields and "step" in fields:
+        return fields["step"]
+    m = re.search(r"(?:step[=_-]?|checkpoint-)([0-9]{1,15})(?![0-9])", p.name)
+    return int(m.group(1)) if m else None
+
+
+def global_rank() -> int:
+    """This process's rank under torchrun / SLURM / Lightning's launchers (0 when not distributed)."""
+    for var in ("RANK", "SLURM_PROCID", "GLOBAL_RANK"):
+        v = os.environ.get(var, "")
+        if v.isdigit():
+            return int(v)
+    return 0
+
+
+def same_folder(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    try:
+        return os.path.realpath(a) == os.path.realpath(b)
+    except (OSError, ValueError):
+        return False
+
+
+# ----------------------------------------------------------------------------------------- signals
+_PASSIVE = (signal.SIG_DFL, signal.SIG_IGN, signal.default_int_handler, None)
+
+
+class StopRequest:
+    """Record SIGTERM/SIGINT instead of dying, so that the loop can save and exit 128+signal.
+
+        stop = StopRequest()
+        for step in ...:
+            train_step()
+            if stop.requested:
+                save(step)
+                stop.exit()          # sys.exit(143) after SIGTERM, 130 after Ctrl+C
+
+    A handler that was installed before (a Python function, e.g. Lightning's) is kept and called
+    after recording; SIG_DFL, SIG_IGN and Python's KeyboardInterrupt handler are not (they would kill
+    the process or raise mid-step). A second Ctrl+C aborts at once (KeyboardInterrupt), for the human
+    at the terminal who does not want to wait for the save. Handlers can only be installed from the
+    main thread; elsewhere this warns and records nothing (`installed` is False).
+    """
+
+    def __init__(self, signals: Sequence[int] = (signal.SIGTERM, signal.SIGINT), install: bool = True,
+                 on_signal: Optional[Callable[[int], None]] = None):
+        self.signals = tuple(signals)
+        self.signal: Optional[int] = None
+        self.count = 0
+        self.on_signal = on_signal
+        self._previous: dict[int, Any] = {}
+        self._chain: dict[int, Any] = {}
+        self.installed = False
+        if install:
+            self.install()
+
+    def install(self) -> "StopRequest":
+        if self.installed:
+            return self
+        if threading.current_thread() is not threading.main_thread():
+            warnings.warn("ckpt-daemon: StopRequest can only install signal handlers from the main thread; "
+                          "SIGTERM will not be turned into a final save.", RuntimeWarning, stacklevel=2)
+            return self
+        for s in self.signals:
+            prev = signal.getsignal(s)
+            signal.signal(s, self._handle)
+            self._previous[s] = prev
+            self._chain[s] = prev if callable(prev) and prev not in _PASSIVE else None
+        self.installed = True
+        return self
+
+    def drop_previous(self, signum: int) -> Any:
+        """Stop calling the handler that was there before for `signum` (returns it)."""
+        return self._chain.pop(signum, None)
+
+    def previous(self, signum: int) -> Any:
+        return self._previous.get(signum)
+
+    def restore(self) -> None:
+        """Put the previous handlers back, where ours is still the one installed."""
+        if not self.installed or threading.current_thread() is not threading.main_thread():
+            return
+        for s, prev in self._previous.items():
+            if signal.getsignal(s) == self._handle:
+                signal.signal(s, prev if prev is not None else signal.SIG_DFL)
+        self.installed = False
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.count += 1
+        if signum == signal.SIGINT and self.signal == signal.SIGINT and self.count > 1:
+            self.restore()
+            raise KeyboardInterrupt("second Ctrl+C: aborting without waiting for the final save")
+        if self.signal is None:
+            self.signal = signum
+            log.warning("ckpt-daemon: received %s; finishing this step, saving, then exiting %d%s",
+                        signal.Signals(signum).name, 128 + signum,
+                        " (Ctrl+C again to abort without saving)" if signum == signal.SIGINT else "")
+            if self.on_signal is not None:
+                self.on_signal(signum)
+        prev = self._chain.get(signum)
+        if prev is not None:
+            prev(signum, frame)
+
+    def request(self, signum: int = signal.SIGTERM) -> None:
+        """Ask for a stop as if `signum` had arrived (another rank saw it, or a test)."""
+        if self.signal is None:
+            self.signal = signum
+
+    @property
+    def requested(self) -> bool:
+        return self.signal is not None
+
+    @property
+    def exit_code(self) -> Optional[int]:
+        """128+signal once a stop was requested (143 for SIGTERM, 130 for SIGINT), else None."""
+        return 128 + int(self.signal) if self.signal is not None else None
+
+    def exit(self) -> None:
+        """`sys.exit(exit_code)`. Only after a stop was requested: exiting 0 would tell the daemon that
+        training finished."""
+        if self.signal is None:
+            raise RuntimeError("StopRequest.exit() was called but no stop was requested; exit 0 yourself when "
+                               "training is finished, or let the error through.")
+        sys.exit(self.exit_code)
+
+    def __enter__(self) -> "StopRequest":
+        return self.install()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.restore()
+
+
+# --------------------------------------------------------------------------------------- heartbeat
+def _plain(v: Any) -> Any:
+    """A JSON-able scalar from what training loops log (floats, ints, 0-d tensors, numpy scalars)."""
+    if v is None or isinstance(v, (bool, int, str)):
+        return v
+    if isinstance(v, float):
+        return v if math.isfinite(v) else str(v)
+    item = getattr(v, "item", None)
+    if callable(item):
+        try:
+            return _plain(item())
+        except (ValueError, RuntimeError, TypeError):
+            return None
+    try:
+        return _plain(float(v))
+    except (TypeError, ValueError):
+        return str(v)[:200]
+
+
+class Heartbeat:
+    """The trainer's sign of life for the daemon, and its metrics lines.
+
+    `beat(step, **fields)` rewrites `<checkpoints>/.ckpt-daemon/heartbeat.json` at most every
+    `every_s` seconds (or at once with force=True); `metrics(step, **values)` appends
+    `{"step": step, **values, "time": ...}` to `$CKPT_DAEMON_METRICS` (logs/metrics.jsonl). Both are
+    best effort and never raise: a full disk must not stop training. Only global rank 0 writes
+    (set `enabled` to override). Without a folder (no argument, not under the daemon) beats are
+    no-ops, and without a metrics path so are metrics.
+    """
+
+    def __init__(self, checkpoint_dir: Optional[str | os.PathLike] = None, every_s: float = 1.0,
+                 metrics_path: Optional[str | os.PathLike] = None, enabled: Optional[bool] = None,
+                 clock: Callable[[], float] = time.monotonic):
+        env_dir = os.environ.get(ENV_CHECKPOINTS)
+        self.dir = Path(checkpoint_dir) if checkpoint_dir is not None else (Path(env_dir) if env_dir else None)
+        env_metrics = os.environ.get(ENV_METRICS)
+        self.metrics_path = Path(metrics_path) if metrics_path is not None else (
+            Path(env_metrics) if env_metrics else None)
+        self.every_s = float(every_s)
+        self.enabled = (global_rank() == 0) if enabled is None else bool(enabled)
+        self._clock = clock
+        self._last: Optional[float] = None
+        self.last_step: Optional[int] = None
+        self._metrics_warned = False
+
+    def beat(self, step: Optional[int], force: bool = False, **fields: Any) -> bool:
+        """Write the heartbeat if `every_s` has passed since the last one (or `force`). True if written."""
+        if not self.enabled or self.dir is None:
+            return False
+        now = self._clock()
+        if not force and self._last is not None and now - self._last < self.every_s:
+            return False
+        self._last = now
+        self.last_step = step
+        try:
+            from ckpt_daemon.runtime import write_heartbeat
+
+            return bool(write_heartbeat(self.dir, step=step, **{k: _plain(v) for k, v in fields.items()}))
+        except Exception as exc:  # noqa: BLE001 - bookkeeping never stops training
+            log.debug("heartbeat not written: %s", exc)
+            return False
+
+    def metrics(self, step: Optional[int], **values: Any) -> bool:
+        """Append one metrics line. True if written."""
+        if not self.enabled or self.metrics_path is None:
+            return False
+        rec = {"step": step, **{k: _plain(v) for k, v in values.items()}, "time": time.time()}
+        try:
+            from ckpt_daemon.logs import append_jsonl
+
+            append_jsonl(self.metrics_path, rec)
+            return True
+        except Exception as exc:  # noqa: BLE001
+            if not self._metrics_warned:
+                self._metrics_warned = True
+                log.warning("ckpt-daemon: cannot append to %s (%s); training goes on without metrics lines",
+                            self.metrics_path, exc)
+            return False

@@ -1,0 +1,305 @@
+"""ckpt-daemon for PyTorch Lightning (`lightning.pytorch`, or `pytorch_lightning` alone).
+
+    import ckpt_daemon
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from ckpt_daemon.integrations.lightning import CkptDaemonCallback
+
+    ckpt = ModelCheckpoint(dirpath=ckpt_daemon.checkpoint_dir("checkpoints"), filename="{epoch}-{step}",
+                           every_n_train_steps=500, save_top_k=-1)
+    trainer = pl.Trainer(callbacks=[ckpt, CkptDaemonCallback()], ...)
+    trainer.fit(model, datamodule=dm, ckpt_path=ckpt_daemon.resume_path())
+    # reached only when training finished
+
+and in config.yaml `checkpoints.pattern: "epoch={epoch}-step={step}.ckpt"`. With only
+`pytorch_lightning` installed the same import works; with both installed and a
+`pytorch_lightning.Trainer`, use `PLCkptDaemonCallback` (Lightning checks the callback's base class).
+
+What Lightning 2.6 does on SIGTERM by itself: its signal connector (installed for the length of
+`fit`) sets `trainer.received_sigterm` (and, under DDP, broadcasts it from rank 0 at the next
+batch); the loops then raise `SIGTERMException` at the end of the current batch, at the end of an
+epoch, or at the next validation batch. That exception is a `SystemExit` without a code: nothing is
+saved (unless `ModelCheckpoint(save_on_exception=True)`), `fit` unwinds, and the process exits
+**0**, which reads as "training finished".
+
+How the callback cooperates with it:
+- Stop: a `StopRequest` is installed at `on_fit_start`, just before Lightning installs its own
+  handler, which keeps calling ours. SIGINT (Ctrl+C) is recorded too, instead of Lightning's
+  KeyboardInterrupt path (exit 1, no save). At the first `on_train_batch_end` that completes an
+  optimizer step after the signal (a step in the middle of gradient accumulation would lose its
+  partial gradients), the decision is reduced over ranks (`strategy.reduce_boolean_decision`, so that
+  all ranks save the same step) and the callback raises `TrainingStopped`, a `SystemExit` subclass
+  with code 128+signal. Lightning handles it like its own `SIGTERMException`: `on_exception` hooks,
+  teardown, re-raise; the process exits 143.
+- Save: in `on_exception` (for `TrainingStopped`, and for Lightning's own `SIGTERMException` raised
+  after a validation, at an epoch end or mid-validation) the current step is written through the
+  trainer's `ModelCheckpoint` (the one writing into the daemon's folder, else the first whose names
+  carry the step): its `dirpath` and `format_checkpoint_name(...)`, so the file is named like its
+  other checkpoints (`epoch=0-step=1234.ckpt`). Its `_save_checkpoint` is used (when there) so that
+  it records the step and its own `save_on_exception` does not write it a second time; `last.ckpt` is
+  refreshed when `save_last` is on. An existing file is never overwritten (the one this run resumed
+  from), and nothing is saved when no step was trained since the start. A save that fails is logged
+  and the stop goes on. The exception's code is set to 128+signal before anything else, then
+  Lightning tears down and re-raises it. A signal seen only as training reaches its end (max_steps,
+  or the last epoch completed) still gets the final step saved, but the exit stays 0: finished.
+- Distributed: the callback's own stop is agreed on by all ranks before anyone saves. Lightning's
+  own `SIGTERMException` is raised from each rank's local flag; with the daemon signalling every
+  process of the tree at once the ranks agree in practice, but a rank that got the signal a whole
+  validation later than the others would leave the collective save waiting until the daemon's
+  `stop_timeout_s` kills the job (the newest earlier checkpoint is then where it resumes).
+- Resume: at `on_train_start` `trainer.global_step` is compared with the step of the checkpoint the
+  daemon chose; a mismatch (the script ignored `$CKPT_RESUME`) is logged as a warning, as is a
+  `ModelCheckpoint.dirpath` that is not the folder the daemon manages.
+- Heartbeat and metrics: the step at every train batch end (rate-limited), and on rank zero a line of
+  `trainer.callback_metrics` in logs/metrics.jsonl every `log_every_n_steps` steps and at every
+  validation end.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from pathlib import Path
+from typing import Any, Optional
+
+from ckpt_daemon.integrations.common import (
+    ENV_CHECKPOINTS,
+    Heartbeat,
+    StopRequest,
+    checkpoint_dir,
+    daemon_choice,
+    same_folder,
+)
+
+try:
+    import lightning.pytorch as _pl
+except ImportError:  # only the standalone package is installed
+    import pytorch_lightning as _pl
+
+log = logging.getLogger("ckpt_daemon.integrations.lightning")
+
+__all__ = ["CkptDaemonCallback", "TrainingStopped"]
+
+
+class TrainingStopped(SystemExit):
+    """Raised from a train batch end after a stop signal; its code is 128+signal (143 for SIGTERM)."""
+
+
+def _is_stop_exception(exc: BaseException) -> bool:
+    return isinstance(exc, TrainingStopped) or (
+        isinstance(exc, SystemExit) and type(exc).__name__ == "SIGTERMException")
+
+
+def _scalars(metrics: Any) -> dict:
+    out = {}
+    for k, v in dict(metrics or {}).items():
+        numel = getattr(v, "numel", None)
+        if callable(numel) and numel() != 1:
+            continue
+        out[str(k)] = v
+    return out
+
+
+def _finished(trainer) -> bool:
+    """Training reached its end (max_steps, or max_epochs completed): a signal seen now does not make
+    it a stopped run."""
+    max_steps, max_epochs = getattr(trainer, "max_steps", -1), getattr(trainer, "max_epochs", None)
+    if isinstance(max_steps, int) and max_steps >= 0 and trainer.global_step >= max_steps:
+        return True
+    return isinstance(max_epochs, int) and max_epochs >= 0 and trainer.current_epoch >= max_epochs
+
+
+def _exists_on_rank_zero(trainer, path: str) -> bool:
+    """Whether `path` exists, as rank 0 sees it, on every rank: a rank that looked after rank 0 wrote
+    would skip the collective save and leave the others waiting at its barrier."""
+    exists = os.path.lexists(path)
+    return bool(trainer.strategy.broadcast(exists, src=0)) if trainer.world_size > 1 else exists
+
+
+def _checkpoint_callback(trainer) -> Any:
+    """The ModelCheckpoint whose files the daemon manages: among the trainer's, the first that writes
+    into the daemon's folder, else the first whose names carry the step, else the first."""
+    cbs = [cb for cb in getattr(trainer, "checkpoint_callbacks", None) or [trainer.checkpoint_callback]
+           if cb is not None and callable(getattr(cb, "format_checkpoint_name", None))]
+    daemon_dir = os.environ.get(ENV_CHECKPOINTS)
+    for cb in cbs:
+        if daemon_dir and getattr(cb, "dirpath", None) and same_folder(cb.dirpath, daemon_dir):
+            return cb
+    for cb in cbs:
+        if "step" in (getattr(cb, "filename", None) or "{epoch}-{step}"):
+            return cb
+    return cbs[0] if cbs else None
+
+
+class _CkptDaemonHooks:
+    """The callback's behaviour, shared by the `lightning.pytorch` and `pytorch_lightning` classes."""
+
+    def __init__(self, heartbeat_every_s: float = 1.0, checkpoint_dir: Optional[str | os.PathLike] = None,
+                 signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)):
+        super().__init__()
+        self.heartbeat_every_s = heartbeat_every_s
+        self.checkpoint_dir = checkpoint_dir
+        self.signals = signals
+        self.stop: Optional[StopRequest] = None
+        self.heartbeat: Optional[Heartbeat] = None
+        self.start_step: Optional[int] = None
+        self.stopped_at: Optional[int] = None
+        self.saved: Optional[str] = None
+        self._prev_step: Optional[int] = None
+        self._metrics_step: Optional[int] = None
+
+    # ------------------------------------------------------------------------------ life cycle
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self.stopped_at, self.saved, self.start_step = None, None, None
+        if self.stop is None or not self.stop.installed:
+            self.stop = StopRequest(self.signals)
+        self.heartbeat = Heartbeat(self.checkpoint_dir, every_s=self.heartbeat_every_s,
+                                   enabled=trainer.is_global_zero)
+        daemon_dir = os.environ.get(ENV_CHECKPOINTS)
+        cb = _checkpoint_callback(trainer)
+        dirpath = getattr(cb, "dirpath", None)
+        if trainer.is_global_zero and daemon_dir and dirpath and not same_folder(dirpath, daemon_dir):
+            log.warning("ckpt-daemon: ModelCheckpoint saves to %s but the daemon manages %s; it will neither see nor "
+                        "resume from these checkpoints. Set ModelCheckpoint(dirpath=...) to %s.",
+                        dirpath, daemon_dir, daemon_dir)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        step = trainer.global_step
+        self.start_step = self._prev_step = step
+        if trainer.is_global_zero:
+            choice = daemon_choice()
+            if choice is not None and choice[1] is not None and choice[1] != step:
+                log.warning("ckpt-daemon: the daemon chose to resume from %s (step %s) but training starts at step %d. "
+                            "Pass trainer.fit(..., ckpt_path=ckpt_daemon.resume_path()) so that a restart continues "
+                            "where the daemon verified it can.", choice[0] or "nothing (a fresh start)", choice[1], step)
+        if self.heartbeat is not None:
+            self.heartbeat.beat(step, force=True, epoch=trainer.current_epoch)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        hb = self.heartbeat
+        if hb is not None:
+            hb.beat(step, epoch=trainer.current_epoch)
+            every = getattr(trainer, "log_every_n_steps", 0) or 0
+            if every and step % every == 0 and step != self._metrics_step:
+                self._metrics_step = step
+                hb.metrics(step, epoch=trainer.current_epoch, **_scalars(trainer.callback_metrics))
+        stepped, self._prev_step = step != self._prev_step, step
+        if not stepped:
+            return  # mid gradient accumulation: stopping here would lose the partial gradients
+        local = bool((self.stop is not None and self.stop.requested) or getattr(trainer, "received_sigterm", False))
+        if trainer.world_size > 1:
+            local = trainer.strategy.reduce_boolean_decision(local, all=False)
+        if local and not _finished(trainer):
+            if self.stop is not None and not self.stop.requested:
+                self.stop.request(signal.SIGTERM)  # Lightning's handler or another rank saw it
+            raise TrainingStopped(self.exit_code_for_stop())
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.heartbeat is not None:
+            self.heartbeat.beat(trainer.global_step, force=True, epoch=trainer.current_epoch)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if self.heartbeat is not None and not trainer.sanity_checking:
+            self.heartbeat.metrics(trainer.global_step, epoch=trainer.current_epoch,
+                                   **_scalars(trainer.callback_metrics))
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if not _is_stop_exception(exception):
+            return
+        if self.stop is not None and not self.stop.requested:
+            self.stop.request(signal.SIGTERM)
+        finished = _finished(trainer)
+        code = 0 if finished else self.exit_code_for_stop()
+        self.stopped_at = None if finished else trainer.global_step
+        exception.code = code  # Lightning re-raises it after teardown: the process exits 143, not 0
+        try:
+            self.saved = self._save(trainer)
+        except Exception as exc:  # noqa: BLE001 - a failed final save is reported; the stop goes on
+            log.error("ckpt-daemon: could not save step %d before stopping (%s: %s); the newest checkpoint on "
+                      "disk is where the next run resumes", trainer.global_step, type(exc).__name__, exc)
+        if self.heartbeat is not None:
+            extra = {} if finished else {"stopped": True}
+            self.heartbeat.beat(trainer.global_step, force=True, epoch=trainer.current_epoch, **extra)
+        if trainer.is_global_zero:
+            saved = f" after saving {self.saved}" if self.saved else " (nothing new to save)"
+            if finished:
+                log.warning("ckpt-daemon: a stop signal came as training reached its end (step %d)%s; exiting 0 "
+                            "(finished)", trainer.global_step, saved)
+            else:
+                log.warning("ckpt-daemon: stopped by %s at step %d%s; exiting %d (not finished)",
+                            signal.Signals(code - 128).name, trainer.global_step, saved, code)
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        if self.stop is not None:
+            self.stop.restore()
+
+    # ------------------------------------------------------------------------------------ saving
+    def _save(self, trainer) -> Optional[str]:
+        """Write the current step where the trainer's ModelCheckpoint writes, named as it names files.
+        Every rank calls this (saving is collective under DDP/FSDP)."""
+        step = trainer.global_step
+        if trainer.sanity_checking or self.start_step is None or step <= self.start_step:
+            return None
+        cb = _checkpoint_callback(trainer)
+        if cb is not None and getattr(cb, "dirpath", None):
+            if getattr(cb, "_last_global_step_saved", None) == step and getattr(cb, "_last_checkpoint_saved", None):
+                return str(cb._last_checkpoint_saved)  # it saved this very step already
+            monitor = getattr(cb, "_monitor_candidates", None)
+            candidates = monitor(trainer) if callable(monitor) else {
+                **_scalars(trainer.callback_metrics), "epoch": trainer.current_epoch, "step": step}
+            path = cb.format_checkpoint_name(candidates)
+            if _exists_on_rank_zero(trainer, path):
+                log.warning("ckpt-daemon: %s exists already; not overwriting it", path)
+                return path
+            if self.heartbeat is not None:
+                self.heartbeat.beat(step, force=True, epoch=trainer.current_epoch, saving=os.path.basename(path))
+            if callable(getattr(cb, "_save_checkpoint", None)):
+                cb._save_checkpoint(trainer, path)  # also records the step, so it does not save it again
+            else:
+                trainer.save_checkpoint(path)
+            if getattr(cb, "save_last", False) and callable(getattr(cb, "_save_last_checkpoint", None)):
+                cb._save_last_checkpoint(trainer, candidates)
+            return path
+        folder = Path(checkpoint_dir() or os.path.join(trainer.default_root_dir, "checkpoints"))
+        path = str(folder / f"epoch={trainer.current_epoch}-step={step}.ckpt")
+        if _exists_on_rank_zero(trainer, path):
+            return path
+        trainer.save_checkpoint(path)
+        return path
+
+    # ---------------------------------------------------------------------------------- queries
+    def exit_code_for_stop(self) -> int:
+        return (self.stop.exit_code if self.stop is not None else None) or 128 + signal.SIGTERM
+
+    @property
+    def stopped(self) -> bool:
+        return self.stopped_at is not None
+
+
+class CkptDaemonCallback(_CkptDaemonHooks, _pl.Callback):
+    """Resume check, save-and-exit-143 on SIGTERM, heartbeat and metrics for a Lightning Trainer.
+
+    Args:
+        heartbeat_every_s: at most one heartbeat write per this many seconds.
+        checkpoint_dir: where heartbeat.json goes (default: `$CKPT_DAEMON_CHECKPOINTS`).
+        signals: the signals that mean "save and stop".
+    """
+
+
+_pl_variant: Optional[type] = None
+
+
+def __getattr__(name: str) -> Any:
+    """`PLCkptDaemonCallback`: the same callback for `pytorch_lightning.Trainer` when both packages are
+    installed (built on first use, so that importing this module does not import both)."""
+    global _pl_variant
+    if name == "PLCkptDaemonCallback":
+        if _pl_variant is None:
+            import pytorch_lightning
+
+            _pl_variant = type("PLCkptDaemonCallback", (_CkptDaemonHooks, pytorch_lightning.Callback),
+                               {"__doc__": CkptDaemonCallback.__doc__, "__module__": __name__})
+        return _pl_variant
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
