@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, ValidationError,
+                      field_validator, model_validator)
 
 from ckpt_daemon.cron import next_fire_times, validate_cron
 from ckpt_daemon.errors import ConfigError
@@ -363,6 +364,82 @@ class DiskConfig(_Section):
         return self
 
 
+def is_loopback_host(host: str) -> bool:
+    """True for 'localhost' and loopback IP literals (127.0.0.0/8, ::1)."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class HttpConfig(_Section):
+    enabled: bool = Field(
+        False, description="Serve the read-only dashboard (/) and Prometheus metrics (/metrics) over HTTP.")
+    host: str = Field(
+        "127.0.0.1", min_length=1, max_length=64,
+        description=("Address to listen on: an IP address (127.0.0.1, ::1, 0.0.0.0, ::) or 'localhost'. Any address "
+                     "that is not loopback needs a token."),
+    )
+    port: int = Field(9184, ge=1, le=65535, description="TCP port to listen on (1 to 65535).")
+    token: Optional[SecretStr] = Field(
+        None,
+        description=("When set, every request must carry it: once as ?token=... (the page then keeps a cookie) or as "
+                     "an 'Authorization: Bearer ...' header (Prometheus: bearer_token). At least 16 printable ASCII "
+                     "characters, no spaces; required when host is not a loopback address. It is never logged."),
+    )
+    dashboard: bool = Field(True, description="Serve the dashboard page and its JSON (/, /static/..., /api/...).")
+    metrics: bool = Field(True, description="Serve Prometheus metrics at /metrics.")
+    textfile: Optional[BoundedPath] = Field(
+        None,
+        description=("A folder of node_exporter's textfile collector (relative to config.yaml): the daemon writes "
+                     "ckpt_daemon.prom there atomically every textfile_interval_s, whether or not enabled is true. "
+                     "null: no file."),
+    )
+    textfile_interval_s: float = Field(
+        30.0, ge=5, le=3600, description="How often the textfile is rewritten (5 s to an hour).")
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, v: str) -> str:
+        import ipaddress
+
+        if v != "localhost":
+            try:
+                ipaddress.ip_address(v)
+            except ValueError:
+                raise ValueError(f"{_short(v)} is not an IP address: give one such as 127.0.0.1, ::1 or 0.0.0.0 "
+                                 "(all interfaces), or 'localhost'") from None
+        return v
+
+    @field_validator("token")
+    @classmethod
+    def _token(cls, v: Optional[SecretStr]) -> Optional[SecretStr]:
+        # The messages never repeat the value: it is a secret, and they go to logs and to `status`.
+        if v is None:
+            return v
+        text = v.get_secret_value()
+        example = "e.g. the output of `python -c 'import secrets; print(secrets.token_urlsafe(32))'`"
+        if not 16 <= len(text) <= 1024:
+            raise ValueError(f"|has {len(text)} characters; a token has 16 to 1024 ({example})")
+        if not re.fullmatch(r"[\x21-\x7e]+", text):
+            raise ValueError(f"|must be printable ASCII without spaces (it travels in a header and a cookie); {example}")
+        return v
+
+    @model_validator(mode="after")
+    def _token_off_loopback(self) -> "HttpConfig":
+        if self.token is None and not is_loopback_host(self.host):
+            raise ValueError(
+                f".token|is required when http.host ({self.host}) is not a loopback address: anyone who can reach "
+                "the port could read the dashboard and the metrics. Set a token of at least 16 characters (e.g. "
+                "`python -c 'import secrets; print(secrets.token_urlsafe(32))'`), or listen on 127.0.0.1 and reach it "
+                "through an SSH tunnel")
+        return self
+
+
 class LoggingConfig(_Section):
     dir: BoundedPath = Field(Path("logs"), description="Folder of daemon.log, cleanup.log, trainer.log, metrics.jsonl.")
     level: Literal["debug", "info", "warning", "error"] = Field("info", description="Console and file log level.")
@@ -373,6 +450,7 @@ class LoggingConfig(_Section):
 
 
 class Config(_Section):
+    _resolved: dict = PrivateAttr(default_factory=dict)  # folders resolved once, at load
     checkpoints: CheckpointsConfig = Field(default_factory=CheckpointsConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
@@ -381,6 +459,7 @@ class Config(_Section):
     consolidation: ConsolidationConfig = Field(default_factory=ConsolidationConfig)
     disk: DiskConfig = Field(default_factory=DiskConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    http: HttpConfig = Field(default_factory=HttpConfig, description="Read-only dashboard and Prometheus metrics.")
     timezone: str = Field(
         "UTC", min_length=1, max_length=64, description="IANA time zone of the schedules, e.g. 'Europe/Berlin'."
     )
@@ -403,25 +482,36 @@ class Config(_Section):
         return self.source.parent if self.source else Path.cwd()
 
     def resolve_path(self, p: Path) -> Path:
-        """A config path made absolute against config.yaml's folder."""
-        p = p.expanduser()
+        """A config path made absolute against config.yaml's folder (symlinks resolved)."""
+        try:
+            p = p.expanduser()
+        except RuntimeError:  # `~name` of a user that does not exist (a typo for ~/name)
+            raise ValueError(f"{p} names the home folder of a user {str(p)[1:].split('/')[0]!r}, and there is no such "
+                             f"user; write ~/{str(p)[1:]} for a folder in your own home") from None
         return (p if p.is_absolute() else self.base_dir / p).resolve()
+
+    def _folder(self, key: str, p: Path) -> Path:
+        # Resolved once, when the config is loaded: a symlink re-pointed later never moves a running daemon.
+        cache = self._resolved
+        if key not in cache:
+            cache[key] = self.resolve_path(p)
+        return cache[key]
 
     @property
     def checkpoint_dir(self) -> Path:
-        return self.resolve_path(self.checkpoints.dir)
+        return self._folder("checkpoints", self.checkpoints.dir)
 
     @property
     def snapshot_dir(self) -> Path:
-        return self.resolve_path(self.snapshots.dir)
+        return self._folder("snapshots", self.snapshots.dir)
 
     @property
     def consolidation_dir(self) -> Path:
-        return self.resolve_path(self.consolidation.dir)
+        return self._folder("consolidation", self.consolidation.dir)
 
     @property
     def log_dir(self) -> Path:
-        return self.resolve_path(self.logging.dir)
+        return self._folder("logging", self.logging.dir)
 
     @property
     def state_dir(self) -> Path:
@@ -435,6 +525,12 @@ class Config(_Section):
     def _folders(self) -> "Config":
         if self.source is None:
             return self
+        for key, sec in (("checkpoints.dir", self.checkpoints), ("snapshots.dir", self.snapshots),
+                         ("consolidation.dir", self.consolidation), ("logging.dir", self.logging)):
+            try:
+                self.resolve_path(sec.dir)
+            except ValueError as exc:
+                raise ValueError(f"{key}|{exc}") from None
         ck = self.checkpoint_dir
         if ck == Path(ck.anchor):
             raise ValueError(f"checkpoints.dir|must not be the filesystem root (given: {ck})")
@@ -625,6 +721,31 @@ def _construct(node: yaml.Node, path: Path) -> Any:
         loader.dispose()
 
 
+def _check_duplicates(node: yaml.Node, path: Path) -> None:
+    """A key written twice in one mapping: YAML keeps the second silently (an appended `checkpoints:`
+    section would replace the first one's dir). Refused instead. Iterative, aliases visited once."""
+    seen: set[int] = set()
+    stack: list[tuple[yaml.Node, str]] = [(node, "")]
+    while stack:
+        n, where = stack.pop()
+        if id(n) in seen:
+            continue
+        seen.add(id(n))
+        if isinstance(n, yaml.MappingNode):
+            keys: set = set()
+            for k, v in n.value:
+                key = k.value if isinstance(k, yaml.ScalarNode) else None
+                if key is not None and key in keys:
+                    line = k.start_mark.line + 1 if k.start_mark else "?"
+                    raise ConfigError(
+                        f"{path} has the key {where + str(key)!r} twice (again at line {line}); YAML would silently keep "
+                        "only the second. Merge the two into one and try again.")
+                keys.add(key)
+                stack.append((v, f"{where}{key}." if key is not None else where))
+        elif isinstance(n, yaml.SequenceNode):
+            stack.extend((v, where) for v in n.value)
+
+
 def _load_yaml(text: str, path: Path) -> Any:
     if len(text) > MAX_CONFIG_BYTES or len(text.encode("utf-8", "surrogatepass")) > MAX_CONFIG_BYTES:
         raise _too_large(path)
@@ -632,11 +753,14 @@ def _load_yaml(text: str, path: Path) -> Any:
     if node is None:
         return None
     _check_expansion(node, path)
+    _check_duplicates(node, path)
     return _construct(node, path)
 
 
-def parse_config(text: str, path: Path) -> Config:
-    """Validate YAML text as if it were the file at `path` (relative folders resolve against its folder)."""
+def parse_config(text: str, path: Path, base: Optional[Path] = None) -> Config:
+    """Validate YAML text as if it were the file at `path` (relative folders resolve against its folder,
+    or against `base`'s folder when given: the daemon hands its trainer a copy of the config in force,
+    which must resolve as the original does)."""
     data = _load_yaml(text, path)
     if data is None or data == {}:
         raise ConfigError(
@@ -650,7 +774,7 @@ def parse_config(text: str, path: Path) -> Config:
             f"{type(data).__name__}. Start from the config.yaml shipped with ckpt-daemon."
         )
     try:
-        return Config.model_validate({**data, "source": path.resolve()})
+        return Config.model_validate({**data, "source": Path(os.path.abspath(base or path))})
     except ValidationError as exc:
         raise ConfigError(_describe_errors(path, exc)) from None
 
@@ -670,9 +794,15 @@ def _read_bounded(p: Path) -> str:
     return data.decode("utf-8")
 
 
-def load_config(path: str | Path | None = None) -> Config:
-    """Read and validate config.yaml; raise ConfigError with a one-paragraph message on any problem."""
+def load_config(path: str | Path | None = None, base: Optional[Path] = None) -> Config:
+    """Read and validate config.yaml; raise ConfigError with a one-paragraph message on any problem.
+
+    A trainer started by the daemon gets the config in force as a copy ($CKPT_DAEMON_CONFIG) and the
+    original's path ($CKPT_DAEMON_CONFIG_SOURCE), so relative folders resolve as the daemon's do."""
     p = Path(path) if path is not None else Path.cwd() / DEFAULT_CONFIG_NAME
+    if base is None and os.environ.get("CKPT_DAEMON_CONFIG_SOURCE") and os.environ.get("CKPT_DAEMON_CONFIG") \
+            and os.path.abspath(p) == os.path.abspath(os.environ["CKPT_DAEMON_CONFIG"]):
+        base = Path(os.environ["CKPT_DAEMON_CONFIG_SOURCE"])
     try:
         text = _read_bounded(p)
     except FileNotFoundError:
@@ -684,7 +814,7 @@ def load_config(path: str | Path | None = None) -> Config:
         raise ConfigError(f"{p} is a folder, not a config file. Pass the path of config.yaml itself.") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"The config file {p} cannot be read ({exc}). Check its permissions and encoding (UTF-8).") from None
-    return parse_config(text, p)
+    return parse_config(text, p, base)
 
 
 def config_schema() -> dict:

@@ -100,6 +100,17 @@ class Daemon:
 
     def job_disk(self) -> str:
         cfg = self.get_cfg()
+        try:
+            now_resolves = cfg.resolve_path(cfg.checkpoints.dir)
+        except ValueError:
+            now_resolves = cfg.checkpoint_dir
+        if now_resolves != cfg.checkpoint_dir and not self.config_pending:
+            # a symlink in the path was re-pointed: the daemon (and its trainer) stay where they were
+            self.config_pending = (f"checkpoints.dir {cfg.checkpoints.dir} now leads to {now_resolves}, no longer to "
+                                   f"{cfg.checkpoint_dir} (a symlink was re-pointed). The daemon and its trainer keep "
+                                   "using the folder they started with; restart the daemon to move.")
+            log.error("checkpoints.dir was re-pointed under the running daemon", now=str(now_resolves),
+                      kept=str(cfg.checkpoint_dir))
         free = free_bytes(cfg.checkpoint_dir)
         gb = free / 2**30
         level = "ok"
@@ -201,7 +212,7 @@ class Daemon:
             return
         self.config_error = self.config_pending = None
         self.config_text = text
-        err = configfile.save_last_good(new, text)  # only ever a config that validated and is put in force
+        err = configfile.save_last_good(new, text, self.config_path)  # only ever a config put in force
         if err:
             log.warning("could not keep a copy of the last good config", error=err)
         self._apply(old, new)
@@ -332,8 +343,17 @@ class Daemon:
         cfg.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         lock = runtime.DaemonLock(cfg.checkpoint_dir).acquire()  # one daemon per folder (AlreadyRunningError)
         try:
+            # ...and per logs folder: two daemons there would mix their state files and last good configs
+            log_lock = (runtime.DaemonLock(cfg.log_dir, what="writes its logs and state to").acquire()
+                        if cfg.log_dir != cfg.checkpoint_dir else None)
+        except BaseException:
+            lock.release()
+            raise
+        try:
             return self._run(cfg)
         finally:
+            if log_lock:
+                log_lock.release()
             lock.release()
 
     def _run(self, cfg: Config) -> int:
@@ -342,11 +362,14 @@ class Daemon:
             log.error("config.yaml is not in force; running with the last good config until it is fixed",
                       error=self.config_error)
         else:
-            configfile.save_last_good(cfg, self.config_text)
+            configfile.save_last_good(cfg, self.config_text, self.config_path)
         for note in self.config_notes:
             log.warning("config.yaml changed a folder while the daemon was down", change=note)
         self.watcher = Watcher(self.get_cfg, self.request_reload, self.config_path)
-        self.supervisor = Supervisor(self.get_cfg, self.watcher.bad, echo=self.echo_trainer, on_change=self._write_record)
+        # The trainer reads the config in force (a held or rejected edit never reaches it), resolving its
+        # relative folders as config.yaml does.
+        self.supervisor = Supervisor(self.get_cfg, self.watcher.bad, echo=self.echo_trainer, on_change=self._write_record,
+                                     config_files=lambda: (self.get_cfg().log_dir / configfile.LAST_GOOD, self.config_path))
         self._write_record()
         history = st.JobHistory(cfg.log_dir)
         self.jobs = Jobs(self.get_cfg, history, {"snapshot": self.job_snapshot, "retention": self.job_retention,
@@ -354,6 +377,18 @@ class Daemon:
         self.watcher.start()
         self.jobs.start()
         threading.Thread(target=self._startup_jobs, daemon=True, name="startup").start()
+        # --- HTTP dashboard, /metrics, the node_exporter textfile and the disk history (daemon/http.py).
+        # One thread of its own (it starts and stops the server as the http section says, hot reloads
+        # included); it only reads what the main loop computed, and nothing it does can stop the daemon.
+        self.web = None
+        try:
+            from daemon.http import Observer
+
+            self.web = Observer(self)
+            self.web.start()
+        except Exception as exc:
+            log.exception("the dashboard and metrics could not start; the daemon goes on without them", error=str(exc))
+        # --- end of the HTTP block
         sup_thread = threading.Thread(target=self.supervisor.run, args=(self.stop_requested,), name="supervisor")
         sup_thread.start()
         self.notifier.ready("ckpt-daemon up")
@@ -382,6 +417,8 @@ class Daemon:
                     self.notifier.watchdog()
         finally:
             log.info("ckpt-daemon stopping")
+            if getattr(self, "web", None) is not None:  # the HTTP block above: stop listening first
+                self.web.stop()
             self.jobs.shutdown()
             self.watcher.stop()
             self._reader.shutdown(wait=False, cancel_futures=True)

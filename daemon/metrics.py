@@ -1,0 +1,300 @@
+"""Prometheus metrics of the daemon: a custom collector built, at each scrape, from the status the
+main loop last computed (`Daemon.status()`, times not ages) and the cached inventory (catalog and
+retention plan per run, snapshots; see dashboard.Inventory). A scrape therefore never scans the
+checkpoint folder and never waits for the main loop.
+
+Served at /metrics by daemon/http.py, and written as `ckpt_daemon.prom` for node_exporter's textfile
+collector when `http.textfile` is set (the same exposition, written atomically).
+
+Names follow Prometheus conventions: `ckpt_daemon_` prefix, base units (`_seconds`, `_bytes`),
+`_total` for counters, `_timestamp_seconds` for Unix times. Runs are labelled run="" for
+checkpoints.dir itself and run="<name>" for each of checkpoints.runs.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from typing import Callable, Iterator, Optional
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from daemon.dashboard import InventoryView
+
+TRAINING_STATES = ("idle", "running", "adopted", "stopping", "backoff", "gave_up", "stopped", "finished")
+DISK_LEVELS = {"ok": 0, "warning": 1, "emergency": 2}
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+def _num(v) -> Optional[float]:
+    if isinstance(v, bool):
+        return float(v)
+    return float(v) if isinstance(v, (int, float)) else None
+
+
+def _iso_ts(v) -> Optional[float]:
+    if not isinstance(v, str):
+        return None
+    try:
+        t = dt.datetime.fromisoformat(v)
+    except ValueError:
+        return None
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=dt.timezone.utc)
+    return t.timestamp()
+
+
+class DaemonCollector(Collector):
+    """Builds every family from `get_status()` (a Daemon.status() dict) and `get_inventory()`."""
+
+    def __init__(self, get_status: Callable[[], dict], get_inventory: Callable[[], Optional[InventoryView]],
+                 clock: Callable[[], float] = time.time):
+        self.get_status, self.get_inventory, self.clock = get_status, get_inventory, clock
+
+    def describe(self) -> list:
+        return []  # families depend on the data; nothing to check at registration
+
+    def collect(self) -> Iterator[Metric]:
+        s = self.get_status() or {}
+        inv = self.get_inventory()
+        now = self.clock()
+        yield from self._daemon(s)
+        yield from self._training(s)
+        yield from self._checkpoints(s, inv, now)
+        yield from self._retention(s, inv)
+        yield from self._snapshots(inv, now)
+        yield from self._disk(s)
+        yield from self._jobs(s)
+        if inv is not None:
+            yield GaugeMetricFamily("ckpt_daemon_inventory_timestamp_seconds",
+                                    "When the catalog and retention plan behind these metrics were taken (rebuilt at most "
+                                    "every 30 s).", value=inv.time)
+            yield GaugeMetricFamily("ckpt_daemon_inventory_duration_seconds",
+                                    "How long taking the catalog and retention plan took.", value=inv.duration_s)
+
+    # ---------------------------------------------------------------------------- families
+    def _daemon(self, s: dict) -> Iterator[Metric]:
+        d = s.get("daemon") or {}
+        if _num(d.get("started")) is not None:
+            yield GaugeMetricFamily("ckpt_daemon_start_time_seconds", "When the daemon started (Unix time).",
+                                    value=d["started"])
+        yield GaugeMetricFamily(
+            "ckpt_daemon_config_error",
+            "1 if the config in force is not config.yaml as it is on disk: the last edit was rejected or is held "
+            "until a restart (ckpt-daemon status says why).",
+            value=1 if (d.get("config_error") or d.get("config_pending")) else 0)
+
+    def _training(self, s: dict) -> Iterator[Metric]:
+        t = s.get("training") or {}
+        state = t.get("state")
+        yield GaugeMetricFamily("ckpt_daemon_training_up", "1 if the trainer process is running (started or adopted).",
+                                value=1 if state in ("running", "adopted") else 0)
+        g = GaugeMetricFamily("ckpt_daemon_training_state", "The trainer's state: 1 for the current one.",
+                              labels=["state"])
+        for st in sorted(set(TRAINING_STATES) | ({state} if isinstance(state, str) else set())):
+            g.add_metric([st], 1 if st == state else 0)
+        yield g
+        yield CounterMetricFamily("ckpt_daemon_training_restarts", "Restarts of the trainer after a crash since the "
+                                  "daemon started.", value=_num(t.get("restarts")) or 0)
+        c = CounterMetricFamily("ckpt_daemon_training_crashes", "Trainer exits that were not a finish, by kind "
+                                "(signal, error, out_of_memory, disk_full, heartbeat, ...), since the daemon started.",
+                                labels=["kind"])
+        for kind, n in sorted((t.get("crash_counts") or {}).items()):
+            if _num(n) is not None:
+                c.add_metric([str(kind)], n)
+        yield c
+        for key, name, help_ in (
+                ("step", "ckpt_daemon_training_step", "The trainer's current step (from its heartbeat)."),
+                ("steps_per_s", "ckpt_daemon_training_steps_per_second", "Training speed over the last minute."),
+                ("heartbeat_time", "ckpt_daemon_training_heartbeat_timestamp_seconds", "The trainer's last heartbeat."),
+        ):
+            if _num(t.get(key)) is not None:
+                yield GaugeMetricFamily(name, help_, value=t[key])
+        lc = t.get("last_crash") or {}
+        if _num(lc.get("time")) is not None:
+            yield GaugeMetricFamily("ckpt_daemon_training_last_crash_timestamp_seconds", "When the trainer last crashed.",
+                                    value=lc["time"])
+
+    def _checkpoints(self, s: dict, inv: Optional[InventoryView], now: float) -> Iterator[Metric]:
+        ck = s.get("checkpoints") or {}
+        per_run = {"": ck, **{r: v for r, v in (ck.get("runs") or {}).items() if isinstance(v, dict)}}
+        ts = GaugeMetricFamily("ckpt_daemon_checkpoint_last_timestamp_seconds",
+                               "Modification time of the newest valid checkpoint.", labels=["run"])
+        age = GaugeMetricFamily("ckpt_daemon_checkpoint_last_age_seconds",
+                                "Age of the newest valid checkpoint at the time of the scrape.", labels=["run"])
+        step = GaugeMetricFamily("ckpt_daemon_checkpoint_last_step", "Step of the newest valid checkpoint.",
+                                 labels=["run"])
+        size = GaugeMetricFamily("ckpt_daemon_checkpoint_last_size_bytes",
+                                 "Bytes on disk of the newest valid checkpoint.", labels=["run"])
+        best = GaugeMetricFamily("ckpt_daemon_checkpoint_best_step", "Step of the best checkpoint.", labels=["run"])
+        for run, v in sorted(per_run.items()):
+            latest = v.get("latest") or {}
+            if _num(latest.get("mtime")) is not None:
+                ts.add_metric([run], latest["mtime"])
+                age.add_metric([run], max(0.0, now - latest["mtime"]))
+            if _num(latest.get("step")) is not None:
+                step.add_metric([run], latest["step"])
+            if _num((v.get("best") or {}).get("step")) is not None:
+                best.add_metric([run], v["best"]["step"])
+            rv = inv.runs.get(run) if inv else None
+            if rv is not None and rv.report is not None and latest.get("name") in rv.report.entries:
+                size.add_metric([run], rv.report.entries[latest["name"]].bytes)
+        yield from (ts, age, step, size, best)
+        counts = GaugeMetricFamily("ckpt_daemon_checkpoints",
+                                   "Numbered checkpoints by status (complete, incomplete, corrupt, invalid, "
+                                   "unreadable, in_progress).", labels=["run", "status"])
+        if inv is not None:
+            for run, rv in sorted(inv.runs.items()):
+                entries = rv.report.entries.values() if rv.report is not None else (rv.catalog.entries if rv.catalog else [])
+                by: dict[str, int] = {}
+                for e in entries:
+                    by[e.status] = by.get(e.status, 0) + 1
+                for st in sorted(set(by) | {"complete"}):
+                    counts.add_metric([run, st], by.get(st, 0))
+        else:
+            for run, v in sorted(per_run.items()):
+                if _num(v.get("valid")) is not None:
+                    counts.add_metric([run, "complete"], v["valid"])
+        yield counts
+        yield GaugeMetricFamily("ckpt_daemon_verification_failures",
+                                "Checkpoints that failed verification and are still in the folder.",
+                                value=len(ck.get("failed_verification") or {}))
+        yield GaugeMetricFamily("ckpt_daemon_quarantined_checkpoints",
+                                "Checkpoints moved to .ckpt-daemon/quarantine/ after failing verification (kept, never "
+                                "deleted).", value=_num(ck.get("quarantined")) or 0)
+
+    def _retention(self, s: dict, inv: Optional[InventoryView]) -> Iterator[Metric]:
+        ret = s.get("retention") or {}
+        yield GaugeMetricFamily("ckpt_daemon_retention_enabled", "1 if the scheduled retention runs.",
+                                value=1 if ret.get("enabled") else 0)
+        if ret.get("policy_confirmed") is not None:
+            yield GaugeMetricFamily(
+                "ckpt_daemon_retention_policy_confirmed",
+                "1 if the tiers in config.yaml are the last ones a person confirmed; 0: unattended runs delete only "
+                "what the confirmed tiers also would.", value=1 if ret["policy_confirmed"] else 0)
+        lc = s.get("last_cleanup") or {}
+        if _num(lc.get("time")) is not None:
+            yield GaugeMetricFamily("ckpt_daemon_last_cleanup_timestamp_seconds", "When retention last ran.",
+                                    value=lc["time"])
+            yield GaugeMetricFamily("ckpt_daemon_last_cleanup_freed_bytes", "Bytes the last retention run freed.",
+                                    value=_num(lc.get("freed_bytes")) or 0)
+        if inv is None:
+            return
+        count = GaugeMetricFamily("ckpt_daemon_retention_tier_checkpoints",
+                                  "Checkpoints per retention tier (tier=\"none\": beyond the last tier, or not complete).",
+                                  labels=["run", "tier"])
+        size = GaugeMetricFamily("ckpt_daemon_retention_tier_bytes", "Bytes on disk per retention tier.",
+                                 labels=["run", "tier"])
+        planned = GaugeMetricFamily("ckpt_daemon_retention_planned_deletions",
+                                    "Checkpoints the next unattended retention run would delete.", labels=["run"])
+        planned_bytes = GaugeMetricFamily("ckpt_daemon_retention_planned_free_bytes",
+                                          "Bytes the next unattended retention run would free (hard links into "
+                                          "snapshots free nothing).", labels=["run"])
+        held = GaugeMetricFamily("ckpt_daemon_retention_held_deletions",
+                                 "Deletions held because the tiers were edited and nobody confirmed them yet (run "
+                                 "`python -m maintenance.cleanup` to review).", labels=["run"])
+        for run, rv in sorted(inv.runs.items()):
+            r = rv.report
+            if r is None:
+                continue
+            n_tiers = len(r.tiers)
+            by_count = {str(i): 0 for i in range(1, n_tiers + 1)}
+            by_bytes = dict.fromkeys(by_count, 0)
+            by_count["none"] = by_bytes["none"] = 0
+            for d in r.decisions:
+                key = str(d.tier) if d.tier is not None else "none"
+                e = r.entries.get(d.name)
+                by_count[key] = by_count.get(key, 0) + 1
+                by_bytes[key] = by_bytes.get(key, 0) + (e.bytes if e is not None else 0)
+            for key in by_count:
+                count.add_metric([run, key], by_count[key])
+                size.add_metric([run, key], by_bytes[key])
+            victims = [d for d in r.decisions if not d.keep]
+            planned.add_metric([run], len(victims))
+            planned_bytes.add_metric([run], sum(r.entries[d.name].freeable_bytes for d in victims if d.name in r.entries))
+            held.add_metric([run], len(r.held))
+        yield from (count, size, planned, planned_bytes, held)
+
+    def _snapshots(self, inv: Optional[InventoryView], now: float) -> Iterator[Metric]:
+        if inv is None:
+            return
+        yield GaugeMetricFamily("ckpt_daemon_snapshots", "Snapshots in snapshots.dir.", value=len(inv.snapshots))
+        if inv.snapshots:
+            newest = inv.snapshots[0]
+            t = _iso_ts(newest.get("created")) or newest.get("time")
+            if t is not None:
+                yield GaugeMetricFamily("ckpt_daemon_snapshot_last_timestamp_seconds", "When the newest snapshot was "
+                                        "taken.", value=t)
+                yield GaugeMetricFamily("ckpt_daemon_snapshot_last_age_seconds", "Age of the newest snapshot at the "
+                                        "time of the scrape.", value=max(0.0, now - t))
+
+    def _disk(self, s: dict) -> Iterator[Metric]:
+        disk = s.get("disk") or {}
+        for key, name, help_ in (
+                ("free_bytes", "ckpt_daemon_disk_free_bytes", "Free bytes on the filesystem of checkpoints.dir."),
+                ("total_bytes", "ckpt_daemon_disk_total_bytes", "Size of the filesystem of checkpoints.dir."),
+                ("checked", "ckpt_daemon_disk_checked_timestamp_seconds", "When the disk job last measured."),
+        ):
+            if _num(disk.get(key)) is not None:
+                yield GaugeMetricFamily(name, help_, value=disk[key])
+        if disk.get("level") in DISK_LEVELS:
+            yield GaugeMetricFamily("ckpt_daemon_disk_level", "0: ok, 1: below disk.warn_free_gb, 2: below "
+                                    "disk.emergency_free_gb.", value=DISK_LEVELS[disk["level"]])
+
+    def _jobs(self, s: dict) -> Iterator[Metric]:
+        jobs = s.get("jobs") or {}
+        hist = jobs.get("history") or {}
+        dur = GaugeMetricFamily("ckpt_daemon_job_last_duration_seconds", "How long the job's last run took.",
+                                labels=["job"])
+        ok_ts = GaugeMetricFamily("ckpt_daemon_job_last_success_timestamp_seconds", "When the job last succeeded.",
+                                  labels=["job"])
+        res = GaugeMetricFamily("ckpt_daemon_job_last_result", "1 if the job's last run succeeded, 0 if it failed.",
+                                labels=["job"])
+        runs = CounterMetricFamily("ckpt_daemon_job_runs", "Runs of the job (snapshot and retention: ever; the "
+                                   "others: since the daemon started).", labels=["job"])
+        nxt = GaugeMetricFamily("ckpt_daemon_job_next_run_timestamp_seconds", "When the job runs next.",
+                                labels=["job"])
+        for job, h in sorted(hist.items()):
+            if not isinstance(h, dict):
+                continue
+            if _num(h.get("last_duration_s")) is not None:
+                dur.add_metric([job], h["last_duration_s"])
+            if _num(h.get("last_success")) is not None:
+                ok_ts.add_metric([job], h["last_success"])
+            if h.get("last_result") in ("ok", "error"):
+                res.add_metric([job], 1 if h["last_result"] == "ok" else 0)
+            if _num(h.get("runs")) is not None:
+                runs.add_metric([job], h["runs"])
+        for job, when in sorted((jobs.get("next") or {}).items()):
+            t = _iso_ts(when)
+            if t is not None:
+                nxt.add_metric([job], t)
+        yield from (dur, ok_ts, res, runs, nxt)
+
+
+def make_registry(collector: DaemonCollector, process: bool = False) -> CollectorRegistry:
+    """A registry of our own (never the global one): the collector, plus the daemon's process metrics
+    (RSS, CPU, open fds) when served over HTTP. The textfile leaves those out: node_exporter would show
+    them as if they were the node's."""
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(collector)
+    if process:
+        from prometheus_client import ProcessCollector
+
+        ProcessCollector(registry=reg)
+    return reg
+
+
+def exposition(registry: CollectorRegistry) -> bytes:
+    return generate_latest(registry)
+
+
+def write_textfile(folder, registry: CollectorRegistry) -> None:
+    """`ckpt_daemon.prom` in `folder`, replaced atomically (a temp file node_exporter ignores, then rename)."""
+    from pathlib import Path
+
+    from ckpt_daemon.fsutil import atomic_write_bytes
+
+    atomic_write_bytes(Path(folder) / "ckpt_daemon.prom", exposition(registry), mode=0o644, durable=False)
