@@ -243,9 +243,10 @@ def check_entry(path: Path, verify: bool, stats: Optional[dict] = None, step: Op
         if stat.S_ISDIR(st.st_mode):
             if stats is None:
                 stats, _ = _folder_stats(path)
-            # A manifest makes it native; trainer_state.json or HF's own files make it Hugging Face; an
-            # empty or unrecognised folder is a native save that never committed.
-            if mf.MANIFEST in stats or not any(n in stats for n in HF_MARKERS):
+            # A manifest makes it native. A native save is built in the state folder and renamed into place
+            # complete, so a folder without one is another trainer's (Hugging Face's, as far as we know),
+            # perhaps still being written: its files appear one by one, config.json or the weights first.
+            if mf.MANIFEST in stats:
                 return ("native", *mf.check_native(path, verify, stats=stats, step=step))
             layout = "hf"
         elif stat.S_ISREG(st.st_mode):

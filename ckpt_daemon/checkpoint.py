@@ -384,10 +384,10 @@ class CheckpointManager:
                 )
         else:
             c = cat.scan(self.dir, self.patterns, stats=False)
-            native_entries = [e for e in c.entries if e.layout == "native"]
             if which == "latest":
-                # Start at the newest folder of any status, so the ones passed over are reported.
-                start = native_entries[-1] if native_entries else None
+                # Start at the newest entry of any status and layout, so the ones passed over are reported
+                # (a checkpoint folder that lost its manifest no longer reads as native).
+                start = c.entries[-1] if c.entries else None
             elif which == "best":
                 start = c.pointer("best") or c.newest_valid()
             else:
@@ -405,12 +405,14 @@ class CheckpointManager:
         skipped = []
         out = []
         for e in sorted(c.entries, key=lambda e: e.step, reverse=True):
-            if e.step > start.step or e.layout != "native":
+            if e.step > start.step:
                 continue
-            if e.valid:
+            if e.valid and e.layout == "native":
                 out.append(e)
-            else:
+            elif not e.valid:
                 skipped.append((e.name, e.reason))
+            else:
+                skipped.append((e.name, f"a {e.layout} checkpoint, which CheckpointManager does not load"))
         return out, skipped
 
     def load(self, which: str | int | os.PathLike = "latest", *, model: torch.nn.Module, optimizer: Any = None,

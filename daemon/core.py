@@ -368,7 +368,9 @@ class Daemon:
         self.watcher = Watcher(self.get_cfg, self.request_reload, self.config_path)
         # The trainer reads the config in force (a held or rejected edit never reaches it), resolving its
         # relative folders as config.yaml does.
-        self.supervisor = Supervisor(self.get_cfg, self.watcher.bad, echo=self.echo_trainer, on_change=self._write_record,
+        # (the watcher's findings are for status only: the resume choice verifies afresh, so a save judged
+        # while it was still being written is never held against it)
+        self.supervisor = Supervisor(self.get_cfg, {}, echo=self.echo_trainer, on_change=self._write_record,
                                      config_files=lambda: (self.get_cfg().log_dir / configfile.LAST_GOOD, self.config_path))
         self._write_record()
         history = st.JobHistory(cfg.log_dir)

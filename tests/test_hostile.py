@@ -217,7 +217,7 @@ def test_odd_names_markup_and_deep_folders_never_crash_the_commands(tmp_path):
     r = run_py(["-m", "daemon", "list", "--config", str(cfg)], env=env)
     assert "pinned" in r.stdout and "checkpoint-30\\udcff" in r.stdout  # markup shown as text, odd bytes escaped
     e = cat.scan(root, ["checkpoint-{step}"]).by_name("checkpoint-40")
-    assert e.status in ("unreadable", "incomplete") and not e.valid
+    assert e.status in ("unreadable", "incomplete", "in_progress") and not e.valid
     _remove_deep(root / "checkpoint-40")  # shutil.rmtree (pytest's own clean-up too) would hit the recursion limit
 
 
