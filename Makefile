@@ -20,7 +20,7 @@ run: $(STAMP)
 	$(BIN)/ckpt-daemon run --config config.yaml
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks

@@ -355,6 +355,10 @@ def scan(root: Path, patterns: Iterable[str], verify: bool = False, stats: bool 
     entries.sort(key=lambda e: (e.step, e.version, e.name))
     _mark_copies(entries)
     _mark_epoch_ends(entries)
+    released = runtime.read_released(root) if any(e.epoch_end for e in entries) else set()
+    for e in entries:
+        if e.epoch_end and e.name in released:
+            e.epoch_end = False  # the user released it: `ckpt-daemon unpin`
     pointers = {p: _read_pointer(root, p) for p in POINTERS}
     c = Catalog(root, entries, in_progress, ignored, pointers, pins, runtime.read_resumed_from(root), run=run)
     if pointers["best"]:

@@ -1,12 +1,26 @@
-"""What every command line of ckpt-daemon shares: output that never fails on odd names, and one error
-shape for --json."""
+"""What every command line of ckpt-daemon shares: where the config is, output that never fails on odd
+names, one error shape for --json, one table of exit codes, and one way to run a command.
+
+Each command is defined once, as `add_arguments(parser)` and `run(args) -> exit code`, in a module that
+does not import torch; `ckpt-daemon <command>` and the module's own `python -m ...` entry point both
+build their parser from it and run the same code.
+"""
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
+import signal
 import sys
+from pathlib import Path
+from typing import Callable, Optional
 
-from ckpt_daemon.errors import CkptError
+from ckpt_daemon.errors import CkptError, exit_code_table
+
+CONFIG_ENV = "CKPT_DAEMON_CONFIG"
+CONFIG_HELP = f"the config.yaml to use (default: ${CONFIG_ENV}, else ./config.yaml)"
+EXIT_EPILOG = "Exit codes (the same for every command):\n" + exit_code_table()
 
 
 def safe_stdio() -> None:
@@ -23,3 +37,47 @@ def error_json(exc: CkptError) -> str:
     """The one shape of an error under --json, on stdout: {"ok": false, "error": {type, message, exit_code}}."""
     return json.dumps({"ok": False, "error": {"type": type(exc).__name__, "message": str(exc),
                                               "exit_code": exc.exit_code}})
+
+
+def add_config_argument(p: argparse.ArgumentParser, top: bool = True) -> None:
+    """--config on a parser. On a subcommand it overrides one given before the subcommand only when it is
+    given itself (SUPPRESS), so `ckpt-daemon --config c.yaml status` and `ckpt-daemon status --config
+    c.yaml` mean the same."""
+    p.add_argument("--config", metavar="PATH", default=None if top else argparse.SUPPRESS, help=CONFIG_HELP)
+
+
+def config_path(args: argparse.Namespace) -> Path:
+    return Path(getattr(args, "config", None) or os.environ.get(CONFIG_ENV) or "config.yaml")
+
+
+def add_json_argument(p: argparse.ArgumentParser, what: str = "the result") -> None:
+    p.add_argument("--json", action="store_true", help=f"print {what} as JSON (errors too, as {{\"ok\": false, ...}})")
+
+
+def invoke(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """Run a command: CkptError becomes its message (or the JSON error shape) and its exit code,
+    Ctrl+C exit 130, never a traceback for what a user can act on."""
+    safe_stdio()
+    if hasattr(signal, "SIGPIPE"):
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `ckpt-daemon list | head` ends quietly
+    try:
+        return func(args)
+    except CkptError as exc:
+        if getattr(args, "json", False):
+            print(error_json(exc))
+        else:
+            print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("cancelled", file=sys.stderr)
+        return 130
+
+
+def module_main(prog: str, description: str, add_arguments: Callable, run: Callable,
+                argv: Optional[list[str]] = None) -> int:
+    """The `python -m ...` entry point of a command: the same arguments and code as `ckpt-daemon <command>`."""
+    ap = argparse.ArgumentParser(prog=prog, description=description, epilog=EXIT_EPILOG,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_argument(ap)
+    add_arguments(ap)
+    return invoke(run, ap.parse_args(argv))

@@ -56,6 +56,35 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=False, allow_inf_nan=False)
 
 
+def _string_or_list(schema: dict) -> None:
+    """JSON Schema of a field that takes one string or a list of them (the validator turns a string into
+    a one-item list, so the schema pydantic derives from list[str] alone would flag `pattern: 'x-{step}'`)."""
+    items = schema.pop("items", {"type": "string"})
+    max_items = schema.pop("maxItems", None)
+    schema.pop("type", None)
+    schema["anyOf"] = [items, {"type": "array", "items": items, **({"maxItems": max_items} if max_items else {})}]
+
+
+class MemoryConfig(_Section):
+    enabled: bool = Field(
+        False, description=("Memory-first checkpoints: the trainer copies its state into shared memory every "
+                            "every_steps steps (a pause of one memory copy) and the daemon persists one of them in "
+                            "persist_every as a normal checkpoint, and the newest one whenever the trainer dies. "
+                            "Needs room for two copies of the state in dir. Used by the built-in trainer and by "
+                            "CheckpointManager(memory=True) under the daemon."))
+    every_steps: int = Field(1, ge=1, le=MAX_STEPS, description="The built-in trainer copies its state to memory every N steps.")
+    persist_every: int = Field(
+        10, ge=1, le=1_000_000,
+        description="The daemon writes every Mth memory checkpoint to the checkpoint folder (and the newest at a crash or stop).")
+    persist_every_s: Optional[float] = Field(
+        None, gt=0, le=DAY_S,
+        description="Also persist the newest memory checkpoint when the last persist is this old (null: by count only).")
+    dir: Optional[BoundedPath] = Field(
+        None, description=("Folder on a tmpfs for the two memory slots (null: /dev/shm/ckpt-daemon-<id>, one per "
+                           "checkpoints.dir). Removed when training finishes or the daemon stops cleanly."))
+    max_gb: float = Field(64.0, gt=0, le=1_000_000, description="Refuse memory checkpoints whose two slots would exceed this many GiB.")
+
+
 class CheckpointsConfig(_Section):
     dir: BoundedPath = Field(Path("checkpoints"), description="Folder holding the checkpoints (relative to config.yaml).")
     pattern: list[str] = Field(
@@ -66,6 +95,7 @@ class CheckpointsConfig(_Section):
             "Folders matching are native or Hugging Face checkpoints; files (e.g. 'rolling_step_{step}.pt', "
             "'epoch={epoch}-step={step}.ckpt') are single-file checkpoints. A string or a list (at most 32)."
         ),
+        json_schema_extra=_string_or_list,
     )
 
     runs: list[str] = Field(

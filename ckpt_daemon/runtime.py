@@ -37,6 +37,7 @@ from ckpt_daemon.fsutil import atomic_write_bytes, atomic_write_json, fsync_dir,
 STATE_DIR = ".ckpt-daemon"
 RUNTIME_DIR = STATE_DIR  # the name used before 0.2
 PINS_DIR = "pins"
+RELEASED_DIR = "released"  # epoch ends a user released with `unpin`
 HEARTBEAT = "heartbeat.json"
 DAEMON_RECORD = "daemon.json"
 _O_LOCK = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -339,6 +340,23 @@ def _check_name(name: str) -> str:
 def pin(ckpt_dir: Path, name: str, reason: str = "pinned by user") -> None:
     d = state_dir(ckpt_dir, PINS_DIR)
     atomic_write_bytes(d / _check_name(name), (reason.strip()[:500] + "\n").encode())
+    try:
+        (state_dir(ckpt_dir, RELEASED_DIR) / name).unlink()
+    except FileNotFoundError:
+        pass
+
+
+def release(ckpt_dir: Path, name: str) -> None:
+    """Let retention delete the last checkpoint of an epoch (kept by retention.keep_epoch_ends)."""
+    atomic_write_bytes(state_dir(ckpt_dir, RELEASED_DIR) / _check_name(name), b"released by user\n")
+
+
+def read_released(root: Path) -> set[str]:
+    try:
+        with os.scandir(Path(root) / STATE_DIR / RELEASED_DIR) as it:
+            return {e.name for _, e in zip(range(100_000), it)}
+    except OSError:
+        return set()
 
 
 def unpin(ckpt_dir: Path, name: str) -> bool:

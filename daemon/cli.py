@@ -1,26 +1,24 @@
 """ckpt-daemon: supervise continuous PyTorch training and keep its checkpoints safe.
 
-Commands (each takes --config PATH, default ./config.yaml):
-  run             run the daemon in the foreground (what systemd starts)
-  status          what is running, the latest and best checkpoints, disk, next jobs
-  list            the checkpoint catalog as a table (--verify checks checksums)
-  check-config    validate a config file and print the effective config
-  config-schema   print the JSON Schema of config.yaml (for editors)
-  install-unit    render systemd/ckpt-daemon.service for this install
-  pin / unpin     protect a checkpoint from retention, or release it
+Every operation is a subcommand; `--config PATH` goes before or after it (default: $CKPT_DAEMON_CONFIG,
+else ./config.yaml). `ckpt-daemon COMMAND --help` says what each flag does. The user's own entry points
+(`python -m maintenance.cleanup`, `python -m trainer`, ...) run the same code with the same flags.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
-from ckpt_daemon.errors import CkptError
+from ckpt_daemon import __version__
+from ckpt_daemon.cliutil import (EXIT_EPILOG, add_config_argument, add_json_argument, config_path, invoke)
+from ckpt_daemon.errors import CkptError, UsageError
 
 
 def _age(seconds: Optional[float]) -> str:
@@ -32,21 +30,19 @@ def _age(seconds: Optional[float]) -> str:
     return f"{seconds:.0f}s"
 
 
+def add_check_config(p: argparse.ArgumentParser) -> None:
+    p.add_argument("path", nargs="?", help="the config file to check (default: --config)")
+    add_json_argument(p, "one object: ok, the effective config and the next runs")
+
+
 def cmd_check_config(args) -> int:
     import datetime as dt
 
     import yaml
 
     from ckpt_daemon.config import effective_config, load_config, next_runs
-    from ckpt_daemon.errors import ConfigError
 
-    try:
-        cfg = load_config(args.path or args.config)
-    except ConfigError as exc:
-        if not args.json:
-            raise
-        print(json.dumps({"ok": False, "error": {"type": type(exc).__name__, "message": str(exc), "exit_code": exc.exit_code}}))
-        return exc.exit_code
+    cfg = load_config(args.path or config_path(args))
     eff = effective_config(cfg)
     for section, folder in (("checkpoints", cfg.checkpoint_dir), ("snapshots", cfg.snapshot_dir),
                             ("consolidation", cfg.consolidation_dir), ("logging", cfg.log_dir)):
@@ -71,6 +67,11 @@ def cmd_schema(args) -> int:
     return 0
 
 
+def add_list(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--verify", action="store_true", help="verify every checksum (reads every byte)")
+    add_json_argument(p, "the catalog")
+
+
 def cmd_list(args) -> int:
     from ckpt_daemon import catalog as cat
     from maintenance.cleanup import human
@@ -78,7 +79,7 @@ def cmd_list(args) -> int:
     cfg, _ = _load_for_reading(args)
     c = cat.scan_config(cfg, verify=args.verify)
     if args.json:
-        print(json.dumps({"root": str(c.root), "checkpoints": [e.to_json() for e in c.entries],
+        print(json.dumps({"ok": True, "root": str(c.root), "checkpoints": [e.to_json() for e in c.entries],
                           "in_progress": [{"name": p.name, "step": p.step} for p in c.in_progress],
                           "ignored": [{"name": n, "why": w} for n, w in c.ignored], "pointers": c.pointers,
                           "resumed_from": c.resumed_from}, indent=2, default=str))
@@ -115,9 +116,9 @@ def _load_for_reading(args):
     error (printed to stderr), so that what runs is still shown."""
     from ckpt_daemon.configfile import load_for_reading
 
-    cfg, error = load_for_reading(Path(args.config))
+    cfg, error = load_for_reading(config_path(args))
     if error:
-        print(f"warning: {args.config} is broken; showing what is there with the last good config. {error}",
+        print(f"warning: {config_path(args)} is broken; showing what is there with the last good config. {error}",
               file=sys.stderr)
     return cfg, error
 
@@ -136,7 +137,16 @@ def daemon_alive(cfg, s: Optional[dict]) -> bool:
     return runtime.daemon_running(cfg.checkpoint_dir)
 
 
-def cmd_status(args) -> int:
+def add_status(p: argparse.ArgumentParser) -> None:
+    add_json_argument(p, "the daemon's state (with running: true/false)")
+    p.add_argument("--watch", nargs="?", type=float, const=2.0, default=None, metavar="SECONDS",
+                   help="refresh in place every SECONDS (default 2) until Ctrl+C")
+
+
+STYLES = {"ok": "bold green", "warn": "bold yellow", "bad": "bold red", "": ""}
+
+
+def _status_lines(args) -> tuple[int, Optional[dict], list[tuple[str, str]]]:
     from daemon.state import read_state
     from daemon.statusview import render
 
@@ -144,29 +154,103 @@ def cmd_status(args) -> int:
     s = read_state(cfg.log_dir)
     alive = daemon_alive(cfg, s)
     code = 0 if alive else 5
-    if args.json:
-        print(json.dumps({"running": alive, "config_error": config_error, **(s or {})}, indent=2, default=str))
-        return code
     if not s:
-        print(f"ckpt-daemon has not run with {cfg.source} (no {cfg.log_dir / 'daemon-state.json'}).")
+        return code, None, [("bad", f"ckpt-daemon has not run with {cfg.source} (no {cfg.log_dir / 'daemon-state.json'}).")]
+    doc = {"ok": True, "running": alive, "config_error": config_error, **s}
+    return code, doc, render(s, alive, time.time(), config_error, str(config_path(args)))
+
+
+def cmd_status(args) -> int:
+    if args.json:
+        code, doc, lines = _status_lines(args)
+        print(json.dumps(doc or {"ok": True, "running": False, "message": lines[0][1]}, indent=2, default=str))
         return code
-    for _style, line in render(s, alive, time.time(), config_error, str(args.config)):
-        print(line)
-    return code
+    from rich.console import Console
+    from rich.text import Text
+
+    console = Console(highlight=False)  # colour only where the terminal supports it; NO_COLOR is honoured
+
+    def text() -> tuple[int, Text]:
+        code, _, lines = _status_lines(args)
+        t = Text()
+        for i, (style, line) in enumerate(lines):
+            t.append(line + ("\n" if i < len(lines) - 1 else ""), style=STYLES.get(style, ""))
+        return code, t
+
+    if args.watch is None:
+        code, t = text()
+        console.print(t, soft_wrap=True)
+        return code
+    from rich.live import Live
+
+    every = min(max(args.watch, 0.2), 3600.0)
+    code, t = text()
+    try:
+        if not console.is_terminal:  # a pipe or a log: one whole report per refresh, in order
+            while True:
+                console.print(t, soft_wrap=True)
+                print(flush=True)
+                time.sleep(every)
+                code, t = text()
+        with Live(t, console=console, auto_refresh=False, screen=False) as live:
+            while True:
+                time.sleep(every)
+                code, t = text()
+                live.update(t, refresh=True)
+    except KeyboardInterrupt:
+        return code
+
+
+def add_run(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quiet-trainer", action="store_true",
+                   help="do not echo the trainer's output (it is in logs/trainer.log either way)")
 
 
 def cmd_run(args) -> int:
     from daemon.core import Daemon
 
-    return Daemon(Path(args.config), echo_trainer=not args.quiet_trainer).run()
+    return Daemon(config_path(args), echo_trainer=not args.quiet_trainer).run()
+
+
+def add_install_unit(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--user", default=None, help="the unprivileged user the service runs as (default: owner of config.yaml)")
+    p.add_argument("--output", default=None, metavar="PATH",
+                   help="where to write the unit (default: /etc/systemd/system/ckpt-daemon.service)")
+    p.add_argument("--print", action="store_true", help="print the unit instead of writing it")
 
 
 def cmd_install_unit(args) -> int:
     from daemon.unit import install_unit
 
-    print(install_unit(Path(args.config), user=args.user, output=Path(args.output) if args.output else None,
+    print(install_unit(config_path(args), user=args.user, output=Path(args.output) if args.output else None,
                        print_only=args.print))
     return 0
+
+
+def add_pin(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name", metavar="CHECKPOINT", help="a checkpoint's name (checkpoint-5000) or its step (5000)")
+    p.add_argument("--reason", default="pinned by user", help="why, shown by list, status and cleanup")
+    add_json_argument(p)
+
+
+def add_unpin(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name", metavar="CHECKPOINT", help="a checkpoint's name (checkpoint-5000) or its step (5000)")
+    add_json_argument(p)
+
+
+def _find(c, name: str, where: Path):
+    """A checkpoint by name, or by step when the name is a number (one checkpoint at that step)."""
+    e = c.by_name(name)
+    if e is not None:
+        return e
+    if name.isascii() and name.isdigit():
+        hits = [x for x in c.entries if x.step == int(name)]
+        if len(hits) == 1:
+            return hits[0]
+        if hits:
+            raise UsageError(f"Several checkpoints are at step {name} ({', '.join(x.name for x in hits)}); "
+                             "name the one you mean.")
+    raise UsageError(f"There is no checkpoint named {name!r} or at that step in {where}; `ckpt-daemon list` shows them.")
 
 
 def cmd_pin(args) -> int:
@@ -174,64 +258,120 @@ def cmd_pin(args) -> int:
     from ckpt_daemon import runtime
     from ckpt_daemon.config import load_config
 
-    cfg = load_config(args.config)
+    cfg = load_config(config_path(args))
     c = cat.scan_config(cfg, stats=False)
-    if c.by_name(args.name) is None:
-        raise CkptError(f"There is no checkpoint named {args.name!r} in {cfg.checkpoint_dir}; `ckpt-daemon list` shows them.")
+    e = _find(c, args.name, cfg.checkpoint_dir)
+    out = {"ok": True, "name": e.name, "step": e.step}
     if args.command == "pin":
-        runtime.pin(cfg.checkpoint_dir, args.name, args.reason)
-        print(f"pinned {args.name}: retention will keep it")
+        runtime.pin(cfg.checkpoint_dir, e.name, args.reason)
+        out.update(pinned=True, message=f"pinned {e.name}: retention will keep it")
     else:
-        print(f"unpinned {args.name}" if runtime.unpin(cfg.checkpoint_dir, args.name) else f"{args.name} was not pinned by a user")
+        was_pinned = runtime.unpin(cfg.checkpoint_dir, e.name)
+        released = False
+        if e.epoch_end and cfg.retention.keep_epoch_ends:
+            runtime.release(cfg.checkpoint_dir, e.name)
+            released = True
+        msgs = []
+        if was_pinned:
+            msgs.append(f"unpinned {e.name}")
+        if released:
+            msgs.append(f"released {e.name} as the last checkpoint of epoch {e.epoch}: retention may delete it now "
+                        "(`ckpt-daemon pin` protects it again; retention.keep_epoch_ends: false releases every epoch end)")
+        if not msgs:
+            msgs.append(f"{e.name} was not pinned by a user")
+        out.update(pinned=False, released_epoch_end=released, message="; ".join(msgs))
+    print(json.dumps(out) if args.json else out["message"])
     return 0
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="ckpt-daemon", description=__doc__.split("\n\n")[0],
-                                 epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = ap.add_subparsers(dest="command", required=True)
+def add_completion(p: argparse.ArgumentParser) -> None:
+    p.add_argument("shell", choices=["bash", "zsh", "fish"],
+                   help="the shell; e.g. `ckpt-daemon completion bash > /etc/bash_completion.d/ckpt-daemon`")
 
-    def add(name, func, help_):
-        p = sub.add_parser(name, help=help_, description=help_)
-        p.add_argument("--config", default="config.yaml", help="path of config.yaml (default: ./config.yaml)")
-        p.set_defaults(func=func)
-        return p
 
-    p = add("run", cmd_run, "run the daemon in the foreground")
-    p.add_argument("--quiet-trainer", action="store_true", help="do not echo the trainer's output (it is in logs/trainer.log)")
-    p = add("status", cmd_status, "show the daemon's status")
-    p.add_argument("--json", action="store_true")
-    p = add("list", cmd_list, "list checkpoints")
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--verify", action="store_true", help="verify checksums (reads every byte)")
-    p = add("check-config", cmd_check_config, "validate a config file and print the effective config and next runs")
-    p.add_argument("path", nargs="?", help="config file (default: --config)")
-    p.add_argument("--json", action="store_true", help="print one JSON object: ok, effective config, next runs (or the error)")
-    add("config-schema", cmd_schema, "print the JSON Schema of config.yaml")
-    p = add("install-unit", cmd_install_unit, "render and install the systemd unit")
-    p.add_argument("--user", default=None, help="unprivileged user the service runs as (default: owner of config.yaml)")
-    p.add_argument("--output", default=None, help="where to write the unit (default: /etc/systemd/system/ckpt-daemon.service)")
-    p.add_argument("--print", action="store_true", help="print the unit instead of writing it")
-    for name in ("pin", "unpin"):
-        p = add(name, cmd_pin, f"{name} a checkpoint (retention never deletes a pinned one)")
-        p.add_argument("name", help="checkpoint name, e.g. checkpoint-5000")
-        if name == "pin":
-            p.add_argument("--reason", default="pinned by user")
-    args = ap.parse_args(argv)
-    from ckpt_daemon.cliutil import safe_stdio
-
-    safe_stdio()
-    if args.command != "run":
-        import signal
-
-        signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `ckpt-daemon list | head` ends quietly
+def cmd_completion(args) -> int:
     try:
-        return args.func(args)
-    except CkptError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        return 130
+        import shtab
+    except ImportError:
+        raise CkptError("Shell completion needs the shtab package: pip install shtab.") from None
+    print(shtab.complete(build_parser(), shell=args.shell))
+    return 0
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with a 'did you mean' for a mistyped subcommand or option."""
+
+    def error(self, message: str):
+        import re
+
+        m = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        if m:
+            choices = re.findall(r"'([^']+)'", m.group(2)) or [c.strip() for c in m.group(2).split(",")]
+            close = difflib.get_close_matches(m.group(1), choices, n=1, cutoff=0.5)
+            message = f"unknown command {m.group(1)!r}" + (f"; did you mean {close[0]!r}?" if close else "") \
+                + f" (commands: {', '.join(choices)})"
+        m = re.search(r"unrecognized arguments: (\S+)", message)
+        if m:
+            opts = [o for a in self._actions for o in a.option_strings]
+            sub = next((a for a in self._actions if isinstance(a, argparse._SubParsersAction)), None)
+            for p in (sub.choices.values() if sub else []):
+                opts += [o for a in p._actions for o in a.option_strings]
+            close = difflib.get_close_matches(m.group(1).split("=")[0], sorted(set(opts)), n=1, cutoff=0.6)
+            if close:
+                message += f"; did you mean {close[0]!r}?"
+        super().error(message)
+
+
+# name -> (module, add_arguments, run, help); modules are imported when the parser is built, and none
+# of them imports torch at import time (train and generate import it when they run).
+def _commands() -> dict[str, tuple[Callable, Callable, str]]:
+    from maintenance import cleanup, compress, consolidate, restore, snapshot
+    from trainer import cli as tcli
+
+    return {
+        "run": (add_run, cmd_run, "run the daemon in the foreground (what systemd starts)"),
+        "status": (add_status, cmd_status, "what runs, the latest and best checkpoints, disk and next jobs; a verdict first"),
+        "list": (add_list, cmd_list, "the checkpoint catalog as a table (--verify checks every checksum)"),
+        "cleanup": (cleanup.add_arguments, cleanup.run, cleanup.HELP),
+        "snapshot": (snapshot.add_arguments, snapshot.run, snapshot.HELP),
+        "restore": (restore.add_arguments, restore.run, restore.HELP),
+        "consolidate": (consolidate.add_arguments, consolidate.run, consolidate.HELP),
+        "compress": (compress.add_arguments, compress.run, compress.HELP),
+        "generate": (tcli.add_generate_arguments, tcli.run_generate, tcli.GENERATE_HELP),
+        "train": (tcli.add_train_arguments, tcli.run_train, tcli.TRAIN_HELP),
+        "pin": (add_pin, cmd_pin, "protect a checkpoint (name or step) from retention"),
+        "unpin": (add_unpin, cmd_pin, "release a user's pin, or the epoch-end protection of one checkpoint"),
+        "check-config": (add_check_config, cmd_check_config, "validate a config file; print the effective config and next runs"),
+        "config-schema": (lambda p: None, cmd_schema, "print the JSON Schema of config.yaml (for editors)"),
+        "install-unit": (add_install_unit, cmd_install_unit, "render and install the systemd unit for this install"),
+        "completion": (add_completion, cmd_completion, "print a shell completion script (bash, zsh or fish)"),
+    }
+
+
+# Commands that take no config file.
+NO_CONFIG = {"compress", "generate", "config-schema", "completion"}
+
+
+def build_parser() -> Parser:
+    ap = Parser(prog="ckpt-daemon", description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1]
+                + "\n" + EXIT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--version", action="version", version=f"ckpt-daemon {__version__}")
+    add_config_argument(ap)
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+    sub.required = True
+    for name, (add, run, help_) in _commands().items():
+        p = sub.add_parser(name, help=help_, description=help_[0].upper() + help_[1:] + ".", epilog=EXIT_EPILOG,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        if name not in NO_CONFIG:
+            add_config_argument(p, top=False)
+        add(p)
+        p.set_defaults(func=run)
+    return ap
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    return invoke(args.func, args)
 
 
 if __name__ == "__main__":

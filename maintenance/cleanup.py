@@ -4,12 +4,7 @@ Applies the graduated retention policy of config.yaml to checkpoints.dir: prints
 every keep and delete with its reasons, and the bytes that will really be freed (a checkpoint
 hard-linked into a snapshot frees nothing). Appends one block per run to logs/cleanup.log.
 
-Exit codes:
-  0  success (or a dry run)
-  1  some deletions failed (the others went on); see the report
-  2  bad usage or config, or confirmation needed but no terminal and no -y
-  4  the commit lock could not be taken (a save held it too long); nothing was deleted
-  130 cancelled at the confirmation prompt
+Exit codes: see `--help` (one table for every ckpt-daemon command).
 """
 
 from __future__ import annotations
@@ -30,6 +25,7 @@ from ckpt_daemon.config import Config, RetentionConfig, load_config
 from ckpt_daemon.errors import CkptError, UsageError
 from ckpt_daemon.fsutil import fsync_dir, inside, is_enospc, read_json_file, remove_tree_safely
 from ckpt_daemon.logs import append_text
+from ckpt_daemon.cliutil import add_json_argument, config_path, module_main
 
 
 def human(n: float) -> str:
@@ -467,32 +463,29 @@ def _run_one(cfg: Config, run: str, dry_run: bool, confirm, extra_protected, una
     return r
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m maintenance.cleanup", description=__doc__.split("\n\n")[1],
-                                 epilog=__doc__.split("\n\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default="config.yaml", help="path of config.yaml (default: ./config.yaml)")
-    ap.add_argument("--dry-run", action="store_true", help="show the plan; change nothing")
-    ap.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
-    ap.add_argument("--json", action="store_true", help="print the report as JSON")
+HELP = "apply the retention policy now (--dry-run shows the plan with a reason for every decision)"
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--dry-run", action="store_true", help="show the plan and the reason for every decision; change nothing")
+    ap.add_argument("-y", "--yes", action="store_true",
+                    help="do not ask for confirmation (also confirms a changed retention policy held by the daemon)")
+    add_json_argument(ap, "the report")
     ap.add_argument("-q", "--quiet", action="store_true", help="print only the summary, not every decision")
     ap.add_argument("--wait", type=float, default=600.0, metavar="SECONDS",
                     help="how long to wait for the commit lock while a save commits (default 600); exit 4 after")
-    args = ap.parse_args(argv)
-    from ckpt_daemon.cliutil import safe_stdio
 
-    safe_stdio()
-    import signal
 
-    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `cleanup --dry-run | head` ends quietly
+def run(args: argparse.Namespace) -> int:
     try:
         if args.dry_run:  # only looks: with a broken config.yaml, show the plan of the last good one
             from ckpt_daemon.configfile import load_for_reading
 
-            cfg, error = load_for_reading(Path(args.config))
+            cfg, error = load_for_reading(config_path(args))
             if error:
-                print(f"warning: {args.config} is broken; this plan uses the last good config. {error}", file=sys.stderr)
+                print(f"warning: {config_path(args)} is broken; this plan uses the last good config. {error}", file=sys.stderr)
         else:
-            cfg = load_config(args.config)
+            cfg = load_config(config_path(args))
         if not args.dry_run and not args.yes and not sys.stdin.isatty():
             n = sum(len(build_report(cfg, "dry run", run=run).to_delete) for run in run_names(cfg))
             if n:
@@ -511,9 +504,6 @@ def main(argv: Optional[list[str]] = None) -> int:
 
         how = "cleanup -y" if args.yes else ("cleanup, confirmed at the prompt" if sys.stdin.isatty() else None)
         r = run_cleanup(cfg, args.dry_run, ask, confirmed_by=how, lock_timeout_s=max(0.0, args.wait))
-    except CkptError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
     except KeyboardInterrupt:
         print("cancelled; nothing was deleted", file=sys.stderr)
         return 130
@@ -522,7 +512,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print("cancelled; nothing more was deleted")
         return 130
     if args.json:
-        print(json.dumps(r.to_json(), indent=2))
+        print(json.dumps({"ok": not any(x.failed for x in reports), **r.to_json()}, indent=2))
     else:
         for x in reports:
             if args.dry_run or args.yes:
@@ -536,6 +526,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         for line in r.leftovers:
             print(f"Leftover of an interrupted run: {line}")
     return 1 if any(x.failed for x in reports) else 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    return module_main("python -m maintenance.cleanup", __doc__.split("\n\n")[1], add_arguments, run, argv)
 
 
 if __name__ == "__main__":

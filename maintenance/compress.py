@@ -36,6 +36,10 @@ DROP = ("optimizer", "optimizer_state_dict", "optimizers", "optimizer_states", "
         "scheduler", "scheduler_state_dict", "schedulers", "lr_scheduler", "lr_scheduler_state_dict", "lr_schedulers",
         "scaler", "scaler_state_dict", "grad_scaler", "grad_scaler_state_dict", "amp", "amp_state_dict")
 SUFFIX = "_compressed"
+import json
+
+from ckpt_daemon.cliutil import add_json_argument, module_main
+
 
 
 def droppable(obj: Any) -> list[str]:
@@ -128,23 +132,33 @@ def expand(patterns: list[str]) -> list[Path]:
     return files
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m maintenance.compress", description=__doc__.split("\n\n")[1],
-                                 epilog=__doc__.split("\n\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("paths", nargs="+", help="files or glob patterns, e.g. 'checkpoints/model_step_*.pt'")
+HELP = "strip optimizer state from single-file checkpoints (.pt, .ckpt), verified"
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("paths", nargs="+", metavar="PATH", help="files or glob patterns, e.g. 'checkpoints/model_step_*.pt'")
     ap.add_argument("--replace", action="store_true", help="replace each original after its compressed copy is verified")
-    args = ap.parse_args(argv)
+    add_json_argument(ap, "one record per file")
+
+
+def run(args: argparse.Namespace) -> int:
     files = expand(args.paths)
     if not files:
-        print(f"error: nothing matches {' '.join(args.paths)}", file=sys.stderr)
-        return 2
-    failed = 0
+        raise UsageError(f"Nothing matches {' '.join(args.paths)}: give existing files or glob patterns "
+                         "(quote them, e.g. 'checkpoints/model_step_*.pt').")
+    failed, records = 0, []
     for f in files:
         try:
             r = compress_file(f, args.replace)
         except CkptError as exc:
-            print(f"error: {exc}", file=sys.stderr)
+            records.append({"file": str(f), "ok": False, "error": {"type": type(exc).__name__, "message": str(exc),
+                                                                    "exit_code": exc.exit_code}})
+            if not args.json:
+                print(f"error: {exc}", file=sys.stderr)
             failed += 1
+            continue
+        records.append({"file": str(f), "ok": True, **{k: (str(v) if isinstance(v, Path) else v) for k, v in r.items()}})
+        if args.json:
             continue
         if not r["dropped"]:
             print(f"{f}: nothing to drop ({r['nothing']}); left as it is")
@@ -153,8 +167,13 @@ def main(argv: Optional[list[str]] = None) -> int:
               f"({1 - r['size'] / r['original_size']:.0%} smaller; dropped {', '.join(r['dropped'])}; verified)")
         if r["lightning"]:
             print("  (LightningModule.load_from_checkpoint works on it; Trainer.fit(ckpt_path=...) cannot resume from it)")
+    if args.json:
+        print(json.dumps({"ok": not failed, "files": records}, indent=2, default=str))
     return 1 if failed else 0
 
+
+def main(argv: Optional[list[str]] = None) -> int:
+    return module_main("python -m maintenance.compress", __doc__.split("\n\n")[1], add_arguments, run, argv)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -61,6 +61,8 @@ HF_COPY = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", 
            "added_tokens.json", "vocab.json", "merges.txt", "vocab.txt", "tokenizer.model", "spiece.model",
            "sentencepiece.bpe.model", "chat_template.jinja", "chat_template.json")
 JSON_MAX = 64 << 20
+from ckpt_daemon.cliutil import add_json_argument, config_path, module_main
+
 
 
 @dataclass
@@ -627,23 +629,21 @@ def human(n: float) -> str:
     return f"{n:.2f} TiB"
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m maintenance.consolidate", description=__doc__.split("\n\n")[1],
-                                 epilog=__doc__.split("\n\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default="config.yaml", help="path of config.yaml (default: ./config.yaml)")
-    ap.add_argument("--from", dest="source", default="latest",
+HELP = "export a small weights-only model (safetensors) into consolidated_models/"
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--from", dest="source", default="latest", metavar="WHICH",
                     help="latest | best | STEP | PATH of a checkpoint folder or file (default: latest)")
-    ap.add_argument("--average", type=int, default=1, help="average the weights of the last K valid checkpoints")
-    ap.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: consolidation.dtype")
-    ap.add_argument("--json", action="store_true")
-    args = ap.parse_args(argv)
-    try:
-        r = consolidate(load_config(args.config), args.source, args.average, args.dtype)
-    except CkptError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
+    ap.add_argument("--average", type=int, default=1, metavar="K", help="average the weights of the last K valid checkpoints")
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="dtype of the export (default: consolidation.dtype)")
+    add_json_argument(ap, "what was written")
+
+
+def run(args: argparse.Namespace) -> int:
+    r = consolidate(load_config(config_path(args)), args.source, args.average, args.dtype)
     if args.json:
-        print(json.dumps(r, indent=2))
+        print(json.dumps({"ok": True, **r}, indent=2))
         return 0
     print(f"wrote {r['path']} from {Path(r['source']).name} ({r['trainer']}, {r['dtype']}, steps {r['source_steps']})")
     print(f"size {human(r['size'])} vs full checkpoint {human(r['full_checkpoint_size'])} ({r['ratio']:.1%}); {r['check']}")
@@ -651,6 +651,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"note: {note}")
     return 0
 
+
+def main(argv: Optional[list[str]] = None) -> int:
+    return module_main("python -m maintenance.consolidate", __doc__.split("\n\n")[1], add_arguments, run, argv)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -18,9 +18,13 @@ from typing import Optional
 from ckpt_daemon import catalog as cat
 from ckpt_daemon import runtime
 from ckpt_daemon.config import Config, load_config
-from ckpt_daemon.errors import CheckpointError, CkptError, UsageError
+from ckpt_daemon.errors import CheckpointError, UsageError
 from ckpt_daemon.fsutil import fsync_dir, inside, read_json_file
 from maintenance.snapshot import SNAPSHOT_MANIFEST, _copy_checkpoint, choose_method
+import json
+
+from ckpt_daemon.cliutil import add_json_argument, config_path, module_main
+
 
 
 def find_snapshot(cfg: Config, which: str) -> Path:
@@ -98,20 +102,29 @@ def _label(rec: dict) -> str:
     return f"{rec['run']}/{rec['name']}" if rec.get("run") else rec["name"]
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m maintenance.restore", description=__doc__.split("\n\n")[1])
+HELP = "put checkpoints from a snapshot back, verified, never overwriting one"
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("snapshot", help="snapshot name (YYYY-MM-DD) or path")
-    ap.add_argument("--config", default="config.yaml", help="path of config.yaml (default: ./config.yaml)")
-    ap.add_argument("--checkpoint", default=None, help="restore only this checkpoint of the snapshot")
-    args = ap.parse_args(argv)
-    try:
-        for line in restore(load_config(args.config), args.snapshot, args.checkpoint):
+    ap.add_argument("--checkpoint", default=None, metavar="NAME", help="restore only this checkpoint of the snapshot")
+    add_json_argument(ap, "what was restored")
+
+
+def run(args: argparse.Namespace) -> int:
+    lines = restore(load_config(config_path(args)), args.snapshot, args.checkpoint)
+    if args.json:
+        print(json.dumps({"ok": True, "snapshot": args.snapshot,
+                          "restored": [ln.split()[1] for ln in lines if ln.startswith("restored ")],
+                          "messages": lines}, indent=2))
+    else:
+        for line in lines:
             print(line)
-    except CkptError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
     return 0
 
+
+def main(argv: Optional[list[str]] = None) -> int:
+    return module_main("python -m maintenance.restore", __doc__.split("\n\n")[1], add_arguments, run, argv)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -25,7 +25,7 @@ from typing import Optional, Sequence
 from ckpt_daemon import catalog as cat
 from ckpt_daemon import foreign, runtime
 from ckpt_daemon.config import Config, load_config
-from ckpt_daemon.errors import CheckpointError, CkptError, DiskFullError, NoValidCheckpoint
+from ckpt_daemon.errors import CheckpointError, DiskFullError, NoValidCheckpoint
 from ckpt_daemon.fsutil import (atomic_write_json, copy_into, disk_full_error, fsync_dir, is_enospc, read_json_file,
                                 remove_tree_safely, tree_stats)
 from ckpt_daemon.logs import append_text
@@ -33,6 +33,10 @@ from ckpt_daemon.logs import append_text
 SNAPSHOT_MANIFEST = "snapshot.json"
 SNAPSHOT_FORMAT = "ckpt-daemon-snapshot/1"
 DATE_RE = re.compile(r"\A(\d{4})-(\d{2})-(\d{2})\Z")
+import json
+
+from ckpt_daemon.cliutil import add_json_argument, config_path, module_main
+
 
 
 @dataclass
@@ -308,37 +312,57 @@ def run_snapshot_job(cfg: Config, now: Optional[dt.datetime] = None) -> str:
     return res.message
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m maintenance.snapshot", description=__doc__.split("\n\n")[1])
-    ap.add_argument("--config", default="config.yaml", help="path of config.yaml (default: ./config.yaml)")
-    ap.add_argument("--no-prune", action="store_true", help="do not apply snapshot retention afterwards")
-    ap.add_argument("--list", action="store_true", help="list snapshots and what retention would do, then exit")
-    args = ap.parse_args(argv)
-    try:
-        cfg = load_config(args.config)
-        if args.list:
-            s = cfg.snapshots
-            for d in plan_calendar(list_snapshots(cfg.snapshot_dir), s.keep_daily, s.keep_weekly, s.keep_monthly):
-                print(f"{'keep  ' if d.keep else 'delete'} {d.name}  {'; '.join(d.reasons)}")
-            return 0
-        from maintenance.cleanup import finish_leftovers
+HELP = "take a snapshot of the latest and best checkpoints now (--list shows the snapshots)"
 
-        for line in finish_leftovers(cfg):
-            print(f"Leftover of an interrupted run: {line}")
-        try:
-            res = take_snapshot(cfg, show_progress=sys.stderr.isatty())
-        except DiskFullError:
-            if not args.no_prune:
-                prune_snapshots(cfg)  # a full snapshot disk still loses the snapshots its retention would drop
-            raise
-        print(res.message)
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--no-prune", action="store_true", help="do not apply snapshot retention afterwards")
+    ap.add_argument("--list", action="store_true", help="list the snapshots and what snapshot retention would do, then exit")
+    add_json_argument(ap, "the snapshot taken (or the list)")
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = load_config(config_path(args))
+    if args.list:
+        s = cfg.snapshots
+        snaps = list_snapshots(cfg.snapshot_dir)
+        decisions = plan_calendar(snaps, s.keep_daily, s.keep_weekly, s.keep_monthly)
+        if args.json:
+            print(json.dumps({"ok": True, "dir": str(cfg.snapshot_dir),
+                              "snapshots": [{"name": d.name, "keep": d.keep, "reasons": d.reasons} for d in decisions]},
+                             indent=2))
+        elif not decisions:
+            print(f"No snapshots in {cfg.snapshot_dir} yet. The daemon takes one at {s.schedule!r} "
+                  f"({cfg.timezone}); `ckpt-daemon snapshot` takes one now.")
+        for d in ([] if args.json else decisions):
+            print(f"{'keep  ' if d.keep else 'delete'} {d.name}  {'; '.join(d.reasons)}")
+        return 0
+    from maintenance.cleanup import finish_leftovers
+
+    leftovers = finish_leftovers(cfg)
+    for line in ([] if args.json else leftovers):
+        print(f"Leftover of an interrupted run: {line}")
+    try:
+        res = take_snapshot(cfg, show_progress=sys.stderr.isatty() and not args.json)
+    except DiskFullError:
         if not args.no_prune:
-            prune_snapshots(cfg)
-    except CkptError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
+            prune_snapshots(cfg)  # a full snapshot disk still loses the snapshots its retention would drop
+        raise
+    pruned = [] if args.no_prune else [d.name for d in prune_snapshots(cfg) if not d.keep]
+    if args.json:
+        print(json.dumps({"ok": True, "name": res.name, "path": str(res.path), "created": res.created,
+                          "checkpoints": res.checkpoints, "apparent_bytes": res.apparent_bytes,
+                          "added_bytes": res.added_bytes, "message": res.message, "pruned": pruned,
+                          "leftovers": leftovers}, indent=2, default=str))
+    else:
+        print(res.message)
+        for name in pruned:
+            print(f"pruned snapshot {name} (snapshot retention; logged to {cfg.log_dir / 'cleanup.log'})")
     return 0
 
+
+def main(argv: Optional[list[str]] = None) -> int:
+    return module_main("python -m maintenance.snapshot", __doc__.split("\n\n")[1], add_arguments, run, argv)
 
 if __name__ == "__main__":
     sys.exit(main())

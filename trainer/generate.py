@@ -9,7 +9,6 @@ generated ids are printed then). Nothing is ever downloaded: the Hugging Face hu
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path
@@ -132,28 +131,22 @@ def generate_builtin(path: Path, args) -> str:
     return "".join(vocab[i] for i in out)
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m trainer.generate", description=__doc__.split("\n\n")[1])
-    ap.add_argument("--checkpoint", required=True,
-                    help="a checkpoint-<step> folder, a consolidated model folder or a Hugging Face model folder")
-    ap.add_argument("--prompt", default="the ")
-    ap.add_argument("--prompt-ids", default=None, help="the prompt as token ids (1,2,3); the output is token ids too")
-    ap.add_argument("--tokens", type=int, default=200)
-    ap.add_argument("--temperature", type=float, default=0.8, help="0 samples greedily")
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args(argv)
+def generate(args) -> str:
+    """The text (or token ids) sampled for the arguments of `ckpt-daemon generate` (see trainer/cli.py)."""
     path = Path(args.checkpoint)
     try:
         conf = hf_config(path)
-        text = generate_hf(path, conf, args) if conf else generate_builtin(path, args)
-    except CkptError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
+        return generate_hf(path, conf, args) if conf else generate_builtin(path, args)
     except (FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    print(text)
-    return 0
+        raise CheckpointError(f"{path} cannot be sampled: {exc}. Give a checkpoint-<step> folder, a folder written by "
+                              "`ckpt-daemon consolidate`, or a Hugging Face model folder.") from None
+
+
+def main(argv=None) -> int:
+    from ckpt_daemon.cliutil import module_main
+    from trainer.cli import add_generate_arguments, run_generate
+
+    return module_main("python -m trainer.generate", __doc__.split("\n\n")[1], add_generate_arguments, run_generate, argv)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ CPU (nccl on GPUs); rank 0 writes; every rank loads the checkpoint rank 0 chose.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 import os
@@ -22,8 +21,7 @@ import torch
 import torch.distributed as dist
 
 from ckpt_daemon import runtime
-from ckpt_daemon.config import Config, load_config
-from ckpt_daemon.errors import CkptError
+from ckpt_daemon.config import Config
 from ckpt_daemon.logs import append_jsonl
 from ckpt_daemon.checkpoint import CheckpointManager, capture_rng, restore_rng
 from trainer.data import Sampler, load_corpus, val_batches
@@ -247,21 +245,10 @@ def run(cfg: Config, resume: str, max_steps: Optional[int] = None) -> int:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m trainer", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--config", default="config.yaml", help="path of config.yaml (default: ./config.yaml)")
-    ap.add_argument("--resume", default=None,
-                    help="latest | best | none | STEP | PATH (default: $CKPT_RESUME if set, else latest)")
-    ap.add_argument("--max-steps", type=int, default=None, help="override trainer.max_steps")
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
-    try:
-        cfg = load_config(args.config)
-        resume = args.resume or os.environ.get("CKPT_RESUME") or "latest"
-        return run(cfg, resume, args.max_steps)
-    except CkptError as exc:
-        log.error("%s", exc)
-        return exc.exit_code
+    from ckpt_daemon.cliutil import module_main
+    from trainer.cli import add_train_arguments, run_train
+
+    return module_main("python -m trainer", __doc__.split("\n\n")[0], add_train_arguments, run_train, argv)
 
 
 if __name__ == "__main__":
