@@ -9,8 +9,10 @@ build their parser from it and run the same code.
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import os
+import re
 import signal
 import sys
 from pathlib import Path
@@ -21,6 +23,43 @@ from ckpt_daemon.errors import CkptError, exit_code_table
 CONFIG_ENV = "CKPT_DAEMON_CONFIG"
 CONFIG_HELP = f"the config.yaml to use (default: ${CONFIG_ENV}, else ./config.yaml)"
 EXIT_EPILOG = "Exit codes (the same for every command):\n" + exit_code_table()
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with a 'did you mean' for a mistyped subcommand or option, and, when --json was asked
+    for, usage errors in the JSON error shape on stdout (exit 2) like every other error."""
+
+    json_errors = False  # set from the raw arguments before parsing
+
+    def error(self, message: str):
+        m = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        if m:
+            choices = re.findall(r"'([^']+)'", m.group(2)) or [c.strip() for c in m.group(2).split(",")]
+            close = difflib.get_close_matches(m.group(1), choices, n=1, cutoff=0.5)
+            message = f"unknown command {m.group(1)!r}" + (f"; did you mean {close[0]!r}?" if close else "") \
+                + f" (commands: {', '.join(choices)})"
+        m = re.search(r"unrecognized arguments: (\S+)", message)
+        if m:
+            opts = sorted({o for a in self._actions for o in a.option_strings})
+            close = difflib.get_close_matches(m.group(1).split("=")[0], opts, n=1, cutoff=0.6)
+            if close:
+                message += f"; did you mean {close[0]!r}?"
+        if Parser.json_errors:
+            from ckpt_daemon.errors import UsageError
+
+            print(error_json(UsageError(f"{self.prog}: {message}. See {self.prog} --help.")))
+            sys.exit(2)
+        super().error(message)
+
+    def parse_args(self, args=None, namespace=None):
+        argv = sys.argv[1:] if args is None else list(args)
+        Parser.json_errors = "--json" in argv
+        ns, extra = self.parse_known_args(argv, namespace)
+        if extra:  # reported by the subcommand's parser, with its usage and its options to suggest
+            sub = next((a for a in self._actions if isinstance(a, argparse._SubParsersAction)), None)
+            target = sub.choices.get(getattr(ns, sub.dest, None)) if sub else None
+            (target or self).error(f"unrecognized arguments: {' '.join(extra)}")
+        return ns
 
 
 def safe_stdio() -> None:
@@ -76,8 +115,7 @@ def invoke(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) 
 def module_main(prog: str, description: str, add_arguments: Callable, run: Callable,
                 argv: Optional[list[str]] = None) -> int:
     """The `python -m ...` entry point of a command: the same arguments and code as `ckpt-daemon <command>`."""
-    ap = argparse.ArgumentParser(prog=prog, description=description, epilog=EXIT_EPILOG,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = Parser(prog=prog, description=description, epilog=EXIT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_argument(ap)
     add_arguments(ap)
     return invoke(run, ap.parse_args(argv))

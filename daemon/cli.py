@@ -8,7 +8,6 @@ else ./config.yaml). `ckpt-daemon COMMAND --help` says what each flag does. The 
 from __future__ import annotations
 
 import argparse
-import difflib
 import json
 import os
 import sys
@@ -17,7 +16,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from ckpt_daemon import __version__
-from ckpt_daemon.cliutil import (EXIT_EPILOG, add_config_argument, add_json_argument, config_path, invoke)
+from ckpt_daemon.cliutil import EXIT_EPILOG, Parser, add_config_argument, add_json_argument, config_path, invoke
 from ckpt_daemon.errors import CkptError, UsageError
 
 
@@ -68,7 +67,8 @@ def cmd_schema(args) -> int:
 
 
 def add_list(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--verify", action="store_true", help="verify every checksum (reads every byte)")
+    p.add_argument("--verify", action="store_true",
+                   help="verify every checksum (reads every byte); exit 1 if any checkpoint is damaged")
     add_json_argument(p, "the catalog")
 
 
@@ -78,12 +78,16 @@ def cmd_list(args) -> int:
 
     cfg, _ = _load_for_reading(args)
     c = cat.scan_config(cfg, verify=args.verify)
+    # damage found is a failure (exit 1), so `ckpt-daemon list --verify && ...` in a cron job notices it;
+    # a checkpoint still being written is not damage
+    bad = [e for e in c.entries if not e.valid and e.status != "in_progress"] if args.verify else []
+    code = 1 if bad else 0
     if args.json:
-        print(json.dumps({"ok": True, "root": str(c.root), "checkpoints": [e.to_json() for e in c.entries],
+        print(json.dumps({"ok": not bad, "root": str(c.root), "checkpoints": [e.to_json() for e in c.entries],
                           "in_progress": [{"name": p.name, "step": p.step} for p in c.in_progress],
                           "ignored": [{"name": n, "why": w} for n, w in c.ignored], "pointers": c.pointers,
                           "resumed_from": c.resumed_from}, indent=2, default=str))
-        return 0
+        return code
     from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
@@ -96,6 +100,8 @@ def cmd_list(args) -> int:
         marks = [p for p, n in c.pointers.items() if n == e.name]
         if e.pin:
             marks.append(f"pinned: {e.pin}")
+        if e.epoch_end:
+            marks.append(f"end of epoch {e.epoch}")
         if c.resumed_from == e.name:
             marks.append("resumed from")
         status = e.status + (" (verified)" if e.verified and e.valid else "") + (f": {e.reason}" if e.reason else "")
@@ -108,7 +114,11 @@ def cmd_list(args) -> int:
         print(f"in progress or interrupted (ignored): {p.name}")
     for n, w in c.ignored:
         print(f"not a checkpoint: {n} ({w})")
-    return 0
+    if bad:
+        print(f"{len(bad)} checkpoint(s) are not usable ({', '.join(e.name for e in bad[:5])}"
+              f"{', ...' if len(bad) > 5 else ''}): the daemon never resumes from them; restore one from a snapshot "
+              "(`ckpt-daemon restore`) if you need it.", file=sys.stderr)
+    return code
 
 
 def _load_for_reading(args):
@@ -217,13 +227,16 @@ def add_install_unit(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", default=None, metavar="PATH",
                    help="where to write the unit (default: /etc/systemd/system/ckpt-daemon.service)")
     p.add_argument("--print", action="store_true", help="print the unit instead of writing it")
+    p.add_argument("--read-write", action="append", default=[], metavar="PATH",
+                   help="another folder the trainer writes (repeatable); the service user's ~/.cache is writable "
+                        "already, the rest of /home is read-only")
 
 
 def cmd_install_unit(args) -> int:
     from daemon.unit import install_unit
 
     print(install_unit(config_path(args), user=args.user, output=Path(args.output) if args.output else None,
-                       print_only=args.print))
+                       print_only=args.print, extra_rw=args.read_write))
     return 0
 
 
@@ -263,8 +276,10 @@ def cmd_pin(args) -> int:
     e = _find(c, args.name, cfg.checkpoint_dir)
     out = {"ok": True, "name": e.name, "step": e.step}
     if args.command == "pin":
+        before = runtime.read_pins(cfg.checkpoint_dir).get(e.name)
         runtime.pin(cfg.checkpoint_dir, e.name, args.reason)
-        out.update(pinned=True, message=f"pinned {e.name}: retention will keep it")
+        out.update(pinned=True, message=f"pinned {e.name}: retention will keep it"
+                   + (f" (the reason was {before!r}, now {args.reason!r})" if before and before != args.reason else ""))
     else:
         was_pinned = runtime.unpin(cfg.checkpoint_dir, e.name)
         released = False
@@ -296,30 +311,6 @@ def cmd_completion(args) -> int:
         raise CkptError("Shell completion needs the shtab package: pip install shtab.") from None
     print(shtab.complete(build_parser(), shell=args.shell))
     return 0
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse with a 'did you mean' for a mistyped subcommand or option."""
-
-    def error(self, message: str):
-        import re
-
-        m = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
-        if m:
-            choices = re.findall(r"'([^']+)'", m.group(2)) or [c.strip() for c in m.group(2).split(",")]
-            close = difflib.get_close_matches(m.group(1), choices, n=1, cutoff=0.5)
-            message = f"unknown command {m.group(1)!r}" + (f"; did you mean {close[0]!r}?" if close else "") \
-                + f" (commands: {', '.join(choices)})"
-        m = re.search(r"unrecognized arguments: (\S+)", message)
-        if m:
-            opts = [o for a in self._actions for o in a.option_strings]
-            sub = next((a for a in self._actions if isinstance(a, argparse._SubParsersAction)), None)
-            for p in (sub.choices.values() if sub else []):
-                opts += [o for a in p._actions for o in a.option_strings]
-            close = difflib.get_close_matches(m.group(1).split("=")[0], sorted(set(opts)), n=1, cutoff=0.6)
-            if close:
-                message += f"; did you mean {close[0]!r}?"
-        super().error(message)
 
 
 # name -> (module, add_arguments, run, help); modules are imported when the parser is built, and none

@@ -18,7 +18,8 @@ TEMPLATE = Path(__file__).resolve().parent.parent / "systemd" / "ckpt-daemon.ser
 DEFAULT_OUTPUT = Path("/etc/systemd/system/ckpt-daemon.service")
 
 
-def render_unit(config_path: Path, user: Optional[str] = None, exec_path: Optional[str] = None) -> str:
+def render_unit(config_path: Path, user: Optional[str] = None, exec_path: Optional[str] = None,
+                extra_rw: Optional[list[str]] = None) -> str:
     cfg = load_config(config_path)
     root = cfg.base_dir
     if user is None:
@@ -35,6 +36,10 @@ def render_unit(config_path: Path, user: Optional[str] = None, exec_path: Option
     if cfg.http.textfile:
         folders.append(cfg.resolve_path(cfg.http.textfile))
     rw = sorted({str(p) for p in folders})
+    # ProtectHome=read-only would stop the trainer writing its caches (Hugging Face, torch, triton...);
+    # "-" lets the unit start where the folder does not exist yet
+    rw.append(f"-{Path(pw.pw_dir) / '.cache'}")
+    rw += [f"-{Path(p).resolve()}" for p in extra_rw or ()]
     text = TEMPLATE.read_text()
     for k, v in {"@ROOT@": str(root), "@USER@": user, "@GROUP@": group, "@EXEC@": exe,
                  "@CONFIG@": str(Path(config_path).resolve()), "@RW_PATHS@": " ".join(rw),
@@ -44,8 +49,8 @@ def render_unit(config_path: Path, user: Optional[str] = None, exec_path: Option
 
 
 def install_unit(config_path: Path, user: Optional[str] = None, output: Optional[Path] = None,
-                 print_only: bool = False) -> str:
-    text = render_unit(config_path, user)
+                 print_only: bool = False, extra_rw: Optional[list[str]] = None) -> str:
+    text = render_unit(config_path, user, extra_rw=extra_rw)
     if print_only:
         return text
     out = output or DEFAULT_OUTPUT

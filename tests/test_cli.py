@@ -124,6 +124,33 @@ def test_pin_and_unpin_by_step_and_release_an_epoch_end(project, capsys):
     assert "no checkpoint named '99'" in capsys.readouterr().err
 
 
+def test_list_verify_exits_1_when_a_checkpoint_is_damaged(project, capsys):
+    assert cli(["--config", str(project), "list", "--verify", "--json"]) == 0
+    assert out_json(capsys)["ok"] is True
+    f = project.parent / "checkpoints" / "checkpoint-30" / "model.safetensors"
+    data = bytearray(f.read_bytes())
+    data[3] ^= 0x01
+    f.write_bytes(bytes(data))
+    assert cli(["--config", str(project), "list", "--verify"]) == 1  # `list --verify && ...` in cron notices
+    out = capsys.readouterr()
+    assert "checkpoint-30" in out.err and "not usable" in out.err
+    assert cli(["--config", str(project), "list", "--verify", "--json"]) == 1
+    doc = out_json(capsys)
+    assert doc["ok"] is False and {e["name"]: e["status"] for e in doc["checkpoints"]}["checkpoint-30"] == "corrupt"
+    assert cli(["--config", str(project), "list"]) == 0  # a listing without --verify only lists
+
+
+def test_usage_errors_under_json_are_json(project):
+    for args in (["status", "--json", "--bogus"], ["pin", "--json"]):
+        r = run_py(["-m", "daemon", "--config", str(project), *args])
+        doc = json.loads(r.stdout)
+        assert r.returncode == 2 and doc["ok"] is False and doc["error"]["type"] == "UsageError", args
+    r = run_py(["-m", "maintenance.cleanup", "--config", str(project), "--dry-rn"])
+    assert r.returncode == 2 and "did you mean '--dry-run'" in r.stderr and "maintenance.cleanup [-h]" in r.stderr
+    r = run_py(["-m", "daemon", "status", "--config", str(project), "--jsn"])
+    assert "usage: ckpt-daemon status" in r.stderr and "did you mean '--json'" in r.stderr
+
+
 def test_snapshot_list_with_none_says_so(project, capsys):
     assert cli(["--config", str(project), "snapshot", "--list"]) == 0
     assert "No snapshots in" in capsys.readouterr().out
