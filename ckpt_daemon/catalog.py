@@ -322,6 +322,7 @@ def scan(root: Path, patterns: Iterable[str], verify: bool = False, stats: bool 
     in_progress: list[InProgress] = []
     ignored: list[tuple[str, str]] = []
     pins = runtime.read_pins(root)
+    sidecars = _sidecar_names(root)
     for name, dentry in _list_root(root):
         path = root / name
         if name in (STATE_DIR, ".gitkeep") or name in POINTERS:
@@ -345,7 +346,8 @@ def scan(root: Path, patterns: Iterable[str], verify: bool = False, stats: bool 
         if not (stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode)):
             ignored.append((name, "is neither a file nor a folder"))
             continue
-        e = _entry(root, name, st, fields, verify, stats, settle_s, now)
+        e = _entry(root, name, st, fields, verify, stats, settle_s, now,
+                   has_sidecar=sidecars is None or f"{name}.json" in sidecars)
         if e is not None:
             if name in pins:
                 e.pin = pins[name]
@@ -368,8 +370,20 @@ def scan(root: Path, patterns: Iterable[str], verify: bool = False, stats: bool 
     return c
 
 
+def _sidecar_names(root: Path) -> Optional[set[str]]:
+    """Names in the sidecar folder, listed once per scan (most entries have none: opening each one's
+    would-be sidecar is a third of a large scan); None where it cannot be listed (then each is tried)."""
+    try:
+        with os.scandir(os.path.join(root, STATE_DIR, foreign.SIDECARS)) as it:
+            return {d.name for d in it}
+    except FileNotFoundError:
+        return set()
+    except OSError:
+        return None
+
+
 def _entry(root: Path, name: str, st: os.stat_result, fields: dict, verify: bool, stats: bool,
-           settle_s: float, now: float) -> Optional[Entry]:
+           settle_s: float, now: float, has_sidecar: bool = True) -> Optional[Entry]:
     path = root / name
     fstats, subdirs = None, True
     step = fields["step"]
@@ -382,7 +396,7 @@ def _entry(root: Path, name: str, st: os.stat_result, fields: dict, verify: bool
         why = "permission denied" if isinstance(exc, PermissionError) else str(exc)[:120] or type(exc).__name__
         return Entry(name=name, path=path, step=step, layout="native", status="unreadable",
                      reason=f"cannot be read ({why})", mtime=st.st_mtime, fields=fields)
-    sc = foreign.read_sidecar(root, name)
+    sc = foreign.read_sidecar(root, name) if has_sidecar else None
     recorded = False
     if sc is not None:
         try:

@@ -10,8 +10,8 @@ Usable from any training script:
     mgr.close()
 
 Native format (see maintenance/manifest.py): `checkpoint-<step>/` written into `.tmp-checkpoint-<step>-<pid>/`,
-each file fsynced with its sha256 computed while writing, manifest.json written last, the folder
-renamed into place and the parent fsynced. `latest` and `best` are symlinks replaced atomically.
+each file fsynced with its checksum (blake3 by default, sha256 on request: `checksum=` or $CKPT_CHECKSUM)
+computed while writing, manifest.json written last, the folder renamed into place and the parent fsynced. `latest` and `best` are symlinks replaced atomically.
 Loading reads each file once, checking size and checksum in the same pass, and never unpickles.
 """
 
@@ -36,6 +36,8 @@ from ckpt_daemon import manifest as mf
 from ckpt_daemon import runtime
 from ckpt_daemon.errors import CheckpointError, DiskFullError, NoValidCheckpoint
 from ckpt_daemon.fsutil import atomic_symlink, atomic_write_json, disk_full_error, fsync_dir, free_bytes, is_enospc
+from ckpt_daemon.fsutil import default_checksum, digest_record, new_hasher, record_checksum
+from ckpt_daemon import verifyonce
 from ckpt_daemon import stio
 from ckpt_daemon.statecodec import decode, encode
 
@@ -153,6 +155,7 @@ class Loaded:
     extra: dict
     world_size: int
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (name, why) of checkpoints passed over
+    from_memory: bool = False  # restored from a memory checkpoint (path: the name it has on disk once persisted)
 
 
 @dataclass
@@ -170,13 +173,21 @@ class CheckpointManager:
     """Saves and loads native checkpoints in one folder. Only rank 0 of a job should save."""
 
     def __init__(self, directory: str | os.PathLike, *, best_metric: str = "val_loss", best_mode: str = "min",
-                 save_margin_bytes: int = 64 << 20, patterns: Optional[list[str]] = None, rank: int = 0):
+                 save_margin_bytes: int = 64 << 20, patterns: Optional[list[str]] = None, rank: int = 0,
+                 memory: Optional[str | os.PathLike | bool] = None, memory_max_bytes: Optional[int] = None,
+                 checksum: Optional[str] = None):
+        """`memory`: the shared-memory region for memory-first checkpoints (`save(..., memory=True)`, and
+        `load` prefers a verified memory state as new as the disk's): a folder on a tmpfs, True for
+        $CKPT_DAEMON_MEMORY (set by the daemon when checkpoints.memory.enabled), None for the same but
+        off when it is unset, False for off."""
         self.dir = Path(directory).resolve()
         self.best_metric = best_metric
         self.best_mode = best_mode
         self.save_margin = int(save_margin_bytes)
         self.patterns = patterns or [NATIVE_PATTERN]
         self.rank = rank
+        # The checksum new checkpoints get: blake3 unless "sha256" is asked for here or in $CKPT_CHECKSUM.
+        self.checksum = checksum
         self.last_save_bytes = 0
         self._thread: Optional[threading.Thread] = None
         self._error: Optional[BaseException] = None
@@ -187,6 +198,11 @@ class CheckpointManager:
         self._staging_state: dict[str, torch.Tensor] = {}
         self.skipped_saves = 0
         self._pointer_error: Optional[str] = None
+        if memory is None or memory is True:
+            memory = os.environ.get("CKPT_DAEMON_MEMORY") or None
+        self.memory_dir: Optional[Path] = Path(memory).resolve() if memory and rank == 0 else None
+        self.memory_max_bytes = memory_max_bytes
+        self._memory = None  # memsave.MemoryWriter, opened at the first memory save
         if rank == 0:
             self.dir.mkdir(parents=True, exist_ok=True)
             self._best = self._current_best()
@@ -195,10 +211,17 @@ class CheckpointManager:
     def save(self, step: int, *, model: torch.nn.Module, optimizer: Any = None, scheduler: Any = None,
              scaler: Any = None, epoch: int = 0, data_state: Optional[dict] = None, metrics: Optional[dict] = None,
              config: Optional[dict] = None, extra: Optional[dict] = None, pin: Optional[str] = None,
-             world_size: int = 1, rng: Optional[dict] = None, blocking: bool = True) -> Optional[Path]:
+             world_size: int = 1, rng: Optional[dict] = None, blocking: bool = True,
+             memory: bool = False) -> Optional[Path]:
         """Save the full state as checkpoint-<step>. Returns the final path, or None if the save was
         skipped (not enough disk space: logged; training should go on). With blocking=False the state
-        is copied to CPU memory and written by a background thread; at most one save is in flight."""
+        is copied to CPU memory and written by a background thread; at most one save is in flight.
+        With memory=True (and a memory region, see __init__) the state is copied into shared memory
+        instead (the daemon persists it as checkpoint-<step> on its cadence); returns the path it will
+        have, or None if no memory checkpoint was written."""
+        if memory:
+            return self._save_memory(step, model, optimizer, scheduler, scaler, epoch, data_state, metrics,
+                                     config, extra, pin, world_size, rng)
         self._join()  # one in flight; surfaces the previous one's error
         final = self.dir / native_name(step)
         if final.exists():
@@ -223,8 +246,21 @@ class CheckpointManager:
         self._thread.start()
         return final
 
+    def _save_memory(self, step, model, optimizer, scheduler, scaler, epoch, data_state, metrics, config, extra,
+                     pin, world_size, rng) -> Optional[Path]:
+        if self.memory_dir is None:
+            return None
+        from ckpt_daemon.memsave import MemoryWriter
+
+        if self._memory is None:
+            self._memory = MemoryWriter(self.memory_dir, self.dir, self.memory_max_bytes)
+        # The tensors are not snapshotted: the slot copy is the only copy (the training thread waits for it).
+        prepared = self._prepare(step, model, optimizer, scheduler, scaler, epoch, data_state, metrics, config,
+                                 extra, pin, world_size, rng, copy=False, raw=True)
+        return self.dir / native_name(step) if self._memory.save(prepared) else None
+
     def _prepare(self, step, model, optimizer, scheduler, scaler, epoch, data_state, metrics, config, extra, pin,
-                 world_size, rng, copy: bool) -> _Prepared:
+                 world_size, rng, copy: bool, raw: bool = False) -> _Prepared:
         mt, aliases = model_tensors(model)
         state_t: dict[str, torch.Tensor] = {}
         skeleton = {
@@ -243,8 +279,8 @@ class CheckpointManager:
             "torch": torch.__version__,
         }
         model_meta = {"format": "ckpt-daemon/1", "step": str(step), "aliases": json.dumps(aliases)}
-        model_s = _snapshot(mt, copy, self._staging_model)
-        state_s = _snapshot(state_t, copy, self._staging_state)
+        model_s = {k: t.detach() for k, t in mt.items()} if raw else _snapshot(mt, copy, self._staging_model)
+        state_s = {k: t.detach() for k, t in state_t.items()} if raw else _snapshot(state_t, copy, self._staging_state)
         nbytes = sum(t.numel() * t.element_size() for t in list(model_s.values()) + list(state_s.values()))
         return _Prepared(step, model_s, model_meta, state_s, skeleton, manifest_extra, nbytes)
 
@@ -278,16 +314,12 @@ class CheckpointManager:
                 shards = shard_tensors(p.state, STATE_SHARD_BYTES)
                 names = [STATE_TENSORS] if len(shards) == 1 else [
                     f"state-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
-                writers = [(mf.MODEL_FILE, lambda f: stio.write_safetensors(f, p.model, p.model_meta))]
-                writers += [(n, lambda f, sh=sh: stio.write_safetensors(f, sh, {"format": "ckpt-daemon/1"}))
+                algo = default_checksum(self.checksum)
+                writers = [(mf.MODEL_FILE, lambda f: stio.write_safetensors(f, p.model, p.model_meta, algo))]
+                writers += [(n, lambda f, sh=sh: stio.write_safetensors(f, sh, {"format": "ckpt-daemon/1"}, algo))
                             for n, sh in zip(names, shards)]
-                writers.append((STATE_JSON, lambda f: _write_json(f, p.state_json)))
-                for fname, writer in writers:
-                    with open(tmp / fname, "xb") as f:
-                        size, digest = writer(f)
-                        f.flush()
-                        os.fsync(f.fileno())
-                    files[fname] = {"size": size, "sha256": digest}
+                writers.append((STATE_JSON, lambda f: _write_json(f, p.state_json, algo)))
+                files.update(_write_files(tmp, writers, algo))
                 manifest = mf.build_manifest(p.step, files, **p.manifest_extra)
                 with open(tmp / mf.MANIFEST, "xb") as f:
                     _write_json(f, manifest)
@@ -358,9 +390,14 @@ class CheckpointManager:
     def wait(self) -> None:
         """Block until the in-flight save (if any) is on disk; raise its error if it failed."""
         self._join()
+        if self._memory is not None:
+            self._memory.join()
 
     def close(self) -> None:
         self._join()
+        if self._memory is not None:
+            self._memory.close()
+            self._memory = None
 
     # ------------------------------------------------------------------------------------ load
     def candidates(self, which: str | int | os.PathLike = "latest") -> tuple[list[cat.Entry], list[tuple[str, str]]]:
@@ -428,6 +465,10 @@ class CheckpointManager:
         for name, why in skipped:
             if name in by_name and by_name[name].layout == "native":
                 self._quarantine(by_name[name], why)
+        mem_loaded = self._load_memory(which, cands, model, optimizer, scheduler, scaler, restore_rng_state,
+                                       map_location, strict, skipped)
+        if mem_loaded is not None:
+            return mem_loaded
         if not cands:
             if skipped:
                 raise NoValidCheckpoint(
@@ -471,6 +512,46 @@ class CheckpointManager:
             + "). Restore one from snapshots/ (python -m maintenance.restore) or start fresh with --resume none."
         )
 
+    def _load_memory(self, which, cands, model, optimizer, scheduler, scaler, restore_rng_state, map_location,
+                     strict, skipped) -> Optional[Loaded]:
+        """The newest committed memory checkpoint, if it is what `which` asks for: for latest, one at
+        least as new as the newest valid disk checkpoint; for a path, best or a step, one of exactly the
+        step the disk would give (the same state, read faster). Verified; None to use the disk."""
+        if self.memory_dir is None or not os.path.isdir(self.memory_dir):
+            return None
+        from ckpt_daemon import memory as mem
+        from ckpt_daemon.memsave import read_slot_state
+
+        info, problems = mem.Region(self.memory_dir).newest(self.dir)
+        for pr in problems:
+            log.warning("memory checkpoint ignored: %s", pr)
+        if info is None:
+            return None
+        disk_step = cands[0].step if cands else None
+        if which == "latest" and disk_step is not None and info.step < disk_step:
+            return None
+        if which != "latest" and info.step != disk_step:
+            return None
+        t0 = time.perf_counter()
+        state, why = read_slot_state(self.memory_dir, self.dir, map_location, info)
+        if state is None:
+            log.error("the memory checkpoint at step %d is not usable (%s); loading from disk", info.step, why)
+            return None
+        try:
+            self._apply(state, model, optimizer, scheduler, scaler, restore_rng_state, strict)
+        except (RuntimeError, KeyError, ValueError, TypeError, IndexError, CheckpointError) as exc:
+            log.error("the memory checkpoint at step %d does not fit the model (%s); loading from disk", info.step,
+                      str(exc).splitlines()[0][:300])
+            return None
+        m = state["manifest"]
+        name = native_name(m["step"])
+        if self.rank == 0:
+            runtime.record_resumed_from(self.dir, name, m["step"])
+        log.info("loaded the memory checkpoint at step %d from %s (%.2fs)", m["step"], self.memory_dir,
+                 time.perf_counter() - t0)
+        return Loaded(self.dir / name, m["step"], m.get("epoch", 0), state["data"], m.get("metrics", {}),
+                      state["config"], state["extra"], m.get("world_size", 1), skipped, from_memory=True)
+
     def _quarantine(self, e: cat.Entry, why: str) -> None:
         if self.rank != 0 or e.path.parent != self.dir:
             return
@@ -507,12 +588,33 @@ def shard_tensors(tensors: dict[str, torch.Tensor], limit: int) -> list[dict[str
     return shards
 
 
-def _write_json(f, obj) -> tuple[int, str]:
-    import hashlib
+def _write_files(folder: Path, writers: list, algo: str) -> dict[str, dict]:
+    """Run each (file name, writer) into a new file of `folder`, fsynced; return the manifest's file
+    records in the writers' order. Files are written by parallel threads (each with its hasher): the
+    memory copies into the page cache use every core and each file's writeback and fsync overlap the
+    others' writes, so the save's time approaches the disk's own."""
+    from concurrent.futures import ThreadPoolExecutor
 
+    def one(item) -> tuple[int, str]:
+        fname, writer = item
+        with open(folder / fname, "xb") as f:
+            size, digest = writer(f)
+            f.flush()
+            os.fsync(f.fileno())
+        return size, digest
+
+    workers = max(1, min(len(writers), os.cpu_count() or 1, 4))
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ckpt-write") as pool:
+        results = list(pool.map(one, writers))
+    return {fname: {"size": size, **digest_record(algo, digest)} for (fname, _), (size, digest) in zip(writers, results)}
+
+
+def _write_json(f, obj, algo: str = "sha256") -> tuple[int, str]:
     data = (json.dumps(obj, indent=1, allow_nan=True) + "\n").encode()
     f.write(data)
-    return len(data), hashlib.sha256(data).hexdigest()
+    h = new_hasher(algo)
+    h.update(data)
+    return len(data), h.hexdigest()
 
 
 def read_checkpoint(path: Path, map_location: str | torch.device = "cpu", verify: bool = True) -> dict:
@@ -522,11 +624,18 @@ def read_checkpoint(path: Path, map_location: str | torch.device = "cpu", verify
     if status != "complete":
         raise CheckpointError(f"{path.name} is {status}: {reason}")
     files = m["files"]
+    # Verify once per restart: files the daemon hashed moments ago and that are unchanged since (same
+    # size, mtime, ctime, inode) are not hashed again; see ckpt_daemon/verifyonce.py.
+    trusted = verifyonce.trusted_stats(path, mf.MANIFEST) if verify else None
+    if trusted:
+        log.info("%s was verified by the daemon for this resume; files unchanged since are not hashed again", path.name)
 
     def get(name: str):
         meta = files[name]
+        algo, digest = record_checksum(meta)  # checked by read_manifest
         try:
-            return stio.read_file_checked(path / name, meta["size"], meta["sha256"] if verify else None)
+            return stio.read_file_checked(path / name, meta["size"], digest if verify else None, algo,
+                                          trusted.get(name) if trusted else None)
         except stio.ChecksumMismatch as exc:
             raise CheckpointError(f"{path.name} is corrupt: {exc}") from None
 
@@ -575,7 +684,8 @@ def write_weights(tensors: dict[str, torch.Tensor], dst_dir: Path, meta: dict) -
     try:
         uniq, aliases = split_tied(tensors)
         with open(tmp / mf.MODEL_FILE, "xb") as f:
-            size, digest = stio.write_safetensors(f, uniq, {"format": "ckpt-daemon/weights-1", "aliases": json.dumps(aliases)})
+            # exports keep sha256: a deployable artifact anyone can check with `sha256sum`
+            size, digest = stio.write_safetensors(f, uniq, {"format": "ckpt-daemon/weights-1", "aliases": json.dumps(aliases)}, "sha256")
             f.flush()
             os.fsync(f.fileno())
         atomic_write_json(tmp / "metadata.json", {**meta, "files": {mf.MODEL_FILE: {"size": size, "sha256": digest}}})
@@ -597,7 +707,11 @@ def load_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     meta = json.loads((path / "metadata.json").read_text())
     f = meta.get("files", {}).get(mf.MODEL_FILE, {})
     try:
-        tensors, smeta = stio.load_safetensors(path / mf.MODEL_FILE, f.get("size"), f.get("sha256"))
+        algo, digest = record_checksum(f) if f else ("sha256", None)
+    except ValueError as exc:
+        raise CheckpointError(f"{path.name} has an unusable metadata.json: {exc}") from None
+    try:
+        tensors, smeta = stio.load_safetensors(path / mf.MODEL_FILE, f.get("size"), digest, algo)
     except stio.ChecksumMismatch as exc:
         raise CheckpointError(f"{path.name} is corrupt: {exc}") from None
     return join_tied(tensors, smeta), meta

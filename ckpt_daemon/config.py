@@ -104,6 +104,7 @@ class CheckpointsConfig(_Section):
                      "checkpoints/sft/checkpoint-1000/): each gets its own latest, best, retention and state "
                      "folder. Other subfolders are never touched."),
     )
+    memory: MemoryConfig = Field(default_factory=MemoryConfig, description="Memory-first checkpoints (opt-in).")
     settle_s: float = Field(
         30.0, ge=1, le=DAY_S,
         description=("A checkpoint written by another trainer whose files have not changed for this long has "
@@ -146,6 +147,9 @@ class CheckpointsConfig(_Section):
 class RestartPolicy(_Section):
     initial_backoff_s: float = Field(5.0, gt=0, le=DAY_S, description="Wait before the first restart after a crash (at most a day).")
     max_backoff_s: float = Field(300.0, gt=0, le=DAY_S, description="Backoff doubles per crash up to this cap (at most a day).")
+    first_restart_immediate: bool = Field(
+        True, description=("Restart at once after a first crash (one after a healthy run, or the first at all): it "
+                           "costs no wait; from the second crash in a row on, initial_backoff_s applies and doubles."))
     healthy_after_s: float = Field(
         600.0, gt=0, le=MONTH_S, description="A run this long resets the backoff and crash count (at most 30 days)."
     )

@@ -23,7 +23,8 @@ from typing import Any, Optional
 
 from ckpt_daemon import manifest as mf
 from ckpt_daemon import runtime, torchzip
-from ckpt_daemon.fsutil import CHUNK, atomic_write_json, loads_json_bounded, read_bytes_bounded, read_json_file
+from ckpt_daemon.fsutil import (atomic_write_json, default_checksum, digest_record, hash_file, loads_json_bounded,
+                                 read_bytes_bounded, read_json_file, record_checksum)
 
 SIDECARS = "manifests"
 SIDECAR_FORMAT = "ckpt-daemon-sidecar/1"
@@ -178,23 +179,23 @@ def read_sidecar(root: Path, name: str) -> Optional[dict]:
     sc = read_json_file(sidecar_path(root, name), 64 << 20)
     if not sc or sc.get("format") != SIDECAR_FORMAT or not isinstance(sc.get("files"), dict):
         return None
-    ok = all(isinstance(k, str) and isinstance(v, dict) and isinstance(v.get("size"), int) and isinstance(v.get("sha256"), str)
+    ok = all(isinstance(k, str) and isinstance(v, dict) and isinstance(v.get("size"), int) and _checksum_ok(v)
              for k, v in sc["files"].items())
     return sc if ok else None
 
 
-def _hash(path: Path) -> str:
-    h = hashlib.sha256()
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+def _checksum_ok(rec: dict) -> bool:
     try:
-        while True:
-            b = os.read(fd, CHUNK)
-            if not b:
-                break
-            h.update(b)
-    finally:
-        os.close(fd)
-    return h.hexdigest()
+        record_checksum(rec)
+        return True
+    except ValueError:
+        return False
+
+
+def _matches(path: Path, rec: dict) -> bool:
+    """The file's checksum equals the recorded one (sha256 in sidecars before 0.3, blake3 since)."""
+    algo, want = record_checksum(rec)
+    return hash_file(path, algo) == want
 
 
 class NotSettled(Exception):
@@ -207,16 +208,17 @@ def record(root: Path, name: str, path: Path, layout: str, step: int, meta: dict
     if any(stat.S_ISLNK(s.st_mode) for s in before.values()):
         raise ValueError("it contains a symlink (never followed)")
     files = {}
+    algo = default_checksum()
     for rel, s in sorted(before.items()):
-        digest = _hash(path / rel if rel else path)
-        files[rel] = {"size": s.st_size, "mtime_ns": s.st_mtime_ns, "sha256": digest}
+        digest = hash_file(path / rel if rel else path, algo)
+        files[rel] = {"size": s.st_size, "mtime_ns": s.st_mtime_ns, **digest_record(algo, digest)}
     after = entry_files(path)
     if {k: (s.st_size, s.st_mtime_ns) for k, s in after.items()} != {k: (s.st_size, s.st_mtime_ns) for k, s in before.items()}:
         raise NotSettled(f"{name} changed while it was being recorded")
     est = os.lstat(path)
     sc = {"format": SIDECAR_FORMAT, "name": name, "layout": layout, "step": step, "recorded": time.time(),
           "entry": {"dev": est.st_dev, "ino": est.st_ino}, "files": files,
-          "digest": hashlib.sha256("".join(f"{k}\0{v['sha256']}\n" for k, v in sorted(files.items())).encode()).hexdigest(),
+          "digest": hashlib.sha256("".join(f"{k}\0{record_checksum(v)[1]}\n" for k, v in sorted(files.items())).encode()).hexdigest(),
           "meta": meta}
     atomic_write_json(runtime.state_dir(root, SIDECARS) / f"{name}.json", sc)
     return sc
@@ -244,7 +246,7 @@ def compare(sc: dict, path: Path, files: dict[str, os.stat_result], verify: bool
         if set(files) != set(rec):
             return "corrupt", "its files differ from the recorded ones"
         for k in sorted(files):
-            if files[k].st_size != rec[k]["size"] or (verify and _hash(path / k if k else path) != rec[k]["sha256"]):
+            if files[k].st_size != rec[k]["size"] or (verify and not _matches(path / k if k else path, rec[k])):
                 return "corrupt", f"{k or path.name} differs from the recorded checksum"
         return "ok", ""
     est = os.lstat(path)
@@ -265,6 +267,6 @@ def compare(sc: dict, path: Path, files: dict[str, os.stat_result], verify: bool
         return "corrupt", f"{changed[0] or path.name} was modified after it was recorded (list --verify checks its bytes)"
     if verify:
         for k in sorted(files):
-            if _hash(path / k if k else path) != rec[k]["sha256"]:
+            if not _matches(path / k if k else path, rec[k]):
                 return "corrupt", f"{k or path.name} fails its recorded checksum (damaged after it was saved)"
     return "ok", ""

@@ -4,6 +4,17 @@ A native checkpoint is a folder `checkpoint-<step>/` holding `model.safetensors`
 `state.json` and, written last, `manifest.json`, which lists every file with its size and checksum. A
 folder without a valid manifest is not a checkpoint for anyone.
 
+A file record names its checksum's algorithm (all checksums are 64 lowercase hex digits):
+
+    {"size": 1234, "algo": "blake3", "digest": "<hex>"}     # the default since 0.3
+    {"size": 1234, "sha256": "<hex>"}                       # sha256 (what `sha256sum` prints), and every
+                                                            # manifest written before 0.3
+Both are read everywhere (`fsutil.record_checksum`, `fsutil.file_digest_problem`). New checkpoints get
+blake3 unless CheckpointManager(checksum="sha256") or $CKPT_CHECKSUM=sha256 asks otherwise. An
+algorithm we do not know, a digest that is not 64 hex digits, or no checksum at all makes the
+checkpoint "invalid" with the reason (never an exception, never "incomplete": a checkpoint written
+by a newer version is not a half-written one to be cleaned away).
+
 Every byte read here is untrusted: sizes are bounded, JSON nesting is bounded, every field's type is
 checked, and a bad file is reported as a reason string, never as an exception.
 """
@@ -11,13 +22,12 @@ checked, and a bad file is reported as a reason string, never as an exception.
 from __future__ import annotations
 
 import os
-import re
 import stat
 import struct
 from pathlib import Path
 from typing import Any, Optional
 
-from ckpt_daemon.fsutil import hash_file, loads_json_bounded, read_bytes_bounded
+from ckpt_daemon.fsutil import file_digest_problem, loads_json_bounded, read_bytes_bounded, record_checksum
 
 MANIFEST = "manifest.json"
 FORMAT = "ckpt-daemon/1"
@@ -25,10 +35,14 @@ MODEL_FILE = "model.safetensors"
 MANIFEST_MAX_BYTES = 16 << 20
 SAFETENSORS_HEADER_MAX = 100 << 20
 MAX_STEP = 10**15  # a step number beyond this is not a real one
-_HEX64 = re.compile(r"[0-9a-f]{64}\Z")
 ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
             "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "F4": 1, "F6_E2M3": 1,
             "F6_E3M2": 1, "C64": 8}
+
+
+class ManifestInvalid(ValueError):
+    """manifest.json is a well-formed commit marker whose content we cannot use (an unknown checksum
+    algorithm, a digest of the wrong type): the checkpoint is invalid, not half-written."""
 
 
 def is_step(v: Any) -> bool:
@@ -59,8 +73,10 @@ def read_manifest(folder: Path, st: Optional[os.stat_result] = None) -> dict:
         size = meta.get("size")
         if not isinstance(size, int) or isinstance(size, bool) or size < 0:
             raise ValueError(f"manifest.json gives {name} no valid size")
-        if not isinstance(meta.get("sha256"), str) or not _HEX64.match(meta["sha256"]):
-            raise ValueError(f"manifest.json gives {name} no valid sha256")
+        try:
+            record_checksum(meta)
+        except ValueError as exc:
+            raise ManifestInvalid(f"manifest.json lists {name[:60]} with {exc}") from None
     for key, kind in (("epoch", int), ("metrics", dict), ("pin", str), ("world_size", int)):
         if m.get(key) is not None and not isinstance(m[key], kind):
             raise ValueError(f"manifest.json has a {key} of the wrong type")
@@ -141,6 +157,8 @@ def check_native(folder: Path, verify: bool, manifest: Optional[dict] = None,
     step is not that checkpoint."""
     try:
         m = manifest or read_manifest(folder, stats.get(MANIFEST) if stats is not None else None)
+    except ManifestInvalid as exc:
+        return "invalid", str(exc), {}
     except ValueError as exc:
         return "incomplete", str(exc), {}
     if step is not None and m["step"] != step:
@@ -158,12 +176,10 @@ def check_native(folder: Path, verify: bool, manifest: Optional[dict] = None,
             return "corrupt", f"{name} has {st.st_size} bytes, the manifest says {meta['size']}", m
     if verify:
         for name, meta in m["files"].items():
-            try:
-                digest = hash_file(Path(folder) / name)
-            except OSError as exc:
-                return "corrupt", f"{name} cannot be read ({exc.strerror or exc})", m
-            if digest != meta["sha256"]:
-                return "corrupt", f"{name} fails its checksum (sha256 {digest[:12]}..., manifest {meta['sha256'][:12]}...)", m
+            problem = file_digest_problem(Path(folder) / name, meta)
+            if problem is not None:
+                # an algorithm this machine cannot compute says nothing about the bytes: not corrupt
+                return ("unreadable" if "cannot be verified" in problem else "corrupt"), problem, m
     return "complete", "", m
 
 

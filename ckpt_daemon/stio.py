@@ -8,7 +8,6 @@ we stream it here and test that the `safetensors` package reads our files and we
 
 from __future__ import annotations
 
-import hashlib
 import json
 import mmap
 import os
@@ -20,7 +19,7 @@ from typing import BinaryIO, Optional
 
 import torch
 
-from ckpt_daemon.fsutil import CHUNK, HASH_NAME
+from ckpt_daemon.fsutil import HASH_NAME, STAT_KEYS, new_hasher, start_writeback
 
 DTYPES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -64,64 +63,104 @@ def header_for(tensors: dict[str, torch.Tensor], metadata: Optional[dict[str, st
     return struct.pack("<Q", len(raw)) + raw
 
 
-def write_safetensors(f: BinaryIO, tensors: dict[str, torch.Tensor], metadata: Optional[dict[str, str]] = None) -> tuple[int, str]:
-    """Write `tensors` to the open binary file `f`; return (bytes written, sha256 hex).
+WRITE_CHUNK = 64 << 20  # one write() call; the kernel is told to start writing each one back at once
 
-    The checksum is computed from the same buffers as they are written, by a second thread, so
-    hashing overlaps the write instead of adding to it (both release the GIL)."""
-    h = hashlib.new(HASH_NAME)
-    q: "queue.Queue[Optional[memoryview]]" = queue.Queue(maxsize=8)
+
+def _write_all(fd: int, mv: memoryview) -> None:
+    while mv:
+        n = os.write(fd, mv)
+        mv = mv[n:]
+
+
+def write_safetensors(f: BinaryIO, tensors: dict[str, torch.Tensor], metadata: Optional[dict[str, str]] = None,
+                      algo: str = HASH_NAME) -> tuple[int, str]:
+    """Write `tensors` to the open binary file `f`; return (bytes written, hex checksum of `algo`).
+
+    No copy of the data is made: each tensor's memory goes to write() as it is, in chunks of
+    WRITE_CHUNK, and writeback of each chunk starts at once (so the final fsync finds little left to
+    do). The checksum is computed from the same buffers by a second thread, so hashing overlaps the
+    write instead of adding to it (both release the GIL)."""
+    h = new_hasher(algo, threads=False)  # one core: the writer has the other
+    q: "queue.Queue[Optional[memoryview]]" = queue.Queue(maxsize=4)
+    failed: list[BaseException] = []
 
     def hasher() -> None:
         while (part := q.get()) is not None:
-            h.update(part)
+            if not failed:
+                try:
+                    h.update(part)
+                except BaseException as exc:  # surfaced below, never a silent wrong digest
+                    failed.append(exc)
 
-    worker = threading.Thread(target=hasher, daemon=True)
+    f.flush()
+    fd = f.fileno()
+    start = f.tell()
+    worker = threading.Thread(target=hasher, daemon=True, name="hash")
     worker.start()
     size = 0
     try:
         head = header_for(tensors, metadata)
         q.put(memoryview(head))
-        f.write(head)
+        _write_all(fd, memoryview(head))
         size = len(head)
         for t in tensors.values():
             mv = _as_bytes(t)
-            for off in range(0, len(mv), CHUNK):
-                part = mv[off : off + CHUNK]
+            for off in range(0, len(mv), WRITE_CHUNK):
+                part = mv[off : off + WRITE_CHUNK]
                 q.put(part)
-                f.write(part)
-            size += len(mv)
+                _write_all(fd, part)
+                start_writeback(fd, start + size, len(part))
+                size += len(part)
     finally:
         q.put(None)
         worker.join()
+    f.seek(start + size)
+    if failed:
+        raise failed[0]
     return size, h.hexdigest()
 
 
-def read_file_checked(path: Path, expected_size: Optional[int] = None, expected_sha256: Optional[str] = None):
-    """Map a whole file into memory and check its sha256 in the same pass. Returns a buffer (a private,
-    copy-on-write mapping) that tensors can view without a copy.
+def _same_file(st: os.stat_result, trusted: Optional[dict]) -> bool:
+    return bool(trusted) and all(trusted.get(k) == getattr(st, k) for k in STAT_KEYS)
+
+
+def read_file_checked(path: Path, expected_size: Optional[int] = None, expected_digest: Optional[str] = None,
+                      algo: str = HASH_NAME, trusted_stat: Optional[dict] = None):
+    """Map a whole file into memory and check its checksum (`algo`) in the same pass. Returns a buffer
+    (a private, copy-on-write mapping) that tensors view without a copy: the bytes are read once,
+    into the memory the tensors use.
 
     Mapping avoids zero-filling and then page-faulting a fresh multi-GB buffer before reading into it;
-    with sequential readahead the kernel reads ahead while we hash. Raises ChecksumMismatch."""
-    size = os.path.getsize(path)
-    if expected_size is not None and size != expected_size:
-        raise ChecksumMismatch(f"{Path(path).name} has {size} bytes, the manifest says {expected_size}")
-    if size == 0:
-        buf = bytearray()
-    else:
-        with open(path, "rb") as f:
-            buf = mmap.mmap(f.fileno(), size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-        for advice in ("MADV_SEQUENTIAL", "MADV_WILLNEED"):
-            if hasattr(mmap, advice):
-                buf.madvise(getattr(mmap, advice))
-    if expected_sha256 is not None:
-        h = hashlib.new(HASH_NAME)
+    with readahead requested for the whole file, the kernel reads ahead while we hash (blake3 hashes
+    with every core). `trusted_stat` ({field: value} of STAT_KEYS, from the daemon's record of a
+    verification it just did): when the opened file still matches it, the bytes are not hashed again.
+    Raises ChecksumMismatch."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        size = st.st_size
+        if expected_size is not None and size != expected_size:
+            raise ChecksumMismatch(f"{Path(path).name} has {size} bytes, the manifest says {expected_size}")
+        if size == 0:
+            buf = bytearray()
+        else:
+            buf = mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            for advice in ("MADV_SEQUENTIAL", "MADV_WILLNEED"):
+                if hasattr(mmap, advice):
+                    buf.madvise(getattr(mmap, advice))
+    finally:
+        os.close(fd)
+    if expected_digest is not None and not _same_file(st, trusted_stat):
+        try:
+            h = new_hasher(algo)
+        except (ValueError, LookupError) as exc:
+            raise ChecksumMismatch(f"{Path(path).name} cannot be verified: {exc}") from None
         mv = memoryview(buf)
-        for off in range(0, size, CHUNK):
-            h.update(mv[off : off + CHUNK])
+        for off in range(0, size, WRITE_CHUNK):
+            h.update(mv[off : off + WRITE_CHUNK])
         mv.release()
-        if h.hexdigest() != expected_sha256:
-            raise ChecksumMismatch(f"{Path(path).name} fails its sha256 checksum (the file changed after it was written)")
+        if h.hexdigest() != expected_digest:
+            raise ChecksumMismatch(f"{Path(path).name} fails its {algo} checksum (the file changed after it was written)")
     return buf
 
 
@@ -155,5 +194,6 @@ def parse_safetensors(buf: bytearray | bytes) -> tuple[dict[str, torch.Tensor], 
     return out, meta
 
 
-def load_safetensors(path: Path, expected_size: Optional[int] = None, expected_sha256: Optional[str] = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    return parse_safetensors(read_file_checked(path, expected_size, expected_sha256))
+def load_safetensors(path: Path, expected_size: Optional[int] = None, expected_digest: Optional[str] = None,
+                     algo: str = HASH_NAME) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    return parse_safetensors(read_file_checked(path, expected_size, expected_digest, algo))

@@ -285,6 +285,7 @@ class Daemon:
             "disk": self.disk,
             "jobs": {"next": self.jobs.next_times(), "history": self.jobs.history.data.get("jobs", {})},
             "last_cleanup": self.last_cleanup,
+            "memory": self.memory.snapshot() if getattr(self, "memory", None) is not None else None,
         }
 
     def _rate(self, hb: dict) -> Optional[float]:
@@ -372,6 +373,15 @@ class Daemon:
         # while it was still being written is never held against it)
         self.supervisor = Supervisor(self.get_cfg, {}, echo=self.echo_trainer, on_change=self._write_record,
                                      config_files=lambda: (self.get_cfg().log_dir / configfile.LAST_GOOD, self.config_path))
+        self.memory = None
+        if cfg.checkpoints.memory.enabled:  # memory-first checkpoints (ckpt_daemon/memory.py)
+            from ckpt_daemon.memory import MemoryAgent
+
+            self.memory = MemoryAgent(self.get_cfg, log)
+            if self.memory.start():  # adopts (persists) what a daemon that died left in the region
+                self.supervisor.memory = self.memory
+                threading.Thread(target=self.memory.run, args=(self.stop_requested,), daemon=True,
+                                 name="memory-persist").start()
         self._write_record()
         history = st.JobHistory(cfg.log_dir)
         self.jobs = Jobs(self.get_cfg, history, {"snapshot": self.job_snapshot, "retention": self.job_retention,
@@ -422,6 +432,8 @@ class Daemon:
             if getattr(self, "web", None) is not None:  # the HTTP block above: stop listening first
                 self.web.stop()
             self.jobs.shutdown()
+            if getattr(self, "memory", None) is not None:
+                self.memory.close()  # the trainer has stopped: persist what is newer than the disk, empty the region
             self.watcher.stop()
             self._reader.shutdown(wait=False, cancel_futures=True)
             self._write_record()

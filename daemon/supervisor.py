@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from ckpt_daemon import catalog as cat
-from ckpt_daemon import foreign, runtime
+from ckpt_daemon import foreign, runtime, verifyonce
 from ckpt_daemon.fsutil import free_bytes
 from ckpt_daemon.logs import get_logger
 
@@ -148,7 +148,11 @@ class CrashPolicy:
             return Verdict("give_up", notes=notes + [
                 f"{len(self.crash_times)} crashes within {self.p.crash_window_s:.0f}s (training.restart.max_crashes "
                 f"= {self.p.max_crashes})"])
-        delay = min(self.p.initial_backoff_s * 2 ** (self.consecutive - 1), self.p.max_backoff_s)
+        n = self.consecutive - 1  # crashes in a row before this one
+        if getattr(self.p, "first_restart_immediate", False):
+            delay = 0.0 if n == 0 else min(self.p.initial_backoff_s * 2 ** (n - 1), self.p.max_backoff_s)
+        else:
+            delay = min(self.p.initial_backoff_s * 2 ** n, self.p.max_backoff_s)
         self.restarts += 1
         return Verdict("restart", delay, notes)
 
@@ -161,7 +165,7 @@ class CrashPolicy:
 
 # ----------------------------------------------------------------------------------- resume choice
 def choose_resume(c: cat.Catalog, exclude: set[str], known_bad: dict[str, str],
-                  verify: Callable[[cat.Entry], cat.Entry] = cat.verify_entry,
+                  verify: Callable[[cat.Entry], cat.Entry] = verifyonce.verify_and_record,  # verify once per restart
                   writer_alive: bool = False, prefix: str = "") -> tuple[Optional[cat.Entry], list[str]]:
     """Highest complete checkpoint that passes full verification and is not excluded. Returns it (None
     for a fresh start) and notes on what was passed over and why.
@@ -282,6 +286,7 @@ class Supervisor:
         self.message = ""
         self.tick = time.monotonic()
         self.lock = threading.Lock()
+        self.memory = None  # ckpt_daemon.memory.MemoryAgent when checkpoints.memory.enabled (set by the daemon)
 
     # -- thread -----------------------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
@@ -295,7 +300,13 @@ class Supervisor:
                 self.poll()
             except Exception as exc:  # one bad tick must not end supervision
                 log.exception("supervisor tick failed; retrying", error=str(exc))
-            stop.wait(0.2)
+            if self.state == "running" and self.proc is not None:
+                try:  # wakes as soon as the trainer exits (recovery time), else after 0.2 s as before
+                    self.proc.wait(timeout=0.2)
+                except subprocess.TimeoutExpired:
+                    pass
+            else:
+                stop.wait(0.2)
         self.stop()
 
     def _set(self, **kw) -> None:
@@ -316,6 +327,8 @@ class Supervisor:
                       message=f"adopted a running trainer (pid {act.pid}) started before this daemon")
             log.warning("a trainer is already running on this checkpoint folder; adopting it", pid=act.pid)
             return
+        if self.memory is not None:  # persist at the breakpoint: the newest memory state first, then choose
+            self.memory.breakpoint("before choosing the resume point")
         entry, run, notes = choose_resume_all(cat.scan_runs(cfg, stats=False), self.policy.suspect, self.known_bad)
         for n in notes:
             log.warning("resume choice", note=n)
@@ -327,7 +340,7 @@ class Supervisor:
         env = {**os.environ, **cfg.training.env, "CKPT_RESUME": resume, "CKPT_DAEMON_RUN": token,
                "CKPT_DAEMON_CHECKPOINTS": str(cfg.checkpoint_dir), "CKPT_DAEMON_CONFIG": str(in_force),
                "CKPT_DAEMON_CONFIG_SOURCE": str(source), "CKPT_DAEMON_METRICS": str(cfg.log_dir / "metrics.jsonl"),
-               "PYTHONUNBUFFERED": "1"}
+               "PYTHONUNBUFFERED": "1", **(self.memory.env() if self.memory is not None else {})}
         cwd = str(cfg.resolve_path(cfg.training.cwd)) if cfg.training.cwd else str(cfg.base_dir)
         self.log_path = cfg.log_dir / "trainer.log"
         cfg.log_dir.mkdir(parents=True, exist_ok=True)
@@ -385,6 +398,8 @@ class Supervisor:
                 if self._reader:
                     self._reader.join(timeout=5)
                 self._on_exit(rc)
+                if self.state == "backoff" and self.next_start is not None and self.clock() >= self.next_start:
+                    self.start()  # no backoff (a first crash): restart in the same tick
                 return
             rp = cfg.training.restart
             if rp.heartbeat_timeout_s:
@@ -456,6 +471,10 @@ class Supervisor:
         if getattr(self, "log_path", None) is not None:
             _append_line(self.log_path, f"--- trainer exited with {rc} after {ran:.0f}s\n")
         tail = list(self.tail)[-15:]
+        if self.memory is not None and not why:
+            # Persist at the breakpoint: the trainer is gone, so its newest memory state goes to disk before
+            # anything else (the crash policy below then counts it as progress, and the restart resumes from it).
+            self.memory.breakpoint(f"the trainer exited ({describe_rc(rc)})")
         ex = (Exit("start_failed", why, False) if why
               else classify(rc, list(self.tail), self.state == "stopping", self._stale))
         if ex.kind == "stopped":
@@ -465,6 +484,8 @@ class Supervisor:
         self.proc = None
         if verdict.action == "finished":
             self._set(state="finished", message="training finished (the trainer exited 0)")
+            if self.memory is not None:
+                self.memory.remove_if_persisted("training finished")
             log.info("training finished", returncode=rc)
             return
         crash = {"time": now, "returncode": rc, "description": ex.description, "kind": ex.kind, "ran_s": round(ran, 1),

@@ -35,9 +35,9 @@ def policy(**kw):
 def test_backoff_doubles_is_capped_and_resets_after_a_healthy_run():
     p = policy(max_crashes=100)
     delays = [p.on_exit(t, 1, 5, None, None).delay_s for t in range(6)]
-    assert delays == [1, 2, 4, 8, 8, 8]
+    assert delays == [0, 1, 2, 4, 8, 8]  # a first crash restarts at once (training.restart.first_restart_immediate)
     v = p.on_exit(10, 1, 500, None, None)  # ran 500 s: healthy
-    assert v.delay_s == 1
+    assert v.delay_s == 0
 
 
 def test_exit_0_is_finished():
@@ -132,13 +132,13 @@ def test_unit_file_renders_and_verifies(tmp_path):
     user = "ckptd-unit-test"
     made = subprocess.run(["useradd", "--system", "--no-create-home", user], capture_output=True).returncode == 0
     try:
-        r = run_py(["-m", "daemon", "install-unit", "--config", str(cfg), "--user", user, "--output", str(tmp_path / "ckpt-daemon.service")],
-                   check=True)
+        r = run_py(["-m", "daemon", "install-unit", "--config", str(cfg), "--user", user, "--output", str(tmp_path / "ckpt-daemon.service"),
+                    "--read-write", str(tmp_path / "hf-cache")], check=True)
         assert "systemctl daemon-reload" in r.stdout
         unit = (tmp_path / "ckpt-daemon.service").read_text()
         for needle in ("Type=notify", "WatchdogSec=", "Restart=on-failure", "KillMode=mixed", "NoNewPrivileges=yes",
                        "ProtectSystem=strict", "PrivateTmp=yes", f"User={user}", str(tmp_path / "checkpoints"),
-                       f"--config {cfg}", "TimeoutStopSec=150"):
+                       f"--config {cfg}", "TimeoutStopSec=150", f"-{tmp_path / 'hf-cache'}", "/.cache"):
             assert needle in unit, needle
         assert unit.index("StartLimitBurst") < unit.index("[Service]")
         v = subprocess.run(["systemd-analyze", "verify", str(tmp_path / "ckpt-daemon.service")], capture_output=True, text=True)
@@ -362,7 +362,7 @@ def test_a_crash_loop_backs_off_then_gives_up(tmp_path, daemons):
     assert s["training"]["restarts"] == 3 and s["training"]["last_crash"]["returncode"] == 3
     assert "boom: bad data" in s["training"]["last_crash"]["tail"]
     delays = [json.loads(l)["delay_s"] for l in d.log().splitlines() if "restarting after backoff" in l]
-    assert delays == [0.2, 0.4, 0.8]
+    assert delays == [0, 0.2, 0.4]
     assert "not restarting training" in d.log() and "4 crashes within" in d.log()
     r = run_py(["-m", "daemon", "status", "--config", str(d.cfg)])
     assert "training: gave_up" in r.stdout and "exit code 3" in r.stdout

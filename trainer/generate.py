@@ -19,7 +19,7 @@ import torch
 from ckpt_daemon import catalog as cat
 from ckpt_daemon.checkpoint import load_weights
 from ckpt_daemon.errors import CheckpointError, CkptError, UsageError
-from ckpt_daemon.fsutil import hash_file, read_json_file
+from ckpt_daemon.fsutil import file_digest_problem, read_json_file
 from ckpt_daemon.gpt import GPT, GPTConfig
 
 # Any one of these in the folder means it carries its tokenizer.
@@ -56,7 +56,7 @@ def check_export(path: Path) -> None:
         p = path / name
         if "/" in name or not isinstance(rec, dict) or not p.is_file() and name not in ("model.safetensors", "config.json"):
             continue  # a tokenizer file someone removed is not damage to the model
-        if not p.is_file() or p.stat().st_size != rec.get("size") or hash_file(p) != rec.get("sha256"):
+        if not p.is_file() or file_digest_problem(p, rec) is not None:
             raise CheckpointError(f"{p} does not match the checksum in {path / 'metadata.json'}: the export was damaged "
                                   "after it was written. Consolidate the checkpoint again.")
 

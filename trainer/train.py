@@ -114,9 +114,16 @@ def run(cfg: Config, resume: str, max_steps: Optional[int] = None) -> int:
     corpus = load_corpus(cfg.data_path(), tc.data.synthetic_chars, tc.seed, tc.data.val_fraction)
     model, mc, opt, sched = build(cfg, corpus.vocab_size)
     sampler = Sampler(corpus.train, tc.model.block_size, tc.batch_size, tc.seed, rank, world)
+    # Memory-first checkpoints need the daemon, which persists them (it names the region in the environment).
+    mem_cfg = cfg.checkpoints.memory
+    mem_dir = os.environ.get("CKPT_DAEMON_MEMORY") if mem_cfg.enabled and not distributed else None
+    if mem_cfg.enabled and not mem_dir and rank == 0:
+        log.warning("checkpoints.memory.enabled is set, but memory checkpoints need the daemon (which persists them)%s; "
+                    "saving to disk every %d steps instead", " and a single process" if distributed else "",
+                    tc.checkpoint_every_steps)
     mgr = CheckpointManager(ckpt_dir, best_metric=tc.best_metric, best_mode=tc.best_mode,
                             save_margin_bytes=int(cfg.disk.save_margin_mb * 2**20), patterns=cfg.checkpoints.pattern,
-                            rank=rank)
+                            rank=rank, memory=mem_dir or False, memory_max_bytes=int(mem_cfg.max_gb * 2**30))
     step, resumed_from = 0, None
     torch.manual_seed(tc.seed + rank)  # per-rank stream for dropout; restored from the checkpoint on resume
 
@@ -145,7 +152,8 @@ def run(cfg: Config, resume: str, max_steps: Optional[int] = None) -> int:
                     "position, but per-rank random streams are reseeded, so losses will not repeat bit for bit",
                     loaded.world_size, world)
             if rank == 0:
-                log.info("resumed from %s at step %d (epoch %d)", loaded.path.name, step, sampler.epoch)
+                log.info("resumed from %s at step %d (epoch %d)%s", loaded.path.name, step, sampler.epoch,
+                         " (read from the memory checkpoint)" if loaded.from_memory else "")
         elif rank == 0:
             log.info("no checkpoint in %s: starting fresh", ckpt_dir)
     elif rank == 0:
@@ -159,7 +167,7 @@ def run(cfg: Config, resume: str, max_steps: Optional[int] = None) -> int:
     t_last, tokens = time.perf_counter(), 0
     val_loss: Optional[float] = None
 
-    def save(pin: Optional[str], blocking: bool, metrics: dict) -> None:
+    def save(pin: Optional[str], blocking: bool, metrics: dict, memory: bool = False) -> None:
         rngs = [capture_rng()]
         if distributed:
             rngs = [None] * world
@@ -167,7 +175,7 @@ def run(cfg: Config, resume: str, max_steps: Optional[int] = None) -> int:
         if rank == 0:
             mgr.save(step, model=model, optimizer=opt, scheduler=sched, epoch=sampler.epoch,
                      data_state=sampler.state(), metrics=metrics, config=model_cfg, pin=pin, world_size=world,
-                     extra={"rng_ranks": rngs}, rng={}, blocking=blocking)
+                     extra={"rng_ranks": rngs}, rng={}, blocking=blocking, memory=memory)
 
     model.train()
     rc = 0
@@ -208,8 +216,11 @@ def run(cfg: Config, resume: str, max_steps: Optional[int] = None) -> int:
             pin = f"end of epoch {sampler.epoch}" if epoch_ended else None
             if finished or stopping:
                 save(pin, True, metrics)
-            elif step % tc.checkpoint_every_steps == 0 or pin or new_best:
+            elif pin or new_best or (not mem_dir and step % tc.checkpoint_every_steps == 0):
                 save(pin, not tc.async_save, metrics)
+            elif mem_dir and step % mem_cfg.every_steps == 0:
+                # memory-first: the daemon persists every persist_every-th of these, and the newest at a crash
+                save(None, False, metrics, memory=True)
             if rank == 0:
                 now = time.perf_counter()
                 if step % tc.log_every_steps == 0:

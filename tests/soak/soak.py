@@ -39,8 +39,25 @@ VALID_TIERS = [
 ]
 
 
+
+def running(pid: int, deadline_s: float) -> bool:
+    """Whether `pid` still runs after up to `deadline_s`. A zombie does not run: an adopted trainer is no
+    child of the daemon that stopped it, and where nothing reaps orphans (a container's pid 1) it stays
+    a zombie after it exited."""
+    end = time.monotonic() + deadline_s
+    while True:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            return False
+        if state in ("Z", "X"):
+            return False
+        if time.monotonic() > end:
+            return True
+        time.sleep(0.1)
+
 class Soak:
-    def __init__(self, work: Path, disk: Path, seed: int, duration_s: float, round_s: float = 2.5):
+    def __init__(self, work: Path, disk: Path, seed: int, duration_s: float, round_s: float = 2.5, memory: bool = False):
         self.work, self.disk = work, disk
         self.rng = random.Random(seed)
         self.duration_s, self.round_s = duration_s, round_s
@@ -72,6 +89,13 @@ class Soak:
                         "model": {"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 32},
                         "data": {"synthetic_chars": 40000}},
         }
+        # Memory-first checkpoints: a memory copy every step, every 3rd persisted by the daemon. The region lives
+        # beside the work folder, not on the small tmpfs (filling the checkpoint disk must not take it away).
+        self.memory = memory
+        self.region = work / "shm"
+        self.lost: list[tuple[int, float]] = []  # (memory step at a trainer kill, when)
+        if memory:
+            self.cfg["checkpoints"]["memory"] = {"enabled": True, "every_steps": 1, "persist_every": 3, "dir": str(self.region)}
         self.write_config(self.cfg)
         self.env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
         self.daemon: subprocess.Popen | None = None
@@ -118,6 +142,48 @@ class Soak:
                 self.faults["kill_trainer"] += 1
             except ProcessLookupError:
                 pass
+
+    def _memory_step(self) -> int | None:
+        from ckpt_daemon import memory as mem
+
+        info, _ = mem.Region(self.region).newest(self.ck)
+        return info.step if info else None
+
+    def kill_trainer_mid_copy(self) -> None:
+        """SIGKILL the trainer while it writes a memory slot (its seq is odd), if it does within 1.5 s."""
+        from ckpt_daemon import memory as mem
+
+        pid = self.status().get("training", {}).get("pid")
+        deadline = time.monotonic() + 1.5
+        while pid and time.monotonic() < deadline:
+            if any((mem.read_seq(self.region / n) or 0) % 2 for n in mem.SLOTS):
+                break
+            time.sleep(0.002)
+        if pid:
+            try:
+                os.kill(pid, signal.SIGKILL)
+                self.faults["kill_trainer_mid_copy"] += 1
+            except ProcessLookupError:
+                return
+            time.sleep(0.05)  # the process is gone once the kernel reaped its mappings
+            step = self._memory_step()
+            if step is not None and not self.filler.exists():
+                self.lost.append((step, time.time()))
+
+    def kill_daemon_mid_persist(self) -> None:
+        """SIGKILL the daemon while it persists a memory slot (its scratch folder exists), if within 1.5 s."""
+        pid = self.daemon.pid
+        deadline = time.monotonic() + 1.5
+        tmp = self.ck / ".ckpt-daemon" / "tmp"
+        while time.monotonic() < deadline:
+            try:
+                if any(f"-{pid}-" in n and not n.endswith(".lock") for n in os.listdir(tmp)):
+                    self.faults["kill_daemon_mid_persist"] += 1
+                    break
+            except OSError:
+                pass
+            time.sleep(0.002)
+        self.kill_daemon()
 
     def kill_daemon(self) -> None:
         self.daemon.kill()
@@ -256,6 +322,19 @@ class Soak:
                 self.violation(f"pinned checkpoint {name} was deleted")
         if re.search(r"^deleted checkpoint-\d+ .*protected:", log, re.M):
             self.violation("cleanup.log shows a protected checkpoint deleted")
+        # persist at the breakpoint: the memory state a killed trainer left is on disk (or something newer is)
+        keep = []
+        for step, when in self.lost:
+            newest_step = max((e.step for e in c.entries if e.valid), default=-1)
+            if newest_step >= step or (self.ck / f"checkpoint-{step}").exists():
+                continue
+            if any(name == f"checkpoint-{step}" for name, _ in self.corrupted.values()):
+                continue  # we damaged it ourselves after it was persisted
+            if time.time() - when > 20 or final:
+                self.violation(f"the memory checkpoint at step {step} left by a killed trainer never reached the disk")
+            else:
+                keep.append((step, when))  # the daemon may still be restarting
+        self.lost = keep
         self.prev_names = names
 
     # ------------------------------------------------------------------------------ main
@@ -271,6 +350,8 @@ class Soak:
         rounds = 0
         faults = [(self.kill_trainer, 5), (self.kill_daemon, 1), (self.edit_config, 2), (self.corrupt, 2),
                   (self.fill_disk, 1.5), (self.manual_cleanup, 2)]
+        if self.memory:
+            faults += [(self.kill_trainer_mid_copy, 4), (self.kill_daemon_mid_persist, 1)]
         while time.monotonic() < t_end:
             rounds += 1
             for _ in range(self.rng.choice([1, 1, 2])):
@@ -301,7 +382,7 @@ class Soak:
         if rc != 0:
             self.violation(f"the daemon did not stop cleanly on SIGTERM (exit {rc})")
         hb = read_heartbeat(self.ck) or {}
-        if hb.get("pid") and Path(f"/proc/{hb['pid']}").exists():
+        if hb.get("pid") and running(int(hb["pid"]), deadline_s=10):
             self.violation("the trainer outlived the daemon's stop")
             kill_tree(hb["pid"], signal.SIGKILL)
         final = cat.scan(self.ck, PATTERN, verify=True)
@@ -328,6 +409,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=20261122, help="the random choices of the run (default: a fixed seed, so a run can be repeated)")
     ap.add_argument("--work", default=None, help="work folder (default: a new temp folder)")
     ap.add_argument("--tmpfs-size", default="48m")
+    ap.add_argument("--memory", action="store_true", help="with memory-first checkpoints (checkpoints.memory)")
     args = ap.parse_args(argv)
     import tempfile
 
@@ -336,7 +418,7 @@ def main(argv=None) -> int:
     mount_tmpfs(disk, args.tmpfs_size)
     print(f"soak seed {args.seed}, work folder {work}", flush=True)
     try:
-        return Soak(work, disk, args.seed, args.minutes * 60).run()
+        return Soak(work, disk, args.seed, args.minutes * 60, memory=args.memory).run()
     finally:
         subprocess.run(["umount", "-l", str(disk)], check=False)
 

@@ -1,0 +1,658 @@
+"""Memory-first checkpoints: the shared-memory region, its slot format and commit protocol, reading a
+committed slot, and persisting one as a native checkpoint (no torch here: the daemon uses all of it).
+
+A region is a folder on a tmpfs (`/dev/shm/ckpt-daemon-<id>/` by default) holding two slot files,
+`slot-0` and `slot-1` (double buffering: a save always goes into the slot that does not hold the newest
+committed state, so a trainer killed mid-copy leaves the other one whole), and `region.lock`, held
+(flock) by the daemon that persists the region for as long as it lives.
+
+A slot file is a 1 MiB header area followed by the payload:
+
+    0   magic  b"CKPTMEM\\x01"           16  seq    u64 (odd: being written; even: committed)
+    8   version u32, flags u32          24  header length u64 (the JSON at 64)
+                                        32  payload length u64; 40..63 reserved
+    64  JSON header: step, gen (a counter across both slots: the newest commit has the highest), files
+        [[name, offset, size], ...] (manifest.json last), manifest_sha256, boot_id, pid, ckpt_dir, time
+    PAYLOAD_OFFSET: the exact bytes of the native checkpoint's files, each at a 4 KiB boundary.
+
+Commit protocol (a seqlock): the writer sets seq odd, copies the payload, hashes it, writes manifest.json
+(whose checksums cover every other file) and the JSON header, and only then sets seq even. A reader takes
+a header only with an even seq, and trusts what it copied only if seq is unchanged after the copy and
+every checksum matches. The checksums are computed off the training thread, before the commit: the
+training loop pauses only for the copy.
+
+Slot headers are untrusted input (any process may write a tmpfs file; a trainer may die at any byte):
+every size is bounded, every field's type is checked, file names are plain names, and a torn or garbage
+header is reported as a reason, never raised.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import json
+import mmap
+import os
+import re
+import shutil
+import stat
+import struct
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from ckpt_daemon import manifest as mf
+from ckpt_daemon import runtime
+from ckpt_daemon.errors import CkptError
+from ckpt_daemon import fsutil
+from ckpt_daemon.fsutil import atomic_symlink, fsync_dir, loads_json_bounded
+
+MAGIC = b"CKPTMEM\x01"
+VERSION = 1
+FIXED = struct.Struct("<8sIIQQQ")  # magic, version, flags, seq, header length, payload length
+SEQ_OFFSET = 16
+JSON_OFFSET = 64
+PAYLOAD_OFFSET = 1 << 20
+HEADER_MAX = PAYLOAD_OFFSET - JSON_OFFSET
+ALIGN = 4096
+MAX_FILES = 4096
+MAX_PAYLOAD = 1 << 44  # 16 TiB: beyond any host's memory
+SLOTS = ("slot-0", "slot-1")
+LOCK = "region.lock"
+CHUNK = 16 << 20
+_HEX64 = re.compile(r"[0-9a-f]{64}\Z")
+
+
+class MemoryCheckpointError(CkptError):
+    """Memory checkpoints cannot work as configured (e.g. the tmpfs cannot hold two copies)."""
+
+    exit_code = 2
+
+
+def boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()[:64]
+    except OSError:
+        return "unknown"
+
+
+def default_region_dir(ckpt_dir: str | os.PathLike) -> Path:
+    """/dev/shm/ckpt-daemon-<12 hex of the checkpoint folder's path>: one region per checkpoint folder."""
+    digest = hashlib.sha256(os.fsencode(os.path.abspath(ckpt_dir))).hexdigest()[:12]
+    return Path("/dev/shm") / f"ckpt-daemon-{digest}"
+
+
+def region_dir_for(cfg) -> Path:
+    """The region folder a config asks for (checkpoints.memory.dir, else the default)."""
+    d = cfg.checkpoints.memory.dir
+    return cfg.resolve_path(d) if d is not None else default_region_dir(cfg.checkpoint_dir)
+
+
+def safe_name(name: Any) -> bool:
+    return (isinstance(name, str) and 0 < len(name) <= 255 and "/" not in name and "\0" not in name
+            and not name.startswith(".") and name not in ("..", "."))
+
+
+def file_digest(data, algo: Optional[str] = None) -> dict:
+    """The manifest record's checksum fields for `data` (a buffer), as native saves write them."""
+    algo = algo or fsutil.default_checksum()
+    h = fsutil.new_hasher(algo)
+    mv = memoryview(data).cast("B")
+    try:
+        if algo == "sha256":
+            for off in range(0, len(mv), CHUNK):
+                h.update(mv[off:off + CHUNK])
+        else:
+            h.update(mv)  # one update: blake3 spreads it over every core
+    finally:
+        mv.release()
+    return fsutil.digest_record(algo, h.hexdigest())
+
+
+def digest_matches(meta: Any, data) -> bool:
+    """Whether `data` matches the checksum of a manifest file record (False for a bad record)."""
+    try:
+        algo, want = fsutil.record_checksum(meta)
+        got = file_digest(data, algo)
+    except (ValueError, LookupError):
+        return False
+    return fsutil.record_checksum(got)[1] == want
+
+
+def json_bytes(obj: Any) -> bytes:
+    """JSON as native checkpoints write it (state.json, manifest.json)."""
+    return (json.dumps(obj, indent=1, allow_nan=True) + "\n").encode()
+
+
+# ------------------------------------------------------------------------------------------ header
+@dataclass
+class SlotInfo:
+    """A committed slot, as its header says (validated, but its payload not yet checked)."""
+
+    index: int
+    seq: int
+    gen: int
+    step: int
+    files: list[tuple[str, int, int]]  # (name, offset in the payload, size)
+    manifest_sha256: str
+    payload_len: int
+    boot_id: str
+    pid: int
+    ckpt_dir: str
+    time: float
+    path: Path = field(default_factory=Path)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s for _, _, s in self.files)
+
+
+def parse_header(raw: bytes, file_size: int, index: int = 0) -> tuple[Optional[SlotInfo], Optional[str]]:
+    """(SlotInfo, None) for a committed slot, or (None, why not). Never raises."""
+    try:
+        return _parse_header(raw, file_size, index), None
+    except ValueError as exc:
+        return None, str(exc)
+    except Exception as exc:  # untrusted bytes: whatever slips past the checks is a reason, not a crash
+        return None, f"unreadable header ({exc.__class__.__name__})"
+
+
+def _parse_header(raw: bytes, file_size: int, index: int) -> SlotInfo:
+    if len(raw) < JSON_OFFSET:
+        raise ValueError("empty or truncated (no header)")
+    magic, version, _flags, seq, hlen, plen = FIXED.unpack_from(raw, 0)
+    if magic != MAGIC:
+        raise ValueError("not a ckpt-daemon memory slot (bad magic)")
+    if version != VERSION:
+        raise ValueError(f"written by an unknown format version {version}")
+    if seq == 0:
+        raise ValueError("never committed")
+    if seq % 2:
+        raise ValueError("being written, or its writer died mid-copy (not committed)")
+    if not 0 < hlen <= HEADER_MAX or JSON_OFFSET + hlen > len(raw):
+        raise ValueError(f"has a corrupt header length {hlen}")
+    if not 0 < plen <= MAX_PAYLOAD or PAYLOAD_OFFSET + plen > file_size:
+        raise ValueError(f"has a payload length {plen} that does not fit its {file_size}-byte file")
+    h = loads_json_bounded(raw[JSON_OFFSET:JSON_OFFSET + hlen], "the slot header")
+    if not isinstance(h, dict):
+        raise ValueError("has a header that is not a JSON object")
+    step, gen = h.get("step"), h.get("gen")
+    if not mf.is_step(step) or not mf.is_step(gen):
+        raise ValueError("has no valid step or generation")
+    files = h.get("files")
+    if not isinstance(files, list) or not 1 <= len(files) <= MAX_FILES:
+        raise ValueError("has no valid file list")
+    out: list[tuple[str, int, int]] = []
+    end = 0
+    for item in files:
+        if not (isinstance(item, list) and len(item) == 3):
+            raise ValueError("has a malformed file entry")
+        name, off, size = item
+        if not safe_name(name):
+            raise ValueError(f"names an unsafe file {str(name)[:60]!r}")
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (off, size)):
+            raise ValueError(f"gives {name} no valid offset or size")
+        if off < end or size < 0 or off + size > plen:
+            raise ValueError(f"places {name} outside its payload or over another file")
+        end = off + size
+        out.append((name, off, size))
+    names = [n for n, _, _ in out]
+    if len(set(names)) != len(names) or names[-1] != mf.MANIFEST:
+        raise ValueError("does not list manifest.json last, or lists a file twice")
+    msha = h.get("manifest_sha256")
+    if not isinstance(msha, str) or not _HEX64.match(msha):
+        raise ValueError("has no valid manifest checksum")
+    bid, pid, ck, t = h.get("boot_id"), h.get("pid"), h.get("ckpt_dir"), h.get("time")
+    if not (isinstance(bid, str) and len(bid) <= 64 and isinstance(pid, int) and not isinstance(pid, bool)
+            and isinstance(ck, str) and len(ck) <= 4096 and isinstance(t, (int, float)) and not isinstance(t, bool)):
+        raise ValueError("has a malformed writer identity")
+    return SlotInfo(index, seq, gen, step, out, msha, plen, bid, pid, ck, float(t))
+
+
+def read_seq(path: Path) -> Optional[int]:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        raw = os.pread(fd, 8, SEQ_OFFSET)
+        return struct.unpack("<Q", raw)[0] if len(raw) == 8 else None
+    finally:
+        os.close(fd)
+
+
+# ------------------------------------------------------------------------------------------ region
+class Region:
+    """The two slots of one region folder (reading; the torch side writes through memsave.py)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    def slot_path(self, i: int) -> Path:
+        return self.path / SLOTS[i]
+
+    def exists(self) -> bool:
+        return any(os.path.lexists(self.slot_path(i)) for i in range(len(SLOTS)))
+
+    def read_slot(self, i: int) -> tuple[Optional[SlotInfo], Optional[str]]:
+        """The committed header of slot i, or (None, why not; None if the slot file does not exist)."""
+        p = self.slot_path(i)
+        try:
+            fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        except FileNotFoundError:
+            return None, None
+        except OSError as exc:
+            return None, f"{p.name} cannot be opened ({exc.strerror or exc})"
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                return None, f"{p.name} is not a regular file"
+            raw = os.pread(fd, 4096, 0)  # the header is small: read the rest only if it says so
+            if len(raw) >= JSON_OFFSET:
+                hlen = struct.unpack_from("<Q", raw, 24)[0]
+                if len(raw) < JSON_OFFSET + hlen <= PAYLOAD_OFFSET:
+                    raw = os.pread(fd, JSON_OFFSET + hlen, 0)
+        except OSError as exc:
+            return None, f"{p.name} cannot be read ({exc.strerror or exc})"
+        finally:
+            os.close(fd)
+        if raw[:8].strip(b"\0") == b"":
+            return None, None  # reserved by a trainer, never written: nothing to report
+        info, why = parse_header(raw, st.st_size, i)
+        if info is not None:
+            info.path = p
+        return info, (f"{p.name} {why}" if why else None)
+
+    def slots(self) -> tuple[list[SlotInfo], list[str]]:
+        """Committed slots, newest first, and the problems of the others."""
+        good, problems = [], []
+        for i in range(len(SLOTS)):
+            info, why = self.read_slot(i)
+            if info is not None:
+                good.append(info)
+            elif why:
+                problems.append(why)
+        good.sort(key=lambda s: (s.gen, s.step), reverse=True)
+        return good, problems
+
+    def newest(self, ckpt_dir: Optional[Path] = None) -> tuple[Optional[SlotInfo], list[str]]:
+        """The newest committed slot written on this boot (for ckpt_dir, when given)."""
+        good, problems = self.slots()
+        here = boot_id()
+        for s in good:
+            if s.boot_id != here:
+                problems.append(f"{s.path.name} was written before the last reboot; ignored")
+                continue
+            if ckpt_dir is not None and os.path.abspath(s.ckpt_dir) != os.path.abspath(ckpt_dir):
+                problems.append(f"{s.path.name} belongs to {s.ckpt_dir[:200]}, not {ckpt_dir}; ignored")
+                continue
+            return s, problems
+        return None, problems
+
+    def remove(self) -> None:
+        """Delete the slots and the folder (a lock file held by the caller goes last)."""
+        for name in (*SLOTS, LOCK):
+            try:
+                os.unlink(self.path / name)
+            except FileNotFoundError:
+                pass
+        try:
+            os.rmdir(self.path)
+        except OSError:
+            pass
+
+
+def open_slot_readonly(info: SlotInfo) -> tuple[int, mmap.mmap]:
+    fd = os.open(info.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        size = os.fstat(fd).st_size
+        if size < PAYLOAD_OFFSET + info.payload_len:
+            raise OSError(errno.EIO, f"{info.path.name} shrank below its header's payload")
+        return fd, mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def check_manifest_bytes(data: bytes, info: SlotInfo) -> dict:
+    """The manifest of a slot, checked against the slot's file list. Raises ValueError."""
+    if hashlib.sha256(data).hexdigest() != info.manifest_sha256:
+        raise ValueError("its manifest.json fails its checksum (the slot changed after its commit)")
+    m = loads_json_bounded(data, "the slot's manifest.json")
+    if not isinstance(m, dict) or m.get("format") != mf.FORMAT or m.get("step") != info.step:
+        raise ValueError("its manifest.json is not a native manifest of its step")
+    files = m.get("files")
+    listed = {n: s for n, _, s in info.files if n != mf.MANIFEST}
+    if not isinstance(files, dict) or set(files) != set(listed):
+        raise ValueError("its manifest.json lists other files than the slot holds")
+    for name, meta in files.items():
+        if not isinstance(meta, dict) or meta.get("size") != listed[name]:
+            raise ValueError(f"its manifest.json gives {name} another size than the slot")
+    return m
+
+
+# ------------------------------------------------------------------------------------------ persist
+@dataclass
+class Persisted:
+    path: Optional[Path]
+    step: int
+    seconds: float
+    bytes: int
+    note: str
+
+
+def persist_slot(info: SlotInfo, ckpt_dir: Path, lock_timeout_s: float = 600.0) -> Persisted:
+    """Write a committed slot into `ckpt_dir` as checkpoint-<step>, committed as a native save is: each
+    file written in the state folder's scratch space and fsynced (checked against its checksum while
+    written), manifest.json last, then renamed into place under the commit lock and the folder fsynced.
+
+    The slot is held with a shared flock meanwhile (the trainer writes only into a slot it can lock
+    exclusively), and its seq must be unchanged after the copy. Raises OSError or ValueError."""
+    t0 = time.perf_counter()
+    name = f"checkpoint-{info.step}"
+    final = Path(ckpt_dir) / name
+    if os.path.lexists(final):
+        return Persisted(None, info.step, 0.0, 0, f"{name} is already on disk")
+    fd, mm = open_slot_readonly(info)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            raise ValueError(f"{info.path.name} is being written by the trainer") from None
+        if read_seq(info.path) != info.seq:
+            raise ValueError(f"{info.path.name} was rewritten since its header was read")
+        base = PAYLOAD_OFFSET
+        manifest = check_manifest_bytes(bytes(mm[base + info.files[-1][1]:base + info.files[-1][1] + info.files[-1][2]]), info)
+        total = 0
+        with runtime.Scratch(ckpt_dir, name) as scratch:
+            for fname, off, size in info.files:
+                data = memoryview(mm)[base + off:base + off + size]
+                try:
+                    if fname != mf.MANIFEST and not digest_matches(manifest["files"][fname], data):
+                        raise ValueError(f"{fname} in {info.path.name} fails its checksum")
+                    wfd = os.open(scratch.path / fname, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+                    try:
+                        pos = 0
+                        while pos < size:
+                            pos += os.write(wfd, data[pos:pos + CHUNK])
+                        os.fsync(wfd)
+                    finally:
+                        os.close(wfd)
+                finally:
+                    data.release()
+                total += size
+            fsync_dir(scratch.path)
+            if read_seq(info.path) != info.seq:
+                raise ValueError(f"{info.path.name} was rewritten during the copy")
+            status, reason, _ = mf.check_native(scratch.path, verify=False, step=info.step)
+            if status != "complete":
+                raise ValueError(f"the copy of {info.path.name} is {status}: {reason}")
+            with runtime.commit_lock(ckpt_dir):
+                if os.path.lexists(final):
+                    return Persisted(None, info.step, 0.0, 0, f"{name} was saved by the trainer meanwhile")
+                scratch.commit(final)
+                _point_latest(Path(ckpt_dir), name, info.step)
+    finally:
+        mm.close()
+        os.close(fd)
+    return Persisted(final, info.step, time.perf_counter() - t0, total, "persisted")
+
+
+def _point_latest(ckpt_dir: Path, name: str, step: int) -> None:
+    """`latest` follows the newest checkpoint; a persisted slot older than it leaves it alone."""
+    link = ckpt_dir / "latest"
+    try:
+        target = os.readlink(link)
+        m = re.fullmatch(r"checkpoint-(\d+)", target)
+        if m and int(m.group(1)) > step and (ckpt_dir / target).is_dir():
+            return
+    except OSError:
+        pass
+    try:
+        atomic_symlink(name, link)
+    except OSError:
+        pass  # a pointer is a convenience; resume uses the newest valid checkpoint regardless
+
+
+# ------------------------------------------------------------------------------------------ capacity
+def free_bytes_at(path: Path) -> int:
+    p = Path(path)
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    st = os.statvfs(p)
+    return st.f_bavail * st.f_frsize
+
+
+def slot_capacity(payload: int) -> int:
+    """Bytes reserved per slot for a payload: room for the state to grow a little (metrics, JSON)."""
+    want = payload + payload // 32 + (4 << 20)
+    return -(-want // (2 << 20)) * (2 << 20)
+
+
+def capacity_error(where: Path, need_per_slot: int, have: int, limit: Optional[int] = None) -> MemoryCheckpointError:
+    gib = 2**30
+    if limit is not None:
+        cause = (f"two copies of the training state ({2 * need_per_slot / gib:.2f} GiB) exceed "
+                 f"checkpoints.memory.max_gb ({limit / gib:.2f} GiB)")
+    else:
+        cause = (f"{where} cannot hold two copies of the training state: they need {2 * need_per_slot / gib:.2f} GiB "
+                 f"and its filesystem has {have / gib:.2f} GiB free")
+    return MemoryCheckpointError(
+        f"Memory checkpoints are refused: {cause}. Nothing was written there, and disk checkpoints are unaffected. "
+        "Fix it by giving the tmpfs more room (e.g. `mount -o remount,size=<N>G /dev/shm`), by pointing "
+        "checkpoints.memory.dir at a larger tmpfs, by raising checkpoints.memory.max_gb, or by turning memory "
+        "checkpoints off (checkpoints.memory.enabled: false) in config.yaml.")
+
+
+# ------------------------------------------------------------------------------------------ the agent
+class RegionLock:
+    """The daemon's claim on a region: a live daemon holds it; a region whose lock is free was left by
+    a daemon that died (or never had one) and is adopted."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.fd: Optional[int] = None
+
+    def acquire(self) -> bool:
+        os.makedirs(self.path, mode=0o700, exist_ok=True)
+        st = os.lstat(self.path)
+        if not stat.S_ISDIR(st.st_mode):
+            raise MemoryCheckpointError(f"{self.path} is not a folder; memory checkpoints need it to be one. "
+                                        "Move it away or set checkpoints.memory.dir to another folder.")
+        fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, 0o600)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise MemoryCheckpointError(f"{self.path / LOCK} is not a regular file; remove it and try again.")
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            return False
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()} {boot_id()}\n".encode())
+        self.fd = fd
+        return True
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+class MemoryAgent:
+    """The daemon's side of memory checkpoints: claims the region, adopts what a dead daemon left,
+    persists committed slots on the configured cadence (its own thread) and at the breakpoint (when the
+    trainer exits, called by the supervisor before it chooses the resume point), and removes the region
+    once everything in it is on disk."""
+
+    def __init__(self, get_cfg: Callable, log, clock: Callable[[], float] = time.monotonic):
+        self.get_cfg = get_cfg
+        self.log = log
+        self.clock = clock
+        cfg = get_cfg()
+        self.ckpt_dir = cfg.checkpoint_dir
+        self.path = region_dir_for(cfg)
+        self.region = Region(self.path)
+        self.lock = RegionLock(self.path)
+        self.mutex = threading.Lock()
+        self.active = False
+        self.error: Optional[str] = None
+        self.last_gen: Optional[int] = None  # generation of the slot persisted (or found on disk) last
+        self.last_persist_at = clock()
+        self.last: Optional[dict] = None
+        self.persisted = 0
+        self.reported: set[str] = set()
+        self.failed: set[tuple] = set()  # slots (path, seq) that could not be persisted: not retried
+
+    # -- life cycle ---------------------------------------------------------------------------------
+    def start(self) -> bool:
+        try:
+            if not self.lock.acquire():
+                self.error = (f"Memory checkpoints are off: another ckpt-daemon holds the memory region {self.path}. "
+                              "Give each daemon its own checkpoints.memory.dir (the default derives one from "
+                              "checkpoints.dir).")
+                self.log.error(self.error)
+                return False
+        except (OSError, MemoryCheckpointError) as exc:
+            self.error = (f"Memory checkpoints are off: the memory region {self.path} cannot be used ({exc}). "
+                          "Fix checkpoints.memory.dir (a folder on a tmpfs such as /dev/shm) and restart the daemon; "
+                          "disk checkpoints are unaffected.")
+            self.log.error(self.error)
+            return False
+        self.active = True
+        # Adopt: a region left by a daemon that died may hold a state newer than the disk.
+        self.persist_newest("left by a previous daemon")
+        return True
+
+    def env(self) -> dict:
+        return {"CKPT_DAEMON_MEMORY": str(self.path)} if self.active else {}
+
+    def close(self, clean: bool = True) -> None:
+        """At daemon stop (after the trainer stopped): persist what is newer than the disk, then remove
+        the region if everything in it is on disk; otherwise keep it for the next daemon."""
+        if not self.active:
+            return
+        self.persist_newest("daemon stop")
+        if clean:
+            self.remove_if_persisted("the daemon stopped")
+        self.lock.release()
+        self.active = False
+
+    def remove_if_persisted(self, why: str) -> bool:
+        with self.mutex:
+            newest, _ = self.region.newest(self.ckpt_dir)
+            if newest is not None and not self._on_disk(newest.step):
+                self.log.error("the memory region holds a state newer than the disk and could not be persisted; "
+                               "it is kept for the next daemon", region=str(self.path), step=newest.step)
+                return False
+            for name in SLOTS:
+                try:
+                    os.unlink(self.path / name)
+                except FileNotFoundError:
+                    pass
+            self.last_gen = None
+            self.log.info("memory region emptied", region=str(self.path), why=why)
+            return True
+
+    # -- persisting ---------------------------------------------------------------------------------
+    def _on_disk(self, step: int) -> bool:
+        from ckpt_daemon import catalog as cat
+
+        newest = cat.scan(self.ckpt_dir, self.get_cfg().checkpoints.pattern, stats=False).newest_valid()
+        return (newest is not None and newest.step >= step) or os.path.isdir(self.ckpt_dir / f"checkpoint-{step}")
+
+    def _report(self, problems: list[str]) -> None:
+        for p in problems:
+            if p not in self.reported:
+                self.reported.add(p)
+                self.log.warning("memory slot ignored", region=str(self.path), reason=p)
+
+    def persist_newest(self, why: str) -> Optional[Persisted]:
+        """Persist the newest committed slot if the disk has nothing as new. Never raises."""
+        if not self.active:
+            return None
+        with self.mutex:
+            newest = None
+            try:
+                newest, problems = self.region.newest(self.ckpt_dir)
+                self._report(problems)
+                if newest is None:
+                    return None
+                if self._on_disk(newest.step):
+                    self.last_gen = newest.gen
+                    return None
+                key = (str(newest.path), newest.seq)
+                if key in self.failed:
+                    return None
+                r = persist_slot(newest, self.ckpt_dir)
+            except (OSError, ValueError, CkptError) as exc:
+                if newest is not None:
+                    self.failed.add((str(newest.path), newest.seq))
+                self.log.error("could not persist the memory checkpoint; the disk checkpoints stand", region=str(self.path),
+                               why=why, error=str(exc))
+                return None
+            self.last_gen = newest.gen
+            self.last_persist_at = self.clock()
+            if r.path is not None:
+                self.persisted += 1
+                self.last = {"step": r.step, "seconds": round(r.seconds, 3), "bytes": r.bytes, "why": why,
+                             "time": time.time()}
+                self.log.info("persisted a memory checkpoint", checkpoint=r.path.name, why=why,
+                              seconds=round(r.seconds, 2), mib=round(r.bytes / 2**20, 1))
+            return r
+
+    def breakpoint(self, why: str = "the trainer exited") -> Optional[Persisted]:
+        return self.persist_newest(why)
+
+    def due(self) -> bool:
+        """Cadence: every persist_every-th memory checkpoint, or persist_every_s after the last persist."""
+        if not self.active:
+            return False
+        mc = self.get_cfg().checkpoints.memory
+        newest, problems = self.region.newest(self.ckpt_dir)
+        self._report(problems)
+        if newest is None:
+            return False
+        if self.last_gen is None:
+            self.last_gen = newest.gen - 1 if newest.gen else 0
+        if newest.gen <= self.last_gen:
+            return False
+        if newest.gen - self.last_gen >= mc.persist_every:
+            return True
+        return mc.persist_every_s is not None and self.clock() - self.last_persist_at >= mc.persist_every_s
+
+    def run(self, stop: threading.Event, interval_s: float = 0.2) -> None:
+        while not stop.is_set():
+            try:
+                if self.due():
+                    self.persist_newest("cadence")
+            except Exception as exc:  # one bad tick must not end persistence
+                self.log.exception("memory agent tick failed; retrying", error=str(exc))
+            stop.wait(interval_s)
+
+    def snapshot(self) -> dict:
+        newest = None
+        if self.active:
+            s, _ = self.region.newest(self.ckpt_dir)
+            newest = {"step": s.step, "bytes": s.nbytes, "time": s.time} if s else None
+        return {"enabled": True, "active": self.active, "region": str(self.path), "error": self.error,
+                "newest": newest, "persisted": self.persisted, "last_persist": self.last}
+
+
+def remove_stale_region(path: Path) -> bool:
+    """Remove a region nobody holds (tests, tools). True if removed."""
+    lock = RegionLock(path)
+    if not os.path.isdir(path):
+        return False
+    if not lock.acquire():
+        return False
+    try:
+        Region(path).remove()
+        shutil.rmtree(path, ignore_errors=True)
+    finally:
+        lock.release()
+    return True

@@ -1,0 +1,317 @@
+"""The trainer's side of memory-first checkpoints: copy the state into a shared-memory slot, and load
+the newest committed slot back (see ckpt_daemon/memory.py for the slot format and commit protocol).
+
+`MemoryWriter.save(prepared)` pauses the caller only for the copy of the tensors into the slot (one
+memcpy, or one device-to-host copy); a background thread then checksums the slot's files, writes the
+manifest and the header, and commits. The next save waits for that commit, so at most one is in flight,
+and a save always targets the slot that does not hold the newest committed state.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import mmap
+import os
+import struct
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from ckpt_daemon import manifest as mf
+from ckpt_daemon import memory as mem
+from ckpt_daemon import stio
+from ckpt_daemon.errors import CheckpointError
+from ckpt_daemon.statecodec import decode
+
+log = logging.getLogger("ckpt_daemon.memsave")
+
+
+def _u8(t: torch.Tensor) -> torch.Tensor:
+    t = t.detach()
+    if not t.is_contiguous():
+        t = t.contiguous()
+    return t.reshape(-1).view(torch.uint8)
+
+
+class _Slot:
+    def __init__(self, path: Path):
+        self.path = path
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        self.mm: Optional[mmap.mmap] = None
+        self.size = 0
+        self.buf: Optional[torch.Tensor] = None  # uint8 view of the whole mapping
+
+    def ensure(self, size: int) -> None:
+        """Reserve `size` bytes (fallocate: a tmpfs that fills later never SIGBUSes a write into us)."""
+        if self.size >= size:
+            return
+        cur = os.fstat(self.fd).st_size
+        os.posix_fallocate(self.fd, 0, max(size, cur))
+        self.unmap()
+        self.size = max(size, cur)
+        self.mm = mmap.mmap(self.fd, self.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self.buf = torch.frombuffer(self.mm, dtype=torch.uint8)
+
+    def unmap(self) -> None:
+        self.buf = None
+        if self.mm is not None:
+            try:
+                self.mm.close()
+            except BufferError:  # a view still alive: the mapping goes with it
+                pass
+            self.mm = None
+
+    def seq(self) -> int:
+        raw = os.pread(self.fd, 8, mem.SEQ_OFFSET)
+        return struct.unpack("<Q", raw)[0] if len(raw) == 8 else 0
+
+    def close(self) -> None:
+        self.unmap()
+        os.close(self.fd)
+
+
+class MemoryWriter:
+    """Writes CheckpointManager states into a region's slots."""
+
+    def __init__(self, region_dir: str | os.PathLike, ckpt_dir: Path, max_bytes: Optional[int] = None):
+        self.region = mem.Region(region_dir)
+        self.ckpt_dir = Path(ckpt_dir)
+        self.max_bytes = max_bytes
+        os.makedirs(self.region.path, mode=0o700, exist_ok=True)
+        self.slots = [_Slot(self.region.slot_path(i)) for i in range(len(mem.SLOTS))]
+        self._thread: Optional[threading.Thread] = None
+        self._error: Optional[BaseException] = None
+        self._locked: Optional[int] = None
+        self.last_stall_s = 0.0
+        self.last_commit_s = 0.0
+        self.saves = 0
+        self.skipped = 0
+        self.boot = mem.boot_id()
+        self._gen = max((s.gen for s in self.region.slots()[0]), default=0)
+
+    # -- save ---------------------------------------------------------------------------------------
+    def join(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise CheckpointError(f"The memory checkpoint could not be committed: {err}") from err
+
+    def _target(self) -> Optional[int]:
+        """The slot to write: not the newest committed one, unless the daemon is persisting the other."""
+        good, _ = self.region.slots()
+        newest = good[0].index if good and good[0].boot_id == self.boot else None
+        order = [i for i in range(len(self.slots)) if i != newest] + ([newest] if newest is not None else [])
+        for i in order:
+            try:
+                fcntl.flock(self.slots[i].fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return i
+            except OSError:
+                continue
+        return None
+
+    def save(self, p) -> bool:
+        """Copy the prepared state (checkpoint._Prepared, tensors not yet copied) into a slot and commit
+        it in the background. Returns False if both slots were busy (nothing written)."""
+        from ckpt_daemon.checkpoint import STATE_SHARD_BYTES, STATE_TENSORS, shard_tensors
+
+        self.join()
+        t0 = time.perf_counter()
+        shards = shard_tensors(p.state, STATE_SHARD_BYTES)
+        names = [STATE_TENSORS] if len(shards) == 1 else [
+            f"state-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+        parts = [(mf.MODEL_FILE, p.model, p.model_meta)] + [(n, sh, {"format": "ckpt-daemon/1"}) for n, sh in zip(names, shards)]
+        state_json = mem.json_bytes(p.state_json)
+        # Layout: each file at a 4 KiB boundary; manifest.json last (its size is known only after hashing,
+        # so it gets generous room).
+        layout = []
+        off = 0
+        for name, tensors, meta in parts:
+            head = stio.header_for(tensors, meta)
+            size = len(head) + sum(t.numel() * t.element_size() for t in tensors.values())
+            layout.append((name, off, size, head, tensors))
+            off = -(-(off + size) // mem.ALIGN) * mem.ALIGN
+        layout.append(("state.json", off, len(state_json), state_json, None))
+        off = -(-(off + len(state_json)) // mem.ALIGN) * mem.ALIGN
+        manifest_room = (64 << 10) + 512 * len(layout)
+        payload_need = off + manifest_room
+        cap = mem.slot_capacity(payload_need)
+        i = self._target()
+        if i is None:
+            self.skipped += 1
+            log.warning("memory checkpoint at step %d skipped: both slots are busy", p.step)
+            return False
+        slot = self.slots[i]
+        try:
+            if slot.size < mem.PAYLOAD_OFFSET + payload_need:
+                self._reserve(slot, mem.PAYLOAD_OFFSET + cap)
+            seq = slot.seq()
+            odd = seq + 1 if seq % 2 == 0 else seq + 2
+            # from here on the slot is not committed (a reader sees a slot being written)
+            mem.FIXED.pack_into(slot.mm, 0, mem.MAGIC, mem.VERSION, 0, odd, 0, 0)
+            base = mem.PAYLOAD_OFFSET
+            buf = slot.buf
+            for name, o, size, head, tensors in layout:
+                start = base + o
+                buf[start:start + len(head)] = torch.frombuffer(bytearray(head), dtype=torch.uint8)
+                pos = start + len(head)
+                if tensors is None:
+                    continue
+                for t in tensors.values():
+                    n = t.numel() * t.element_size()
+                    if n:
+                        buf[pos:pos + n].copy_(_u8(t), non_blocking=t.device.type != "cpu")
+                    pos += n
+            if any(t.device.type != "cpu" for _, _, _, _, ts in layout if ts for t in ts.values()):
+                torch.cuda.synchronize()
+        except BaseException:
+            fcntl.flock(slot.fd, fcntl.LOCK_UN)
+            raise
+        self.last_stall_s = time.perf_counter() - t0
+        self._gen += 1
+        files = [(name, o, size) for name, o, size, _, _ in layout]
+        self._thread = threading.Thread(target=self._commit, args=(i, odd + 1, self._gen, p, files, off),
+                                        name=f"memory-commit-{p.step}", daemon=True)
+        self._thread.start()
+        self.saves += 1
+        return True
+
+    def _reserve(self, slot: _Slot, size: int) -> None:
+        if self.max_bytes is not None and 2 * size > self.max_bytes:
+            raise mem.capacity_error(self.region.path, size, 0, self.max_bytes)
+        # Both slots are reserved at the first save: a region that cannot hold two copies is refused now,
+        # not at the second save. Pages a slot file already holds (a previous trainer's) count as ours.
+        need = sum(max(0, size - os.fstat(s.fd).st_blocks * 512) for s in self.slots)
+        free = mem.free_bytes_at(self.region.path)
+        if need > free:
+            raise mem.capacity_error(self.region.path, size, free + sum(os.fstat(s.fd).st_blocks * 512 for s in self.slots))
+        try:
+            for s in self.slots:
+                s.ensure(size)
+        except OSError as exc:
+            raise mem.capacity_error(self.region.path, size, mem.free_bytes_at(self.region.path)) from exc
+
+    def _commit(self, i: int, even: int, gen: int, p, files: list, manifest_off: int) -> None:
+        slot = self.slots[i]
+        t0 = time.perf_counter()
+        try:
+            base = mem.PAYLOAD_OFFSET
+            mv = memoryview(slot.mm)
+
+            def digest(entry):
+                name, o, size = entry
+                part = mv[base + o:base + o + size]
+                try:
+                    return name, {"size": size, **mem.file_digest(part)}
+                finally:
+                    part.release()
+
+            with ThreadPoolExecutor(max_workers=min(len(files), os.cpu_count() or 1, 8)) as pool:
+                entries = dict(pool.map(digest, files))
+            manifest = mem.json_bytes(mf.build_manifest(p.step, entries, **p.manifest_extra))
+            if base + manifest_off + len(manifest) > slot.size:
+                raise CheckpointError("the manifest does not fit the slot")
+            slot.mm[base + manifest_off:base + manifest_off + len(manifest)] = manifest
+            all_files = files + [(mf.MANIFEST, manifest_off, len(manifest))]
+            import hashlib
+
+            header = json.dumps({"step": p.step, "gen": gen, "files": [list(f) for f in all_files],
+                                 "manifest_sha256": hashlib.sha256(manifest).hexdigest(), "boot_id": self.boot,
+                                 "pid": os.getpid(), "ckpt_dir": str(self.ckpt_dir), "time": time.time()}).encode()
+            if len(header) > mem.HEADER_MAX:
+                raise CheckpointError("the slot header is too large (too many files)")
+            mv.release()
+            payload_len = manifest_off + len(manifest)
+            slot.mm[mem.JSON_OFFSET:mem.JSON_OFFSET + len(header)] = header
+            struct.pack_into("<8sII", slot.mm, 0, mem.MAGIC, mem.VERSION, 0)
+            struct.pack_into("<QQ", slot.mm, 24, len(header), payload_len)
+            struct.pack_into("<Q", slot.mm, mem.SEQ_OFFSET, even)  # the commit: written last
+            self.last_commit_s = time.perf_counter() - t0
+        except BaseException as exc:
+            self._error = exc
+        finally:
+            fcntl.flock(slot.fd, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        try:
+            self.join()
+        finally:
+            for s in self.slots:
+                s.close()
+
+
+# ---------------------------------------------------------------------------------------------- load
+def read_slot_state(region_dir: str | os.PathLike, ckpt_dir: Path, map_location="cpu",
+                    info: Optional[mem.SlotInfo] = None) -> tuple[Optional[dict], Optional[str]]:
+    """The newest committed slot's state as `checkpoint.read_checkpoint` returns it, copied into private
+    memory and verified (sizes, checksums, seq unchanged). (None, why) if there is none usable."""
+    from ckpt_daemon.checkpoint import STATE_JSON, join_tied
+
+    region = mem.Region(region_dir)
+    if info is None:
+        info, problems = region.newest(ckpt_dir)
+        for pr in problems:
+            log.warning("memory slot ignored: %s", pr)
+        if info is None:
+            return None, "no committed memory checkpoint"
+    try:
+        fd, mm = mem.open_slot_readonly(info)
+    except OSError as exc:
+        return None, f"{info.path.name} cannot be opened ({exc})"
+    try:
+        base = mem.PAYLOAD_OFFSET
+        mo, ms = info.files[-1][1], info.files[-1][2]
+        try:
+            m = mem.check_manifest_bytes(bytes(mm[base + mo:base + mo + ms]), info)
+        except ValueError as exc:
+            return None, f"{info.path.name}: {exc}"
+        src = np.frombuffer(mm, dtype=np.uint8)
+
+        def get(entry):
+            name, o, size = entry
+            out = np.empty(size, dtype=np.uint8)
+            np.copyto(out, src[base + o:base + o + size])
+            return name, out, mem.digest_matches(m["files"][name], out)
+
+        wanted = [f for f in info.files if f[0] != mf.MANIFEST]
+        with ThreadPoolExecutor(max_workers=min(len(wanted), os.cpu_count() or 1, 8)) as pool:
+            got = list(pool.map(get, wanted))
+        src = None  # drop the view of the mapping before it is closed
+        if mem.read_seq(info.path) != info.seq:
+            return None, f"{info.path.name} was rewritten while it was read"
+        bad = [n for n, _, ok in got if not ok]
+        if bad:
+            return None, f"{info.path.name}: {', '.join(bad)} fails its checksum"
+        bufs = {n: b for n, b, _ in got}
+    finally:
+        try:
+            mm.close()
+        except BufferError:
+            pass
+        os.close(fd)
+    try:
+        model, meta = stio.parse_safetensors(bufs[mf.MODEL_FILE])
+        join_tied(model, meta)
+        state_t: dict = {}
+        for name in sorted(n for n in bufs if n.startswith("state") and n.endswith(".safetensors")):
+            state_t.update(stio.parse_safetensors(bufs[name])[0])
+        skeleton = json.loads(bytes(bufs[STATE_JSON])) if STATE_JSON in bufs else {}
+    except (ValueError, KeyError, TypeError) as exc:
+        return None, f"{info.path.name} holds a malformed state ({exc})"
+    if map_location not in ("cpu", torch.device("cpu")):
+        model = {k: v.to(map_location) for k, v in model.items()}
+    out = {k: decode(skeleton.get(k), state_t) for k in ("optimizer", "scheduler", "scaler", "rng", "data", "extra")}
+    out.update(model=model, config=skeleton.get("config") or {}, manifest=m)
+    out["data"] = out["data"] or {}
+    out["extra"] = out["extra"] or {}
+    out["slot"] = info
+    return out, None
+

@@ -1,0 +1,391 @@
+"""Memory-first checkpoints: the slot format and commit protocol, loads and persists, hostile slot files,
+and the real daemon persisting at the breakpoint after a SIGKILL of the trainer or of itself."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import struct
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from ckpt_daemon import catalog as cat
+from ckpt_daemon import manifest as mf
+from ckpt_daemon import memory as mem
+from ckpt_daemon.checkpoint import CheckpointManager, read_checkpoint
+from ckpt_daemon.memsave import read_slot_state
+from daemon.supervisor import CrashPolicy
+from ckpt_daemon.config import RestartPolicy
+from tests.conftest import PY, env_for_children, read_losses, run_py, same_nested, write_config
+from tests.test_checkpoint import make_state, same_state
+from tests.test_daemon import Daemon, daemons  # noqa: F401  (the fixture)
+
+
+@pytest.fixture
+def region(tmp_path):
+    return tmp_path / "shm"  # any folder works for the format; /dev/shm is only the default
+
+
+def train_steps(m, opt, sched, n: int, seed: int) -> list[float]:
+    g = torch.Generator().manual_seed(seed)
+    opt.zero_grad()  # make_state leaves gradients behind
+    losses = []
+    for _ in range(n):
+        x = torch.randn(8, 64, generator=g)
+        loss = (m(x) ** 2).mean() + torch.rand(1).sum() * 0  # draws from the global RNG too
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        sched.step()
+        losses.append(loss.item())
+    return losses
+
+
+# ---------------------------------------------------------------------------------- format and round trip
+def test_slot_round_trip_is_byte_exact_with_a_native_save(tmp_path, region):
+    m, opt, sched = make_state()
+    ck = tmp_path / "ck"
+    mgr = CheckpointManager(ck, memory=region)
+    kw = dict(model=m, optimizer=opt, scheduler=sched, epoch=1, data_state={"pos": 3}, metrics={"val_loss": 2.0},
+              config={"lr": 1e-3}, rng={})
+    assert mgr.save(7, memory=True, **kw) == ck / "checkpoint-7"
+    mgr.wait()
+    info, problems = mem.Region(region).newest(ck)
+    assert info is not None and info.step == 7 and not problems
+    assert not (ck / "checkpoint-7").exists()  # memory only: the daemon persists it
+    r = mem.persist_slot(info, ck)
+    assert r.path == ck / "checkpoint-7"
+    native = tmp_path / "native"
+    CheckpointManager(native).save(7, **kw)
+    # the persisted files are the exact bytes a native save writes (the manifest differs only in its time)
+    for f in (ck / "checkpoint-7").iterdir():
+        if f.name != mf.MANIFEST:
+            assert f.read_bytes() == (native / "checkpoint-7" / f.name).read_bytes(), f.name
+    a, b = (json.loads((p / "checkpoint-7" / mf.MANIFEST).read_text()) for p in (ck, native))
+    for k in ("created", "created_unix"):
+        a.pop(k), b.pop(k)
+    assert a == b
+    assert cat.scan(ck, ["checkpoint-{step}"], verify=True).newest_valid().name == "checkpoint-7"
+    assert os.readlink(ck / "latest") == "checkpoint-7"
+    # load: from memory (same step as the disk: read faster), the same state as from disk
+    m2, opt2, sched2 = make_state(seed=1)
+    loaded = CheckpointManager(ck, memory=region).load("latest", model=m2, optimizer=opt2, scheduler=sched2)
+    assert loaded.from_memory and loaded.step == 7 and loaded.data_state == {"pos": 3}
+    assert same_state(m, m2) and same_nested(opt.state_dict(), opt2.state_dict())
+    disk = read_checkpoint(ck / "checkpoint-7")
+    assert same_nested(disk["optimizer"], opt2.state_dict())
+    mgr.close()
+
+
+def test_resume_from_memory_is_exact(tmp_path, region):
+    ck = tmp_path / "ck"
+    m, opt, sched = make_state()
+    torch.manual_seed(11)
+    mgr = CheckpointManager(ck, memory=region)
+    train_steps(m, opt, sched, 3, seed=1)
+    mgr.save(3, model=m, optimizer=opt, scheduler=sched, memory=True)
+    mgr.wait()
+    expected = train_steps(m, opt, sched, 4, seed=2)  # the uninterrupted run
+    mgr.close()
+    m2, opt2, sched2 = make_state(seed=5)
+    torch.manual_seed(99)
+    loaded = CheckpointManager(ck, memory=region).load("latest", model=m2, optimizer=opt2, scheduler=sched2)
+    assert loaded.from_memory and loaded.step == 3
+    assert train_steps(m2, opt2, sched2, 4, seed=2) == expected  # bit for bit
+
+
+def test_double_buffering_keeps_the_previous_slot_and_the_newest_wins(tmp_path, region):
+    m, opt, sched = make_state()
+    mgr = CheckpointManager(tmp_path / "ck", memory=region)
+    for step in (1, 2, 3):
+        mgr.save(step, model=m, optimizer=opt, memory=True)
+        mgr.wait()
+        good, _ = mem.Region(region).slots()
+        assert [s.step for s in good] == ([step, step - 1] if step > 1 else [1])
+    mgr.close()
+
+
+def _flip(path: Path, offset: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0xFF]))
+
+
+def test_a_torn_or_damaged_slot_leaves_the_previous_one_used(tmp_path, region, caplog):
+    ck = tmp_path / "ck"
+    m, opt, sched = make_state()
+    mgr = CheckpointManager(ck, memory=region)
+    mgr.save(4, model=m, optimizer=opt, memory=True)
+    mgr.wait()
+    older = {k: v.clone() for k, v in m.state_dict().items()}
+    train_steps(m, opt, sched, 1, seed=3)
+    mgr.save(5, model=m, optimizer=opt, memory=True)
+    mgr.wait()
+    mgr.close()
+    reg = mem.Region(region)
+    newest, _ = reg.newest(ck)
+    assert newest.step == 5
+    # 1. a flipped payload byte: the checksum catches it; loading falls back to the previous slot's step? No: to
+    #    the disk (a slot is used only whole and verified), and persisting refuses it
+    _flip(newest.path, mem.PAYLOAD_OFFSET + 100)
+    state, why = read_slot_state(region, ck)
+    assert state is None and "fails its checksum" in why
+    with pytest.raises(ValueError, match="fails its checksum"):
+        mem.persist_slot(newest, ck)
+    assert not (ck / "checkpoint-5").exists()
+    # 2. the commit word unset (a writer killed mid-copy): that slot is not committed, the other one is used
+    with open(newest.path, "r+b") as f:
+        f.seek(mem.SEQ_OFFSET)
+        f.write(struct.pack("<Q", newest.seq + 1))
+    info, problems = reg.newest(ck)
+    assert info.step == 4 and any("not committed" in p for p in problems)
+    m2, opt2, _ = make_state(seed=9)
+    loaded = CheckpointManager(ck, memory=region).load("latest", model=m2, optimizer=opt2)
+    assert loaded.from_memory and loaded.step == 4
+    assert all(torch.equal(older[k], v) for k, v in m2.state_dict().items())
+
+
+WRITER = r"""
+import os, sys, time, torch
+from ckpt_daemon.checkpoint import CheckpointManager
+import ckpt_daemon.memsave as ms
+torch.manual_seed(0)
+m = torch.nn.Linear(512, 512)
+mgr = CheckpointManager(sys.argv[1], memory=sys.argv[2])
+mgr.save(1, model=m, memory=True); mgr.wait()
+orig = ms._u8
+def slow(t):  # the copy of the second save takes a while: the parent kills us in the middle of it
+    print("copying", flush=True); time.sleep(30); return orig(t)
+ms._u8 = slow
+with torch.no_grad():
+    m.weight.add_(1.0)
+mgr.save(2, model=m, memory=True)
+"""
+
+
+def test_sigkill_of_a_real_writer_mid_copy_leaves_the_previous_slot(tmp_path, region):
+    ck = tmp_path / "ck"
+    p = subprocess.Popen([PY, "-c", WRITER, str(ck), str(region)], stdout=subprocess.PIPE, env=env_for_children(),
+                         text=True)
+    try:
+        assert p.stdout.readline().strip() == "copying"  # waits for the event, no fixed sleep
+        p.kill()
+    finally:
+        p.wait()
+    reg = mem.Region(region)
+    info, problems = reg.newest(ck)
+    assert info.step == 1 and any("not committed" in pr for pr in problems)
+    m = torch.nn.Linear(512, 512)
+    loaded = CheckpointManager(ck, memory=region).load("latest", model=m)
+    assert loaded.from_memory and loaded.step == 1
+    torch.manual_seed(0)
+    assert torch.equal(m.weight, torch.nn.Linear(512, 512).weight)  # step 1's weights, not the half-copied ones
+    assert mem.persist_slot(info, ck).path is not None
+
+
+HOSTILE = [
+    (b"", None),
+    (b"\x00" * 64, None),  # reserved, never written: nothing to report
+    (os.urandom(4096), "bad magic"),
+    (struct.pack("<8sIIQQQ", mem.MAGIC, 99, 0, 2, 10, 10).ljust(64, b"\0"), "unknown format version"),
+    (struct.pack("<8sIIQQQ", mem.MAGIC, 1, 0, 3, 10, 10).ljust(64, b"\0"), "not committed"),
+    (struct.pack("<8sIIQQQ", mem.MAGIC, 1, 0, 2, 1 << 40, 10).ljust(64, b"\0"), "corrupt header length"),
+]
+
+
+def _slot_with_header(h, payload_len: int = 4096, raw: bytes | None = None) -> bytes:
+    raw = json.dumps(h).encode() if raw is None else raw
+    head = struct.pack("<8sIIQQQ", mem.MAGIC, 1, 0, 2, len(raw), payload_len).ljust(mem.JSON_OFFSET, b"\0") + raw
+    return head.ljust(mem.PAYLOAD_OFFSET + min(payload_len, 4096), b"\0")  # the file: never what it claims
+
+
+GOOD = {"step": 5, "gen": 1, "files": [["model.safetensors", 0, 10], ["manifest.json", 4096, 0]],
+        "manifest_sha256": "0" * 64, "boot_id": "x", "pid": 1, "ckpt_dir": "/x", "time": 0}
+
+
+@pytest.mark.parametrize("data, reason", HOSTILE + [
+    (_slot_with_header({**GOOD, "files": [["../../etc/passwd", 0, 10], ["manifest.json", 10, 0]]}), "unsafe file"),
+    (_slot_with_header({**GOOD, "files": [["a/b", 0, 10], ["manifest.json", 10, 0]]}), "unsafe file"),
+    (_slot_with_header({**GOOD, "files": [["m", 0, 1 << 50], ["manifest.json", 10, 0]]}), "outside its payload"),
+    (_slot_with_header({**GOOD, "files": [["m", 0, 100], ["manifest.json", 50, 0]]}), "over another file"),
+    (_slot_with_header({**GOOD, "files": [["m", 0, -1], ["manifest.json", 10, 0]]}), "outside its payload"),
+    (_slot_with_header({**GOOD, "files": [["manifest.json", 0, 1], ["m", 10, 0]]}), "manifest.json last"),
+    (_slot_with_header({**GOOD, "step": "5"}), "valid step"),
+    (_slot_with_header({**GOOD, "files": "x" * 100}), "file list"),
+    (_slot_with_header({**GOOD, "files": [[1, 2]] * 5000}), "file list"),
+    (_slot_with_header({**GOOD, "pid": True}), "writer identity"),
+    (_slot_with_header({**GOOD, "manifest_sha256": "../x"}), "manifest checksum"),
+    (_slot_with_header([1, 2, 3]), "not a JSON object"),
+    (_slot_with_header(None, raw=b"[" * 200_000), "nested too deeply"),
+    (_slot_with_header(None, raw=b"\xff\xfe{"), "not valid JSON"),
+    (_slot_with_header({**GOOD}, payload_len=1 << 45), "does not fit"),
+    (_slot_with_header({**GOOD})[:mem.JSON_OFFSET + 20], "corrupt header length"),
+])
+def test_hostile_slot_headers_are_reported_never_raised(region, data, reason):
+    region.mkdir()
+    (region / "slot-0").write_bytes(data)
+    info, why = mem.Region(region).read_slot(0)
+    if reason is None:
+        assert why is None or info is None  # nothing to report, or a clean rejection
+        if data[:8] == b"\0" * 8 or not data:
+            assert info is None and why is None
+    else:
+        assert info is None and reason in why, why
+    newest, problems = mem.Region(region).newest()
+    assert newest is None or newest.step == 5
+
+
+def test_a_slot_that_is_a_symlink_or_a_fifo_is_refused(tmp_path, region):
+    region.mkdir()
+    (tmp_path / "secret").write_bytes(b"x" * 100)
+    os.symlink(tmp_path / "secret", region / "slot-0")
+    os.mkfifo(region / "slot-1")
+    newest, problems = mem.Region(region).newest()
+    assert newest is None and len(problems) == 2
+
+
+def test_a_region_too_small_for_two_copies_is_refused_with_a_clear_error(tmp_path, tmpfs):
+    small = tmpfs("8m")
+    cfg = write_config(tmp_path, {"checkpoints": {"memory": {"enabled": True}}, "trainer": {"max_steps": 3}})
+    env = {**env_for_children(), "CKPT_DAEMON_MEMORY": str(small / "region")}
+    r = run_py(["-m", "trainer", "--config", str(cfg)], env=env, timeout=120)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "Memory checkpoints are refused" in r.stderr and "cannot hold two copies" in r.stderr
+    assert "checkpoints.memory.dir" in r.stderr and "Traceback" not in r.stderr
+    # and the bound of the config is an error of its own
+    m, opt, _ = make_state()
+    mgr = CheckpointManager(tmp_path / "ck2", memory=tmp_path / "r2", memory_max_bytes=1 << 20)
+    with pytest.raises(mem.MemoryCheckpointError, match="max_gb"):
+        mgr.save(1, model=m, optimizer=opt, memory=True)
+    mgr.close()
+
+
+def test_first_crash_restarts_at_once_later_ones_back_off():
+    p = CrashPolicy(RestartPolicy(initial_backoff_s=1, max_backoff_s=8, healthy_after_s=100, max_crashes=100))
+    assert [p.on_exit(t, 1, 5, None, None).delay_s for t in range(6)] == [0, 1, 2, 4, 8, 8]
+    assert p.on_exit(10, 1, 500, None, None).delay_s == 0  # the first crash after a healthy run
+    old = CrashPolicy(RestartPolicy(initial_backoff_s=1, max_backoff_s=8, first_restart_immediate=False))
+    assert [old.on_exit(t, 1, 5, None, None).delay_s for t in range(3)] == [1, 2, 4]
+
+
+# ---------------------------------------------------------------------------------- the real daemon
+def _memory_daemon(tmp_path: Path, region: Path, trainer: dict | None = None) -> Daemon:
+    return Daemon(tmp_path, {
+        "checkpoints": {"memory": {"enabled": True, "every_steps": 1, "persist_every": 1000, "dir": str(region)}},
+        "trainer": {"checkpoint_every_steps": 1000, "eval_every_steps": 1000, **(trainer or {})},
+        "training": {"restart": {"initial_backoff_s": 0.2}},
+    })
+
+
+def _newest_memory_step(region: Path, ck: Path) -> int:
+    info, _ = mem.Region(region).newest(ck)
+    return info.step if info else -1
+
+
+def test_daemon_persists_at_the_breakpoint_and_adopts_after_its_own_death(tmp_path, daemons):
+    region = Path("/dev/shm") / f"ckpt-test-{os.getpid()}-{tmp_path.name}"
+    ck = tmp_path / "checkpoints"
+    d = _memory_daemon(tmp_path, region).start()
+    daemons.append(d)
+    try:
+        # 1. SIGKILL of the trainer: the newest memory state is persisted before the restart, and resumed from
+        d.wait(lambda s: (d.step(s) or 0) >= 15, what="training with memory checkpoints")
+        pid = d.status()["training"]["pid"]
+        os.kill(pid, signal.SIGSTOP)  # freeze it so that "the newest memory checkpoint" is well defined
+        last = _newest_memory_step(region, ck)
+        assert last >= 10 and not (ck / f"checkpoint-{last}").exists()  # only in memory so far
+        os.kill(pid, signal.SIGKILL)
+        s = d.wait(lambda s: s["training"]["pid"] not in (None, pid) and (d.step(s) or 0) > last and s,
+                   what="a restarted trainer")
+        assert (ck / f"checkpoint-{last}").is_dir()  # persisted at the breakpoint
+        assert s["training"]["resumed_from"] == f"checkpoint-{last}"  # steps lost beyond the memory checkpoint: 0
+        trainer_log = (tmp_path / "logs" / "trainer.log").read_text()
+        assert f"resumed from checkpoint-{last} at step {last}" in trainer_log
+        assert "read from the memory checkpoint" in trainer_log
+        assert s["training"]["last_crash"]["description"] == "signal SIGKILL"
+        restart = [json.loads(x) for x in d.log().splitlines() if "restarting after backoff" in x]
+        assert restart[-1]["delay_s"] == 0  # a first crash restarts at once
+        losses = read_losses(tmp_path / "logs" / "metrics.jsonl")
+        assert max(losses) > last
+
+        # 2. SIGKILL of the daemon with a state in memory newer than the disk (its trainer frozen, then killed,
+        #    so it cannot save on its way out): a new daemon adopts the region and persists it first
+        pid = d.status()["training"]["pid"]
+        d.wait(lambda s: _newest_memory_step(region, ck) >= last + 5, what="more memory checkpoints")
+        os.kill(pid, signal.SIGSTOP)
+        d.proc.kill()
+        d.proc.wait()
+        last2 = _newest_memory_step(region, ck)
+        os.kill(pid, signal.SIGKILL)
+        assert last2 > last and not (ck / f"checkpoint-{last2}").exists()
+        d2 = _memory_daemon(tmp_path, region).start()
+        daemons.append(d2)
+        s = d2.wait(lambda s: (d2.step(s) or 0) > last2 and s, what="training under the new daemon")
+        assert s["training"]["resumed_from"] == f"checkpoint-{last2}"
+        c = cat.scan(ck, ["checkpoint-{step}"], verify=True)
+        assert all(e.valid for e in c.entries), [(e.name, e.reason) for e in c.entries if not e.valid]
+        assert "persisted a memory checkpoint" in d2.log() and "left by a previous daemon" in d2.log()
+        # 3. a clean stop: the final save is on disk and the region is removed
+        assert d2.stop() == 0
+        assert not (region / "slot-0").exists() and not (region / "slot-1").exists()
+    finally:
+        mem.remove_stale_region(region)
+
+
+class _Log:
+    def __init__(self):
+        self.lines: list[str] = []
+
+    def __getattr__(self, level):
+        return lambda msg, **kw: self.lines.append(f"{level} {msg} {kw}")
+
+
+def test_garbage_in_the_region_is_reported_and_the_agent_goes_on(tmp_path):
+    """The daemon's agent on a region holding garbage, a slot of a forged step and one of another folder:
+    each reported once, nothing persisted, nothing raised; the trainer then writes over them."""
+    from ckpt_daemon.config import parse_config
+
+    region = tmp_path / "region"
+    region.mkdir()
+    cfg = parse_config(f"checkpoints: {{dir: ck, memory: {{enabled: true, dir: {region}}}}}\n", tmp_path / "config.yaml")
+    ck = cfg.checkpoint_dir
+    (region / "slot-0").write_bytes(mem.MAGIC + os.urandom(mem.PAYLOAD_OFFSET))
+    (region / "slot-1").write_bytes(_slot_with_header({**GOOD, "ckpt_dir": str(ck), "boot_id": mem.boot_id()}))
+    log = _Log()
+    agent = mem.MemoryAgent(lambda: cfg, log)
+    assert agent.start()
+    assert agent.persist_newest("again") is None
+    text = "\n".join(log.lines)
+    assert text.count("could not persist") == 1  # reported once, not at every tick
+    assert "memory slot ignored" in text and "could not persist" in text and "checksum" in text
+    assert not list(ck.glob("checkpoint-*")) and not list((ck / ".ckpt-daemon" / "tmp").glob("*"))
+    assert agent.snapshot()["newest"]["step"] == 5  # the forged header parses; its payload never verifies
+    # the trainer's saves go over them, and the region is emptied once its newest state is on disk
+    m, opt, _ = make_state()
+    mgr = CheckpointManager(ck, memory=region)
+    for step in (1, 2):
+        mgr.save(step, model=m, optimizer=opt, memory=True)
+        mgr.wait()
+    mgr.close()
+    assert [s.step for s in mem.Region(region).slots()[0]] == [2, 1]
+    assert not agent.remove_if_persisted("test")  # step 2 is only in memory: kept
+    r = agent.persist_newest("test")
+    assert r.path == ck / "checkpoint-2"
+    assert agent.remove_if_persisted("training finished")
+    assert not (region / "slot-0").exists()
+    agent.close()
+    mem.remove_stale_region(region)
+    assert not region.exists()
+
+
+def test_the_daemon_side_never_imports_torch():
+    code = ("import sys; import ckpt_daemon.memory, daemon.core, daemon.supervisor; "
+            "assert 'torch' not in sys.modules, 'torch was imported'; print('ok')")
+    assert run_py(["-c", code], check=True).stdout.strip() == "ok"
+
