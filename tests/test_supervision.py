@@ -206,6 +206,44 @@ def test_a_killed_daemon_makes_its_trainer_save_and_the_next_one_adopts_it(tmp_p
     assert d2.stop() == 0
 
 
+def test_stopping_the_daemon_waits_for_an_adopted_trainer_to_save_and_exit(tmp_path, daemons):
+    """A trainer that runs when the daemon starts (started by hand, or left by a daemon that died) is
+    adopted; stopping the daemon then waits for its final save instead of leaving it running."""
+    import subprocess
+
+    slow = script(tmp_path, "slow_stop2.py", """
+        import signal, sys, time
+        from ckpt_daemon import runtime
+        ck = sys.argv[1]
+        lock = runtime.TrainerLock(ck).acquire()
+        stop = []
+        signal.signal(signal.SIGTERM, lambda *a: stop.append(1))
+        while not stop:
+            runtime.write_heartbeat(ck, step=1)
+            time.sleep(0.2)
+        time.sleep(2)  # the final save
+        open(sys.argv[2], "w").write("saved")
+        sys.exit(143)
+        """)
+    ck, mark = tmp_path / "checkpoints", tmp_path / "saved"
+    ck.mkdir()
+    by_hand = subprocess.Popen([PY, str(slow), str(ck), str(mark)], env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)})
+    try:
+        deadline = time.monotonic() + 60
+        while not (ck / ".ckpt-daemon").exists() or not any((ck / ".ckpt-daemon").iterdir()):
+            assert time.monotonic() < deadline and by_hand.poll() is None, "the trainer by hand did not start"
+            time.sleep(0.1)
+        time.sleep(0.5)
+        d = Daemon(tmp_path, {"training": {"command": [PY, str(slow), str(ck), str(mark)]}}).start()
+        daemons.append(d)
+        d.wait(lambda s: s["training"]["state"] == "adopted", what="adoption")
+        assert d.stop() == 0
+        # the daemon returned only once the adopted trainer had saved and gone
+        assert mark.exists() and by_hand.poll() is not None
+    finally:
+        by_hand.kill()
+
+
 def test_a_broken_trainer_falls_back_after_repeated_crashes_end_to_end(tmp_path, daemons):
     root = tmp_path / "checkpoints"
     for s in (10, 20, 30):
