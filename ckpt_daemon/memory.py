@@ -419,14 +419,6 @@ def _point_latest(ckpt_dir: Path, name: str, step: int) -> None:
 
 
 # ------------------------------------------------------------------------------------------ capacity
-def free_bytes_at(path: Path) -> int:
-    p = Path(path)
-    while not p.exists() and p != p.parent:
-        p = p.parent
-    st = os.statvfs(p)
-    return st.f_bavail * st.f_frsize
-
-
 def slot_capacity(payload: int) -> int:
     """Bytes reserved per slot for a payload: room for the state to grow a little (metrics, JSON)."""
     want = payload + payload // 32 + (4 << 20)

@@ -28,6 +28,7 @@ from ckpt_daemon import manifest as mf
 from ckpt_daemon import memory as mem
 from ckpt_daemon import stio
 from ckpt_daemon.errors import CheckpointError
+from ckpt_daemon.fsutil import free_bytes
 from ckpt_daemon.statecodec import decode
 
 log = logging.getLogger("ckpt_daemon.memsave")
@@ -190,14 +191,14 @@ class MemoryWriter:
         # Both slots are reserved at the first save: a region that cannot hold two copies is refused now,
         # not at the second save. Pages a slot file already holds (a previous trainer's) count as ours.
         need = sum(max(0, size - os.fstat(s.fd).st_blocks * 512) for s in self.slots)
-        free = mem.free_bytes_at(self.region.path)
+        free = free_bytes(self.region.path)
         if need > free:
             raise mem.capacity_error(self.region.path, size, free + sum(os.fstat(s.fd).st_blocks * 512 for s in self.slots))
         try:
             for s in self.slots:
                 s.ensure(size)
         except OSError as exc:
-            raise mem.capacity_error(self.region.path, size, mem.free_bytes_at(self.region.path)) from exc
+            raise mem.capacity_error(self.region.path, size, free_bytes(self.region.path)) from exc
 
     def _commit(self, i: int, even: int, gen: int, p, files: list, manifest_off: int) -> None:
         slot = self.slots[i]

@@ -281,16 +281,22 @@ def write_heartbeat(ckpt_dir: Path, **fields) -> bool:
     return write_record(ckpt_dir, HEARTBEAT, rec, durable=False)
 
 
-def _pid_alive(pid: Any) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
+def pid_alive(pid: Any) -> bool:
+    """Whether process `pid` runs. A zombie (exited, not yet reaped by its parent) does not: a trainer the
+    daemon adopted is not its child, so its exit can leave one behind."""
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
         return False
     try:
         os.kill(pid, 0)
-        return True
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
+        pass
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")
+    except (OSError, IndexError):
+        return True  # no /proc to ask: the signal check above is all there is
 
 
 def read_daemon_record(ckpt_dir: Path) -> Optional[dict]:
@@ -313,7 +319,7 @@ def training_activity(ckpt_dir: Path, now: Optional[float] = None) -> Activity:
     if held:
         return Activity(True, hb.get("pid"), hb.get("step"), age, hb.get("saving"),
                         f"trainer lock held (pid {hb.get('pid', '?')}, step {hb.get('step', '?')})", resume)
-    if rec and rec.get("state") in ("running", "adopted", "stopping") and _pid_alive(child):
+    if rec and rec.get("state") in ("running", "adopted", "stopping") and pid_alive(child):
         return Activity(True, child, hb.get("step"), age, hb.get("saving"),
                         f"the daemon (pid {rec.get('pid', '?')}) runs training as pid {child}"
                         + (f", resumed from {resume}" if resume else ""), resume)

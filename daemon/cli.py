@@ -20,15 +20,6 @@ from ckpt_daemon.cliutil import EXIT_EPILOG, Parser, add_config_argument, add_js
 from ckpt_daemon.errors import CkptError, UsageError
 
 
-def _age(seconds: Optional[float]) -> str:
-    if seconds is None:
-        return "-"
-    for unit, n in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= n:
-            return f"{seconds / n:.1f}{unit}"
-    return f"{seconds:.0f}s"
-
-
 def add_check_config(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", nargs="?", help="the config file to check (default: --config)")
     add_json_argument(p, "one object: ok, the effective config and the next runs")
@@ -74,7 +65,7 @@ def add_list(p: argparse.ArgumentParser) -> None:
 
 def cmd_list(args) -> int:
     from ckpt_daemon import catalog as cat
-    from maintenance.cleanup import human
+    from ckpt_daemon.units import age, human
 
     cfg, _ = _load_for_reading(args)
     c = cat.scan_config(cfg, verify=args.verify)
@@ -107,7 +98,7 @@ def cmd_list(args) -> int:
         status = e.status + (" (verified)" if e.verified and e.valid else "") + (f": {e.reason}" if e.reason else "")
         # every text from the folder is escaped: a name or a pin reason like "[/x]" is not rich markup
         t.add_row(*(escape(x) for x in (e.name, str(e.step), e.layout, status, human(e.bytes), human(e.freeable_bytes),
-                                        _age(now - e.mtime), "" if e.epoch is None else str(e.epoch),
+                                        age(now - e.mtime), "" if e.epoch is None else str(e.epoch),
                                         " ".join(f"{k}={v:.4g}" for k, v in e.metrics.items()), ", ".join(marks))))
     Console(width=max(120, os.get_terminal_size().columns if sys.stdout.isatty() else 160)).print(t)
     for p in c.in_progress:

@@ -7,23 +7,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Optional
 
-
-def age(seconds: Optional[float]) -> str:
-    if seconds is None:
-        return "-"
-    seconds = max(0.0, seconds)
-    for unit, n in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= n:
-            return f"{seconds / n:.1f}{unit}"
-    return f"{seconds:.0f}s"
-
-
-def human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
+from ckpt_daemon.units import age, human  # noqa: F401  (also this module's API)
 
 
 def _when(iso: Optional[str]) -> str:

@@ -556,9 +556,9 @@ class Supervisor:
             except ProcessLookupError:
                 pass
             deadline = time.monotonic() + cfg.training.stop_timeout_s
-            while _alive(self.pid) and time.monotonic() < deadline:
+            while runtime.pid_alive(self.pid) and time.monotonic() < deadline:
                 time.sleep(0.1)
-            if _alive(self.pid):
+            if runtime.pid_alive(self.pid):
                 log.warning("the adopted trainer did not exit in time; killing it", pid=self.pid)
                 runtime.kill_tree(self.pid, signal.SIGKILL)
         if self.state not in ("finished", "gave_up"):  # a finished run stays finished after the daemon stops
@@ -573,15 +573,6 @@ class Supervisor:
                     "crashes": list(self.crashes), "crash_counts": dict(self.crash_counts),
                     "next_start": self.next_start if self.state == "backoff" else None, "message": self.message,
                     "gave_up": self.gave_up, "avoided_checkpoints": sorted(self.policy.suspect), "run": self.token}
-
-
-def _alive(pid: int) -> bool:
-    """Whether pid runs (a zombie, exited but not reaped by its parent, does not)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")
-    except (OSError, IndexError):
-        return False
 
 
 def _wait_for_exit(pid: int, timeout: float, stop: threading.Event) -> None:

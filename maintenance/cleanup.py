@@ -25,15 +25,8 @@ from ckpt_daemon.config import Config, RetentionConfig, load_config
 from ckpt_daemon.errors import CkptError, UsageError
 from ckpt_daemon.fsutil import fsync_dir, inside, is_enospc, read_json_file, remove_tree_safely
 from ckpt_daemon.logs import append_text
+from ckpt_daemon.units import human
 from ckpt_daemon.cliutil import add_json_argument, config_path, module_main
-
-
-def human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 @dataclass
