@@ -27,6 +27,27 @@ def script(tmp_path: Path, name: str, body: str) -> Path:
     return p
 
 
+def slow_stop_trainer(tmp_path: Path) -> Path:
+    """A trainer (`slow_stop.py CKPT_DIR [MARK]`) that holds the trainer lock and beats until SIGTERM, then
+    takes 3 s for its final save, writes MARK if given, and exits 143."""
+    return script(tmp_path, "slow_stop.py", """
+        import signal, sys, time
+        from ckpt_daemon import runtime
+        ck = sys.argv[1]
+        lock = runtime.TrainerLock(ck).acquire()
+        stop = []
+        signal.signal(signal.SIGTERM, lambda *a: stop.append(1))
+        while not stop:
+            runtime.write_heartbeat(ck, step=1)
+            time.sleep(0.2)
+        print("got SIGTERM: saving for 3 s", flush=True)
+        time.sleep(3)
+        if len(sys.argv) > 2:
+            open(sys.argv[2], "w").write("saved")
+        sys.exit(143)
+        """)
+
+
 def test_one_daemon_per_checkpoint_folder(tmp_path, daemons):
     d = Daemon(tmp_path, {"training": {"command": SLEEPER}}).start()
     daemons.append(d)
@@ -175,20 +196,7 @@ def test_heartbeats_under_torchrun_match_the_run(tmp_path, daemons):
 
 
 def test_a_killed_daemon_makes_its_trainer_save_and_the_next_one_adopts_it(tmp_path, daemons):
-    slow = script(tmp_path, "slow_stop.py", """
-        import os, signal, sys, time
-        from ckpt_daemon import runtime
-        ck = sys.argv[1]
-        lock = runtime.TrainerLock(ck).acquire()
-        stop = []
-        signal.signal(signal.SIGTERM, lambda *a: stop.append(1))
-        while not stop:
-            runtime.write_heartbeat(ck, step=1)
-            time.sleep(0.2)
-        print("got SIGTERM: saving for 3 s", flush=True)
-        time.sleep(3)
-        sys.exit(143)
-        """)
+    slow = slow_stop_trainer(tmp_path)
     over = {"training": {"command": [PY, str(slow), str(tmp_path / "checkpoints")]}}
     d = Daemon(tmp_path, over).start()
     daemons.append(d)
@@ -211,20 +219,7 @@ def test_stopping_the_daemon_waits_for_an_adopted_trainer_to_save_and_exit(tmp_p
     adopted; stopping the daemon then waits for its final save instead of leaving it running."""
     import subprocess
 
-    slow = script(tmp_path, "slow_stop2.py", """
-        import signal, sys, time
-        from ckpt_daemon import runtime
-        ck = sys.argv[1]
-        lock = runtime.TrainerLock(ck).acquire()
-        stop = []
-        signal.signal(signal.SIGTERM, lambda *a: stop.append(1))
-        while not stop:
-            runtime.write_heartbeat(ck, step=1)
-            time.sleep(0.2)
-        time.sleep(2)  # the final save
-        open(sys.argv[2], "w").write("saved")
-        sys.exit(143)
-        """)
+    slow = slow_stop_trainer(tmp_path)
     ck, mark = tmp_path / "checkpoints", tmp_path / "saved"
     ck.mkdir()
     by_hand = subprocess.Popen([PY, str(slow), str(ck), str(mark)], env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)})
