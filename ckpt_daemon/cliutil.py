@@ -62,6 +62,22 @@ class Parser(argparse.ArgumentParser):
         return ns
 
 
+def number(kind: type, lo: float, hi: float) -> Callable[[str], float]:
+    """An argparse type for a number in [lo, hi]: NaN, infinities and out-of-range values are a usage
+    error with the range in the message, never a traceback later."""
+    def parse(text: str):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'a whole number' if kind is int else 'a number'}") from None
+        if not lo <= v <= hi:  # also false for NaN
+            raise argparse.ArgumentTypeError(f"{text} is out of range: give a value from {lo:g} to {hi:g}")
+        return v
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
 def safe_stdio() -> None:
     """Names in the managed folders are untrusted bytes (not always UTF-8): print them escaped rather
     than die of a UnicodeEncodeError half-way through a report."""

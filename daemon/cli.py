@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from ckpt_daemon import __version__
-from ckpt_daemon.cliutil import EXIT_EPILOG, Parser, add_config_argument, add_json_argument, config_path, invoke
+from ckpt_daemon.cliutil import EXIT_EPILOG, Parser, add_config_argument, add_json_argument, config_path, invoke, number
 from ckpt_daemon.errors import CkptError, UsageError
 
 
@@ -140,7 +140,7 @@ def daemon_alive(cfg, s: Optional[dict]) -> bool:
 
 def add_status(p: argparse.ArgumentParser) -> None:
     add_json_argument(p, "the daemon's state (with running: true/false)")
-    p.add_argument("--watch", nargs="?", type=float, const=2.0, default=None, metavar="SECONDS",
+    p.add_argument("--watch", nargs="?", type=number(float, 0.2, 3600), const=2.0, default=None, metavar="SECONDS",
                    help="refresh in place every SECONDS (default 2) until Ctrl+C")
 
 
@@ -184,7 +184,7 @@ def cmd_status(args) -> int:
         return code
     from rich.live import Live
 
-    every = min(max(args.watch, 0.2), 3600.0)
+    every = args.watch
     code, t = text()
     try:
         if not console.is_terminal:  # a pipe or a log: one whole report per refresh, in order

@@ -26,7 +26,7 @@ from ckpt_daemon.errors import CkptError, UsageError
 from ckpt_daemon.fsutil import fsync_dir, inside, is_enospc, read_json_file, remove_tree_safely
 from ckpt_daemon.logs import append_text
 from ckpt_daemon.units import human
-from ckpt_daemon.cliutil import add_json_argument, config_path, module_main
+from ckpt_daemon.cliutil import add_json_argument, config_path, module_main, number
 
 
 @dataclass
@@ -465,7 +465,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                     help="do not ask for confirmation (also confirms a changed retention policy held by the daemon)")
     add_json_argument(ap, "the report")
     ap.add_argument("-q", "--quiet", action="store_true", help="print only the summary, not every decision")
-    ap.add_argument("--wait", type=float, default=600.0, metavar="SECONDS",
+    ap.add_argument("--wait", type=number(float, 0, 86400), default=600.0, metavar="SECONDS",
                     help="how long to wait for the commit lock while a save commits (default 600); exit 4 after")
 
 

@@ -61,7 +61,7 @@ HF_COPY = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", 
            "added_tokens.json", "vocab.json", "merges.txt", "vocab.txt", "tokenizer.model", "spiece.model",
            "sentencepiece.bpe.model", "chat_template.jinja", "chat_template.json")
 JSON_MAX = 64 << 20
-from ckpt_daemon.cliutil import add_json_argument, config_path, module_main
+from ckpt_daemon.cliutil import add_json_argument, config_path, module_main, number
 
 
 
@@ -635,7 +635,7 @@ HELP = "export a small weights-only model (safetensors) into consolidated_models
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--from", dest="source", default="latest", metavar="WHICH",
                     help="latest | best | STEP | PATH of a checkpoint folder or file (default: latest)")
-    ap.add_argument("--average", type=int, default=1, metavar="K", help="average the weights of the last K valid checkpoints")
+    ap.add_argument("--average", type=number(int, 1, 10_000), default=1, metavar="K", help="average the weights of the last K valid checkpoints")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="dtype of the export (default: consolidation.dtype)")
     add_json_argument(ap, "what was written")
 

@@ -151,6 +151,17 @@ def test_usage_errors_under_json_are_json(project):
     assert "usage: ckpt-daemon status" in r.stderr and "did you mean '--json'" in r.stderr
 
 
+def test_numbers_on_the_command_line_are_bounded(project):
+    """NaN, infinities and out-of-range values are usage errors naming the range, never a traceback later
+    (`status --watch nan` used to die in time.sleep)."""
+    for args in (["status", "--watch", "nan"], ["status", "--watch", "0"], ["cleanup", "--dry-run", "--wait", "inf"],
+                 ["consolidate", "--average", "0"], ["train", "--max-steps", "-1"],
+                 ["generate", "--checkpoint", "x", "--tokens", "1e9"], ["generate", "--checkpoint", "x", "--temperature", "nan"]):
+        r = run_py(["-m", "daemon", "--config", str(project), *args])
+        assert r.returncode == 2 and "Traceback" not in r.stderr, (args, r.stderr)
+        assert "out of range" in r.stderr or "not a whole number" in r.stderr, (args, r.stderr)
+
+
 def test_snapshot_list_with_none_says_so(project, capsys):
     assert cli(["--config", str(project), "snapshot", "--list"]) == 0
     assert "No snapshots in" in capsys.readouterr().out

@@ -9,7 +9,7 @@ import logging
 import os
 import sys
 
-from ckpt_daemon.cliutil import config_path
+from ckpt_daemon.cliutil import config_path, number
 
 TRAIN_HELP = "run the built-in trainer (a small GPT) in the foreground"
 GENERATE_HELP = "sample text from a checkpoint or an exported model"
@@ -19,7 +19,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", default=None, metavar="WHICH",
                    help="latest | best | none | STEP | PATH: where to resume from (default: $CKPT_RESUME, set by the "
                         "daemon, else latest)")
-    p.add_argument("--max-steps", type=int, default=None, metavar="N",
+    p.add_argument("--max-steps", type=number(int, 0, 10**15), default=None, metavar="N",
                    help="stop (and exit 0, finished) at step N; overrides trainer.max_steps")
 
 
@@ -43,9 +43,9 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", default="the ", help="the text to continue (default: 'the ')")
     p.add_argument("--prompt-ids", default=None, metavar="IDS",
                    help="the prompt as token ids (1,2,3), for a model without a tokenizer; the output is ids too")
-    p.add_argument("--tokens", type=int, default=200, metavar="N", help="how many tokens to generate (default 200)")
-    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 samples greedily")
-    p.add_argument("--seed", type=int, default=0, help="seed of the sampling (default 0)")
+    p.add_argument("--tokens", type=number(int, 1, 100_000), default=200, metavar="N", help="how many tokens to generate (default 200)")
+    p.add_argument("--temperature", type=number(float, 0, 100), default=0.8, help="sampling temperature; 0 samples greedily")
+    p.add_argument("--seed", type=number(int, 0, 2**63 - 1), default=0, help="seed of the sampling (default 0)")
 
 
 def run_generate(args: argparse.Namespace) -> int:
