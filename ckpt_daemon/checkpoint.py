@@ -458,6 +458,17 @@ class CheckpointManager:
         """Restore state from the newest valid checkpoint at or before `which`. Each candidate is fully
         verified (sizes and checksums) while it is read; a corrupt one is logged and the previous valid
         one is used. Returns None if there is no checkpoint at all (a fresh start)."""
+        mem_step = self._memory_choice(which)
+        if mem_step is not None:
+            # The daemon chose its verified memory state (still being persisted under this name): read it.
+            loaded = self._load_memory("latest", [], model, optimizer, scheduler, scaler, restore_rng_state,
+                                       map_location, strict, [], exact_step=mem_step)
+            if loaded is not None:
+                return loaded
+            if not os.path.isdir(which):
+                log.error("the memory checkpoint at step %d chosen by the daemon could not be read; loading the "
+                          "newest valid checkpoint on disk instead", mem_step)
+                which = "latest"
         cands, skipped = self.candidates(which)
         for name, why in skipped:
             log.warning("skipping checkpoint %s: %s", name, why)
@@ -512,11 +523,24 @@ class CheckpointManager:
             + "). Restore one from snapshots/ (python -m maintenance.restore) or start fresh with --resume none."
         )
 
+    def _memory_choice(self, which) -> Optional[int]:
+        """The step of the memory state the daemon chose for this restart ($CKPT_DAEMON_MEMORY_RESUME),
+        if `which` is its checkpoint-<step> path in this folder (it may not be on disk yet)."""
+        raw = os.environ.get("CKPT_DAEMON_MEMORY_RESUME", "")
+        if self.memory_dir is None or not raw.isdigit() or len(raw) > 19 or not isinstance(which, (str, os.PathLike)):
+            return None
+        step = int(raw)
+        p = Path(which)
+        if p.name != native_name(step) or os.path.realpath(p.parent) != os.path.realpath(self.dir):
+            return None
+        return step
+
     def _load_memory(self, which, cands, model, optimizer, scheduler, scaler, restore_rng_state, map_location,
-                     strict, skipped) -> Optional[Loaded]:
+                     strict, skipped, exact_step: Optional[int] = None) -> Optional[Loaded]:
         """The newest committed memory checkpoint, if it is what `which` asks for: for latest, one at
         least as new as the newest valid disk checkpoint; for a path, best or a step, one of exactly the
-        step the disk would give (the same state, read faster). Verified; None to use the disk."""
+        step the disk would give (the same state, read faster); with exact_step, that step. Verified
+        (or verified by the daemon just before, see memory.verified_by_daemon); None to use the disk."""
         if self.memory_dir is None or not os.path.isdir(self.memory_dir):
             return None
         from ckpt_daemon import memory as mem
@@ -528,9 +552,12 @@ class CheckpointManager:
         if info is None:
             return None
         disk_step = cands[0].step if cands else None
-        if which == "latest" and disk_step is not None and info.step < disk_step:
+        if exact_step is not None:
+            if info.step != exact_step:
+                return None
+        elif which == "latest" and disk_step is not None and info.step < disk_step:
             return None
-        if which != "latest" and info.step != disk_step:
+        elif which != "latest" and info.step != disk_step:
             return None
         t0 = time.perf_counter()
         state, why = read_slot_state(self.memory_dir, self.dir, map_location, info)

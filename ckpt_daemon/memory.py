@@ -335,6 +335,112 @@ def check_manifest_bytes(data: bytes, info: SlotInfo) -> dict:
     return m
 
 
+# ------------------------------------------------------------------------- verify in memory, and pin
+VERIFIED_RECORD = "verified-memory.json"
+VERIFIED_FORMAT = "ckpt-daemon/verified-memory-1"
+VERIFIED_MAX_AGE_S = 600.0  # the restarted trainer loads within seconds; a later load verifies afresh
+
+
+@dataclass
+class Pinned:
+    """A committed slot the daemon has verified in memory (every file against the manifest's checksum)
+    and holds with a shared flock until it is persisted: the trainer writes only into a slot it can lock
+    exclusively, so a pinned slot stays as verified."""
+
+    info: SlotInfo
+    fd: int
+    mm: mmap.mmap
+    seconds: float
+
+    def release(self) -> None:
+        try:
+            self.mm.close()
+        except BufferError:
+            pass
+        try:
+            os.close(self.fd)
+        except OSError:
+            pass
+
+
+def hash_files(mm: mmap.mmap, info: SlotInfo, manifest: dict) -> list[str]:
+    """The names of the slot's files that fail the manifest's checksums (one thread per file, up to the
+    cores; BLAKE3 spreads each one further)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    base = PAYLOAD_OFFSET
+    wanted = [f for f in info.files if f[0] != mf.MANIFEST]
+
+    def check(entry) -> Optional[str]:
+        name, off, size = entry
+        data = memoryview(mm)[base + off:base + off + size]
+        try:
+            return None if digest_matches(manifest["files"][name], data) else name
+        finally:
+            data.release()
+
+    with ThreadPoolExecutor(max_workers=max(1, min(len(wanted), os.cpu_count() or 1, 8))) as pool:
+        return [n for n in pool.map(check, wanted) if n]
+
+
+def verify_and_pin(info: SlotInfo) -> Pinned:
+    """Open, lock (shared) and verify a committed slot in memory. Raises ValueError (with the reason) or
+    OSError; on success the caller owns the returned Pinned and must release it."""
+    t0 = time.perf_counter()
+    fd, mm = open_slot_readonly(info)
+    ok = False
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            raise ValueError(f"{info.path.name} is being written by a trainer") from None
+        if read_seq(info.path) != info.seq:
+            raise ValueError(f"{info.path.name} was rewritten since its header was read")
+        last = info.files[-1]
+        manifest = check_manifest_bytes(bytes(mm[PAYLOAD_OFFSET + last[1]:PAYLOAD_OFFSET + last[1] + last[2]]), info)
+        bad = hash_files(mm, info, manifest)
+        if bad:
+            raise ValueError(f"{', '.join(bad)} in {info.path.name} fails its checksum")
+        if read_seq(info.path) != info.seq:
+            raise ValueError(f"{info.path.name} was rewritten while it was verified")
+        ok = True
+        return Pinned(info, fd, mm, time.perf_counter() - t0)
+    finally:
+        if not ok:
+            mm.close()
+            os.close(fd)
+
+
+def _slot_identity(info: SlotInfo, st: os.stat_result) -> dict:
+    return {"region": os.path.realpath(info.path.parent), "slot": info.path.name, "st_ino": st.st_ino,
+            "st_dev": st.st_dev, "seq": info.seq, "gen": info.gen, "step": info.step,
+            "manifest_sha256": info.manifest_sha256, "boot_id": info.boot_id}
+
+
+def record_verified(ckpt_dir: Path, p: Pinned) -> bool:
+    """Verify once per restart: tell the trainer's load that this slot (as it is now) was verified, so it
+    copies without hashing again (`verified_by_daemon`)."""
+    return runtime.write_record(Path(ckpt_dir), VERIFIED_RECORD, {
+        "format": VERIFIED_FORMAT, "time": time.time(), **_slot_identity(p.info, os.fstat(p.fd))}, durable=False)
+
+
+def verified_by_daemon(ckpt_dir: Path, info: SlotInfo, fd: int, now: Optional[float] = None) -> bool:
+    """Whether the daemon's record says it verified exactly this committed slot (same file, seq,
+    generation and manifest) less than VERIFIED_MAX_AGE_S ago. The caller still checks that seq is
+    unchanged after its copy. A missing, stale or malformed record means: verify. Never raises."""
+    try:
+        rec = runtime.read_record(Path(ckpt_dir), VERIFIED_RECORD, limit=64 << 10)
+        if not isinstance(rec, dict) or rec.get("format") != VERIFIED_FORMAT:
+            return False
+        t, now = rec.get("time"), time.time() if now is None else now
+        if not isinstance(t, (int, float)) or isinstance(t, bool) or not 0 <= now - t <= VERIFIED_MAX_AGE_S:
+            return False
+        want = _slot_identity(info, os.fstat(fd))
+        return all(rec.get(k) == v and type(rec.get(k)) is type(v) for k, v in want.items())
+    except (OSError, ValueError, TypeError):
+        return False
+
+
 # ------------------------------------------------------------------------------------------ persist
 @dataclass
 class Persisted:
@@ -345,22 +451,28 @@ class Persisted:
     note: str
 
 
-def persist_slot(info: SlotInfo, ckpt_dir: Path, lock_timeout_s: float = 600.0) -> Persisted:
+def persist_slot(info: SlotInfo, ckpt_dir: Path, lock_timeout_s: float = 600.0,
+                 pinned: Optional[Pinned] = None) -> Persisted:
     """Write a committed slot into `ckpt_dir` as checkpoint-<step>, committed as a native save is: each
     file written in the state folder's scratch space and fsynced (checked against its checksum while
     written), manifest.json last, then renamed into place under the commit lock and the folder fsynced.
 
     The slot is held with a shared flock meanwhile (the trainer writes only into a slot it can lock
-    exclusively), and its seq must be unchanged after the copy. Raises OSError or ValueError."""
+    exclusively), and its seq must be unchanged after the copy. A `pinned` slot (verified in memory and
+    locked since) is not hashed again; the caller keeps and releases it. Raises OSError or ValueError."""
     t0 = time.perf_counter()
     name = f"checkpoint-{info.step}"
     final = Path(ckpt_dir) / name
     if os.path.lexists(final):
         return Persisted(None, info.step, 0.0, 0, f"{name} is already on disk")
-    fd, mm = open_slot_readonly(info)
+    if pinned is not None:
+        fd, mm = pinned.fd, pinned.mm
+    else:
+        fd, mm = open_slot_readonly(info)
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            if pinned is None:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except OSError:
             raise ValueError(f"{info.path.name} is being written by the trainer") from None
         if read_seq(info.path) != info.seq:
@@ -372,7 +484,7 @@ def persist_slot(info: SlotInfo, ckpt_dir: Path, lock_timeout_s: float = 600.0) 
             for fname, off, size in info.files:
                 data = memoryview(mm)[base + off:base + off + size]
                 try:
-                    if fname != mf.MANIFEST and not digest_matches(manifest["files"][fname], data):
+                    if pinned is None and fname != mf.MANIFEST and not digest_matches(manifest["files"][fname], data):
                         raise ValueError(f"{fname} in {info.path.name} fails its checksum")
                     wfd = os.open(scratch.path / fname, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
                     try:
@@ -397,8 +509,9 @@ def persist_slot(info: SlotInfo, ckpt_dir: Path, lock_timeout_s: float = 600.0) 
                 scratch.commit(final)
                 _point_latest(Path(ckpt_dir), name, info.step)
     finally:
-        mm.close()
-        os.close(fd)
+        if pinned is None:
+            mm.close()
+            os.close(fd)
     return Persisted(final, info.step, time.perf_counter() - t0, total, "persisted")
 
 
@@ -499,6 +612,12 @@ class MemoryAgent:
         self.persisted = 0
         self.reported: set[str] = set()
         self.failed: set[tuple] = set()  # slots (path, seq) that could not be persisted: not retried
+        # The breakpoint hands the restart a slot verified in memory, and persists it in the background:
+        self.pin_lock = threading.Lock()
+        self.queue: list[tuple[Pinned, str]] = []  # verified, pinned slots waiting for the persist thread
+        self.inflight: list[tuple[Pinned, str]] = []  # ... and the one being persisted
+        self.wake = threading.Event()
+        self.persisting: Optional[int] = None  # step being persisted in the background
 
     # -- life cycle ---------------------------------------------------------------------------------
     def start(self) -> bool:
@@ -528,6 +647,7 @@ class MemoryAgent:
         the region if everything in it is on disk; otherwise keep it for the next daemon."""
         if not self.active:
             return
+        self.drain()
         self.persist_newest("daemon stop")
         if clean:
             self.remove_if_persisted("the daemon stopped")
@@ -535,6 +655,7 @@ class MemoryAgent:
         self.active = False
 
     def remove_if_persisted(self, why: str) -> bool:
+        self.drain()
         with self.mutex:
             newest, _ = self.region.newest(self.ckpt_dir)
             if newest is not None and not self._on_disk(newest.step):
@@ -577,28 +698,89 @@ class MemoryAgent:
                 if self._on_disk(newest.step):
                     self.last_gen = newest.gen
                     return None
-                key = (str(newest.path), newest.seq)
-                if key in self.failed:
+                if (str(newest.path), newest.seq) in self.failed:
                     return None
-                r = persist_slot(newest, self.ckpt_dir)
+            except (OSError, ValueError, CkptError) as exc:
+                self.log.error("could not read the memory region; the disk checkpoints stand", region=str(self.path),
+                               why=why, error=str(exc))
+                return None
+            return self._persist(newest, why)
+
+    def _persist(self, info: SlotInfo, why: str, pinned: Optional[Pinned] = None) -> Optional[Persisted]:
+        """Persist one slot (the caller holds self.mutex); log and remember the outcome. Never raises."""
+        self.persisting = info.step
+        try:
+            r = persist_slot(info, self.ckpt_dir, pinned=pinned)
+        except (OSError, ValueError, CkptError) as exc:
+            self.failed.add((str(info.path), info.seq))
+            self.log.error("could not persist the memory checkpoint; the disk checkpoints stand", region=str(self.path),
+                           why=why, step=info.step, error=str(exc))
+            return None
+        finally:
+            self.persisting = None
+        self.last_gen = max(self.last_gen or 0, info.gen)
+        self.last_persist_at = self.clock()
+        if r.path is not None:
+            self.persisted += 1
+            self.last = {"step": r.step, "seconds": round(r.seconds, 3), "bytes": r.bytes, "why": why,
+                         "time": time.time()}
+            self.log.info("persisted a memory checkpoint", checkpoint=r.path.name, why=why,
+                          seconds=round(r.seconds, 2), mib=round(r.bytes / 2**20, 1))
+        return r
+
+    def breakpoint(self, why: str = "the trainer exited") -> Optional[SlotInfo]:
+        """At the breakpoint (the trainer is gone): the newest committed slot, if the disk has nothing as
+        new, verified in memory, recorded for the trainer's load (verify once) and pinned; it is persisted
+        in the background (`drain`) while the trainer restarts from it. None: resume from the disk (no
+        such slot, or it failed verification, which is logged with its reason). Never raises."""
+        if not self.active:
+            return None
+        with self.pin_lock:
+            newest = None
+            try:
+                newest, problems = self.region.newest(self.ckpt_dir)
+                self._report(problems)
+                if newest is None:
+                    return None
+                for p, _ in self.queue + self.inflight:
+                    if p.info.path == newest.path and p.info.seq == newest.seq:
+                        return newest  # already verified and waiting to be persisted
+                if self._on_disk(newest.step):
+                    self.last_gen = max(self.last_gen or 0, newest.gen)
+                    return None
+                if (str(newest.path), newest.seq) in self.failed:
+                    return None
+                pinned = verify_and_pin(newest)
             except (OSError, ValueError, CkptError) as exc:
                 if newest is not None:
                     self.failed.add((str(newest.path), newest.seq))
-                self.log.error("could not persist the memory checkpoint; the disk checkpoints stand", region=str(self.path),
+                self.log.error("the newest memory checkpoint is not usable; resuming from the disk", region=str(self.path),
                                why=why, error=str(exc))
                 return None
-            self.last_gen = newest.gen
-            self.last_persist_at = self.clock()
-            if r.path is not None:
-                self.persisted += 1
-                self.last = {"step": r.step, "seconds": round(r.seconds, 3), "bytes": r.bytes, "why": why,
-                             "time": time.time()}
-                self.log.info("persisted a memory checkpoint", checkpoint=r.path.name, why=why,
-                              seconds=round(r.seconds, 2), mib=round(r.bytes / 2**20, 1))
-            return r
+            record_verified(self.ckpt_dir, pinned)
+            self.queue.append((pinned, why))
+            self.log.info("verified the memory checkpoint at the breakpoint; persisting it in the background",
+                          step=newest.step, seconds=round(pinned.seconds, 3), why=why)
+        self.wake.set()
+        return newest
 
-    def breakpoint(self, why: str = "the trainer exited") -> Optional[Persisted]:
-        return self.persist_newest(why)
+    def drain(self) -> None:
+        """Persist the slots the breakpoint pinned, oldest first (the persist thread, and stop). Never raises."""
+        while True:
+            with self.pin_lock:
+                if not self.queue:
+                    break
+                item = self.queue.pop(0)
+                self.inflight.append(item)
+            try:
+                with self.mutex:
+                    self._persist(item[0].info, item[1], item[0])
+            finally:
+                with self.pin_lock:
+                    self.inflight = [q for q in self.inflight if q is not item]
+                item[0].release()
+        with self.mutex:  # one another thread took is finished too
+            pass
 
     def due(self) -> bool:
         """Cadence: every persist_every-th memory checkpoint, or persist_every_s after the last persist."""
@@ -620,11 +802,13 @@ class MemoryAgent:
     def run(self, stop: threading.Event, interval_s: float = 0.2) -> None:
         while not stop.is_set():
             try:
+                self.drain()
                 if self.due():
                     self.persist_newest("cadence")
             except Exception as exc:  # one bad tick must not end persistence
                 self.log.exception("memory agent tick failed; retrying", error=str(exc))
-            stop.wait(interval_s)
+            self.wake.wait(interval_s)
+            self.wake.clear()
 
     def snapshot(self) -> dict:
         newest = None
@@ -632,7 +816,8 @@ class MemoryAgent:
             s, _ = self.region.newest(self.ckpt_dir)
             newest = {"step": s.step, "bytes": s.nbytes, "time": s.time} if s else None
         return {"enabled": True, "active": self.active, "region": str(self.path), "error": self.error,
-                "newest": newest, "persisted": self.persisted, "last_persist": self.last}
+                "newest": newest, "persisted": self.persisted, "last_persist": self.last,
+                "persisting": self.persisting}
 
 
 def remove_stale_region(path: Path) -> bool:

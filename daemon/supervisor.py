@@ -324,20 +324,30 @@ class Supervisor:
                       message=f"adopted a running trainer (pid {act.pid}) started before this daemon")
             log.warning("a trainer is already running on this checkpoint folder; adopting it", pid=act.pid)
             return
-        if self.memory is not None:  # persist at the breakpoint: the newest memory state first, then choose
-            self.memory.breakpoint("before choosing the resume point")
+        # The breakpoint: a memory state newer than the disk is verified in memory and pinned (persisted in
+        # the background), and the trainer resumes from it; otherwise from the highest valid checkpoint.
+        slot = self.memory.breakpoint("before choosing the resume point") if self.memory is not None else None
         entry, run, notes = choose_resume_all(cat.scan_runs(cfg, stats=False), self.policy.suspect, self.known_bad)
         for n in notes:
             log.warning("resume choice", note=n)
         resume = str(entry.path) if entry else "none"
         chosen = (f"{run}/{entry.name}" if run else entry.name) if entry else None
+        mem_env = {}
+        if slot is not None:
+            name = f"checkpoint-{slot.step}"
+            if name in self.policy.suspect or name in self.known_bad:
+                log.warning("not resuming from the memory checkpoint: it is avoided after repeated crashes", step=slot.step)
+            elif entry is None or (not run and entry.step < slot.step):
+                resume, chosen = str(cfg.checkpoint_dir / name), name
+                mem_env = {"CKPT_DAEMON_MEMORY_RESUME": str(slot.step)}
+                log.info("resuming from the memory checkpoint (verified; being persisted as %s)" % name, step=slot.step)
         token = uuid.uuid4().hex
         in_force, source = self.config_files()
         argv = expand_command(cfg.training.command, in_force, resume)
         env = {**os.environ, **cfg.training.env, "CKPT_RESUME": resume, "CKPT_DAEMON_RUN": token,
                "CKPT_DAEMON_CHECKPOINTS": str(cfg.checkpoint_dir), "CKPT_DAEMON_CONFIG": str(in_force),
                "CKPT_DAEMON_CONFIG_SOURCE": str(source), "CKPT_DAEMON_METRICS": str(cfg.log_dir / "metrics.jsonl"),
-               "PYTHONUNBUFFERED": "1", **(self.memory.env() if self.memory is not None else {})}
+               "PYTHONUNBUFFERED": "1", **(self.memory.env() if self.memory is not None else {}), **mem_env}
         cwd = str(cfg.resolve_path(cfg.training.cwd)) if cfg.training.cwd else str(cfg.base_dir)
         self.log_path = cfg.log_dir / "trainer.log"
         cfg.log_dir.mkdir(parents=True, exist_ok=True)
@@ -468,16 +478,19 @@ class Supervisor:
         if getattr(self, "log_path", None) is not None:
             _append_line(self.log_path, f"--- trainer exited with {rc} after {ran:.0f}s\n")
         tail = list(self.tail)[-15:]
+        slot = None
         if self.memory is not None and not why:
-            # Persist at the breakpoint: the trainer is gone, so its newest memory state goes to disk before
-            # anything else (the crash policy below then counts it as progress, and the restart resumes from it).
-            self.memory.breakpoint(f"the trainer exited ({describe_rc(rc)})")
+            # The breakpoint: the trainer is gone, so its newest memory state is verified and pinned, and goes
+            # to disk in the background (the crash policy below counts it as progress; the restart resumes
+            # from it).
+            slot = self.memory.breakpoint(f"the trainer exited ({describe_rc(rc)})")
         ex = (Exit("start_failed", why, False) if why
               else classify(rc, list(self.tail), self.state == "stopping", self._stale))
         if ex.kind == "stopped":
             self._set(state="stopped", proc=None, message=f"stopped by the daemon ({ex.description})")
             return
-        verdict = self.policy.on_exit(now, rc, ran, self.resume_from, cat.newest_valid_rel(cfg), blame=ex.blame_checkpoint)
+        newest_after = f"checkpoint-{slot.step}" if slot is not None else cat.newest_valid_rel(cfg)
+        verdict = self.policy.on_exit(now, rc, ran, self.resume_from, newest_after, blame=ex.blame_checkpoint)
         self.proc = None
         if verdict.action == "finished":
             self._set(state="finished", message="training finished (the trainer exited 0)")

@@ -303,7 +303,8 @@ def test_daemon_persists_at_the_breakpoint_and_adopts_after_its_own_death(tmp_pa
         os.kill(pid, signal.SIGKILL)
         s = d.wait(lambda s: s["training"]["pid"] not in (None, pid) and (d.step(s) or 0) > last and s,
                    what="a restarted trainer")
-        assert (ck / f"checkpoint-{last}").is_dir()  # persisted at the breakpoint
+        d.wait(lambda s: (ck / f"checkpoint-{last}").is_dir(), what="the breakpoint's persist (in the background)")
+        assert "verified the memory checkpoint at the breakpoint" in d.log()
         assert s["training"]["resumed_from"] == f"checkpoint-{last}"  # steps lost beyond the memory checkpoint: 0
         trainer_log = (tmp_path / "logs" / "trainer.log").read_text()
         assert f"resumed from checkpoint-{last} at step {last}" in trainer_log
@@ -382,6 +383,74 @@ def test_garbage_in_the_region_is_reported_and_the_agent_goes_on(tmp_path):
     agent.close()
     mem.remove_stale_region(region)
     assert not region.exists()
+
+
+def test_breakpoint_verifies_in_memory_pins_the_slot_and_persists_it_in_the_background(tmp_path, monkeypatch, caplog):
+    """The breakpoint does not wait for the disk: it verifies the newest slot in memory, records that for the
+    trainer's load (which then copies without hashing again), pins the slot so that the restarted trainer
+    cannot write over it, and persists it in the background."""
+    from ckpt_daemon.config import parse_config
+
+    region = tmp_path / "region"
+    cfg = parse_config(f"checkpoints: {{dir: ck, memory: {{enabled: true, dir: {region}}}}}\n", tmp_path / "config.yaml")
+    ck = cfg.checkpoint_dir
+    log = _Log()
+    agent = mem.MemoryAgent(lambda: cfg, log)
+    assert agent.start()
+    m, opt, sched = make_state()
+    mgr = CheckpointManager(ck, memory=region)
+    for step in (1, 2):
+        train_steps(m, opt, sched, 1, seed=step)
+        mgr.save(step, model=m, optimizer=opt, scheduler=sched, memory=True)
+        mgr.wait()
+    mgr.close()
+    slot = agent.breakpoint("test")
+    assert slot is not None and slot.step == 2
+    assert not (ck / "checkpoint-2").exists()  # not waited for: persisted in the background
+    assert agent.breakpoint("again").seq == slot.seq and len(agent.queue) == 1  # pinned once
+
+    # the restarted trainer, told by the daemon to resume from it, reads it without hashing it again
+    calls = []
+    real = mem.digest_matches
+    monkeypatch.setattr(mem, "digest_matches", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setenv("CKPT_DAEMON_MEMORY_RESUME", "2")
+    m2, opt2, sched2 = make_state(seed=1)
+    trainer = CheckpointManager(ck, memory=region)
+    loaded = trainer.load(str(ck / "checkpoint-2"), model=m2, optimizer=opt2, scheduler=sched2)
+    assert loaded.from_memory and loaded.step == 2 and calls == []
+    assert same_state(m, m2) and same_nested(opt.state_dict(), opt2.state_dict())
+
+    # it trains on and saves twice into memory: the pinned slot is never written over
+    for step in (3, 4):
+        trainer.save(step, model=m2, optimizer=opt2, memory=True)
+        trainer.wait()
+    trainer.close()
+    pinned = mem.Region(region).read_slot(slot.index)[0]
+    assert pinned.step == 2 and pinned.seq == slot.seq
+    assert mem.Region(region).newest(ck)[0].step == 4
+
+    agent.drain()
+    c = cat.scan(ck, ["checkpoint-{step}"], verify=True)
+    assert [e.name for e in c.entries if e.valid] == ["checkpoint-2"]
+    assert "persisted a memory checkpoint" in "\n".join(log.lines)
+
+    # a slot committed since the daemon's check is not trusted: a load hashes it, and damage is caught
+    info = mem.Region(region).newest(ck)[0]
+    fd = os.open(info.path, os.O_RDONLY)
+    assert not mem.verified_by_daemon(ck, info, fd)
+    os.close(fd)
+    _flip(info.path, mem.PAYLOAD_OFFSET + info.files[0][1] + info.files[0][2] - 1)
+    assert read_slot_state(region, ck, info=info)[0] is None and calls
+    # ... and the breakpoint refuses it with its reason: the trainer resumes from the disk
+    assert agent.breakpoint("damaged") is None
+    assert "fails its checksum" in "\n".join(log.lines)
+    monkeypatch.setenv("CKPT_DAEMON_MEMORY_RESUME", "4")
+    with caplog.at_level("ERROR"):
+        loaded = CheckpointManager(ck, memory=region).load(str(ck / "checkpoint-4"), model=m2, optimizer=opt2)
+    assert not loaded.from_memory and loaded.step == 2
+    assert "could not be read" in caplog.text
+    agent.close(clean=False)
+    mem.remove_stale_region(region)
 
 
 def test_the_daemon_side_never_imports_torch():
