@@ -115,12 +115,27 @@ def bench_slots(quick: bool, out: dict) -> None:
         out["memory_stall_ratio"] = round(min(stalls) / memcpy, 2)
         out["memory_commit_s"] = round(min(commits), 3)
         loads = []
+        for _ in range(2):  # the trainer hashing every file itself (no record of the daemon's check)
+            t0 = time.perf_counter()
+            state, why = read_slot_state(region, root / "ck")
+            loads.append(time.perf_counter() - t0)
+            assert state is not None, why
+            del state
+        out["memory_load_hashing_s"] = round(min(loads), 4)
+        out["memory_load_hashing_ratio"] = round(min(loads) / memcpy, 2)
+        # a restart: the daemon verifies the slot at the breakpoint (and pins it), the trainer's load copies
+        info, _ = mem.Region(region).newest(root / "ck")
+        pinned = mem.verify_and_pin(info)
+        out["memory_breakpoint_verify_s"] = round(pinned.seconds, 4)
+        mem.record_verified(root / "ck", pinned)
+        loads = []
         for _ in range(2):
             t0 = time.perf_counter()
             state, why = read_slot_state(region, root / "ck")
             loads.append(time.perf_counter() - t0)
             assert state is not None, why
             del state
+        pinned.release()
         out["memory_load_s"] = round(min(loads), 4)
         out["memory_load_ratio"] = round(min(loads) / memcpy, 2)
         t0 = time.perf_counter()
@@ -174,9 +189,11 @@ def bench_train_overhead(quick: bool, out: dict) -> None:
     out["memory_train_overhead"] = round(means["memory"] / means["none"] - 1, 4)
 
 
-def bench_recovery(quick: bool, out: dict) -> None:
+def bench_recovery(quick: bool, out: dict, spare: bool = True) -> None:
     """SIGKILL of the built-in trainer (memory checkpoint every step) under the daemon, to the first step
-    of the restarted trainer; a first crash restarts without backoff."""
+    of the restarted trainer; a first crash restarts without backoff. With a warm spare (memory_recovery_s)
+    and without (memory_recovery_cold_s)."""
+    key = "memory_recovery_s" if spare else "memory_recovery_cold_s"
     d = WORK / "memrecovery"
     shutil.rmtree(d, ignore_errors=True)
     d.mkdir(parents=True)
@@ -188,7 +205,8 @@ def bench_recovery(quick: bool, out: dict) -> None:
     trainer = {"checkpoint_every_steps": 10**9, "batch_size": 16 if quick else 1, "model": model, "data": data,
                "threads": 0}
     cfg = _trainer_config(d, trainer, {"checkpoints": {"memory": {"enabled": True, "every_steps": 1, "persist_every": 10**6,
-                                                                  "dir": str(region)}}})
+                                                                  "dir": str(region)}},
+                                       "training": {"warm_spare": spare}})
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     p = subprocess.Popen([sys.executable, "-m", "daemon", "run", "--config", str(cfg), "--quiet-trainer"],
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
@@ -199,10 +217,13 @@ def bench_recovery(quick: bool, out: dict) -> None:
         s: dict = {}
         while time.time() < deadline:
             s = json.loads(state.read_text()) if state.exists() else {}
-            if (s.get("training", {}).get("step") or 0) >= (30 if quick else 3):
+            if (s.get("training", {}).get("step") or 0) >= (30 if quick else 3) and (
+                    not spare or s["training"].get("warm_spare")):
                 break
             time.sleep(0.1)
         pid = s["training"]["pid"]
+        if spare:
+            time.sleep(15)  # the spare imports torch (a few seconds on a quiet machine)
         from ckpt_daemon import memory as mem
 
         info, _ = mem.Region(region).newest(d / "checkpoints")
@@ -214,17 +235,23 @@ def bench_recovery(quick: bool, out: dict) -> None:
             recs = [json.loads(x) for x in metrics.read_text().splitlines()[n_before:] if x.strip()]
             after = [r for r in recs if r["time"] > t_kill]
             if after:
-                out["memory_recovery_s"] = round(after[0]["time"] - t_kill, 2)
+                out[key] = round(after[0]["time"] - t_kill, 2)
                 break
             time.sleep(0.02)
         log = (d / "logs" / "daemon.log").read_text().splitlines()
         ev = [json.loads(x) for x in log if x.startswith("{")]
         persisted = [e for e in ev if e.get("event") == "persisted a memory checkpoint"]
-        if persisted:
-            out["recovery_persist_s"] = persisted[-1].get("seconds")
+        if persisted and spare:
+            out["recovery_persist_s"] = persisted[-1].get("seconds")  # in the background
+        verified = [e for e in ev if e.get("event", "").startswith("verified the memory checkpoint at the breakpoint")]
+        if verified and spare:
+            out["recovery_breakpoint_verify_s"] = verified[-1].get("seconds")
+        started = [e for e in ev if e.get("event") == "started trainer"]
+        if started:
+            out[key.replace("_s", "_warm")] = bool(started[-1].get("warm_spare"))
         tlog = (d / "logs" / "trainer.log").read_text()
         for line in tlog.splitlines():
-            if "loaded the memory checkpoint" in line:
+            if "loaded the memory checkpoint" in line and spare:
                 out["recovery_load_s"] = float(line.rsplit("(", 1)[1].rstrip("s)"))
     finally:
         p.send_signal(signal.SIGTERM)
@@ -242,9 +269,13 @@ def bench_recovery(quick: bool, out: dict) -> None:
     out["recovery_import_torch_s"] = round(time.perf_counter() - t0 - out["recovery_python_start_s"], 3)
 
 
+def bench_recovery_cold(quick: bool, out: dict) -> None:
+    bench_recovery(quick, out, spare=False)
+
+
 def bench_memory(quick: bool) -> dict:
     out: dict = {"memory_quick": quick}
-    for fn in (bench_slots, bench_train_overhead, bench_recovery):
+    for fn in (bench_slots, bench_train_overhead, bench_recovery, bench_recovery_cold):
         try:
             fn(quick, out)
         except Exception as exc:  # one failed figure must not cost the others

@@ -13,6 +13,7 @@ import difflib
 import os
 import re
 import stat
+import sys
 import typing
 import zoneinfo
 from pathlib import Path
@@ -184,6 +185,11 @@ class RestartPolicy(_Section):
         return self
 
 
+def is_builtin_trainer(command: list[str]) -> bool:
+    """Whether training.command runs the built-in trainer (`{python} -m trainer ...`)."""
+    return len(command) >= 3 and command[0] in ("{python}", sys.executable) and command[1:3] == ["-m", "trainer"]
+
+
 class TrainingConfig(_Section):
     command: list[str] = Field(
         default_factory=lambda: ["{python}", "-m", "trainer", "--config", "{config}"],
@@ -204,6 +210,23 @@ class TrainingConfig(_Section):
     stop_timeout_s: float = Field(
         120.0, gt=0, le=DAY_S, description="On stop, wait this long for the trainer's final save before killing it."
     )
+    warm_spare: bool = Field(
+        False, description=("Keep a warm spare of the built-in trainer: a second process that has already imported "
+                             "torch and waits, so that a restart after a crash skips the interpreter start and the "
+                             "imports (seconds). Costs the memory of an idle process with torch loaded (about "
+                             "0.3 GiB). The built-in trainer only (training.command [{python}, -m, trainer, ...])."))
+
+    @model_validator(mode="after")
+    def _spare_needs_builtin(self) -> "TrainingConfig":
+        if self.warm_spare and any("{resume}" in a for a in self.command):
+            raise ValueError(".warm_spare|is true, but training.command holds {resume}: a warm spare is started before "
+                             "the resume point is known. The built-in trainer reads it from $CKPT_RESUME; drop "
+                             "{resume} from the command, or set warm_spare: false")
+        if self.warm_spare and not is_builtin_trainer(self.command):
+            raise ValueError(".warm_spare|is true, but training.command is not the built-in trainer: a warm spare "
+                             "must wait for the daemon's handover before it trains, which only the built-in "
+                             "trainer ([\"{python}\", \"-m\", \"trainer\", ...]) does. Set warm_spare: false")
+        return self
 
     @field_validator("command")
     @classmethod

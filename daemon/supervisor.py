@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from ckpt_daemon import catalog as cat
-from ckpt_daemon import foreign, runtime, verifyonce
+from ckpt_daemon import foreign, runtime, spare, verifyonce
 from ckpt_daemon.fsutil import free_bytes
 from ckpt_daemon.logs import get_logger
 
@@ -287,6 +287,9 @@ class Supervisor:
         self.tick = time.monotonic()
         self.lock = threading.Lock()
         self.memory = None  # ckpt_daemon.memory.MemoryAgent when checkpoints.memory.enabled (set by the daemon)
+        self.spare: Optional[dict] = None  # the warm spare trainer (training.warm_spare), waiting for a restart
+        self.spare_failures = 0
+        self.spare_used = False
 
     # -- thread -----------------------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
@@ -327,30 +330,67 @@ class Supervisor:
         # The breakpoint: a memory state newer than the disk is verified in memory and pinned (persisted in
         # the background), and the trainer resumes from it; otherwise from the highest valid checkpoint.
         slot = self.memory.breakpoint("before choosing the resume point") if self.memory is not None else None
-        entry, run, notes = choose_resume_all(cat.scan_runs(cfg, stats=False), self.policy.suspect, self.known_bad)
-        for n in notes:
-            log.warning("resume choice", note=n)
-        resume = str(entry.path) if entry else "none"
-        chosen = (f"{run}/{entry.name}" if run else entry.name) if entry else None
         mem_env = {}
+        if slot is not None and (f"checkpoint-{slot.step}" in self.policy.suspect
+                                 or f"checkpoint-{slot.step}" in self.known_bad):
+            log.warning("not resuming from the memory checkpoint: it is avoided after repeated crashes", step=slot.step)
+            slot = None
         if slot is not None:
-            name = f"checkpoint-{slot.step}"
-            if name in self.policy.suspect or name in self.known_bad:
-                log.warning("not resuming from the memory checkpoint: it is avoided after repeated crashes", step=slot.step)
-            elif entry is None or (not run and entry.step < slot.step):
-                resume, chosen = str(cfg.checkpoint_dir / name), name
-                mem_env = {"CKPT_DAEMON_MEMORY_RESUME": str(slot.step)}
-                log.info("resuming from the memory checkpoint (verified; being persisted as %s)" % name, step=slot.step)
+            # newer than any checkpoint on disk (the breakpoint checked) and verified: no disk choice to make
+            chosen = f"checkpoint-{slot.step}"
+            resume = str(cfg.checkpoint_dir / chosen)
+            mem_env = {"CKPT_DAEMON_MEMORY_RESUME": str(slot.step)}
+            log.info("resuming from the memory checkpoint (verified in memory, persisted in the background)",
+                     checkpoint=chosen)
+        else:
+            entry, run, notes = choose_resume_all(cat.scan_runs(cfg, stats=False), self.policy.suspect, self.known_bad)
+            for n in notes:
+                log.warning("resume choice", note=n)
+            resume = str(entry.path) if entry else "none"
+            chosen = (f"{run}/{entry.name}" if run else entry.name) if entry else None
         token = uuid.uuid4().hex
-        in_force, source = self.config_files()
-        argv = expand_command(cfg.training.command, in_force, resume)
-        env = {**os.environ, **cfg.training.env, "CKPT_RESUME": resume, "CKPT_DAEMON_RUN": token,
-               "CKPT_DAEMON_CHECKPOINTS": str(cfg.checkpoint_dir), "CKPT_DAEMON_CONFIG": str(in_force),
-               "CKPT_DAEMON_CONFIG_SOURCE": str(source), "CKPT_DAEMON_METRICS": str(cfg.log_dir / "metrics.jsonl"),
-               "PYTHONUNBUFFERED": "1", **(self.memory.env() if self.memory is not None else {}), **mem_env}
-        cwd = str(cfg.resolve_path(cfg.training.cwd)) if cfg.training.cwd else str(cfg.base_dir)
+        argv, cwd, base_env = self._command(cfg, resume)
+        env = {**base_env, "CKPT_RESUME": resume, "CKPT_DAEMON_RUN": token, **mem_env}
         self.log_path = cfg.log_dir / "trainer.log"
         cfg.log_dir.mkdir(parents=True, exist_ok=True)
+        launched = self._hand_to_spare(argv, cwd, base_env, env, resume)
+        if launched is None:
+            self._drop_spare("a trainer is started from scratch")
+            try:
+                launched = self._launch(argv, cwd, env, f"{' '.join(argv)} (CKPT_RESUME={resume})")
+            except OSError as exc:
+                self.proc, self.resume_from = None, chosen
+                self.started_at = self.clock()
+                self._on_exit(127, f"could not start {argv[0]!r}: {exc}. Check training.command in config.yaml.")
+                return
+        proc, relay = launched
+        self.tail.clear()
+        self._stale = False
+        self._set(proc=proc, pid=proc.pid, token=token, started_at=self.clock(), state="running",
+                  resume_from=chosen, gave_up=None, next_start=None,
+                  message=f"training (pid {proc.pid}) from {chosen or 'scratch'}")
+        self._relay = relay
+        self._reader = threading.Thread(target=self._pump, args=(relay,), daemon=True, name="trainer-out")
+        self._reader.start()
+        log.info("started trainer", pid=self.pid, resume=resume, argv=argv, warm_spare=self.spare_used)
+
+    def _command(self, cfg, resume: str = "none") -> tuple[list[str], str, dict]:
+        """argv, working folder and environment of a trainer, without this start's resume point and run token
+        in the environment (a warm spare's command has no {resume}: the config refuses it)."""
+        in_force, source = self.config_files()
+        argv = expand_command(cfg.training.command, in_force, resume)
+        env = {**os.environ, **cfg.training.env, "CKPT_DAEMON_CHECKPOINTS": str(cfg.checkpoint_dir),
+               "CKPT_DAEMON_CONFIG": str(in_force), "CKPT_DAEMON_CONFIG_SOURCE": str(source),
+               "CKPT_DAEMON_METRICS": str(cfg.log_dir / "metrics.jsonl"), "PYTHONUNBUFFERED": "1",
+               **(self.memory.env() if self.memory is not None else {})}
+        cwd = str(cfg.resolve_path(cfg.training.cwd)) if cfg.training.cwd else str(cfg.base_dir)
+        return argv, cwd, env
+
+    def _launch(self, argv: list[str], cwd: str, env: dict, what: str,
+                pass_fds: tuple = ()) -> tuple[subprocess.Popen, subprocess.Popen]:
+        """Start a trainer process (own session, parent-death signal) whose output goes through a log relay
+        into logs/trainer.log. Raises OSError if it cannot be started."""
+        cfg = self.get_cfg()
         # The trainer writes into a pipe drained by a relay process that outlives the daemon (see logrelay.py).
         r, w = os.pipe()
         try:
@@ -360,28 +400,93 @@ class Supervisor:
         finally:
             os.close(r)
         try:
-            os.write(w, f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} ckpt-daemon starts: {' '.join(argv)} "
-                        f"(CKPT_RESUME={resume})\n".encode())
+            os.write(w, f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} ckpt-daemon starts: {what}\n".encode())
             proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=w,
-                                    stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_pdeathsig)
-        except OSError as exc:
-            os.close(w)
+                                    stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_pdeathsig,
+                                    pass_fds=pass_fds)
+        except OSError:
             relay.stdout.close()
             relay.wait()
-            self.proc, self.resume_from = None, chosen
-            self.started_at = self.clock()
-            self._on_exit(127, f"could not start {argv[0]!r}: {exc}. Check training.command in config.yaml.")
+            raise
+        finally:
+            os.close(w)
+        return proc, relay
+
+    # -- the warm spare (ckpt_daemon/spare.py) ----------------------------------------------------
+    def _maybe_spawn_spare(self, cfg, now: float) -> None:
+        """Once the running trainer is past its own start (its first heartbeat, or 30 s), start a spare that
+        imports torch and waits for the next restart. A spare that keeps dying is given up after 3 tries."""
+        if self.spare is not None:
+            rc = self.spare["proc"].poll()
+            if rc is None:
+                return
+            self.spare_failures += 1
+            log.warning("the warm spare trainer exited before it was needed", returncode=rc,
+                        failures=self.spare_failures, log=str(self.log_path))
+            self._drop_spare("it exited")
+        if not cfg.training.warm_spare or self.spare_failures >= 3:
             return
-        os.close(w)
-        self.tail.clear()
-        self._stale = False
-        self._set(proc=proc, pid=proc.pid, token=token, started_at=self.clock(), state="running",
-                  resume_from=chosen, gave_up=None, next_start=None,
-                  message=f"training (pid {proc.pid}) from {chosen or 'scratch'}")
-        self._relay = relay
-        self._reader = threading.Thread(target=self._pump, args=(relay,), daemon=True, name="trainer-out")
-        self._reader.start()
-        log.info("started trainer", pid=self.pid, resume=resume, argv=argv)
+        age, seen = self.heartbeat_age(now)
+        if not seen and now - (self.started_at or now) < 30:
+            return
+        argv, cwd, base_env = self._command(cfg)
+        r, w = os.pipe()
+        try:
+            proc, relay = self._launch(argv, cwd, {**base_env, spare.ENV_FD: str(r)},
+                                       f"a warm spare: {' '.join(argv)}", pass_fds=(r,))
+        except OSError as exc:
+            os.close(w)
+            self.spare_failures += 1
+            log.warning("could not start a warm spare trainer", error=str(exc))
+            return
+        finally:
+            os.close(r)
+        self.spare = {"proc": proc, "relay": relay, "go": w, "key": (argv, cwd, base_env), "since": self.clock()}
+        log.info("started a warm spare trainer", pid=proc.pid)
+
+    def _hand_to_spare(self, argv: list[str], cwd: str, base_env: dict, env: dict,
+                       resume: str) -> Optional[tuple[subprocess.Popen, subprocess.Popen]]:
+        """Hand this start to the warm spare if there is one, alive, for this very command and environment."""
+        self.spare_used = False
+        sp = self.spare
+        if sp is None or sp["proc"].poll() is not None:
+            return None
+        if sp["key"] != (argv, cwd, base_env):
+            log.info("the warm spare was started for another command or environment (the config changed); not used")
+            return None
+        try:
+            os.write(sp["go"], spare.message(env))
+        except OSError as exc:
+            log.warning("could not hand the restart to the warm spare", error=str(exc))
+            return None
+        os.close(sp["go"])
+        self.spare = None
+        self.spare_used = True
+        _append_line(self.log_path, f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} ckpt-daemon hands the restart to the "
+                                    f"warm spare (pid {sp['proc'].pid}, CKPT_RESUME={resume})\n")
+        return sp["proc"], sp["relay"]
+
+    def _drop_spare(self, why: str) -> None:
+        """End the spare: closing its pipe makes it exit 0; killed if it does not within 5 s."""
+        sp, self.spare = self.spare, None
+        if sp is None:
+            return
+        try:
+            os.close(sp["go"])
+        except OSError:
+            pass
+        proc = sp["proc"]
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            runtime.kill_tree(proc.pid, signal.SIGKILL)
+            proc.wait()
+        try:
+            sp["relay"].stdout.close()
+            sp["relay"].wait(timeout=5)
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+        log.info("warm spare trainer ended", pid=proc.pid, why=why)
 
     def _pump(self, relay: subprocess.Popen) -> None:
         for line in iter(relay.stdout.readline, b""):
@@ -408,6 +513,7 @@ class Supervisor:
                 if self.state == "backoff" and self.next_start is not None and self.clock() >= self.next_start:
                     self.start()  # no backoff (a first crash): restart in the same tick
                 return
+            self._maybe_spawn_spare(cfg, now)
             rp = cfg.training.restart
             if rp.heartbeat_timeout_s:
                 age, seen = self.heartbeat_age(now)
@@ -492,6 +598,8 @@ class Supervisor:
         newest_after = f"checkpoint-{slot.step}" if slot is not None else cat.newest_valid_rel(cfg)
         verdict = self.policy.on_exit(now, rc, ran, self.resume_from, newest_after, blame=ex.blame_checkpoint)
         self.proc = None
+        if verdict.action != "restart":
+            self._drop_spare(f"training {verdict.action.replace('_', ' ')}")
         if verdict.action == "finished":
             self._set(state="finished", message="training finished (the trainer exited 0)")
             if self.memory is not None:
@@ -550,6 +658,7 @@ class Supervisor:
     def stop(self) -> None:
         """Forward SIGTERM to the trainer's process group, wait for its final save, then kill."""
         cfg = self.get_cfg()
+        self._drop_spare("the daemon stops")
         if self.state == "running" and self.proc is not None:
             self._set(state="stopping")
             log.info("stopping trainer: SIGTERM, waiting for its final save", pid=self.proc.pid,
@@ -585,7 +694,9 @@ class Supervisor:
                     "resumed_from": self.resume_from, "restarts": self.policy.restarts, "last_crash": self.last_crash,
                     "crashes": list(self.crashes), "crash_counts": dict(self.crash_counts),
                     "next_start": self.next_start if self.state == "backoff" else None, "message": self.message,
-                    "gave_up": self.gave_up, "avoided_checkpoints": sorted(self.policy.suspect), "run": self.token}
+                    "gave_up": self.gave_up, "avoided_checkpoints": sorted(self.policy.suspect), "run": self.token,
+                    "warm_spare": ({"pid": self.spare["proc"].pid, "since": self.spare["since"]} if self.spare else None),
+                    "started_warm": self.spare_used}
 
 
 def _wait_for_exit(pid: int, timeout: float, stop: threading.Event) -> None:

@@ -255,10 +255,27 @@ def run(cfg: Config, resume: str, max_steps: Optional[int] = None) -> int:
     return rc
 
 
+def _warm_up() -> None:
+    """What a warm spare does before it waits: one tiny training step, so that what torch imports or
+    initialises on first use (the optimizer's first construction imports torch._dynamo, seconds) is done."""
+    m = torch.nn.Linear(4, 4)
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    m(torch.randn(2, 4)).square().mean().backward()
+    opt.step()
+    sched.step()
+
+
 def main(argv: Optional[list[str]] = None) -> int:
+    from ckpt_daemon import memsave  # noqa: F401  (imported before a warm spare waits, not after)
+    from ckpt_daemon import spare
     from ckpt_daemon.cliutil import module_main
     from trainer.cli import add_train_arguments, run_train
 
+    # The daemon's warm spare waits here, its imports done, until a restart is handed to it.
+    if spare.ENV_FD in os.environ:
+        _warm_up()
+    spare.wait_for_handover()
     return module_main("python -m trainer", __doc__.split("\n\n")[0], add_train_arguments, run_train, argv)
 
 
