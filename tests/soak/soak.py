@@ -96,6 +96,7 @@ class Soak:
         self.lost: list[tuple[int, float]] = []  # (memory step at a trainer kill, when)
         if memory:
             self.cfg["checkpoints"]["memory"] = {"enabled": True, "every_steps": 1, "persist_every": 3, "dir": str(self.region)}
+            self.cfg["training"]["warm_spare"] = True  # restarts go to a waiting spare (handover under faults)
         self.write_config(self.cfg)
         self.env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
         self.daemon: subprocess.Popen | None = None
@@ -373,6 +374,7 @@ class Soak:
         dlog = (self.work / "logs" / "daemon.log").read_text(errors="replace")
         restarts = dlog.count('"event": "restarting after backoff"')
         adoptions = dlog.count("adopting it")
+        warm = len(re.findall(r'"warm_spare":\s*true', dlog))
         self.daemon.send_signal(signal.SIGTERM)
         try:
             rc = self.daemon.wait(timeout=60)
@@ -392,7 +394,8 @@ class Soak:
         kinds = ", ".join(f"{k} {v}" for k, v in sorted(self.faults.items()))
         summary = (f"soak: {rounds} rounds in {self.duration_s:.0f}s, faults: {sum(self.faults.values())} ({kinds}), "
                    f"trainer restarts after crashes: {restarts}, daemon restarts: {self.daemon_restarts} (trainers adopted: {adoptions}), "
-                   f"newest step: {self.prev_newest[1] if self.prev_newest else None}, violations: {len(self.violations)}")
+                   + (f"restarts handed to a warm spare: {warm}, " if self.memory else "")
+                   + f"newest step: {self.prev_newest[1] if self.prev_newest else None}, violations: {len(self.violations)}")
         print(summary, flush=True)
         (self.work / "summary.txt").write_text(summary + "\n" + "\n".join(self.violations) + "\n")
         return 0 if not self.violations else 1
