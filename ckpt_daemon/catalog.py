@@ -29,6 +29,8 @@ raised.
 
 from __future__ import annotations
 
+import gc
+import json
 import os
 import re
 import stat
@@ -37,11 +39,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional
 
-from ckpt_daemon import foreign
+from ckpt_daemon import foreign, fsutil
 from ckpt_daemon import manifest as mf
 from ckpt_daemon import runtime
 from ckpt_daemon.errors import UnsafePathError
-from ckpt_daemon.fsutil import tree_stats
+from ckpt_daemon.fsutil import atomic_write_bytes, loads_json_bounded, tree_stats
 from ckpt_daemon.runtime import PINS_DIR, RUNTIME_DIR, STATE_DIR  # noqa: F401  (re-exported)
 
 POINTERS = ("latest", "best")
@@ -146,10 +148,13 @@ def match_name(name: str, patterns: Iterable[re.Pattern]) -> Optional[dict]:
     for rx in patterns:
         m = rx.match(name)
         if m:
-            groups = {k: v for k, v in m.groupdict().items() if v is not None}
-            if any(len(v) > MAX_STEP_DIGITS for v in groups.values()):
-                return None
-            return {k: int(v) for k, v in groups.items()}
+            out = {}
+            for k, v in m.groupdict().items():
+                if v is not None:
+                    if len(v) > MAX_STEP_DIGITS:
+                        return None
+                    out[k] = int(v)
+            return out
     return None
 
 
@@ -205,9 +210,10 @@ def _file_status(path: Path, size: int, verify: bool) -> tuple[str, str, dict]:
                        f"({size} bytes)"), {}
 
 
-def _folder_stats(path: Path) -> tuple[dict[str, os.stat_result], bool]:
+def _folder_stats(path: str | os.PathLike) -> tuple[dict[str, os.stat_result], bool]:
     """lstat of every entry of a folder (one listing), and whether it has subfolders."""
-    stats, subdirs = {}, False
+    stats: dict[str, os.stat_result] = {}
+    subdirs = False
     with os.scandir(path) as it:
         for d in it:
             try:
@@ -215,10 +221,14 @@ def _folder_stats(path: Path) -> tuple[dict[str, os.stat_result], bool]:
             except FileNotFoundError:
                 continue
             stats[d.name] = st
-            subdirs = subdirs or stat.S_ISDIR(st.st_mode)
+            if not subdirs and _S_ISDIR(st.st_mode):
+                subdirs = True
             if len(stats) > 100_000:
                 raise ValueError("it holds more than 100,000 entries; no checkpoint does")
     return stats, subdirs
+
+
+_S_ISDIR, _S_ISREG, _S_ISLNK = stat.S_ISDIR, stat.S_ISREG, stat.S_ISLNK
 
 
 HF_MARKERS = ("trainer_state.json", "config.json", "pytorch_model.bin", "optimizer.pt", "training_args.bin")
@@ -232,14 +242,16 @@ def _step_problem(meta: dict, step: Optional[int], what: str) -> Optional[str]:
 
 
 def check_entry(path: Path, verify: bool, stats: Optional[dict] = None, step: Optional[int] = None,
-                sidecar: Optional[dict] = None) -> tuple[str, str, str, dict]:
+                sidecar: Optional[dict] = None, st: Optional[os.stat_result] = None) -> tuple[str, str, str, dict]:
     """(layout, status, reason, meta) of one checkpoint path (folder or file). Never raises for
     anything the path holds: problems come back as a status and a reason.
 
     With `sidecar` (a foreign checkpoint's recorded manifest), the files are checked against it: sizes
-    always, checksums with verify. Without one, a foreign checkpoint is checked by its structure."""
+    always, checksums with verify. Without one, a foreign checkpoint is checked by its structure.
+    `st`, when the caller has it, is the lstat of `path` taken with `stats` (one syscall less)."""
     try:
-        st = os.lstat(path)
+        if st is None:
+            st = os.lstat(path)
         if stat.S_ISDIR(st.st_mode):
             if stats is None:
                 stats, _ = _folder_stats(path)
@@ -315,7 +327,19 @@ def scan(root: Path, patterns: Iterable[str], verify: bool = False, stats: bool 
          now: Optional[float] = None, run: str = "") -> Catalog:
     """Look at `root` once and describe every checkpoint in it. Reads no checkpoint payload unless
     `verify` (then: checksums for native and recorded foreign checkpoints, zip CRCs for torch files)."""
-    root = Path(root)
+    # A scan of a large folder allocates a few objects per entry and makes no reference cycles; the cyclic
+    # GC would walk the growing heap again and again (as in retention.plan), so pause it meanwhile.
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return _scan(Path(root), patterns, verify, stats, best_metric, best_mode, settle_s, now, run)
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def _scan(root: Path, patterns: Iterable[str], verify: bool, stats: bool, best_metric: Optional[str],
+          best_mode: str, settle_s: float, now: Optional[float], run: str) -> Catalog:
     now = time.time() if now is None else now
     rxs = [compile_pattern(p) for p in patterns]
     entries: list[Entry] = []
@@ -323,16 +347,21 @@ def scan(root: Path, patterns: Iterable[str], verify: bool = False, stats: bool 
     ignored: list[tuple[str, str]] = []
     pins = runtime.read_pins(root)
     sidecars = _sidecar_names(root)
+    skip = {STATE_DIR, ".gitkeep", *POINTERS}
+    root_s = os.fspath(root)
+    track: Optional[list] = None
+    if not verify:
+        _load_disk_cache(root_s)
+        track = [0]  # misses, then the cache key of every entry checked
     for name, dentry in _list_root(root):
-        path = root / name
-        if name in (STATE_DIR, ".gitkeep") or name in POINTERS:
+        if name in skip:
             continue
         try:
             st = dentry.stat(follow_symlinks=False)
         except OSError:
             continue  # deleted while we looked
         if name.startswith(TEMP_PREFIXES) or (name.endswith(".tmp") and not name.startswith(".")):
-            in_progress.append(InProgress(name, path, _temp_step(name, rxs), st.st_mtime))
+            in_progress.append(InProgress(name, root / name, _temp_step(name, rxs), st.st_mtime))
             continue
         if name.startswith("."):
             continue  # hidden: the state folder, pointer temps (.latest.*.tmp), not checkpoints
@@ -340,18 +369,22 @@ def scan(root: Path, patterns: Iterable[str], verify: bool = False, stats: bool 
         if fields is None:
             ignored.append((name, _name_problem(name, rxs)))
             continue
-        if stat.S_ISLNK(st.st_mode):
+        mode = st.st_mode
+        if _S_ISLNK(mode):
             ignored.append((name, "is a symlink; ckpt-daemon never follows links in the checkpoint folder"))
             continue
-        if not (stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode)):
+        if not (_S_ISDIR(mode) or _S_ISREG(mode)):
             ignored.append((name, "is neither a file nor a folder"))
             continue
         e = _entry(root, name, st, fields, verify, stats, settle_s, now,
-                   has_sidecar=sidecars is None or f"{name}.json" in sidecars)
+                   has_sidecar=sidecars is None or (bool(sidecars) and f"{name}.json" in sidecars),
+                   path_s=root_s + os.sep + name, track=track)
         if e is not None:
             if name in pins:
                 e.pin = pins[name]
             entries.append(e)
+    if track is not None and track[0] >= DISK_CACHE_MIN_MISSES:
+        _save_disk_cache(root_s, track[1:])
     for sid in runtime.live_scratch(root):
         in_progress.append(InProgress(sid, root / STATE_DIR / "tmp" / sid, _temp_step(sid, rxs), 0.0))
     entries.sort(key=lambda e: (e.step, e.version, e.name))
@@ -383,13 +416,15 @@ def _sidecar_names(root: Path) -> Optional[set[str]]:
 
 
 def _entry(root: Path, name: str, st: os.stat_result, fields: dict, verify: bool, stats: bool,
-           settle_s: float, now: float, has_sidecar: bool = True) -> Optional[Entry]:
+           settle_s: float, now: float, has_sidecar: bool = True, path_s: Optional[str] = None,
+           track: Optional[list] = None) -> Optional[Entry]:
     path = root / name
+    path_s = os.fspath(path) if path_s is None else path_s  # the same path as a string: cheaper for os calls
     fstats, subdirs = None, True
     step = fields["step"]
     try:
-        if stat.S_ISDIR(st.st_mode):
-            fstats, subdirs = _folder_stats(path)
+        if _S_ISDIR(st.st_mode):
+            fstats, subdirs = _folder_stats(path_s)
     except FileNotFoundError:
         return None
     except (OSError, ValueError, RecursionError) as exc:
@@ -411,7 +446,7 @@ def _entry(root: Path, name: str, st: os.stat_result, fields: dict, verify: bool
         else:
             sc = None  # stale (the name holds something else now) or re-saved: judged afresh
     if not recorded:
-        layout, status, reason, meta = _check_cached(path, st, fstats, verify, step)
+        layout, status, reason, meta = _check_cached(path, st, fstats, verify, step, path_s, track)
     e = Entry(name=name, path=path, step=step, layout=layout, status=status, reason=reason,
               verified=verify and status not in ("incomplete", "unreadable"), fields=fields,
               version=fields.get("_version", 0), recorded=recorded, meta=meta,
@@ -463,22 +498,163 @@ _CACHE_MAX = 20_000
 
 
 def _check_cached(path: Path, st: os.stat_result, fstats: Optional[dict], verify: bool,
-                  step: int) -> tuple[str, str, str, dict]:
-    """check_entry without verify, remembered per file version (path, inode, size, mtime of every file):
-    a folder that gains a file per save is rescanned often, and parsing a pickle's header once per
-    version of a file is enough. With verify the bytes are read every time: that is what verify means."""
+                  step: int, path_s: Optional[str] = None, track: Optional[list] = None) -> tuple[str, str, str, dict]:
+    """check_entry without verify, remembered per file version (path, inode, size, mtime and ctime of the
+    entry and of every file in it): a folder that gains a file per save is rescanned often, and parsing a
+    pickle's header once per version of a file is enough. Any change to a file (its bytes, its size, a
+    replacement) changes its key, and the entry is checked afresh. With verify the bytes are read every
+    time: that is what verify means."""
     if verify:
-        return check_entry(path, verify, fstats, step=step)
-    files = tuple(sorted((n, x.st_ino, x.st_size, x.st_mtime_ns) for n, x in (fstats or {}).items()))
-    key = (str(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, files, step)
+        return check_entry(path, verify, fstats, step=step, st=st)
+    if fstats:
+        files = tuple(sorted([(n, x.st_ino, x.st_size, x.st_mtime_ns, x.st_ctime_ns) for n, x in fstats.items()]))
+    else:
+        files = ()
+    key = (os.fspath(path) if path_s is None else path_s, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns,
+           st.st_ctime_ns, files, step)
     hit = _CACHE.get(key)
     if hit is None:
-        hit = check_entry(path, verify, fstats, step=step)
+        hit = check_entry(path, verify, fstats, step=step, st=st)
         if len(_CACHE) >= _CACHE_MAX:
             _CACHE.clear()
         _CACHE[key] = hit
+        if track is not None:
+            track[0] += 1
+    if track is not None:
+        track.append(key)
     layout, status, reason, meta = hit
     return layout, status, reason, dict(meta)
+
+
+# ------------------------------------------------------------------------------ on-disk check cache
+# The first scan in a process (`python -m maintenance.cleanup --dry-run`) would parse every manifest
+# again; the results of the last large scan are kept in the state folder instead. A record is used only
+# for the very same files: the folder and every file in it must have the same inode, size, mtime and
+# ctime (ctime cannot be set back by anyone but the clock's owner), else the entry is checked afresh.
+# The file is untrusted like everything else in the folder: bounded, type-checked record by record
+# (a bad record is dropped, never raised), ignored unless this user wrote it (owned by us, writable by
+# no one else), and bound to the code that wrote it (a change to the checks drops it). Only native
+# checkpoints without verify: verify reads the bytes every time, and foreign ones have their sidecars.
+DISK_CACHE = "catalog-cache.json"
+DISK_CACHE_MAX_BYTES = 64 << 20
+DISK_CACHE_MIN_MISSES = 64  # a scan that checked fewer entries afresh leaves the file as it is
+_DISK_FORMAT = "ckpt-daemon/catalog-cache/1"
+_DISK_META_KEYS = ("epoch", "metrics", "pin", "has_optimizer", "kind", "state_dict_key", "best_model_checkpoint",
+                   "best_model_path", "best_model_score", "monitor", "best_metric", "epoch_float", "note")
+_disk_loaded: set[str] = set()
+_code_tag: Optional[str] = None
+
+
+def _checks_tag() -> str:
+    """A digest of the code whose results the file holds: another version of the checks, another cache."""
+    global _code_tag
+    if _code_tag is None:
+        import hashlib
+
+        h = hashlib.sha256(_DISK_FORMAT.encode())
+        for mod in (mf, foreign, fsutil, runtime):
+            try:
+                with open(mod.__file__, "rb") as f:
+                    h.update(f.read())
+            except (OSError, TypeError):
+                h.update(b"?")
+        with open(__file__, "rb") as f:
+            h.update(f.read())
+        _code_tag = h.hexdigest()
+    return _code_tag
+
+
+def _is_int(v) -> bool:
+    return type(v) is int
+
+
+def _disk_record(root_s: str, r) -> Optional[tuple[tuple, tuple[str, str, str, dict]]]:
+    """(in-memory cache key, result) of one record of the file, or None if it is not well-formed."""
+    if type(r) is not list or len(r) != 11:
+        return None
+    name, dev, ino, size, mtime_ns, ctime_ns, files, step, status, reason, meta = r
+    if not (type(name) is str and 0 < len(name) <= 255 and "/" not in name and "\0" not in name
+            and not name.startswith(".")):
+        return None
+    if not all(_is_int(v) for v in (dev, ino, size, mtime_ns, ctime_ns, step)):
+        return None
+    if type(files) is not list or len(files) > 10_000:
+        return None
+    key_files = []
+    for f in files:
+        if not (type(f) is list and len(f) == 5 and type(f[0]) is str and all(_is_int(v) for v in f[1:])):
+            return None
+        key_files.append(tuple(f))
+    if key_files != sorted(key_files):
+        return None
+    if status not in STATUSES or type(reason) is not str or len(reason) > 2000:
+        return None
+    if type(meta) is not dict or not all(k in _DISK_META_KEYS for k in meta):
+        return None
+    key = (root_s + os.sep + name, dev, ino, size, mtime_ns, ctime_ns, tuple(key_files), step)
+    return key, ("native", status, reason, meta)
+
+
+def _load_disk_cache(root_s: str) -> None:
+    """Fill the in-memory cache from the state folder's file, once per folder and process."""
+    if root_s in _disk_loaded:
+        return
+    _disk_loaded.add(root_s)
+    p = os.path.join(root_s, STATE_DIR, DISK_CACHE)
+    try:
+        fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022 \
+                or st.st_size > DISK_CACHE_MAX_BYTES:
+            return
+        data = os.read(fd, st.st_size + 1)
+    except OSError:
+        return
+    finally:
+        os.close(fd)
+    if len(data) > DISK_CACHE_MAX_BYTES:
+        return
+    try:
+        obj = loads_json_bounded(data, DISK_CACHE)
+    except ValueError:
+        return
+    if type(obj) is not dict or obj.get("format") != _DISK_FORMAT or obj.get("checks") != _checks_tag() \
+            or obj.get("root") != root_s or type(obj.get("entries")) is not list:
+        return
+    for r in obj["entries"][:_CACHE_MAX]:
+        rec = _disk_record(root_s, r)
+        if rec is not None and len(_CACHE) < _CACHE_MAX:
+            _CACHE.setdefault(rec[0], rec[1])
+
+
+def _save_disk_cache(root_s: str, keys: list[tuple]) -> None:
+    """Keep the results of the native checkpoints this scan checked, for the next process. Only where the
+    state folder already exists; never raises (a read-only folder just goes without)."""
+    state = os.path.join(root_s, STATE_DIR)
+    try:
+        st = os.lstat(state)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+            return
+    except OSError:
+        return
+    prefix = root_s + os.sep
+    out = []
+    for key in keys[:_CACHE_MAX]:
+        hit = _CACHE.get(key)
+        if hit is None or hit[0] != "native" or not key[0].startswith(prefix):
+            continue
+        meta = {k: v for k, v in hit[3].items() if k in _DISK_META_KEYS}
+        out.append([key[0][len(prefix):], *key[1:6], [list(f) for f in key[6]], key[7], hit[1], hit[2], meta])
+    try:
+        data = json.dumps({"format": _DISK_FORMAT, "checks": _checks_tag(), "root": root_s, "entries": out},
+                          separators=(",", ":"), default=str).encode()
+        if len(data) <= DISK_CACHE_MAX_BYTES:
+            atomic_write_bytes(Path(state) / DISK_CACHE, data, 0o600, durable=False)
+    except (OSError, ValueError, TypeError, RecursionError):
+        pass
 
 
 def _mark_copies(entries: list[Entry]) -> None:

@@ -175,3 +175,146 @@ def test_list_cli_json_and_table(tmp_path):
     assert all(c["status"] == "complete" and c["verified"] for c in data["checkpoints"])
     r = run_py(["-m", "daemon", "list", "--config", str(cfg)], check=True)
     assert "checkpoint-20" in r.stdout and "latest" in r.stdout
+
+
+# ------------------------------------------------------------------------------ on-disk check cache
+def synthetic_native(root: Path, step: int) -> Path:
+    """A small native checkpoint (a manifest and one safetensors file), without torch's save path."""
+    from ckpt_daemon.fsutil import digest_record, new_hasher
+    from ckpt_daemon.manifest import build_manifest
+    from ckpt_daemon.stio import header_for
+
+    st = header_for({"w": torch.zeros(4)}) + bytes(16)
+    h = new_hasher("blake3")
+    h.update(st)
+    d = root / f"checkpoint-{step}"
+    d.mkdir(parents=True)
+    (d / "model.safetensors").write_bytes(st)
+    rec = {"size": len(st), **digest_record("blake3", h.hexdigest())}
+    (d / "manifest.json").write_text(json.dumps(build_manifest(step, {"model.safetensors": rec}, epoch=step // 100,
+                                                               metrics={"val_loss": 1.0 / step})))
+    return d
+
+
+def fresh_process(monkeypatch) -> None:
+    """What a new process would see: no in-memory results, the on-disk file not read yet."""
+    cat._CACHE.clear()
+    monkeypatch.setattr(cat, "_disk_loaded", set())
+
+
+def count_checks(monkeypatch) -> list:
+    seen = []
+    real = cat.check_entry
+
+    def spy(path, *a, **k):
+        seen.append(Path(path).name)
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(cat, "check_entry", spy)
+    return seen
+
+
+def test_disk_cache_rechecks_every_changed_checkpoint(tmp_path, monkeypatch):
+    root = tmp_path / "checkpoints"
+    dirs = [synthetic_native(root, s) for s in range(100, 900, 100)]
+    (root / cat.STATE_DIR).mkdir()
+    monkeypatch.setattr(cat, "DISK_CACHE_MIN_MISSES", 1)
+    fresh_process(monkeypatch)
+    first = cat.scan(root, PATTERNS)
+    assert all(e.valid for e in first.entries) and (root / cat.STATE_DIR / cat.DISK_CACHE).is_file()
+
+    # Damage three of them behind the catalog's back, each time putting the old mtime back:
+    # a manifest whose recorded size changed (same length), a truncated file, a replaced file.
+    man = dirs[1] / "manifest.json"
+    st = os.stat(man)
+    text = man.read_text()
+    size = json.loads(text)["files"]["model.safetensors"]["size"]
+    man.write_text(text.replace(f'"size": {size}', f'"size": {size + 1}'))
+    os.utime(man, ns=(st.st_atime_ns, st.st_mtime_ns))
+    model = dirs[3] / "model.safetensors"
+    st = os.stat(model)
+    with open(model, "r+b") as f:
+        f.truncate(st.st_size - 4)
+    os.utime(model, ns=(st.st_atime_ns, st.st_mtime_ns))
+    model = dirs[5] / "model.safetensors"
+    st = os.stat(model)
+    tmp = dirs[5] / "new"
+    tmp.write_bytes(b"\0" * st.st_size)
+    os.replace(tmp, model)
+    os.utime(model, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+    fresh_process(monkeypatch)
+    checked = count_checks(monkeypatch)
+    again = cat.scan(root, PATTERNS)
+    status = {e.name: (e.status, e.reason) for e in again.entries}
+    assert status[dirs[1].name][0] == "corrupt" and "the manifest says" in status[dirs[1].name][1]
+    assert status[dirs[3].name][0] == "corrupt"
+    assert status[dirs[5].name][0] == "complete"  # same size, no verify: complete, but it was checked again
+    assert sorted(checked) == sorted(d.name for d in (dirs[1], dirs[3], dirs[5]))  # the rest came from the file
+    # The unchanged ones say the same as a check from scratch.
+    fresh_process(monkeypatch)
+    monkeypatch.setattr(cat, "_disk_loaded", {str(root)})  # no file this time
+    scratch = cat.scan(root, PATTERNS)
+    assert [e.to_json() for e in scratch.entries] == [e.to_json() for e in again.entries]
+
+
+def test_disk_cache_is_untrusted_input(tmp_path, monkeypatch):
+    root = tmp_path / "checkpoints"
+    dirs = [synthetic_native(root, s) for s in (100, 200, 300)]
+    (root / cat.STATE_DIR).mkdir()
+    monkeypatch.setattr(cat, "DISK_CACHE_MIN_MISSES", 1)
+    fresh_process(monkeypatch)
+    cat.scan(root, PATTERNS)
+    path = root / cat.STATE_DIR / cat.DISK_CACHE
+    good = json.loads(path.read_text())
+    monkeypatch.setattr(cat, "DISK_CACHE_MIN_MISSES", 10**9)  # the scans below leave the file as it is
+    (dirs[0] / "model.safetensors").write_bytes(b"x")  # now corrupt; a forged record says complete
+    st = os.lstat(dirs[0])
+    files = sorted([n, s.st_ino, s.st_size, s.st_mtime_ns, s.st_ctime_ns]
+                   for n, s in ((n, os.lstat(dirs[0] / n)) for n in os.listdir(dirs[0])))
+    forged = [dirs[0].name, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, files, 100,
+              "complete", "", {}]
+    bad_records = [None, [], ["x"] * 11, [dirs[1].name, "1", 2, 3, 4, 5, [], 200, "complete", "", {}],
+                   [dirs[1].name, 1, 2, 3, 4, 5, [["a", 1, 2, 3]], 200, "complete", "", {}],
+                   [dirs[1].name, 1, 2, 3, 4, 5, [], 200, "fine", "", {}],
+                   [dirs[1].name, 1, 2, 3, 4, 5, [], 200, "complete", "", {"files": {}}],
+                   ["../" + dirs[1].name, 1, 2, 3, 4, 5, [], 200, "complete", "", {}]]
+    variants = {
+        "not json": b"{not json",
+        "nested": b"[" * 100_000,
+        "wrong checks": json.dumps({**good, "checks": "0" * 64, "entries": [forged]}).encode(),
+        "wrong root": json.dumps({**good, "root": "/elsewhere", "entries": [forged]}).encode(),
+        "bad records": json.dumps({**good, "entries": bad_records}).encode(),
+        "entries not a list": json.dumps({**good, "entries": {"a": 1}}).encode(),
+    }
+    for what, data in variants.items():
+        path.write_bytes(data)
+        fresh_process(monkeypatch)
+        c = cat.scan(root, PATTERNS)
+        assert c.by_name(dirs[0].name).status == "corrupt", what
+        assert c.by_name(dirs[1].name).valid and c.by_name(dirs[2].name).valid, what
+    # A well-formed forged record is ignored when others could have written the file, or through a link.
+    path.write_bytes(json.dumps({**good, "entries": [forged]}).encode())
+    os.chmod(path, 0o666)
+    fresh_process(monkeypatch)
+    assert cat.scan(root, PATTERNS).by_name(dirs[0].name).status == "corrupt"
+    elsewhere = tmp_path / "forged.json"
+    os.replace(path, elsewhere)
+    os.chmod(elsewhere, 0o600)
+    os.symlink(elsewhere, path)
+    fresh_process(monkeypatch)
+    assert cat.scan(root, PATTERNS).by_name(dirs[0].name).status == "corrupt"
+    # The control: the same forged file, ours and not a link, is believed (so the checks above are real).
+    os.unlink(path)
+    os.replace(elsewhere, path)
+    fresh_process(monkeypatch)
+    assert cat.scan(root, PATTERNS).by_name(dirs[0].name).status == "complete"
+
+
+def test_disk_cache_only_where_the_state_folder_exists(tmp_path, monkeypatch):
+    root = tmp_path / "checkpoints"
+    synthetic_native(root, 100)
+    monkeypatch.setattr(cat, "DISK_CACHE_MIN_MISSES", 1)
+    fresh_process(monkeypatch)
+    assert cat.scan(root, PATTERNS).entries[0].valid
+    assert not (root / cat.STATE_DIR).exists()  # a scan (a dry run) creates nothing
