@@ -104,6 +104,9 @@ def test_the_daemon_hands_a_restart_to_its_warm_spare(tmp_path, daemons):
                    what="training with a warm spare")
         pid, spare_pid = s["training"]["pid"], s["training"]["warm_spare"]["pid"]
         assert spare_pid != pid and _alive(spare_pid)
+        shown = subprocess.run([PY, "-m", "daemon", "status", "--config", str(d.cfg)], capture_output=True, text=True,
+                               env=env_for_children(), timeout=60).stdout
+        assert f"warm spare: pid {spare_pid}, waiting for" in shown
         os.kill(pid, signal.SIGSTOP)
         info, _ = mem.Region(region).newest(ck)
         last = info.step
