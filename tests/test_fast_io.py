@@ -4,6 +4,7 @@ files unchanged since its check."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -236,3 +237,110 @@ def test_foreign_sidecars_in_sha256_and_blake3_both_verify(tmp_path, monkeypatch
         os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
         res, why = foreign.compare(sc, f, foreign.entry_files(f), verify=True)
         assert res == "corrupt" and "checksum" in why
+
+
+# The load reads each file in pieces (madvise(MADV_POPULATE_READ) of 16 MiB at a time, two files in
+# flight) and hashes each piece as soon as it is in memory (stio.verify_buffers). Small pieces here, so
+# that the small test files take many; "touch" is the path for kernels without MADV_POPULATE_READ.
+
+@pytest.fixture
+def bigger(tmp_path, monkeypatch):
+    monkeypatch.delenv(fsutil.CHECKSUM_ENV, raising=False)
+    monkeypatch.setattr(ck, "STATE_SHARD_BYTES", 64 << 10)
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.Linear(256, 64))
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
+    m(torch.randn(4, 64)).sum().backward()
+    opt.step()
+    return CheckpointManager(tmp_path).save(3, model=m, optimizer=opt), m
+
+
+def _count_populate(monkeypatch, mode: str) -> list:
+    calls = []
+    real = stio._populate
+
+    def populate(addr, length):
+        calls.append(length)
+        return errno.EINVAL if mode == "touch" else real(addr, length)
+
+    monkeypatch.setattr(stio, "_populate", populate)
+    return calls
+
+
+@pytest.mark.parametrize("mode", ["populate", "touch"])
+def test_pieces_are_read_and_hashed_in_order_and_a_flip_in_any_piece_is_caught(bigger, monkeypatch, mode):
+    path, m = bigger
+    piece = 8192
+    monkeypatch.setattr(stio, "POPULATE_CHUNK", piece)
+    calls = _count_populate(monkeypatch, mode)
+    files = _manifest(path)["files"]
+    big = [n for n in files if files[n]["size"] > 4 * piece]
+    assert "model.safetensors" in big and any(n.startswith("state-") for n in big)
+    state = read_checkpoint(path)
+    assert torch.equal(state["model"]["1.weight"], m.state_dict()["1.weight"])
+    assert calls and max(calls) == piece
+    if mode == "populate":
+        assert sum(calls) >= sum(files[n]["size"] for n in files)  # every byte read by the populate path
+    for name in big:
+        size = files[name]["size"]
+        for at in (0, piece - 1, piece, 3 * piece + 17, size // 2, size - 1):
+            old = _flip(path / name, at)
+            with pytest.raises(CheckpointError, match=f"{name} fails its blake3 checksum"):
+                read_checkpoint(path)
+            (path / name).write_bytes(old)
+    read_checkpoint(path)
+
+
+def test_a_read_error_in_the_middle_of_a_file_is_reported_never_hashed_past(bigger, monkeypatch):
+    path, _ = bigger
+    monkeypatch.setattr(stio, "POPULATE_CHUNK", 8192)
+    real = stio._populate
+    seen = []
+
+    def failing(addr, length):
+        seen.append(length)
+        return errno.EIO if len(seen) == 3 else real(addr, length)
+
+    monkeypatch.setattr(stio, "_populate", failing)
+    with pytest.raises(CheckpointError, match="corrupt: .* could not be read .*Input/output error"):
+        read_checkpoint(path)
+
+
+def test_a_file_that_shrinks_after_it_was_opened_is_an_error_not_a_crash(tmp_path):
+    p = tmp_path / "x.bin"
+    data = os.urandom(256 << 10)
+    p.write_bytes(data)
+    h = fsutil.new_hasher("blake3")
+    h.update(data)
+    buf, st = stio.map_file(p, len(data))
+    if stio._populate(stio._address(buf), 4096) != 0:
+        pytest.skip("no MADV_POPULATE_READ here (Linux < 5.14): the pages are touched, as before")
+    with open(p, "r+b") as f:
+        f.truncate(10_000)  # the mapping now reaches past the end of the file
+    with pytest.raises(stio.ChecksumMismatch, match="x.bin could not be read"):
+        stio.verify_buffers([stio.VerifyJob("x.bin", buf, "blake3", h.hexdigest())])
+
+
+@pytest.mark.parametrize("lanes", [1, 2, 3])
+def test_verify_buffers_checks_every_file_and_names_the_bad_one(tmp_path, lanes, monkeypatch):
+    monkeypatch.setattr(stio, "POPULATE_CHUNK", 4096)
+    jobs, raw = [], {}
+    for i, size in enumerate([0, 100, 4096, 50_000, 70_001]):
+        p = tmp_path / f"f{i}"
+        raw[p.name] = os.urandom(size)
+        p.write_bytes(raw[p.name])
+        h = fsutil.new_hasher("sha256" if i % 2 else "blake3")
+        h.update(raw[p.name])
+        jobs.append((p, "sha256" if i % 2 else "blake3", h.hexdigest()))
+
+    def run():
+        stio.verify_buffers([stio.VerifyJob(p.name, stio.map_file(p, p.stat().st_size)[0], a, d) for p, a, d in jobs],
+                            lanes=lanes)
+
+    run()
+    for p, algo, _ in jobs[1:]:
+        old = _flip(p, len(raw[p.name]) - 1)
+        with pytest.raises(stio.ChecksumMismatch, match=f"{p.name} fails its {algo} checksum"):
+            run()
+        p.write_bytes(old)
+    run()
