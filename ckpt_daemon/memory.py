@@ -611,7 +611,9 @@ class MemoryAgent:
         self.last: Optional[dict] = None
         self.persisted = 0
         self.reported: set[str] = set()
-        self.failed: set[tuple] = set()  # slots (path, seq) that could not be persisted: not retried
+        self.failed: set[tuple] = set()  # slots (path, seq) that could not be persisted: not retried by the cadence
+        self.unusable: set[tuple] = set()  # slots (path, seq) that failed verification: never resumed from
+        self.avoid: set[str] = set()  # checkpoints the supervisor avoids (crash loops): not "on disk" for us
         # The breakpoint hands the restart a slot verified in memory, and persists it in the background:
         self.pin_lock = threading.Lock()
         self.queue: list[tuple[Pinned, str]] = []  # verified, pinned slots waiting for the persist thread
@@ -673,13 +675,18 @@ class MemoryAgent:
 
     # -- persisting ---------------------------------------------------------------------------------
     def _on_disk(self, step: int) -> bool:
+        """Whether the disk holds this step, or a newer valid checkpoint the supervisor would resume from."""
         from ckpt_daemon import catalog as cat
 
-        newest = cat.scan(self.ckpt_dir, self.get_cfg().checkpoints.pattern, stats=False).newest_valid()
-        return (newest is not None and newest.step >= step) or os.path.isdir(self.ckpt_dir / f"checkpoint-{step}")
+        if os.path.isdir(self.ckpt_dir / f"checkpoint-{step}"):
+            return True
+        c = cat.scan(self.ckpt_dir, self.get_cfg().checkpoints.pattern, stats=False)
+        return any(e.valid and e.step >= step and e.name not in self.avoid for e in c.entries)
 
     def _report(self, problems: list[str]) -> None:
         for p in problems:
+            if "being written" in p:
+                continue  # a trainer copying into a slot: the normal case, not a problem
             if p not in self.reported:
                 self.reported.add(p)
                 self.log.warning("memory slot ignored", region=str(self.path), reason=p)
@@ -728,13 +735,15 @@ class MemoryAgent:
                           seconds=round(r.seconds, 2), mib=round(r.bytes / 2**20, 1))
         return r
 
-    def breakpoint(self, why: str = "the trainer exited") -> Optional[SlotInfo]:
+    def breakpoint(self, why: str = "the trainer exited", avoid: Optional[set[str]] = None) -> Optional[SlotInfo]:
         """At the breakpoint (the trainer is gone): the newest committed slot, if the disk has nothing as
         new, verified in memory, recorded for the trainer's load (verify once) and pinned; it is persisted
         in the background (`drain`) while the trainer restarts from it. None: resume from the disk (no
         such slot, or it failed verification, which is logged with its reason). Never raises."""
         if not self.active:
             return None
+        if avoid is not None:
+            self.avoid = set(avoid)
         with self.pin_lock:
             newest = None
             try:
@@ -748,12 +757,13 @@ class MemoryAgent:
                 if self._on_disk(newest.step):
                     self.last_gen = max(self.last_gen or 0, newest.gen)
                     return None
-                if (str(newest.path), newest.seq) in self.failed:
+                if (str(newest.path), newest.seq) in self.unusable:
                     return None
+                # (a slot whose persist failed, e.g. on a full disk, is still the newest state: resume from it)
                 pinned = verify_and_pin(newest)
             except (OSError, ValueError, CkptError) as exc:
-                if newest is not None:
-                    self.failed.add((str(newest.path), newest.seq))
+                if newest is not None and "being written" not in str(exc):
+                    self.unusable.add((str(newest.path), newest.seq))
                 self.log.error("the newest memory checkpoint is not usable; resuming from the disk", region=str(self.path),
                                why=why, error=str(exc))
                 return None
@@ -800,6 +810,10 @@ class MemoryAgent:
         return mc.persist_every_s is not None and self.clock() - self.last_persist_at >= mc.persist_every_s
 
     def run(self, stop: threading.Event, interval_s: float = 0.2) -> None:
+        try:  # persisting yields the CPU to a trainer that starts or trains beside it (this thread only)
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+        except (OSError, AttributeError):
+            pass
         while not stop.is_set():
             try:
                 self.drain()

@@ -4,15 +4,16 @@ this restart's environment (the resume point, the run token...) instead of start
 scratch. Recovery then costs the load and the first step, not an interpreter start and `import torch`.
 
 Protocol (no torch here: the daemon uses it too). The daemon starts the trainer's command with
-$CKPT_DAEMON_SPARE_FD naming the read end of a pipe. The process, once its imports are done, calls
-`wait_for_handover()`, which blocks reading one JSON line from that pipe:
+$CKPT_DAEMON_SPARE_FD naming its end of a socket pair. The process, once its imports are done, calls
+`wait_for_handover()`, which writes "ready\n" (the daemon hands a restart only to a spare that said
+so) and blocks reading one JSON line:
 
     {"format": "ckpt-daemon/handover-1", "env": {NAME: VALUE, ...}}
 
 and replaces its environment with `env` before training starts. End of file without a line (the daemon
-dropped the spare, or died: the pipe's write end closes with it) exits the process quietly with 0.
-The line is untrusted input all the same: it is bounded, and anything but the shape above ends the
-process with a clear error, never a traceback.
+dropped the spare, or died: its end closes with it) exits the process with EXIT_DROPPED (75). The
+line is untrusted input all the same: it is bounded, and anything but the shape above ends the process
+with a clear error, never a traceback.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ ENV_FD = "CKPT_DAEMON_SPARE_FD"
 FORMAT = "ckpt-daemon/handover-1"
 MAX_MESSAGE = 1 << 20  # the environment is bounded by the config (256 KiB of training.env) plus the daemon's own
 MAX_VARS = 4096
+EXIT_DROPPED = 75  # EX_TEMPFAIL: a spare that was not needed
+READY = b"ready\n"
 
 
 def message(env: dict[str, str]) -> bytes:
@@ -65,7 +68,7 @@ def _read_line(fd: int) -> bytes:
 
 def wait_for_handover(fd_value: Optional[str] = None) -> bool:
     """Block until the daemon hands this spare a restart (True; os.environ is then the trainer's), or
-    return False at once when this process is not a spare. Exits 0 if the daemon drops the spare."""
+    return False at once when this process is not a spare. Exits EXIT_DROPPED if the daemon drops it."""
     raw = fd_value if fd_value is not None else os.environ.pop(ENV_FD, None)
     if raw is None:
         return False
@@ -74,6 +77,7 @@ def wait_for_handover(fd_value: Optional[str] = None) -> bool:
                  "daemon for its warm spare trainer only. Unset it to run the trainer by hand.")
     fd = int(raw)
     try:
+        os.write(fd, READY)
         data = _read_line(fd)
     except OSError as exc:
         sys.exit(f"ckpt-daemon: the warm spare cannot read its handover from descriptor {fd} ({exc}); "
@@ -84,7 +88,9 @@ def wait_for_handover(fd_value: Optional[str] = None) -> bool:
         except OSError:
             pass
     if not data.strip():
-        sys.exit(0)  # dropped: nothing to do
+        print("ckpt-daemon: this process waited as the daemon's warm spare trainer and was not needed; exiting",
+              file=sys.stderr)
+        sys.exit(EXIT_DROPPED)
     try:
         env = parse(data.strip())
     except ValueError as exc:

@@ -111,10 +111,12 @@ def render(s: dict, alive: bool, now: float, config_error: Optional[str] = None,
         out.append(("bad" if t.get("state") == "gave_up" else "", f"          {t['message']}"))
     if t.get("next_start"):
         out.append(("", f"          next start in {age(t['next_start'] - now)}"))
+    if (t.get("warm_spare_failures") or 0) >= 3:
+        out.append(("warn", "          warm spare: off after 3 spares exited early (see logs/trainer.log)"))
     ws = t.get("warm_spare")
     if isinstance(ws, dict) and isinstance(ws.get("since"), (int, float)):
-        out.append(("", f"          warm spare: pid {ws.get('pid')}, waiting for {age(now - ws['since'])} "
-                        "(a restart is handed to it)"))
+        state = "ready: a restart is handed to it" if ws.get("ready") else "still importing"
+        out.append(("", f"          warm spare: pid {ws.get('pid')}, waiting for {age(now - ws['since'])} ({state})"))
     lc = t.get("last_crash")
     if lc:
         out.append(("warn", f"last crash: {lc['description']} after {lc['ran_s']}s, {age(now - lc['time'])} ago "

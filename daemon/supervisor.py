@@ -20,7 +20,9 @@ from __future__ import annotations
 import collections
 import ctypes
 import os
+import select
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -250,6 +252,10 @@ def expand_command(argv: list[str], config_path: Path, resume: str) -> list[str]
     return out
 
 
+# Set by the daemon for one start (or one spare) only: never passed on from the daemon's own environment.
+PER_START_ENV = frozenset({"CKPT_RESUME", "CKPT_DAEMON_RUN", "CKPT_DAEMON_MEMORY_RESUME", spare.ENV_FD})
+
+
 class Supervisor:
     """The trainer's life cycle. `run(stop_event)` is the supervisor thread's loop; everything that
     changes the child happens on that thread (the parent-death signal is bound to it)."""
@@ -289,6 +295,7 @@ class Supervisor:
         self.memory = None  # ckpt_daemon.memory.MemoryAgent when checkpoints.memory.enabled (set by the daemon)
         self.spare: Optional[dict] = None  # the warm spare trainer (training.warm_spare), waiting for a restart
         self.spare_failures = 0
+        self.spare_failed_key: Optional[tuple] = None
         self.spare_used = False
 
     # -- thread -----------------------------------------------------------------------------------
@@ -329,7 +336,8 @@ class Supervisor:
             return
         # The breakpoint: a memory state newer than the disk is verified in memory and pinned (persisted in
         # the background), and the trainer resumes from it; otherwise from the highest valid checkpoint.
-        slot = self.memory.breakpoint("before choosing the resume point") if self.memory is not None else None
+        slot = (self.memory.breakpoint("before choosing the resume point", self._avoided())
+                if self.memory is not None else None)
         mem_env = {}
         if slot is not None and (f"checkpoint-{slot.step}" in self.policy.suspect
                                  or f"checkpoint-{slot.step}" in self.known_bad):
@@ -374,12 +382,17 @@ class Supervisor:
         self._reader.start()
         log.info("started trainer", pid=self.pid, resume=resume, argv=argv, warm_spare=self.spare_used)
 
+    def _avoided(self) -> set[str]:
+        """Checkpoints not to resume from: suspects of crash loops, and ones known bad."""
+        return set(self.policy.suspect) | set(self.known_bad)
+
     def _command(self, cfg, resume: str = "none") -> tuple[list[str], str, dict]:
         """argv, working folder and environment of a trainer, without this start's resume point and run token
         in the environment (a warm spare's command has no {resume}: the config refuses it)."""
         in_force, source = self.config_files()
         argv = expand_command(cfg.training.command, in_force, resume)
-        env = {**os.environ, **cfg.training.env, "CKPT_DAEMON_CHECKPOINTS": str(cfg.checkpoint_dir),
+        inherited = {k: v for k, v in os.environ.items() if k not in PER_START_ENV}  # never a stale one from our own
+        env = {**inherited, **cfg.training.env, "CKPT_DAEMON_CHECKPOINTS": str(cfg.checkpoint_dir),
                "CKPT_DAEMON_CONFIG": str(in_force), "CKPT_DAEMON_CONFIG_SOURCE": str(source),
                "CKPT_DAEMON_METRICS": str(cfg.log_dir / "metrics.jsonl"), "PYTHONUNBUFFERED": "1",
                **(self.memory.env() if self.memory is not None else {})}
@@ -415,51 +428,88 @@ class Supervisor:
     # -- the warm spare (ckpt_daemon/spare.py) ----------------------------------------------------
     def _maybe_spawn_spare(self, cfg, now: float) -> None:
         """Once the running trainer is past its own start (its first heartbeat, or 30 s), start a spare that
-        imports torch and waits for the next restart. A spare that keeps dying is given up after 3 tries."""
+        imports torch and waits for the next restart. A spare that keeps dying is given up after 3 tries
+        (until the command or its environment changes)."""
         if self.spare is not None:
             rc = self.spare["proc"].poll()
+            if not cfg.training.warm_spare:
+                self._drop_spare("training.warm_spare was turned off")
+                return
             if rc is None:
+                if not self.spare["ready"] and self._spare_ready(self.spare):
+                    self._set()  # status shows it ready
                 return
             self.spare_failures += 1
             log.warning("the warm spare trainer exited before it was needed", returncode=rc,
                         failures=self.spare_failures, log=str(self.log_path))
             self._drop_spare("it exited")
-        if not cfg.training.warm_spare or self.spare_failures >= 3:
+            if self.spare_failures >= 3:
+                self.spare_failed_key = self._command(cfg)
+                log.error("warm spare trainers keep exiting before they are needed (3 in a row); restarts start "
+                          "cold until training.command, cwd or env changes. See logs/trainer.log for their output")
+        if not cfg.training.warm_spare:
             return
+        if self.spare_failures >= 3:
+            if self._command(cfg) == self.spare_failed_key:
+                return
+            self.spare_failures = 0  # the config changed: try again
         age, seen = self.heartbeat_age(now)
         if not seen and now - (self.started_at or now) < 30:
             return
         argv, cwd, base_env = self._command(cfg)
-        r, w = os.pipe()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            proc, relay = self._launch(argv, cwd, {**base_env, spare.ENV_FD: str(r)},
-                                       f"a warm spare: {' '.join(argv)}", pass_fds=(r,))
+            proc, relay = self._launch(argv, cwd, {**base_env, spare.ENV_FD: str(theirs.fileno())},
+                                       f"a warm spare: {' '.join(argv)}", pass_fds=(theirs.fileno(),))
         except OSError as exc:
-            os.close(w)
+            ours.close()
             self.spare_failures += 1
             log.warning("could not start a warm spare trainer", error=str(exc))
             return
         finally:
-            os.close(r)
-        self.spare = {"proc": proc, "relay": relay, "go": w, "key": (argv, cwd, base_env), "since": self.clock()}
+            theirs.close()
+        ours.setblocking(False)
+        self.spare = {"proc": proc, "relay": relay, "sock": ours, "key": (argv, cwd, base_env), "since": self.clock(),
+                      "ready": False}
         log.info("started a warm spare trainer", pid=proc.pid)
+
+    def _spare_ready(self, sp: dict) -> bool:
+        """Whether the spare said it waits (its imports done), and is not stopped (SIGSTOP, a debugger)."""
+        if not sp["ready"]:
+            try:
+                sp["ready"] = sp["sock"].recv(64).startswith(spare.READY.strip())
+            except (BlockingIOError, InterruptedError):
+                return False
+            except OSError:
+                return False
+        return sp["ready"] and not _stopped(sp["proc"].pid)
 
     def _hand_to_spare(self, argv: list[str], cwd: str, base_env: dict, env: dict,
                        resume: str) -> Optional[tuple[subprocess.Popen, subprocess.Popen]]:
-        """Hand this start to the warm spare if there is one, alive, for this very command and environment."""
+        """Hand this start to the warm spare if there is one, ready, for this very command and environment.
+        The handover is written within a deadline: a spare that does not take it is dropped (start cold)."""
         self.spare_used = False
         sp = self.spare
-        if sp is None or sp["proc"].poll() is not None:
+        if sp is None or sp["proc"].poll() is not None or not self.get_cfg().training.warm_spare:
             return None
         if sp["key"] != (argv, cwd, base_env):
             log.info("the warm spare was started for another command or environment (the config changed); not used")
             return None
-        try:
-            os.write(sp["go"], spare.message(env))
-        except OSError as exc:
-            log.warning("could not hand the restart to the warm spare", error=str(exc))
+        if not self._spare_ready(sp):
+            log.info("the warm spare is not ready (still importing, or stopped); starting a trainer from scratch")
             return None
-        os.close(sp["go"])
+        view = memoryview(spare.message(env))
+        deadline = time.monotonic() + 5.0
+        try:
+            while view:
+                left = deadline - time.monotonic()
+                if left <= 0 or not select.select([], [sp["sock"]], [], left)[1]:
+                    raise TimeoutError("the spare did not take its handover within 5 s")
+                view = view[sp["sock"].send(view):]
+        except OSError as exc:
+            log.warning("could not hand the restart to the warm spare; starting a trainer from scratch", error=str(exc))
+            return None
+        sp["sock"].close()
         self.spare = None
         self.spare_used = True
         _append_line(self.log_path, f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} ckpt-daemon hands the restart to the "
@@ -471,11 +521,10 @@ class Supervisor:
         sp, self.spare = self.spare, None
         if sp is None:
             return
-        try:
-            os.close(sp["go"])
-        except OSError:
-            pass
+        sp["sock"].close()  # its read ends: it exits
         proc = sp["proc"]
+        if _stopped(proc.pid):
+            runtime.kill_tree(proc.pid, signal.SIGKILL)
         try:
             proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
@@ -589,7 +638,7 @@ class Supervisor:
             # The breakpoint: the trainer is gone, so its newest memory state is verified and pinned, and goes
             # to disk in the background (the crash policy below counts it as progress; the restart resumes
             # from it).
-            slot = self.memory.breakpoint(f"the trainer exited ({describe_rc(rc)})")
+            slot = self.memory.breakpoint(f"the trainer exited ({describe_rc(rc)})", self._avoided())
         ex = (Exit("start_failed", why, False) if why
               else classify(rc, list(self.tail), self.state == "stopping", self._stale))
         if ex.kind == "stopped":
@@ -695,8 +744,19 @@ class Supervisor:
                     "crashes": list(self.crashes), "crash_counts": dict(self.crash_counts),
                     "next_start": self.next_start if self.state == "backoff" else None, "message": self.message,
                     "gave_up": self.gave_up, "avoided_checkpoints": sorted(self.policy.suspect), "run": self.token,
-                    "warm_spare": ({"pid": self.spare["proc"].pid, "since": self.spare["since"]} if self.spare else None),
+                    "warm_spare": ({"pid": self.spare["proc"].pid, "since": self.spare["since"],
+                                    "ready": self.spare["ready"]} if self.spare else None),
+                    "warm_spare_failures": self.spare_failures,
                     "started_warm": self.spare_used}
+
+
+def _stopped(pid: int) -> bool:
+    """Whether a process is stopped (SIGSTOP, or traced): it would not read a handover."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] in (b"T", b"t")
+    except (OSError, IndexError):
+        return False
 
 
 def _wait_for_exit(pid: int, timeout: float, stop: threading.Event) -> None:

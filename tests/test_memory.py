@@ -453,6 +453,60 @@ def test_breakpoint_verifies_in_memory_pins_the_slot_and_persists_it_in_the_back
     mem.remove_stale_region(region)
 
 
+def test_a_full_disk_does_not_cost_the_memory_state_and_an_avoided_checkpoint_does_not_hide_it(tmp_path, tmpfs):
+    """The breakpoint's persist fails on a full disk (real ENOSPC): the verified slot is still the resume point
+    at the next breakpoint (the disk has nothing), instead of an older disk checkpoint or a fresh start. And a
+    newer disk checkpoint that the supervisor avoids (a crash loop) does not count as 'on disk'."""
+    from ckpt_daemon.config import parse_config
+
+    disk = tmpfs("4m")
+    region = tmp_path / "region"
+    cfg = parse_config(f"checkpoints: {{dir: {disk / 'ck'}, memory: {{enabled: true, dir: {region}}}}}\n",
+                       tmp_path / "config.yaml")
+    ck = cfg.checkpoint_dir
+    ck.mkdir()
+    log = _Log()
+    agent = mem.MemoryAgent(lambda: cfg, log)
+    assert agent.start()
+    m, opt, _ = make_state()
+    mgr = CheckpointManager(ck, memory=region)
+    mgr.save(7, model=m, optimizer=opt, memory=True)
+    mgr.wait()
+    mgr.close()
+    with open(disk / "filler", "wb") as f:  # fill the disk
+        try:
+            while True:
+                f.write(b"\0" * (1 << 16))
+        except OSError:
+            pass
+    assert agent.breakpoint("crash 1").step == 7
+    agent.drain()
+    assert not (ck / "checkpoint-7").exists() and "could not persist" in "\n".join(log.lines)
+    slot = agent.breakpoint("crash 2")
+    assert slot is not None and slot.step == 7  # still resumed from, not dropped
+    agent.drain()
+    os.unlink(disk / "filler")
+    assert agent.breakpoint("crash 3").step == 7
+    agent.drain()
+    assert cat.scan(ck, ["checkpoint-{step}"], verify=True).by_name("checkpoint-7").valid
+
+    # a newer checkpoint on disk hides the memory state, unless the supervisor avoids it
+    disk_mgr = CheckpointManager(ck, save_margin_bytes=0)
+    disk_mgr.save(9, model=m, optimizer=opt, blocking=True)
+    disk_mgr.close()
+    mgr = CheckpointManager(ck, memory=region)
+    mgr.save(8, model=m, optimizer=opt, memory=True)  # a memory state older than checkpoint-9
+    mgr.wait()
+    mgr.close()
+    assert agent.breakpoint("newer on disk", avoid=set()) is None
+    slot = agent.breakpoint("checkpoint-9 avoided", avoid={"checkpoint-9"})
+    assert slot is not None and slot.step == 8
+    agent.drain()
+    assert (ck / "checkpoint-8").is_dir()
+    agent.close(clean=False)
+    mem.remove_stale_region(region)
+
+
 def test_the_daemon_side_never_imports_torch():
     code = ("import sys; import ckpt_daemon.memory, daemon.core, daemon.supervisor; "
             "assert 'torch' not in sys.modules, 'torch was imported'; print('ok')")
