@@ -160,6 +160,7 @@ class MemoryWriter:
             mem.FIXED.pack_into(slot.mm, 0, mem.MAGIC, mem.VERSION, 0, odd, 0, 0)
             base = mem.PAYLOAD_OFFSET
             buf = slot.buf
+            npbuf = buf.numpy()
             for name, o, size, head, tensors in layout:
                 start = base + o
                 buf[start:start + len(head)] = torch.frombuffer(bytearray(head), dtype=torch.uint8)
@@ -168,7 +169,11 @@ class MemoryWriter:
                     continue
                 for t in tensors.values():
                     n = t.numel() * t.element_size()
-                    if n:
+                    if n and t.device.type == "cpu" and n < SMALL_COPY:
+                        # a plain memcpy: torch's copy_ runs a parallel region per call, whose threads
+                        # wait on each other; on a busy machine that costs milliseconds per small tensor
+                        np.copyto(npbuf[pos:pos + n], _u8(t).numpy())
+                    elif n:
                         buf[pos:pos + n].copy_(_u8(t), non_blocking=t.device.type != "cpu")
                     pos += n
             if any(t.device.type != "cpu" for _, _, _, _, ts in layout if ts for t in ts.values()):
@@ -251,6 +256,7 @@ class MemoryWriter:
 
 # ---------------------------------------------------------------------------------------------- load
 COPY_PIECE = 64 << 20
+SMALL_COPY = 4 << 20  # tensors below this are copied with one memcpy, not torch's parallel copy_
 
 
 def read_slot_state(region_dir: str | os.PathLike, ckpt_dir: Path, map_location="cpu",
