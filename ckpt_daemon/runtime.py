@@ -489,8 +489,10 @@ def claim_dead(root: Path, sub: str = "tmp") -> Iterator[Path]:
             st = os.lstat(p)
         except FileNotFoundError:
             continue
-        if n.startswith("."):  # a lock being made (see Scratch): stale only if nobody holds it
-            if n.endswith(".lock.new") and stat.S_ISREG(st.st_mode) and not lock_held(p):
+        if n.startswith("."):  # a lock being made (see Scratch): stale only if nobody holds it, and old
+            # (between its creation and its flock a live builder does not hold it yet: a race lost once)
+            if (n.endswith(".lock.new") and stat.S_ISREG(st.st_mode) and time.time() - st.st_mtime > PENDING_LOCK_S
+                    and not lock_held(p)):
                 _unlink_quietly(p)
             continue
         if n.endswith(".lock"):
@@ -527,6 +529,9 @@ def _unlink_quietly(p: Path) -> None:
         os.unlink(p)
     except OSError:
         pass
+
+
+PENDING_LOCK_S = 60.0  # a lock file in the making older than this, and not held, was left by a dead builder
 
 
 def clean_scratch(root: Path) -> list[str]:

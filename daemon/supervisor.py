@@ -505,7 +505,7 @@ class Supervisor:
                 left = deadline - time.monotonic()
                 if left <= 0 or not select.select([], [sp["sock"]], [], left)[1]:
                     raise TimeoutError("the spare did not take its handover within 5 s")
-                view = view[sp["sock"].send(view):]
+                view = view[sp["sock"].send(view, socket.MSG_NOSIGNAL):]
         except OSError as exc:
             log.warning("could not hand the restart to the warm spare; starting a trainer from scratch", error=str(exc))
             return None

@@ -236,6 +236,15 @@ def test_the_state_folder_is_ours_only(tmp_path):
         assert s.path.is_dir() and runtime.live_scratch(root) == [s.id]
         assert runtime.clean_scratch(root) == []  # alive: never removed
     assert not s.path.exists() and not s.lock_path.exists()
+    # a lock in the making (created, not yet flocked by a live builder) is left alone; an old one is removed
+    pending = d / ".x-1-abcd.lock.new"
+    pending.write_text("")
+    runtime.clean_scratch(root)
+    assert pending.exists()
+    old = time.time() - 2 * runtime.PENDING_LOCK_S
+    os.utime(pending, (old, old))
+    runtime.clean_scratch(root)
+    assert not pending.exists()
 
 
 def test_pins_and_records_are_never_written_through_a_symlink(tmp_path):

@@ -67,12 +67,14 @@ def test_a_dropped_spare_exits_saying_so(tmp_path):
 ])
 def test_a_malformed_handover_ends_the_spare_with_its_reason(tmp_path, line, reason):
     p, w = _waiting_spare(tmp_path)
+    sock = socket.socket(fileno=w)
     try:
-        while line:
-            line = line[os.write(w, line):]
+        while line:  # MSG_NOSIGNAL: a peer that stopped reading gives EPIPE, not a SIGPIPE to the test process
+            line = line[sock.send(line, socket.MSG_NOSIGNAL):]
     except (BrokenPipeError, ConnectionResetError):
         pass  # it stopped reading at the bound
-    os.close(w)
+    finally:
+        sock.close()
     out, err = p.communicate(timeout=30)
     assert p.returncode == 1 and out == b""
     assert reason in err.decode() and b"Traceback" not in err
