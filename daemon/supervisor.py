@@ -744,8 +744,8 @@ class Supervisor:
                     "crashes": list(self.crashes), "crash_counts": dict(self.crash_counts),
                     "next_start": self.next_start if self.state == "backoff" else None, "message": self.message,
                     "gave_up": self.gave_up, "avoided_checkpoints": sorted(self.policy.suspect), "run": self.token,
-                    "warm_spare": ({"pid": self.spare["proc"].pid, "since": self.spare["since"],
-                                    "ready": self.spare["ready"]} if self.spare else None),
+                    "warm_spare": ({"pid": sp["proc"].pid, "since": sp["since"], "ready": sp["ready"]}
+                                   if (sp := self.spare) else None),
                     "warm_spare_failures": self.spare_failures,
                     "started_warm": self.spare_used}
 
