@@ -454,38 +454,30 @@ class Persisted:
 def persist_slot(info: SlotInfo, ckpt_dir: Path, lock_timeout_s: float = 600.0,
                  pinned: Optional[Pinned] = None) -> Persisted:
     """Write a committed slot into `ckpt_dir` as checkpoint-<step>, committed as a native save is: each
-    file written in the state folder's scratch space and fsynced (checked against its checksum while
-    written), manifest.json last, then renamed into place under the commit lock and the folder fsynced.
+    file written in the state folder's scratch space and fsynced, manifest.json last, then renamed into
+    place under the commit lock and the folder fsynced.
 
-    The slot is held with a shared flock meanwhile (the trainer writes only into a slot it can lock
-    exclusively), and its seq must be unchanged after the copy. A `pinned` slot (verified in memory and
-    locked since) is not hashed again; the caller keeps and releases it. Raises OSError or ValueError."""
+    The slot is verified and held with a shared flock first (`verify_and_pin`: the trainer writes only
+    into a slot it can lock exclusively), and its seq must be unchanged after the copy. A slot the caller
+    has `pinned` already (verified in memory and locked since) is not hashed again; the caller keeps and
+    releases it. Raises OSError or ValueError."""
     t0 = time.perf_counter()
     name = f"checkpoint-{info.step}"
     final = Path(ckpt_dir) / name
     if os.path.lexists(final):
         return Persisted(None, info.step, 0.0, 0, f"{name} is already on disk")
-    if pinned is not None:
-        fd, mm = pinned.fd, pinned.mm
-    else:
-        fd, mm = open_slot_readonly(info)
+    own = pinned is None
+    if own:
+        pinned = verify_and_pin(info)
     try:
-        try:
-            if pinned is None:
-                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except OSError:
-            raise ValueError(f"{info.path.name} is being written by the trainer") from None
         if read_seq(info.path) != info.seq:
-            raise ValueError(f"{info.path.name} was rewritten since its header was read")
+            raise ValueError(f"{info.path.name} was rewritten since it was verified")
         base = PAYLOAD_OFFSET
-        manifest = check_manifest_bytes(bytes(mm[base + info.files[-1][1]:base + info.files[-1][1] + info.files[-1][2]]), info)
         total = 0
         with runtime.Scratch(ckpt_dir, name) as scratch:
             for fname, off, size in info.files:
-                data = memoryview(mm)[base + off:base + off + size]
+                data = memoryview(pinned.mm)[base + off:base + off + size]
                 try:
-                    if pinned is None and fname != mf.MANIFEST and not digest_matches(manifest["files"][fname], data):
-                        raise ValueError(f"{fname} in {info.path.name} fails its checksum")
                     wfd = os.open(scratch.path / fname, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
                     try:
                         pos = 0
@@ -509,9 +501,8 @@ def persist_slot(info: SlotInfo, ckpt_dir: Path, lock_timeout_s: float = 600.0,
                 scratch.commit(final)
                 _point_latest(Path(ckpt_dir), name, info.step)
     finally:
-        if pinned is None:
-            mm.close()
-            os.close(fd)
+        if own:
+            pinned.release()
     return Persisted(final, info.step, time.perf_counter() - t0, total, "persisted")
 
 
