@@ -428,10 +428,19 @@ class Scratch:
         self.path = d / self.id
         self.keep = keep
         # Locked under a name nobody looks at, then renamed into place: the lock file is never seen unlocked.
+        # Between its creation and our flock, clean_scratch may take it for a dead builder's and remove it:
+        # then the rename fails and it is made again.
         pending = d / f".{self.id}.lock.new"
-        self.fd: Optional[int] = _lock_fd(pending)
-        fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        os.rename(pending, self.lock_path)
+        for attempt in range(5):
+            self.fd: Optional[int] = _lock_fd(pending)
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            try:
+                os.rename(pending, self.lock_path)
+                break
+            except FileNotFoundError:
+                os.close(self.fd)
+                if attempt == 4:
+                    raise
         os.mkdir(self.path, 0o755)
         self.committed: Optional[Path] = None
 
@@ -489,10 +498,8 @@ def claim_dead(root: Path, sub: str = "tmp") -> Iterator[Path]:
             st = os.lstat(p)
         except FileNotFoundError:
             continue
-        if n.startswith("."):  # a lock being made (see Scratch): stale only if nobody holds it, and old
-            # (between its creation and its flock a live builder does not hold it yet: a race lost once)
-            if (n.endswith(".lock.new") and stat.S_ISREG(st.st_mode) and time.time() - st.st_mtime > PENDING_LOCK_S
-                    and not lock_held(p)):
+        if n.startswith("."):  # a lock being made (see Scratch): stale only if nobody holds it
+            if n.endswith(".lock.new") and stat.S_ISREG(st.st_mode) and not lock_held(p):
                 _unlink_quietly(p)
             continue
         if n.endswith(".lock"):
@@ -529,9 +536,6 @@ def _unlink_quietly(p: Path) -> None:
         os.unlink(p)
     except OSError:
         pass
-
-
-PENDING_LOCK_S = 60.0  # a lock file in the making older than this, and not held, was left by a dead builder
 
 
 def clean_scratch(root: Path) -> list[str]:

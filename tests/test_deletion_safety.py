@@ -236,15 +236,32 @@ def test_the_state_folder_is_ours_only(tmp_path):
         assert s.path.is_dir() and runtime.live_scratch(root) == [s.id]
         assert runtime.clean_scratch(root) == []  # alive: never removed
     assert not s.path.exists() and not s.lock_path.exists()
-    # a lock in the making (created, not yet flocked by a live builder) is left alone; an old one is removed
+    # a dead builder's lock in the making (unheld) is removed...
     pending = d / ".x-1-abcd.lock.new"
     pending.write_text("")
     runtime.clean_scratch(root)
-    assert pending.exists()
-    old = time.time() - 2 * runtime.PENDING_LOCK_S
-    os.utime(pending, (old, old))
-    runtime.clean_scratch(root)
     assert not pending.exists()
+
+
+def test_a_scratch_whose_lock_in_the_making_is_cleaned_away_is_made_again(tmp_path, monkeypatch):
+    """...and when that happens to a live builder between creating its lock and taking it (the cleaner
+    found it unheld), the builder makes its lock again instead of failing its save."""
+    root = tmp_path / "ck"
+    root.mkdir()
+    real, raced = runtime._lock_fd, []
+
+    def racing_lock_fd(path):
+        fd = real(path)
+        if str(path).endswith(".lock.new") and not raced:
+            raced.append(path)
+            assert runtime.clean_scratch(root) == []  # unheld at this instant: the cleaner removes it
+            assert not path.exists()
+        return fd
+
+    monkeypatch.setattr(runtime, "_lock_fd", racing_lock_fd)
+    with runtime.Scratch(root, "x") as s:
+        assert raced and s.lock_path.exists() and runtime.lock_held(s.lock_path)
+        assert runtime.clean_scratch(root) == [] and s.path.is_dir()
 
 
 def test_pins_and_records_are_never_written_through_a_symlink(tmp_path):
