@@ -71,8 +71,8 @@ class MemoryConfig(_Section):
         False, description=("Memory-first checkpoints: the trainer copies its state into shared memory every "
                             "every_steps steps (a pause of one memory copy) and the daemon persists one of them in "
                             "persist_every as a normal checkpoint, and the newest one whenever the trainer dies. "
-                            "Needs room for two copies of the state in dir. Used by the built-in trainer and by "
-                            "CheckpointManager(memory=True) under the daemon."))
+                            "Needs room for two copies of the state in dir. Used by the built-in trainer, "
+                            "CheckpointManager(memory=True) and the Hugging Face and Lightning callbacks under the daemon."))
     every_steps: int = Field(1, ge=1, le=MAX_STEPS, description="The built-in trainer copies its state to memory every N steps.")
     persist_every: int = Field(
         10, ge=1, le=1_000_000,

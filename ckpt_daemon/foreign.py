@@ -215,6 +215,14 @@ def record(root: Path, name: str, path: Path, layout: str, step: int, meta: dict
     after = entry_files(path)
     if {k: (s.st_size, s.st_mtime_ns) for k, s in after.items()} != {k: (s.st_size, s.st_mtime_ns) for k, s in before.items()}:
         raise NotSettled(f"{name} changed while it was being recorded")
+    return write_sidecar(root, name, path, layout, step, meta, files)
+
+
+def write_sidecar(root: Path, name: str, path: Path, layout: str, step: int, meta: dict, files: dict) -> dict:
+    """Keep `files` (relative path -> size, mtime_ns and checksum fields) as the sidecar manifest of the
+    checkpoint `name`, whose folder or file is `path` now (its device and inode are recorded: a rename
+    into place keeps them). Used by `record`, and by the daemon for a checkpoint it writes itself from
+    memory, whose checksums it has already."""
     est = os.lstat(path)
     sc = {"format": SIDECAR_FORMAT, "name": name, "layout": layout, "step": step, "recorded": time.time(),
           "entry": {"dev": est.st_dev, "ino": est.st_ino}, "files": files,

@@ -12,8 +12,14 @@ A slot file is a 1 MiB header area followed by the payload:
     8   version u32, flags u32          24  header length u64 (the JSON at 64)
                                         32  payload length u64; 40..63 reserved
     64  JSON header: step, gen (a counter across both slots: the newest commit has the highest), files
-        [[name, offset, size], ...] (manifest.json last), manifest_sha256, boot_id, pid, ckpt_dir, time
-    PAYLOAD_OFFSET: the exact bytes of the native checkpoint's files, each at a 4 KiB boundary.
+        [[name, offset, size], ...] (manifest.json last), manifest_sha256, boot_id, pid, ckpt_dir, time,
+        and optionally target {name, layout}: what the slot becomes on disk (below)
+    PAYLOAD_OFFSET: the exact bytes of the checkpoint's files, each at a 4 KiB boundary.
+
+Layouts (`target.layout`): "native" (the default: `checkpoint-<step>/` with the slot's manifest.json),
+"folder" (another trainer's folder, e.g. Hugging Face's `checkpoint-<step>/`: the slot's files without
+the manifest, whose checksums become the folder's sidecar manifest) and "file" (one file, e.g. a
+Lightning `epoch=0-step=500.ckpt`: the slot holds exactly that file, and the sidecar its checksum).
 
 Commit protocol (a seqlock): the writer sets seq odd, copies the payload, hashes it, writes manifest.json
 (whose checksums cover every other file) and the JSON header, and only then sets seq even. A reader takes
@@ -62,6 +68,12 @@ MAX_FILES = 4096
 MAX_PAYLOAD = 1 << 44  # 16 TiB: beyond any host's memory
 SLOTS = ("slot-0", "slot-1")
 LOCK = "region.lock"
+LAYOUTS = ("native", "folder", "file")
+RESERVED_TARGETS = ("latest", "best", "snapshots")
+#: Folders trainers make in the region next to the slots: `staging-<pid>` (a trainer's own checkpoint
+#: writer writes there before it is copied into a slot) and `resume-<pid>` (a slot copied out as files
+#: for a loader that reads files). The daemon removes those of processes that are gone.
+SCRATCH_PREFIXES = ("staging-", "resume-")
 CHUNK = 16 << 20
 _HEX64 = re.compile(r"[0-9a-f]{64}\Z")
 
@@ -145,10 +157,17 @@ class SlotInfo:
     ckpt_dir: str
     time: float
     path: Path = field(default_factory=Path)
+    target: str = ""  # the name it has on disk once persisted ("" for checkpoint-<step>)
+    layout: str = "native"
 
     @property
     def nbytes(self) -> int:
         return sum(s for _, _, s in self.files)
+
+    @property
+    def name(self) -> str:
+        """The checkpoint's name in the checkpoint folder once persisted."""
+        return self.target or f"checkpoint-{self.step}"
 
 
 def parse_header(raw: bytes, file_size: int, index: int = 0) -> tuple[Optional[SlotInfo], Optional[str]]:
@@ -210,7 +229,21 @@ def _parse_header(raw: bytes, file_size: int, index: int) -> SlotInfo:
     if not (isinstance(bid, str) and len(bid) <= 64 and isinstance(pid, int) and not isinstance(pid, bool)
             and isinstance(ck, str) and len(ck) <= 4096 and isinstance(t, (int, float)) and not isinstance(t, bool)):
         raise ValueError("has a malformed writer identity")
-    return SlotInfo(index, seq, gen, step, out, msha, plen, bid, pid, ck, float(t))
+    layout, target = "native", ""
+    tgt = h.get("target")
+    if tgt is not None:
+        if not isinstance(tgt, dict) or set(tgt) != {"name", "layout"}:
+            raise ValueError("has a malformed target")
+        layout, target = tgt["layout"], tgt["name"]
+        if layout not in LAYOUTS:
+            raise ValueError(f"names an unknown layout {str(layout)[:20]!r}")
+        if not safe_name(target) or target in RESERVED_TARGETS:
+            raise ValueError(f"names an unsafe target {str(target)[:60]!r}")
+        if layout == "native" and target != f"checkpoint-{step}":
+            raise ValueError(f"names a native target {target[:60]!r} that is not checkpoint-{step}")
+        if layout == "file" and names[:-1] != [target]:
+            raise ValueError("has a single-file target but does not hold exactly that file")
+    return SlotInfo(index, seq, gen, step, out, msha, plen, bid, pid, ck, float(t), target=target, layout=layout)
 
 
 def read_seq(path: Path) -> Optional[int]:
@@ -293,8 +326,40 @@ class Region:
             return s, problems
         return None, problems
 
+    def scratch(self) -> list[tuple[Path, Optional[int]]]:
+        """The staging and resume folders trainers made here, with the pid their name gives."""
+        try:
+            names = os.listdir(self.path)
+        except OSError:
+            return []
+        out = []
+        for n in names:
+            for pre in SCRATCH_PREFIXES:
+                if n.startswith(pre):
+                    rest = n[len(pre):]
+                    out.append((self.path / n, int(rest) if rest.isdigit() and len(rest) < 10 else None))
+        return out
+
+    def remove_scratch(self, only_dead: bool = True) -> int:
+        """Remove staging/resume folders (only those whose process is gone, by default). Never follows a
+        symlink. Returns how many were removed."""
+        n = 0
+        for path, pid in self.scratch():
+            if only_dead and pid is not None and _alive(pid):
+                continue
+            try:
+                if stat.S_ISDIR(os.lstat(path).st_mode):
+                    shutil.rmtree(path)
+                else:
+                    os.unlink(path)
+                n += 1
+            except OSError:
+                pass
+        return n
+
     def remove(self) -> None:
         """Delete the slots and the folder (a lock file held by the caller goes last)."""
+        self.remove_scratch(only_dead=False)
         for name in (*SLOTS, LOCK):
             try:
                 os.unlink(self.path / name)
@@ -304,6 +369,16 @@ class Region:
             os.rmdir(self.path)
         except OSError:
             pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
 
 
 def open_slot_readonly(info: SlotInfo) -> tuple[int, mmap.mmap]:
@@ -351,6 +426,7 @@ class Pinned:
     fd: int
     mm: mmap.mmap
     seconds: float
+    manifest: dict = field(default_factory=dict)
 
     def release(self) -> None:
         try:
@@ -383,9 +459,10 @@ def hash_files(mm: mmap.mmap, info: SlotInfo, manifest: dict) -> list[str]:
         return [n for n in pool.map(check, wanted) if n]
 
 
-def verify_and_pin(info: SlotInfo) -> Pinned:
+def verify_and_pin(info: SlotInfo, hash: bool = True) -> Pinned:
     """Open, lock (shared) and verify a committed slot in memory. Raises ValueError (with the reason) or
-    OSError; on success the caller owns the returned Pinned and must release it."""
+    OSError; on success the caller owns the returned Pinned and must release it. With hash=False only the
+    manifest is checked (the caller hashes the files, or knows they were verified)."""
     t0 = time.perf_counter()
     fd, mm = open_slot_readonly(info)
     ok = False
@@ -398,13 +475,13 @@ def verify_and_pin(info: SlotInfo) -> Pinned:
             raise ValueError(f"{info.path.name} was rewritten since its header was read")
         last = info.files[-1]
         manifest = check_manifest_bytes(bytes(mm[PAYLOAD_OFFSET + last[1]:PAYLOAD_OFFSET + last[1] + last[2]]), info)
-        bad = hash_files(mm, info, manifest)
+        bad = hash_files(mm, info, manifest) if hash else []
         if bad:
             raise ValueError(f"{', '.join(bad)} in {info.path.name} fails its checksum")
         if read_seq(info.path) != info.seq:
             raise ValueError(f"{info.path.name} was rewritten while it was verified")
         ok = True
-        return Pinned(info, fd, mm, time.perf_counter() - t0)
+        return Pinned(info, fd, mm, time.perf_counter() - t0, manifest)
     finally:
         if not ok:
             mm.close()
@@ -453,29 +530,39 @@ class Persisted:
 
 def persist_slot(info: SlotInfo, ckpt_dir: Path, lock_timeout_s: float = 600.0,
                  pinned: Optional[Pinned] = None) -> Persisted:
-    """Write a committed slot into `ckpt_dir` as checkpoint-<step>, committed as a native save is: each
-    file written in the state folder's scratch space and fsynced, manifest.json last, then renamed into
-    place under the commit lock and the folder fsynced.
+    """Write a committed slot into `ckpt_dir` under the name it carries (checkpoint-<step> for a native
+    one), committed as a native save is: each file written in the state folder's scratch space and
+    fsynced, then renamed into place under the commit lock and the folder fsynced. A native checkpoint
+    gets its manifest.json (written last); another trainer's folder or file gets the slot's checksums as
+    its sidecar manifest, recorded before the rename, so that it is never seen unrecorded.
 
     The slot is verified and held with a shared flock first (`verify_and_pin`: the trainer writes only
     into a slot it can lock exclusively), and its seq must be unchanged after the copy. A slot the caller
     has `pinned` already (verified in memory and locked since) is not hashed again; the caller keeps and
     releases it. Raises OSError or ValueError."""
+    from ckpt_daemon import catalog, foreign
+
     t0 = time.perf_counter()
-    name = f"checkpoint-{info.step}"
+    name = info.name
     final = Path(ckpt_dir) / name
     if os.path.lexists(final):
         return Persisted(None, info.step, 0.0, 0, f"{name} is already on disk")
     own = pinned is None
     if own:
         pinned = verify_and_pin(info)
+    native = info.layout == "native"
     try:
         if read_seq(info.path) != info.seq:
             raise ValueError(f"{info.path.name} was rewritten since it was verified")
         base = PAYLOAD_OFFSET
         total = 0
         with runtime.Scratch(ckpt_dir, name) as scratch:
+            # a single file is built inside the scratch folder and renamed out of it
+            entry = scratch.path / name if info.layout == "file" else scratch.path
+            written: dict[str, int] = {}
             for fname, off, size in info.files:
+                if not native and fname == mf.MANIFEST:
+                    continue
                 data = memoryview(pinned.mm)[base + off:base + off + size]
                 try:
                     wfd = os.open(scratch.path / fname, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
@@ -484,6 +571,7 @@ def persist_slot(info: SlotInfo, ckpt_dir: Path, lock_timeout_s: float = 600.0,
                         while pos < size:
                             pos += os.write(wfd, data[pos:pos + CHUNK])
                         os.fsync(wfd)
+                        written[fname] = os.fstat(wfd).st_mtime_ns
                     finally:
                         os.close(wfd)
                 finally:
@@ -492,18 +580,84 @@ def persist_slot(info: SlotInfo, ckpt_dir: Path, lock_timeout_s: float = 600.0,
             fsync_dir(scratch.path)
             if read_seq(info.path) != info.seq:
                 raise ValueError(f"{info.path.name} was rewritten during the copy")
-            status, reason, _ = mf.check_native(scratch.path, verify=False, step=info.step)
+            if native:
+                status, reason, _ = mf.check_native(scratch.path, verify=False, step=info.step)
+                layout, meta = "native", {}
+            else:
+                layout, status, reason, meta = catalog.check_entry(entry, verify=False, step=info.step)
+                if layout == "native":
+                    status, reason = "invalid", "it holds a manifest.json but was not written as a native checkpoint"
             if status != "complete":
-                raise ValueError(f"the copy of {info.path.name} is {status}: {reason}")
+                raise ValueError(f"the copy of {info.path.name} ({name}) is {status}: {reason}")
             with runtime.commit_lock(ckpt_dir):
                 if os.path.lexists(final):
                     return Persisted(None, info.step, 0.0, 0, f"{name} was saved by the trainer meanwhile")
-                scratch.commit(final)
-                _point_latest(Path(ckpt_dir), name, info.step)
+                if not native:
+                    records = pinned.manifest.get("files") or {}
+                    files = {("" if info.layout == "file" else f): {**records[f], "mtime_ns": ns}
+                             for f, ns in written.items()}
+                    foreign.write_sidecar(Path(ckpt_dir), name, entry, layout, info.step, meta, files)
+                try:
+                    if info.layout == "file":
+                        os.rename(entry, final)
+                        fsync_dir(Path(ckpt_dir))
+                    else:
+                        scratch.commit(final)
+                except BaseException:
+                    if not native:
+                        foreign.forget(Path(ckpt_dir), name)
+                    raise
+                if native:
+                    _point_latest(Path(ckpt_dir), name, info.step)
     finally:
         if own:
             pinned.release()
     return Persisted(final, info.step, time.perf_counter() - t0, total, "persisted")
+
+
+def materialize(info: SlotInfo, ckpt_dir: Path, dest_root: Path) -> Path:
+    """Copy the checkpoint a committed slot holds, as files named as it will be on disk, into
+    `dest_root` (a folder next to the slots, on the same tmpfs): a loader that reads files (Hugging
+    Face's, Lightning's, torch.load) resumes from memory without waiting for the daemon's persist.
+    Verified like a load: every file hashed, unless the daemon's record says it verified this very slot
+    (verify once); the slot is held with a shared flock meanwhile and its seq checked after the copy.
+    Returns the path (a folder, or the file for a single-file layout). Raises ValueError or OSError."""
+    pinned = verify_and_pin(info, hash=False)
+    out = Path(dest_root) / info.name
+    try:
+        if not verified_by_daemon(Path(ckpt_dir), info, pinned.fd):
+            bad = hash_files(pinned.mm, info, pinned.manifest)
+            if bad:
+                raise ValueError(f"{', '.join(bad)} in {info.path.name} fails its checksum")
+        os.makedirs(dest_root, mode=0o700, exist_ok=True)
+        if os.path.lexists(out):
+            shutil.rmtree(out) if stat.S_ISDIR(os.lstat(out).st_mode) else os.unlink(out)
+        if info.layout != "file":
+            os.mkdir(out, 0o700)
+        for fname, off, size in info.files:
+            if info.layout != "native" and fname == mf.MANIFEST:
+                continue
+            dest = out if info.layout == "file" else out / fname
+            data = memoryview(pinned.mm)[PAYLOAD_OFFSET + off:PAYLOAD_OFFSET + off + size]
+            try:
+                wfd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+                try:
+                    pos = 0
+                    while pos < size:
+                        pos += os.write(wfd, data[pos:pos + CHUNK])
+                finally:
+                    os.close(wfd)
+            finally:
+                data.release()
+        if read_seq(info.path) != info.seq:
+            raise ValueError(f"{info.path.name} was rewritten while it was copied")
+        return out
+    except BaseException:
+        if os.path.lexists(out):
+            shutil.rmtree(out, ignore_errors=True) if os.path.isdir(out) else os.unlink(out)
+        raise
+    finally:
+        pinned.release()
 
 
 def _point_latest(ckpt_dir: Path, name: str, step: int) -> None:
@@ -651,7 +805,7 @@ class MemoryAgent:
         self.drain()
         with self.mutex:
             newest, _ = self.region.newest(self.ckpt_dir)
-            if newest is not None and not self._on_disk(newest.step):
+            if newest is not None and not self._on_disk(newest):
                 self.log.error("the memory region holds a state newer than the disk and could not be persisted; "
                                "it is kept for the next daemon", region=str(self.path), step=newest.step)
                 return False
@@ -665,14 +819,14 @@ class MemoryAgent:
             return True
 
     # -- persisting ---------------------------------------------------------------------------------
-    def _on_disk(self, step: int) -> bool:
+    def _on_disk(self, info: SlotInfo) -> bool:
         """Whether the disk holds this step, or a newer valid checkpoint the supervisor would resume from."""
         from ckpt_daemon import catalog as cat
 
-        if os.path.isdir(self.ckpt_dir / f"checkpoint-{step}"):
+        if os.path.lexists(self.ckpt_dir / info.name):
             return True
         c = cat.scan(self.ckpt_dir, self.get_cfg().checkpoints.pattern, stats=False)
-        return any(e.valid and e.step >= step and e.name not in self.avoid for e in c.entries)
+        return any(e.valid and e.step >= info.step and e.name not in self.avoid for e in c.entries)
 
     def _report(self, problems: list[str]) -> None:
         for p in problems:
@@ -693,7 +847,7 @@ class MemoryAgent:
                 self._report(problems)
                 if newest is None:
                     return None
-                if self._on_disk(newest.step):
+                if self._on_disk(newest):
                     self.last_gen = newest.gen
                     return None
                 if (str(newest.path), newest.seq) in self.failed:
@@ -735,6 +889,7 @@ class MemoryAgent:
             return None
         if avoid is not None:
             self.avoid = set(avoid)
+        self.region.remove_scratch()  # staging and resume copies of trainers that are gone
         with self.pin_lock:
             newest = None
             try:
@@ -745,7 +900,7 @@ class MemoryAgent:
                 for p, _ in self.queue + self.inflight:
                     if p.info.path == newest.path and p.info.seq == newest.seq:
                         return newest  # already verified and waiting to be persisted
-                if self._on_disk(newest.step):
+                if self._on_disk(newest):
                     self.last_gen = max(self.last_gen or 0, newest.gen)
                     return None
                 if (str(newest.path), newest.seq) in self.unusable:

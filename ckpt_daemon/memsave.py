@@ -142,13 +142,46 @@ class MemoryWriter:
             off = -(-(off + size) // mem.ALIGN) * mem.ALIGN
         layout.append(("state.json", off, len(state_json), state_json, None))
         off = -(-(off + len(state_json)) // mem.ALIGN) * mem.ALIGN
+        return self._write(p.step, layout, off, p.manifest_extra, t0, None)
+
+    def save_files(self, step: int, name: str, layout: str, files: list[tuple[str, object]],
+                   manifest_extra: Optional[dict] = None) -> bool:
+        """Copy the files of another trainer's checkpoint (name -> bytes-like: bytes, a memoryview, a uint8
+        numpy array) into a slot and commit it in the background. The daemon persists it as `name` in the
+        checkpoint folder: a folder of these files (layout "folder", e.g. Hugging Face's checkpoint-<step>)
+        or one file (layout "file": `files` holds exactly one, named `name`). Returns False if both
+        slots were busy. Raises CheckpointError for names the daemon would refuse."""
+        from ckpt_daemon.errors import CheckpointError
+
+        if layout not in ("folder", "file") or not mem.safe_name(name) or name in mem.RESERVED_TARGETS:
+            raise CheckpointError(f"cannot keep {name!r} ({layout}) in memory: not a plain checkpoint name")
+        names = [n for n, _ in files]
+        if layout == "file" and names != [name]:
+            raise CheckpointError("a single-file memory checkpoint holds exactly the file it is named after")
+        if not files or len(set(names)) != len(names) or mf.MANIFEST in names or not all(map(mem.safe_name, names)):
+            raise CheckpointError(f"cannot keep {name!r} in memory: its file names must be plain, distinct, and not "
+                                  f"{mf.MANIFEST}")
+        self.join()
+        t0 = time.perf_counter()
+        entries = []
+        off = 0
+        for fname, data in files:
+            arr = np.frombuffer(data, dtype=np.uint8) if not isinstance(data, np.ndarray) else data.reshape(-1).view(np.uint8)
+            entries.append((fname, off, arr.size, arr, None))
+            off = -(-(off + arr.size) // mem.ALIGN) * mem.ALIGN
+        return self._write(step, entries, off, manifest_extra or {}, t0, {"name": name, "layout": layout})
+
+    def _write(self, step: int, layout: list, off: int, manifest_extra: dict, t0: float,
+               target: Optional[dict]) -> bool:
+        """Copy `layout` ((name, offset, size, head bytes, tensors or None), files at `off` and beyond are
+        free for the manifest) into a free slot, then hash and commit in the background."""
         manifest_room = (64 << 10) + 512 * len(layout)
         payload_need = off + manifest_room
         cap = mem.slot_capacity(payload_need)
         i = self._target()
         if i is None:
             self.skipped += 1
-            log.warning("memory checkpoint at step %d skipped: both slots are busy", p.step)
+            log.warning("memory checkpoint at step %d skipped: both slots are busy", step)
             return False
         slot = self.slots[i]
         try:
@@ -163,6 +196,9 @@ class MemoryWriter:
             npbuf = buf.numpy()
             for name, o, size, head, tensors in layout:
                 start = base + o
+                if isinstance(head, np.ndarray):  # raw bytes of a file: copied in pieces by every core
+                    _copy_parallel(npbuf[start:start + size], head)
+                    continue
                 buf[start:start + len(head)] = torch.frombuffer(bytearray(head), dtype=torch.uint8)
                 pos = start + len(head)
                 if tensors is None:
@@ -184,8 +220,9 @@ class MemoryWriter:
         self.last_stall_s = time.perf_counter() - t0
         self._gen += 1
         files = [(name, o, size) for name, o, size, _, _ in layout]
-        self._thread = threading.Thread(target=self._commit, args=(i, odd + 1, self._gen, p, files, off),
-                                        name=f"memory-commit-{p.step}", daemon=True)
+        self._thread = threading.Thread(target=self._commit, args=(i, odd + 1, self._gen, step, manifest_extra,
+                                                                   files, off, target),
+                                        name=f"memory-commit-{step}", daemon=True)
         self._thread.start()
         self.saves += 1
         return True
@@ -205,7 +242,8 @@ class MemoryWriter:
         except OSError as exc:
             raise mem.capacity_error(self.region.path, size, free_bytes(self.region.path)) from exc
 
-    def _commit(self, i: int, even: int, gen: int, p, files: list, manifest_off: int) -> None:
+    def _commit(self, i: int, even: int, gen: int, step: int, manifest_extra: dict, files: list,
+                manifest_off: int, target: Optional[dict]) -> None:
         slot = self.slots[i]
         t0 = time.perf_counter()
         try:
@@ -222,16 +260,17 @@ class MemoryWriter:
 
             with ThreadPoolExecutor(max_workers=min(len(files), os.cpu_count() or 1, 8)) as pool:
                 entries = dict(pool.map(digest, files))
-            manifest = mem.json_bytes(mf.build_manifest(p.step, entries, **p.manifest_extra))
+            manifest = mem.json_bytes(mf.build_manifest(step, entries, **manifest_extra))
             if base + manifest_off + len(manifest) > slot.size:
                 raise CheckpointError("the manifest does not fit the slot")
             slot.mm[base + manifest_off:base + manifest_off + len(manifest)] = manifest
             all_files = files + [(mf.MANIFEST, manifest_off, len(manifest))]
             import hashlib
 
-            header = json.dumps({"step": p.step, "gen": gen, "files": [list(f) for f in all_files],
+            header = json.dumps({"step": step, "gen": gen, "files": [list(f) for f in all_files],
                                  "manifest_sha256": hashlib.sha256(manifest).hexdigest(), "boot_id": self.boot,
-                                 "pid": os.getpid(), "ckpt_dir": str(self.ckpt_dir), "time": time.time()}).encode()
+                                 "pid": os.getpid(), "ckpt_dir": str(self.ckpt_dir), "time": time.time(),
+                                 **({"target": target} if target else {})}).encode()
             if len(header) > mem.HEADER_MAX:
                 raise CheckpointError("the slot header is too large (too many files)")
             mv.release()
@@ -252,6 +291,20 @@ class MemoryWriter:
         finally:
             for s in self.slots:
                 s.close()
+
+
+def _copy_parallel(dst: np.ndarray, src: np.ndarray) -> None:
+    """dst[:] = src, in COPY_PIECE pieces on every core for a large buffer."""
+    n = src.size
+    if n <= COPY_PIECE:
+        np.copyto(dst[:n], src)
+        return
+
+    def piece(lo: int) -> None:
+        np.copyto(dst[lo:min(n, lo + COPY_PIECE)], src[lo:min(n, lo + COPY_PIECE)])
+
+    with ThreadPoolExecutor(max_workers=min(os.cpu_count() or 1, 8)) as pool:
+        list(pool.map(piece, range(0, n, COPY_PIECE)))
 
 
 # ---------------------------------------------------------------------------------------------- load

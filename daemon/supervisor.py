@@ -339,13 +339,12 @@ class Supervisor:
         slot = (self.memory.breakpoint("before choosing the resume point", self._avoided())
                 if self.memory is not None else None)
         mem_env = {}
-        if slot is not None and (f"checkpoint-{slot.step}" in self.policy.suspect
-                                 or f"checkpoint-{slot.step}" in self.known_bad):
+        if slot is not None and (slot.name in self.policy.suspect or slot.name in self.known_bad):
             log.warning("not resuming from the memory checkpoint: it is avoided after repeated crashes", step=slot.step)
             slot = None
         if slot is not None:
             # newer than any checkpoint on disk (the breakpoint checked) and verified: no disk choice to make
-            chosen = f"checkpoint-{slot.step}"
+            chosen = slot.name
             resume = str(cfg.checkpoint_dir / chosen)
             mem_env = {"CKPT_DAEMON_MEMORY_RESUME": str(slot.step)}
             log.info("resuming from the memory checkpoint (verified in memory, persisted in the background)",
@@ -644,7 +643,7 @@ class Supervisor:
         if ex.kind == "stopped":
             self._set(state="stopped", proc=None, message=f"stopped by the daemon ({ex.description})")
             return
-        newest_after = f"checkpoint-{slot.step}" if slot is not None else cat.newest_valid_rel(cfg)
+        newest_after = slot.name if slot is not None else cat.newest_valid_rel(cfg)
         verdict = self.policy.on_exit(now, rc, ran, self.resume_from, newest_after, blame=ex.blame_checkpoint)
         self.proc = None
         if verdict.action != "restart":

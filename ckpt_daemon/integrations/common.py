@@ -46,6 +46,10 @@ ENV_RUN = "CKPT_DAEMON_RUN"
 ENV_CHECKPOINTS = "CKPT_DAEMON_CHECKPOINTS"
 ENV_CONFIG = "CKPT_DAEMON_CONFIG"
 ENV_METRICS = "CKPT_DAEMON_METRICS"
+ENV_MEMORY = "CKPT_DAEMON_MEMORY"  # the memory region, when checkpoints.memory.enabled
+ENV_MEMORY_RESUME = "CKPT_DAEMON_MEMORY_RESUME"  # the step of the memory state this restart resumes from
+#: How long `resume_path` waits for the daemon's persist of a memory state it could not copy out itself.
+MEMORY_PERSIST_WAIT_S = 300.0
 _SCAN_WORDS = ("latest", "auto")  # CKPT_RESUME values that mean "look for it" rather than a path
 
 
@@ -139,6 +143,9 @@ def resume_path(checkpoint_dir: Optional[str | os.PathLike] = None,
             return None
         if os.path.exists(env):
             return env
+        from_memory = _memory_resume(env)
+        if from_memory is not None:
+            return from_memory
         if env.lower() not in _SCAN_WORDS:  # "latest"/"auto": a request to look, not a path
             vanished = env
     cfg = None if patterns is not None and checkpoint_dir is not None else _config()
@@ -155,6 +162,86 @@ def resume_path(checkpoint_dir: Optional[str | os.PathLike] = None,
             f"it was chosen); resuming from {found if found else 'scratch'} instead, the newest valid checkpoint "
             f"in {root}.", RuntimeWarning, stacklevel=2)
     return str(found) if found is not None else None
+
+
+# ---------------------------------------------------------------------------- memory checkpoints
+def memory_region() -> Optional[Path]:
+    """The daemon's memory region when memory-first checkpoints are on (`checkpoints.memory.enabled`:
+    the daemon sets `$CKPT_DAEMON_MEMORY`) and this process may write it: a single-process run (memory
+    checkpoints are not offered under torchrun/DDP yet). None otherwise."""
+    region = os.environ.get(ENV_MEMORY)
+    if not region or not os.environ.get(ENV_CHECKPOINTS):
+        return None
+    ws = os.environ.get("WORLD_SIZE", "1")
+    if ws.isdigit() and int(ws) > 1:
+        return None
+    return Path(region)
+
+
+def memory_writer():
+    """A `memsave.MemoryWriter` on the daemon's region for the daemon's checkpoint folder (bounded by the
+    config's `checkpoints.memory.max_gb`), or None when memory checkpoints are off (`memory_region`).
+    Imports torch: for trainers only."""
+    region = memory_region()
+    if region is None:
+        return None
+    from ckpt_daemon.memsave import MemoryWriter
+
+    cfg = _config()
+    max_bytes = int(cfg.checkpoints.memory.max_gb * 2**30) if cfg is not None else None
+    return MemoryWriter(region, Path(os.environ[ENV_CHECKPOINTS]), max_bytes)
+
+
+def resume_copy_dir(region: Optional[Path] = None) -> Optional[Path]:
+    region = region or memory_region() or (Path(os.environ[ENV_MEMORY]) if os.environ.get(ENV_MEMORY) else None)
+    return region / f"resume-{os.getpid()}" if region is not None else None
+
+
+def release_memory_resume() -> None:
+    """Free the copy `resume_path` made of a memory checkpoint, once the trainer has loaded it (the
+    integrations call this after their first training step). Never raises."""
+    import shutil
+
+    d = resume_copy_dir()
+    if d is not None and os.path.isdir(d) and not os.path.islink(d):
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def _memory_resume(env: str, wait_s: Optional[float] = None) -> Optional[str]:
+    """The daemon restarts this trainer from a memory state it verified (`$CKPT_DAEMON_MEMORY_RESUME`) and
+    persists as `$CKPT_RESUME` in the background: copy that state out of memory as files (a loader reads
+    them at once), or, where that cannot be done (no room on the tmpfs, the slot changed), wait for the
+    persist. None when this is not such a restart, or the checkpoint never appears."""
+    raw = os.environ.get(ENV_MEMORY_RESUME, "")
+    region = os.environ.get(ENV_MEMORY)
+    if not region or not raw.isdigit() or len(raw) > 19:
+        return None
+    from ckpt_daemon import memory as mem
+    from ckpt_daemon.fsutil import free_bytes
+
+    step, name, ckdir = int(raw), os.path.basename(env), Path(os.path.dirname(env))
+    good, _ = mem.Region(region).slots()
+    info = next((s for s in good if s.step == step and s.name == name and s.boot_id == mem.boot_id()
+                 and os.path.abspath(s.ckpt_dir) == os.path.abspath(ckdir)), None)
+    why = f"no memory slot holds {name}"
+    if info is not None:
+        dest = resume_copy_dir(Path(region))
+        try:
+            if free_bytes(Path(region)) < info.nbytes + (64 << 20):
+                raise OSError(f"the tmpfs has no room for a copy of {info.nbytes} bytes")
+            out = mem.materialize(info, ckdir, dest)
+            log.info("ckpt-daemon: resuming from the memory checkpoint %s (copied out of memory to %s)", name, out)
+            return str(out)
+        except (OSError, ValueError) as exc:
+            why = str(exc)
+    deadline = time.monotonic() + (MEMORY_PERSIST_WAIT_S if wait_s is None else wait_s)
+    log.warning("ckpt-daemon: the memory checkpoint %s cannot be read from memory (%s); waiting for the daemon to "
+                "write it to disk", name, why)
+    while time.monotonic() < deadline:
+        if os.path.exists(env):
+            return env
+        time.sleep(0.2)
+    return None
 
 
 def daemon_choice(patterns: Optional[Iterable[str]] = None) -> Optional[tuple[Optional[str], Optional[int]]]:

@@ -41,6 +41,18 @@ What the callback does:
 - Under torchrun the daemon's child is torchrun: the workers save and exit 143, and torchrun itself
   exits with its own code (1 after a SIGTERM it was sent too); any exit of a trainer the daemon
   stopped counts as "stopped".
+- Memory-first checkpoints (`checkpoints.memory.enabled` in the daemon's config; `memory=False` turns
+  them off for this callback): each save Hugging Face decides on (its `save_steps`, the stop save) is
+  written by Hugging Face's own code into a staging folder on the tmpfs next to the memory slots
+  (`args.output_dir` points there from that step end to `on_save` only), then copied into a memory slot
+  and the staging folder removed. Training pauses for a save to memory, not to disk; the daemon writes
+  every `persist_every`-th one (and the newest at a crash or stop) as `checkpoint-<step>/` in the
+  checkpoint folder, with its checksums recorded as the sidecar manifest. After a crash the restarted
+  trainer's `resume_path()` is a verified copy of the newest memory state, made at memory speed, which
+  is freed after the first step. Not used (a warning says why, saves go to disk as before) with
+  `load_best_model_at_end` or `save_strategy="best"` (the best checkpoint must be on disk), under
+  torchrun, when `output_dir` is not the daemon's folder, or when the tmpfs has no room for a copy.
+  `save_total_limit` is not applied to memory saves: the daemon's retention tiers manage the folder.
 - Heartbeat: `state.global_step` at every step end (at most every `heartbeat_every_s` seconds,
   always on a stop), which `ckpt-daemon status` shows and `heartbeat_timeout_s` watches; the
   numbers of `on_log` (loss, learning_rate, grad_norm, epoch, eval_loss...) as lines of
@@ -62,6 +74,9 @@ from ckpt_daemon.integrations.common import (
     Heartbeat,
     StopRequest,
     daemon_choice,
+    memory_region,
+    memory_writer,
+    release_memory_resume,
     same_folder,
 )
 
@@ -107,7 +122,9 @@ class CkptDaemonCallback(TrainerCallback):
 
     def __init__(self, heartbeat_every_s: float = 1.0, exit_on_stop: bool = True,
                  checkpoint_dir: Optional[str | os.PathLike] = None,
-                 signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)):
+                 signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT), memory: Optional[bool] = None):
+        self.memory = memory
+        self._mem: Optional[_MemorySaves] = None
         self.heartbeat_every_s = heartbeat_every_s
         self.exit_on_stop = exit_on_stop
         self.checkpoint_dir = checkpoint_dir
@@ -138,6 +155,8 @@ class CkptDaemonCallback(TrainerCallback):
                             "resume from these checkpoints. Set TrainingArguments(output_dir=...) to %s.",
                             args.output_dir, daemon_dir, daemon_dir)
         self.heartbeat.beat(state.global_step, force=True, epoch=state.epoch)
+        if self._mem is None and self.memory is not False and state.is_world_process_zero:
+            self._mem = _MemorySaves.start(args, explicit=bool(self.memory))
         return control
 
     def _check_resume(self, step: int) -> None:
@@ -168,6 +187,10 @@ class CkptDaemonCallback(TrainerCallback):
                 self.heartbeat.beat(step, force=True, epoch=state.epoch, saving=f"checkpoint-{step}")
             if state.is_world_process_zero:
                 log.warning("ckpt-daemon: stopping at step %d; saving %s", step, self.saved)
+        if self._mem is not None:
+            release_memory_resume()  # the state this run resumed from is loaded by now
+            if control.should_save:
+                self._mem.stage(args, kwargs)
         return control
 
     def on_epoch_end(self, args, state, control, **kwargs):
@@ -176,9 +199,21 @@ class CkptDaemonCallback(TrainerCallback):
             # step a second time, in place.
             control.should_save = False
             control.should_evaluate = False
+        if self._mem is not None:
+            if control.should_save:
+                self._mem.stage(args, kwargs)
+            else:
+                self._mem.unstage(args)
+        return control
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self._mem is not None:
+            self._mem.unstage(args)  # a save that was staged but not made (another callback changed its mind)
         return control
 
     def on_save(self, args, state, control, **kwargs):
+        if self._mem is not None:
+            self._mem.saved(args, state)
         if self.heartbeat is not None:
             self.heartbeat.beat(state.global_step, force=self.stopped_at is not None, epoch=state.epoch)
         return control
@@ -189,6 +224,9 @@ class CkptDaemonCallback(TrainerCallback):
         return control
 
     def on_train_end(self, args, state, control, **kwargs):
+        if self._mem is not None:
+            self._mem.close(args)  # the last memory save is committed before the process may exit
+            self._mem = None
         if self.stop is not None:
             self.stop.restore()
         if self.heartbeat is not None:
@@ -224,3 +262,140 @@ class CkptDaemonCallback(TrainerCallback):
         """With exit_on_stop=False: call after `trainer.train()`; exits 128+signal after a stop."""
         if self.stopped:
             sys.exit(self.exit_code)
+
+
+class _MemorySaves:
+    """Hugging Face's checkpoint saves, into memory slots (see the module docstring)."""
+
+    def __init__(self, region, writer):
+        self.region = region
+        self.writer = writer
+        self.staging = os.path.join(str(region), f"staging-{os.getpid()}")
+        self.real_output: Optional[str] = None
+        self.warned: set[str] = set()
+        self.saves = 0
+
+    @classmethod
+    def start(cls, args, explicit: bool) -> "Optional[_MemorySaves]":
+        region = memory_region()
+        why = None
+        if region is None:
+            why = ("the daemon has no memory region for this run (checkpoints.memory.enabled is off, the script does "
+                   "not run under the daemon, or it runs under torchrun)")
+        elif getattr(args, "load_best_model_at_end", False):
+            why = "load_best_model_at_end needs the best checkpoint on disk"
+        elif str(getattr(args, "save_strategy", "")).lower().endswith("best"):
+            why = 'save_strategy="best" decides to save after the step end'
+        elif not args.output_dir or not same_folder(args.output_dir, os.environ.get(ENV_CHECKPOINTS, "")):
+            why = "output_dir is not the folder the daemon manages"
+        if why is not None:
+            if explicit or region is not None:
+                log.warning("ckpt-daemon: memory checkpoints are off for this Trainer: %s; checkpoints are saved to "
+                            "disk as usual", why)
+            return None
+        try:
+            writer = memory_writer()
+        except Exception as exc:  # noqa: BLE001 - memory checkpoints are an optimisation; disk saves go on
+            log.warning("ckpt-daemon: memory checkpoints are off for this Trainer (%s); checkpoints are saved to disk", exc)
+            return None
+        log.info("ckpt-daemon: Hugging Face checkpoints go to memory (%s); the daemon writes them to disk", region)
+        return cls(region, writer)
+
+    def _need(self, kwargs) -> int:
+        """About what one Hugging Face checkpoint takes: weights, optimizer state, a margin."""
+        n = 0
+        model, opt = kwargs.get("model"), kwargs.get("optimizer")
+        try:
+            if model is not None:
+                n += sum(t.numel() * t.element_size() for t in model.state_dict().values())
+            if opt is not None:
+                n += sum(t.numel() * t.element_size() for st in opt.state.values() for t in st.values()
+                         if hasattr(t, "element_size"))
+        except Exception:  # noqa: BLE001 - an estimate
+            pass
+        return n + (n // 16) + (64 << 20)
+
+    def stage(self, args, kwargs) -> None:
+        """Point this save at the staging folder, if the tmpfs has room for it."""
+        if self.writer is None or self.real_output is not None:
+            return
+        from ckpt_daemon.fsutil import free_bytes
+
+        need = self._need(kwargs)
+        try:
+            free = free_bytes(self.region)
+        except OSError:
+            free = 0
+        if free < need:
+            self._warn("room", "ckpt-daemon: the tmpfs of the memory region has %d MiB free, a checkpoint needs about "
+                       "%d MiB: this save goes to disk", free >> 20, need >> 20)
+            return
+        self.real_output = args.output_dir
+        args.output_dir = self.staging
+
+    def unstage(self, args) -> None:
+        if self.real_output is not None:
+            args.output_dir, self.real_output = self.real_output, None
+
+    def saved(self, args, state) -> None:
+        """Hugging Face wrote checkpoint-<step> into the staging folder: into a memory slot with it."""
+        if self.real_output is None:
+            return
+        real = self.real_output
+        self.unstage(args)
+        name = f"checkpoint-{state.global_step}"
+        folder = os.path.join(self.staging, name)
+        try:
+            bmc = state.best_model_checkpoint
+            if isinstance(bmc, str) and bmc.startswith(self.staging + os.sep):
+                state.best_model_checkpoint = os.path.join(real, bmc[len(self.staging) + 1:])
+                state.save_to_json(os.path.join(folder, "trainer_state.json"))
+            self._keep(folder, name, state.global_step, real)
+        finally:
+            import shutil
+
+            shutil.rmtree(self.staging, ignore_errors=True)
+
+    def _keep(self, folder: str, name: str, step: int, real: str) -> None:
+        import numpy as np
+
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+            if not entries or not all(e.is_file(follow_symlinks=False) for e in entries):
+                raise ValueError("Hugging Face wrote subfolders or links into it, which memory slots do not hold")
+            files = [(e.name, np.memmap(e.path, dtype=np.uint8, mode="r") if e.stat().st_size else b"")
+                     for e in entries]
+            if self.writer.save_files(step, name, "folder", files):
+                self.saves += 1
+                return
+            why = "both memory slots are busy"
+        except Exception as exc:  # noqa: BLE001 - fall back to the disk, never lose the save
+            why = f"{type(exc).__name__}: {exc}"
+        log.warning("ckpt-daemon: %s could not be kept in memory (%s); writing it to disk", name, why)
+        self._to_disk(folder, name, real)
+
+    def _to_disk(self, folder: str, name: str, real: str) -> None:
+        import shutil
+
+        dest = os.path.join(real, name)
+        tmp = os.path.join(real, f".{name}.from-memory-{os.getpid()}")
+        shutil.copytree(folder, tmp, symlinks=True)
+        if os.path.lexists(dest):
+            shutil.rmtree(tmp, ignore_errors=True)
+            log.warning("ckpt-daemon: %s exists already; not overwriting it", dest)
+            return
+        os.rename(tmp, dest)
+
+    def _warn(self, key: str, msg: str, *a) -> None:
+        if key not in self.warned:
+            self.warned.add(key)
+            log.warning(msg, *a)
+
+    def close(self, args) -> None:
+        self.unstage(args)
+        if self.writer is not None:
+            try:
+                self.writer.close()
+            except Exception as exc:  # noqa: BLE001
+                log.error("ckpt-daemon: the last memory checkpoint could not be committed (%s)", exc)
+            self.writer = None

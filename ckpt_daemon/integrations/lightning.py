@@ -50,6 +50,16 @@ How the callback cooperates with it:
 - Resume: at `on_train_start` `trainer.global_step` is compared with the step of the checkpoint the
   daemon chose; a mismatch (the script ignored `$CKPT_RESUME`) is logged as a warning, as is a
   `ModelCheckpoint.dirpath` that is not the folder the daemon manages.
+- Memory-first checkpoints (`checkpoints.memory.enabled` in the daemon's config; `memory=False` turns
+  them off): at `setup` the callback puts a `MemoryCheckpointIO` in place of Lightning's default
+  `TorchCheckpointIO` (a custom one is left alone: pass `plugins=[MemoryCheckpointIO()]` to combine
+  by hand). ModelCheckpoint's saves into the daemon's folder whose names carry the step are then
+  `torch.save`d into memory and copied into a memory slot: training pauses for a save to memory, not to
+  disk, and the daemon writes every `persist_every`-th one (and the newest at a crash or stop) under the
+  very name Lightning gave it, with its checksum recorded as the sidecar manifest. `last.ckpt` (no step
+  in its name) still goes to disk: use `save_last="link"` (a link to the newest step file) or
+  False. After a crash the restarted trainer's `resume_path()` is a verified copy of the newest memory
+  state, made at memory speed and freed after the first step. Single process only (not under DDP).
 - Heartbeat and metrics: the step at every train batch end (rate-limited), and on rank zero a line of
   `trainer.callback_metrics` in logs/metrics.jsonl every `log_every_n_steps` steps and at every
   validation end.
@@ -69,7 +79,11 @@ from ckpt_daemon.integrations.common import (
     StopRequest,
     checkpoint_dir,
     daemon_choice,
+    memory_region,
+    memory_writer,
+    release_memory_resume,
     same_folder,
+    step_of,
 )
 
 try:
@@ -79,7 +93,7 @@ except ImportError:  # only the standalone package is installed
 
 log = logging.getLogger("ckpt_daemon.integrations.lightning")
 
-__all__ = ["CkptDaemonCallback", "TrainingStopped"]
+__all__ = ["CkptDaemonCallback", "MemoryCheckpointIO", "TrainingStopped"]
 
 
 class TrainingStopped(SystemExit):
@@ -136,8 +150,9 @@ class _CkptDaemonHooks:
     """The callback's behaviour, shared by the `lightning.pytorch` and `pytorch_lightning` classes."""
 
     def __init__(self, heartbeat_every_s: float = 1.0, checkpoint_dir: Optional[str | os.PathLike] = None,
-                 signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)):
+                 signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT), memory: Optional[bool] = None):
         super().__init__()
+        self.memory = memory
         self.heartbeat_every_s = heartbeat_every_s
         self.checkpoint_dir = checkpoint_dir
         self.signals = signals
@@ -150,6 +165,24 @@ class _CkptDaemonHooks:
         self._metrics_step: Optional[int] = None
 
     # ------------------------------------------------------------------------------ life cycle
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage != "fit" or self.memory is False:
+            return
+        io = getattr(trainer.strategy, "_checkpoint_io", None)
+        if isinstance(io, MemoryCheckpointIO):
+            return
+        if memory_region() is None:
+            if self.memory:
+                log.warning("ckpt-daemon: memory=True but the daemon has no memory region for this run "
+                            "(checkpoints.memory.enabled is off, not under the daemon, or distributed); saving to disk")
+            return
+        if io is not None and type(io) is not _TorchCheckpointIO:
+            log.warning("ckpt-daemon: memory checkpoints are off: the trainer has its own CheckpointIO (%s); pass "
+                        "MemoryCheckpointIO() in its place to keep checkpoints in memory", type(io).__name__)
+            return
+        trainer.strategy.checkpoint_io = MemoryCheckpointIO()
+        log.info("ckpt-daemon: Lightning checkpoints go to memory; the daemon writes them to disk")
+
     def on_fit_start(self, trainer, pl_module) -> None:
         self.stopped_at, self.saved, self.start_step = None, None, None
         if self.stop is None or not self.stop.installed:
@@ -186,6 +219,8 @@ class _CkptDaemonHooks:
                 self._metrics_step = step
                 hb.metrics(step, epoch=trainer.current_epoch, **_scalars(trainer.callback_metrics))
         stepped, self._prev_step = step != self._prev_step, step
+        if stepped and step == (self.start_step or 0) + 1:
+            release_memory_resume()  # the state this run resumed from is loaded by now
         if not stepped:
             return  # mid gradient accumulation: stopping here would lose the partial gradients
         local = bool((self.stop is not None and self.stop.requested) or getattr(trainer, "received_sigterm", False))
@@ -276,6 +311,75 @@ class _CkptDaemonHooks:
     @property
     def stopped(self) -> bool:
         return self.stopped_at is not None
+
+
+_TorchCheckpointIO = _pl.plugins.io.TorchCheckpointIO
+
+
+class MemoryCheckpointIO(_TorchCheckpointIO):
+    """Lightning's `TorchCheckpointIO`, with saves into memory slots under the daemon's memory
+    checkpoints (see the module docstring): a save whose file goes into the daemon's folder under a name
+    that carries its step is `torch.save`d into memory and copied into a slot, which the daemon persists
+    under that name. Anything else, or a save that memory cannot take (no room, both slots busy), is
+    written to disk by `TorchCheckpointIO`. Loading reads files as Lightning does (`resume_path()` gives a
+    copy of a memory state as a file)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._writer = None
+        self._off: Optional[str] = None
+        self.saves = 0
+
+    def _memory_name(self, checkpoint: dict, path) -> Optional[str]:
+        if self._off is not None or memory_region() is None:
+            return None
+        daemon_dir = os.environ.get(ENV_CHECKPOINTS, "")
+        path = str(path)
+        if not same_folder(os.path.dirname(os.path.abspath(path)), daemon_dir):
+            return None
+        step = checkpoint.get("global_step")
+        if not isinstance(step, int) or step_of(path) != step:
+            return None  # last.ckpt and the like: to disk
+        return os.path.basename(path)
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options: Optional[Any] = None) -> None:
+        name = self._memory_name(checkpoint, path)
+        if name is not None:
+            import io
+
+            import torch
+
+            try:
+                if self._writer is None:
+                    self._writer = memory_writer()
+                buf = io.BytesIO()
+                torch.save(checkpoint, buf)
+                view = buf.getbuffer()
+                try:
+                    if self._writer.save_files(checkpoint["global_step"], name, "file", [(name, view)]):
+                        self.saves += 1
+                        return
+                finally:
+                    view.release()
+                log.warning("ckpt-daemon: %s could not be kept in memory (both slots are busy); writing it to disk", name)
+            except Exception as exc:  # noqa: BLE001 - memory is an optimisation: the save goes to disk
+                self._off = f"{type(exc).__name__}: {exc}"
+                log.warning("ckpt-daemon: memory checkpoints are off for this run (%s); saving to disk", self._off)
+        super().save_checkpoint(checkpoint, path, storage_options=storage_options)
+
+    def remove_checkpoint(self, path) -> None:
+        if os.path.lexists(path):  # a memory checkpoint not yet written to disk has nothing to remove
+            super().remove_checkpoint(path)
+
+    def teardown(self) -> None:
+        """Wait for the last memory save's commit (the process may exit right after)."""
+        if self._writer is not None:
+            try:
+                self._writer.close()
+            except Exception as exc:  # noqa: BLE001
+                log.error("ckpt-daemon: the last memory checkpoint could not be committed (%s)", exc)
+            self._writer = None
+        super().teardown()
 
 
 class CkptDaemonCallback(_CkptDaemonHooks, _pl.Callback):

@@ -1,0 +1,330 @@
+"""Memory-first checkpoints for the users' own trainers: the Hugging Face and Lightning callbacks save
+into memory slots instead of the disk, the daemon persists a slot under the name the trainer gave it
+(a Hugging Face folder, a Lightning file) with its checksums as the sidecar manifest, and a restarted
+trainer resumes from a verified copy of the newest memory state; under the real daemon a kill -9
+loses no step beyond the last memory checkpoint.
+
+Real libraries, tiny CPU models built from configs, no downloads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+from ckpt_daemon import catalog as cat
+from ckpt_daemon import foreign
+from ckpt_daemon import memory as mem
+from ckpt_daemon.integrations import common
+from tests.conftest import PY
+from tests.test_daemon import Daemon, daemons  # noqa: F401  (the fixture)
+
+BYO = Path(__file__).parent / "byo"
+
+
+@pytest.fixture
+def under_daemon(tmp_path, monkeypatch):
+    """The environment the daemon gives a trainer when checkpoints.memory.enabled (no daemon running)."""
+    ck, region = tmp_path / "checkpoints", tmp_path / "shm"
+    ck.mkdir()
+    for k in ("CKPT_RESUME", "CKPT_DAEMON_MEMORY_RESUME", "CKPT_DAEMON_CONFIG", "WORLD_SIZE", "RANK"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("CKPT_DAEMON_CHECKPOINTS", str(ck))
+    monkeypatch.setenv("CKPT_DAEMON_MEMORY", str(region))
+    monkeypatch.chdir(tmp_path)
+    return ck, region
+
+
+def _slot(region: Path, ck: Path) -> mem.SlotInfo:
+    info, problems = mem.Region(region).newest(ck)
+    assert info is not None, problems
+    return info
+
+
+def _slot_bytes(info: mem.SlotInfo) -> dict[str, bytes]:
+    raw = info.path.read_bytes()
+    return {n: raw[mem.PAYLOAD_OFFSET + o:mem.PAYLOAD_OFFSET + o + s] for n, o, s in info.files if n != "manifest.json"}
+
+
+def _resume_from_memory(monkeypatch, ck: Path, info: mem.SlotInfo) -> Path:
+    """What a restart from memory looks like to the trainer: $CKPT_RESUME names the checkpoint not yet on disk."""
+    monkeypatch.setenv("CKPT_RESUME", str(ck / info.name))
+    monkeypatch.setenv("CKPT_DAEMON_MEMORY_RESUME", str(info.step))
+    return Path(common.resume_path())
+
+
+def _flip(path: Path, at: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(at)
+        b = f.read(1)
+        f.seek(at)
+        f.write(bytes([b[0] ^ 0xFF]))
+
+
+# ------------------------------------------------------------------------------------------ Hugging Face
+def _hf_trainer(out: Path, max_steps: int, save_steps: int = 3):
+    from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
+
+    from ckpt_daemon.integrations.hf import CkptDaemonCallback
+
+    class Tokens(torch.utils.data.Dataset):
+        def __len__(self):
+            return 64
+
+        def __getitem__(self, i):
+            ids = torch.randint(0, 64, (16,), generator=torch.Generator().manual_seed(i))
+            return {"input_ids": ids, "labels": ids}
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=16, n_embd=16, n_layer=1, n_head=2,
+                                       bos_token_id=0, eos_token_id=0))
+    args = TrainingArguments(output_dir=str(out), save_steps=save_steps, max_steps=max_steps, report_to=[],
+                             per_device_train_batch_size=4, use_cpu=True, disable_tqdm=True, seed=0,
+                             dataloader_num_workers=0, logging_steps=1000)
+    cb = CkptDaemonCallback(exit_on_stop=False)
+    return Trainer(model=model, args=args, train_dataset=Tokens(), callbacks=[cb]), cb
+
+
+def test_hugging_face_saves_go_to_memory_and_persist_as_its_own_folder(under_daemon, monkeypatch):
+    pytest.importorskip("transformers")
+    ck, region = under_daemon
+    trainer, cb = _hf_trainer(ck, max_steps=7)
+    trainer.train()
+    assert cb._mem is None and trainer.args.output_dir == str(ck)  # the staging detour is undone
+    assert not any(p.name.startswith("checkpoint-") for p in ck.iterdir()), list(ck.iterdir())  # nothing on disk
+    assert not any(p.name.startswith("staging-") for p in region.iterdir())  # staging removed after each save
+    assert _slot(region, ck).step == 7  # Hugging Face's save at the end of training went to memory too
+    info = next(s for s in mem.Region(region).slots()[0] if s.step == 6)  # the other slot: double buffering
+    assert (info.name, info.layout) == ("checkpoint-6", "folder")
+    held = _slot_bytes(info)
+    assert {"model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json", "rng_state.pth"} <= set(held)
+    assert json.loads(held["trainer_state.json"])["global_step"] == 6
+
+    # A restart from memory: resume_path() is a verified copy, byte for byte, and Hugging Face resumes from it
+    copy = _resume_from_memory(monkeypatch, ck, info)
+    assert copy.parent == region / f"resume-{os.getpid()}" and copy.name == "checkpoint-6"
+    assert {p.name: p.read_bytes() for p in copy.iterdir()} == held
+    on_disk = shutil.copytree(copy, ck.parent / "disk" / "checkpoint-6")
+    resumed, cb2 = _hf_trainer(ck, max_steps=9)
+    resumed.train(resume_from_checkpoint=str(copy))
+    assert resumed.state.global_step == 9 and cb2.start_step == 6
+    assert not copy.exists()  # freed after the first step
+    monkeypatch.delenv("CKPT_DAEMON_MEMORY")
+    reference, _ = _hf_trainer(ck.parent / "disk", max_steps=9, save_steps=1000)
+    reference.train(resume_from_checkpoint=str(on_disk))
+    monkeypatch.setenv("CKPT_DAEMON_MEMORY", str(region))
+    for (k, a), b in zip(resumed.model.state_dict().items(), reference.model.state_dict().values()):
+        assert torch.equal(a, b), k  # resuming from memory is resuming from that checkpoint on disk
+
+    # The daemon's persist: Hugging Face's folder under its name, its checksums recorded from memory
+    info = _slot(region, ck)
+    assert info.step == 9
+    r = mem.persist_slot(info, ck)
+    assert r.path == ck / "checkpoint-9" and not (r.path / "manifest.json").exists()
+    sc = foreign.read_sidecar(ck, "checkpoint-9")
+    assert sc is not None and sc["layout"] == "hf" and set(sc["files"]) == set(_slot_bytes(info))
+    e = cat.scan(ck, ["checkpoint-{step}"], verify=True).by_name("checkpoint-9")
+    assert e.valid and e.layout == "hf" and e.recorded, e.reason
+    _flip(r.path / "optimizer.pt", (r.path / "optimizer.pt").stat().st_size // 2)
+    e = cat.verify_entry(cat.scan(ck, ["checkpoint-{step}"]).by_name("checkpoint-9"))
+    assert not e.valid and "optimizer.pt" in e.reason  # damage after the persist is caught like a native one's
+
+
+def test_a_damaged_memory_state_is_not_copied_out_and_the_trainer_waits_for_the_disk(under_daemon, monkeypatch, caplog):
+    pytest.importorskip("transformers")
+    ck, region = under_daemon
+    trainer, _ = _hf_trainer(ck, max_steps=3)
+    trainer.train()
+    info = _slot(region, ck)
+    name, off, size = next(f for f in info.files if f[0] == "optimizer.pt")
+    _flip(info.path, mem.PAYLOAD_OFFSET + off + size // 2)
+    monkeypatch.setenv("CKPT_RESUME", str(ck / info.name))
+    monkeypatch.setenv("CKPT_DAEMON_MEMORY_RESUME", str(info.step))
+    assert common._memory_resume(str(ck / info.name), wait_s=0.5) is None
+    assert "optimizer.pt in slot-" in caplog.text and "fails its checksum" in caplog.text
+    assert not (region / f"resume-{os.getpid()}" / info.name).exists()  # no half copy left behind
+    # ... and once the daemon has the checkpoint on disk, that is where the trainer resumes
+    (ck / info.name).mkdir()
+    assert common._memory_resume(str(ck / info.name), wait_s=5) == str(ck / info.name)
+
+
+def test_without_room_or_outside_the_daemon_hugging_face_saves_to_disk_as_before(under_daemon, monkeypatch, caplog):
+    pytest.importorskip("transformers")
+    ck, region = under_daemon
+    import ckpt_daemon.fsutil as fsutil
+
+    monkeypatch.setattr(fsutil, "free_bytes", lambda p: 1 << 20)  # a tmpfs with 1 MiB free
+    trainer, _ = _hf_trainer(ck, max_steps=3)
+    trainer.train()
+    assert (ck / "checkpoint-3" / "optimizer.pt").is_file() and "this save goes to disk" in caplog.text
+    monkeypatch.undo()
+    monkeypatch.delenv("CKPT_DAEMON_MEMORY", raising=False)
+    trainer, cb = _hf_trainer(ck / "plain", max_steps=3)
+    trainer.train()
+    assert (ck / "plain" / "checkpoint-3").is_dir()
+
+
+# --------------------------------------------------------------------------------------------- Lightning
+def _lightning(ck: Path, max_steps: int, every: int = 3, ckpt_path=None):
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from ckpt_daemon.integrations.lightning import CkptDaemonCallback
+
+    class Net(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 1))
+
+        def training_step(self, batch, i):
+            x, y = batch
+            return torch.nn.functional.mse_loss(self.net(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=1e-2)
+
+    pl.seed_everything(0, verbose=False)
+    x = torch.randn(128, 8, generator=torch.Generator().manual_seed(0))
+    data = torch.utils.data.TensorDataset(x, x.sum(1, keepdim=True))
+    mc = ModelCheckpoint(dirpath=ck, every_n_train_steps=every, save_top_k=-1, filename="{epoch}-{step}")
+    cb = CkptDaemonCallback()
+    trainer = pl.Trainer(max_steps=max_steps, callbacks=[mc, cb], logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, accelerator="cpu", devices=1, num_sanity_val_steps=0)
+    net = Net()
+    trainer.fit(net, torch.utils.data.DataLoader(data, batch_size=8), ckpt_path=ckpt_path)
+    return trainer, net, cb
+
+
+def test_lightning_saves_go_to_memory_and_persist_under_the_name_lightning_gave(under_daemon, monkeypatch):
+    pytest.importorskip("lightning")
+    from ckpt_daemon.integrations.lightning import MemoryCheckpointIO
+
+    ck, region = under_daemon
+    trainer, _, _ = _lightning(ck, max_steps=7)
+    assert isinstance(trainer.strategy.checkpoint_io, MemoryCheckpointIO) and trainer.strategy.checkpoint_io.saves == 2
+    assert not list(ck.glob("*.ckpt"))  # nothing on disk
+    info = _slot(region, ck)
+    assert (info.step, info.name, info.layout) == (6, "epoch=0-step=6.ckpt", "file")
+
+    copy = _resume_from_memory(monkeypatch, ck, info)
+    assert copy.read_bytes() == _slot_bytes(info)[info.name]
+    (ck.parent / "disk").mkdir()
+    on_disk = shutil.copy(copy, ck.parent / "disk" / info.name)
+    resumed, net, cb = _lightning(ck, max_steps=9, ckpt_path=str(copy))
+    assert cb.start_step == 6 and resumed.global_step == 9 and not copy.exists()
+    monkeypatch.delenv("CKPT_DAEMON_MEMORY")
+    _, ref, _ = _lightning(ck.parent / "disk", max_steps=9, every=1000, ckpt_path=str(on_disk))
+    monkeypatch.setenv("CKPT_DAEMON_MEMORY", str(region))
+    for (k, a), b in zip(net.state_dict().items(), ref.state_dict().values()):
+        assert torch.equal(a, b), k  # resuming from memory is resuming from that checkpoint on disk
+
+    info = _slot(region, ck)
+    r = mem.persist_slot(info, ck)
+    assert r.path == ck / "epoch=0-step=9.ckpt" and r.path.is_file()
+    assert torch.load(r.path, weights_only=False)["global_step"] == 9
+    sc = foreign.read_sidecar(ck, r.path.name)
+    assert sc is not None and set(sc["files"]) == {""} and sc["layout"] == "file"
+    e = cat.scan(ck, ["epoch={epoch}-step={step}.ckpt"], verify=True).by_name(r.path.name)
+    assert e.valid and e.recorded and e.step == 9, e.reason
+
+
+# ----------------------------------------------------------------------------------------- hostile slots
+@pytest.mark.parametrize("target, reason", [
+    ({"name": "../escape", "layout": "folder"}, "unsafe target"),
+    ({"name": "latest", "layout": "folder"}, "unsafe target"),
+    ({"name": "x", "layout": "tarball"}, "unknown layout"),
+    ({"name": "checkpoint-9", "layout": "native"}, "not checkpoint-3"),
+    ({"name": "a.ckpt", "layout": "file"}, "exactly that file"),
+    ({"name": "x"}, "malformed target"),
+    ("checkpoint-3", "malformed target"),
+])
+def test_hostile_slot_targets_are_reported_never_persisted(tmp_path, target, reason):
+    region, ck = tmp_path / "shm", tmp_path / "ck"
+    from ckpt_daemon.memsave import MemoryWriter
+
+    w = MemoryWriter(region, ck)
+    w.save_files(3, "b.ckpt", "file", [("b.ckpt", b"x" * 100)])
+    w.close()
+    p = region / "slot-0" if mem.Region(region).read_slot(0)[0] else region / "slot-1"
+    raw = bytearray(p.read_bytes())
+    hlen = int.from_bytes(raw[24:32], "little")
+    h = json.loads(raw[64:64 + hlen])
+    h["target"] = target
+    new = json.dumps(h).encode()
+    raw[64:64 + hlen] = b" " * hlen
+    raw[64:64 + len(new)] = new
+    raw[24:32] = len(new).to_bytes(8, "little")
+    p.write_bytes(bytes(raw))
+    info, problems = mem.Region(region).newest(ck)
+    assert info is None and any(reason in x for x in problems), problems
+
+
+def test_a_slot_whose_files_are_not_what_its_layout_claims_is_not_persisted(tmp_path):
+    from ckpt_daemon.memsave import MemoryWriter
+
+    region, ck = tmp_path / "shm", tmp_path / "ck"
+    ck.mkdir()
+    w = MemoryWriter(region, ck)
+    w.save_files(4, "checkpoint-4", "folder", [("weights.bin", os.urandom(4096))])  # no Hugging Face file in it
+    w.save_files(5, "model_step_5.pt", "file", [("model_step_5.pt", b"not a torch.save zip" * 50)])
+    w.close()
+    for info in mem.Region(region).slots()[0]:
+        with pytest.raises(ValueError, match="is (invalid|incomplete|corrupt)"):
+            mem.persist_slot(info, ck)
+    assert sorted(os.listdir(ck)) == [".ckpt-daemon"]  # nothing half written, no sidecar left
+    assert not list((ck / ".ckpt-daemon").glob("manifests/*"))
+
+
+# ------------------------------------------------------------------------------------ under the daemon
+def _memory_byo_daemon(tmp_path: Path, region: Path, script: str, patterns: list[str]) -> Daemon:
+    return Daemon(tmp_path, {
+        "checkpoints": {"pattern": patterns, "settle_s": 1,
+                        "memory": {"enabled": True, "persist_every": 1000, "dir": str(region)}},
+        "training": {"command": [PY, str(BYO / script)], "stop_timeout_s": 60,
+                     "env": {"STEP_SLEEP": "0.03", "HF_HUB_OFFLINE": "1"},
+                     "restart": {"initial_backoff_s": 0.2, "max_backoff_s": 1.0, "max_crashes": 20,
+                                 "crash_window_s": 600}}})
+
+
+@pytest.mark.parametrize("script, patterns", [
+    ("hf_train.py", ["checkpoint-{step}"]),
+    ("lightning_train.py", ["epoch={epoch}-step={step}.ckpt"]),
+])
+def test_kill_minus_9_of_a_users_trainer_loses_no_step_beyond_its_memory_checkpoint(tmp_path, daemons, script, patterns):
+    pytest.importorskip("transformers" if script.startswith("hf") else "lightning")
+    region = Path("/dev/shm") / f"ckpt-test-{os.getpid()}-{tmp_path.name}"
+    ck = tmp_path / "checkpoints"
+    d = _memory_byo_daemon(tmp_path, region, script, patterns).start()
+    daemons.append(d)
+    try:
+        d.wait(lambda s: (info := mem.Region(region).newest(ck)[0]) is not None and info.step >= 10, timeout=180,
+               what="memory checkpoints from the user's trainer")
+        pid = d.status()["training"]["pid"]
+        os.kill(pid, signal.SIGSTOP)
+        info = _slot(region, ck)
+        assert not (ck / info.name).exists()  # only in memory so far
+        os.kill(pid, signal.SIGKILL)
+        s = d.wait(lambda s: s["training"]["pid"] not in (None, pid) and s["training"]["state"] == "running"
+                   and s, timeout=120, what="the restart")
+        assert s["training"]["resumed_from"] == info.name
+        trainer_log = tmp_path / "logs" / "trainer.log"
+        d.wait(lambda s: f"BEGIN {info.step}" in trainer_log.read_text(), timeout=120,
+               what=f"the trainer resuming at step {info.step}")
+        d.wait(lambda s: (ck / info.name).exists(), what="the breakpoint's persist")
+        e = cat.verify_entry(cat.scan(ck, patterns).by_name(info.name))
+        assert e.valid and e.recorded, e.reason
+        if script.startswith("hf"):  # the best checkpoint is named where it is on disk, not the staging folder
+            best = json.loads((ck / info.name / "trainer_state.json").read_text())["best_model_checkpoint"]
+            assert best and Path(best).parent == ck, best
+        assert d.stop() == 0
+        assert "exited with 143" in trainer_log.read_text()
+        newest = cat.scan(ck, patterns, verify=True).newest_valid()
+        assert newest is not None and newest.step > info.step  # the stop's save went through memory to disk
+    finally:
+        mem.remove_stale_region(region)
