@@ -259,6 +259,13 @@ def bench_memory_first(quick: bool, out: dict) -> None:
     out.update(bench_memory(quick))
 
 
+def bench_integrations(quick: bool, out: dict) -> None:
+    """Hugging Face saves to disk and to memory (benchmarks/integrations.py)."""
+    from benchmarks.integrations import bench_integrations as run
+
+    out.update(run(quick))
+
+
 def bench_snapshot(quick: bool, out: dict) -> None:
     import numpy as np
 
@@ -442,7 +449,7 @@ def bench_recovery(quick: bool, out: dict) -> None:
 
 BENCHES = {"save": bench_save_and_load, "dlrover": bench_dlrover, "memory": bench_memory_first,
            "snapshot": bench_snapshot, "plan": bench_plan, "cleanup": bench_cleanup, "train": bench_train_overhead,
-           "daemon": bench_daemon, "recovery": bench_recovery}
+           "daemon": bench_daemon, "recovery": bench_recovery, "integrations": bench_integrations}
 
 GOALS = {  # name: (comparison, goal, meaning)
     "save_vs_torch": ("<=", 1.0, "our blocking save (checksummed, atomic commit) / torch.save+fsync, same state and disk"),
@@ -472,6 +479,9 @@ GOALS = {  # name: (comparison, goal, meaning)
     "daemon_rss_mb": ("<=", 80, "daemon RSS while idle, MiB"),
     "daemon_cpu_share": ("<=", 0.005, "daemon CPU share while idle"),
     "recovery_s": ("<=", None, "SIGKILL to first step after resume from disk, minus backoff, s"),
+    "hf_memory_vs_disk": ("<=", None, "Hugging Face Trainer: training stall per save with memory checkpoints / its "
+                          "own save to disk (page cache, no fsync), same model (benchmarks/integrations.py)"),
+    "hf_memory_vs_disk_fsync": ("<=", None, "the same / its save to disk made durable (fsync of its files)"),
 }
 
 # writer: (blocking save, async stall, async total / persisted, cold load) keys in the results

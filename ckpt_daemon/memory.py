@@ -76,6 +76,7 @@ RESERVED_TARGETS = ("latest", "best", "snapshots")
 SCRATCH_PREFIXES = ("staging-", "resume-")
 CHUNK = 16 << 20
 _HEX64 = re.compile(r"[0-9a-f]{64}\Z")
+NAME_STEP = re.compile(r"(?:step[=_-]?|checkpoint-)([0-9]{1,15})(?![0-9])")  # the step a target's name says
 
 
 class MemoryCheckpointError(CkptError):
@@ -241,6 +242,9 @@ def _parse_header(raw: bytes, file_size: int, index: int) -> SlotInfo:
             raise ValueError(f"names an unsafe target {str(target)[:60]!r}")
         if layout == "native" and target != f"checkpoint-{step}":
             raise ValueError(f"names a native target {target[:60]!r} that is not checkpoint-{step}")
+        named = NAME_STEP.search(target)
+        if layout != "native" and (named is None or int(named.group(1)) != step):
+            raise ValueError(f"names a target {target[:60]!r} that does not carry its step {step}")
         if layout == "file" and names[:-1] != [target]:
             raise ValueError("has a single-file target but does not hold exactly that file")
     return SlotInfo(index, seq, gen, step, out, msha, plen, bid, pid, ck, float(t), target=target, layout=layout)

@@ -19,7 +19,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -145,16 +145,25 @@ class MemoryWriter:
         return self._write(p.step, layout, off, p.manifest_extra, t0, None)
 
     def save_files(self, step: int, name: str, layout: str, files: list[tuple[str, object]],
-                   manifest_extra: Optional[dict] = None) -> bool:
+                   manifest_extra: Optional[dict] = None, background: bool = False,
+                   after: Optional[Callable[[bool], None]] = None) -> bool:
         """Copy the files of another trainer's checkpoint (name -> bytes-like: bytes, a memoryview, a uint8
         numpy array) into a slot and commit it in the background. The daemon persists it as `name` in the
         checkpoint folder: a folder of these files (layout "folder", e.g. Hugging Face's checkpoint-<step>)
         or one file (layout "file": `files` holds exactly one, named `name`). Returns False if both
-        slots were busy. Raises CheckpointError for names the daemon would refuse."""
+        slots were busy. Raises CheckpointError for names the daemon would refuse.
+
+        background=True: the copy too runs on the commit thread (the buffers must stay as they are until
+        it ends: files a trainer wrote and no longer touches); `after(committed)` is called there once it
+        is done (e.g. to remove those files, or to write them to disk if the commit failed). The next
+        save waits for it."""
         from ckpt_daemon.errors import CheckpointError
 
         if layout not in ("folder", "file") or not mem.safe_name(name) or name in mem.RESERVED_TARGETS:
             raise CheckpointError(f"cannot keep {name!r} ({layout}) in memory: not a plain checkpoint name")
+        named = mem.NAME_STEP.search(name)
+        if named is None or int(named.group(1)) != step:
+            raise CheckpointError(f"cannot keep {name!r} in memory as step {step}: its name must carry that step")
         names = [n for n, _ in files]
         if layout == "file" and names != [name]:
             raise CheckpointError("a single-file memory checkpoint holds exactly the file it is named after")
@@ -169,10 +178,11 @@ class MemoryWriter:
             arr = np.frombuffer(data, dtype=np.uint8) if not isinstance(data, np.ndarray) else data.reshape(-1).view(np.uint8)
             entries.append((fname, off, arr.size, arr, None))
             off = -(-(off + arr.size) // mem.ALIGN) * mem.ALIGN
-        return self._write(step, entries, off, manifest_extra or {}, t0, {"name": name, "layout": layout})
+        return self._write(step, entries, off, manifest_extra or {}, t0, {"name": name, "layout": layout},
+                           background, after)
 
     def _write(self, step: int, layout: list, off: int, manifest_extra: dict, t0: float,
-               target: Optional[dict]) -> bool:
+               target: Optional[dict], background: bool = False, after: Optional[Callable[[bool], None]] = None) -> bool:
         """Copy `layout` ((name, offset, size, head bytes, tensors or None), files at `off` and beyond are
         free for the manifest) into a free slot, then hash and commit in the background."""
         manifest_room = (64 << 10) + 512 * len(layout)
@@ -197,7 +207,8 @@ class MemoryWriter:
             for name, o, size, head, tensors in layout:
                 start = base + o
                 if isinstance(head, np.ndarray):  # raw bytes of a file: copied in pieces by every core
-                    _copy_parallel(npbuf[start:start + size], head)
+                    if not background:
+                        _copy_parallel(npbuf[start:start + size], head)
                     continue
                 buf[start:start + len(head)] = torch.frombuffer(bytearray(head), dtype=torch.uint8)
                 pos = start + len(head)
@@ -220,8 +231,10 @@ class MemoryWriter:
         self.last_stall_s = time.perf_counter() - t0
         self._gen += 1
         files = [(name, o, size) for name, o, size, _, _ in layout]
-        self._thread = threading.Thread(target=self._commit, args=(i, odd + 1, self._gen, step, manifest_extra,
-                                                                   files, off, target),
+        args = (i, odd + 1, self._gen, step, manifest_extra, files, off, target)
+        raw = [(mem.PAYLOAD_OFFSET + o, size, head) for _, o, size, head, _ in layout
+               if background and isinstance(head, np.ndarray)]
+        self._thread = threading.Thread(target=self._copy_then_commit, args=(raw, args, after),
                                         name=f"memory-commit-{step}", daemon=True)
         self._thread.start()
         self.saves += 1
@@ -241,6 +254,25 @@ class MemoryWriter:
                 s.ensure(size)
         except OSError as exc:
             raise mem.capacity_error(self.region.path, size, free_bytes(self.region.path)) from exc
+
+    def _copy_then_commit(self, raw: list, args: tuple, after: Optional[Callable[[bool], None]]) -> None:
+        self._error = None
+        try:
+            try:
+                npbuf = self.slots[args[0]].buf.numpy()
+                for start, size, data in raw:
+                    _copy_parallel(npbuf[start:start + size], data)
+            except BaseException as exc:
+                self._error = exc
+                fcntl.flock(self.slots[args[0]].fd, fcntl.LOCK_UN)
+                return
+            self._commit(*args)
+        finally:
+            if after is not None:
+                try:
+                    after(self._error is None)
+                except Exception as exc:  # noqa: BLE001 - a cleanup; the commit stands
+                    log.debug("after a memory commit: %s", exc)
 
     def _commit(self, i: int, even: int, gen: int, step: int, manifest_extra: dict, files: list,
                 manifest_off: int, target: Optional[dict]) -> None:

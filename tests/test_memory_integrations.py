@@ -170,6 +170,22 @@ def test_without_room_or_outside_the_daemon_hugging_face_saves_to_disk_as_before
     assert (ck / "plain" / "checkpoint-3").is_dir()
 
 
+def test_a_hugging_face_save_that_memory_cannot_commit_is_written_to_disk(under_daemon, monkeypatch, caplog):
+    pytest.importorskip("transformers")
+    ck, region = under_daemon
+
+    def broken(*a, **k):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(mem, "file_digest", broken)  # the background commit fails after the copy
+    trainer, _ = _hf_trainer(ck, max_steps=3)
+    trainer.train()
+    assert "could not be committed to memory; writing it to disk" in caplog.text
+    e = cat.scan(ck, ["checkpoint-{step}"], verify=True).by_name("checkpoint-3")
+    assert e is not None and e.valid and e.layout == "hf", e and e.reason
+    assert not list(region.glob("staging-*"))
+
+
 # --------------------------------------------------------------------------------------------- Lightning
 def _lightning(ck: Path, max_steps: int, every: int = 3, ckpt_path=None):
     import lightning.pytorch as pl
@@ -234,13 +250,29 @@ def test_lightning_saves_go_to_memory_and_persist_under_the_name_lightning_gave(
     assert e.valid and e.recorded and e.step == 9, e.reason
 
 
+def test_a_lightning_save_that_memory_cannot_commit_is_written_to_disk(under_daemon, monkeypatch, caplog):
+    pytest.importorskip("lightning")
+    ck, region = under_daemon
+
+    def broken(*a, **k):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(mem, "file_digest", broken)  # the background commit fails after the copy
+    _lightning(ck, max_steps=3)
+    assert "could not be committed to memory; writing it to disk" in caplog.text
+    e = cat.scan(ck, ["epoch={epoch}-step={step}.ckpt"], verify=True).by_name("epoch=0-step=3.ckpt")
+    assert e is not None and e.valid and e.step == 3, e and e.reason
+
+
 # ----------------------------------------------------------------------------------------- hostile slots
 @pytest.mark.parametrize("target, reason", [
     ({"name": "../escape", "layout": "folder"}, "unsafe target"),
     ({"name": "latest", "layout": "folder"}, "unsafe target"),
     ({"name": "x", "layout": "tarball"}, "unknown layout"),
     ({"name": "checkpoint-9", "layout": "native"}, "not checkpoint-3"),
-    ({"name": "a.ckpt", "layout": "file"}, "exactly that file"),
+    ({"name": "step=3.ckpt", "layout": "file"}, "exactly that file"),
+    ({"name": "b.ckpt", "layout": "file"}, "does not carry its step"),
+    ({"name": "epoch=0-step=999.ckpt", "layout": "file"}, "does not carry its step 3"),
     ({"name": "x"}, "malformed target"),
     ("checkpoint-3", "malformed target"),
 ])
@@ -249,7 +281,7 @@ def test_hostile_slot_targets_are_reported_never_persisted(tmp_path, target, rea
     from ckpt_daemon.memsave import MemoryWriter
 
     w = MemoryWriter(region, ck)
-    w.save_files(3, "b.ckpt", "file", [("b.ckpt", b"x" * 100)])
+    w.save_files(3, "step=3.pt", "file", [("step=3.pt", b"x" * 100)])
     w.close()
     p = region / "slot-0" if mem.Region(region).read_slot(0)[0] else region / "slot-1"
     raw = bytearray(p.read_bytes())

@@ -274,6 +274,7 @@ class _MemorySaves:
         self.real_output: Optional[str] = None
         self.warned: set[str] = set()
         self.saves = 0
+        self.count = 0
 
     @classmethod
     def start(cls, args, explicit: bool) -> "Optional[_MemorySaves]":
@@ -331,7 +332,8 @@ class _MemorySaves:
                        "%d MiB: this save goes to disk", free >> 20, need >> 20)
             return
         self.real_output = args.output_dir
-        args.output_dir = self.staging
+        self.count += 1  # a folder of its own per save: the previous one may still be copied from
+        args.output_dir = os.path.join(self.staging, str(self.count))
 
     def unstage(self, args) -> None:
         if self.real_output is not None:
@@ -341,23 +343,36 @@ class _MemorySaves:
         """Hugging Face wrote checkpoint-<step> into the staging folder: into a memory slot with it."""
         if self.real_output is None:
             return
-        real = self.real_output
+        import shutil
+
+        real, root = self.real_output, args.output_dir
         self.unstage(args)
         name = f"checkpoint-{state.global_step}"
-        folder = os.path.join(self.staging, name)
+        folder = os.path.join(root, name)
+        done = False
         try:
             bmc = state.best_model_checkpoint
             if isinstance(bmc, str) and bmc.startswith(self.staging + os.sep):
-                state.best_model_checkpoint = os.path.join(real, bmc[len(self.staging) + 1:])
+                state.best_model_checkpoint = os.path.join(real, os.path.basename(bmc))
                 state.save_to_json(os.path.join(folder, "trainer_state.json"))
-            self._keep(folder, name, state.global_step, real)
+            done = self._keep(folder, name, state.global_step, real, root)
         finally:
-            import shutil
+            if not done:
+                shutil.rmtree(root, ignore_errors=True)
 
-            shutil.rmtree(self.staging, ignore_errors=True)
+    def _keep(self, folder: str, name: str, step: int, real: str, root: str) -> bool:
+        """Into a slot, copied by the writer's thread (the training loop waits only for Hugging Face's own
+        writing); the staging folder goes once the copy is done, or to disk if it cannot be committed.
+        True if the writer's thread owns the staging folder now."""
+        import shutil
 
-    def _keep(self, folder: str, name: str, step: int, real: str) -> None:
         import numpy as np
+
+        def after(committed: bool) -> None:
+            if not committed:
+                log.warning("ckpt-daemon: %s could not be committed to memory; writing it to disk", name)
+                self._to_disk(folder, name, real)
+            shutil.rmtree(root, ignore_errors=True)
 
         try:
             entries = sorted(os.scandir(folder), key=lambda e: e.name)
@@ -365,14 +380,15 @@ class _MemorySaves:
                 raise ValueError("Hugging Face wrote subfolders or links into it, which memory slots do not hold")
             files = [(e.name, np.memmap(e.path, dtype=np.uint8, mode="r") if e.stat().st_size else b"")
                      for e in entries]
-            if self.writer.save_files(step, name, "folder", files):
+            if self.writer.save_files(step, name, "folder", files, background=True, after=after):
                 self.saves += 1
-                return
+                return True
             why = "both memory slots are busy"
         except Exception as exc:  # noqa: BLE001 - fall back to the disk, never lose the save
             why = f"{type(exc).__name__}: {exc}"
         log.warning("ckpt-daemon: %s could not be kept in memory (%s); writing it to disk", name, why)
         self._to_disk(folder, name, real)
+        return False
 
     def _to_disk(self, folder: str, name: str, real: str) -> None:
         import shutil
@@ -399,3 +415,6 @@ class _MemorySaves:
             except Exception as exc:  # noqa: BLE001
                 log.error("ckpt-daemon: the last memory checkpoint could not be committed (%s)", exc)
             self.writer = None
+        import shutil
+
+        shutil.rmtree(self.staging, ignore_errors=True)

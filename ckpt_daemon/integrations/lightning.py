@@ -354,13 +354,19 @@ class MemoryCheckpointIO(_TorchCheckpointIO):
                     self._writer = memory_writer()
                 buf = io.BytesIO()
                 torch.save(checkpoint, buf)
-                view = buf.getbuffer()
-                try:
-                    if self._writer.save_files(checkpoint["global_step"], name, "file", [(name, view)]):
-                        self.saves += 1
-                        return
-                finally:
-                    view.release()
+                data = buf.getbuffer()
+
+                def after(committed: bool) -> None:
+                    # on the writer's thread, once the copy into the slot is done (the loop went on meanwhile)
+                    if not committed:
+                        log.warning("ckpt-daemon: %s could not be committed to memory; writing it to disk", name)
+                        _write_file(str(path), data)
+
+                # the copy into the slot runs on the writer's thread: the loop waits for torch.save only
+                if self._writer.save_files(checkpoint["global_step"], name, "file", [(name, data)],
+                                           background=True, after=after):
+                    self.saves += 1
+                    return
                 log.warning("ckpt-daemon: %s could not be kept in memory (both slots are busy); writing it to disk", name)
             except Exception as exc:  # noqa: BLE001 - memory is an optimisation: the save goes to disk
                 self._off = f"{type(exc).__name__}: {exc}"
@@ -380,6 +386,19 @@ class MemoryCheckpointIO(_TorchCheckpointIO):
                 log.error("ckpt-daemon: the last memory checkpoint could not be committed (%s)", exc)
             self._writer = None
         super().teardown()
+
+
+def _write_file(path: str, data) -> None:
+    """`data` as the file `path`, whole or not at all (a temporary name, fsync, rename)."""
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    if os.path.lexists(path):
+        os.unlink(tmp)
+        return
+    os.rename(tmp, path)
 
 
 class CkptDaemonCallback(_CkptDaemonHooks, _pl.Callback):
