@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import random
 import shutil
 import threading
@@ -527,7 +528,7 @@ class CheckpointManager:
         """The step of the memory state the daemon chose for this restart ($CKPT_DAEMON_MEMORY_RESUME),
         if `which` is its checkpoint-<step> path in this folder (it may not be on disk yet)."""
         raw = os.environ.get("CKPT_DAEMON_MEMORY_RESUME", "")
-        if self.memory_dir is None or not raw.isdigit() or len(raw) > 19 or not isinstance(which, (str, os.PathLike)):
+        if self.memory_dir is None or not re.fullmatch(r"[0-9]{1,19}", raw) or not isinstance(which, (str, os.PathLike)):
             return None
         step = int(raw)
         p = Path(which)

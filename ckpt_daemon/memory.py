@@ -70,6 +70,7 @@ SLOTS = ("slot-0", "slot-1")
 LOCK = "region.lock"
 LAYOUTS = ("native", "folder", "file")
 RESERVED_TARGETS = ("latest", "best", "snapshots")
+MAX_TARGET = 200  # a target's sidecar is named after it, with a few characters more: keep under NAME_MAX
 #: Folders trainers make in the region next to the slots: `staging-<pid>` (a trainer's own checkpoint
 #: writer writes there before it is copied into a slot) and `resume-<pid>` (a slot copied out as files
 #: for a loader that reads files). The daemon removes those of processes that are gone.
@@ -238,7 +239,7 @@ def _parse_header(raw: bytes, file_size: int, index: int) -> SlotInfo:
         layout, target = tgt["layout"], tgt["name"]
         if layout not in LAYOUTS:
             raise ValueError(f"names an unknown layout {str(layout)[:20]!r}")
-        if not safe_name(target) or target in RESERVED_TARGETS:
+        if not safe_name(target) or len(target) > MAX_TARGET or target in RESERVED_TARGETS:
             raise ValueError(f"names an unsafe target {str(target)[:60]!r}")
         if layout == "native" and target != f"checkpoint-{step}":
             raise ValueError(f"names a native target {target[:60]!r} that is not checkpoint-{step}")
@@ -550,7 +551,15 @@ def persist_slot(info: SlotInfo, ckpt_dir: Path, lock_timeout_s: float = 600.0,
     name = info.name
     final = Path(ckpt_dir) / name
     if os.path.lexists(final):
-        return Persisted(None, info.step, 0.0, 0, f"{name} is already on disk")
+        why = name_taken(final, info.step)
+        if why is None:
+            return Persisted(None, info.step, 0.0, 0, f"{name} is already on disk")
+        # the name holds something that is not a valid checkpoint of that step (a torn folder, a stranger's
+        # file): it goes to quarantine, with its reason, and the memory state takes the name
+        if os.path.islink(final) or runtime.quarantine(Path(ckpt_dir), name, f"{why}; replaced by the memory "
+                                                                             f"checkpoint of step {info.step}") is None:
+            raise ValueError(f"{name} is taken on disk by something that is not a valid checkpoint ({why}) and cannot "
+                             "be moved to quarantine")
     own = pinned is None
     if own:
         pinned = verify_and_pin(info)
@@ -619,6 +628,23 @@ def persist_slot(info: SlotInfo, ckpt_dir: Path, lock_timeout_s: float = 600.0,
     return Persisted(final, info.step, time.perf_counter() - t0, total, "persisted")
 
 
+def name_taken(path: Path, step: int) -> Optional[str]:
+    """None if `path` holds a complete checkpoint of `step` (structure and sizes; no hashing), else why not.
+    Raises ValueError for one that may still be being written (incomplete, changed in the last minute)."""
+    from ckpt_daemon import catalog
+
+    _, status, reason, _ = catalog.check_entry(path, verify=False, step=step)
+    if status == "complete":
+        return None
+    try:
+        recent = time.time() - os.lstat(path).st_mtime < 60
+    except OSError:
+        recent = False
+    if status == "incomplete" and recent:
+        raise ValueError(f"{path.name} is on disk but incomplete and changed in the last minute (being written?)")
+    return f"{path.name} is {status}: {reason}"
+
+
 def materialize(info: SlotInfo, ckpt_dir: Path, dest_root: Path) -> Path:
     """Copy the checkpoint a committed slot holds, as files named as it will be on disk, into
     `dest_root` (a folder next to the slots, on the same tmpfs): a loader that reads files (Hugging
@@ -627,15 +653,17 @@ def materialize(info: SlotInfo, ckpt_dir: Path, dest_root: Path) -> Path:
     (verify once); the slot is held with a shared flock meanwhile and its seq checked after the copy.
     Returns the path (a folder, or the file for a single-file layout). Raises ValueError or OSError."""
     pinned = verify_and_pin(info, hash=False)
-    out = Path(dest_root) / info.name
+    dest_root = Path(dest_root)
+    out = dest_root / info.name
     try:
         if not verified_by_daemon(Path(ckpt_dir), info, pinned.fd):
             bad = hash_files(pinned.mm, info, pinned.manifest)
             if bad:
                 raise ValueError(f"{', '.join(bad)} in {info.path.name} fails its checksum")
-        os.makedirs(dest_root, mode=0o700, exist_ok=True)
-        if os.path.lexists(out):
-            shutil.rmtree(out) if stat.S_ISDIR(os.lstat(out).st_mode) else os.unlink(out)
+        # a fresh folder of our own: whatever has that name (an earlier copy, a planted symlink) goes first,
+        # never followed, and mkdir fails if anything takes the name again meanwhile
+        _remove_nofollow(dest_root)
+        os.mkdir(dest_root, 0o700)
         if info.layout != "file":
             os.mkdir(out, 0o700)
         for fname, off, size in info.files:
@@ -657,8 +685,8 @@ def materialize(info: SlotInfo, ckpt_dir: Path, dest_root: Path) -> Path:
             raise ValueError(f"{info.path.name} was rewritten while it was copied")
         return out
     except BaseException:
-        if os.path.lexists(out):
-            shutil.rmtree(out, ignore_errors=True) if os.path.isdir(out) else os.unlink(out)
+        if os.path.isdir(dest_root) and not os.path.islink(dest_root):
+            shutil.rmtree(dest_root, ignore_errors=True)
         raise
     finally:
         pinned.release()
@@ -703,6 +731,37 @@ def capacity_error(where: Path, need_per_slot: int, have: int, limit: Optional[i
 
 
 # ------------------------------------------------------------------------------------------ the agent
+def private_dir(path: Path) -> Path:
+    """Make (or check) a region folder: a real folder (not a symlink) owned by this user, mode 0700 (made
+    so if it is ours and looser). /dev/shm is writable by everyone and region names are predictable: a
+    folder another user made first could have its slots swapped or links planted. Raises
+    MemoryCheckpointError naming the fix."""
+    path = Path(path)
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        raise MemoryCheckpointError(f"{path} is not a folder; memory checkpoints need it to be one. "
+                                    "Move it away or set checkpoints.memory.dir to another folder.")
+    if st.st_uid != os.geteuid():
+        raise MemoryCheckpointError(f"{path} belongs to another user (uid {st.st_uid}), who could change the memory "
+                                    "checkpoints in it. Remove it, or set checkpoints.memory.dir to a folder of your own.")
+    if stat.S_IMODE(st.st_mode) & 0o077:
+        os.chmod(path, 0o700)
+    return path
+
+
+def _remove_nofollow(p: Path) -> None:
+    """Remove whatever is at `p`: a folder with what it holds, or a file or symlink itself (never followed)."""
+    try:
+        st = os.lstat(p)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        shutil.rmtree(p)
+    else:
+        os.unlink(p)
+
+
 class RegionLock:
     """The daemon's claim on a region: a live daemon holds it; a region whose lock is free was left by
     a daemon that died (or never had one) and is adopted."""
@@ -712,11 +771,7 @@ class RegionLock:
         self.fd: Optional[int] = None
 
     def acquire(self) -> bool:
-        os.makedirs(self.path, mode=0o700, exist_ok=True)
-        st = os.lstat(self.path)
-        if not stat.S_ISDIR(st.st_mode):
-            raise MemoryCheckpointError(f"{self.path} is not a folder; memory checkpoints need it to be one. "
-                                        "Move it away or set checkpoints.memory.dir to another folder.")
+        private_dir(self.path)
         fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, 0o600)
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             os.close(fd)
@@ -800,8 +855,14 @@ class MemoryAgent:
             return
         self.drain()
         self.persist_newest("daemon stop")
-        if clean:
-            self.remove_if_persisted("the daemon stopped")
+        if clean and self.remove_if_persisted("the daemon stopped"):
+            # nothing left to keep: the folder goes too (its lock file while we still hold it)
+            self.region.remove_scratch(only_dead=False)
+            try:
+                os.unlink(self.path / LOCK)
+                os.rmdir(self.path)
+            except OSError:
+                pass  # something else is in it: left as it is
         self.lock.release()
         self.active = False
 
@@ -828,7 +889,14 @@ class MemoryAgent:
         from ckpt_daemon import catalog as cat
 
         if os.path.lexists(self.ckpt_dir / info.name):
-            return True
+            try:
+                why = name_taken(self.ckpt_dir / info.name, info.step)
+            except ValueError:
+                return False  # being written: not on disk yet
+            if why is None:
+                return True
+            self._report([f"{why}; the memory checkpoint of that step is newer than anything valid on disk"])
+            return False
         c = cat.scan(self.ckpt_dir, self.get_cfg().checkpoints.pattern, stats=False)
         return any(e.valid and e.step >= info.step and e.name not in self.avoid for e in c.entries)
 

@@ -85,7 +85,7 @@ class MemoryWriter:
         self.region = mem.Region(region_dir)
         self.ckpt_dir = Path(ckpt_dir)
         self.max_bytes = max_bytes
-        os.makedirs(self.region.path, mode=0o700, exist_ok=True)
+        mem.private_dir(self.region.path)
         self.slots = [_Slot(self.region.slot_path(i)) for i in range(len(mem.SLOTS))]
         self._thread: Optional[threading.Thread] = None
         self._error: Optional[BaseException] = None
@@ -159,7 +159,8 @@ class MemoryWriter:
         save waits for it."""
         from ckpt_daemon.errors import CheckpointError
 
-        if layout not in ("folder", "file") or not mem.safe_name(name) or name in mem.RESERVED_TARGETS:
+        if (layout not in ("folder", "file") or not mem.safe_name(name) or len(name) > mem.MAX_TARGET
+                or name in mem.RESERVED_TARGETS):
             raise CheckpointError(f"cannot keep {name!r} ({layout}) in memory: not a plain checkpoint name")
         named = mem.NAME_STEP.search(name)
         if named is None or int(named.group(1)) != step:

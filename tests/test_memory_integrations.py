@@ -21,6 +21,7 @@ import torch
 from ckpt_daemon import catalog as cat
 from ckpt_daemon import foreign
 from ckpt_daemon import memory as mem
+from ckpt_daemon import memsave  # noqa: F401  (imported before any test patches fsutil.free_bytes it binds)
 from ckpt_daemon.integrations import common
 from tests.conftest import PY
 from tests.test_daemon import Daemon, daemons  # noqa: F401  (the fixture)
@@ -154,6 +155,20 @@ def test_a_damaged_memory_state_is_not_copied_out_and_the_trainer_waits_for_the_
     assert common._memory_resume(str(ck / info.name), wait_s=5) == str(ck / info.name)
 
 
+@pytest.mark.parametrize("raw", ["\u00b2", "9", "-1", "1" * 30, ""])
+def test_a_memory_resume_that_names_no_slot_falls_back_at_once(under_daemon, monkeypatch, raw):
+    import time
+
+    ck, region = under_daemon
+    monkeypatch.setenv("CKPT_RESUME", str(ck / "checkpoint-9"))
+    monkeypatch.setenv("CKPT_DAEMON_MEMORY_RESUME", raw)
+    (ck / "checkpoint-2").mkdir()  # not valid: the scan finds nothing
+    t0 = time.monotonic()
+    with pytest.warns(RuntimeWarning, match="no longer exists"):
+        assert common.resume_path() is None
+    assert time.monotonic() - t0 < 10  # no wait for a persist that nothing is doing
+
+
 def test_without_room_or_outside_the_daemon_hugging_face_saves_to_disk_as_before(under_daemon, monkeypatch, caplog):
     pytest.importorskip("transformers")
     ck, region = under_daemon
@@ -186,8 +201,78 @@ def test_a_hugging_face_save_that_memory_cannot_commit_is_written_to_disk(under_
     assert not list(region.glob("staging-*"))
 
 
+def test_a_tmpfs_that_fills_up_under_hugging_faces_own_write_sends_that_save_to_disk(under_daemon, tmpfs, monkeypatch,
+                                                                                       caplog):
+    pytest.importorskip("transformers")
+    from transformers import TrainerCallback
+
+    from ckpt_daemon.integrations import hf
+
+    ck, _ = under_daemon
+    region = tmpfs("24m") / "region"
+    monkeypatch.setenv("CKPT_DAEMON_MEMORY", str(region))
+    monkeypatch.setattr(hf._MemorySaves, "_room", lambda self: True)  # it looked roomy a moment before
+
+    class Filler(TrainerCallback):  # another user of /dev/shm takes the rest after the first memory save
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == 4:
+                with open(region.parent / "filler", "wb") as f:
+                    try:
+                        while True:
+                            f.write(b"\0" * (1 << 20))
+                            f.flush()
+                    except OSError:
+                        pass
+
+    trainer, _ = _hf_trainer(ck, max_steps=7)
+    trainer.add_callback(Filler())
+    trainer.train()  # no crash
+    assert trainer.state.global_step == 7 and trainer.args.output_dir == str(ck)
+    assert "checkpoint-6 could not be staged in memory" in caplog.text
+    assert _slot(region, ck).step == 3  # the save before the tmpfs filled up is in memory
+    c = cat.scan(ck, ["checkpoint-{step}"], verify=True)
+    assert {e.name for e in c.entries if e.valid} == {"checkpoint-6", "checkpoint-7"}, [(e.name, e.reason) for e in c.entries]
+    assert not list(region.glob("staging-*"))
+
+
+def test_the_best_hugging_face_checkpoint_is_written_to_disk_too(under_daemon):
+    pytest.importorskip("transformers")
+    from transformers import TrainerCallback
+
+    ck, region = under_daemon
+    trainer, _ = _hf_trainer(ck, max_steps=9)
+
+    class Metric(TrainerCallback):  # a metric that is best at step 3 and worse afterwards
+        def on_step_end(self, args, state, control, **kw):
+            control.should_evaluate = False
+
+    trainer.args.metric_for_best_model = "eval_m"
+    trainer.args.greater_is_better = False
+    real = trainer._determine_best_metric
+
+    def fake_metric(metrics, trial):
+        return real({"eval_m": float(trainer.state.global_step == 3 and 1 or 2)}, trial)
+
+    orig_save = trainer._maybe_log_save_evaluate
+
+    def evaluating(*a, **k):
+        if trainer.control.should_save:
+            fake_metric({}, None)
+        return orig_save(*a, **k)
+
+    trainer._maybe_log_save_evaluate = evaluating
+    trainer.add_callback(Metric())
+    trainer.train()
+    assert trainer.state.best_model_checkpoint == str(ck / "checkpoint-3")
+    on_disk = {p.name for p in ck.iterdir() if p.name.startswith("checkpoint-")}
+    assert on_disk == {"checkpoint-3"}, on_disk  # the best on disk, durable; the others in memory only
+    e = cat.scan(ck, ["checkpoint-{step}"], verify=True).by_name("checkpoint-3")
+    assert e.valid and json.loads((e.path / "trainer_state.json").read_text())["best_model_checkpoint"] == str(e.path)
+    assert _slot(region, ck).step == 9
+
+
 # --------------------------------------------------------------------------------------------- Lightning
-def _lightning(ck: Path, max_steps: int, every: int = 3, ckpt_path=None):
+def _lightning(ck: Path, max_steps: int, every: int = 3, ckpt_path=None, **mc_kw):
     import lightning.pytorch as pl
     from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -200,7 +285,10 @@ def _lightning(ck: Path, max_steps: int, every: int = 3, ckpt_path=None):
 
         def training_step(self, batch, i):
             x, y = batch
-            return torch.nn.functional.mse_loss(self.net(x), y)
+            loss = torch.nn.functional.mse_loss(self.net(x), y)
+            # a metric whose best is the first save (step 3), for ModelCheckpoint(monitor="m")
+            self.log("m", float(abs(self.global_step - 2) + 1))
+            return loss
 
         def configure_optimizers(self):
             return torch.optim.AdamW(self.parameters(), lr=1e-2)
@@ -208,7 +296,7 @@ def _lightning(ck: Path, max_steps: int, every: int = 3, ckpt_path=None):
     pl.seed_everything(0, verbose=False)
     x = torch.randn(128, 8, generator=torch.Generator().manual_seed(0))
     data = torch.utils.data.TensorDataset(x, x.sum(1, keepdim=True))
-    mc = ModelCheckpoint(dirpath=ck, every_n_train_steps=every, save_top_k=-1, filename="{epoch}-{step}")
+    mc = ModelCheckpoint(dirpath=ck, every_n_train_steps=every, save_top_k=-1, filename="{epoch}-{step}", **mc_kw)
     cb = CkptDaemonCallback()
     trainer = pl.Trainer(max_steps=max_steps, callbacks=[mc, cb], logger=False, enable_progress_bar=False,
                          enable_model_summary=False, accelerator="cpu", devices=1, num_sanity_val_steps=0)
@@ -224,30 +312,47 @@ def test_lightning_saves_go_to_memory_and_persist_under_the_name_lightning_gave(
     ck, region = under_daemon
     trainer, _, _ = _lightning(ck, max_steps=7)
     assert isinstance(trainer.strategy.checkpoint_io, MemoryCheckpointIO) and trainer.strategy.checkpoint_io.saves == 2
-    assert not list(ck.glob("*.ckpt"))  # nothing on disk
-    info = _slot(region, ck)
-    assert (info.step, info.name, info.layout) == (6, "epoch=0-step=6.ckpt", "file")
+    # step 3 only in memory; the newest (6) written to disk when fit finished (the script may use it next)
+    assert [p.name for p in ck.glob("*.ckpt")] == ["epoch=0-step=6.ckpt"]
+    assert cat.verify_entry(cat.scan(ck, ["epoch={epoch}-step={step}.ckpt"]).by_name("epoch=0-step=6.ckpt")).valid
+    info = next(s for s in mem.Region(region).slots()[0] if s.step == 3)
+    assert (info.name, info.layout) == ("epoch=0-step=3.ckpt", "file")
 
     copy = _resume_from_memory(monkeypatch, ck, info)
-    assert copy.read_bytes() == _slot_bytes(info)[info.name]
+    assert copy.parent == region / f"resume-{os.getpid()}" and copy.read_bytes() == _slot_bytes(info)[info.name]
     (ck.parent / "disk").mkdir()
     on_disk = shutil.copy(copy, ck.parent / "disk" / info.name)
     resumed, net, cb = _lightning(ck, max_steps=9, ckpt_path=str(copy))
-    assert cb.start_step == 6 and resumed.global_step == 9 and not copy.exists()
+    assert cb.start_step == 3 and resumed.global_step == 9 and not copy.exists()
     monkeypatch.delenv("CKPT_DAEMON_MEMORY")
     _, ref, _ = _lightning(ck.parent / "disk", max_steps=9, every=1000, ckpt_path=str(on_disk))
     monkeypatch.setenv("CKPT_DAEMON_MEMORY", str(region))
     for (k, a), b in zip(net.state_dict().items(), ref.state_dict().values()):
         assert torch.equal(a, b), k  # resuming from memory is resuming from that checkpoint on disk
 
-    info = _slot(region, ck)
+    # the daemon's persist: the file under Lightning's name, its checksum recorded from memory
+    info = next(s for s in mem.Region(region).slots()[0] if s.step == 6)
+    assert info.name == "epoch=0-step=6-v1.ckpt"  # Lightning's own versioning: step 6 was on disk already
     r = mem.persist_slot(info, ck)
-    assert r.path == ck / "epoch=0-step=9.ckpt" and r.path.is_file()
-    assert torch.load(r.path, weights_only=False)["global_step"] == 9
+    assert r.path == ck / info.name and r.path.is_file()
+    assert torch.load(r.path, weights_only=False)["global_step"] == 6
     sc = foreign.read_sidecar(ck, r.path.name)
     assert sc is not None and set(sc["files"]) == {""} and sc["layout"] == "file"
     e = cat.scan(ck, ["epoch={epoch}-step={step}.ckpt"], verify=True).by_name(r.path.name)
-    assert e.valid and e.recorded and e.step == 9, e.reason
+    assert e.valid and e.recorded and e.step == 6, e.reason
+    _flip(r.path, r.path.stat().st_size // 2)
+    assert not cat.verify_entry(cat.scan(ck, ["epoch={epoch}-step={step}.ckpt"]).by_name(r.path.name)).valid
+
+
+def test_lightnings_best_and_last_exist_as_files_after_fit(under_daemon):
+    pytest.importorskip("lightning")
+    ck, region = under_daemon
+    trainer, _, _ = _lightning(ck, max_steps=10, monitor="m", mode="min", save_last="link")
+    mc = trainer.checkpoint_callback
+    assert Path(mc.best_model_path).name == "epoch=0-step=3.ckpt" and Path(mc.best_model_path).is_file()
+    assert (ck / "last.ckpt").resolve().is_file() and Path(os.readlink(ck / "last.ckpt")).name == "epoch=0-step=9.ckpt"
+    assert not (ck / "epoch=0-step=6.ckpt").exists()  # neither best nor newest: in memory only (the daemon's cadence)
+    assert trainer.strategy.checkpoint_io.saves == 3  # all three went through memory
 
 
 def test_a_lightning_save_that_memory_cannot_commit_is_written_to_disk(under_daemon, monkeypatch, caplog):
@@ -313,13 +418,66 @@ def test_a_slot_whose_files_are_not_what_its_layout_claims_is_not_persisted(tmp_
     assert not list((ck / ".ckpt-daemon").glob("manifests/*"))
 
 
+def test_a_name_taken_on_disk_by_a_torn_or_foreign_entry_does_not_cost_the_memory_state(tmp_path):
+    import io
+    import time
+
+    from ckpt_daemon import runtime
+    from ckpt_daemon.memsave import MemoryWriter
+
+    region, ck = tmp_path / "shm", tmp_path / "ck"
+    ck.mkdir()
+    buf = io.BytesIO()
+    torch.save({"global_step": 5, "epoch": 0, "state_dict": {"w": torch.ones(4)}}, buf)
+    w = MemoryWriter(region, ck)
+    w.save_files(5, "step=5.ckpt", "file", [("step=5.ckpt", buf.getvalue())])
+    w.close()
+    info = _slot(region, ck)
+    squatter = ck / "step=5.ckpt"
+    squatter.write_bytes(b"PK\x03\x04 torn" * 10)
+    with pytest.raises(ValueError, match="being written"):  # fresh and incomplete: a writer may be at work
+        mem.persist_slot(info, ck)
+    os.utime(squatter, (time.time() - 3600,) * 2)
+    assert "step=5.ckpt is incomplete" in mem.name_taken(squatter, 5)
+    r = mem.persist_slot(info, ck)
+    assert r.path == squatter and torch.load(squatter, weights_only=False)["global_step"] == 5
+    assert [q["name"] for q in runtime.quarantined(ck)] == ["step=5.ckpt"]  # the torn one kept as evidence
+    assert mem.name_taken(squatter, 5) is None  # and now it counts as on disk
+
+
+def test_a_region_of_another_user_or_a_planted_symlink_is_never_used(tmp_path):
+    from ckpt_daemon.memsave import MemoryWriter
+
+    region, ck = tmp_path / "shm", tmp_path / "ck"
+    ck.mkdir()
+    w = MemoryWriter(region, ck)
+    w.save_files(3, "step=3.pt", "file", [("step=3.pt", b"x" * 100)])
+    w.close()
+    info = _slot(region, ck)
+    outside = tmp_path / "outside"
+    (outside / "step=3.pt").mkdir(parents=True)
+    (outside / "step=3.pt" / "precious.txt").write_text("keep me")
+    dest = region / "resume-1"
+    dest.symlink_to(outside)  # planted: the copy must not follow it
+    out = mem.materialize(info, ck, dest)
+    assert (outside / "step=3.pt" / "precious.txt").read_text() == "keep me"
+    assert not dest.is_symlink() and out.read_bytes() == b"x" * 100
+    os.chmod(region, 0o777)
+    MemoryWriter(region, ck).close()
+    assert (region.stat().st_mode & 0o777) == 0o700  # ours, made private again
+    os.chown(region, 65534, 65534)
+    with pytest.raises(mem.MemoryCheckpointError, match="belongs to another user"):
+        MemoryWriter(region, ck)
+
+
 # ------------------------------------------------------------------------------------ under the daemon
 def _memory_byo_daemon(tmp_path: Path, region: Path, script: str, patterns: list[str]) -> Daemon:
     return Daemon(tmp_path, {
         "checkpoints": {"pattern": patterns, "settle_s": 1,
                         "memory": {"enabled": True, "persist_every": 1000, "dir": str(region)}},
         "training": {"command": [PY, str(BYO / script)], "stop_timeout_s": 60,
-                     "env": {"STEP_SLEEP": "0.03", "HF_HUB_OFFLINE": "1"},
+                     # no best metric: a new best is written to disk too, and the test wants a state in memory only
+                     "env": {"STEP_SLEEP": "0.03", "HF_HUB_OFFLINE": "1", "NO_BEST": "1"},
                      "restart": {"initial_backoff_s": 0.2, "max_backoff_s": 1.0, "max_crashes": 20,
                                  "crash_window_s": 600}}})
 
@@ -351,9 +509,6 @@ def test_kill_minus_9_of_a_users_trainer_loses_no_step_beyond_its_memory_checkpo
         d.wait(lambda s: (ck / info.name).exists(), what="the breakpoint's persist")
         e = cat.verify_entry(cat.scan(ck, patterns).by_name(info.name))
         assert e.valid and e.recorded, e.reason
-        if script.startswith("hf"):  # the best checkpoint is named where it is on disk, not the staging folder
-            best = json.loads((ck / info.name / "trainer_state.json").read_text())["best_model_checkpoint"]
-            assert best and Path(best).parent == ck, best
         assert d.stop() == 0
         assert "exited with 143" in trainer_log.read_text()
         newest = cat.scan(ck, patterns, verify=True).newest_valid()

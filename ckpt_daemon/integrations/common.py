@@ -214,26 +214,35 @@ def _memory_resume(env: str, wait_s: Optional[float] = None) -> Optional[str]:
     persist. None when this is not such a restart, or the checkpoint never appears."""
     raw = os.environ.get(ENV_MEMORY_RESUME, "")
     region = os.environ.get(ENV_MEMORY)
-    if not region or not raw.isdigit() or len(raw) > 19:
+    if not region or not re.fullmatch(r"[0-9]{1,19}", raw):
         return None
     from ckpt_daemon import memory as mem
+    from ckpt_daemon.errors import CkptError
     from ckpt_daemon.fsutil import free_bytes
 
     step, name, ckdir = int(raw), os.path.basename(env), Path(os.path.dirname(env))
+    try:
+        mem.private_dir(Path(region))
+    except (OSError, CkptError) as exc:
+        warnings.warn(f"ckpt-daemon: not reading the memory region: {exc}", RuntimeWarning, stacklevel=3)
+        return None
     good, _ = mem.Region(region).slots()
     info = next((s for s in good if s.step == step and s.name == name and s.boot_id == mem.boot_id()
                  and os.path.abspath(s.ckpt_dir) == os.path.abspath(ckdir)), None)
-    why = f"no memory slot holds {name}"
-    if info is not None:
-        dest = resume_copy_dir(Path(region))
-        try:
-            if free_bytes(Path(region)) < info.nbytes + (64 << 20):
-                raise OSError(f"the tmpfs has no room for a copy of {info.nbytes} bytes")
-            out = mem.materialize(info, ckdir, dest)
-            log.info("ckpt-daemon: resuming from the memory checkpoint %s (copied out of memory to %s)", name, out)
-            return str(out)
-        except (OSError, ValueError) as exc:
-            why = str(exc)
+    if info is None:
+        # the daemon pins the slot it chose until it is on disk: gone means on disk already, or not ours
+        return env if os.path.exists(env) else None
+    if info.layout == "native":
+        return env  # CheckpointManager(memory=True).load(path) reads a native memory state itself, in place
+    dest = resume_copy_dir(Path(region))
+    try:
+        if free_bytes(Path(region)) < info.nbytes + (64 << 20):
+            raise OSError(f"the tmpfs has no room for a copy of {info.nbytes} bytes")
+        out = mem.materialize(info, ckdir, dest)
+        log.info("ckpt-daemon: resuming from the memory checkpoint %s (copied out of memory to %s)", name, out)
+        return str(out)
+    except (OSError, ValueError) as exc:
+        why = str(exc)
     deadline = time.monotonic() + (MEMORY_PERSIST_WAIT_S if wait_s is None else wait_s)
     log.warning("ckpt-daemon: the memory checkpoint %s cannot be read from memory (%s); waiting for the daemon to "
                 "write it to disk", name, why)

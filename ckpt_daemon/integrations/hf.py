@@ -43,16 +43,19 @@ What the callback does:
   stopped counts as "stopped".
 - Memory-first checkpoints (`checkpoints.memory.enabled` in the daemon's config; `memory=False` turns
   them off for this callback): each save Hugging Face decides on (its `save_steps`, the stop save) is
-  written by Hugging Face's own code into a staging folder on the tmpfs next to the memory slots
-  (`args.output_dir` points there from that step end to `on_save` only), then copied into a memory slot
-  and the staging folder removed. Training pauses for a save to memory, not to disk; the daemon writes
-  every `persist_every`-th one (and the newest at a crash or stop) as `checkpoint-<step>/` in the
-  checkpoint folder, with its checksums recorded as the sidecar manifest. After a crash the restarted
-  trainer's `resume_path()` is a verified copy of the newest memory state, made at memory speed, which
-  is freed after the first step. Not used (a warning says why, saves go to disk as before) with
-  `load_best_model_at_end` or `save_strategy="best"` (the best checkpoint must be on disk), under
-  torchrun, when `output_dir` is not the daemon's folder, or when the tmpfs has no room for a copy.
-  `save_total_limit` is not applied to memory saves: the daemon's retention tiers manage the folder.
+  written by Hugging Face's own code into a staging folder on the tmpfs next to the memory slots (the
+  trainer's `_save_checkpoint` is wrapped on that instance: `args.output_dir` points at the staging
+  folder for the length of that call only), and copied into a memory slot by a background thread,
+  which then removes the staging folder. Training pauses for Hugging Face's save to memory, not to
+  disk; the daemon writes every `persist_every`-th one (and the newest at a crash or stop) as
+  `checkpoint-<step>/` in the checkpoint folder, with its checksums recorded as the sidecar manifest.
+  A save that is the new best (`metric_for_best_model`) is also written to disk by that thread, durable,
+  so that `best_model_checkpoint` names a folder on disk (`load_best_model_at_end` waits for it). A save that cannot
+  be staged (the tmpfs fills up mid-write, no room for it) or committed to memory is written to disk
+  instead, with a warning. After a crash the restarted trainer's `resume_path()` is a verified copy of
+  the newest memory state, made at memory speed, freed after the first step. Off (saves go to disk as
+  before) under torchrun or when `output_dir` is not the daemon's folder. `save_total_limit` is not
+  applied to memory saves: the daemon's retention tiers manage the folder.
 - Heartbeat: `state.global_step` at every step end (at most every `heartbeat_every_s` seconds,
   always on a stop), which `ckpt-daemon status` shows and `heartbeat_timeout_s` watches; the
   numbers of `on_log` (loss, learning_rate, grad_norm, epoch, eval_loss...) as lines of
@@ -156,7 +159,7 @@ class CkptDaemonCallback(TrainerCallback):
                             args.output_dir, daemon_dir, daemon_dir)
         self.heartbeat.beat(state.global_step, force=True, epoch=state.epoch)
         if self._mem is None and self.memory is not False and state.is_world_process_zero:
-            self._mem = _MemorySaves.start(args, explicit=bool(self.memory))
+            self._mem = _MemorySaves.start(args, _calling_trainer(), explicit=bool(self.memory))
         return control
 
     def _check_resume(self, step: int) -> None:
@@ -189,8 +192,6 @@ class CkptDaemonCallback(TrainerCallback):
                 log.warning("ckpt-daemon: stopping at step %d; saving %s", step, self.saved)
         if self._mem is not None:
             release_memory_resume()  # the state this run resumed from is loaded by now
-            if control.should_save:
-                self._mem.stage(args, kwargs)
         return control
 
     def on_epoch_end(self, args, state, control, **kwargs):
@@ -199,21 +200,9 @@ class CkptDaemonCallback(TrainerCallback):
             # step a second time, in place.
             control.should_save = False
             control.should_evaluate = False
-        if self._mem is not None:
-            if control.should_save:
-                self._mem.stage(args, kwargs)
-            else:
-                self._mem.unstage(args)
-        return control
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        if self._mem is not None:
-            self._mem.unstage(args)  # a save that was staged but not made (another callback changed its mind)
         return control
 
     def on_save(self, args, state, control, **kwargs):
-        if self._mem is not None:
-            self._mem.saved(args, state)
         if self.heartbeat is not None:
             self.heartbeat.beat(state.global_step, force=self.stopped_at is not None, epoch=state.epoch)
         return control
@@ -225,7 +214,7 @@ class CkptDaemonCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         if self._mem is not None:
-            self._mem.close(args)  # the last memory save is committed before the process may exit
+            self._mem.close()  # the last memory save is committed before the process may exit
             self._mem = None
         if self.stop is not None:
             self.stop.restore()
@@ -264,29 +253,62 @@ class CkptDaemonCallback(TrainerCallback):
             sys.exit(self.exit_code)
 
 
-class _MemorySaves:
-    """Hugging Face's checkpoint saves, into memory slots (see the module docstring)."""
+def _calling_trainer() -> Any:
+    """The `transformers.Trainer` whose loop calls this callback (found up the call stack: Hugging Face
+    hands callbacks no reference to it), or None."""
+    from transformers import Trainer
 
-    def __init__(self, region, writer):
+    frame = sys._getframe(1)
+    for _ in range(12):
+        if frame is None:
+            break
+        me = frame.f_locals.get("self")
+        if isinstance(me, Trainer):
+            return me
+        frame = frame.f_back
+    return None
+
+
+class _MemorySaves:
+    """Hugging Face's checkpoint saves, into memory slots (see the module docstring).
+
+    The trainer's `_save_checkpoint` is wrapped (on this instance only): for the length of that call
+    `args.output_dir` is a staging folder on the tmpfs, so Hugging Face's own code writes the checkpoint
+    there; the folder's files are then copied into a slot by the writer's thread. Anything that goes
+    wrong while staged (the tmpfs fills up mid-write, a subfolder) makes the same save again to disk."""
+
+    def __init__(self, region, writer, trainer):
         self.region = region
         self.writer = writer
+        self.trainer = trainer
         self.staging = os.path.join(str(region), f"staging-{os.getpid()}")
-        self.real_output: Optional[str] = None
         self.warned: set[str] = set()
         self.saves = 0
         self.count = 0
+        self.original = trainer._save_checkpoint
+        trainer._save_checkpoint = self._save_checkpoint
+        self.original_load_best = getattr(trainer, "_load_best_model", None)
+        if callable(self.original_load_best):
+            trainer._load_best_model = self._load_best_model
+
+    def _load_best_model(self, *a, **kw):
+        """load_best_model_at_end: the best checkpoint's disk copy is written by the writer's thread; wait."""
+        if self.writer is not None:
+            try:
+                self.writer.join()
+            except Exception as exc:  # noqa: BLE001 - reported; the load finds what is on disk
+                log.error("ckpt-daemon: the last memory checkpoint could not be committed (%s)", exc)
+        return self.original_load_best(*a, **kw)
 
     @classmethod
-    def start(cls, args, explicit: bool) -> "Optional[_MemorySaves]":
+    def start(cls, args, trainer, explicit: bool) -> "Optional[_MemorySaves]":
         region = memory_region()
         why = None
         if region is None:
             why = ("the daemon has no memory region for this run (checkpoints.memory.enabled is off, the script does "
                    "not run under the daemon, or it runs under torchrun)")
-        elif getattr(args, "load_best_model_at_end", False):
-            why = "load_best_model_at_end needs the best checkpoint on disk"
-        elif str(getattr(args, "save_strategy", "")).lower().endswith("best"):
-            why = 'save_strategy="best" decides to save after the step end'
+        elif trainer is None or not callable(getattr(trainer, "_save_checkpoint", None)):
+            why = "the callback is not called from a transformers.Trainer it can find"
         elif not args.output_dir or not same_folder(args.output_dir, os.environ.get(ENV_CHECKPOINTS, "")):
             why = "output_dir is not the folder the daemon manages"
         if why is not None:
@@ -300,15 +322,14 @@ class _MemorySaves:
             log.warning("ckpt-daemon: memory checkpoints are off for this Trainer (%s); checkpoints are saved to disk", exc)
             return None
         log.info("ckpt-daemon: Hugging Face checkpoints go to memory (%s); the daemon writes them to disk", region)
-        return cls(region, writer)
+        return cls(region, writer, trainer)
 
-    def _need(self, kwargs) -> int:
+    def _need(self) -> int:
         """About what one Hugging Face checkpoint takes: weights, optimizer state, a margin."""
         n = 0
-        model, opt = kwargs.get("model"), kwargs.get("optimizer")
         try:
-            if model is not None:
-                n += sum(t.numel() * t.element_size() for t in model.state_dict().values())
+            n += sum(t.numel() * t.element_size() for t in self.trainer.model.state_dict().values())
+            opt = getattr(self.trainer, "optimizer", None)
             if opt is not None:
                 n += sum(t.numel() * t.element_size() for st in opt.state.values() for t in st.values()
                          if hasattr(t, "element_size"))
@@ -316,13 +337,10 @@ class _MemorySaves:
             pass
         return n + (n // 16) + (64 << 20)
 
-    def stage(self, args, kwargs) -> None:
-        """Point this save at the staging folder, if the tmpfs has room for it."""
-        if self.writer is None or self.real_output is not None:
-            return
+    def _room(self) -> bool:
         from ckpt_daemon.fsutil import free_bytes
 
-        need = self._need(kwargs)
+        need = self._need()
         try:
             free = free_bytes(self.region)
         except OSError:
@@ -330,23 +348,30 @@ class _MemorySaves:
         if free < need:
             self._warn("room", "ckpt-daemon: the tmpfs of the memory region has %d MiB free, a checkpoint needs about "
                        "%d MiB: this save goes to disk", free >> 20, need >> 20)
-            return
-        self.real_output = args.output_dir
-        self.count += 1  # a folder of its own per save: the previous one may still be copied from
-        args.output_dir = os.path.join(self.staging, str(self.count))
+            return False
+        return True
 
-    def unstage(self, args) -> None:
-        if self.real_output is not None:
-            args.output_dir, self.real_output = self.real_output, None
-
-    def saved(self, args, state) -> None:
-        """Hugging Face wrote checkpoint-<step> into the staging folder: into a memory slot with it."""
-        if self.real_output is None:
-            return
+    def _save_checkpoint(self, model, trial, *a, **kw):
+        """The trainer's `_save_checkpoint`, into memory when it can be."""
         import shutil
 
-        real, root = self.real_output, args.output_dir
-        self.unstage(args)
+        args, state = self.trainer.args, self.trainer.state
+        if self.writer is None or trial is not None or not self._room():
+            return self.original(model, trial, *a, **kw)
+        real = args.output_dir
+        self.count += 1  # a folder of its own per save: the previous one may still be copied from
+        root = os.path.join(self.staging, str(self.count))
+        args.output_dir = root
+        try:
+            self.original(model, trial, *a, **kw)
+        except (OSError, RuntimeError) as exc:  # e.g. the tmpfs filled up under Hugging Face's own writing
+            args.output_dir = real
+            shutil.rmtree(root, ignore_errors=True)
+            log.warning("ckpt-daemon: checkpoint-%d could not be staged in memory (%s: %s); saving it to disk",
+                        state.global_step, type(exc).__name__, str(exc)[:200])
+            return self.original(model, trial, *a, **kw)
+        finally:
+            args.output_dir = real
         name = f"checkpoint-{state.global_step}"
         folder = os.path.join(root, name)
         done = False
@@ -355,12 +380,16 @@ class _MemorySaves:
             if isinstance(bmc, str) and bmc.startswith(self.staging + os.sep):
                 state.best_model_checkpoint = os.path.join(real, os.path.basename(bmc))
                 state.save_to_json(os.path.join(folder, "trainer_state.json"))
-            done = self._keep(folder, name, state.global_step, real, root)
+            # a new best is named in trainer_state.json and loaded by load_best_model_at_end: it goes to disk
+            # too, written by the writer's thread after its memory commit
+            best = bool(args.metric_for_best_model) and getattr(state, "best_global_step", None) == state.global_step
+            done = self._keep(folder, name, state.global_step, real, root, also_disk=best)
         finally:
             if not done:
                 shutil.rmtree(root, ignore_errors=True)
+        return None
 
-    def _keep(self, folder: str, name: str, step: int, real: str, root: str) -> bool:
+    def _keep(self, folder: str, name: str, step: int, real: str, root: str, also_disk: bool = False) -> bool:
         """Into a slot, copied by the writer's thread (the training loop waits only for Hugging Face's own
         writing); the staging folder goes once the copy is done, or to disk if it cannot be committed.
         True if the writer's thread owns the staging folder now."""
@@ -369,10 +398,13 @@ class _MemorySaves:
         import numpy as np
 
         def after(committed: bool) -> None:
-            if not committed:
-                log.warning("ckpt-daemon: %s could not be committed to memory; writing it to disk", name)
-                self._to_disk(folder, name, real)
-            shutil.rmtree(root, ignore_errors=True)
+            try:
+                if not committed:
+                    log.warning("ckpt-daemon: %s could not be committed to memory; writing it to disk", name)
+                if not committed or also_disk:
+                    self._to_disk(folder, name, real)
+            finally:
+                shutil.rmtree(root, ignore_errors=True)
 
         try:
             entries = sorted(os.scandir(folder), key=lambda e: e.name)
@@ -391,30 +423,44 @@ class _MemorySaves:
         return False
 
     def _to_disk(self, folder: str, name: str, real: str) -> None:
+        """The staged folder into the checkpoint folder, built aside and renamed into place, durable."""
         import shutil
+        from pathlib import Path
 
-        dest = os.path.join(real, name)
-        tmp = os.path.join(real, f".{name}.from-memory-{os.getpid()}")
-        shutil.copytree(folder, tmp, symlinks=True)
-        if os.path.lexists(dest):
-            shutil.rmtree(tmp, ignore_errors=True)
-            log.warning("ckpt-daemon: %s exists already; not overwriting it", dest)
-            return
-        os.rename(tmp, dest)
+        from ckpt_daemon import runtime
+        from ckpt_daemon.fsutil import fsync_dir
+
+        dest = Path(real) / name
+        with runtime.Scratch(Path(real), name) as scratch:
+            for e in os.scandir(folder):
+                if e.is_file(follow_symlinks=False):
+                    shutil.copyfile(e.path, scratch.path / e.name)
+                    fd = os.open(scratch.path / e.name, os.O_RDONLY)
+                    try:
+                        os.fsync(fd)
+                    finally:
+                        os.close(fd)
+            fsync_dir(scratch.path)
+            if os.path.lexists(dest):
+                log.warning("ckpt-daemon: %s exists already; not overwriting it", dest)
+                return
+            scratch.commit(dest)
 
     def _warn(self, key: str, msg: str, *a) -> None:
         if key not in self.warned:
             self.warned.add(key)
             log.warning(msg, *a)
 
-    def close(self, args) -> None:
-        self.unstage(args)
+    def close(self) -> None:
+        import shutil
+
+        for attr, mine in (("_save_checkpoint", self._save_checkpoint), ("_load_best_model", self._load_best_model)):
+            if self.trainer.__dict__.get(attr) == mine:
+                delattr(self.trainer, attr)  # the class's own again
         if self.writer is not None:
             try:
                 self.writer.close()
             except Exception as exc:  # noqa: BLE001
                 log.error("ckpt-daemon: the last memory checkpoint could not be committed (%s)", exc)
             self.writer = None
-        import shutil
-
         shutil.rmtree(self.staging, ignore_errors=True)

@@ -56,9 +56,11 @@ How the callback cooperates with it:
   by hand). ModelCheckpoint's saves into the daemon's folder whose names carry the step are then
   `torch.save`d into memory and copied into a memory slot: training pauses for a save to memory, not to
   disk, and the daemon writes every `persist_every`-th one (and the newest at a crash or stop) under the
-  very name Lightning gave it, with its checksum recorded as the sidecar manifest. `last.ckpt` (no step
-  in its name) still goes to disk: use `save_last="link"` (a link to the newest step file) or
-  False. After a crash the restarted trainer's `resume_path()` is a verified copy of the newest memory
+  very name Lightning gave it, with its checksum recorded as the sidecar manifest. What must exist as
+  a file goes to disk: a new `best_model_path` of a ModelCheckpoint with a `monitor` (also written to
+  disk by the writer's thread, done by the end of `fit`),
+  `last.ckpt` (no step in its name: prefer `save_last="link"`, a link to the newest step file), and,
+  when `fit` finishes, the newest memory save. After a crash the restarted trainer's `resume_path()` is a verified copy of the newest memory
   state, made at memory speed and freed after the first step. Single process only (not under DDP).
 - Heartbeat and metrics: the step at every train batch end (rate-limited), and on rank zero a line of
   `trainer.callback_metrics` in logs/metrics.jsonl every `log_every_n_steps` steps and at every
@@ -170,6 +172,7 @@ class _CkptDaemonHooks:
             return
         io = getattr(trainer.strategy, "_checkpoint_io", None)
         if isinstance(io, MemoryCheckpointIO):
+            io.trainer = io.trainer or trainer
             return
         if memory_region() is None:
             if self.memory:
@@ -181,6 +184,7 @@ class _CkptDaemonHooks:
                         "MemoryCheckpointIO() in its place to keep checkpoints in memory", type(io).__name__)
             return
         trainer.strategy.checkpoint_io = MemoryCheckpointIO()
+        trainer.strategy.checkpoint_io.trainer = trainer
         log.info("ckpt-daemon: Lightning checkpoints go to memory; the daemon writes them to disk")
 
     def on_fit_start(self, trainer, pl_module) -> None:
@@ -329,6 +333,14 @@ class MemoryCheckpointIO(_TorchCheckpointIO):
         self._writer = None
         self._off: Optional[str] = None
         self.saves = 0
+        self.trainer = None  # set by CkptDaemonCallback: to tell a new best, and a fit that finished
+
+    def _best(self, path: str) -> bool:
+        """Whether `path` is what a ModelCheckpoint with a monitor has just made its best_model_path
+        (it sets that before it saves): such a file is named as the best and must exist."""
+        cbs = getattr(self.trainer, "checkpoint_callbacks", None) or []
+        return any(getattr(cb, "monitor", None) and getattr(cb, "best_model_path", "")
+                   and os.path.abspath(str(cb.best_model_path)) == os.path.abspath(path) for cb in cbs)
 
     def _memory_name(self, checkpoint: dict, path) -> Optional[str]:
         if self._off is not None or memory_region() is None:
@@ -355,11 +367,13 @@ class MemoryCheckpointIO(_TorchCheckpointIO):
                 buf = io.BytesIO()
                 torch.save(checkpoint, buf)
                 data = buf.getbuffer()
+                best = self._best(str(path))  # named as the best: it must exist as a file too
 
                 def after(committed: bool) -> None:
                     # on the writer's thread, once the copy into the slot is done (the loop went on meanwhile)
                     if not committed:
                         log.warning("ckpt-daemon: %s could not be committed to memory; writing it to disk", name)
+                    if not committed or best:
                         _write_file(str(path), data)
 
                 # the copy into the slot runs on the writer's thread: the loop waits for torch.save only
@@ -378,27 +392,53 @@ class MemoryCheckpointIO(_TorchCheckpointIO):
             super().remove_checkpoint(path)
 
     def teardown(self) -> None:
-        """Wait for the last memory save's commit (the process may exit right after)."""
+        """Wait for the last memory save's commit (the process may exit right after); at the end of a fit
+        that finished, write the newest memory save to disk, so that the script's next steps
+        (`ckpt_path="last"`, a `save_last="link"` link, `best_model_path`) find files."""
         if self._writer is not None:
             try:
                 self._writer.close()
             except Exception as exc:  # noqa: BLE001
                 log.error("ckpt-daemon: the last memory checkpoint could not be committed (%s)", exc)
             self._writer = None
+            if self.trainer is not None and not getattr(self.trainer, "interrupted", True):
+                self._persist_newest()
         super().teardown()
+
+    def _persist_newest(self) -> None:
+        from pathlib import Path
+
+        from ckpt_daemon import memory as mem
+
+        region, ckdir = memory_region(), Path(os.environ.get(ENV_CHECKPOINTS, ""))
+        try:
+            info, _ = mem.Region(region).newest(ckdir) if region is not None else (None, [])
+            if info is not None and info.pid == os.getpid() and not os.path.lexists(ckdir / info.name):
+                r = mem.persist_slot(info, ckdir)
+                log.info("ckpt-daemon: %s written to disk at the end of fit (%s)", info.name, r.note)
+        except (OSError, ValueError) as exc:
+            log.error("ckpt-daemon: the newest memory checkpoint could not be written to disk at the end of fit "
+                      "(%s); the daemon writes it when this trainer exits", exc)
 
 
 def _write_file(path: str, data) -> None:
-    """`data` as the file `path`, whole or not at all (a temporary name, fsync, rename)."""
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    if os.path.lexists(path):
-        os.unlink(tmp)
-        return
-    os.rename(tmp, path)
+    """`data` as the file `path`, whole or not at all: built in the checkpoint folder's scratch space
+    (which the daemon clears if this process dies mid-write), fsynced, renamed into place."""
+    from ckpt_daemon import runtime
+    from ckpt_daemon.fsutil import fsync_dir
+
+    dest = Path(path)
+    with runtime.Scratch(dest.parent, dest.name) as scratch:
+        tmp = scratch.path / dest.name
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        if os.path.lexists(dest):
+            log.warning("ckpt-daemon: %s exists already; not overwriting it", dest)
+            return
+        os.rename(tmp, dest)
+        fsync_dir(dest.parent)
 
 
 class CkptDaemonCallback(_CkptDaemonHooks, _pl.Callback):
