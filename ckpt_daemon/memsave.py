@@ -270,10 +270,15 @@ class MemoryWriter:
             self._commit(*args)
         finally:
             if after is not None:
+                failed = self._error
                 try:
-                    after(self._error is None)
+                    after(failed is None)
+                    if failed is not None:
+                        log.warning("memory checkpoint at step %s not committed (%s); its writer saved it elsewhere",
+                                    args[3], failed)
+                        self._error = None  # dealt with: the next save need not fail for it
                 except Exception as exc:  # noqa: BLE001 - a cleanup; the commit stands
-                    log.debug("after a memory commit: %s", exc)
+                    log.error("after the memory commit of step %s: %s", args[3], exc)
 
     def _commit(self, i: int, even: int, gen: int, step: int, manifest_extra: dict, files: list,
                 manifest_off: int, target: Optional[dict]) -> None:
