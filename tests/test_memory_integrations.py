@@ -69,7 +69,7 @@ def _flip(path: Path, at: int) -> None:
 
 
 # ------------------------------------------------------------------------------------------ Hugging Face
-def _hf_trainer(out: Path, max_steps: int, save_steps: int = 3):
+def _hf_trainer(out: Path, max_steps: int, save_steps: int = 3, seed: int = 0):
     from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
 
     from ckpt_daemon.integrations.hf import CkptDaemonCallback
@@ -82,7 +82,7 @@ def _hf_trainer(out: Path, max_steps: int, save_steps: int = 3):
             ids = torch.randint(0, 64, (16,), generator=torch.Generator().manual_seed(i))
             return {"input_ids": ids, "labels": ids}
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=16, n_embd=16, n_layer=1, n_head=2,
                                        bos_token_id=0, eos_token_id=0))
     args = TrainingArguments(output_dir=str(out), save_steps=save_steps, max_steps=max_steps, report_to=[],
@@ -235,34 +235,37 @@ def test_a_tmpfs_that_fills_up_under_hugging_faces_own_write_sends_that_save_to_
     assert not list(region.glob("staging-*"))
 
 
-def test_the_best_hugging_face_checkpoint_is_written_to_disk_too(under_daemon):
-    pytest.importorskip("transformers")
+def _hf_best_at_step_3(ck: Path, seed: int = 0, metric=lambda step: 1 if step == 3 else 2, **args):
+    """A Trainer whose metric (by default) is best at step 3 and worse afterwards (no evaluation set)."""
     from transformers import TrainerCallback
 
-    ck, region = under_daemon
-    trainer, _ = _hf_trainer(ck, max_steps=9)
+    trainer, _ = _hf_trainer(ck, max_steps=9, seed=seed)
 
-    class Metric(TrainerCallback):  # a metric that is best at step 3 and worse afterwards
+    class NoEval(TrainerCallback):
         def on_step_end(self, args, state, control, **kw):
             control.should_evaluate = False
 
     trainer.args.metric_for_best_model = "eval_m"
     trainer.args.greater_is_better = False
-    real = trainer._determine_best_metric
-
-    def fake_metric(metrics, trial):
-        return real({"eval_m": float(trainer.state.global_step == 3 and 1 or 2)}, trial)
-
-    orig_save = trainer._maybe_log_save_evaluate
+    for k, v in args.items():
+        setattr(trainer.args, k, v)
+    real, orig_save = trainer._determine_best_metric, trainer._maybe_log_save_evaluate
 
     def evaluating(*a, **k):
         if trainer.control.should_save:
-            fake_metric({}, None)
+            real({"eval_m": float(metric(trainer.state.global_step))}, None)
         return orig_save(*a, **k)
 
     trainer._maybe_log_save_evaluate = evaluating
-    trainer.add_callback(Metric())
+    trainer.add_callback(NoEval())
     trainer.train()
+    return trainer
+
+
+def test_the_best_hugging_face_checkpoint_is_written_to_disk_too(under_daemon):
+    pytest.importorskip("transformers")
+    ck, region = under_daemon
+    trainer = _hf_best_at_step_3(ck)
     assert trainer.state.best_model_checkpoint == str(ck / "checkpoint-3")
     on_disk = {p.name for p in ck.iterdir() if p.name.startswith("checkpoint-")}
     assert on_disk == {"checkpoint-3"}, on_disk  # the best on disk, durable; the others in memory only
@@ -271,8 +274,33 @@ def test_the_best_hugging_face_checkpoint_is_written_to_disk_too(under_daemon):
     assert _slot(region, ck).step == 9
 
 
+def test_a_second_run_replaces_the_best_of_the_same_name_and_loads_its_own(under_daemon):
+    pytest.importorskip("transformers")
+    from safetensors.torch import load_file
+
+    from ckpt_daemon import runtime
+
+    ck, _ = under_daemon
+    _hf_best_at_step_3(ck, seed=0)
+    first = load_file(ck / "checkpoint-3" / "model.safetensors")
+    second = _hf_best_at_step_3(ck, seed=1, load_best_model_at_end=True)  # another run in the same folder
+    on_disk = load_file(ck / "checkpoint-3" / "model.safetensors")
+    assert not torch.equal(on_disk["transformer.wte.weight"], first["transformer.wte.weight"])  # the new best
+    assert torch.equal(second.model.state_dict()["transformer.wte.weight"], on_disk["transformer.wte.weight"])
+    assert [q["name"] for q in runtime.quarantined(ck)] == ["checkpoint-3"]  # the older one kept aside
+
+
+def test_save_total_limit_applies_to_what_goes_to_disk(under_daemon):
+    pytest.importorskip("transformers")
+    ck, _ = under_daemon
+    # a new best at 3 and at 6: both go to disk, and Hugging Face's rotation keeps one (the best)
+    trainer = _hf_best_at_step_3(ck, metric=lambda step: {3: 2, 6: 1}.get(step, 3), save_total_limit=1)
+    assert trainer.state.best_model_checkpoint == str(ck / "checkpoint-6")
+    assert {p.name for p in ck.iterdir() if p.name.startswith("checkpoint-")} == {"checkpoint-6"}
+
+
 # --------------------------------------------------------------------------------------------- Lightning
-def _lightning(ck: Path, max_steps: int, every: int = 3, ckpt_path=None, **mc_kw):
+def _lightning(ck: Path, max_steps: int, every: int = 3, ckpt_path=None, metric=lambda step: abs(step - 3) + 1, **mc_kw):
     import lightning.pytorch as pl
     from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -286,8 +314,8 @@ def _lightning(ck: Path, max_steps: int, every: int = 3, ckpt_path=None, **mc_kw
         def training_step(self, batch, i):
             x, y = batch
             loss = torch.nn.functional.mse_loss(self.net(x), y)
-            # a metric whose best is the first save (step 3), for ModelCheckpoint(monitor="m")
-            self.log("m", float(abs(self.global_step - 2) + 1))
+            # for ModelCheckpoint(monitor="m"): by default best at the first save (step 3)
+            self.log("m", float(metric(self.global_step + 1)))
             return loss
 
         def configure_optimizers(self):
@@ -296,7 +324,7 @@ def _lightning(ck: Path, max_steps: int, every: int = 3, ckpt_path=None, **mc_kw
     pl.seed_everything(0, verbose=False)
     x = torch.randn(128, 8, generator=torch.Generator().manual_seed(0))
     data = torch.utils.data.TensorDataset(x, x.sum(1, keepdim=True))
-    mc = ModelCheckpoint(dirpath=ck, every_n_train_steps=every, save_top_k=-1, filename="{epoch}-{step}", **mc_kw)
+    mc = ModelCheckpoint(dirpath=ck, every_n_train_steps=every, filename="{epoch}-{step}", **{"save_top_k": -1, **mc_kw})
     cb = CkptDaemonCallback()
     trainer = pl.Trainer(max_steps=max_steps, callbacks=[mc, cb], logger=False, enable_progress_bar=False,
                          enable_model_summary=False, accelerator="cpu", devices=1, num_sanity_val_steps=0)
@@ -353,6 +381,16 @@ def test_lightnings_best_and_last_exist_as_files_after_fit(under_daemon):
     assert (ck / "last.ckpt").resolve().is_file() and Path(os.readlink(ck / "last.ckpt")).name == "epoch=0-step=9.ckpt"
     assert not (ck / "epoch=0-step=6.ckpt").exists()  # neither best nor newest: in memory only (the daemon's cadence)
     assert trainer.strategy.checkpoint_io.saves == 3  # all three went through memory
+
+
+def test_lightnings_bounded_top_k_files_exist_after_fit(under_daemon):
+    pytest.importorskip("lightning")
+    ck, _ = under_daemon
+    # step 6 is kept in the top 3 but is neither the best (3) nor the newest save (9)
+    trainer, _, _ = _lightning(ck, max_steps=10, monitor="m", mode="min", save_top_k=3, metric=lambda step: step)
+    kept = trainer.checkpoint_callback.best_k_models
+    assert len(kept) == 3 and all(Path(p).is_file() for p in kept), (kept, sorted(os.listdir(ck)))
+    assert trainer.strategy.checkpoint_io.saves == 3  # all through memory
 
 
 def test_a_lightning_save_that_memory_cannot_commit_is_written_to_disk(under_daemon, monkeypatch, caplog):

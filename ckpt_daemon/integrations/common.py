@@ -207,6 +207,26 @@ def release_memory_resume() -> None:
         shutil.rmtree(d, ignore_errors=True)
 
 
+def set_aside(path: str | os.PathLike, why: str) -> bool:
+    """Move an older checkpoint of the same name out of the way of a new save (the trainer saves that
+    name again: a step trained again after a fallback, a second run in the same folder), into the
+    daemon's quarantine with `why`: nothing is deleted, and the name then holds the new save, as the
+    trainer's own writer would overwrite it. True if the name is free now. Never raises."""
+    from ckpt_daemon import runtime
+
+    p = Path(path)
+    if not os.path.lexists(p):
+        return True
+    try:
+        if p.is_symlink():
+            os.unlink(p)
+        else:
+            runtime.quarantine(p.parent, p.name, why)
+    except (OSError, ValueError) as exc:
+        log.error("ckpt-daemon: cannot move the older %s out of the way (%s)", p, exc)
+    return not os.path.lexists(p)
+
+
 def _memory_resume(env: str, wait_s: Optional[float] = None) -> Optional[str]:
     """The daemon restarts this trainer from a memory state it verified (`$CKPT_DAEMON_MEMORY_RESUME`) and
     persists as `$CKPT_RESUME` in the background: copy that state out of memory as files (a loader reads

@@ -54,8 +54,10 @@ What the callback does:
   be staged (the tmpfs fills up mid-write, no room for it) or committed to memory is written to disk
   instead, with a warning. After a crash the restarted trainer's `resume_path()` is a verified copy of
   the newest memory state, made at memory speed, freed after the first step. Off (saves go to disk as
-  before) under torchrun or when `output_dir` is not the daemon's folder. `save_total_limit` is not
-  applied to memory saves: the daemon's retention tiers manage the folder.
+  before) under torchrun or when `output_dir` is not the daemon's folder. `save_total_limit` is applied
+  as Hugging Face applies it, when a save is written to disk; memory saves persisted later by the
+  daemon are managed by its retention tiers. A save of a name that exists on disk (a step trained
+  again) replaces it as Hugging Face would, the older folder kept in the daemon's quarantine.
 - Heartbeat: `state.global_step` at every step end (at most every `heartbeat_every_s` seconds,
   always on a stop), which `ckpt-daemon status` shows and `heartbeat_timeout_s` watches; the
   numbers of `on_log` (loss, learning_rate, grad_norm, epoch, eval_loss...) as lines of
@@ -81,6 +83,7 @@ from ckpt_daemon.integrations.common import (
     memory_writer,
     release_memory_resume,
     same_folder,
+    set_aside,
 )
 
 log = logging.getLogger("ckpt_daemon.integrations.hf")
@@ -441,10 +444,19 @@ class _MemorySaves:
                     finally:
                         os.close(fd)
             fsync_dir(scratch.path)
-            if os.path.lexists(dest):
-                log.warning("ckpt-daemon: %s exists already; not overwriting it", dest)
+            # Hugging Face overwrites a folder of the same name; the older one is kept aside instead
+            if not set_aside(dest, "an older save of this name, replaced by the trainer's new save of it"):
                 return
             scratch.commit(dest)
+        limit = getattr(self.trainer.args, "save_total_limit", None)
+        if limit:  # Hugging Face's own rotation, on the folders it would have written there itself
+            try:
+                from transformers.trainer_utils import rotate_checkpoints
+
+                rotate_checkpoints(output_dir=real, save_total_limit=limit, use_mtime=True,
+                                   best_model_checkpoint=self.trainer.state.best_model_checkpoint)
+            except Exception as exc:  # noqa: BLE001 - as Hugging Face: a failed rotation is not a failed save
+                log.warning("ckpt-daemon: save_total_limit not applied (%s)", exc)
 
     def _warn(self, key: str, msg: str, *a) -> None:
         if key not in self.warned:

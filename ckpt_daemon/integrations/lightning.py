@@ -57,8 +57,9 @@ How the callback cooperates with it:
   `torch.save`d into memory and copied into a memory slot: training pauses for a save to memory, not to
   disk, and the daemon writes every `persist_every`-th one (and the newest at a crash or stop) under the
   very name Lightning gave it, with its checksum recorded as the sidecar manifest. What must exist as
-  a file goes to disk: a new `best_model_path` of a ModelCheckpoint with a `monitor` (also written to
-  disk by the writer's thread, done by the end of `fit`),
+  a file goes to disk: a new `best_model_path` of a ModelCheckpoint with a `monitor`, and with a
+  bounded `save_top_k` every file it keeps in `best_k_models` (also written to disk by the writer's
+  thread, done by the end of `fit`),
   `last.ckpt` (no step in its name: prefer `save_last="link"`, a link to the newest step file), and,
   when `fit` finishes, the newest memory save. After a crash the restarted trainer's `resume_path()` is a verified copy of the newest memory
   state, made at memory speed and freed after the first step. Single process only (not under DDP).
@@ -85,6 +86,7 @@ from ckpt_daemon.integrations.common import (
     memory_writer,
     release_memory_resume,
     same_folder,
+    set_aside,
     step_of,
 )
 
@@ -339,8 +341,17 @@ class MemoryCheckpointIO(_TorchCheckpointIO):
         """Whether `path` is what a ModelCheckpoint with a monitor has just made its best_model_path
         (it sets that before it saves): such a file is named as the best and must exist."""
         cbs = getattr(self.trainer, "checkpoint_callbacks", None) or []
-        return any(getattr(cb, "monitor", None) and getattr(cb, "best_model_path", "")
-                   and os.path.abspath(str(cb.best_model_path)) == os.path.abspath(path) for cb in cbs)
+        here = os.path.abspath(path)
+        for cb in cbs:
+            if not getattr(cb, "monitor", None):
+                continue
+            if getattr(cb, "best_model_path", "") and os.path.abspath(str(cb.best_model_path)) == here:
+                return True
+            # a bounded top k (save_top_k > 0) names its files in best_k_models: they must exist too
+            k = getattr(cb, "save_top_k", -1)
+            if isinstance(k, int) and k > 0 and here in {os.path.abspath(str(x)) for x in getattr(cb, "best_k_models", {})}:
+                return True
+        return False
 
     def _memory_name(self, checkpoint: dict, path) -> Optional[str]:
         if self._off is not None or memory_region() is None:
@@ -434,8 +445,8 @@ def _write_file(path: str, data) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        if os.path.lexists(dest):
-            log.warning("ckpt-daemon: %s exists already; not overwriting it", dest)
+        # Lightning overwrites a file of the same name; the older one is kept aside instead
+        if not set_aside(dest, "an older save of this name, replaced by the trainer's new save of it"):
             return
         os.rename(tmp, dest)
         fsync_dir(dest.parent)
