@@ -482,6 +482,10 @@ GOALS = {  # name: (comparison, goal, meaning)
     "hf_memory_vs_disk": ("<=", None, "Hugging Face Trainer: training stall per save with memory checkpoints / its "
                           "own save to disk (page cache, no fsync), same model (benchmarks/integrations.py)"),
     "hf_memory_vs_disk_fsync": ("<=", None, "the same / its save to disk made durable (fsync of its files)"),
+    "hf_train_memory_s": ("<=", None, "the whole 6-step run with a save per step, memory mode, s (background copy and "
+                          "hashing included)"),
+    "hf_train_disk_s": ("<=", None, "the same run saving to disk as Hugging Face does, each save then fsynced (the "
+                        "durable figure), s"),
 }
 
 # writer: (blocking save, async stall, async total / persisted, cold load) keys in the results
