@@ -345,22 +345,16 @@ class Region:
                     out.append((self.path / n, int(rest) if rest.isdigit() and len(rest) < 10 else None))
         return out
 
-    def remove_scratch(self, only_dead: bool = True) -> int:
+    def remove_scratch(self, only_dead: bool = True) -> None:
         """Remove staging/resume folders (only those whose process is gone, by default). Never follows a
-        symlink. Returns how many were removed."""
-        n = 0
+        symlink."""
         for path, pid in self.scratch():
             if only_dead and pid is not None and _alive(pid):
                 continue
             try:
-                if stat.S_ISDIR(os.lstat(path).st_mode):
-                    shutil.rmtree(path)
-                else:
-                    os.unlink(path)
-                n += 1
+                runtime.remove_entry(path)
             except OSError:
                 pass
-        return n
 
     def remove(self) -> None:
         """Delete the slots and the folder (a lock file held by the caller goes last)."""
@@ -567,28 +561,13 @@ def persist_slot(info: SlotInfo, ckpt_dir: Path, lock_timeout_s: float = 600.0,
     try:
         if read_seq(info.path) != info.seq:
             raise ValueError(f"{info.path.name} was rewritten since it was verified")
-        base = PAYLOAD_OFFSET
         total = 0
         with runtime.Scratch(ckpt_dir, name) as scratch:
             # a single file is built inside the scratch folder and renamed out of it
             entry = scratch.path / name if info.layout == "file" else scratch.path
             written: dict[str, int] = {}
-            for fname, off, size in info.files:
-                if not native and fname == mf.MANIFEST:
-                    continue
-                data = memoryview(pinned.mm)[base + off:base + off + size]
-                try:
-                    wfd = os.open(scratch.path / fname, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-                    try:
-                        pos = 0
-                        while pos < size:
-                            pos += os.write(wfd, data[pos:pos + CHUNK])
-                        os.fsync(wfd)
-                        written[fname] = os.fstat(wfd).st_mtime_ns
-                    finally:
-                        os.close(wfd)
-                finally:
-                    data.release()
+            for fname, off, size in _files_on_disk(info):
+                written[fname] = _write_new(scratch.path / fname, pinned.mm, off, size, 0o644, durable=True)
                 total += size
             fsync_dir(scratch.path)
             if read_seq(info.path) != info.seq:
@@ -628,6 +607,31 @@ def persist_slot(info: SlotInfo, ckpt_dir: Path, lock_timeout_s: float = 600.0,
     return Persisted(final, info.step, time.perf_counter() - t0, total, "persisted")
 
 
+def _files_on_disk(info: SlotInfo) -> list[tuple[str, int, int]]:
+    """The slot's files its checkpoint has on disk: all of them for a native one; without the slot's
+    manifest.json for another trainer's layout (its checksums go to the sidecar)."""
+    return [f for f in info.files if info.layout == "native" or f[0] != mf.MANIFEST]
+
+
+def _write_new(dest: Path, mm: mmap.mmap, off: int, size: int, mode: int, durable: bool) -> int:
+    """Write `size` bytes of a slot's payload at `off` as the new file `dest` (never through a symlink,
+    never over an existing file), fsynced if `durable`. Returns its mtime_ns."""
+    data = memoryview(mm)[PAYLOAD_OFFSET + off:PAYLOAD_OFFSET + off + size]
+    try:
+        wfd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+        try:
+            pos = 0
+            while pos < size:
+                pos += os.write(wfd, data[pos:pos + CHUNK])
+            if durable:
+                os.fsync(wfd)
+            return os.fstat(wfd).st_mtime_ns
+        finally:
+            os.close(wfd)
+    finally:
+        data.release()
+
+
 def name_taken(path: Path, step: int) -> Optional[str]:
     """None if `path` holds a complete checkpoint of `step` (structure and sizes; no hashing), else why not.
     Raises ValueError for one that may still be being written (incomplete, changed in the last minute)."""
@@ -662,25 +666,12 @@ def materialize(info: SlotInfo, ckpt_dir: Path, dest_root: Path) -> Path:
                 raise ValueError(f"{', '.join(bad)} in {info.path.name} fails its checksum")
         # a fresh folder of our own: whatever has that name (an earlier copy, a planted symlink) goes first,
         # never followed, and mkdir fails if anything takes the name again meanwhile
-        _remove_nofollow(dest_root)
+        runtime.remove_entry(dest_root)
         os.mkdir(dest_root, 0o700)
         if info.layout != "file":
             os.mkdir(out, 0o700)
-        for fname, off, size in info.files:
-            if info.layout != "native" and fname == mf.MANIFEST:
-                continue
-            dest = out if info.layout == "file" else out / fname
-            data = memoryview(pinned.mm)[PAYLOAD_OFFSET + off:PAYLOAD_OFFSET + off + size]
-            try:
-                wfd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-                try:
-                    pos = 0
-                    while pos < size:
-                        pos += os.write(wfd, data[pos:pos + CHUNK])
-                finally:
-                    os.close(wfd)
-            finally:
-                data.release()
+        for fname, off, size in _files_on_disk(info):
+            _write_new(out if info.layout == "file" else out / fname, pinned.mm, off, size, 0o600, durable=False)
         if read_seq(info.path) != info.seq:
             raise ValueError(f"{info.path.name} was rewritten while it was copied")
         return out
@@ -748,18 +739,6 @@ def private_dir(path: Path) -> Path:
     if stat.S_IMODE(st.st_mode) & 0o077:
         os.chmod(path, 0o700)
     return path
-
-
-def _remove_nofollow(p: Path) -> None:
-    """Remove whatever is at `p`: a folder with what it holds, or a file or symlink itself (never followed)."""
-    try:
-        st = os.lstat(p)
-    except FileNotFoundError:
-        return
-    if stat.S_ISDIR(st.st_mode):
-        shutil.rmtree(p)
-    else:
-        os.unlink(p)
 
 
 class RegionLock:

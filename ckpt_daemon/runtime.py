@@ -456,7 +456,7 @@ class Scratch:
 
     def close(self) -> None:
         if self.committed is None and not self.keep:
-            _remove_entry(self.path)
+            remove_entry(self.path)
         if self.fd is not None:
             try:
                 os.unlink(self.lock_path)
@@ -543,12 +543,15 @@ def clean_scratch(root: Path) -> list[str]:
     holds its lock. Returns the ids removed."""
     removed = []
     for p in claim_dead(root, "tmp"):
-        _remove_entry(p)
+        remove_entry(p)
         removed.append(p.name)
     return removed
 
 
-def _remove_entry(p: Path) -> None:
+def remove_entry(p: Path) -> None:
+    """Remove whatever is at `p`: a folder with what it holds, or a file or symlink itself (never
+    followed). A folder that cannot be removed whole is left in part (the caller checks, e.g. by a mkdir
+    of that name failing)."""
     try:
         st = os.lstat(p)
     except FileNotFoundError:

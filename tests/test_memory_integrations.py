@@ -185,14 +185,18 @@ def test_without_room_or_outside_the_daemon_hugging_face_saves_to_disk_as_before
     assert (ck / "plain" / "checkpoint-3").is_dir()
 
 
-def test_a_hugging_face_save_that_memory_cannot_commit_is_written_to_disk(under_daemon, monkeypatch, caplog):
-    pytest.importorskip("transformers")
-    ck, region = under_daemon
-
+@pytest.fixture
+def failing_commit(monkeypatch):
+    """Every memory commit fails after the copy into the slot (its hashing raises EIO)."""
     def broken(*a, **k):
         raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr(mem, "file_digest", broken)  # the background commit fails after the copy
+    monkeypatch.setattr(mem, "file_digest", broken)
+
+
+def test_a_hugging_face_save_that_memory_cannot_commit_is_written_to_disk(under_daemon, failing_commit, caplog):
+    pytest.importorskip("transformers")
+    ck, region = under_daemon
     trainer, _ = _hf_trainer(ck, max_steps=3)
     trainer.train()
     assert "could not be committed to memory; writing it to disk" in caplog.text
@@ -216,13 +220,13 @@ def test_a_tmpfs_that_fills_up_under_hugging_faces_own_write_sends_that_save_to_
     class Filler(TrainerCallback):  # another user of /dev/shm takes the rest after the first memory save
         def on_step_end(self, args, state, control, **kw):
             if state.global_step == 4:
-                with open(region.parent / "filler", "wb") as f:
-                    try:
-                        while True:
-                            f.write(b"\0" * (1 << 20))
-                            f.flush()
-                    except OSError:
-                        pass
+                with open(region.parent / "filler", "wb", buffering=0) as f:
+                    for chunk in (1 << 20, 4096):  # down to the last page: a tiny checkpoint fits in a rest
+                        try:
+                            while True:
+                                f.write(b"\1" * chunk)
+                        except OSError:
+                            pass
 
     trainer, _ = _hf_trainer(ck, max_steps=7)
     trainer.add_callback(Filler())
@@ -393,14 +397,9 @@ def test_lightnings_bounded_top_k_files_exist_after_fit(under_daemon):
     assert trainer.strategy.checkpoint_io.saves == 3  # all through memory
 
 
-def test_a_lightning_save_that_memory_cannot_commit_is_written_to_disk(under_daemon, monkeypatch, caplog):
+def test_a_lightning_save_that_memory_cannot_commit_is_written_to_disk(under_daemon, failing_commit, caplog):
     pytest.importorskip("lightning")
     ck, region = under_daemon
-
-    def broken(*a, **k):
-        raise OSError(5, "Input/output error")
-
-    monkeypatch.setattr(mem, "file_digest", broken)  # the background commit fails after the copy
     _lightning(ck, max_steps=3)
     assert "could not be committed to memory; writing it to disk" in caplog.text
     e = cat.scan(ck, ["epoch={epoch}-step={step}.ckpt"], verify=True).by_name("epoch=0-step=3.ckpt")

@@ -227,6 +227,37 @@ def set_aside(path: str | os.PathLike, why: str) -> bool:
     return not os.path.lexists(p)
 
 
+def commit_to_disk(dest: str | os.PathLike, fill: Callable[[Path], Any], single_file: bool = False) -> bool:
+    """Write a trainer's checkpoint to disk, whole or not at all: `fill(path)` writes the folder's files
+    into `path` (or, with single_file, the file `path`) in the checkpoint folder's scratch space (which
+    the daemon clears if this process dies mid-write); every file is fsynced, then it is renamed into
+    place as `dest`. An older entry of that name is set aside (`set_aside`): the trainers overwrite it,
+    we keep it in quarantine. True if `dest` is the new checkpoint now."""
+    from ckpt_daemon import runtime
+    from ckpt_daemon.fsutil import fsync_dir
+
+    dest = Path(dest)
+    with runtime.Scratch(dest.parent, dest.name) as scratch:
+        built = scratch.path / dest.name if single_file else scratch.path
+        fill(built)
+        for e in os.scandir(scratch.path):
+            if e.is_file(follow_symlinks=False):
+                fd = os.open(e.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        fsync_dir(scratch.path)
+        if not set_aside(dest, "an older save of this name, replaced by the trainer's new save of it"):
+            return False
+        if single_file:
+            os.rename(built, dest)
+            fsync_dir(dest.parent)
+        else:
+            scratch.commit(dest)
+    return True
+
+
 def _memory_resume(env: str, wait_s: Optional[float] = None) -> Optional[str]:
     """The daemon restarts this trainer from a memory state it verified (`$CKPT_DAEMON_MEMORY_RESUME`) and
     persists as `$CKPT_RESUME` in the background: copy that state out of memory as files (a loader reads

@@ -82,8 +82,8 @@ from ckpt_daemon.integrations.common import (
     memory_region,
     memory_writer,
     release_memory_resume,
+    commit_to_disk,
     same_folder,
-    set_aside,
 )
 
 log = logging.getLogger("ckpt_daemon.integrations.hf")
@@ -428,26 +428,14 @@ class _MemorySaves:
     def _to_disk(self, folder: str, name: str, real: str) -> None:
         """The staged folder into the checkpoint folder, built aside and renamed into place, durable."""
         import shutil
-        from pathlib import Path
 
-        from ckpt_daemon import runtime
-        from ckpt_daemon.fsutil import fsync_dir
-
-        dest = Path(real) / name
-        with runtime.Scratch(Path(real), name) as scratch:
+        def fill(dest) -> None:
             for e in os.scandir(folder):
                 if e.is_file(follow_symlinks=False):
-                    shutil.copyfile(e.path, scratch.path / e.name)
-                    fd = os.open(scratch.path / e.name, os.O_RDONLY)
-                    try:
-                        os.fsync(fd)
-                    finally:
-                        os.close(fd)
-            fsync_dir(scratch.path)
-            # Hugging Face overwrites a folder of the same name; the older one is kept aside instead
-            if not set_aside(dest, "an older save of this name, replaced by the trainer's new save of it"):
-                return
-            scratch.commit(dest)
+                    shutil.copyfile(e.path, dest / e.name)
+
+        if not commit_to_disk(os.path.join(real, name), fill):
+            return
         limit = getattr(self.trainer.args, "save_total_limit", None)
         if limit:  # Hugging Face's own rotation, on the folders it would have written there itself
             try:

@@ -85,8 +85,8 @@ from ckpt_daemon.integrations.common import (
     memory_region,
     memory_writer,
     release_memory_resume,
+    commit_to_disk,
     same_folder,
-    set_aside,
     step_of,
 )
 
@@ -385,7 +385,7 @@ class MemoryCheckpointIO(_TorchCheckpointIO):
                     if not committed:
                         log.warning("ckpt-daemon: %s could not be committed to memory; writing it to disk", name)
                     if not committed or best:
-                        _write_file(str(path), data)
+                        commit_to_disk(path, lambda p: p.write_bytes(data), single_file=True)
 
                 # the copy into the slot runs on the writer's thread: the loop waits for torch.save only
                 if self._writer.save_files(checkpoint["global_step"], name, "file", [(name, data)],
@@ -430,26 +430,6 @@ class MemoryCheckpointIO(_TorchCheckpointIO):
         except (OSError, ValueError) as exc:
             log.error("ckpt-daemon: the newest memory checkpoint could not be written to disk at the end of fit "
                       "(%s); the daemon writes it when this trainer exits", exc)
-
-
-def _write_file(path: str, data) -> None:
-    """`data` as the file `path`, whole or not at all: built in the checkpoint folder's scratch space
-    (which the daemon clears if this process dies mid-write), fsynced, renamed into place."""
-    from ckpt_daemon import runtime
-    from ckpt_daemon.fsutil import fsync_dir
-
-    dest = Path(path)
-    with runtime.Scratch(dest.parent, dest.name) as scratch:
-        tmp = scratch.path / dest.name
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        # Lightning overwrites a file of the same name; the older one is kept aside instead
-        if not set_aside(dest, "an older save of this name, replaced by the trainer's new save of it"):
-            return
-        os.rename(tmp, dest)
-        fsync_dir(dest.parent)
 
 
 class CkptDaemonCallback(_CkptDaemonHooks, _pl.Callback):
