@@ -332,6 +332,8 @@ def _commands() -> dict[str, tuple[Callable, Callable, str]]:
 
 # Commands that take no config file.
 NO_CONFIG = {"compress", "generate", "config-schema", "completion"}
+# Commands that live long and write to sockets and pipes others may close (see cliutil.invoke).
+LONG_LIVED = {"run"}
 
 
 def build_parser() -> Parser:
@@ -353,7 +355,7 @@ def build_parser() -> Parser:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    return invoke(args.func, args)
+    return invoke(args.func, args, long_lived=args.command in LONG_LIVED)
 
 
 if __name__ == "__main__":

@@ -93,6 +93,23 @@ def test_both_spellings_run_the_same_code(project):
         assert "Exit codes" in r.stdout and "143" in r.stdout and "--config" in r.stdout, args
 
 
+def test_a_report_into_a_closed_pipe_ends_quietly_and_leaves_the_callers_sigpipe(project):
+    # `ckpt-daemon list | head`: the reader is gone before the report is written; no traceback, no
+    # "Exception ignored" line, for the table and for --json
+    for argv in (["list"], ["list", "--json"], ["cleanup", "--dry-run"]):
+        r, w = os.pipe()
+        os.close(r)
+        p = subprocess.run([PY, "-m", "daemon", *argv, "--config", str(project)], stdout=w, stderr=subprocess.PIPE,
+                           env=env_for_children(), stdin=subprocess.DEVNULL, timeout=120)
+        os.close(w)
+        assert p.returncode in (0, -signal.SIGPIPE) and p.stderr == b"", (argv, p.stderr.decode())
+    # a command run in-process (as the tests do) leaves the caller's SIGPIPE action as it found it: the
+    # default action it sets for a report would otherwise kill a long-lived caller at its next closed socket
+    before = signal.getsignal(signal.SIGPIPE)
+    assert cli(["--config", str(project), "list", "--json"]) == 0
+    assert signal.getsignal(signal.SIGPIPE) == before
+
+
 def test_mistakes_get_a_did_you_mean_and_exit_2(project):
     r = run_py(["-m", "daemon", "stauts", "--config", str(project)])
     assert r.returncode == 2 and "did you mean 'status'" in r.stderr and "Traceback" not in r.stderr
