@@ -186,6 +186,7 @@ def cmd_status(args) -> int:
 
     every = args.watch
     code, t = text()
+    restore = _stop_on_signals()
     try:
         if not console.is_terminal:  # a pipe or a log: one whole report per refresh, in order
             while True:
@@ -200,6 +201,35 @@ def cmd_status(args) -> int:
                 live.update(t, refresh=True)
     except KeyboardInterrupt:
         return code
+    finally:
+        restore()
+
+
+def _stop_on_signals() -> Callable[[], None]:
+    """SIGINT and SIGTERM end `status --watch` cleanly (the Live display puts the cursor back), whatever
+    the process inherited: a script's background job and nohup start it with SIGINT ignored, and SIGTERM's
+    default action would leave the terminal without a cursor. Returns what puts the old handlers back."""
+    import signal
+
+    stopping = []
+
+    def stop(_signum, _frame) -> None:
+        if not stopping:  # a second signal while the display is being closed does not interrupt that
+            stopping.append(True)
+            raise KeyboardInterrupt
+
+    previous = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            previous[sig] = signal.signal(sig, stop)
+        except ValueError:  # not the main thread (called in-process): nothing to install
+            pass
+
+    def restore() -> None:
+        for sig, handler in previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+
+    return restore
 
 
 def add_run(p: argparse.ArgumentParser) -> None:
