@@ -361,7 +361,7 @@ def test_stop_request_records_chains_and_restores():
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     finally:
         signal.signal(signal.SIGTERM, old_term)
-        signal.signal(signal.SIGINT, old_int)
+        signal.signal(signal.SIGINT, old_int if old_int is not None else signal.SIG_DFL)
 
 
 # ---------------------------------------------------------------------------------------- Heartbeat
