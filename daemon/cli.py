@@ -245,8 +245,12 @@ def cmd_run(args) -> int:
 
 def add_install_unit(p: argparse.ArgumentParser) -> None:
     p.add_argument("--user", default=None, help="the unprivileged user the service runs as (default: owner of config.yaml)")
+    p.add_argument("--instance", default=None, metavar="NAME",
+                   help="install instance NAME of the template unit ckpt-daemon@.service (several runs on one host, "
+                        "each with its own config): the template and NAME's drop-in with this config")
     p.add_argument("--output", default=None, metavar="PATH",
-                   help="where to write the unit (default: /etc/systemd/system/ckpt-daemon.service)")
+                   help="where to write the unit (default: /etc/systemd/system/ckpt-daemon.service; with --instance, "
+                        "the template /etc/systemd/system/ckpt-daemon@.service, with the drop-in beside it)")
     p.add_argument("--print", action="store_true", help="print the unit instead of writing it")
     p.add_argument("--read-write", action="append", default=[], metavar="PATH",
                    help="another folder the trainer writes (repeatable); the service user's ~/.cache is writable "
@@ -257,7 +261,7 @@ def cmd_install_unit(args) -> int:
     from daemon.unit import install_unit
 
     print(install_unit(config_path(args), user=args.user, output=Path(args.output) if args.output else None,
-                       print_only=args.print, extra_rw=args.read_write))
+                       print_only=args.print, extra_rw=args.read_write, instance=args.instance))
     return 0
 
 
