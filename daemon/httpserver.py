@@ -121,6 +121,7 @@ class Server:
             sel.close()
             self._sel = None
             self._stopped.set()
+            self._drop_answers()
 
     def shutdown(self) -> None:
         """Stop serve_forever (from another thread) and wait until it has ended."""
@@ -200,8 +201,21 @@ class Server:
                 out = b""
             self._ready.append((conn, out))
             self._wake()
+            if self._stopped.is_set():  # the loop has ended (or never ran): nobody will send it
+                self._drop_answers()
         finally:
             self.slots.release()
+
+    def _drop_answers(self) -> None:
+        while True:
+            try:
+                conn, _ = self._ready.popleft()
+            except IndexError:
+                return
+            try:
+                conn.sock.close()
+            except OSError:
+                pass
 
     def _take_answers(self) -> None:
         while self._ready:
