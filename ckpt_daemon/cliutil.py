@@ -109,12 +109,21 @@ def add_json_argument(p: argparse.ArgumentParser, what: str = "the result") -> N
     p.add_argument("--json", action="store_true", help=f"print {what} as JSON (errors too, as {{\"ok\": false, ...}})")
 
 
-def invoke(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+def invoke(func: Callable[[argparse.Namespace], int], args: argparse.Namespace, long_lived: bool = False) -> int:
     """Run a command: CkptError becomes its message (or the JSON error shape) and its exit code,
-    Ctrl+C exit 130, never a traceback for what a user can act on."""
+    Ctrl+C exit 130, never a traceback for what a user can act on.
+
+    Process-wide settings made here, and for whose sake:
+    - stdout/stderr escape what they cannot encode (safe_stdio): for every command, the daemon included.
+    - SIGPIPE: a command that prints a report and ends gets the default action while it runs, so
+      `ckpt-daemon list | head` ends quietly instead of with a BrokenPipeError. A `long_lived` command
+      (the daemon) keeps it ignored: it writes to sockets and pipes that others close whenever they
+      like (an HTTP client, journald, a console), and a closed one must be an error it handles, never a
+      silent death that takes its trainer with it (parent-death signal). The previous action is put
+      back when the command returns, so a caller in the same process (a test) keeps its own.
+    """
     safe_stdio()
-    if hasattr(signal, "SIGPIPE"):
-        signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `ckpt-daemon list | head` ends quietly
+    previous = _set_sigpipe(signal.SIG_IGN if long_lived else signal.SIG_DFL)
     try:
         return func(args)
     except CkptError as exc:
@@ -126,6 +135,28 @@ def invoke(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) 
     except KeyboardInterrupt:
         print("cancelled", file=sys.stderr)
         return 130
+    finally:
+        if previous is not _NOT_SET:
+            for stream in (sys.stdout, sys.stderr):  # while SIGPIPE still ends a report quietly
+                try:
+                    stream.flush()
+                except (OSError, ValueError):
+                    pass
+            _set_sigpipe(signal.SIG_DFL if previous is None else previous)  # None: set outside Python
+
+
+_NOT_SET = object()
+
+
+def _set_sigpipe(action):
+    """Set SIGPIPE's action; the previous one, or _NOT_SET where it cannot be set (no SIGPIPE on this
+    system, or not the main thread)."""
+    if not hasattr(signal, "SIGPIPE"):
+        return _NOT_SET
+    try:
+        return signal.signal(signal.SIGPIPE, action)
+    except ValueError:  # not the main thread
+        return _NOT_SET
 
 
 def module_main(prog: str, description: str, add_arguments: Callable, run: Callable,

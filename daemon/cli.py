@@ -186,6 +186,7 @@ def cmd_status(args) -> int:
 
     every = args.watch
     code, t = text()
+    restore = _stop_on_signals()
     try:
         if not console.is_terminal:  # a pipe or a log: one whole report per refresh, in order
             while True:
@@ -200,6 +201,35 @@ def cmd_status(args) -> int:
                 live.update(t, refresh=True)
     except KeyboardInterrupt:
         return code
+    finally:
+        restore()
+
+
+def _stop_on_signals() -> Callable[[], None]:
+    """SIGINT and SIGTERM end `status --watch` cleanly (the Live display puts the cursor back), whatever
+    the process inherited: a script's background job and nohup start it with SIGINT ignored, and SIGTERM's
+    default action would leave the terminal without a cursor. Returns what puts the old handlers back."""
+    import signal
+
+    stopping = []
+
+    def stop(_signum, _frame) -> None:
+        if not stopping:  # a second signal while the display is being closed does not interrupt that
+            stopping.append(True)
+            raise KeyboardInterrupt
+
+    previous = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            previous[sig] = signal.signal(sig, stop)
+        except ValueError:  # not the main thread (called in-process): nothing to install
+            pass
+
+    def restore() -> None:
+        for sig, handler in previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+
+    return restore
 
 
 def add_run(p: argparse.ArgumentParser) -> None:
@@ -215,8 +245,12 @@ def cmd_run(args) -> int:
 
 def add_install_unit(p: argparse.ArgumentParser) -> None:
     p.add_argument("--user", default=None, help="the unprivileged user the service runs as (default: owner of config.yaml)")
+    p.add_argument("--instance", default=None, metavar="NAME",
+                   help="install instance NAME of the template unit ckpt-daemon@.service (several runs on one host, "
+                        "each with its own config): the template and NAME's drop-in with this config")
     p.add_argument("--output", default=None, metavar="PATH",
-                   help="where to write the unit (default: /etc/systemd/system/ckpt-daemon.service)")
+                   help="where to write the unit (default: /etc/systemd/system/ckpt-daemon.service; with --instance, "
+                        "the template /etc/systemd/system/ckpt-daemon@.service, with the drop-in beside it)")
     p.add_argument("--print", action="store_true", help="print the unit instead of writing it")
     p.add_argument("--read-write", action="append", default=[], metavar="PATH",
                    help="another folder the trainer writes (repeatable); the service user's ~/.cache is writable "
@@ -227,7 +261,7 @@ def cmd_install_unit(args) -> int:
     from daemon.unit import install_unit
 
     print(install_unit(config_path(args), user=args.user, output=Path(args.output) if args.output else None,
-                       print_only=args.print, extra_rw=args.read_write))
+                       print_only=args.print, extra_rw=args.read_write, instance=args.instance))
     return 0
 
 
@@ -332,6 +366,8 @@ def _commands() -> dict[str, tuple[Callable, Callable, str]]:
 
 # Commands that take no config file.
 NO_CONFIG = {"compress", "generate", "config-schema", "completion"}
+# Commands that live long and write to sockets and pipes others may close (see cliutil.invoke).
+LONG_LIVED = {"run"}
 
 
 def build_parser() -> Parser:
@@ -353,7 +389,7 @@ def build_parser() -> Parser:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    return invoke(args.func, args)
+    return invoke(args.func, args, long_lived=args.command in LONG_LIVED)
 
 
 if __name__ == "__main__":

@@ -13,10 +13,13 @@ Rules:
   keeps an HttpOnly cookie derived from the token), or `Authorization: Bearer ...`; compared in
   constant time. A host that is not loopback requires a token (config validation). Without a token,
   requests must name a loopback Host (defeats DNS rebinding from a web page).
-- Bounded: a URL of at most 2 KiB, no request body, 10 s socket timeout, at most 16 requests at once
-  (more get 503), so a slow or hostile client cannot pile up threads.
-- Never in the daemon's way: ThreadingHTTPServer on daemon threads; a request reads only what the main
-  loop and the observer thread already computed; every exception is logged and answered with 500.
+- Bounded (daemon/httpserver.py): a URL of at most 2 KiB, no request body; the request must arrive
+  whole within 5 s and the answer be taken within 10 s, else the connection is cut off; at most 16
+  answers computed at once (more get 503) and 64 connections held, so no client, slow or hostile, can
+  pile up threads or keep a Prometheus scrape from being answered.
+- Never in the daemon's way: one thread owns every socket, answers are computed on daemon threads; a request
+  reads only what the main loop and the observer thread already computed; every exception is logged and
+  answered with 500.
 
 `Observer` is the one thread behind it all (started by daemon/core.py): it (re)starts the server when
 the http section changes (hot reload), rebuilds the inventory at most every 30 s while anything reads
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import io
 import json
 import math
 import shutil
@@ -35,7 +39,7 @@ import threading
 import time
 import urllib.parse
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -43,6 +47,7 @@ from ckpt_daemon.config import Config, is_loopback_host
 from ckpt_daemon.logs import get_logger
 from daemon import dashboard as dash
 from daemon import metrics as prom
+from daemon.httpserver import Server
 
 log = get_logger("daemon.http")
 
@@ -50,8 +55,6 @@ WEB_DIR = Path(__file__).resolve().parent / "web"
 STATIC = {"app.js": "text/javascript; charset=utf-8", "app.css": "text/css; charset=utf-8"}
 COOKIE = "ckpt_daemon_session"
 MAX_URL = 2048
-MAX_CONCURRENT = 16
-SOCKET_TIMEOUT_S = 10
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
        "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 COMMON_HEADERS = {
@@ -215,10 +218,18 @@ class App:
 
 
 class _Handler(BaseHTTPRequestHandler):
+    """http.server's request parsing and answer writing, on a head already read whole and into memory:
+    the sockets, their deadlines and the caps are daemon/httpserver.py's."""
+
     server_version = "ckpt-daemon"
     sys_version = ""
-    protocol_version = "HTTP/1.0"  # one request per connection: no idle keep-alive threads
-    timeout = SOCKET_TIMEOUT_S
+    protocol_version = "HTTP/1.0"  # one request per connection: no idle keep-alive connections
+
+    def __init__(self, head: bytes, client: tuple, app: App):  # noqa: super().__init__ would read a socket
+        self.app, self.client_address = app, client
+        self.request = self.connection = self.server = None
+        self.rfile, self.wfile = io.BytesIO(head), io.BytesIO()
+        self.handle()
 
     def do_GET(self) -> None:  # noqa: N802
         self._answer()
@@ -230,59 +241,30 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _answer(self) -> None:
         try:
-            resp = self.server.app.handle(self.command, self.path, self.headers, client=str(self.client_address[0]))
+            resp = self.app.handle(self.command, self.path, self.headers, client=str(self.client_address[0]))
         except Exception as exc:
             log.exception("dashboard request failed", path=self.path[:200], error=str(exc))
             resp = _text(500, "Internal error; the daemon's log has the details.")
-        try:
-            self.send_response(resp.status)
-            self.send_header("Content-Type", resp.content_type)
-            self.send_header("Content-Length", str(len(resp.body)))
-            for k, v in {**COMMON_HEADERS, **resp.headers}.items():
-                self.send_header(k, v)
-            self.end_headers()
-            if self.command != "HEAD":
-                self.wfile.write(resp.body)
-        except (BrokenPipeError, ConnectionResetError, TimeoutError):
-            pass
+        self.send_response(resp.status)
+        self.send_header("Content-Type", resp.content_type)
+        self.send_header("Content-Length", str(len(resp.body)))
+        for k, v in {**COMMON_HEADERS, **resp.headers}.items():
+            self.send_header(k, v)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(resp.body)
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
         log.debug("http request", client=self.client_address[0], line=(format % args)[:300])
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-    request_queue_size = 32
+def respond(app: App, head: bytes, client: tuple) -> bytes:
+    """The whole answer (status line, headers, body) to one request head."""
+    return _Handler(head, client, app).wfile.getvalue()
 
-    def __init__(self, addr: tuple, app: App, family: int):
-        self.address_family = family
-        self.app = app
-        self.slots = threading.BoundedSemaphore(MAX_CONCURRENT)
-        super().__init__(addr, _Handler)
 
-    def process_request(self, request, client_address) -> None:
-        if not self.slots.acquire(blocking=False):
-            try:
-                request.sendall(b"HTTP/1.0 503 Service Unavailable\r\nContent-Length: 0\r\nRetry-After: 1\r\n\r\n")
-            except OSError:
-                pass
-            self.shutdown_request(request)
-            return
-        try:
-            super().process_request(request, client_address)
-        except BaseException:
-            self.slots.release()
-            raise
-
-    def process_request_thread(self, request, client_address) -> None:
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self.slots.release()
-
-    def handle_error(self, request, client_address) -> None:
-        log.exception("dashboard connection failed", client=str(client_address[0]) if client_address else None)
+def make_server(addr: tuple, app: App, family: int) -> Server:
+    return Server(addr, family, lambda head, client: respond(app, head, client))
 
 
 def bind_address(host: str) -> tuple[str, int]:
@@ -312,7 +294,7 @@ class Observer:
         self.http_registry = prom.make_registry(self.collector, process=True)
         self.file_registry = prom.make_registry(self.collector)
         self.app = App(self)
-        self.server: Optional[_Server] = None
+        self.server: Optional[Server] = None
         self._server_thread: Optional[threading.Thread] = None
         self._server_key: Optional[tuple] = None
         self._bind_error: Optional[tuple] = None  # (key, when) of the last failed bind: retried every 30 s
@@ -390,7 +372,7 @@ class Observer:
             return
         addr, family = bind_address(h.host)
         try:
-            srv = _Server((addr, h.port), self.app, family)
+            srv = make_server((addr, h.port), self.app, family)
         except OSError as exc:
             if not self._bind_error or self._bind_error[0] != key:
                 log.error("the dashboard cannot listen; retrying every 30 s", host=h.host, port=h.port, error=str(exc),

@@ -93,6 +93,23 @@ def test_both_spellings_run_the_same_code(project):
         assert "Exit codes" in r.stdout and "143" in r.stdout and "--config" in r.stdout, args
 
 
+def test_a_report_into_a_closed_pipe_ends_quietly_and_leaves_the_callers_sigpipe(project):
+    # `ckpt-daemon list | head`: the reader is gone before the report is written; no traceback, no
+    # "Exception ignored" line, for the table and for --json
+    for argv in (["list"], ["list", "--json"], ["cleanup", "--dry-run"]):
+        r, w = os.pipe()
+        os.close(r)
+        p = subprocess.run([PY, "-m", "daemon", *argv, "--config", str(project)], stdout=w, stderr=subprocess.PIPE,
+                           env=env_for_children(), stdin=subprocess.DEVNULL, timeout=120)
+        os.close(w)
+        assert p.returncode in (0, -signal.SIGPIPE) and p.stderr == b"", (argv, p.stderr.decode())
+    # a command run in-process (as the tests do) leaves the caller's SIGPIPE action as it found it: the
+    # default action it sets for a report would otherwise kill a long-lived caller at its next closed socket
+    before = signal.getsignal(signal.SIGPIPE)
+    assert cli(["--config", str(project), "list", "--json"]) == 0
+    assert signal.getsignal(signal.SIGPIPE) == before
+
+
 def test_mistakes_get_a_did_you_mean_and_exit_2(project):
     r = run_py(["-m", "daemon", "stauts", "--config", str(project)])
     assert r.returncode == 2 and "did you mean 'status'" in r.stderr and "Traceback" not in r.stderr
@@ -202,6 +219,48 @@ def test_status_colour_and_watch(project):
     finally:
         p.kill()
     assert p.returncode == 5 and "Traceback" not in err, err
+
+
+def _ignore_stop_signals() -> None:  # in the child: what nohup, or a script's `cmd &`, hands down (and worse)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def test_status_watch_stops_on_sigint_and_sigterm_whatever_it_inherited(project):
+    import pty
+
+    env = {**env_for_children(), "TERM": "xterm-256color", "COLUMNS": "100", "LINES": "30"}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        master, slave = pty.openpty()  # a terminal: the live display, which hides the cursor while it runs
+        p = subprocess.Popen([PY, "-m", "daemon", "status", "--config", str(project), "--watch", "0.2"], env=env,
+                             stdin=slave, stdout=slave, stderr=slave, preexec_fn=_ignore_stop_signals)
+        os.close(slave)
+        seen = bytearray()
+
+        def read() -> None:
+            try:
+                while chunk := os.read(master, 65536):
+                    seen.extend(chunk)
+            except OSError:  # EIO: the process and its terminal are gone
+                pass
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        try:
+            deadline = time.monotonic() + 60
+            while b"has not run" not in seen:
+                assert time.monotonic() < deadline and p.poll() is None, bytes(seen[-500:])
+                time.sleep(0.05)
+            p.send_signal(sig)
+            assert p.wait(timeout=30) == 5, sig  # the status it showed last: the daemon is not running
+            reader.join(timeout=10)
+        finally:
+            p.kill()
+            p.wait()
+            os.close(master)
+        out = bytes(seen)
+        assert b"Traceback" not in out, out[-2000:]
+        assert b"\x1b[?25l" in out and out.rindex(b"\x1b[?25h") > out.rindex(b"\x1b[?25l"), "the cursor was not put back"
 
 
 def test_completion_scripts_are_generated_from_the_parser(tmp_path):

@@ -136,7 +136,8 @@ def test_unit_file_renders_and_verifies(tmp_path):
                     "--read-write", str(tmp_path / "hf-cache")], check=True)
         assert "systemctl daemon-reload" in r.stdout
         unit = (tmp_path / "ckpt-daemon.service").read_text()
-        for needle in ("Type=notify", "WatchdogSec=", "Restart=on-failure", "KillMode=mixed", "NoNewPrivileges=yes",
+        for needle in ("Type=notify", "WatchdogSec=", "Restart=on-failure", "RestartPreventExitStatus=4", "KillMode=mixed",
+                       "NoNewPrivileges=yes",
                        "ProtectSystem=strict", "PrivateTmp=yes", f"User={user}", str(tmp_path / "checkpoints"),
                        f"--config {cfg}", "TimeoutStopSec=150", f"-{tmp_path / 'hf-cache'}", "/.cache"):
             assert needle in unit, needle

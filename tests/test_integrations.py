@@ -328,6 +328,9 @@ def test_daemon_choice_and_step_of(tmp_path, clean_env):
 def test_stop_request_records_chains_and_restores():
     seen = []
     old_term = signal.signal(signal.SIGTERM, lambda s, f: seen.append(s))
+    # Python's own Ctrl+C handler before, whatever this process inherited (nohup or a script's `cmd &`
+    # starts it with SIGINT ignored, and then Python installs no handler of its own)
+    old_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         stop = StopRequest()
         assert not stop.requested and stop.exit_code is None
@@ -358,7 +361,7 @@ def test_stop_request_records_chains_and_restores():
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     finally:
         signal.signal(signal.SIGTERM, old_term)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGINT, old_int if old_int is not None else signal.SIG_DFL)
 
 
 # ---------------------------------------------------------------------------------------- Heartbeat
