@@ -420,14 +420,17 @@ def test_breakpoint_verifies_in_memory_pins_the_slot_and_persists_it_in_the_back
     assert loaded.from_memory and loaded.step == 2 and calls == []
     assert same_state(m, m2) and same_nested(opt.state_dict(), opt2.state_dict())
 
-    # it trains on and saves twice into memory: the pinned slot is never written over
-    for step in (3, 4):
-        trainer.save(step, model=m2, optimizer=opt2, memory=True)
-        trainer.wait()
+    # it trains on and saves twice into memory: the pinned slot is never written over, and neither is the
+    # newest state: the second save is skipped while the daemon holds the other slot, and counted
+    assert trainer.save(3, model=m2, optimizer=opt2, memory=True) == ck / "checkpoint-3"
+    trainer.wait()
+    assert trainer.save(4, model=m2, optimizer=opt2, memory=True) is None
+    trainer.wait()
+    assert trainer._memory.skipped == 1
     trainer.close()
     pinned = mem.Region(region).read_slot(slot.index)[0]
     assert pinned.step == 2 and pinned.seq == slot.seq
-    assert mem.Region(region).newest(ck)[0].step == 4
+    assert mem.Region(region).newest(ck)[0].step == 3
 
     agent.drain()
     c = cat.scan(ck, ["checkpoint-{step}"], verify=True)
@@ -444,9 +447,9 @@ def test_breakpoint_verifies_in_memory_pins_the_slot_and_persists_it_in_the_back
     # ... and the breakpoint refuses it with its reason: the trainer resumes from the disk
     assert agent.breakpoint("damaged") is None
     assert "fails its checksum" in "\n".join(log.lines)
-    monkeypatch.setenv("CKPT_DAEMON_MEMORY_RESUME", "4")
+    monkeypatch.setenv("CKPT_DAEMON_MEMORY_RESUME", "3")
     with caplog.at_level("ERROR"):
-        loaded = CheckpointManager(ck, memory=region).load(str(ck / "checkpoint-4"), model=m2, optimizer=opt2)
+        loaded = CheckpointManager(ck, memory=region).load(str(ck / "checkpoint-3"), model=m2, optimizer=opt2)
     assert not loaded.from_memory and loaded.step == 2
     assert "could not be read" in caplog.text
     agent.close(clean=False)
@@ -512,3 +515,145 @@ def test_the_daemon_side_never_imports_torch():
             "assert 'torch' not in sys.modules, 'torch was imported'; print('ok')")
     assert run_py(["-c", code], check=True).stdout.strip() == "ok"
 
+
+
+def _errors(text: str) -> list[str]:
+    out = []
+    for line in text.splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict) and rec.get("level") in ("error", "critical"):
+            out.append(line)
+    return out
+
+
+def test_a_healthy_every_step_memory_run_under_the_daemon_logs_no_error(tmp_path, daemons):
+    """every_steps: 1 and a persist of every memory checkpoint: the daemon's persists and the trainer's saves
+    race for the slots all the time. A slot the trainer rewrote before the daemon could pin it is not a failure
+    (a newer one is there): no ERROR line, in the daemon's log or the trainer's, and the persists go on."""
+    region = Path("/dev/shm") / f"ckpt-test-{os.getpid()}-{tmp_path.name}"
+    ck = tmp_path / "checkpoints"
+    d = Daemon(tmp_path, {
+        "checkpoints": {"memory": {"enabled": True, "every_steps": 1, "persist_every": 1, "dir": str(region)}},
+        "trainer": {"checkpoint_every_steps": 100000, "eval_every_steps": 100000},
+    }).start()
+    daemons.append(d)
+    try:
+        d.wait(lambda s: s["memory"]["persisted"] >= 40, timeout=240, what="40 persists of memory checkpoints")
+        assert d.stop() == 0
+        assert _errors(d.log()) == [], _errors(d.log())[:5]
+        trainer_log = (tmp_path / "logs" / "trainer.log").read_text()
+        assert " ERROR " not in trainer_log and "Traceback" not in trainer_log
+        c = cat.scan(ck, ["checkpoint-{step}"], verify=True)
+        assert len([e for e in c.entries if e.valid]) >= 2 and all(e.valid for e in c.entries)
+    finally:
+        mem.remove_stale_region(region)
+
+
+# ------------------------------------------------------------------- a kill at every phase of a persist
+SAVER = r"""
+import sys, torch
+from ckpt_daemon.checkpoint import CheckpointManager
+import ckpt_daemon.memsave as ms
+torch.manual_seed(0)
+m = torch.nn.Linear(64, 64)
+mgr = CheckpointManager(sys.argv[1], memory=sys.argv[2])
+orig = ms._u8
+def held(t):  # this save is caught mid-copy: it says so, and the parent kills it here
+    print("copying", flush=True)
+    sys.stdin.readline()
+    return orig(t)
+for line in sys.stdin:
+    cmd, step = line.split()
+    step = int(step)
+    if cmd == "hold":
+        ms._u8 = held
+    with torch.no_grad():
+        m.weight.fill_(step)
+    saved = mgr.save(step, model=m, memory=True)
+    mgr.wait()
+    print("committed" if saved else "skipped", step, flush=True)
+"""
+
+
+class _Saver:
+    """A real trainer process that saves into memory when told, and answers with what happened."""
+
+    def __init__(self, ck: Path, region: Path):
+        import queue
+        import threading
+
+        self.p = subprocess.Popen([PY, "-c", SAVER, str(ck), str(region)], stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, env=env_for_children(), text=True)
+        self.lines: queue.Queue = queue.Queue()
+        threading.Thread(target=lambda: [self.lines.put(x) for x in self.p.stdout], daemon=True).start()
+
+    def __call__(self, cmd: str, step: int) -> list[str]:
+        import queue
+
+        self.p.stdin.write(f"{cmd} {step}\n")
+        self.p.stdin.flush()
+        try:
+            return self.lines.get(timeout=120).split()
+        except queue.Empty:
+            raise AssertionError(f"the trainer did not answer {cmd} {step}") from None
+
+    def kill(self) -> None:
+        self.p.kill()
+        self.p.wait()
+
+
+@pytest.mark.parametrize("phase", ["read", "pinned", "copied", "committed", "released"])
+def test_a_sigkill_at_every_phase_of_a_persist_loses_no_committed_memory_checkpoint(tmp_path, phase):
+    """The daemon persists step 2 (slot B) and is stopped at `phase`; meanwhile the trainer commits step 3
+    (slot A) and starts step 4, and is SIGKILLed right then. Step 4 may only go into B, and only when the
+    daemon does not hold it: had it gone over A (the newest committed state) the restart would resume from
+    step 2. Every phase: the breakpoint resumes from step 3, which reaches the disk whole, and no ERROR."""
+    import threading
+
+    from ckpt_daemon.config import parse_config
+
+    region = tmp_path / "region"
+    cfg = parse_config(f"checkpoints: {{dir: ck, memory: {{enabled: true, dir: {region}}}}}\n", tmp_path / "config.yaml")
+    ck = cfg.checkpoint_dir
+    log = _Log()
+    agent = mem.MemoryAgent(lambda: cfg, log)
+    assert agent.start()
+    at, go = threading.Event(), threading.Event()
+
+    def hook(name: str) -> None:
+        if name == phase and not at.is_set():
+            at.set()
+            go.wait(120)
+
+    agent.on_phase = hook
+    saver = _Saver(ck, region)
+    persist = threading.Thread(target=agent.persist_newest, args=("cadence",))
+    try:
+        assert saver("save", 1) == ["committed", "1"]
+        assert saver("save", 2) == ["committed", "2"]
+        persist.start()  # the newest, step 2
+        assert at.wait(120), f"the persist never reached {phase}"
+        assert saver("save", 3) == ["committed", "3"]  # into the other slot, which the daemon does not hold
+        reply = saver("hold", 4)
+        saver.kill()  # SIGKILL, mid-copy or just after the skip
+    finally:
+        go.set()
+        persist.join(120)
+        if saver.p.poll() is None:
+            saver.kill()
+    slot = agent.breakpoint("the trainer was killed")  # None: the disk has it already (the persist went on to it)
+    agent.drain()
+    c = cat.scan(ck, ["checkpoint-{step}"], verify=True)
+    resume = slot.step if slot is not None else c.newest_valid().step
+    assert resume == 3  # the last committed memory checkpoint: nothing lost beyond it
+    assert c.by_name("checkpoint-3").valid and all(e.valid for e in c.entries)
+    assert torch.equal(read_checkpoint(ck / "checkpoint-3")["model"]["weight"], torch.full((64, 64), 3.0))
+    # while the daemon held step 2's slot, step 4 was skipped; otherwise it was being copied into that slot
+    held = phase in ("pinned", "copied", "committed")
+    assert reply == (["skipped", "4"] if held else ["copying"]), reply
+    assert not [x for x in log.lines if x.startswith("error")], log.lines
+    agent.close(clean=False)
+    mem.remove_stale_region(region)
