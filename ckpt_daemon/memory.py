@@ -318,12 +318,13 @@ class Region:
         """The committed header of slot i, or (None, why not; None if the slot file does not exist)."""
         p = self.slot_path(i)
         try:
+            bad = entry_problem(os.lstat(p))  # what it is, before opening it (a socket cannot be opened)
+            if bad:
+                return None, f"{p.name} {bad}"
             fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
         except FileNotFoundError:
             return None, None
         except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                return None, f"{p.name} is not a regular file (a symlink)"
             return None, f"{p.name} cannot be opened ({exc.strerror or exc})"
         try:
             st = os.fstat(fd)

@@ -657,3 +657,129 @@ def test_a_sigkill_at_every_phase_of_a_persist_loses_no_committed_memory_checkpo
     assert not [x for x in log.lines if x.startswith("error")], log.lines
     agent.close(clean=False)
     mem.remove_stale_region(region)
+
+
+# ------------------------------------------------------------------------ garbage in a slot's place
+def _a_real_slot_file(tmp_path: Path, ck: Path) -> bytes:
+    """The bytes of a committed slot a trainer of this folder would write (to forge another user's)."""
+    m, opt, _ = make_state()
+    mgr = CheckpointManager(ck, memory=tmp_path / "elsewhere")
+    mgr.save(9, model=m, optimizer=opt, memory=True)
+    mgr.wait()
+    mgr.close()
+    return mem.Region(tmp_path / "elsewhere").newest(ck)[0].path.read_bytes()
+
+
+GARBAGE = {  # kind: what the daemon reports, what the trainer reports
+    "fifo": ("is not a regular file (a FIFO)", "removed (it holds no data)"),
+    "folder": ("is not a regular file (a folder)", "moved to rejected-slot-0-"),
+    "symlink": ("is not a regular file (a symlink)", "removed (it holds no data)"),
+    "socket": ("is not a regular file (a socket)", "removed (it holds no data)"),
+    "other user": ("belongs to another user (uid 65534)", "moved to rejected-slot-0-"),
+    "wrong size": ("unknown format version 0", None),  # a regular file of ours: reused, never allocated whole
+}
+
+
+@pytest.mark.parametrize("kind", sorted(GARBAGE))
+def test_garbage_in_a_slots_place_is_reported_and_never_stops_the_trainer(tmp_path, tmpfs, monkeypatch, caplog, kind):
+    """Each kind of entry the region's rules reject, in slot-0's place: the daemon's agent reports it and
+    uses nothing of it; the real writer sets it aside (a FIFO, socket or symlink removed, a folder or
+    another user's file renamed and kept) or reuses it (a file of ours of any size, allocated only as far
+    as a slot needs), and saves into both slots; the daemon persists the trainer's newest state."""
+    import socket
+
+    from ckpt_daemon.config import parse_config
+
+    if os.geteuid() != 0 and kind == "other user":
+        pytest.skip("making a file of another user needs root")
+    shm = tmpfs("64m")
+    region = shm / "region"
+    cfg = parse_config(f"checkpoints: {{dir: ck, memory: {{enabled: true, dir: {region}}}}}\n", tmp_path / "config.yaml")
+    ck = cfg.checkpoint_dir
+    log = _Log()
+    agent = mem.MemoryAgent(lambda: cfg, log)
+    assert agent.start()
+    outside = tmp_path / "outside.txt"
+    outside.write_text("not the region's")
+    p = region / "slot-0"
+    if kind == "fifo":
+        os.mkfifo(p)
+    elif kind == "folder":
+        p.mkdir()
+        (p / "notes.txt").write_text("a person's notes")
+    elif kind == "symlink":
+        p.symlink_to(outside)
+    elif kind == "socket":
+        monkeypatch.chdir(region)  # a socket's path is short: bind the relative name
+        s = socket.socket(socket.AF_UNIX)
+        s.bind("slot-0")
+        s.close()
+        monkeypatch.undo()
+    elif kind == "other user":
+        p.write_bytes(_a_real_slot_file(tmp_path, ck))  # a valid-looking state of step 9: forged by another user
+        os.chown(p, 65534, 65534)
+    else:
+        with open(p, "wb") as f:  # 1 TiB (sparse) on a 64 MiB tmpfs
+            f.write(mem.MAGIC + b"\0" * 64)
+            f.truncate(1 << 40)
+    daemon_says, trainer_says = GARBAGE[kind]
+    # the daemon's side: nothing used, nothing raised (and reported: checked below)
+    assert agent.persist_newest("cadence") is None and agent.breakpoint("a crash") is None
+    assert not ck.exists() or not list(ck.glob("checkpoint-*"))
+    daemon_lines = "\n".join(log.lines)
+    # the trainer's side: the real writer, as a restarted trainer's first saves
+    m, opt, sched = make_state()
+    with caplog.at_level("INFO", logger="ckpt_daemon.memsave"):
+        mgr = CheckpointManager(ck, memory=region)
+        for step in (1, 2):
+            train_steps(m, opt, sched, 1, seed=step)
+            assert mgr.save(step, model=m, optimizer=opt, scheduler=sched, memory=True) == ck / f"checkpoint-{step}"
+            mgr.wait()
+        mgr.close()
+    assert [s.step for s in mem.Region(region).slots()[0]] == [2, 1]
+    if trainer_says:
+        assert f"memory slot {p}" in caplog.text and trainer_says in caplog.text, caplog.text
+    rejected = list(region.glob("rejected-slot-0-*"))
+    if kind == "folder":
+        assert (rejected[0] / "notes.txt").read_text() == "a person's notes"  # kept for a person to look at
+    elif kind == "other user":
+        assert rejected[0].stat().st_uid == 65534 and not (ck / "checkpoint-9").exists()
+    else:
+        assert rejected == []
+    assert outside.read_text() == "not the region's"  # a symlink is never followed
+    if kind == "wrong size":
+        assert os.stat(p).st_blocks * 512 < 32 << 20  # only what a slot needs was allocated
+    r = agent.persist_newest("cadence")
+    assert r is not None and r.path == ck / "checkpoint-2"
+    assert not [x for x in log.lines if x.startswith("error")], log.lines
+    assert daemon_says in daemon_lines, daemon_lines  # the daemon reported it with its reason
+    agent.close(clean=False)
+    mem.remove_stale_region(region)
+
+
+def test_a_restarted_built_in_trainer_under_the_daemon_goes_on_past_garbage_in_the_slots(tmp_path, daemons):
+    """A folder in slot-0's place and a FIFO in slot-1's before the daemon starts: the built-in trainer's
+    first memory save sets both aside and trains on (no crash, no restart), and the daemon persists."""
+    region = Path("/dev/shm") / f"ckpt-test-{os.getpid()}-{tmp_path.name}"
+    mem.private_dir(region)
+    (region / "slot-0").mkdir()
+    (region / "slot-0" / "x").write_text("left here")
+    os.mkfifo(region / "slot-1")
+    ck = tmp_path / "checkpoints"
+    d = Daemon(tmp_path, {
+        "checkpoints": {"memory": {"enabled": True, "every_steps": 1, "persist_every": 5, "dir": str(region)}},
+        "trainer": {"checkpoint_every_steps": 100000, "eval_every_steps": 100000},
+    }).start()
+    daemons.append(d)
+    try:
+        s = d.wait(lambda s: s["memory"]["persisted"] >= 2 and s, timeout=180, what="memory checkpoints persisted")
+        assert s["training"]["last_crash"] is None and s["training"]["restarts"] == 0
+        assert "memory slot ignored" in d.log()  # reported by the daemon (if it looked before the trainer)...
+        trainer_log = (tmp_path / "logs" / "trainer.log").read_text()
+        assert "slot-0 is not a regular file (a folder); moved to rejected-slot-0-" in trainer_log  # ... and the trainer
+        assert "slot-1 is not a regular file (a FIFO); removed" in trainer_log
+        assert d.stop() == 0
+        assert _errors(d.log()) == []
+        assert cat.scan(ck, ["checkpoint-{step}"], verify=True).newest_valid() is not None
+    finally:
+        mem.remove_stale_region(region)
