@@ -541,7 +541,8 @@ def test_a_healthy_every_step_memory_run_under_the_daemon_logs_no_error(tmp_path
     }).start()
     daemons.append(d)
     try:
-        d.wait(lambda s: s["memory"]["persisted"] >= 40, timeout=240, what="40 persists of memory checkpoints")
+        s = d.wait(lambda s: s["memory"]["persisted"] >= 40 and s, timeout=240, what="40 persists of memory checkpoints")
+        assert s["memory"]["warning"] is None and s["memory"]["newest"] is not None
         assert d.stop() == 0
         assert _errors(d.log()) == [], _errors(d.log())[:5]
         trainer_log = (tmp_path / "logs" / "trainer.log").read_text()
@@ -783,3 +784,27 @@ def test_a_restarted_built_in_trainer_under_the_daemon_goes_on_past_garbage_in_t
         assert cat.scan(ck, ["checkpoint-{step}"], verify=True).newest_valid() is not None
     finally:
         mem.remove_stale_region(region)
+
+
+# ---------------------------------------------------------------------------------------------- config
+def test_the_readmes_memory_snippet_is_a_valid_config_and_best_to_disk_is_checked(tmp_path):
+    from ckpt_daemon.config import parse_config
+    from ckpt_daemon.errors import ConfigError
+    from tests.conftest import REPO
+
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("### Memory-first checkpoints"):]
+    start = section.index("```yaml\n") + len("```yaml\n")
+    cfg = parse_config(section[start:section.index("```", start)], tmp_path / "config.yaml")
+    mc = cfg.checkpoints.memory
+    assert mc.enabled and mc.best_to_disk == "every" and mc.best_to_disk_interval_s is None
+    ok = parse_config("checkpoints: {memory: {best_to_disk: interval, best_to_disk_interval_s: 1800}}\n",
+                      tmp_path / "config.yaml").checkpoints.memory
+    assert (ok.best_to_disk, ok.best_to_disk_interval_s) == ("interval", 1800)
+    for bad, says in [("{best_to_disk: interval}", "best_to_disk_interval_s is not set"),
+                      ("{best_to_disk: at_end, best_to_disk_interval_s: 60}", "set best_to_disk: interval to use it"),
+                      ("{best_to_disk: sometimes}", "'every', 'interval' or 'at_end'"),
+                      ("{best_to_disk: interval, best_to_disk_interval_s: -1}", "best_to_disk_interval_s")]:
+        with pytest.raises(ConfigError, match="checkpoints.memory") as ei:
+            parse_config(f"checkpoints: {{memory: {bad}}}\n", tmp_path / "config.yaml")
+        assert says in str(ei.value), str(ei.value)
