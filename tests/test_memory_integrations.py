@@ -369,6 +369,25 @@ def test_hugging_face_best_to_disk_at_end_keeps_every_best_in_memory_until_train
     assert torch.equal(trainer.model.state_dict()["transformer.wte.weight"], on_disk["transformer.wte.weight"])
 
 
+def test_hugging_face_best_to_disk_at_end_writes_the_waiting_best_when_training_is_stopped(memory_config):
+    pytest.importorskip("transformers")
+    from transformers import TrainerCallback
+
+    ck, _ = memory_config(best_to_disk="at_end")
+
+    class Sigterm(TrainerCallback):  # a real SIGTERM at step 7: the callback saves step 8 and stops
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == 7:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    record, seen = _on_disk_at_each_step(ck)
+    trainer = _hf_best_at_step_3(ck, metric=lambda step: {3: 2, 6: 1}.get(step, 3), callbacks=[Sigterm(), record])
+    assert trainer.state.global_step == 8 and all(v == set() for v in seen.values()), seen
+    assert {p.name for p in ck.iterdir() if p.name.startswith("checkpoint-")} == {"checkpoint-6"}  # the best
+    assert cat.scan(ck, ["checkpoint-{step}"], verify=True).by_name("checkpoint-6").valid
+    assert _slot(ck.parent / "shm", ck).step == 8  # the stop's save: in memory, for the daemon to persist
+
+
 def test_hugging_face_best_to_disk_interval_writes_a_waiting_best_once_the_interval_is_over(memory_config, monkeypatch):
     pytest.importorskip("transformers")
     from transformers import TrainerCallback
