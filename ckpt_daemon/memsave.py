@@ -104,7 +104,8 @@ def _open_slot_file(path: Path) -> int:
             raise mem.MemoryCheckpointError(
                 f"{path} {why} and cannot be moved out of the way ({exc.strerror or exc}). Remove it by hand, or set "
                 "checkpoints.memory.dir to another folder.") from exc
-        log.warning("memory slot %s %s; %s", path, why, f"moved to {moved.name}" if moved else "removed (it holds no data)")
+        log.warning("memory slot %s %s; %s", path, why,
+                    f"moved to {moved.name}" if moved else "removed (it holds no data)")
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, 0o600)
     why = mem.entry_problem(os.fstat(fd))
     if why:
@@ -269,8 +270,9 @@ class MemoryWriter:
         files = [(name, o, size) for name, o, size, _, _ in layout]
         if background:
             self.last_stall_s = time.perf_counter() - t0
+            rest = (manifest_extra, files, off, target)
             self._thread = threading.Thread(target=self._write_in_background,
-                                            args=(step, layout, payload_need, (manifest_extra, files, off, target), after),
+                                            args=(step, layout, payload_need, rest, after),
                                             name=f"memory-commit-{step}", daemon=True)
             self._thread.start()
             self.saves += 1

@@ -269,8 +269,9 @@ class CkptDaemonCallback(TrainerCallback):
 def _same_save(a: str, b: str) -> bool:
     """Whether folder b holds the Hugging Face save that folder a holds (same trainer_state.json, which
     names its step and log history)."""
+    name = "trainer_state.json"
     try:
-        with open(os.path.join(a, "trainer_state.json"), "rb") as fa, open(os.path.join(b, "trainer_state.json"), "rb") as fb:
+        with open(os.path.join(a, name), "rb") as fa, open(os.path.join(b, name), "rb") as fb:
             return fa.read(64 << 20) == fb.read(64 << 20)
     except OSError:
         return False
