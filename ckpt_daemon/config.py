@@ -84,6 +84,28 @@ class MemoryConfig(_Section):
         None, description=("Folder on a tmpfs for the two memory slots (null: /dev/shm/ckpt-daemon-<id>, one per "
                            "checkpoints.dir). Removed when training finishes or the daemon stops cleanly."))
     max_gb: float = Field(64.0, gt=0, le=1_000_000, description="Refuse memory checkpoints whose two slots would exceed this many GiB.")
+    best_to_disk: Literal["every", "interval", "at_end"] = Field(
+        "every", description=("When the Hugging Face and Lightning callbacks write a new best checkpoint "
+                              "(metric_for_best_model, ModelCheckpoint(monitor=...)) to disk as well as to memory: "
+                              "'every' new best at once (with an improving metric that is most saves, so memory "
+                              "helps little); 'interval' at most every best_to_disk_interval_s (a newer best "
+                              "replaces one waiting); 'at_end' only when training ends. Whatever is chosen, the best "
+                              "is on disk when training ends; one waiting is held as one more copy (in the tmpfs for "
+                              "Hugging Face, in the trainer's memory for Lightning) and is lost if the trainer is "
+                              "killed first (the daemon's persists still cover the steps)."))
+    best_to_disk_interval_s: Optional[float] = Field(
+        None, gt=0, le=DAY_S,
+        description="With best_to_disk: interval, the least time between two writes of a best to disk (seconds).")
+
+    @model_validator(mode="after")
+    def _best_interval(self) -> "MemoryConfig":
+        if self.best_to_disk == "interval" and self.best_to_disk_interval_s is None:
+            raise ValueError("|best_to_disk is 'interval' but best_to_disk_interval_s is not set: give the least "
+                             "time between two writes of a best to disk, e.g. best_to_disk_interval_s: 1800")
+        if self.best_to_disk != "interval" and self.best_to_disk_interval_s is not None:
+            raise ValueError(f"|best_to_disk_interval_s is set but best_to_disk is '{self.best_to_disk}': set "
+                             "best_to_disk: interval to use it, or remove best_to_disk_interval_s")
+        return self
 
 
 class CheckpointsConfig(_Section):

@@ -75,6 +75,7 @@ MAX_TARGET = 200  # a target's sidecar is named after it, with a few characters 
 #: writer writes there before it is copied into a slot) and `resume-<pid>` (a slot copied out as files
 #: for a loader that reads files). The daemon removes those of processes that are gone.
 SCRATCH_PREFIXES = ("staging-", "resume-")
+REJECTED_PREFIX = "rejected-"  # an entry a trainer found in a slot's place and moved aside (set_aside)
 CHUNK = 16 << 20
 _HEX64 = re.compile(r"[0-9a-f]{64}\Z")
 NAME_STEP = re.compile(r"(?:step[=_-]?|checkpoint-)([0-9]{1,15})(?![0-9])")  # the step a target's name says
@@ -84,6 +85,11 @@ class MemoryCheckpointError(CkptError):
     """Memory checkpoints cannot work as configured (e.g. the tmpfs cannot hold two copies)."""
 
     exit_code = 2
+
+
+class SlotSuperseded(ValueError):
+    """The slot was rewritten by its trainer (or is being rewritten) after its header was read: a newer
+    memory checkpoint is there, or is coming. Not a failure; whoever read it reads the region again."""
 
 
 def boot_id() -> str:
@@ -104,6 +110,33 @@ def region_dir_for(cfg) -> Path:
     """The region folder a config asks for (checkpoints.memory.dir, else the default)."""
     d = cfg.checkpoints.memory.dir
     return cfg.resolve_path(d) if d is not None else default_region_dir(cfg.checkpoint_dir)
+
+
+def entry_problem(st: os.stat_result) -> Optional[str]:
+    """Why a region entry with a slot's name is not usable as a slot (None if it is: a regular file of this
+    user). The region is private (0700, ours): anything else there was put by hand or by another program."""
+    if not stat.S_ISREG(st.st_mode):
+        kind = ("a folder" if stat.S_ISDIR(st.st_mode) else "a symlink" if stat.S_ISLNK(st.st_mode)
+                else "a FIFO" if stat.S_ISFIFO(st.st_mode) else "a socket" if stat.S_ISSOCK(st.st_mode)
+                else "a device or other special file")
+        return f"is not a regular file ({kind})"
+    if st.st_uid != os.geteuid():
+        return f"belongs to another user (uid {st.st_uid}), who could have forged it"
+    return None
+
+
+def set_aside(path: Path, why: str) -> Optional[Path]:
+    """Get an entry the region's rules reject (`entry_problem`) out of a slot's way, never following it: a
+    symlink, FIFO, socket or device node (no data of its own) is removed; a folder or another user's file is
+    renamed `rejected-<name>-<ns>` next to it, kept for a person to look at. Returns the new name (None if
+    removed). Raises OSError."""
+    st = os.lstat(path)
+    if stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode):
+        dest = path.with_name(f"{REJECTED_PREFIX}{path.name}-{time.time_ns()}")
+        os.rename(path, dest)
+        return dest
+    os.unlink(path)
+    return None
 
 
 def safe_name(name: Any) -> bool:
@@ -161,6 +194,7 @@ class SlotInfo:
     path: Path = field(default_factory=Path)
     target: str = ""  # the name it has on disk once persisted ("" for checkpoint-<step>)
     layout: str = "native"
+    skipped: int = 0  # saves its writer skipped so far (the daemon held the other slot to persist it)
 
     @property
     def nbytes(self) -> int:
@@ -248,7 +282,11 @@ def _parse_header(raw: bytes, file_size: int, index: int) -> SlotInfo:
             raise ValueError(f"names a target {target[:60]!r} that does not carry its step {step}")
         if layout == "file" and names[:-1] != [target]:
             raise ValueError("has a single-file target but does not hold exactly that file")
-    return SlotInfo(index, seq, gen, step, out, msha, plen, bid, pid, ck, float(t), target=target, layout=layout)
+    skipped = h.get("skipped", 0)
+    if not mf.is_step(skipped):
+        raise ValueError("has a malformed count of skipped saves")
+    return SlotInfo(index, seq, gen, step, out, msha, plen, bid, pid, ck, float(t), target=target, layout=layout,
+                    skipped=skipped)
 
 
 def read_seq(path: Path) -> Optional[int]:
@@ -280,6 +318,9 @@ class Region:
         """The committed header of slot i, or (None, why not; None if the slot file does not exist)."""
         p = self.slot_path(i)
         try:
+            bad = entry_problem(os.lstat(p))  # what it is, before opening it (a socket cannot be opened)
+            if bad:
+                return None, f"{p.name} {bad}"
             fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
         except FileNotFoundError:
             return None, None
@@ -287,8 +328,9 @@ class Region:
             return None, f"{p.name} cannot be opened ({exc.strerror or exc})"
         try:
             st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                return None, f"{p.name} is not a regular file"
+            bad = entry_problem(st)
+            if bad:
+                return None, f"{p.name} {bad}"
             raw = os.pread(fd, 4096, 0)  # the header is small: read the rest only if it says so
             if len(raw) >= JSON_OFFSET:
                 hlen = struct.unpack_from("<Q", raw, 24)[0]
@@ -361,7 +403,7 @@ class Region:
         self.remove_scratch(only_dead=False)
         for name in (*SLOTS, LOCK):
             try:
-                os.unlink(self.path / name)
+                runtime.remove_entry(self.path / name)  # whatever is there (a folder in a slot's place too)
             except FileNotFoundError:
                 pass
         try:
@@ -469,9 +511,9 @@ def verify_and_pin(info: SlotInfo, hash: bool = True) -> Pinned:
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except OSError:
-            raise ValueError(f"{info.path.name} is being written by a trainer") from None
+            raise SlotSuperseded(f"{info.path.name} is being written by a trainer") from None
         if read_seq(info.path) != info.seq:
-            raise ValueError(f"{info.path.name} was rewritten since its header was read")
+            raise SlotSuperseded(f"{info.path.name} was rewritten since its header was read")
         last = info.files[-1]
         manifest = check_manifest_bytes(bytes(mm[PAYLOAD_OFFSET + last[1]:PAYLOAD_OFFSET + last[1] + last[2]]), info)
         bad = hash_files(mm, info, manifest) if hash else []
@@ -528,7 +570,7 @@ class Persisted:
 
 
 def persist_slot(info: SlotInfo, ckpt_dir: Path, lock_timeout_s: float = 600.0,
-                 pinned: Optional[Pinned] = None) -> Persisted:
+                 pinned: Optional[Pinned] = None, phase: Optional[Callable[[str], None]] = None) -> Persisted:
     """Write a committed slot into `ckpt_dir` under the name it carries (checkpoint-<step> for a native
     one), committed as a native save is: each file written in the state folder's scratch space and
     fsynced, then renamed into place under the commit lock and the folder fsynced. A native checkpoint
@@ -538,9 +580,16 @@ def persist_slot(info: SlotInfo, ckpt_dir: Path, lock_timeout_s: float = 600.0,
     The slot is verified and held with a shared flock first (`verify_and_pin`: the trainer writes only
     into a slot it can lock exclusively), and its seq must be unchanged after the copy. A slot the caller
     has `pinned` already (verified in memory and locked since) is not hashed again; the caller keeps and
-    releases it. Raises OSError or ValueError."""
+    releases it. Raises OSError or ValueError (SlotSuperseded: the trainer rewrote the slot before it was
+    pinned, a newer state is there).
+
+    `phase(name)` is called as the persist passes each point where the trainer may be killed: "read" (the
+    header read, the slot not yet pinned), "pinned" (verified and held), "copied" (its files written and
+    fsynced in scratch space), "committed" (renamed into place, still held) and "released" (no longer held;
+    not called for a slot the caller pinned). For tests and tracing; it must not raise."""
     from ckpt_daemon import catalog, foreign
 
+    phase = phase or (lambda _name: None)
     t0 = time.perf_counter()
     name = info.name
     final = Path(ckpt_dir) / name
@@ -554,9 +603,11 @@ def persist_slot(info: SlotInfo, ckpt_dir: Path, lock_timeout_s: float = 600.0,
                                                                              f"checkpoint of step {info.step}") is None:
             raise ValueError(f"{name} is taken on disk by something that is not a valid checkpoint ({why}) and cannot "
                              "be moved to quarantine")
+    phase("read")
     own = pinned is None
     if own:
         pinned = verify_and_pin(info)
+    phase("pinned")
     native = info.layout == "native"
     try:
         if read_seq(info.path) != info.seq:
@@ -572,6 +623,7 @@ def persist_slot(info: SlotInfo, ckpt_dir: Path, lock_timeout_s: float = 600.0,
             fsync_dir(scratch.path)
             if read_seq(info.path) != info.seq:
                 raise ValueError(f"{info.path.name} was rewritten during the copy")
+            phase("copied")
             if native:
                 status, reason, _ = mf.check_native(scratch.path, verify=False, step=info.step)
                 layout, meta = "native", {}
@@ -601,9 +653,12 @@ def persist_slot(info: SlotInfo, ckpt_dir: Path, lock_timeout_s: float = 600.0,
                     raise
                 if native:
                     _point_latest(Path(ckpt_dir), name, info.step)
+            phase("committed")
     finally:
         if own:
             pinned.release()
+    if own:
+        phase("released")
     return Persisted(final, info.step, time.perf_counter() - t0, total, "persisted")
 
 
@@ -803,6 +858,15 @@ class MemoryAgent:
         self.inflight: list[tuple[Pinned, str]] = []  # ... and the one being persisted
         self.wake = threading.Event()
         self.persisting: Optional[int] = None  # step being persisted in the background
+        self.on_phase: Optional[Callable[[str], None]] = None  # persist_slot's phase hook (tests)
+        # A trainer that saves to disk but never to memory while memory is on (a plain torch.save script)
+        # gets nothing from it: said once, in the log and the status.
+        self.warning: Optional[str] = None
+        self._start_slots: set[tuple] = set()  # committed slots (path, seq) found at start: not this run's
+        self._start_disk: Optional[set[str]] = None  # checkpoint names on disk at start
+        self._persisted_names: set[str] = set()
+        self._seen_memory = False
+        self._next_unused_check = 0.0
 
     # -- life cycle ---------------------------------------------------------------------------------
     def start(self) -> bool:
@@ -822,6 +886,11 @@ class MemoryAgent:
         self.active = True
         # Adopt: a region left by a daemon that died may hold a state newer than the disk.
         self.persist_newest("left by a previous daemon")
+        try:
+            self._start_slots = {(str(s.path), s.seq) for s in self.region.slots()[0]}
+            self._start_disk = self._disk_names()
+        except (OSError, ValueError, CkptError):
+            self._start_disk = None  # not known: the check below takes its first look as the start
         return True
 
     def env(self) -> dict:
@@ -855,9 +924,13 @@ class MemoryAgent:
                 return False
             for name in SLOTS:
                 try:
-                    os.unlink(self.path / name)
+                    if stat.S_ISREG(os.lstat(self.path / name).st_mode):
+                        os.unlink(self.path / name)
+                    # anything else there was reported, and is left as it is (the trainer sets it aside)
                 except FileNotFoundError:
                     pass
+                except OSError as exc:
+                    self.log.warning("memory slot not removed", slot=name, error=str(exc))
             self.last_gen = None
             self.log.info("memory region emptied", region=str(self.path), why=why)
             return True
@@ -887,33 +960,45 @@ class MemoryAgent:
                 self.reported.add(p)
                 self.log.warning("memory slot ignored", region=str(self.path), reason=p)
 
+    SUPERSEDED_RETRIES = 3
+
     def persist_newest(self, why: str) -> Optional[Persisted]:
-        """Persist the newest committed slot if the disk has nothing as new. Never raises."""
+        """Persist the newest committed slot if the disk has nothing as new. Never raises. A slot its trainer
+        rewrote before it could be pinned (it saved twice meanwhile) is no failure: the newest is read again."""
         if not self.active:
             return None
         with self.mutex:
-            newest = None
-            try:
-                newest, problems = self.region.newest(self.ckpt_dir)
-                self._report(problems)
-                if newest is None:
+            for _ in range(self.SUPERSEDED_RETRIES):
+                newest = None
+                try:
+                    newest, problems = self.region.newest(self.ckpt_dir)
+                    self._report(problems)
+                    if newest is None:
+                        return None
+                    if self._on_disk(newest):
+                        self.last_gen = newest.gen
+                        return None
+                    if (str(newest.path), newest.seq) in self.failed:
+                        return None
+                except (OSError, ValueError, CkptError) as exc:
+                    self.log.error("could not read the memory region; the disk checkpoints stand",
+                                   region=str(self.path), why=why, error=str(exc))
                     return None
-                if self._on_disk(newest):
-                    self.last_gen = newest.gen
-                    return None
-                if (str(newest.path), newest.seq) in self.failed:
-                    return None
-            except (OSError, ValueError, CkptError) as exc:
-                self.log.error("could not read the memory region; the disk checkpoints stand", region=str(self.path),
-                               why=why, error=str(exc))
-                return None
-            return self._persist(newest, why)
+                r = self._persist(newest, why)
+                if r is not None or (str(newest.path), newest.seq) in self.failed:
+                    return r
+            return None  # superseded each time: the next tick takes the newest again
 
     def _persist(self, info: SlotInfo, why: str, pinned: Optional[Pinned] = None) -> Optional[Persisted]:
         """Persist one slot (the caller holds self.mutex); log and remember the outcome. Never raises."""
         self.persisting = info.step
         try:
-            r = persist_slot(info, self.ckpt_dir, pinned=pinned)
+            r = persist_slot(info, self.ckpt_dir, pinned=pinned, phase=self.on_phase)
+        except SlotSuperseded as exc:
+            # the trainer went on saving (every_steps: 1 against a persist): the newer state is persisted instead
+            self.log.info("memory checkpoint superseded by a newer one before it was persisted", step=info.step,
+                          why=why, detail=str(exc))
+            return None
         except (OSError, ValueError, CkptError) as exc:
             self.failed.add((str(info.path), info.seq))
             self.log.error("could not persist the memory checkpoint; the disk checkpoints stand", region=str(self.path),
@@ -923,6 +1008,7 @@ class MemoryAgent:
             self.persisting = None
         self.last_gen = max(self.last_gen or 0, info.gen)
         self.last_persist_at = self.clock()
+        self._persisted_names.add(info.name)
         if r.path is not None:
             self.persisted += 1
             self.last = {"step": r.step, "seconds": round(r.seconds, 3), "bytes": r.bytes, "why": why,
@@ -998,6 +1084,8 @@ class MemoryAgent:
         self._report(problems)
         if newest is None:
             return False
+        if (str(newest.path), newest.seq) not in self._start_slots:
+            self._seen_memory = True
         if self.last_gen is None:
             self.last_gen = newest.gen - 1 if newest.gen else 0
         if newest.gen <= self.last_gen:
@@ -1016,19 +1104,57 @@ class MemoryAgent:
                 self.drain()
                 if self.due():
                     self.persist_newest("cadence")
+                self.check_unused()
             except Exception as exc:  # one bad tick must not end persistence
                 self.log.exception("memory agent tick failed; retrying", error=str(exc))
             self.wake.wait(interval_s)
             self.wake.clear()
 
+    UNUSED_CHECK_S = 5.0
+
+    def _disk_names(self) -> set[str]:
+        from ckpt_daemon import catalog as cat
+
+        c = cat.scan(self.ckpt_dir, self.get_cfg().checkpoints.pattern, stats=False)
+        return {e.name for e in c.entries}
+
+    def check_unused(self) -> Optional[str]:
+        """Warn once when memory is on but the trainer saves to disk and has never saved to memory (a plain
+        torch.save script, a trainer without the callbacks): it gets nothing from memory checkpoints, and
+        the status would show a region that is active with nothing in it. A catalog scan at most every
+        UNUSED_CHECK_S, and none once a memory save was seen or the warning given."""
+        if not self.active or self.warning is not None or self._seen_memory:
+            return self.warning
+        now = self.clock()
+        if now < self._next_unused_check:
+            return None
+        self._next_unused_check = now + self.UNUSED_CHECK_S
+        newest, _ = self.region.newest(self.ckpt_dir)
+        if newest is not None and (str(newest.path), newest.seq) not in self._start_slots:
+            self._seen_memory = True
+            return None
+        names = self._disk_names()
+        if self._start_disk is None:
+            self._start_disk = names
+            return None
+        new = sorted(names - self._start_disk - self._persisted_names)
+        if not new:
+            return None
+        self.warning = (f"Memory checkpoints are on (checkpoints.memory.enabled) but the trainer saved {new[0]} to "
+                        "disk and has never saved to memory, so they do nothing for this run (a plain torch.save "
+                        "script saves to disk only). Save through CheckpointManager(memory=True) or the Hugging Face "
+                        "or Lightning callback, or set checkpoints.memory.enabled: false.")
+        self.log.warning(self.warning, region=str(self.path))
+        return self.warning
+
     def snapshot(self) -> dict:
         newest = None
         if self.active:
             s, _ = self.region.newest(self.ckpt_dir)
-            newest = {"step": s.step, "bytes": s.nbytes, "time": s.time} if s else None
+            newest = {"step": s.step, "bytes": s.nbytes, "time": s.time, "skipped": s.skipped} if s else None
         return {"enabled": True, "active": self.active, "region": str(self.path), "error": self.error,
                 "newest": newest, "persisted": self.persisted, "last_persist": self.last,
-                "persisting": self.persisting}
+                "persisting": self.persisting, "warning": self.warning}
 
 
 def remove_stale_region(path: Path) -> bool:

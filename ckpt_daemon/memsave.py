@@ -3,8 +3,15 @@ the newest committed slot back (see ckpt_daemon/memory.py for the slot format an
 
 `MemoryWriter.save(prepared)` pauses the caller only for the copy of the tensors into the slot (one
 memcpy, or one device-to-host copy); a background thread then checksums the slot's files, writes the
-manifest and the header, and commits. The next save waits for that commit, so at most one is in flight,
-and a save always targets the slot that does not hold the newest committed state.
+manifest and the header, and commits. The next save waits for that commit, so at most one is in flight.
+
+A save only ever targets the slot that does not hold the newest committed state: a trainer killed at any
+instant leaves that state whole. While the daemon holds that other slot (it persists or verifies the older
+state, with a shared flock), a save made on the training thread is skipped and counted (the next one goes
+in as soon as the daemon lets go; skipping costs nothing the promise covers, a SIGKILL resumes from the
+newest committed state), and a background save (`save_files(background=True)`) waits for the slot on its
+own thread. A third slot would avoid the skips at the cost of a third copy of the state in RAM: the skips
+last only as long as a persist, one in `persist_every` saves, while the memory is paid all the time.
 """
 
 from __future__ import annotations
@@ -44,19 +51,21 @@ def _u8(t: torch.Tensor) -> torch.Tensor:
 class _Slot:
     def __init__(self, path: Path):
         self.path = path
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        self.fd = _open_slot_file(path)
         self.mm: Optional[mmap.mmap] = None
         self.size = 0
         self.buf: Optional[torch.Tensor] = None  # uint8 view of the whole mapping
 
     def ensure(self, size: int) -> None:
-        """Reserve `size` bytes (fallocate: a tmpfs that fills later never SIGBUSes a write into us)."""
+        """Reserve and map the first `size` bytes (fallocate: a tmpfs that fills later never SIGBUSes a
+        write into us). Only that range: a larger file (a bigger state before, a sparse file of any size
+        someone left) is neither allocated nor mapped beyond it, and never shrunk (it may be the newest
+        committed state, which a reader maps whole)."""
         if self.size >= size:
             return
-        cur = os.fstat(self.fd).st_size
-        os.posix_fallocate(self.fd, 0, max(size, cur))
+        os.posix_fallocate(self.fd, 0, size)
         self.unmap()
-        self.size = max(size, cur)
+        self.size = size
         self.mm = mmap.mmap(self.fd, self.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self.buf = torch.frombuffer(self.mm, dtype=torch.uint8)
 
@@ -78,15 +87,55 @@ class _Slot:
         os.close(self.fd)
 
 
+def _open_slot_file(path: Path) -> int:
+    """Open (or create) a slot file for writing. Whatever the region's rules reject in its place (a folder,
+    a symlink, a FIFO, a socket, another user's file: `memory.entry_problem`) is reported and set aside
+    first, so that garbage left in the region never stops a trainer. Raises MemoryCheckpointError if the
+    name is taken again by something else meanwhile."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        st = None
+    why = mem.entry_problem(st) if st is not None else None
+    if why:
+        try:
+            moved = mem.set_aside(path, why)
+        except OSError as exc:
+            raise mem.MemoryCheckpointError(
+                f"{path} {why} and cannot be moved out of the way ({exc.strerror or exc}). Remove it by hand, or set "
+                "checkpoints.memory.dir to another folder.") from exc
+        log.warning("memory slot %s %s; %s", path, why,
+                    f"moved to {moved.name}" if moved else "removed (it holds no data)")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, 0o600)
+    why = mem.entry_problem(os.fstat(fd))
+    if why:
+        os.close(fd)
+        raise mem.MemoryCheckpointError(f"{path} {why}: something in the memory region keeps replacing the slots. "
+                                        "Set checkpoints.memory.dir to a folder of your own.")
+    return fd
+
+
 class MemoryWriter:
     """Writes CheckpointManager states into a region's slots."""
+
+    #: How long a background save waits for the slot the daemon holds (it persists the older state) before
+    #: it gives up (its `after(False)` then writes it elsewhere).
+    busy_wait_s = 600.0
+    BUSY_POLL_S = 0.02
 
     def __init__(self, region_dir: str | os.PathLike, ckpt_dir: Path, max_bytes: Optional[int] = None):
         self.region = mem.Region(region_dir)
         self.ckpt_dir = Path(ckpt_dir)
         self.max_bytes = max_bytes
         mem.private_dir(self.region.path)
-        self.slots = [_Slot(self.region.slot_path(i)) for i in range(len(mem.SLOTS))]
+        self.slots = []
+        try:
+            for i in range(len(mem.SLOTS)):
+                self.slots.append(_Slot(self.region.slot_path(i)))
+        except BaseException:
+            for sl in self.slots:
+                sl.close()
+            raise
         self._thread: Optional[threading.Thread] = None
         self._error: Optional[BaseException] = None
         self._locked: Optional[int] = None
@@ -107,11 +156,16 @@ class MemoryWriter:
             raise CheckpointError(f"The memory checkpoint could not be committed: {err}") from err
 
     def _target(self) -> Optional[int]:
-        """The slot to write: not the newest committed one, unless the daemon is persisting the other."""
+        """The slot to write, locked exclusively: never the one holding the newest committed state of this
+        checkpoint folder (a kill mid-copy must leave it whole). None when the other one is held (the
+        daemon persists or verifies it)."""
         good, _ = self.region.slots()
-        newest = good[0].index if good and good[0].boot_id == self.boot else None
-        order = [i for i in range(len(self.slots)) if i != newest] + ([newest] if newest is not None else [])
-        for i in order:
+        mine = [s for s in good if s.boot_id == self.boot
+                and os.path.abspath(s.ckpt_dir) == os.path.abspath(self.ckpt_dir)]
+        newest = mine[0].index if mine else None
+        for i in range(len(self.slots)):
+            if i == newest:
+                continue
             try:
                 fcntl.flock(self.slots[i].fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 return i
@@ -119,9 +173,32 @@ class MemoryWriter:
                 continue
         return None
 
+    def _wait_for_target(self, step: int) -> int:
+        """`_target`, waiting (on the writer's thread) while the daemon holds the slot; raises
+        CheckpointError after busy_wait_s."""
+        deadline = time.monotonic() + self.busy_wait_s
+        waited = False
+        while (i := self._target()) is None:
+            if time.monotonic() > deadline:
+                raise CheckpointError(f"the memory slot for step {step} stayed busy for {self.busy_wait_s:.0f} s "
+                                      "(the daemon holds it to persist the older state)")
+            waited = True
+            time.sleep(self.BUSY_POLL_S)
+        if waited:
+            log.debug("memory checkpoint at step %d waited for the daemon to release its slot", step)
+        return i
+
+    def _skip(self, step: int) -> None:
+        self.skipped += 1
+        (log.info if self.skipped == 1 else log.debug)(
+            "memory checkpoint at step %d skipped: the daemon holds the other slot to persist it, and the newest "
+            "committed state is never written over (skipped saves are counted: %d so far; the daemon's status "
+            "shows them)", step, self.skipped)
+
     def save(self, p) -> bool:
         """Copy the prepared state (checkpoint._Prepared, tensors not yet copied) into a slot and commit
-        it in the background. Returns False if both slots were busy (nothing written)."""
+        it in the background. Returns False if the save was skipped (the daemon holds the slot it would go
+        into; nothing written, counted in `skipped`)."""
         from ckpt_daemon.checkpoint import STATE_SHARD_BYTES, STATE_TENSORS, shard_tensors
 
         self.join()
@@ -150,13 +227,14 @@ class MemoryWriter:
         """Copy the files of another trainer's checkpoint (name -> bytes-like: bytes, a memoryview, a uint8
         numpy array) into a slot and commit it in the background. The daemon persists it as `name` in the
         checkpoint folder: a folder of these files (layout "folder", e.g. Hugging Face's checkpoint-<step>)
-        or one file (layout "file": `files` holds exactly one, named `name`). Returns False if both
-        slots were busy. Raises CheckpointError for names the daemon would refuse.
+        or one file (layout "file": `files` holds exactly one, named `name`). Returns False if the save was
+        skipped (as `save`). Raises CheckpointError for names the daemon would refuse.
 
         background=True: the copy too runs on the commit thread (the buffers must stay as they are until
-        it ends: files a trainer wrote and no longer touches); `after(committed)` is called there once it
-        is done (e.g. to remove those files, or to write them to disk if the commit failed). The next
-        save waits for it."""
+        it ends: files a trainer wrote and no longer touches), which waits up to busy_wait_s for a slot the
+        daemon holds instead of skipping (always True); `after(committed)` is called there once it is done
+        (e.g. to remove those files, or to write them to disk if the commit failed). The next save waits
+        for it."""
         from ckpt_daemon.errors import CheckpointError
 
         if (layout not in ("folder", "file") or not mem.safe_name(name) or len(name) > mem.MAX_TARGET
@@ -185,19 +263,42 @@ class MemoryWriter:
     def _write(self, step: int, layout: list, off: int, manifest_extra: dict, t0: float,
                target: Optional[dict], background: bool = False, after: Optional[Callable[[bool], None]] = None) -> bool:
         """Copy `layout` ((name, offset, size, head bytes, tensors or None), files at `off` and beyond are
-        free for the manifest) into a free slot, then hash and commit in the background."""
-        manifest_room = (64 << 10) + 512 * len(layout)
-        payload_need = off + manifest_room
-        cap = mem.slot_capacity(payload_need)
+        free for the manifest) into a free slot, then hash and commit in the background. With background=True
+        the copy runs on the commit thread too, which waits for a slot the daemon holds; otherwise a save
+        that finds it held is skipped (False)."""
+        payload_need = off + (64 << 10) + 512 * len(layout)  # the manifest's room after the files
+        files = [(name, o, size) for name, o, size, _, _ in layout]
+        if background:
+            self.last_stall_s = time.perf_counter() - t0
+            rest = (manifest_extra, files, off, target)
+            self._thread = threading.Thread(target=self._write_in_background,
+                                            args=(step, layout, payload_need, rest, after),
+                                            name=f"memory-commit-{step}", daemon=True)
+            self._thread.start()
+            self.saves += 1
+            return True
         i = self._target()
         if i is None:
-            self.skipped += 1
-            log.warning("memory checkpoint at step %d skipped: both slots are busy", step)
+            self._skip(step)
             return False
+        odd = self._fill(i, layout, payload_need)
+        self.last_stall_s = time.perf_counter() - t0
+        self._gen += 1
+        self._error = None
+        self._thread = threading.Thread(target=self._commit, args=(i, odd + 1, self._gen, step, manifest_extra, files,
+                                                                   off, target),
+                                        name=f"memory-commit-{step}", daemon=True)
+        self._thread.start()
+        self.saves += 1
+        return True
+
+    def _fill(self, i: int, layout: list, payload_need: int) -> int:
+        """Mark slot i (locked by us) as being written and copy `layout` into it. Returns the odd seq; on an
+        error the slot is unlocked and the error raised."""
         slot = self.slots[i]
         try:
             if slot.size < mem.PAYLOAD_OFFSET + payload_need:
-                self._reserve(slot, mem.PAYLOAD_OFFSET + cap)
+                self._reserve(slot, mem.PAYLOAD_OFFSET + mem.slot_capacity(payload_need))
             seq = slot.seq()
             odd = seq + 1 if seq % 2 == 0 else seq + 2
             # from here on the slot is not committed (a reader sees a slot being written)
@@ -208,8 +309,7 @@ class MemoryWriter:
             for name, o, size, head, tensors in layout:
                 start = base + o
                 if isinstance(head, np.ndarray):  # raw bytes of a file: copied in pieces by every core
-                    if not background:
-                        _copy_parallel(npbuf[start:start + size], head)
+                    _copy_parallel(npbuf[start:start + size], head)
                     continue
                 buf[start:start + len(head)] = torch.frombuffer(bytearray(head), dtype=torch.uint8)
                 pos = start + len(head)
@@ -226,20 +326,10 @@ class MemoryWriter:
                     pos += n
             if any(t.device.type != "cpu" for _, _, _, _, ts in layout if ts for t in ts.values()):
                 torch.cuda.synchronize()
+            return odd
         except BaseException:
             fcntl.flock(slot.fd, fcntl.LOCK_UN)
             raise
-        self.last_stall_s = time.perf_counter() - t0
-        self._gen += 1
-        files = [(name, o, size) for name, o, size, _, _ in layout]
-        args = (i, odd + 1, self._gen, step, manifest_extra, files, off, target)
-        raw = [(mem.PAYLOAD_OFFSET + o, size, head) for _, o, size, head, _ in layout
-               if background and isinstance(head, np.ndarray)]
-        self._thread = threading.Thread(target=self._copy_then_commit, args=(raw, args, after),
-                                        name=f"memory-commit-{step}", daemon=True)
-        self._thread.start()
-        self.saves += 1
-        return True
 
     def _reserve(self, slot: _Slot, size: int) -> None:
         if self.max_bytes is not None and 2 * size > self.max_bytes:
@@ -256,18 +346,20 @@ class MemoryWriter:
         except OSError as exc:
             raise mem.capacity_error(self.region.path, size, free_bytes(self.region.path)) from exc
 
-    def _copy_then_commit(self, raw: list, args: tuple, after: Optional[Callable[[bool], None]]) -> None:
+    def _write_in_background(self, step: int, layout: list, payload_need: int, rest: tuple,
+                             after: Optional[Callable[[bool], None]]) -> None:
+        """The commit thread of a background save: wait for a slot, copy, commit, then `after(committed)`."""
         self._error = None
         try:
             try:
-                npbuf = self.slots[args[0]].buf.numpy()
-                for start, size, data in raw:
-                    _copy_parallel(npbuf[start:start + size], data)
+                i = self._wait_for_target(step)
+                odd = self._fill(i, layout, payload_need)
             except BaseException as exc:
                 self._error = exc
-                fcntl.flock(self.slots[args[0]].fd, fcntl.LOCK_UN)
                 return
-            self._commit(*args)
+            self._gen += 1
+            manifest_extra, files, off, target = rest
+            self._commit(i, odd + 1, self._gen, step, manifest_extra, files, off, target)
         finally:
             if after is not None:
                 failed = self._error
@@ -275,10 +367,10 @@ class MemoryWriter:
                     after(failed is None)
                     if failed is not None:
                         log.warning("memory checkpoint at step %s not committed (%s); its writer saved it elsewhere",
-                                    args[3], failed)
+                                    step, failed)
                         self._error = None  # dealt with: the next save need not fail for it
                 except Exception as exc:  # noqa: BLE001 - a cleanup; the commit stands
-                    log.error("after the memory commit of step %s: %s", args[3], exc)
+                    log.error("after the memory commit of step %s: %s", step, exc)
 
     def _commit(self, i: int, even: int, gen: int, step: int, manifest_extra: dict, files: list,
                 manifest_off: int, target: Optional[dict]) -> None:
@@ -308,7 +400,7 @@ class MemoryWriter:
             header = json.dumps({"step": step, "gen": gen, "files": [list(f) for f in all_files],
                                  "manifest_sha256": hashlib.sha256(manifest).hexdigest(), "boot_id": self.boot,
                                  "pid": os.getpid(), "ckpt_dir": str(self.ckpt_dir), "time": time.time(),
-                                 **({"target": target} if target else {})}).encode()
+                                 "skipped": self.skipped, **({"target": target} if target else {})}).encode()
             if len(header) > mem.HEADER_MAX:
                 raise CheckpointError("the slot header is too large (too many files)")
             mv.release()

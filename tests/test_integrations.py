@@ -400,3 +400,58 @@ def test_importing_the_package_imports_no_torch_nor_trainers():
             "print(sorted(m for m in ('torch', 'transformers', 'lightning', 'pytorch_lightning') if m in sys.modules))")
     r = subprocess.run([PY, "-c", code], capture_output=True, text=True, env=env_for_children(), timeout=60)
     assert r.returncode == 0 and r.stdout.strip() == "[]", (r.stdout, r.stderr)
+
+
+# ------------------------------------------------------------------ Lightning and the daemon's state folder
+def _lightning_fit(ck: Path) -> list[str]:
+    """A real Lightning fit with ModelCheckpoint(dirpath=ck) and the callback; the warnings it gave."""
+    import warnings
+
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from ckpt_daemon.integrations.lightning import CkptDaemonCallback
+
+    class Net(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = torch.nn.Linear(4, 1)
+
+        def training_step(self, batch, i):
+            return torch.nn.functional.mse_loss(self.net(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    x = torch.randn(16, 4, generator=torch.Generator().manual_seed(0))
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, x.sum(1, keepdim=True)), batch_size=4)
+    mc = ModelCheckpoint(dirpath=ck, every_n_train_steps=2, save_top_k=-1, filename="{epoch}-{step}")
+    trainer = pl.Trainer(max_steps=4, callbacks=[mc, CkptDaemonCallback()], logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, accelerator="cpu", devices=1)
+    before = list(warnings.filters)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(Net(), data)
+    assert warnings.filters == before  # the callback left no filter behind
+    return [str(w.message) for w in caught]
+
+
+def test_a_fresh_lightning_run_under_the_daemon_does_not_warn_about_the_state_folder(tmp_path, clean_env):
+    pytest.importorskip("lightning")
+    from ckpt_daemon import runtime
+
+    ck = tmp_path / "checkpoints"
+    runtime.state_dir(ck)  # what the daemon makes in its checkpoint folder before the trainer starts
+    clean_env.setenv("CKPT_DAEMON_CHECKPOINTS", str(ck))
+    assert os.listdir(ck) == [runtime.STATE_DIR]
+    said = _lightning_fit(ck)
+    assert not [m for m in said if "exists and is not empty" in m], said
+    assert (ck / "epoch=0-step=4.ckpt").is_file()
+    # the folder really holds the user's files: Lightning's warning stands
+    other = tmp_path / "other"
+    runtime.state_dir(other)
+    (other / "notes.txt").write_text("mine")
+    said = _lightning_fit(other)
+    assert [m for m in said if m == f"Checkpoint directory {os.path.realpath(other)} exists and is not empty."], said
+    # and so does it for a second run in the folder the first one filled
+    assert [m for m in _lightning_fit(ck) if "exists and is not empty" in m]

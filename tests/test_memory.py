@@ -420,14 +420,17 @@ def test_breakpoint_verifies_in_memory_pins_the_slot_and_persists_it_in_the_back
     assert loaded.from_memory and loaded.step == 2 and calls == []
     assert same_state(m, m2) and same_nested(opt.state_dict(), opt2.state_dict())
 
-    # it trains on and saves twice into memory: the pinned slot is never written over
-    for step in (3, 4):
-        trainer.save(step, model=m2, optimizer=opt2, memory=True)
-        trainer.wait()
+    # it trains on and saves twice into memory: the pinned slot is never written over, and neither is the
+    # newest state: the second save is skipped while the daemon holds the other slot, and counted
+    assert trainer.save(3, model=m2, optimizer=opt2, memory=True) == ck / "checkpoint-3"
+    trainer.wait()
+    assert trainer.save(4, model=m2, optimizer=opt2, memory=True) is None
+    trainer.wait()
+    assert trainer._memory.skipped == 1
     trainer.close()
     pinned = mem.Region(region).read_slot(slot.index)[0]
     assert pinned.step == 2 and pinned.seq == slot.seq
-    assert mem.Region(region).newest(ck)[0].step == 4
+    assert mem.Region(region).newest(ck)[0].step == 3
 
     agent.drain()
     c = cat.scan(ck, ["checkpoint-{step}"], verify=True)
@@ -444,9 +447,9 @@ def test_breakpoint_verifies_in_memory_pins_the_slot_and_persists_it_in_the_back
     # ... and the breakpoint refuses it with its reason: the trainer resumes from the disk
     assert agent.breakpoint("damaged") is None
     assert "fails its checksum" in "\n".join(log.lines)
-    monkeypatch.setenv("CKPT_DAEMON_MEMORY_RESUME", "4")
+    monkeypatch.setenv("CKPT_DAEMON_MEMORY_RESUME", "3")
     with caplog.at_level("ERROR"):
-        loaded = CheckpointManager(ck, memory=region).load(str(ck / "checkpoint-4"), model=m2, optimizer=opt2)
+        loaded = CheckpointManager(ck, memory=region).load(str(ck / "checkpoint-3"), model=m2, optimizer=opt2)
     assert not loaded.from_memory and loaded.step == 2
     assert "could not be read" in caplog.text
     agent.close(clean=False)
@@ -512,3 +515,296 @@ def test_the_daemon_side_never_imports_torch():
             "assert 'torch' not in sys.modules, 'torch was imported'; print('ok')")
     assert run_py(["-c", code], check=True).stdout.strip() == "ok"
 
+
+
+def _errors(text: str) -> list[str]:
+    out = []
+    for line in text.splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict) and rec.get("level") in ("error", "critical"):
+            out.append(line)
+    return out
+
+
+def test_a_healthy_every_step_memory_run_under_the_daemon_logs_no_error(tmp_path, daemons):
+    """every_steps: 1 and a persist of every memory checkpoint: the daemon's persists and the trainer's saves
+    race for the slots all the time. A slot the trainer rewrote before the daemon could pin it is not a failure
+    (a newer one is there): no ERROR line, in the daemon's log or the trainer's, and the persists go on."""
+    region = Path("/dev/shm") / f"ckpt-test-{os.getpid()}-{tmp_path.name}"
+    ck = tmp_path / "checkpoints"
+    d = Daemon(tmp_path, {
+        "checkpoints": {"memory": {"enabled": True, "every_steps": 1, "persist_every": 1, "dir": str(region)}},
+        "trainer": {"checkpoint_every_steps": 100000, "eval_every_steps": 100000},
+    }).start()
+    daemons.append(d)
+    try:
+        s = d.wait(lambda s: s["memory"]["persisted"] >= 40 and s, timeout=240, what="40 persists of memory checkpoints")
+        assert s["memory"]["warning"] is None and s["memory"]["newest"] is not None
+        assert d.stop() == 0
+        assert _errors(d.log()) == [], _errors(d.log())[:5]
+        trainer_log = (tmp_path / "logs" / "trainer.log").read_text()
+        assert " ERROR " not in trainer_log and "Traceback" not in trainer_log
+        c = cat.scan(ck, ["checkpoint-{step}"], verify=True)
+        assert len([e for e in c.entries if e.valid]) >= 2 and all(e.valid for e in c.entries)
+    finally:
+        mem.remove_stale_region(region)
+
+
+# ------------------------------------------------------------------- a kill at every phase of a persist
+SAVER = r"""
+import sys, torch
+from ckpt_daemon.checkpoint import CheckpointManager
+import ckpt_daemon.memsave as ms
+torch.manual_seed(0)
+m = torch.nn.Linear(64, 64)
+mgr = CheckpointManager(sys.argv[1], memory=sys.argv[2])
+orig = ms._u8
+def held(t):  # this save is caught mid-copy: it says so, and the parent kills it here
+    print("copying", flush=True)
+    sys.stdin.readline()
+    return orig(t)
+for line in sys.stdin:
+    cmd, step = line.split()
+    step = int(step)
+    if cmd == "hold":
+        ms._u8 = held
+    with torch.no_grad():
+        m.weight.fill_(step)
+    saved = mgr.save(step, model=m, memory=True)
+    mgr.wait()
+    print("committed" if saved else "skipped", step, flush=True)
+"""
+
+
+class _Saver:
+    """A real trainer process that saves into memory when told, and answers with what happened."""
+
+    def __init__(self, ck: Path, region: Path):
+        import queue
+        import threading
+
+        self.p = subprocess.Popen([PY, "-c", SAVER, str(ck), str(region)], stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, env=env_for_children(), text=True)
+        self.lines: queue.Queue = queue.Queue()
+        threading.Thread(target=lambda: [self.lines.put(x) for x in self.p.stdout], daemon=True).start()
+
+    def __call__(self, cmd: str, step: int) -> list[str]:
+        import queue
+
+        self.p.stdin.write(f"{cmd} {step}\n")
+        self.p.stdin.flush()
+        try:
+            return self.lines.get(timeout=120).split()
+        except queue.Empty:
+            raise AssertionError(f"the trainer did not answer {cmd} {step}") from None
+
+    def kill(self) -> None:
+        self.p.kill()
+        self.p.wait()
+
+
+@pytest.mark.parametrize("phase", ["read", "pinned", "copied", "committed", "released"])
+def test_a_sigkill_at_every_phase_of_a_persist_loses_no_committed_memory_checkpoint(tmp_path, phase):
+    """The daemon persists step 2 (slot B) and is stopped at `phase`; meanwhile the trainer commits step 3
+    (slot A) and starts step 4, and is SIGKILLed right then. Step 4 may only go into B, and only when the
+    daemon does not hold it: had it gone over A (the newest committed state) the restart would resume from
+    step 2. Every phase: the breakpoint resumes from step 3, which reaches the disk whole, and no ERROR."""
+    import threading
+
+    from ckpt_daemon.config import parse_config
+
+    region = tmp_path / "region"
+    cfg = parse_config(f"checkpoints: {{dir: ck, memory: {{enabled: true, dir: {region}}}}}\n", tmp_path / "config.yaml")
+    ck = cfg.checkpoint_dir
+    log = _Log()
+    agent = mem.MemoryAgent(lambda: cfg, log)
+    assert agent.start()
+    at, go = threading.Event(), threading.Event()
+
+    def hook(name: str) -> None:
+        if name == phase and not at.is_set():
+            at.set()
+            go.wait(120)
+
+    agent.on_phase = hook
+    saver = _Saver(ck, region)
+    persist = threading.Thread(target=agent.persist_newest, args=("cadence",))
+    try:
+        assert saver("save", 1) == ["committed", "1"]
+        assert saver("save", 2) == ["committed", "2"]
+        persist.start()  # the newest, step 2
+        assert at.wait(120), f"the persist never reached {phase}"
+        assert saver("save", 3) == ["committed", "3"]  # into the other slot, which the daemon does not hold
+        reply = saver("hold", 4)
+        saver.kill()  # SIGKILL, mid-copy or just after the skip
+    finally:
+        go.set()
+        persist.join(120)
+        if saver.p.poll() is None:
+            saver.kill()
+    slot = agent.breakpoint("the trainer was killed")  # None: the disk has it already (the persist went on to it)
+    agent.drain()
+    c = cat.scan(ck, ["checkpoint-{step}"], verify=True)
+    resume = slot.step if slot is not None else c.newest_valid().step
+    assert resume == 3  # the last committed memory checkpoint: nothing lost beyond it
+    assert c.by_name("checkpoint-3").valid and all(e.valid for e in c.entries)
+    assert torch.equal(read_checkpoint(ck / "checkpoint-3")["model"]["weight"], torch.full((64, 64), 3.0))
+    # while the daemon held step 2's slot, step 4 was skipped; otherwise it was being copied into that slot
+    held = phase in ("pinned", "copied", "committed")
+    assert reply == (["skipped", "4"] if held else ["copying"]), reply
+    assert not [x for x in log.lines if x.startswith("error")], log.lines
+    agent.close(clean=False)
+    mem.remove_stale_region(region)
+
+
+# ------------------------------------------------------------------------ garbage in a slot's place
+def _a_real_slot_file(tmp_path: Path, ck: Path) -> bytes:
+    """The bytes of a committed slot a trainer of this folder would write (to forge another user's)."""
+    m, opt, _ = make_state()
+    mgr = CheckpointManager(ck, memory=tmp_path / "elsewhere")
+    mgr.save(9, model=m, optimizer=opt, memory=True)
+    mgr.wait()
+    mgr.close()
+    return mem.Region(tmp_path / "elsewhere").newest(ck)[0].path.read_bytes()
+
+
+GARBAGE = {  # kind: what the daemon reports, what the trainer reports
+    "fifo": ("is not a regular file (a FIFO)", "removed (it holds no data)"),
+    "folder": ("is not a regular file (a folder)", "moved to rejected-slot-0-"),
+    "symlink": ("is not a regular file (a symlink)", "removed (it holds no data)"),
+    "socket": ("is not a regular file (a socket)", "removed (it holds no data)"),
+    "other user": ("belongs to another user (uid 65534)", "moved to rejected-slot-0-"),
+    "wrong size": ("unknown format version 0", None),  # a regular file of ours: reused, never allocated whole
+}
+
+
+@pytest.mark.parametrize("kind", sorted(GARBAGE))
+def test_garbage_in_a_slots_place_is_reported_and_never_stops_the_trainer(tmp_path, tmpfs, monkeypatch, caplog, kind):
+    """Each kind of entry the region's rules reject, in slot-0's place: the daemon's agent reports it and
+    uses nothing of it; the real writer sets it aside (a FIFO, socket or symlink removed, a folder or
+    another user's file renamed and kept) or reuses it (a file of ours of any size, allocated only as far
+    as a slot needs), and saves into both slots; the daemon persists the trainer's newest state."""
+    import socket
+
+    from ckpt_daemon.config import parse_config
+
+    if os.geteuid() != 0 and kind == "other user":
+        pytest.skip("making a file of another user needs root")
+    shm = tmpfs("64m")
+    region = shm / "region"
+    cfg = parse_config(f"checkpoints: {{dir: ck, memory: {{enabled: true, dir: {region}}}}}\n", tmp_path / "config.yaml")
+    ck = cfg.checkpoint_dir
+    log = _Log()
+    agent = mem.MemoryAgent(lambda: cfg, log)
+    assert agent.start()
+    outside = tmp_path / "outside.txt"
+    outside.write_text("not the region's")
+    p = region / "slot-0"
+    if kind == "fifo":
+        os.mkfifo(p)
+    elif kind == "folder":
+        p.mkdir()
+        (p / "notes.txt").write_text("a person's notes")
+    elif kind == "symlink":
+        p.symlink_to(outside)
+    elif kind == "socket":
+        monkeypatch.chdir(region)  # a socket's path is short: bind the relative name
+        s = socket.socket(socket.AF_UNIX)
+        s.bind("slot-0")
+        s.close()
+        monkeypatch.undo()
+    elif kind == "other user":
+        p.write_bytes(_a_real_slot_file(tmp_path, ck))  # a valid-looking state of step 9: forged by another user
+        os.chown(p, 65534, 65534)
+    else:
+        with open(p, "wb") as f:  # 1 TiB (sparse) on a 64 MiB tmpfs
+            f.write(mem.MAGIC + b"\0" * 64)
+            f.truncate(1 << 40)
+    daemon_says, trainer_says = GARBAGE[kind]
+    # the daemon's side: nothing used, nothing raised (and reported: checked below)
+    assert agent.persist_newest("cadence") is None and agent.breakpoint("a crash") is None
+    assert not ck.exists() or not list(ck.glob("checkpoint-*"))
+    daemon_lines = "\n".join(log.lines)
+    # the trainer's side: the real writer, as a restarted trainer's first saves
+    m, opt, sched = make_state()
+    with caplog.at_level("INFO", logger="ckpt_daemon.memsave"):
+        mgr = CheckpointManager(ck, memory=region)
+        for step in (1, 2):
+            train_steps(m, opt, sched, 1, seed=step)
+            assert mgr.save(step, model=m, optimizer=opt, scheduler=sched, memory=True) == ck / f"checkpoint-{step}"
+            mgr.wait()
+        mgr.close()
+    assert [s.step for s in mem.Region(region).slots()[0]] == [2, 1]
+    if trainer_says:
+        assert f"memory slot {p}" in caplog.text and trainer_says in caplog.text, caplog.text
+    rejected = list(region.glob("rejected-slot-0-*"))
+    if kind == "folder":
+        assert (rejected[0] / "notes.txt").read_text() == "a person's notes"  # kept for a person to look at
+    elif kind == "other user":
+        assert rejected[0].stat().st_uid == 65534 and not (ck / "checkpoint-9").exists()
+    else:
+        assert rejected == []
+    assert outside.read_text() == "not the region's"  # a symlink is never followed
+    if kind == "wrong size":
+        assert os.stat(p).st_blocks * 512 < 32 << 20  # only what a slot needs was allocated
+    r = agent.persist_newest("cadence")
+    assert r is not None and r.path == ck / "checkpoint-2"
+    assert not [x for x in log.lines if x.startswith("error")], log.lines
+    assert daemon_says in daemon_lines, daemon_lines  # the daemon reported it with its reason
+    agent.close(clean=False)
+    mem.remove_stale_region(region)
+
+
+def test_a_restarted_built_in_trainer_under_the_daemon_goes_on_past_garbage_in_the_slots(tmp_path, daemons):
+    """A folder in slot-0's place and a FIFO in slot-1's before the daemon starts: the built-in trainer's
+    first memory save sets both aside and trains on (no crash, no restart), and the daemon persists."""
+    region = Path("/dev/shm") / f"ckpt-test-{os.getpid()}-{tmp_path.name}"
+    mem.private_dir(region)
+    (region / "slot-0").mkdir()
+    (region / "slot-0" / "x").write_text("left here")
+    os.mkfifo(region / "slot-1")
+    ck = tmp_path / "checkpoints"
+    d = Daemon(tmp_path, {
+        "checkpoints": {"memory": {"enabled": True, "every_steps": 1, "persist_every": 5, "dir": str(region)}},
+        "trainer": {"checkpoint_every_steps": 100000, "eval_every_steps": 100000},
+    }).start()
+    daemons.append(d)
+    try:
+        s = d.wait(lambda s: s["memory"]["persisted"] >= 2 and s, timeout=180, what="memory checkpoints persisted")
+        assert s["training"]["last_crash"] is None and s["training"]["restarts"] == 0
+        assert "memory slot ignored" in d.log()  # reported by the daemon (if it looked before the trainer)...
+        trainer_log = (tmp_path / "logs" / "trainer.log").read_text()
+        assert "slot-0 is not a regular file (a folder); moved to rejected-slot-0-" in trainer_log  # ... and the trainer
+        assert "slot-1 is not a regular file (a FIFO); removed" in trainer_log
+        assert d.stop() == 0
+        assert _errors(d.log()) == []
+        assert cat.scan(ck, ["checkpoint-{step}"], verify=True).newest_valid() is not None
+    finally:
+        mem.remove_stale_region(region)
+
+
+# ---------------------------------------------------------------------------------------------- config
+def test_the_readmes_memory_snippet_is_a_valid_config_and_best_to_disk_is_checked(tmp_path):
+    from ckpt_daemon.config import parse_config
+    from ckpt_daemon.errors import ConfigError
+    from tests.conftest import REPO
+
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("### Memory-first checkpoints"):]
+    start = section.index("```yaml\n") + len("```yaml\n")
+    cfg = parse_config(section[start:section.index("```", start)], tmp_path / "config.yaml")
+    mc = cfg.checkpoints.memory
+    assert mc.enabled and mc.best_to_disk == "every" and mc.best_to_disk_interval_s is None
+    ok = parse_config("checkpoints: {memory: {best_to_disk: interval, best_to_disk_interval_s: 1800}}\n",
+                      tmp_path / "config.yaml").checkpoints.memory
+    assert (ok.best_to_disk, ok.best_to_disk_interval_s) == ("interval", 1800)
+    for bad, says in [("{best_to_disk: interval}", "best_to_disk_interval_s is not set"),
+                      ("{best_to_disk: at_end, best_to_disk_interval_s: 60}", "set best_to_disk: interval to use it"),
+                      ("{best_to_disk: sometimes}", "'every', 'interval' or 'at_end'"),
+                      ("{best_to_disk: interval, best_to_disk_interval_s: -1}", "best_to_disk_interval_s")]:
+        with pytest.raises(ConfigError, match="checkpoints.memory") as ei:
+            parse_config(f"checkpoints: {{memory: {bad}}}\n", tmp_path / "config.yaml")
+        assert says in str(ei.value), str(ei.value)

@@ -239,11 +239,14 @@ def test_a_tmpfs_that_fills_up_under_hugging_faces_own_write_sends_that_save_to_
     assert not list(region.glob("staging-*"))
 
 
-def _hf_best_at_step_3(ck: Path, seed: int = 0, metric=lambda step: 1 if step == 3 else 2, **args):
+def _hf_best_at_step_3(ck: Path, seed: int = 0, metric=lambda step: 1 if step == 3 else 2, max_steps: int = 9,
+                       callbacks=(), **args):
     """A Trainer whose metric (by default) is best at step 3 and worse afterwards (no evaluation set)."""
     from transformers import TrainerCallback
 
-    trainer, _ = _hf_trainer(ck, max_steps=9, seed=seed)
+    trainer, _ = _hf_trainer(ck, max_steps=max_steps, seed=seed)
+    for c in callbacks:
+        trainer.add_callback(c)
 
     class NoEval(TrainerCallback):
         def on_step_end(self, args, state, control, **kw):
@@ -303,8 +306,163 @@ def test_save_total_limit_applies_to_what_goes_to_disk(under_daemon):
     assert {p.name for p in ck.iterdir() if p.name.startswith("checkpoint-")} == {"checkpoint-6"}
 
 
+# ------------------------------------------------------------------------------- best_to_disk (both)
+@pytest.fixture
+def memory_config(under_daemon, tmp_path, monkeypatch):
+    """Write the daemon's config with these checkpoints.memory settings, as the trainer gets it ($CKPT_DAEMON_CONFIG)."""
+    import yaml
+
+    def use(**memory):
+        p = tmp_path / "in-force.yaml"
+        p.write_text(yaml.safe_dump({"checkpoints": {"dir": str(under_daemon[0]), "memory": {"enabled": True, **memory}}}))
+        monkeypatch.setenv("CKPT_DAEMON_CONFIG", str(p))
+        return under_daemon
+
+    return use
+
+
+def test_best_to_disk_waits_as_configured():
+    now = [0.0]
+    every, at_end = common.BestToDisk("every"), common.BestToDisk("at_end")
+    interval = common.BestToDisk("interval", 100, clock=lambda: now[0])
+    assert every.now() and not every.due()
+    assert not at_end.now() and not at_end.due()
+    assert interval.now()  # the first best goes at once
+    interval.written()
+    now[0] = 99
+    assert not interval.now() and not interval.due()
+    now[0] = 100
+    assert interval.now() and interval.due()
+
+
+def _on_disk_at_each_step(ck: Path, mem_saves=lambda: None):
+    """A Hugging Face callback recording, at each step end, the checkpoints on disk (after the writer's thread)."""
+    from transformers import TrainerCallback
+
+    seen: dict[int, set[str]] = {}
+
+    class Record(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            ms = mem_saves()
+            if ms is not None and ms.writer is not None:
+                ms.writer.join()
+            seen[state.global_step] = {p.name for p in ck.iterdir() if p.name.startswith("checkpoint-")}
+
+    return Record(), seen
+
+
+def test_hugging_face_best_to_disk_at_end_keeps_every_best_in_memory_until_training_ends(memory_config):
+    pytest.importorskip("transformers")
+    ck, _ = memory_config(best_to_disk="at_end")
+    record, seen = _on_disk_at_each_step(ck)
+    # bests at 3 and at 6; save_total_limit=1 and load_best_model_at_end need the best on disk at the end
+    trainer = _hf_best_at_step_3(ck, metric=lambda step: {3: 2, 6: 1}.get(step, 3), callbacks=[record],
+                                 save_total_limit=1, load_best_model_at_end=True)
+    assert seen and all(v == set() for v in seen.values()), seen  # nothing written to disk while training
+    assert trainer.state.best_model_checkpoint == str(ck / "checkpoint-6")
+    assert {p.name for p in ck.iterdir() if p.name.startswith("checkpoint-")} == {"checkpoint-6"}
+    e = cat.scan(ck, ["checkpoint-{step}"], verify=True).by_name("checkpoint-6")
+    assert e.valid, e.reason
+    from safetensors.torch import load_file
+
+    on_disk = load_file(ck / "checkpoint-6" / "model.safetensors")
+    assert torch.equal(trainer.model.state_dict()["transformer.wte.weight"], on_disk["transformer.wte.weight"])
+
+
+def test_hugging_face_best_to_disk_at_end_writes_the_waiting_best_when_training_is_stopped(memory_config):
+    pytest.importorskip("transformers")
+    from transformers import TrainerCallback
+
+    ck, _ = memory_config(best_to_disk="at_end")
+
+    class Sigterm(TrainerCallback):  # a real SIGTERM at step 7: the callback saves step 8 and stops
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == 7:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    record, seen = _on_disk_at_each_step(ck)
+    trainer = _hf_best_at_step_3(ck, metric=lambda step: {3: 2, 6: 1}.get(step, 3), callbacks=[Sigterm(), record])
+    assert trainer.state.global_step == 8 and all(v == set() for v in seen.values()), seen
+    assert {p.name for p in ck.iterdir() if p.name.startswith("checkpoint-")} == {"checkpoint-6"}  # the best
+    assert cat.scan(ck, ["checkpoint-{step}"], verify=True).by_name("checkpoint-6").valid
+    assert _slot(ck.parent / "shm", ck).step == 8  # the stop's save: in memory, for the daemon to persist
+
+
+def test_hugging_face_best_to_disk_interval_writes_a_waiting_best_once_the_interval_is_over(memory_config, monkeypatch):
+    pytest.importorskip("transformers")
+    from transformers import TrainerCallback
+
+    ck, _ = memory_config(best_to_disk="interval", best_to_disk_interval_s=100)
+    now = [0.0]
+    monkeypatch.setattr(common.BestToDisk, "from_config",
+                        classmethod(lambda cls: cls("interval", 100, clock=lambda: now[0])))
+
+    class Clock(TrainerCallback):  # 10 s pass before the best at 6, 100 s more before the save at 9
+        def on_step_end(self, args, state, control, **kw):
+            now[0] += {4: 10, 7: 100}.get(state.global_step, 0)
+
+    from ckpt_daemon.integrations import hf
+
+    saves: list = []
+    real_start = hf._MemorySaves.start
+    monkeypatch.setattr(hf._MemorySaves, "start", classmethod(
+        lambda cls, *a, **k: saves.append(real_start(*a, **k)) or saves[-1]))
+    record, seen = _on_disk_at_each_step(ck, lambda: saves[-1] if saves else None)
+    # bests at 3 (the first: to disk at once) and 6 (10 s later: waits); 9 and 12 are no better
+    _hf_best_at_step_3(ck, metric=lambda step: {3: 2, 6: 1}.get(step, 3), max_steps=12, callbacks=[Clock(), record])
+    assert seen[5] == {"checkpoint-3"}
+    assert seen[8] == {"checkpoint-3"}, seen  # the best at 6 waits (in the tmpfs)
+    assert seen[10] == {"checkpoint-3", "checkpoint-6"}, seen  # written with the save at 9, the interval being over
+    assert cat.scan(ck, ["checkpoint-{step}"], verify=True).by_name("checkpoint-6").valid
+
+
+def _lightning_disk(ck: Path):
+    """A Lightning callback recording, at each train batch end, the .ckpt files on disk (after the writer)."""
+    import lightning.pytorch as pl
+
+    seen: dict[int, set[str]] = {}
+
+    class Record(pl.Callback):
+        def on_train_batch_end(self, trainer, *a):
+            w = getattr(trainer.strategy.checkpoint_io, "_writer", None)
+            if w is not None:
+                w.join()
+            seen[trainer.global_step] = {p.name for p in ck.glob("*.ckpt")}
+
+    return Record(), seen
+
+
+def test_lightning_best_to_disk_at_end_keeps_every_best_in_memory_until_fit_ends(memory_config):
+    pytest.importorskip("lightning")
+    ck, _ = memory_config(best_to_disk="at_end")
+    record, seen = _lightning_disk(ck)
+    # ModelCheckpoint(monitor=...) as in the README: a new best at 3 and at 6 (top 1: 3 is removed then)
+    trainer, _, _ = _lightning(ck, max_steps=10, monitor="m", mode="min", save_top_k=1, extra=[record],
+                               metric=lambda step: {3: 2, 6: 1}.get(step, 3))
+    assert seen and all(v == set() for v in seen.values()), seen  # nothing written to disk during fit
+    mc = trainer.checkpoint_callback
+    assert Path(mc.best_model_path).name == "epoch=0-step=6.ckpt" and Path(mc.best_model_path).is_file()
+    assert sorted(p.name for p in ck.glob("*.ckpt")) == ["epoch=0-step=6.ckpt"]  # the removed best never reached it
+    assert torch.load(mc.best_model_path, weights_only=False)["global_step"] == 6
+    assert trainer.strategy.checkpoint_io.saves == 2
+
+
+def test_lightning_best_to_disk_interval_writes_the_first_best_at_once_and_a_later_one_at_the_end(memory_config,
+                                                                                                     monkeypatch):
+    pytest.importorskip("lightning")
+    ck, _ = memory_config(best_to_disk="interval", best_to_disk_interval_s=3600)
+    record, seen = _lightning_disk(ck)
+    trainer, _, _ = _lightning(ck, max_steps=10, monitor="m", mode="min", save_top_k=-1, extra=[record],
+                               metric=lambda step: {3: 2, 6: 1}.get(step, 3))
+    assert seen[4] == {"epoch=0-step=3.ckpt"}  # the first best: at once
+    assert seen[8] == {"epoch=0-step=3.ckpt"}, seen  # the best at 6 waits: the interval is not over
+    assert Path(trainer.checkpoint_callback.best_model_path).name == "epoch=0-step=6.ckpt"
+    assert {p.name for p in ck.glob("*.ckpt")} >= {"epoch=0-step=3.ckpt", "epoch=0-step=6.ckpt", "epoch=0-step=9.ckpt"}
+
+
 # --------------------------------------------------------------------------------------------- Lightning
-def _lightning(ck: Path, max_steps: int, every: int = 3, ckpt_path=None, metric=lambda step: abs(step - 3) + 1, **mc_kw):
+def _lightning(ck: Path, max_steps: int, every: int = 3, ckpt_path=None, metric=lambda step: abs(step - 3) + 1,
+               extra=(), **mc_kw):
     import lightning.pytorch as pl
     from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -330,7 +488,7 @@ def _lightning(ck: Path, max_steps: int, every: int = 3, ckpt_path=None, metric=
     data = torch.utils.data.TensorDataset(x, x.sum(1, keepdim=True))
     mc = ModelCheckpoint(dirpath=ck, every_n_train_steps=every, filename="{epoch}-{step}", **{"save_top_k": -1, **mc_kw})
     cb = CkptDaemonCallback()
-    trainer = pl.Trainer(max_steps=max_steps, callbacks=[mc, cb], logger=False, enable_progress_bar=False,
+    trainer = pl.Trainer(max_steps=max_steps, callbacks=[mc, cb, *extra], logger=False, enable_progress_bar=False,
                          enable_model_summary=False, accelerator="cpu", devices=1, num_sanity_val_steps=0)
     net = Net()
     trainer.fit(net, torch.utils.data.DataLoader(data, batch_size=8), ckpt_path=ckpt_path)
@@ -546,9 +704,34 @@ def test_kill_minus_9_of_a_users_trainer_loses_no_step_beyond_its_memory_checkpo
         d.wait(lambda s: (ck / info.name).exists(), what="the breakpoint's persist")
         e = cat.verify_entry(cat.scan(ck, patterns).by_name(info.name))
         assert e.valid and e.recorded, e.reason
+        assert "never saved to memory" not in d.log()  # the callbacks save to memory: no warning that they do not
         assert d.stop() == 0
         assert "exited with 143" in trainer_log.read_text()
         newest = cat.scan(ck, patterns, verify=True).newest_valid()
         assert newest is not None and newest.step > info.step  # the stop's save went through memory to disk
+    finally:
+        mem.remove_stale_region(region)
+
+
+def test_a_plain_torch_save_script_with_memory_on_is_told_once_that_it_gets_nothing(tmp_path, daemons):
+    """memory on, a script that saves with torch.save to disk only: the daemon says so once, in its log and in
+    the status (which otherwise shows an active region with nothing in it), and goes on as before."""
+    region = Path("/dev/shm") / f"ckpt-test-{os.getpid()}-{tmp_path.name}"
+    ck = tmp_path / "checkpoints"
+    d = Daemon(tmp_path, {
+        "checkpoints": {"pattern": ["model_step_{step}.pt"], "memory": {"enabled": True, "dir": str(region)}},
+        "training": {"command": [PY, str(BYO / "plain_train.py"), str(ck), "--every", "5"], "stop_timeout_s": 60}})
+    d.start()
+    daemons.append(d)
+    try:
+        s = d.wait(lambda s: s["memory"]["warning"] and s, timeout=180, what="the warning that memory is unused")
+        assert s["memory"]["active"] and s["memory"]["newest"] is None
+        warning = s["memory"]["warning"]
+        assert "never saved to memory" in warning and "model_step_" in warning
+        assert "checkpoints.memory.enabled: false" in warning and "CheckpointManager(memory=True)" in warning
+        n = len(list(ck.glob("model_step_*.pt")))
+        d.wait(lambda s: len(list(ck.glob("model_step_*.pt"))) >= n + 3, timeout=120, what="more saves")
+        assert d.stop() == 0
+        assert d.log().count("has never saved to memory") == 1  # once
     finally:
         mem.remove_stale_region(region)

@@ -192,6 +192,47 @@ def memory_writer():
     return MemoryWriter(region, Path(os.environ[ENV_CHECKPOINTS]), max_bytes)
 
 
+def memory_settings():
+    """`checkpoints.memory` of this run's config (`$CKPT_DAEMON_CONFIG`, else ./config.yaml), or the defaults."""
+    from ckpt_daemon.config import MemoryConfig
+
+    cfg = _config()
+    return cfg.checkpoints.memory if cfg is not None else MemoryConfig()
+
+
+class BestToDisk:
+    """When a new best checkpoint, saved to memory, is written to disk as well (`checkpoints.memory.best_to_disk`):
+    "every" at once; "interval" at once when the last best written is best_to_disk_interval_s old (the first
+    one always), else it waits until that is so (a newer best replaces it); "at_end" only when training ends.
+    The integrations hold what waits and write it when `due()` (at a later save) and at the end; the clock is
+    passed in for tests."""
+
+    def __init__(self, mode: str = "every", interval_s: Optional[float] = None,
+                 clock: Callable[[], float] = time.monotonic):
+        self.mode = mode
+        self.interval_s = interval_s
+        self.clock = clock
+        self.last: Optional[float] = None  # when a best was last written to disk
+
+    @classmethod
+    def from_config(cls) -> "BestToDisk":
+        mc = memory_settings()
+        return cls(mc.best_to_disk, mc.best_to_disk_interval_s)
+
+    def now(self) -> bool:
+        """Whether a new best goes to disk at once."""
+        return self.mode == "every" or self.due()
+
+    def due(self) -> bool:
+        """Whether a best that waits is written now (before the end of training)."""
+        if self.mode != "interval":
+            return False
+        return self.last is None or self.clock() - self.last >= (self.interval_s or 0)
+
+    def written(self) -> None:
+        self.last = self.clock()
+
+
 def resume_copy_dir(region: Optional[Path] = None) -> Optional[Path]:
     region = region or memory_region() or (Path(os.environ[ENV_MEMORY]) if os.environ.get(ENV_MEMORY) else None)
     return region / f"resume-{os.getpid()}" if region is not None else None

@@ -50,7 +50,12 @@ What the callback does:
   disk; the daemon writes every `persist_every`-th one (and the newest at a crash or stop) as
   `checkpoint-<step>/` in the checkpoint folder, with its checksums recorded as the sidecar manifest.
   A save that is the new best (`metric_for_best_model`) is also written to disk by that thread, durable,
-  so that `best_model_checkpoint` names a folder on disk (`load_best_model_at_end` waits for it). A save that cannot
+  so that `best_model_checkpoint` names a folder on disk (`load_best_model_at_end` waits for it): at once
+  (`checkpoints.memory.best_to_disk: every`, the default; with an improving metric that is most saves, and
+  memory then helps little), at most every `best_to_disk_interval_s` (`interval`), or when training ends
+  (`at_end`); a best that waits is kept as a folder on the tmpfs (a newer best replaces it) and written
+  when its interval is over (by the thread of a later save) and when training ends (at the final log,
+  before Hugging Face loads the best or applies save_total_limit=1, stopped or not). A save that cannot
   be staged (the tmpfs fills up mid-write, no room for it) or committed to memory is written to disk
   instead, with a warning. After a crash the restarted trainer's `resume_path()` is a verified copy of
   the newest memory state, made at memory speed, freed after the first step. Off (saves go to disk as
@@ -76,6 +81,7 @@ from transformers import TrainerCallback
 
 from ckpt_daemon.integrations.common import (
     ENV_CHECKPOINTS,
+    BestToDisk,
     Heartbeat,
     StopRequest,
     daemon_choice,
@@ -213,6 +219,10 @@ class CkptDaemonCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.heartbeat is not None and logs:
             self.heartbeat.metrics(state.global_step, **logs)
+        if self._mem is not None and logs and "train_runtime" in logs:
+            # the log of a train() that ended (finished or stopped), just before Hugging Face loads the best and
+            # applies save_total_limit=1 to the folder: the best must be on disk from here on
+            self._mem.finish()
         return control
 
     def on_train_end(self, args, state, control, **kwargs):
@@ -256,6 +266,17 @@ class CkptDaemonCallback(TrainerCallback):
             sys.exit(self.exit_code)
 
 
+def _same_save(a: str, b: str) -> bool:
+    """Whether folder b holds the Hugging Face save that folder a holds (same trainer_state.json, which
+    names its step and log history)."""
+    name = "trainer_state.json"
+    try:
+        with open(os.path.join(a, name), "rb") as fa, open(os.path.join(b, name), "rb") as fb:
+            return fa.read(64 << 20) == fb.read(64 << 20)
+    except OSError:
+        return False
+
+
 def _calling_trainer() -> Any:
     """The `transformers.Trainer` whose loop calls this callback (found up the call stack: Hugging Face
     hands callbacks no reference to it), or None."""
@@ -280,7 +301,9 @@ class _MemorySaves:
     there; the folder's files are then copied into a slot by the writer's thread. Anything that goes
     wrong while staged (the tmpfs fills up mid-write, a subfolder) makes the same save again to disk."""
 
-    def __init__(self, region, writer, trainer):
+    def __init__(self, region, writer, trainer, best: Optional[BestToDisk] = None):
+        import threading
+
         self.region = region
         self.writer = writer
         self.trainer = trainer
@@ -288,6 +311,11 @@ class _MemorySaves:
         self.warned: set[str] = set()
         self.saves = 0
         self.count = 0
+        # checkpoints.memory.best_to_disk: a best that waits for its write to disk, as a folder on the tmpfs
+        self.best = best or BestToDisk()
+        self.held = os.path.join(self.staging, "best")
+        self.pending: Optional[tuple[str, str]] = None  # (name, the checkpoint folder) of the best in self.held
+        self.pending_lock = threading.Lock()
         self.original = trainer._save_checkpoint
         trainer._save_checkpoint = self._save_checkpoint
         self.original_load_best = getattr(trainer, "_load_best_model", None)
@@ -295,13 +323,62 @@ class _MemorySaves:
             trainer._load_best_model = self._load_best_model
 
     def _load_best_model(self, *a, **kw):
-        """load_best_model_at_end: the best checkpoint's disk copy is written by the writer's thread; wait."""
+        """load_best_model_at_end: the best checkpoint's disk copy is written by the writer's thread, or waits
+        (best_to_disk): wait for it, or write it now."""
+        self.finish()
+        return self.original_load_best(*a, **kw)
+
+    def finish(self) -> None:
+        """Training ended: the last memory save committed, and a best that waits written to disk. Never raises."""
         if self.writer is not None:
             try:
                 self.writer.join()
             except Exception as exc:  # noqa: BLE001 - reported; the load finds what is on disk
                 log.error("ckpt-daemon: the last memory checkpoint could not be committed (%s)", exc)
-        return self.original_load_best(*a, **kw)
+        self.flush()
+
+    def hold(self, folder: str, name: str, real: str) -> None:
+        """Keep a staged best (a folder on the tmpfs) until it is written to disk; a best that waited before
+        it is no longer the best, and goes."""
+        import shutil
+
+        with self.pending_lock:
+            self.pending = None
+            shutil.rmtree(self.held, ignore_errors=True)
+            os.makedirs(self.held, mode=0o700)
+            os.rename(folder, os.path.join(self.held, name))
+            self.pending = (name, real)
+
+    def drop_held(self) -> None:
+        """A newer best went to disk: the one waiting is no longer the best."""
+        import shutil
+
+        with self.pending_lock:
+            if self.pending is not None:
+                self.pending = None
+                shutil.rmtree(self.held, ignore_errors=True)
+
+    def flush(self) -> None:
+        """Write the best that waits (if any) to disk. Never raises: a failure is reported, the memory copy
+        and the daemon's persists stand."""
+        import shutil
+
+        with self.pending_lock:
+            if self.pending is None:
+                return
+            name, real = self.pending
+            folder = os.path.join(self.held, name)
+            try:
+                if not _same_save(folder, os.path.join(real, name)):  # the daemon may have persisted it meanwhile
+                    self._to_disk(folder, name, real)
+                self.best.written()
+                log.info("ckpt-daemon: the best checkpoint %s written to disk (checkpoints.memory.best_to_disk: %s)",
+                         name, self.best.mode)
+            except Exception as exc:  # noqa: BLE001
+                log.error("ckpt-daemon: the best checkpoint %s could not be written to disk (%s: %s); it is in memory "
+                          "only, and on disk once the daemon persists it", name, type(exc).__name__, exc)
+            self.pending = None
+            shutil.rmtree(self.held, ignore_errors=True)
 
     @classmethod
     def start(cls, args, trainer, explicit: bool) -> "Optional[_MemorySaves]":
@@ -324,8 +401,11 @@ class _MemorySaves:
         except Exception as exc:  # noqa: BLE001 - memory checkpoints are an optimisation; disk saves go on
             log.warning("ckpt-daemon: memory checkpoints are off for this Trainer (%s); checkpoints are saved to disk", exc)
             return None
-        log.info("ckpt-daemon: Hugging Face checkpoints go to memory (%s); the daemon writes them to disk", region)
-        return cls(region, writer, trainer)
+        best = BestToDisk.from_config()
+        log.info("ckpt-daemon: Hugging Face checkpoints go to memory (%s); the daemon writes them to disk; a new best "
+                 "goes to disk %s", region, {"every": "at once", "interval": f"at most every {best.interval_s} s",
+                                             "at_end": "when training ends"}[best.mode])
+        return cls(region, writer, trainer, best)
 
     def _need(self) -> int:
         """About what one Hugging Face checkpoint takes: weights, optimizer state, a margin."""
@@ -359,7 +439,12 @@ class _MemorySaves:
         import shutil
 
         args, state = self.trainer.args, self.trainer.state
+        # a new best is named in trainer_state.json and loaded by load_best_model_at_end: it goes to disk too,
+        # written by the writer's thread after its memory commit, at once or later (best_to_disk)
+        best = bool(args.metric_for_best_model) and getattr(state, "best_global_step", None) == state.global_step
         if self.writer is None or trial is not None or not self._room():
+            if best:
+                self.drop_held()
             return self.original(model, trial, *a, **kw)
         real = args.output_dir
         self.count += 1  # a folder of its own per save: the previous one may still be copied from
@@ -372,6 +457,8 @@ class _MemorySaves:
             shutil.rmtree(root, ignore_errors=True)
             log.warning("ckpt-daemon: checkpoint-%d could not be staged in memory (%s: %s); saving it to disk",
                         state.global_step, type(exc).__name__, str(exc)[:200])
+            if best:
+                self.drop_held()
             return self.original(model, trial, *a, **kw)
         finally:
             args.output_dir = real
@@ -383,19 +470,22 @@ class _MemorySaves:
             if isinstance(bmc, str) and bmc.startswith(self.staging + os.sep):
                 state.best_model_checkpoint = os.path.join(real, os.path.basename(bmc))
                 state.save_to_json(os.path.join(folder, "trainer_state.json"))
-            # a new best is named in trainer_state.json and loaded by load_best_model_at_end: it goes to disk
-            # too, written by the writer's thread after its memory commit
-            best = bool(args.metric_for_best_model) and getattr(state, "best_global_step", None) == state.global_step
-            done = self._keep(folder, name, state.global_step, real, root, also_disk=best)
+            now = best and self.best.now()
+            if now:
+                self.best.written()
+            done = self._keep(folder, name, state.global_step, real, root, also_disk=now, hold=best and not now,
+                              flush=not best and self.pending is not None and self.best.due())
         finally:
             if not done:
                 shutil.rmtree(root, ignore_errors=True)
         return None
 
-    def _keep(self, folder: str, name: str, step: int, real: str, root: str, also_disk: bool = False) -> bool:
+    def _keep(self, folder: str, name: str, step: int, real: str, root: str, also_disk: bool = False,
+              hold: bool = False, flush: bool = False) -> bool:
         """Into a slot, copied by the writer's thread (the training loop waits only for Hugging Face's own
-        writing); the staging folder goes once the copy is done, or to disk if it cannot be committed.
-        True if the writer's thread owns the staging folder now."""
+        writing); the staging folder goes once the copy is done, or to disk if it cannot be committed (or
+        also_disk), or is held as the best that waits (hold). flush: write the best that waits (its interval
+        is over). True if the writer's thread owns the staging folder now."""
         import shutil
 
         import numpy as np
@@ -406,6 +496,17 @@ class _MemorySaves:
                     log.warning("ckpt-daemon: %s could not be committed to memory; writing it to disk", name)
                 if not committed or also_disk:
                     self._to_disk(folder, name, real)
+                    if hold or also_disk:
+                        self.drop_held()  # this best is on disk: the one before it no longer waits
+                elif hold:
+                    try:
+                        self.hold(folder, name, real)
+                    except OSError as exc:  # no room on the tmpfs to keep it aside: to disk now, as before
+                        log.warning("ckpt-daemon: the best %s cannot wait in memory (%s); writing it to disk", name, exc)
+                        self._to_disk(folder, name, real)
+                        self.drop_held()
+                if flush:
+                    self.flush()
             finally:
                 shutil.rmtree(root, ignore_errors=True)
 
@@ -423,6 +524,8 @@ class _MemorySaves:
             why = f"{type(exc).__name__}: {exc}"
         log.warning("ckpt-daemon: %s could not be kept in memory (%s); writing it to disk", name, why)
         self._to_disk(folder, name, real)
+        if hold or also_disk:
+            self.drop_held()
         return False
 
     def _to_disk(self, folder: str, name: str, real: str) -> None:
@@ -457,6 +560,7 @@ class _MemorySaves:
         for attr, mine in (("_save_checkpoint", self._save_checkpoint), ("_load_best_model", self._load_best_model)):
             if self.trainer.__dict__.get(attr) == mine:
                 delattr(self.trainer, attr)  # the class's own again
+        self.finish()
         if self.writer is not None:
             try:
                 self.writer.close()

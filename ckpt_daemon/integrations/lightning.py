@@ -59,7 +59,10 @@ How the callback cooperates with it:
   very name Lightning gave it, with its checksum recorded as the sidecar manifest. What must exist as
   a file goes to disk: a new `best_model_path` of a ModelCheckpoint with a `monitor`, and with a
   bounded `save_top_k` every file it keeps in `best_k_models` (also written to disk by the writer's
-  thread, done by the end of `fit`),
+  thread, done by the end of `fit`: at once with `checkpoints.memory.best_to_disk: every`, the default,
+  which with an improving metric is most saves; at most every `best_to_disk_interval_s` with `interval`;
+  only when `fit` ends, stopped or not, with `at_end`; one that waits is held as torch.save's bytes in
+  this process, and dropped if Lightning removes it from its top k),
   `last.ckpt` (no step in its name: prefer `save_last="link"`, a link to the newest step file), and,
   when `fit` finishes, the newest memory save. After a crash the restarted trainer's `resume_path()` is a verified copy of the newest memory
   state, made at memory speed and freed after the first step. Single process only (not under DDP).
@@ -78,6 +81,7 @@ from typing import Any, Optional
 
 from ckpt_daemon.integrations.common import (
     ENV_CHECKPOINTS,
+    BestToDisk,
     Heartbeat,
     StopRequest,
     checkpoint_dir,
@@ -167,9 +171,12 @@ class _CkptDaemonHooks:
         self.saved: Optional[str] = None
         self._prev_step: Optional[int] = None
         self._metrics_step: Optional[int] = None
+        self._filters: list = []  # warning filters this callback put in place for the length of setup
 
     # ------------------------------------------------------------------------------ life cycle
     def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage == "fit":
+            self._quiet_state_folder(trainer)
         if stage != "fit" or self.memory is False:
             return
         io = getattr(trainer.strategy, "_checkpoint_io", None)
@@ -189,7 +196,46 @@ class _CkptDaemonHooks:
         trainer.strategy.checkpoint_io.trainer = trainer
         log.info("ckpt-daemon: Lightning checkpoints go to memory; the daemon writes them to disk")
 
+    def _quiet_state_folder(self, trainer) -> None:
+        """ModelCheckpoint's setup (which Lightning runs after ours) warns "Checkpoint directory X exists and
+        is not empty" when its folder holds anything, and under the daemon the folder always holds the
+        daemon's state folder (.ckpt-daemon): every fresh run would warn. Where that is all the folder holds,
+        exactly that warning, for that folder, is filtered until `on_fit_start`; a folder that holds anything
+        else (the user's files, older checkpoints) keeps its warning."""
+        import re
+        import warnings
+
+        from ckpt_daemon.runtime import STATE_DIR
+
+        for cb in getattr(trainer, "checkpoint_callbacks", None) or []:
+            d = getattr(cb, "dirpath", None)
+            if not d or not getattr(cb, "save_top_k", 0):
+                continue
+            try:
+                names = os.listdir(d)
+            except OSError:
+                continue
+            if names and set(names) <= {STATE_DIR}:
+                msg = f"Checkpoint directory {d} exists and is not empty."
+                warnings.filterwarnings("ignore", message=re.escape(msg) + r"\Z")
+                self._filters.append(warnings.filters[0])
+
+    def _unquiet(self) -> None:
+        import warnings
+
+        for f in self._filters:
+            try:
+                warnings.filters.remove(f)
+            except ValueError:
+                pass  # someone reset the filters meanwhile
+        if self._filters:
+            mutated = getattr(warnings, "_filters_mutated", None)  # let cached decisions be taken again
+            if callable(mutated):
+                mutated()
+        self._filters = []
+
     def on_fit_start(self, trainer, pl_module) -> None:
+        self._unquiet()  # every ModelCheckpoint's setup has run
         self.stopped_at, self.saved, self.start_step = None, None, None
         if self.stop is None or not self.stop.installed:
             self.stop = StopRequest(self.signals)
@@ -273,6 +319,7 @@ class _CkptDaemonHooks:
                             signal.Signals(code - 128).name, trainer.global_step, saved, code)
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
+        self._unquiet()  # a fit that failed before on_fit_start
         if self.stop is not None:
             self.stop.restore()
 
@@ -331,11 +378,18 @@ class MemoryCheckpointIO(_TorchCheckpointIO):
     copy of a memory state as a file)."""
 
     def __init__(self) -> None:
+        import threading
+
         super().__init__()
         self._writer = None
         self._off: Optional[str] = None
         self.saves = 0
         self.trainer = None  # set by CkptDaemonCallback: to tell a new best, and a fit that finished
+        # checkpoints.memory.best_to_disk: files that must exist (a best, a bounded top k's) waiting for their
+        # write to disk, held as the bytes torch.save made (path -> (step, bytes))
+        self.best: Optional[BestToDisk] = None
+        self.pending: dict[str, Any] = {}
+        self.pending_lock = threading.Lock()
 
     def _best(self, path: str) -> bool:
         """Whether `path` is what a ModelCheckpoint with a monitor has just made its best_model_path
@@ -375,17 +429,30 @@ class MemoryCheckpointIO(_TorchCheckpointIO):
             try:
                 if self._writer is None:
                     self._writer = memory_writer()
+                if self.best is None:
+                    self.best = BestToDisk.from_config()
                 buf = io.BytesIO()
                 torch.save(checkpoint, buf)
                 data = buf.getbuffer()
-                best = self._best(str(path))  # named as the best: it must exist as a file too
+                must = self._best(str(path))  # named as the best (or kept in a top k): it must exist as a file
+                flush = bool(self.pending) and self.best.due()  # those waiting: their interval is over
+                now = must and self.best.now()
+                if now:
+                    self.best.written()
+                elif must:
+                    with self.pending_lock:  # written at a later save (interval) or when fit ends
+                        self.pending[str(path)] = data
 
                 def after(committed: bool) -> None:
                     # on the writer's thread, once the copy into the slot is done (the loop went on meanwhile)
                     if not committed:
                         log.warning("ckpt-daemon: %s could not be committed to memory; writing it to disk", name)
-                    if not committed or best:
+                    if not committed or now:
                         commit_to_disk(path, lambda p: p.write_bytes(data), single_file=True)
+                        with self.pending_lock:
+                            self.pending.pop(str(path), None)
+                    if flush:
+                        self.flush()
 
                 # the copy into the slot runs on the writer's thread: the loop waits for torch.save only
                 if self._writer.save_files(checkpoint["global_step"], name, "file", [(name, data)],
@@ -399,19 +466,44 @@ class MemoryCheckpointIO(_TorchCheckpointIO):
         super().save_checkpoint(checkpoint, path, storage_options=storage_options)
 
     def remove_checkpoint(self, path) -> None:
+        with self.pending_lock:
+            waited = self.pending.pop(str(path), None) is not None
+        if waited and self._writer is not None:
+            try:  # a flush on the writer's thread may be writing it: let it end, then remove what it wrote
+                self._writer.join()
+            except Exception:  # noqa: BLE001 - reported by its own save
+                pass
         if os.path.lexists(path):  # a memory checkpoint not yet written to disk has nothing to remove
             super().remove_checkpoint(path)
 
+    def flush(self) -> None:
+        """Write the files that wait (best_to_disk) to disk. Never raises: a failure is reported."""
+        with self.pending_lock:
+            waiting, self.pending = self.pending, {}
+        for path, data in waiting.items():
+            try:
+                if not _same_file(path, data):  # the daemon may have persisted it meanwhile
+                    commit_to_disk(path, lambda p, data=data: p.write_bytes(data), single_file=True)
+                log.info("ckpt-daemon: %s written to disk (checkpoints.memory.best_to_disk: %s)", os.path.basename(path),
+                         self.best.mode if self.best else "every")
+            except Exception as exc:  # noqa: BLE001
+                log.error("ckpt-daemon: %s could not be written to disk (%s: %s); it is in memory only, and on disk "
+                          "once the daemon persists it", path, type(exc).__name__, exc)
+        if waiting and self.best is not None:
+            self.best.written()
+
     def teardown(self) -> None:
-        """Wait for the last memory save's commit (the process may exit right after); at the end of a fit
-        that finished, write the newest memory save to disk, so that the script's next steps
-        (`ckpt_path="last"`, a `save_last="link"` link, `best_model_path`) find files."""
+        """Wait for the last memory save's commit (the process may exit right after); write the best (and a
+        bounded top k's files) that wait to disk; at the end of a fit that finished, write the newest memory
+        save to disk, so that the script's next steps (`ckpt_path="last"`, a `save_last="link"` link,
+        `best_model_path`) find files."""
         if self._writer is not None:
             try:
                 self._writer.close()
             except Exception as exc:  # noqa: BLE001
                 log.error("ckpt-daemon: the last memory checkpoint could not be committed (%s)", exc)
             self._writer = None
+            self.flush()  # also after a stop or an error: the best is on disk whenever fit ends
             if self.trainer is not None and not getattr(self.trainer, "interrupted", True):
                 self._persist_newest()
         super().teardown()
@@ -430,6 +522,27 @@ class MemoryCheckpointIO(_TorchCheckpointIO):
         except (OSError, ValueError) as exc:
             log.error("ckpt-daemon: the newest memory checkpoint could not be written to disk at the end of fit "
                       "(%s); the daemon writes it when this trainer exits", exc)
+
+
+def _same_file(path: str, data) -> bool:
+    """Whether the file at `path` (a regular file, not followed if a link) holds exactly `data`."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        mv = memoryview(data).cast("B")
+        if os.fstat(fd).st_size != len(mv):
+            return False
+        pos, chunk = 0, 16 << 20
+        while pos < len(mv):
+            got = os.pread(fd, chunk, pos)
+            if not got or got != mv[pos:pos + len(got)]:
+                return False
+            pos += len(got)
+        return True
+    finally:
+        os.close(fd)
 
 
 class CkptDaemonCallback(_CkptDaemonHooks, _pl.Callback):
