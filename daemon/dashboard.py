@@ -471,6 +471,7 @@ def build_dashboard(status: dict, inv: Optional[InventoryView], disk: list[dict]
                         "quarantined": ck.get("quarantined"), "dir": ck.get("dir")},
         "retention": status.get("retention") or {},
         "last_cleanup": status.get("last_cleanup"),
+        "memory": status.get("memory"),
         "inventory": {"time": inv.time if inv else None, "duration_s": inv.duration_s if inv else None,
                       "error": inv.error if inv else "not taken yet"},
         "runs": runs,

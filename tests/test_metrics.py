@@ -190,3 +190,40 @@ def test_a_token_guards_every_request_and_nothing_but_get_is_served(tmp_path, da
         time.sleep(0.1)
     assert d.proc.poll() is None and d.stop() == 0
     assert token not in d.log() and token not in d.output()  # a secret is never logged
+
+
+def test_metrics_and_status_carry_the_loss_the_step_rate_and_the_memory_checkpoints(tmp_path, tmpfs, daemons):  # noqa: F811
+    import json
+    import re
+
+    from tests.conftest import read_losses, run_py
+
+    region = tmpfs("64m") / "region"
+    port = free_port()
+    d = Daemon(tmp_path, {"checkpoints": {"memory": {"enabled": True, "every_steps": 10, "persist_every": 2,
+                                                     "dir": str(region)}},
+                          "trainer": {"checkpoint_every_steps": 100000, "eval_every_steps": 10},
+                          "http": {"enabled": True, "port": port}}).start()
+    daemons.append(d)
+    d.wait(lambda s: s["training"].get("steps_per_s") and ((s.get("memory") or {}).get("last_persist") or {}).get("step"),
+           what="training with a step rate and a persisted memory checkpoint")
+    text = scrape(f"http://127.0.0.1:{port}/metrics")
+    assert len(re.findall("loss", text, re.I)) > 0
+    m = parse(text)
+    loss, at = m[("ckpt_daemon_training_metric", (("name", "loss"),))], m[("ckpt_daemon_training_metric_step", (("name", "loss"),))]
+    assert read_losses(tmp_path / "logs" / "metrics.jsonl")[int(at)] == loss  # the trainer's own number, at its step
+    val_at = m[("ckpt_daemon_training_metric_step", (("name", "val_loss"),))]
+    assert val_at % 10 == 0 and ("ckpt_daemon_training_metric", (("name", "val_loss"),)) in m
+    assert m[("ckpt_daemon_training_steps_per_second", ())] > 0
+    assert m[("ckpt_daemon_memory_active", ())] == 1 and m[("ckpt_daemon_memory_persists_total", ())] >= 1
+    assert m[("ckpt_daemon_memory_slot_step", ())] >= m[("ckpt_daemon_memory_persisted_step", ())] >= 10
+    assert m[("ckpt_daemon_memory_pinned_slots", ())] == 0
+    r = run_py(["-m", "daemon", "status", "--config", str(d.cfg)])
+    lines = r.stdout.splitlines()
+    assert re.search(r" · loss \d", lines[0]), lines[0]
+    mem = [x for x in lines if x.startswith("memory:")]
+    assert len(mem) == 1 and re.match(r"memory: +newest slot step \d+ \(.*\); persisted up to step \d+ \(\d+ persists", mem[0]), r.stdout
+    assert any(re.match(r"metrics: +.*loss \d", x) for x in lines), r.stdout
+    j = json.loads(run_py(["-m", "daemon", "status", "--config", str(d.cfg), "--json"]).stdout)
+    assert j["memory"]["pinned_steps"] == [] and j["training"]["metrics"]["loss"]["step"] >= 1
+    assert d.stop() == 0
