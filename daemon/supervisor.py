@@ -710,7 +710,9 @@ class Supervisor:
         started = self.started_at
         healthy = (self.state in ("running", "adopted") and started is not None and now - started >= rp.healthy_after_s)
         if healthy and lc is not None and not lc.get("resolved") and started >= lc["time"]:
-            lc = {**lc, "resolved": f"the trainer started after it has run for {now - started:.0f}s", "resolved_at": now}
+            # (worded and timed without `now`: an unchanged status is not rewritten)
+            lc = {**lc, "resolved": f"the trainer started after it has run longer than {rp.healthy_after_s:.0f}s "
+                                    "(training.restart.healthy_after_s)", "resolved_at": started + rp.healthy_after_s}
         recent = 0 if healthy else sum(1 for t in tuple(self.policy.crash_times) if now - t <= rp.crash_window_s)
         return lc, recent
 
