@@ -227,3 +227,45 @@ def test_metrics_and_status_carry_the_loss_the_step_rate_and_the_memory_checkpoi
     j = json.loads(run_py(["-m", "daemon", "status", "--config", str(d.cfg), "--json"]).stdout)
     assert j["memory"]["pinned_steps"] == [] and j["training"]["metrics"]["loss"]["step"] >= 1
     assert d.stop() == 0
+
+
+USER_SCRIPT = """
+import time
+import ckpt_daemon
+
+hb = ckpt_daemon.Heartbeat(every_s=0.2)
+step = 0
+while True:
+    step += 1
+    hb.beat(step)
+    extra = {"eval_accuracy": step / 1000} if step % 10 == 0 else {}
+    # names and values that are not metrics: never shown
+    hb.metrics(step, loss=2.0 / step, lr=1e-3, **extra, **{"bad name<b>": 1.0, "x" * 65: 1.0, "diverged": float("nan"),
+                                                          "flag": True, "note": "text"})
+    time.sleep(0.02)
+"""
+
+
+def test_the_metrics_of_a_users_own_script_reach_status_and_metrics(tmp_path, daemons):  # noqa: F811
+    import re
+
+    from tests.conftest import run_py
+
+    script = tmp_path / "train.py"
+    script.write_text(USER_SCRIPT)
+    port = free_port()
+    d = Daemon(tmp_path, {"training": {"command": [PY, str(script)]}, "http": {"enabled": True, "port": port}}).start()
+    daemons.append(d)
+    d.wait(lambda s: s["training"].get("steps_per_s") and "eval_accuracy" in (s["training"].get("metrics") or {}),
+           what="the script's heartbeat and metrics lines")
+    m = parse(scrape(f"http://127.0.0.1:{port}/metrics"))
+    names = {dict(k[1])["name"] for k in m if k[0] == "ckpt_daemon_training_metric"}
+    assert names == {"loss", "lr", "eval_accuracy"}
+    step = m[("ckpt_daemon_training_metric_step", (("name", "loss"),))]
+    assert m[("ckpt_daemon_training_metric", (("name", "loss"),))] == 2.0 / step
+    assert m[("ckpt_daemon_training_metric_step", (("name", "eval_accuracy"),))] % 10 == 0
+    assert m[("ckpt_daemon_training_steps_per_second", ())] > 0
+    r = run_py(["-m", "daemon", "status", "--config", str(d.cfg)])
+    line = next(x for x in r.stdout.splitlines() if x.startswith("metrics:"))
+    assert re.search(r"eval_accuracy [\d.]+ \(step \d+0\)", line) and "bad name" not in r.stdout, r.stdout
+    assert d.stop() == 0

@@ -264,3 +264,39 @@ def test_a_trainer_that_dies_at_every_start_is_a_crash_loop_whatever_the_moment(
     assert "CRASH LOOP" in r.stdout.splitlines()[0] and "training OK" not in r.stdout, r.stdout
     assert "Memory checkpoints are refused" in r.stdout  # why, in its last output
     assert d.stop() == 0
+
+
+# ------------------------------------------------------------------------------------ 2. the trainer's metrics
+def test_the_newest_metrics_are_read_incrementally_and_bounded(tmp_path):
+    from daemon.trainmetrics import NewestMetrics
+
+    p = tmp_path / "metrics.jsonl"
+    nm = NewestMetrics(p)
+    assert nm.update() == {"values": {}, "time": None}  # no file yet
+    with open(p, "w") as f:
+        for s in range(1, 101):
+            f.write(json.dumps({"step": s, "loss": 3 - s / 100, **({"val_loss": s / 10} if s % 50 == 0 else {}),
+                                "time": 1000 + s}) + "\n")
+        f.write('{"step": 101, "loss": 0.5')  # being written
+    v = nm.update()
+    assert v["values"]["loss"] == {"value": 2.0, "step": 100, "time": 1100.0}
+    assert v["values"]["val_loss"] == {"value": 10.0, "step": 100, "time": 1100.0} and v["time"] == 1100.0
+    offset = nm.offset
+    with open(p, "a") as f:
+        f.write(', "time": 1101}\n' + json.dumps({"step": 102, "loss": float("inf"), "n": 1e400}) + "\n")
+        f.write(json.dumps({"step": 103, **{f"m{i}": i for i in range(100)}}) + "\n")
+        f.write('{"step": 104, "loss": ' + "[" * 100_000 + "\n")
+    v = nm.update()
+    assert nm.offset > offset and v["values"]["loss"]["value"] == 0.5 and v["values"]["loss"]["step"] == 101
+    assert v["values"]["val_loss"]["step"] == 100  # a validation metric is known between its lines
+    assert len(v["values"]) == NewestMetrics.MAX_NAMES  # loss, val_loss and the first 30 of the 100 others
+    # a file rotated away and started anew: its lines replace what was known
+    p.unlink()
+    p.write_text(json.dumps({"step": 1, "loss": 4.0}) + "\n")
+    assert nm.update()["values"] == {"loss": {"value": 4.0, "step": 1, "time": None}}
+    # a file grown by more than a call reads: only its newest part is read
+    with open(p, "a") as f:
+        for s in range(2, 200_000):
+            f.write(json.dumps({"step": s, "loss": 1 / s}) + "\n")
+    v = nm.update()
+    assert v["values"]["loss"]["step"] == 199_999 and p.stat().st_size > NewestMetrics.MAX_READ
