@@ -649,7 +649,7 @@ class Supervisor:
         ex = (Exit("start_failed", why, False) if why
               else classify(rc, self.tail.last(40), self.state == "stopping", self._stale))
         if ex.kind == "stopped":
-            self._resolve_crash(now, f"the trainer started after it ran {ran:.0f}s and stopped cleanly")
+            self._resolve_crash(now, f"the trainer started after it ran {ran:.0f}s until the daemon stopped it")
             self._set(state="stopped", proc=None, message=f"stopped by the daemon ({ex.description})")
             return
         newest_after = slot.name if slot is not None else cat.newest_valid_rel(cfg)
@@ -702,9 +702,9 @@ class Supervisor:
             self.last_crash = {**lc, "resolved": how, "resolved_at": now}
 
     def _crash_view(self, now: float) -> tuple[Optional[dict], int]:
-        """(the last crash as status shows it, crashes within the restart policy's window). A trainer running
-        longer than healthy_after_s since has ended the loop (the policy's own rule): the count is 0 and
-        the last crash is history."""
+        """(the last crash as status shows it, crashes within the restart policy's window). A trainer started
+        after the last crash that has run longer than healthy_after_s (the policy's own rule), or that
+        stopped cleanly, has ended the loop: the count is 0 and the last crash is history."""
         rp = self.get_cfg().training.restart
         lc = self.last_crash
         started = self.started_at
@@ -713,7 +713,9 @@ class Supervisor:
             # (worded and timed without `now`: an unchanged status is not rewritten)
             lc = {**lc, "resolved": f"the trainer started after it has run longer than {rp.healthy_after_s:.0f}s "
                                     "(training.restart.healthy_after_s)", "resolved_at": started + rp.healthy_after_s}
-        recent = 0 if healthy else sum(1 for t in tuple(self.policy.crash_times) if now - t <= rp.crash_window_s)
+        # a trainer started after the last crash that ran healthy, stopped cleanly or finished ended the loop
+        over = healthy or (lc is not None and lc.get("resolved"))
+        recent = 0 if over else sum(1 for t in tuple(self.policy.crash_times) if now - t <= rp.crash_window_s)
         return lc, recent
 
     # -- stop -------------------------------------------------------------------------------------

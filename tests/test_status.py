@@ -185,7 +185,7 @@ def test_a_crash_report_shows_real_lines_then_an_old_crash_is_history(tmp_path, 
     assert d.stop() == 0
     r = run_py(["-m", "daemon", "status", "--config", str(d.cfg)])
     assert "last crash:" not in r.stdout and "earlier crash: exit code 1" in r.stdout, r.stdout
-    assert "stopped cleanly" in r.stdout
+    assert "until the daemon stopped it" in r.stdout
 
 
 def test_after_a_clean_stop_the_crash_before_is_not_current(tmp_path, daemons):  # noqa: F811
@@ -300,3 +300,34 @@ def test_the_newest_metrics_are_read_incrementally_and_bounded(tmp_path):
             f.write(json.dumps({"step": s, "loss": 1 / s}) + "\n")
     v = nm.update()
     assert v["values"]["loss"]["step"] == 199_999 and p.stat().st_size > NewestMetrics.MAX_READ
+
+
+def test_the_crash_count_in_the_window_and_when_a_loop_is_over(tmp_path):
+    from ckpt_daemon.config import load_config
+    from daemon.supervisor import Supervisor
+
+    cfg = load_config(write_config(tmp_path, {"training": {"restart": {"crash_window_s": 100, "healthy_after_s": 50,
+                                                                       "max_crashes": 10}}}))
+    now = [1000.0]
+    sup = Supervisor(lambda: cfg, {}, clock=lambda: now[0], echo=False)
+    for t in (1000.0, 1010.0, 1020.0):  # three quick crashes
+        now[0] = t
+        sup.policy.on_exit(t, 2, 3.0, None, None)
+        sup.last_crash = {"time": t, "description": "exit code 2", "ran_s": 3.0, "tail": []}
+    sup.state, sup.started_at = "running", 1021.0
+    now[0] = 1030.0
+    s = sup.snapshot()
+    assert s["recent_crashes"] == 3 and s["crash_window_s"] == 100 and not s["last_crash"].get("resolved")
+    assert verdict({"training": s}, True, now[0])[0] == "bad"
+    sup.started_at = 1101.0  # (say it started anew)
+    now[0] = 1105.0  # the first crash left the window; the running trainer is young
+    assert sup.snapshot()["recent_crashes"] == 2
+    now[0] = 1152.0  # ... but a trainer running longer than healthy_after_s ends the loop
+    s = sup.snapshot()
+    assert s["recent_crashes"] == 0 and s["last_crash"]["resolved"] and s["last_crash"]["resolved_at"] == 1151.0
+    assert sup.snapshot() == s  # worded and timed without the clock: an idle daemon rewrites nothing
+    level, line = verdict({"training": s}, True, now[0])
+    assert level == "ok" and line.startswith("training OK"), line
+    # a daemon stopped while in the backoff after crashes: no run went fine since, the loop stands
+    sup.state, sup.started_at, now[0] = "stopped", None, 1105.0
+    assert sup.snapshot()["recent_crashes"] == 2 and not sup.snapshot()["last_crash"].get("resolved")
