@@ -31,6 +31,18 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def wait_listening(port: int, host: str = "127.0.0.1", timeout: float = 30) -> None:
+    """The dashboard's server starts on the observer's thread, after the daemon's own start: wait for it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection((host, port), timeout=1).close()
+            return
+        except OSError:
+            assert time.monotonic() < deadline, f"nothing listens on {host}:{port}"
+            time.sleep(0.1)
+
+
 def parse(text: str) -> dict[tuple[str, tuple], float]:
     """{(sample name, sorted labels): value} of an exposition, via prometheus_client's parser."""
     out = {}
@@ -207,6 +219,7 @@ def test_metrics_and_status_carry_the_loss_the_step_rate_and_the_memory_checkpoi
     daemons.append(d)
     d.wait(lambda s: s["training"].get("steps_per_s") and ((s.get("memory") or {}).get("last_persist") or {}).get("step"),
            what="training with a step rate and a persisted memory checkpoint")
+    wait_listening(port)
     text = scrape(f"http://127.0.0.1:{port}/metrics")
     assert len(re.findall("loss", text, re.I)) > 0
     m = parse(text)
@@ -258,6 +271,7 @@ def test_the_metrics_of_a_users_own_script_reach_status_and_metrics(tmp_path, da
     daemons.append(d)
     d.wait(lambda s: s["training"].get("steps_per_s") and "eval_accuracy" in (s["training"].get("metrics") or {}),
            what="the script's heartbeat and metrics lines")
+    wait_listening(port)
     m = parse(scrape(f"http://127.0.0.1:{port}/metrics"))
     names = {dict(k[1])["name"] for k in m if k[0] == "ckpt_daemon_training_metric"}
     assert names == {"loss", "lr", "eval_accuracy"}

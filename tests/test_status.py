@@ -86,7 +86,7 @@ def test_disk_use_is_what_df_shows_on_tmpfs_and_on_ext4_with_reserved_blocks(tmp
 
 
 def test_status_its_json_the_dashboard_and_metrics_show_the_disk_as_df(tmp_path, ext4, daemons):  # noqa: F811
-    from tests.test_metrics import free_port, parse, scrape
+    from tests.test_metrics import free_port, parse, scrape, wait_listening
 
     e = ext4("64M", reserved_percent=50)
     (e / "known").write_bytes(b"z" * (8 << 20))
@@ -95,6 +95,7 @@ def test_status_its_json_the_dashboard_and_metrics_show_the_disk_as_df(tmp_path,
                           "http": {"enabled": True, "port": port}}).start()
     daemons.append(d)
     s = d.wait(lambda s: s["training"]["state"] == "running" and s["disk"].get("checked") and s, what="the disk check")
+    wait_listening(port)
     disk = s["disk"]
     pct, mount = df(e)
     total, used, avail = statvfs_figures(e)
