@@ -115,6 +115,8 @@ def test_status_its_json_the_dashboard_and_metrics_show_the_disk_as_df(tmp_path,
         dash = json.loads(resp.read())
     assert dash["disk"]["now"]["used_percent"] == disk["used_percent"] and dash["verdict"]["line"].count("% used") == 1
     assert f"disk {disk['used_percent']}% used" in dash["verdict"]["line"]
+    sample = dash["disk"]["history"][-1]  # the chart over time: df's used and available too
+    assert abs(sample["used"] - used) < 1 << 20 and abs(sample["free"] - avail) < 1 << 20
     m = parse(scrape(f"http://127.0.0.1:{port}/metrics"))
     assert abs(m[("ckpt_daemon_disk_used_ratio", ())] - used / (used + avail)) < 0.01
     assert m[("ckpt_daemon_disk_info", (("mountpoint", str(e)),))] == 1

@@ -409,12 +409,13 @@ function drawLoss(d) {
 
 function drawDisk(d) {
   const box = document.getElementById("disk"), h = ((d.disk || {}).history) || [];
-  const used = h.filter(p => p.total).map(p => [p.t, p.total - p.free]);
-  const total = h.filter(p => p.total).map(p => [p.t, p.total]);
+  // as df shows it: used, and what can be used (used + available; the blocks reserved for root are neither)
+  const used = h.filter(p => p.total).map(p => [p.t, p.used ?? p.total - p.free]);
+  const total = h.filter(p => p.total).map(p => [p.t, p.used !== undefined ? p.used + p.free : p.total]);
   const ck = h.filter(p => p.ckpt !== undefined).map(p => [p.t, p.ckpt]);
   const out = lineChart(box, [
     { name: "used", points: used, cls: "used", area: true, legend: "l-loss" },
-    { name: "size of the disk", points: total, cls: "total", legend: "l-total" },
+    { name: "usable size (used + available)", points: total, cls: "total", legend: "l-total" },
     { name: "checkpoints", points: ck, cls: "ckpt-bytes", legend: "l-val" },
   ], {
     label: "disk use over time", empty: "No disk samples yet (one every 2 minutes).", yZero: true, yFmt: shortBytes,
