@@ -649,7 +649,7 @@ class Supervisor:
         ex = (Exit("start_failed", why, False) if why
               else classify(rc, self.tail.last(40), self.state == "stopping", self._stale))
         if ex.kind == "stopped":
-            self._resolve_crash(now, f"the trainer started after it ran {ran:.0f}s until the daemon stopped it")
+            self._resolve_crash(now, f"a trainer ran {ran:.0f}s until the daemon stopped it")
             self._set(state="stopped", proc=None, message=f"stopped by the daemon ({ex.description})")
             return
         newest_after = slot.name if slot is not None else cat.newest_valid_rel(cfg)
@@ -658,7 +658,7 @@ class Supervisor:
         if verdict.action != "restart":
             self._drop_spare(f"training {verdict.action.replace('_', ' ')}")
         if verdict.action == "finished":
-            self._resolve_crash(now, "training finished since")
+            self._resolve_crash(now, "training finished")
             self._set(state="finished", message="training finished (the trainer exited 0)")
             if self.memory is not None:
                 self.memory.remove_if_persisted("training finished")
@@ -711,7 +711,7 @@ class Supervisor:
         healthy = (self.state in ("running", "adopted") and started is not None and now - started >= rp.healthy_after_s)
         if healthy and lc is not None and not lc.get("resolved") and started >= lc["time"]:
             # (worded and timed without `now`: an unchanged status is not rewritten)
-            lc = {**lc, "resolved": f"the trainer started after it has run longer than {rp.healthy_after_s:.0f}s "
+            lc = {**lc, "resolved": f"a trainer has run longer than {rp.healthy_after_s:.0f}s "
                                     "(training.restart.healthy_after_s)", "resolved_at": started + rp.healthy_after_s}
         # a trainer started after the last crash that ran healthy, stopped cleanly or finished ended the loop
         over = healthy or (lc is not None and lc.get("resolved"))
