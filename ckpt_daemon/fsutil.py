@@ -17,6 +17,7 @@ import re
 import shutil
 import stat
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -275,6 +276,45 @@ def free_bytes(path: Path) -> int:
         p = p.parent
     st = os.statvfs(p)
     return st.f_bavail * st.f_frsize
+
+
+@dataclass(frozen=True)
+class DiskUsage:
+    """A filesystem's use as `df` shows it. The blocks reserved for root (5% by default on ext4, up to
+    half with `mkfs -m 50`) are neither used nor available to a trainer, so the share used is
+    used / (used + available), not 1 - available / size."""
+
+    total: int  # bytes, the filesystem's size (df's 1K-blocks)
+    used: int  # bytes in use (size - free)
+    avail: int  # bytes this user may still write (df's Available)
+    mount: str  # mount point of the filesystem holding the path
+
+    @property
+    def reserved(self) -> int:
+        return max(0, self.total - self.used - self.avail)
+
+    @property
+    def used_ratio(self) -> float:
+        return self.used / (self.used + self.avail) if self.used + self.avail else 0.0
+
+    @property
+    def used_percent(self) -> int:
+        """df's Use%: the share rounded up, so that a nearly full disk never shows as less full than it is."""
+        whole = self.used + self.avail
+        return -(-self.used * 100 // whole) if whole else 0
+
+
+def disk_usage(path: Path) -> DiskUsage:
+    """`df` for the filesystem holding `path` (or its nearest existing parent)."""
+    p = Path(os.path.abspath(path))
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    st = os.statvfs(p)
+    mount = Path(os.path.realpath(p))
+    while not os.path.ismount(mount) and mount != mount.parent:
+        mount = mount.parent
+    return DiskUsage(total=st.f_blocks * st.f_frsize, used=(st.f_blocks - st.f_bfree) * st.f_frsize,
+                     avail=st.f_bavail * st.f_frsize, mount=str(mount))
 
 
 def is_enospc(exc: BaseException) -> bool:

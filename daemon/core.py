@@ -29,12 +29,13 @@ from ckpt_daemon import catalog as cat
 from ckpt_daemon import configfile, runtime
 from ckpt_daemon.config import Config, diff_configs, parse_config
 from ckpt_daemon.errors import ConfigError
-from ckpt_daemon.fsutil import free_bytes
+from ckpt_daemon.fsutil import disk_usage
 from ckpt_daemon.logs import get_logger, setup_logging
 from daemon import state as st
 from daemon.jobs import Jobs
 from daemon.notify import Notifier
 from daemon.supervisor import Supervisor
+from daemon.trainmetrics import NewestMetrics
 from daemon.watch import Watcher
 from maintenance import cleanup, snapshot
 
@@ -68,6 +69,7 @@ class Daemon:
         self._state_dirty = threading.Event()
         self._last_state: Optional[dict] = None
         self._hb_samples: collections.deque = collections.deque(maxlen=600)
+        self._train_metrics = NewestMetrics(self.cfg.log_dir / "metrics.jsonl")
         self._last_write = 0.0
 
     def get_cfg(self) -> Config:
@@ -111,7 +113,8 @@ class Daemon:
                                    "using the folder they started with; restart the daemon to move.")
             log.error("checkpoints.dir was re-pointed under the running daemon", now=str(now_resolves),
                       kept=str(cfg.checkpoint_dir))
-        free = free_bytes(cfg.checkpoint_dir)
+        usage = disk_usage(cfg.checkpoint_dir)
+        free = usage.avail
         gb = free / 2**30
         level = "ok"
         if gb < cfg.disk.emergency_free_gb:
@@ -131,17 +134,20 @@ class Daemon:
             log.error("free disk space below the emergency threshold: running retention now",
                       free_gib=round(gb, 2), emergency_free_gb=cfg.disk.emergency_free_gb)
             ok = self.jobs.run_job("retention", reason=f"disk emergency: {gb:.2f} GiB free < {cfg.disk.emergency_free_gb} GiB")
-            after = free_bytes(cfg.checkpoint_dir) / 2**30
-            free = int(after * 2**30)
+            usage = disk_usage(cfg.checkpoint_dir)
+            after = usage.avail / 2**30
+            free = usage.avail
             if after < cfg.disk.emergency_free_gb:
                 message = (f"DISK EMERGENCY: still {after:.2f} GiB free after retention; the remaining checkpoints are "
                            "protected or kept by the tiers and are never deleted to make room. Free space by hand or "
                            "loosen retention.tiers.")
                 log.error(message, retention_ran=ok)
-        import shutil
-
-        total = shutil.disk_usage(cfg.checkpoint_dir).total
-        self.disk = {"free_bytes": free, "total_bytes": total, "level": level, "checked": time.time(), "message": message}
+        # What `df` shows (the share used leaves out the blocks reserved for root), and for which filesystem:
+        # status, its JSON, the dashboard and /metrics all read these.
+        self.disk = {"free_bytes": free, "total_bytes": usage.total, "used_bytes": usage.used,
+                     "reserved_bytes": usage.reserved, "used_percent": usage.used_percent,
+                     "used_ratio": round(usage.used_ratio, 6), "mount": usage.mount,
+                     "level": level, "checked": time.time(), "message": message}
         self._state_dirty.set()
         return f"{gb:.2f} GiB free ({level})"
 
@@ -268,6 +274,10 @@ class Daemon:
             if isinstance(hb.get("resumed_from"), str):  # what the trainer really loaded (it may have fallen back)
                 training["resumed_from"] = hb["resumed_from"]
             training["heartbeat_time"] = hb.get("time")
+        newest = self._train_metrics.update()  # the trainer's metrics lines: loss, validation metric, ...
+        if newest["values"]:
+            training["metrics"] = newest["values"]
+            training["metrics_time"] = newest["time"]
         return {
             "daemon": {"pid": os.getpid(), "started": self.started,
                        "config": str(self.config_path), "config_loaded_at": self.config_loaded_at,
@@ -285,8 +295,22 @@ class Daemon:
             "disk": self.disk,
             "jobs": {"next": self.jobs.next_times(), "history": self.jobs.history.data.get("jobs", {})},
             "last_cleanup": self.last_cleanup,
-            "memory": self.memory.snapshot() if getattr(self, "memory", None) is not None else None,
+            "memory": self._memory_status(),
         }
+
+    def _memory_status(self) -> Optional[dict]:
+        """What the memory agent records (None when memory checkpoints are off): its newest slot, what it
+        persisted last, and the steps pinned at a breakpoint (verified, waiting to be written to disk)."""
+        m = getattr(self, "memory", None)
+        if m is None:
+            return None
+        try:
+            snap = m.snapshot()
+            with m.pin_lock:
+                pinned = sorted({p.info.step for p, _ in [*m.queue, *m.inflight]})
+        except Exception as exc:  # a region that cannot be read: said in status, never a status that fails
+            return {"enabled": True, "active": False, "error": f"the memory region cannot be read: {exc}"}
+        return {**snap, "pinned_steps": pinned}
 
     def _rate(self, hb: dict) -> Optional[float]:
         """Steps per second over the last minute of heartbeats (None until two differ)."""

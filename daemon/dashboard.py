@@ -309,7 +309,7 @@ class LossCurve:
 
 # ------------------------------------------------------------------------------------ disk history
 class DiskHistory:
-    """Disk samples {t, free, total, ckpt?}: a ring of `keep` in memory, appended to a JSON-lines file
+    """Disk samples {t, free (available), total, used? (as df), ckpt?}: a ring of `keep` in memory, appended to a JSON-lines file
     that is rewritten with the ring alone whenever it holds twice as many lines."""
 
     FILE = "disk-history.jsonl"
@@ -339,7 +339,7 @@ class DiskHistory:
             except ValueError:
                 continue
             if isinstance(s, dict) and _num(s.get("t")) is not None and _is_int(s.get("free")):
-                self.samples.append({k: s[k] for k in ("t", "free", "total", "ckpt") if k in s})
+                self.samples.append({k: s[k] for k in ("t", "free", "total", "used", "ckpt") if k in s})
                 self._lines += 1
 
     def add(self, sample: dict) -> None:
@@ -471,6 +471,7 @@ def build_dashboard(status: dict, inv: Optional[InventoryView], disk: list[dict]
                         "quarantined": ck.get("quarantined"), "dir": ck.get("dir")},
         "retention": status.get("retention") or {},
         "last_cleanup": status.get("last_cleanup"),
+        "memory": status.get("memory"),
         "inventory": {"time": inv.time if inv else None, "duration_s": inv.duration_s if inv else None,
                       "error": inv.error if inv else "not taken yet"},
         "runs": runs,

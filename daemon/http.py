@@ -33,7 +33,6 @@ import hmac
 import io
 import json
 import math
-import shutil
 import socket
 import threading
 import time
@@ -44,6 +43,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from ckpt_daemon.config import Config, is_loopback_host
+from ckpt_daemon.fsutil import disk_usage
 from ckpt_daemon.logs import get_logger
 from daemon import dashboard as dash
 from daemon import metrics as prom
@@ -415,10 +415,10 @@ class Observer:
             return
         self._last_disk, self._disk_checked = now, checked
         try:
-            u = shutil.disk_usage(cfg.checkpoint_dir)
+            u = disk_usage(cfg.checkpoint_dir)  # as df shows it: the blocks reserved for root are not "used"
         except OSError:
             return
-        sample: dict[str, Any] = {"t": round(now, 1), "free": u.free, "total": u.total}
+        sample: dict[str, Any] = {"t": round(now, 1), "free": u.avail, "total": u.total, "used": u.used}
         inv = self.inventory.view
         if inv is not None and now - inv.time < 300:
             sample["ckpt"] = sum(e.bytes for rv in inv.runs.values() if rv.report is not None

@@ -62,6 +62,7 @@ class DaemonCollector(Collector):
         now = self.clock()
         yield from self._daemon(s)
         yield from self._training(s)
+        yield from self._memory(s)
         yield from self._checkpoints(s, inv, now)
         yield from self._retention(s, inv)
         yield from self._snapshots(inv, now)
@@ -116,6 +117,69 @@ class DaemonCollector(Collector):
         if _num(lc.get("time")) is not None:
             yield GaugeMetricFamily("ckpt_daemon_training_last_crash_timestamp_seconds", "When the trainer last crashed.",
                                     value=lc["time"])
+        if _num(t.get("recent_crashes")) is not None:
+            yield GaugeMetricFamily("ckpt_daemon_training_recent_crashes",
+                                    "Crashes within the restart policy's window (training.restart.crash_window_s); 2 or "
+                                    "more is a crash loop. 0 once a trainer has run healthy_after_s.",
+                                    value=t["recent_crashes"])
+        yield from self._train_metrics(t)
+
+    @staticmethod
+    def _train_metrics(t: dict) -> Iterator[Metric]:
+        """The trainer's newest metrics (logs/metrics.jsonl): loss, the validation metric, the learning rate..."""
+        metrics = t.get("metrics")
+        if not isinstance(metrics, dict) or not metrics:
+            return
+        value = GaugeMetricFamily("ckpt_daemon_training_metric",
+                                  "The newest value of each metric the trainer logs (loss, val_loss, eval_loss, lr, ...), "
+                                  "by name.", labels=["name"])
+        step = GaugeMetricFamily("ckpt_daemon_training_metric_step", "The step at which that value was logged.",
+                                 labels=["name"])
+        for name, m in sorted(metrics.items()):
+            if not isinstance(m, dict) or _num(m.get("value")) is None:
+                continue
+            value.add_metric([str(name)], m["value"])
+            if _num(m.get("step")) is not None:
+                step.add_metric([str(name)], m["step"])
+        yield from (value, step)
+        if _num(t.get("metrics_time")) is not None:
+            yield GaugeMetricFamily("ckpt_daemon_training_metrics_timestamp_seconds",
+                                    "When the trainer logged its newest metrics line.", value=t["metrics_time"])
+
+    def _memory(self, s: dict) -> Iterator[Metric]:
+        mem = s.get("memory")
+        if not isinstance(mem, dict):
+            return  # memory checkpoints are off
+        yield GaugeMetricFamily("ckpt_daemon_memory_active", "1 if memory checkpoints are on and working (0: off "
+                                "because of a problem; ckpt-daemon status says which).", value=1 if mem.get("active") else 0)
+        newest = mem.get("newest") or {}
+        for key, name, help_ in (
+                ("step", "ckpt_daemon_memory_slot_step", "Step of the newest memory checkpoint (slot)."),
+                ("bytes", "ckpt_daemon_memory_slot_bytes", "Size of the newest memory checkpoint."),
+                ("time", "ckpt_daemon_memory_slot_timestamp_seconds", "When the newest memory checkpoint was written."),
+        ):
+            if _num(newest.get(key)) is not None:
+                yield GaugeMetricFamily(name, help_, value=newest[key])
+        last = mem.get("last_persist") or {}
+        if _num(last.get("step")) is not None:
+            yield GaugeMetricFamily("ckpt_daemon_memory_persisted_step", "Step of the memory checkpoint the daemon "
+                                    "persisted (wrote to the checkpoint folder) last.", value=last["step"])
+            if _num(newest.get("step")) is not None:
+                yield GaugeMetricFamily("ckpt_daemon_memory_unpersisted_steps",
+                                        "Steps of the newest memory checkpoint beyond the last one persisted: what only "
+                                        "memory holds.", value=max(0, newest["step"] - last["step"]))
+        if _num(last.get("seconds")) is not None:
+            yield GaugeMetricFamily("ckpt_daemon_memory_last_persist_duration_seconds", "How long the last persist took.",
+                                    value=last["seconds"])
+        if _num(last.get("time")) is not None:
+            yield GaugeMetricFamily("ckpt_daemon_memory_last_persist_timestamp_seconds", "When the last persist ended.",
+                                    value=last["time"])
+        yield CounterMetricFamily("ckpt_daemon_memory_persists", "Memory checkpoints persisted since the daemon started.",
+                                  value=_num(mem.get("persisted")) or 0)
+        yield GaugeMetricFamily("ckpt_daemon_memory_pinned_slots", "Memory checkpoints verified and pinned at a "
+                                "breakpoint, waiting to be persisted.", value=len(mem.get("pinned_steps") or []))
+        yield GaugeMetricFamily("ckpt_daemon_memory_persisting", "1 while a memory checkpoint is being persisted.",
+                                value=1 if mem.get("persisting") is not None else 0)
 
     def _checkpoints(self, s: dict, inv: Optional[InventoryView], now: float) -> Iterator[Metric]:
         ck = s.get("checkpoints") or {}
@@ -233,12 +297,23 @@ class DaemonCollector(Collector):
     def _disk(self, s: dict) -> Iterator[Metric]:
         disk = s.get("disk") or {}
         for key, name, help_ in (
-                ("free_bytes", "ckpt_daemon_disk_free_bytes", "Free bytes on the filesystem of checkpoints.dir."),
+                ("free_bytes", "ckpt_daemon_disk_free_bytes", "Bytes a trainer may still write on the filesystem of "
+                 "checkpoints.dir (df's Available)."),
                 ("total_bytes", "ckpt_daemon_disk_total_bytes", "Size of the filesystem of checkpoints.dir."),
+                ("used_bytes", "ckpt_daemon_disk_used_bytes", "Bytes in use on that filesystem (df's Used)."),
+                ("reserved_bytes", "ckpt_daemon_disk_reserved_bytes", "Bytes reserved for root: neither used nor "
+                 "available."),
+                ("used_ratio", "ckpt_daemon_disk_used_ratio", "Share of the filesystem in use as df shows it: used / "
+                 "(used + available), the blocks reserved for root left out."),
                 ("checked", "ckpt_daemon_disk_checked_timestamp_seconds", "When the disk job last measured."),
         ):
             if _num(disk.get(key)) is not None:
                 yield GaugeMetricFamily(name, help_, value=disk[key])
+        if isinstance(disk.get("mount"), str):
+            info = GaugeMetricFamily("ckpt_daemon_disk_info", "The filesystem these disk figures are of: its mount "
+                                     "point.", labels=["mountpoint"])
+            info.add_metric([disk["mount"]], 1)
+            yield info
         if disk.get("level") in DISK_LEVELS:
             yield GaugeMetricFamily("ckpt_daemon_disk_level", "0: ok, 1: below disk.warn_free_gb, 2: below "
                                     "disk.emergency_free_gb.", value=DISK_LEVELS[disk["level"]])

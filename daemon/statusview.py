@@ -8,6 +8,7 @@ import datetime as dt
 from typing import Optional
 
 from ckpt_daemon.units import age, human  # noqa: F401  (also this module's API)
+from daemon.outputtail import inert
 
 
 def _when(iso: Optional[str]) -> str:
@@ -28,7 +29,13 @@ def verdict(s: dict, alive: bool, now: float, config_error: Optional[str] = None
         parts.append("daemon NOT RUNNING")
         level = "bad"
     state = t.get("state", "?")
-    if state == "running":
+    loop = _crash_loop(t)
+    if loop and state != "gave_up":
+        # Several crashes within the restart policy's window: not OK, whatever this moment's state (a trainer
+        # that dies at every start is "running" for most of each cycle).
+        parts.append(f"training CRASH LOOP ({loop})")
+        level = "bad"
+    elif state == "running":
         parts.append("training OK")
     elif state in ("gave_up", "backoff"):
         parts.append("training GAVE UP" if state == "gave_up" else "training restarting")
@@ -41,13 +48,16 @@ def verdict(s: dict, alive: bool, now: float, config_error: Optional[str] = None
         parts.append(f"step {t['step']}")
     if t.get("steps_per_s"):
         parts.append(f"{t['steps_per_s']:.1f} steps/s")
+    loss = ((t.get("metrics") or {}).get("loss") or {}).get("value")
+    if isinstance(loss, (int, float)) and state in ("running", "adopted"):
+        parts.append(f"loss {loss:.4g}")
     latest = ck.get("latest")
     if latest:
         parts.append(f"latest {age(now - latest['mtime'])} ago" if latest.get("mtime") else f"latest {latest['name']}")
     else:
         parts.append("no checkpoint yet")
-    if disk.get("free_bytes") is not None and disk.get("total_bytes"):
-        parts.append(f"disk {100 * (1 - disk['free_bytes'] / disk['total_bytes']):.0f}% used")
+    if isinstance(disk.get("used_percent"), (int, float)):
+        parts.append(f"disk {disk['used_percent']:.0f}% used" + (f" on {disk['mount']}" if disk.get("mount") else ""))
     elif disk.get("free_bytes") is not None:
         parts.append(f"disk {human(disk['free_bytes'])} free")
     if disk.get("level") == "emergency":
@@ -67,16 +77,27 @@ def verdict(s: dict, alive: bool, now: float, config_error: Optional[str] = None
         parts.append(f"{len(ck['failed_verification'])} FAILED VERIFICATION")
         level = max(level, "warn", key=_rank)
     ret = s.get("retention") or {}
-    if (s.get("last_cleanup") or {}).get("held"):
-        parts.append(f"{s['last_cleanup']['held']} deletions HELD")
-        level = max(level, "warn", key=_rank)
-    elif ret.get("policy_confirmed") is False:
-        parts.append("retention policy unconfirmed")
+    if ret.get("policy_confirmed") is False:
+        # held deletions matter only while the policy is unconfirmed: once a person confirmed it (cleanup -y),
+        # the next unattended run applies it
+        if (s.get("last_cleanup") or {}).get("held"):
+            parts.append(f"{s['last_cleanup']['held']} deletions HELD")
+            level = max(level, "warn", key=_rank)
+        else:
+            parts.append("retention policy unconfirmed")
     return level, " · ".join(parts)
 
 
 def _rank(level: str) -> int:
     return {"ok": 0, "warn": 1, "bad": 2}[level]
+
+
+def _crash_loop(t: dict) -> str:
+    """'N crashes in 60 min' when the trainer crashed at least twice within the restart policy's window."""
+    n, window = t.get("recent_crashes"), t.get("crash_window_s")
+    if not isinstance(n, int) or n < 2:
+        return ""
+    return f"{n} crashes in {age(window) if isinstance(window, (int, float)) else 'the window'}"
 
 
 def render(s: dict, alive: bool, now: float, config_error: Optional[str] = None, config_path: str = "") -> list[tuple[str, str]]:
@@ -89,8 +110,12 @@ def render(s: dict, alive: bool, now: float, config_error: Optional[str] = None,
     out.append(("" if alive else "bad", f"daemon:   {'running' if alive else 'NOT RUNNING (the last state it wrote is below)'} "
                                         f"pid {d.get('pid')}{up}"))
     if config_error:
-        out.append(("warn", f"config:   {config_path or 'config.yaml'} is BROKEN; shown with the last good config. {config_error}"))
-    if d.get("config_error"):
+        # The file as it is now; its problem is printed once, as the warning above these lines (on stderr), not
+        # again here, nor what the daemon said of the same edit.
+        also = " The daemon rejected the edit too and runs the last good config." if d.get("config_error") else ""
+        out.append(("warn", f"config:   {config_path or 'config.yaml'} is BROKEN (the problem is printed above); shown "
+                            f"with the last good config.{also}"))
+    elif d.get("config_error"):
         out.append(("warn", f"config:   LAST EDIT REJECTED, the daemon runs the config in force: {d['config_error']}"))
     if d.get("config_pending"):
         out.append(("warn", f"config:   EDIT HELD UNTIL RESTART: {d['config_pending']}"))
@@ -104,9 +129,12 @@ def render(s: dict, alive: bool, now: float, config_error: Optional[str] = None,
     if t.get("heartbeat_time"):
         line += f", heartbeat {age(now - t['heartbeat_time'])} ago"
     line += f", restarts {t.get('restarts', 0)}"
+    loop = _crash_loop(t)
+    if loop:
+        line += f", {loop}" + (f" (gives up at {t['max_crashes']})" if t.get("max_crashes") and t.get("state") != "gave_up" else "")
     if t.get("resumed_from"):
         line += f", resumed from {t['resumed_from']}"
-    out.append(("", line))
+    out.append(("bad" if loop else "", line))
     if t.get("message"):
         out.append(("bad" if t.get("state") == "gave_up" else "", f"          {t['message']}"))
     if t.get("next_start"):
@@ -117,12 +145,23 @@ def render(s: dict, alive: bool, now: float, config_error: Optional[str] = None,
     if isinstance(ws, dict) and isinstance(ws.get("since"), (int, float)):
         state = "ready: a restart is handed to it" if ws.get("ready") else "still importing"
         out.append(("", f"          warm spare: pid {ws.get('pid')}, waiting for {age(now - ws['since'])} ({state})"))
+    metrics = t.get("metrics") or {}
+    if metrics:
+        shown = []
+        for name, m in list(metrics.items())[:12]:
+            if isinstance(m, dict) and isinstance(m.get("value"), (int, float)):
+                shown.append(f"{inert(str(name))[:64]} {m['value']:.4g}" + (f" (step {m['step']})" if m.get("step") is not None else ""))
+        if shown:
+            out.append(("", f"metrics:  {', '.join(shown)}"))
     lc = t.get("last_crash")
-    if lc:
+    if lc and lc.get("resolved"):  # history: a trainer started after it ran fine
+        out.append(("", f"earlier crash: {lc['description']} after {lc['ran_s']}s, {age(now - lc['time'])} ago; "
+                        f"since then {lc['resolved']}"))
+    elif lc:
         out.append(("warn", f"last crash: {lc['description']} after {lc['ran_s']}s, {age(now - lc['time'])} ago "
                             f"(from {lc.get('resumed_from') or 'scratch'}); its last output:"))
         for tl in (lc.get("tail") or [])[-10:]:
-            out.append(("", f"    | {tl}"))
+            out.append(("", f"    | {inert(str(tl))}"))
     for which in ("latest", "best"):
         e = ck.get(which)
         if e:
@@ -135,10 +174,20 @@ def render(s: dict, alive: bool, now: float, config_error: Optional[str] = None,
                     + (f", {ck['quarantined']} in quarantine" if ck.get("quarantined") else "")))
     for n, why in (ck.get("failed_verification") or {}).items():
         out.append(("bad", f"  FAILED VERIFICATION: {n}: {why}"))
+    mem = s.get("memory")
+    if isinstance(mem, dict):
+        out.extend(_memory_lines(mem, now))
     disk = s.get("disk") or {}
     if disk:
+        if isinstance(disk.get("used_percent"), (int, float)):  # as `df` shows it
+            used = (f"{disk['used_percent']:.0f}% used of {human(disk.get('total_bytes') or 0)}"
+                    + (f" on {disk['mount']}" if disk.get("mount") else "")
+                    + (f" ({human(disk['reserved_bytes'])} more reserved for root)" if disk.get("reserved_bytes") else "")
+                    + ", ")
+        else:
+            used = ""
         out.append(("bad" if disk.get("level") == "emergency" else ("warn" if disk.get("level") == "warning" else ""),
-                    f"disk:     {human(disk.get('free_bytes', 0))} free ({disk.get('level')})"))
+                    f"disk:     {used}{human(disk.get('free_bytes', 0))} free ({disk.get('level')})"))
         if disk.get("message"):
             out.append(("bad", f"          {disk['message']}"))
     nxt = (s.get("jobs") or {}).get("next", {})
@@ -153,8 +202,36 @@ def render(s: dict, alive: bool, now: float, config_error: Optional[str] = None,
                             "python -m maintenance.cleanup"))
     lcl = s.get("last_cleanup")
     if lcl:
+        held = ""
+        if lcl.get("held"):
+            held = (f", HELD {lcl['held']} (unconfirmed policy)" if ret.get("policy_confirmed") is not True else
+                    f", held {lcl['held']} under the policy then unconfirmed (confirmed since: the next run applies it)")
         out.append(("", f"last cleanup: {age(now - lcl['time'])} ago ({lcl['reason']}): deleted {lcl['deleted']}, "
                         f"kept {lcl['kept']}, freed {human(lcl['freed_bytes'])}"
-                        + (f", {lcl['failed']} FAILED" if lcl.get("failed") else "")
-                        + (f", HELD {lcl['held']} (unconfirmed policy)" if lcl.get("held") else "")))
+                        + (f", {lcl['failed']} FAILED" if lcl.get("failed") else "") + held))
     return out
+
+
+def _memory_lines(mem: dict, now: float) -> list[tuple[str, str]]:
+    """The memory checkpoints' state: the newest slot, what of it is on disk, what is pinned."""
+    if mem.get("error"):
+        return [("warn", f"memory:   OFF: {mem['error']}")]
+    newest, last = mem.get("newest") or {}, mem.get("last_persist") or {}
+    if not mem.get("active"):
+        parts = ["closed (the daemon stopped)"]
+    elif newest.get("step") is not None:
+        when = f", {age(now - newest['time'])} old" if isinstance(newest.get("time"), (int, float)) else ""
+        parts = [f"newest slot step {newest['step']} ({human(newest.get('bytes') or 0)}{when})"]
+    else:
+        parts = ["no memory checkpoint yet"]
+    if last.get("step") is not None:
+        took = f", the last took {last['seconds']:.2f}s" if isinstance(last.get("seconds"), (int, float)) else ""
+        parts.append(f"persisted up to step {last['step']} ({mem.get('persisted', 0)} persists{took})")
+    else:
+        parts.append("none persisted by this daemon yet")
+    if mem.get("persisting") is not None:
+        parts.append(f"persisting step {mem['persisting']} now")
+    pinned = mem.get("pinned_steps") or []
+    if mem.get("active"):
+        parts.append(f"pinned: step {', '.join(map(str, pinned))}" if pinned else "nothing pinned")
+    return [("", "memory:   " + "; ".join(parts))]

@@ -36,6 +36,7 @@ from ckpt_daemon import catalog as cat
 from ckpt_daemon import foreign, runtime, spare, verifyonce
 from ckpt_daemon.fsutil import free_bytes
 from ckpt_daemon.logs import get_logger
+from daemon.outputtail import OutputTail
 
 log = get_logger("daemon.supervisor")
 
@@ -283,7 +284,7 @@ class Supervisor:
         self.crashes: collections.deque[dict] = collections.deque(maxlen=20)
         self.crash_counts: collections.Counter = collections.Counter()
         self.gave_up: Optional[dict] = None
-        self.tail: collections.deque[str] = collections.deque(maxlen=40)
+        self.tail = OutputTail(keep=40)  # the trainer's last lines, for the crash record (progress bars collapsed)
         self._reader: Optional[threading.Thread] = None
         self._relay: Optional[subprocess.Popen] = None
         self.log_path: Optional[Path] = None
@@ -537,14 +538,21 @@ class Supervisor:
         log.info("warm spare trainer ended", pid=proc.pid, why=why)
 
     def _pump(self, relay: subprocess.Popen) -> None:
-        for line in iter(relay.stdout.readline, b""):
-            text = line.decode("utf-8", "replace").rstrip("\n")
-            self.tail.append(text[:2000])
+        # Read what comes, not lines: a progress bar redrawn with \r for hours never ends its line.
+        while True:
+            try:
+                data = relay.stdout.read1(1 << 16)
+            except (OSError, ValueError):
+                data = b""
+            lines = self.tail.feed(data) if data else self.tail.flush()
             if self.echo:
-                try:
-                    sys.stderr.write(f"[trainer] {text}\n")
-                except (OSError, ValueError):
-                    pass
+                for text in lines:
+                    try:
+                        sys.stderr.write(f"[trainer] {text}\n")
+                    except (OSError, ValueError):
+                        pass
+            if not data:
+                break
         relay.stdout.close()
         relay.wait()
 
@@ -631,7 +639,7 @@ class Supervisor:
         ran = now - (self.started_at or now)
         if getattr(self, "log_path", None) is not None:
             _append_line(self.log_path, f"--- trainer exited with {rc} after {ran:.0f}s\n")
-        tail = list(self.tail)[-15:]
+        tail = [] if why else self.tail.last(15)  # a start that failed printed nothing: no older run's output
         slot = None
         if self.memory is not None and not why:
             # The breakpoint: the trainer is gone, so its newest memory state is verified and pinned, and goes
@@ -639,8 +647,9 @@ class Supervisor:
             # from it).
             slot = self.memory.breakpoint(f"the trainer exited ({describe_rc(rc)})", self._avoided())
         ex = (Exit("start_failed", why, False) if why
-              else classify(rc, list(self.tail), self.state == "stopping", self._stale))
+              else classify(rc, self.tail.last(40), self.state == "stopping", self._stale))
         if ex.kind == "stopped":
+            self._resolve_crash(now, f"a trainer ran {ran:.0f}s until the daemon stopped it")
             self._set(state="stopped", proc=None, message=f"stopped by the daemon ({ex.description})")
             return
         newest_after = slot.name if slot is not None else cat.newest_valid_rel(cfg)
@@ -649,6 +658,7 @@ class Supervisor:
         if verdict.action != "restart":
             self._drop_spare(f"training {verdict.action.replace('_', ' ')}")
         if verdict.action == "finished":
+            self._resolve_crash(now, "training finished")
             self._set(state="finished", message="training finished (the trainer exited 0)")
             if self.memory is not None:
                 self.memory.remove_if_persisted("training finished")
@@ -664,7 +674,7 @@ class Supervisor:
                         how=ex.description)
         else:
             log.error("trainer crashed", how=ex.description, kind=ex.kind, ran_s=round(ran, 1),
-                      resumed_from=self.resume_from, last_output="\n".join(tail) or why)
+                      resumed_from=self.resume_from, last_output=tail[-10:] or [why])
         for n in verdict.notes[:-1] if verdict.action == "give_up" else verdict.notes:
             log.warning(n)
         if verdict.action == "give_up":
@@ -683,6 +693,30 @@ class Supervisor:
                   message=f"{'stopped from outside' if ex.kind == 'stopped_outside' else 'crashed'} ({ex.description}); "
                           f"restarting in {verdict.delay_s:.1f}s")
         log.info("restarting after backoff", delay_s=verdict.delay_s, restarts=self.policy.restarts)
+
+    def _resolve_crash(self, now: float, how: str) -> None:
+        """The last crash is history once a trainer started after it ended cleanly: status shows it as an
+        earlier crash, not as what is wrong now."""
+        lc = self.last_crash
+        if lc is not None and not lc.get("resolved") and self.started_at is not None and self.started_at >= lc["time"]:
+            self.last_crash = {**lc, "resolved": how, "resolved_at": now}
+
+    def _crash_view(self, now: float) -> tuple[Optional[dict], int]:
+        """(the last crash as status shows it, crashes within the restart policy's window). A trainer started
+        after the last crash that has run longer than healthy_after_s (the policy's own rule), or that
+        stopped cleanly, has ended the loop: the count is 0 and the last crash is history."""
+        rp = self.get_cfg().training.restart
+        lc = self.last_crash
+        started = self.started_at
+        healthy = (self.state in ("running", "adopted") and started is not None and now - started >= rp.healthy_after_s)
+        if healthy and lc is not None and not lc.get("resolved") and started >= lc["time"]:
+            # (worded and timed without `now`: an unchanged status is not rewritten)
+            lc = {**lc, "resolved": f"a trainer has run longer than {rp.healthy_after_s:.0f}s "
+                                    "(training.restart.healthy_after_s)", "resolved_at": started + rp.healthy_after_s}
+        # a trainer started after the last crash that ran healthy, stopped cleanly or finished ended the loop
+        over = healthy or (lc is not None and lc.get("resolved"))
+        recent = 0 if over else sum(1 for t in tuple(self.policy.crash_times) if now - t <= rp.crash_window_s)
+        return lc, recent
 
     # -- stop -------------------------------------------------------------------------------------
     def _kill_group(self, timeout_s: float) -> None:
@@ -737,9 +771,12 @@ class Supervisor:
     def snapshot(self) -> dict:
         with self.lock:
             live = self.state in ("running", "adopted", "stopping")
+            rp = self.get_cfg().training.restart
+            last_crash, recent = self._crash_view(self.clock())
             return {"state": self.state, "pid": self.pid if live else None,
                     "started_at": self.started_at if live else None,
-                    "resumed_from": self.resume_from, "restarts": self.policy.restarts, "last_crash": self.last_crash,
+                    "resumed_from": self.resume_from, "restarts": self.policy.restarts, "last_crash": last_crash,
+                    "recent_crashes": recent, "crash_window_s": rp.crash_window_s, "max_crashes": rp.max_crashes,
                     "crashes": list(self.crashes), "crash_counts": dict(self.crash_counts),
                     "next_start": self.next_start if self.state == "backoff" else None, "message": self.message,
                     "gave_up": self.gave_up, "avoided_checkpoints": sorted(self.policy.suspect), "run": self.token,

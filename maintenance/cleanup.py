@@ -194,7 +194,10 @@ def render(r: Report, verbose: bool = True) -> str:
     if r.open_files:
         lines.append(f"Open by other processes: {'; '.join(r.open_files[:5])}" + (" ..." if len(r.open_files) > 5 else ""))
     lines.append("Tiers: " + "; ".join(r.tiers))
-    if not r.policy.get("confirmed"):
+    if not r.policy.get("confirmed") and r.policy.get("confirmed_now"):
+        lines.append(f"Policy: CHANGED since it was last confirmed; confirmed now ({r.policy['confirmed_now']}): the "
+                     "daemon's unattended runs apply these tiers from now on.")
+    elif not r.policy.get("confirmed"):
         lines.append("Policy: CHANGED since it was last confirmed (confirmed tiers: "
                      + "; ".join(retention.describe_tiers([retention.TierSpec(**t) for t in r.policy["confirmed_tiers"]]))
                      + "). The daemon's unattended runs hold what only the new policy would delete until you run "
@@ -393,6 +396,9 @@ def log_block(cfg: Config, r: Report) -> None:
              f"tiers: {'; '.join(r.tiers)}",
              "training: " + ("active, " if r.activity.active else "not active, ") + r.activity.detail,
              f"disk before: {human(r.disk_free)} free of {human(r.disk_total)}"]
+    if r.policy.get("confirmed_now"):
+        lines.append(f"policy: changed since it was last confirmed; confirmed now ({r.policy['confirmed_now']}): "
+                     "unattended runs apply these tiers from now on")
     for t in sorted(counts, key=lambda k: (k is None, k or 0)):
         kept, deleted = counts[t]
         lines.append(f"{'tier ' + str(t) if t is not None else 'outside tiers'}: keep {kept}, delete {deleted}")
@@ -433,7 +439,8 @@ def run_cleanup(cfg: Config, dry_run: bool, confirm: Callable[[Report], bool] | 
     person confirmed (`confirmed_by`) records the policy as confirmed."""
     t0 = time.monotonic()
     leftovers = [] if dry_run else finish_leftovers(cfg, empty_kept=True)
-    reports = [_run_one(cfg, run, dry_run, confirm, extra_protected, unattended, lock_timeout_s, t0)
+    confirming = confirmed_by if confirmed_by and not unattended and not dry_run else None
+    reports = [_run_one(cfg, run, dry_run, confirm, extra_protected, unattended, lock_timeout_s, t0, confirming)
                for run in run_names(cfg)]
     r = reports[0]
     r.leftovers = leftovers
@@ -444,12 +451,14 @@ def run_cleanup(cfg: Config, dry_run: bool, confirm: Callable[[Report], bool] | 
 
 
 def _run_one(cfg: Config, run: str, dry_run: bool, confirm, extra_protected, unattended: bool,
-             lock_timeout_s: float, t0: float) -> Report:
+             lock_timeout_s: float, t0: float, confirming: Optional[str] = None) -> Report:
     r = build_report(cfg, "dry run" if dry_run else "applied", extra_protected, unattended=unattended, run=run)
     if not dry_run and r.to_delete and (confirm is None or confirm(r)):
         execute(cfg, r, extra_protected, unattended=unattended, lock_timeout_s=lock_timeout_s)
     elif not dry_run and r.to_delete:
         r.mode = "cancelled"
+    if confirming and r.mode == "applied" and not r.policy.get("confirmed"):
+        r.policy["confirmed_now"] = confirming  # this run is the person's confirmation (recorded by run_cleanup)
     r.duration_s = time.monotonic() - t0
     if r.mode != "cancelled":
         log_block(cfg, r)

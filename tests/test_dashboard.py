@@ -347,6 +347,8 @@ def test_the_page_in_a_real_browser(tmp_path, daemons):  # noqa: F811
               lossPaths: document.querySelectorAll('#loss path.loss, #loss path.val').length,
               diskPaths: document.querySelectorAll('#disk path.used').length,
               crashes: document.querySelectorAll('#crashes .crash').length,
+              cards: [...document.querySelectorAll('#cards .card')].map(c => [c.querySelector('h2').textContent,
+                      [...c.querySelectorAll('dt')].map(dt => [dt.textContent, dt.nextElementSibling.textContent])]),
             };
         })()""")
         # the whole page, 1280 px wide, for the docs
@@ -367,6 +369,11 @@ def test_the_page_in_a_real_browser(tmp_path, daemons):  # noqa: F811
     assert HOSTILE in shown["text"] and "<b>not bold</b>" in shown["text"]
     assert shown["imgs"] == 0 and shown["inlineScripts"] == 0 and shown["alerts"] == 0
     assert "training OK" in shown["verdict"]
+    cards = {title: dict(rows) for title, rows in shown["cards"]}
+    disk = d.status()["disk"]  # as df shows it: the same figure as status and /metrics
+    assert cards["Disk"]["used"] == f"{disk['used_percent']}% (as df shows it)" and cards["Disk"]["filesystem"] == disk["mount"]
+    assert cards["Training"]["val_loss"].endswith("at step 3000") and cards["Training"]["loss"].startswith("0.")
+    assert "Memory checkpoints" not in cards  # off in this config
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
     if os.environ.get("CKPT_DAEMON_UPDATE_SCREENSHOT"):  # the README's screenshot; a test run leaves the tree alone
         (REPO / "docs" / "dashboard.png").write_bytes(png)

@@ -31,6 +31,18 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def wait_listening(port: int, host: str = "127.0.0.1", timeout: float = 30) -> None:
+    """The dashboard's server starts on the observer's thread, after the daemon's own start: wait for it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection((host, port), timeout=1).close()
+            return
+        except OSError:
+            assert time.monotonic() < deadline, f"nothing listens on {host}:{port}"
+            time.sleep(0.1)
+
+
 def parse(text: str) -> dict[tuple[str, tuple], float]:
     """{(sample name, sorted labels): value} of an exposition, via prometheus_client's parser."""
     out = {}
@@ -192,3 +204,84 @@ def test_a_token_guards_every_request_and_nothing_but_get_is_served(tmp_path, da
         time.sleep(0.1)
     assert d.proc.poll() is None and d.stop() == 0
     assert token not in d.log() and token not in d.output()  # a secret is never logged
+
+
+def test_metrics_and_status_carry_the_loss_the_step_rate_and_the_memory_checkpoints(tmp_path, tmpfs, daemons):  # noqa: F811
+    import json
+    import re
+
+    from tests.conftest import read_losses, run_py
+
+    region = tmpfs("64m") / "region"
+    port = free_port()
+    d = Daemon(tmp_path, {"checkpoints": {"memory": {"enabled": True, "every_steps": 10, "persist_every": 2,
+                                                     "dir": str(region)}},
+                          "trainer": {"checkpoint_every_steps": 100000, "eval_every_steps": 10},
+                          "http": {"enabled": True, "port": port}}).start()
+    daemons.append(d)
+    d.wait(lambda s: s["training"].get("steps_per_s") and ((s.get("memory") or {}).get("last_persist") or {}).get("step"),
+           what="training with a step rate and a persisted memory checkpoint")
+    wait_listening(port)
+    text = scrape(f"http://127.0.0.1:{port}/metrics")
+    assert len(re.findall("loss", text, re.I)) > 0
+    m = parse(text)
+    loss, at = m[("ckpt_daemon_training_metric", (("name", "loss"),))], m[("ckpt_daemon_training_metric_step", (("name", "loss"),))]
+    assert read_losses(tmp_path / "logs" / "metrics.jsonl")[int(at)] == loss  # the trainer's own number, at its step
+    val_at = m[("ckpt_daemon_training_metric_step", (("name", "val_loss"),))]
+    assert val_at % 10 == 0 and ("ckpt_daemon_training_metric", (("name", "val_loss"),)) in m
+    assert m[("ckpt_daemon_training_steps_per_second", ())] > 0
+    assert m[("ckpt_daemon_memory_active", ())] == 1 and m[("ckpt_daemon_memory_persists_total", ())] >= 1
+    assert m[("ckpt_daemon_memory_slot_step", ())] >= m[("ckpt_daemon_memory_persisted_step", ())] >= 10
+    assert m[("ckpt_daemon_memory_pinned_slots", ())] == 0
+    r = run_py(["-m", "daemon", "status", "--config", str(d.cfg)])
+    lines = r.stdout.splitlines()
+    assert re.search(r" · loss \d", lines[0]), lines[0]
+    mem = [x for x in lines if x.startswith("memory:")]
+    assert len(mem) == 1 and re.match(r"memory: +newest slot step \d+ \(.*\); persisted up to step \d+ \(\d+ persists", mem[0]), r.stdout
+    assert any(re.match(r"metrics: +.*loss \d", x) for x in lines), r.stdout
+    j = json.loads(run_py(["-m", "daemon", "status", "--config", str(d.cfg), "--json"]).stdout)
+    assert j["memory"]["pinned_steps"] == [] and j["training"]["metrics"]["loss"]["step"] >= 1
+    assert d.stop() == 0
+
+
+USER_SCRIPT = """
+import time
+import ckpt_daemon
+
+hb = ckpt_daemon.Heartbeat(every_s=0.2)
+step = 0
+while True:
+    step += 1
+    hb.beat(step)
+    extra = {"eval_accuracy": step / 1000} if step % 10 == 0 else {}
+    # names and values that are not metrics: never shown
+    hb.metrics(step, loss=2.0 / step, lr=1e-3, **extra, **{"bad name<b>": 1.0, "x" * 65: 1.0, "diverged": float("nan"),
+                                                          "flag": True, "note": "text"})
+    time.sleep(0.02)
+"""
+
+
+def test_the_metrics_of_a_users_own_script_reach_status_and_metrics(tmp_path, daemons):  # noqa: F811
+    import re
+
+    from tests.conftest import run_py
+
+    script = tmp_path / "train.py"
+    script.write_text(USER_SCRIPT)
+    port = free_port()
+    d = Daemon(tmp_path, {"training": {"command": [PY, str(script)]}, "http": {"enabled": True, "port": port}}).start()
+    daemons.append(d)
+    d.wait(lambda s: s["training"].get("steps_per_s") and "eval_accuracy" in (s["training"].get("metrics") or {}),
+           what="the script's heartbeat and metrics lines")
+    wait_listening(port)
+    m = parse(scrape(f"http://127.0.0.1:{port}/metrics"))
+    names = {dict(k[1])["name"] for k in m if k[0] == "ckpt_daemon_training_metric"}
+    assert names == {"loss", "lr", "eval_accuracy"}
+    step = m[("ckpt_daemon_training_metric_step", (("name", "loss"),))]
+    assert m[("ckpt_daemon_training_metric", (("name", "loss"),))] == 2.0 / step
+    assert m[("ckpt_daemon_training_metric_step", (("name", "eval_accuracy"),))] % 10 == 0
+    assert m[("ckpt_daemon_training_steps_per_second", ())] > 0
+    r = run_py(["-m", "daemon", "status", "--config", str(d.cfg)])
+    line = next(x for x in r.stdout.splitlines() if x.startswith("metrics:"))
+    assert re.search(r"eval_accuracy [\d.]+ \(step \d+0\)", line) and "bad name" not in r.stdout, r.stdout
+    assert d.stop() == 0

@@ -138,6 +138,10 @@ function drawCards(d) {
     ["resumed from", t.resumed_from || "scratch"],
     ["heartbeat", ago(now, t.heartbeat_time)],
   ];
+  if ((t.recent_crashes || 0) >= 2) trainingRows.push(["crash loop", `${t.recent_crashes} crashes within ${num((t.crash_window_s || 0) / 60, 0)} min`, "bad"]);
+  for (const [name, m] of Object.entries(t.metrics || {}).slice(0, 6)) {
+    if (m && typeof m.value === "number") trainingRows.push([name, `${m.value.toPrecision(4)}${m.step !== null && m.step !== undefined ? ` at step ${m.step}` : ""}`]);
+  }
   if (t.message) trainingRows.push(["note", t.message, t.state === "gave_up" ? "bad" : ""]);
   const latest = ck.latest, best = ck.best;
   const failed = Object.entries(ck.failed_verification || {});
@@ -152,7 +156,8 @@ function drawCards(d) {
   const diskRows = [
     ["free", disk.free_bytes !== undefined ? bytes(disk.free_bytes) : "–", levelCls],
     ["total", bytes(disk.total_bytes)],
-    ["used", disk.total_bytes ? `${(100 * (1 - disk.free_bytes / disk.total_bytes)).toFixed(1)}%` : "–"],
+    ["used", disk.used_percent !== undefined && disk.used_percent !== null ? `${disk.used_percent}% (as df shows it)` : "–"],
+    ["filesystem", disk.mount || "–"],
     ["level", disk.level || "–", levelCls],
     ["checked", ago(now, disk.checked)],
   ];
@@ -167,6 +172,16 @@ function drawCards(d) {
   const daemon = d.daemon || {};
   const box = document.getElementById("cards");
   const cards = [card("Training", trainingRows), card("Checkpoints", ckRows), card("Disk", diskRows), card("Retention", retRows)];
+  const mem = d.memory;
+  if (mem) {
+    const newest = mem.newest || {}, lp = mem.last_persist || {}, pinned = mem.pinned_steps || [];
+    cards.push(card("Memory checkpoints", mem.error ? [["off", mem.error, "bad"]] : [
+      ["state", mem.active ? "active" : "closed (the daemon stopped)", mem.active ? "ok" : ""],
+      ["newest slot", newest.step !== undefined && newest.step !== null ? `step ${newest.step} · ${bytes(newest.bytes)} · ${ago(now, newest.time)}` : "none yet"],
+      ["persisted", lp.step !== undefined && lp.step !== null ? `up to step ${lp.step} (${num(mem.persisted, 0)} persists)` : "none by this daemon yet"],
+      ["pinned", pinned.length ? pinned.map(x => `step ${x}`).join(", ") : "nothing"],
+    ]));
+  }
   if (daemon.config_error || daemon.config_pending) {
     cards.push(card("Config", [["not in force", daemon.config_error || daemon.config_pending, "bad"]]));
   }
@@ -394,12 +409,13 @@ function drawLoss(d) {
 
 function drawDisk(d) {
   const box = document.getElementById("disk"), h = ((d.disk || {}).history) || [];
-  const used = h.filter(p => p.total).map(p => [p.t, p.total - p.free]);
-  const total = h.filter(p => p.total).map(p => [p.t, p.total]);
+  // as df shows it: used, and what can be used (used + available; the blocks reserved for root are neither)
+  const used = h.filter(p => p.total).map(p => [p.t, p.used ?? p.total - p.free]);
+  const total = h.filter(p => p.total).map(p => [p.t, p.used !== undefined ? p.used + p.free : p.total]);
   const ck = h.filter(p => p.ckpt !== undefined).map(p => [p.t, p.ckpt]);
   const out = lineChart(box, [
     { name: "used", points: used, cls: "used", area: true, legend: "l-loss" },
-    { name: "size of the disk", points: total, cls: "total", legend: "l-total" },
+    { name: "usable size (used + available)", points: total, cls: "total", legend: "l-total" },
     { name: "checkpoints", points: ck, cls: "ckpt-bytes", legend: "l-val" },
   ], {
     label: "disk use over time", empty: "No disk samples yet (one every 2 minutes).", yZero: true, yFmt: shortBytes,
