@@ -122,14 +122,16 @@ def describe_file(path: Path, verify: bool) -> tuple[str, str, dict]:
     says about itself."""
     try:
         info = torchzip.inspect(path, verify_crc=verify)
+    except torchzip.TorchZipLimitError as exc:  # more work than any real checkpoint needs: not one
+        return "invalid", f"{path.name}: {exc}", {}
     except torchzip.TorchZipError as exc:
         why = str(exc)
         status = "corrupt" if "CRC" in why else ("invalid" if "not a torch.save file" in why else "incomplete")
         return status, f"{path.name}: {why}", {}
-    if info.kind == "legacy":
-        return "complete", "", {"kind": "legacy", "note": info.reason or "torch's pre-1.6 format: not inspected"}
     meta: dict = {"kind": info.kind, "has_optimizer": info.has_optimizer, "state_dict_key": info.state_dict_key,
                   "metrics": {k: v for k, v in info.metrics.items() if _num(v) is not None}}
+    if info.format == "legacy":
+        meta["note"] = "torch's legacy format: no checksums inside, its structure was checked whole"
     if info.step is not None:
         meta["step"] = info.step
     if info.epoch is not None:
