@@ -66,9 +66,10 @@ class _Handler(FileSystemEventHandler):
                 self.owner._path_event(os.fsdecode(p), event.event_type)
 
 
-def open_files(prefixes: list[str]) -> dict[str, str]:
-    """Every file open by any process (ours excepted) under one of `prefixes`: path -> "pid N (name)".
-    One pass over the processes, however many checkpoints ask."""
+def open_for_writing(prefixes: list[str]) -> dict[str, str]:
+    """Every file under one of `prefixes` that a process (ours excepted) has open for writing:
+    path -> "pid N (name)". Readers (a backup, a trainer loading) do not count. One pass over the
+    processes, however many checkpoints ask."""
     import psutil
 
     me = os.getpid()
@@ -78,6 +79,8 @@ def open_files(prefixes: list[str]) -> dict[str, str]:
             continue
         try:
             for f in proc.open_files():
+                if getattr(f, "mode", "w") == "r":
+                    continue
                 if any(f.path == p or f.path.startswith(p + os.sep) for p in prefixes):
                     out.setdefault(f.path, f"pid {proc.pid} ({proc.info['name']})")
         except (psutil.Error, OSError):
@@ -86,14 +89,26 @@ def open_files(prefixes: list[str]) -> dict[str, str]:
 
 
 def writers_of(path: Path, opened: dict[str, str]) -> list[str]:
-    """The processes (from `open_files`) that have `path` or a file under it open."""
+    """The processes (from `open_for_writing`) writing `path` or a file under it."""
     p = str(path)
     return sorted({who for f, who in opened.items() if f == p or f.startswith(p + os.sep)})
 
 
 def files_open_under(path: Path) -> list[str]:
-    """Processes that have a file under `path` open (a writer we do not know about)."""
-    return writers_of(path, open_files([str(path)]))
+    """Processes that have a file under `path` open for writing (a writer we do not know about)."""
+    return writers_of(path, open_for_writing([str(path)]))
+
+
+def writers_lookup(roots: list[Path]) -> Callable[[Path], list[str]]:
+    """`path -> processes writing it`, looking at the processes once, on the first question."""
+    seen: list[dict[str, str]] = []
+
+    def writers(path: Path) -> list[str]:
+        if not seen:
+            seen.append(open_for_writing([str(r) for r in roots]))
+        return writers_of(path, seen[0])
+
+    return writers
 
 
 class Watcher:
@@ -281,7 +296,7 @@ class Watcher:
         now = time.monotonic()
         t, opened = self._opened
         if now - t > OPEN_FILES_TTL_S:
-            opened = open_files([str(r) for r in self.roots])
+            opened = open_for_writing([str(r) for r in self.roots])
             self._opened = (now, opened)
         return writers_of(path, opened)
 
