@@ -105,7 +105,7 @@ class Catalog:
     entries: list[Entry]  # numbered checkpoints, ascending step
     in_progress: list[InProgress]
     ignored: list[tuple[str, str]]  # (name, why) of things that are not checkpoints
-    pointers: dict[str, Optional[str]]  # "latest"/"best" -> entry name
+    pointers: dict[str, Optional[str]]  # "latest"/"best" -> name: the symlinks, else the newest valid / trainer's best
     pins: dict[str, str]  # entry name -> reason
     resumed_from: Optional[str]
     run: str = ""  # "" for the checkpoint folder itself, else the run's subfolder
@@ -401,6 +401,9 @@ def _scan(root: Path, patterns: Iterable[str], verify: bool, stats: bool, best_m
         c.best_source = "symlink"
     else:
         _foreign_best(c, best_metric, best_mode)
+    if not pointers["latest"] and c.newest_valid() is not None:
+        # other trainers keep no `latest` pointer: theirs is the newest valid checkpoint (the resume point)
+        c.pointers["latest"] = c.newest_valid().name
     return c
 
 

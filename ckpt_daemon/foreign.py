@@ -32,6 +32,8 @@ TRAINER_STATE_MAX = 64 << 20
 HF_TORCH_FILES = ("optimizer.pt", "scheduler.pt", "scaler.pt", "training_args.bin")
 MAX_FILES = 100_000
 METRIC_KEYS = ("loss", "eval_loss", "val_loss", "eval_accuracy", "accuracy", "learning_rate", "grad_norm")
+NOT_METRICS = ("_runtime", "_per_second")  # eval_runtime, eval_samples_per_second: timings, not results
+MAX_METRICS = 16
 
 
 def _num(v: Any) -> Optional[float]:
@@ -61,17 +63,17 @@ def read_trainer_state(folder: Path) -> dict:
     bm = _num(raw.get("best_metric"))
     if bm is not None:
         out["best_metric"] = bm
+    # This checkpoint's own metrics: the log_history records of its step (a training log, an evaluation).
+    # Not best_metric: that is the run's best so far, another checkpoint's value (kept in meta for "best").
     metrics: dict[str, float] = {}
     hist = raw.get("log_history")
     if isinstance(hist, list):
         for rec in hist[-200:]:  # the records of this step are the last ones
             if isinstance(rec, dict) and rec.get("step") == out.get("step"):
-                for k in METRIC_KEYS:
+                for k in [*METRIC_KEYS, *sorted(k for k in rec if isinstance(k, str) and k.startswith("eval_"))]:
                     v = _num(rec.get(k))
-                    if v is not None:
+                    if v is not None and len(metrics) < MAX_METRICS and len(k) <= 64 and not k.endswith(NOT_METRICS):
                         metrics[k] = v
-    if bm is not None:
-        metrics.setdefault("best_metric", bm)
     out["metrics"] = metrics
     return out
 
