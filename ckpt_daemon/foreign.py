@@ -124,6 +124,8 @@ def describe_file(path: Path, verify: bool) -> tuple[str, str, dict]:
     says about itself."""
     try:
         info = torchzip.inspect(path, verify_crc=verify)
+    except torchzip.TorchZipTimeout as exc:  # not told apart in time: never taken for damage, never used
+        return "unreadable", f"{path.name}: {exc}", {}
     except torchzip.TorchZipLimitError as exc:  # more work than any real checkpoint needs: not one
         return "invalid", f"{path.name}: {exc}", {}
     except torchzip.TorchZipError as exc:

@@ -932,3 +932,19 @@ def test_a_zip_of_a_million_empty_entries_is_refused_at_the_cost_of_a_real_check
         assert r["cpu"] < real["cpu"] + 3, (p.name, r, real)
     with pytest.raises(tz.TorchZipLimitError):
         inspect(tmp_path / "million.pt")
+
+
+def test_a_check_that_uses_up_its_cpu_time_is_a_timeout_not_damage(tmp_path):
+    from ckpt_daemon import foreign
+
+    p = save({"hist": [float(i) for i in range(200_000)], "step": 1}, tmp_path / "model_step_1.pt")
+    assert check(p) is None
+    assert "took more than 0.001 CPU seconds" in check(p, limits=Limits(max_cpu_s=0.001))
+    with pytest.raises(tz.TorchZipTimeout):
+        inspect(p, limits=Limits(max_cpu_s=0.001))
+    # the catalog reports such a file as unreadable (never used, never set aside as damaged)
+    import unittest.mock
+
+    with unittest.mock.patch.object(tz, "DEFAULT_LIMITS", Limits(max_cpu_s=0.001)):
+        status, reason, _ = foreign.describe_file(p, verify=False)
+    assert status == "unreadable" and "CPU seconds" in reason
