@@ -94,11 +94,6 @@ def writers_of(path: Path, opened: dict[str, str]) -> list[str]:
     return sorted({who for f, who in opened.items() if f == p or f.startswith(p + os.sep)})
 
 
-def files_open_under(path: Path) -> list[str]:
-    """Processes that have a file under `path` open for writing (a writer we do not know about)."""
-    return writers_of(path, open_for_writing([str(path)]))
-
-
 def writers_lookup(roots: list[Path]) -> Callable[[Path], list[str]]:
     """`path -> processes writing it`, looking at the processes once, on the first question."""
     seen: list[dict[str, str]] = []
@@ -127,8 +122,8 @@ class Watcher:
         self._heap: list[tuple[float, tuple[str, str]]] = []
         self._cond = threading.Condition()
         self.dropped = 0  # events not queued because MAX_PENDING paths were waiting (rescan catches up)
-        self.checks = 0  # checks run (for tests and status)
-        self._opened: tuple[float, dict[str, str]] = (-1e9, {})
+        self._opened: tuple[float, dict[str, str]] = (-1e9, {})  # (when, open_for_writing) seen last
+        self._rx: Optional[tuple[list, list]] = None  # (checkpoints.pattern, compiled) of the config in force
         self.roots: dict[Path, str] = {}
         self.config_names: set[tuple[Path, str]] = set()
         self.last_event: Optional[float] = None
@@ -196,7 +191,7 @@ class Watcher:
 
     def _patterns(self) -> list:
         pats = self.get_cfg().checkpoints.pattern
-        cached = getattr(self, "_rx", None)
+        cached = self._rx
         if cached is None or cached[0] != pats:
             cached = (list(pats), [cat.compile_pattern(x) for x in pats])
             self._rx = cached
@@ -287,7 +282,6 @@ class Watcher:
             if k is None:
                 return
             try:
-                self.checks += 1
                 self._verify(*k)
             except Exception as exc:  # never let the worker die
                 log.error("verification failed unexpectedly", checkpoint=self.key(*k), error=str(exc))
