@@ -105,7 +105,7 @@ class Catalog:
     entries: list[Entry]  # numbered checkpoints, ascending step
     in_progress: list[InProgress]
     ignored: list[tuple[str, str]]  # (name, why) of things that are not checkpoints
-    pointers: dict[str, Optional[str]]  # "latest"/"best" -> entry name
+    pointers: dict[str, Optional[str]]  # "latest"/"best" -> name: the symlinks, else the newest valid / trainer's best
     pins: dict[str, str]  # entry name -> reason
     resumed_from: Optional[str]
     run: str = ""  # "" for the checkpoint folder itself, else the run's subfolder
@@ -176,20 +176,21 @@ def _name_problem(name: str, rxs: list[re.Pattern]) -> str:
 
 
 # ------------------------------------------------------------------------------------- each layout
-_LEGACY_TORCH = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19."  # pickle proto 2 + torch's magic number
+_LEGACY_MAGIC = b"\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"  # torch's magic number, pickled (LONG1)
 
 
 def sniff(path: Path) -> str:
-    """What a file holds by its first bytes: zip | safetensors | legacy-torch | unknown."""
+    """What a file holds by its first bytes: zip | safetensors | legacy-torch | unknown. Only a hint of
+    which reader to use: every kind is then checked whole by that reader (torchzip, safetensors_problem)."""
     try:
         with open(path, "rb") as f:
-            head = f.read(16)
+            head = f.read(32)
     except OSError:
         return "unknown"
     if head.startswith(b"PK\x03\x04") or head.startswith(b"PK\x05\x06"):
         return "zip"
-    if head.startswith(_LEGACY_TORCH):
-        return "legacy-torch"
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05") and _LEGACY_MAGIC in head:
+        return "legacy-torch"  # a pickle (any protocol torch.save uses) opening with torch's magic number
     if len(head) >= 9 and head[8:9] == b"{":
         return "safetensors"
     return "unknown"
@@ -400,6 +401,9 @@ def _scan(root: Path, patterns: Iterable[str], verify: bool, stats: bool, best_m
         c.best_source = "symlink"
     else:
         _foreign_best(c, best_metric, best_mode)
+    if not pointers["latest"] and c.newest_valid() is not None:
+        # other trainers keep no `latest` pointer: theirs is the newest valid checkpoint (the resume point)
+        c.pointers["latest"] = c.newest_valid().name
     return c
 
 

@@ -32,6 +32,8 @@ TRAINER_STATE_MAX = 64 << 20
 HF_TORCH_FILES = ("optimizer.pt", "scheduler.pt", "scaler.pt", "training_args.bin")
 MAX_FILES = 100_000
 METRIC_KEYS = ("loss", "eval_loss", "val_loss", "eval_accuracy", "accuracy", "learning_rate", "grad_norm")
+NOT_METRICS = ("_runtime", "_per_second")  # eval_runtime, eval_samples_per_second: timings, not results
+MAX_METRICS = 16
 
 
 def _num(v: Any) -> Optional[float]:
@@ -61,17 +63,17 @@ def read_trainer_state(folder: Path) -> dict:
     bm = _num(raw.get("best_metric"))
     if bm is not None:
         out["best_metric"] = bm
+    # This checkpoint's own metrics: the log_history records of its step (a training log, an evaluation).
+    # Not best_metric: that is the run's best so far, another checkpoint's value (kept in meta for "best").
     metrics: dict[str, float] = {}
     hist = raw.get("log_history")
     if isinstance(hist, list):
         for rec in hist[-200:]:  # the records of this step are the last ones
             if isinstance(rec, dict) and rec.get("step") == out.get("step"):
-                for k in METRIC_KEYS:
+                for k in [*METRIC_KEYS, *sorted(k for k in rec if isinstance(k, str) and k.startswith("eval_"))]:
                     v = _num(rec.get(k))
-                    if v is not None:
+                    if v is not None and len(metrics) < MAX_METRICS and len(k) <= 64 and not k.endswith(NOT_METRICS):
                         metrics[k] = v
-    if bm is not None:
-        metrics.setdefault("best_metric", bm)
     out["metrics"] = metrics
     return out
 
@@ -122,14 +124,18 @@ def describe_file(path: Path, verify: bool) -> tuple[str, str, dict]:
     says about itself."""
     try:
         info = torchzip.inspect(path, verify_crc=verify)
+    except torchzip.TorchZipTimeout as exc:  # not told apart in time: never taken for damage, never used
+        return "unreadable", f"{path.name}: {exc}", {}
+    except torchzip.TorchZipLimitError as exc:  # more work than any real checkpoint needs: not one
+        return "invalid", f"{path.name}: {exc}", {}
     except torchzip.TorchZipError as exc:
         why = str(exc)
         status = "corrupt" if "CRC" in why else ("invalid" if "not a torch.save file" in why else "incomplete")
         return status, f"{path.name}: {why}", {}
-    if info.kind == "legacy":
-        return "complete", "", {"kind": "legacy", "note": info.reason or "torch's pre-1.6 format: not inspected"}
     meta: dict = {"kind": info.kind, "has_optimizer": info.has_optimizer, "state_dict_key": info.state_dict_key,
                   "metrics": {k: v for k, v in info.metrics.items() if _num(v) is not None}}
+    if info.format == "legacy":
+        meta["note"] = "torch's legacy format: no checksums inside, its structure was checked whole"
     if info.step is not None:
         meta["step"] = info.step
     if info.epoch is not None:

@@ -23,8 +23,17 @@ LONG_BINPUT can make it allocate 32 GiB) and the nesting of tuples (hashing a tu
 deep crashes CPython with a C stack overflow). The resulting structure is walked iteratively with a
 depth and a node cap.
 
-Public API: `check`, `inspect`, `read_scalar`, `parse_pickle`, `TorchZipError`, `TorchFileInfo`,
-`LightningInfo`, `ModelCheckpointState`, `TensorRef`, `StorageRef`, `Unknown`, `Limits`.
+The archive itself is bounded by the work a real checkpoint needs: its entry count, the size of its
+central directory (read whole, walked without zipfile's per-entry objects), entries beyond the storages
+data.pkl names, and the CPU time the structure check may take (`Limits`); past a bound, the file is
+refused with `TorchZipLimitError` before the work, whatever its name says.
+
+Legacy files (torch < 1.6, or `_use_new_zipfile_serialization=False`: pickles followed by raw storages)
+are read the same way and checked whole, storage by storage to the last byte; they hold no checksums.
+
+Public API: `check`, `inspect`, `read_scalar`, `parse_pickle`, `TorchZipError`, `TorchZipLimitError`,
+`TorchZipTimeout`, `TorchFileInfo`, `LightningInfo`, `ModelCheckpointState`, `TensorRef`, `StorageRef`,
+`Unknown`, `Limits`.
 Stdlib only; never imports torch or numpy.
 """
 
@@ -40,7 +49,10 @@ import pickletools
 import re
 import stat
 import struct
+import time
 import zipfile
+import zlib
+from array import array
 from dataclasses import dataclass, field, replace
 from pathlib import PurePosixPath, PureWindowsPath
 from typing import Any, Optional, Union
@@ -55,6 +67,8 @@ __all__ = [
     "TensorRef",
     "TorchFileInfo",
     "TorchZipError",
+    "TorchZipLimitError",
+    "TorchZipTimeout",
     "Unknown",
     "check",
     "inspect",
@@ -73,6 +87,32 @@ class TorchZipError(ValueError):
     """
 
 
+class TorchZipLimitError(TorchZipError):
+    """A bound of `Limits` was exceeded: the file asks for more work than any real checkpoint needs
+    (a million entries, a central directory of gigabytes...). Not a checkpoint, whatever its name."""
+
+
+class TorchZipTimeout(TorchZipLimitError):
+    """The structure check used up its CPU time (`Limits.max_cpu_s`): whatever the file is, it was not
+    told apart from a checkpoint in time. Callers report it as unreadable, never as damage."""
+
+
+class _Budget:
+    """The CPU time one check may spend on structure (this thread's time: a busy machine does not count).
+    `tick()` is called every few thousand items of any loop over untrusted counts."""
+
+    __slots__ = ("limit", "end")
+
+    def __init__(self, limit_s: float) -> None:
+        self.limit = limit_s
+        self.end = time.thread_time() + limit_s
+
+    def tick(self) -> None:
+        if time.thread_time() > self.end:
+            raise TorchZipTimeout(f"checking its structure took more than {self.limit:g} CPU seconds; "
+                                  "no real checkpoint needs that")
+
+
 @dataclass(frozen=True)
 class Limits:
     """Every bound applied to untrusted input. The defaults fit real checkpoints with a wide margin."""
@@ -82,7 +122,12 @@ class Limits:
     max_depth: int = 128                  # nesting of the unpickled structure (and of tuples, in the scan)
     max_nodes: int = 2_000_000            # objects visited when walking the unpickled structure
     max_globals: int = 10_000             # distinct module.name globals data.pkl may name
-    max_entries: int = 1_000_000          # zip entries (zipfile keeps ~600 bytes per entry in memory)
+    max_entries: int = 250_000            # zip entries; a real file has one per storage (the largest MoE
+                                          # training state in one file: ~200k), plus a few records
+    max_cd_bytes: int = 64 * MiB          # the zip central directory, read whole (~100 bytes per entry)
+    max_extra_entries: int = 64           # entries beyond the storages data.pkl names (torch.save writes ~6)
+    max_cpu_s: float = 30.0               # CPU seconds (this thread's) to check the structure; CRCs excluded
+                                          # (the largest real file here: ~10 s for 250k storages)
     max_scalar_reads: int = 4096          # small tensors read from storages by one `inspect`
     max_string: int = 4096                # longest path / string reported in TorchFileInfo
 
@@ -631,6 +676,14 @@ class _Malformed(Exception):
     pass
 
 
+class _Ends(_Malformed):
+    """The pickle runs past the end of the bytes it was given."""
+
+
+class _PickleEnds(TorchZipError):
+    pass
+
+
 _ARG_NONE, _ARG_FIXED, _ARG_LINE, _ARG_LINE2, _ARG_LEN = range(5)
 _LEN_FORMATS = {pickletools.TAKEN_FROM_ARGUMENT1: ("<B", 1), pickletools.TAKEN_FROM_ARGUMENT4: ("<i", 4),
                 pickletools.TAKEN_FROM_ARGUMENT4U: ("<I", 4), pickletools.TAKEN_FROM_ARGUMENT8U: ("<Q", 8)}
@@ -651,8 +704,15 @@ for _op in pickletools.opcodes:
 
 
 def _scan_pickle(data: bytes, limits: Limits) -> int:
-    """Walk data.pkl's opcodes without building anything, simulating the unpickler's stack with only
-    how deeply each tuple nests. Returns the opcode count; raises TorchZipError past a bound.
+    """The opcode count of data.pkl (see `_scan_pickle_at`). Raises TorchZipError past a bound."""
+    return _scan_pickle_at(data, limits)[0]
+
+
+def _scan_pickle_at(data: bytes, limits: Limits, start: int = 0, what: str = "data.pkl",
+                    budget: Optional[_Budget] = None) -> tuple[int, int]:
+    """Walk the opcodes of the pickle that starts at `start` of `data` (`what` names it in reasons)
+    without building anything, simulating the unpickler's stack with only how deeply each tuple nests.
+    Returns (opcode count, the offset just past its STOP); raises TorchZipError past a bound.
 
     Tuples are the one container the C unpickler hashes recursively (as dict keys, set members) and
     they are immutable, so their nesting is known when they are built. Results of REDUCE/NEWOBJ are our
@@ -665,7 +725,7 @@ def _scan_pickle(data: bytes, limits: Limits) -> int:
     max_depth = limits.max_depth
     max_ops = limits.max_pickle_ops
     end = len(data)
-    pos = 0
+    pos = start
     n = 0
 
     def fence() -> int:
@@ -694,13 +754,13 @@ def _scan_pickle(data: bytes, limits: Limits) -> int:
     def tuple_of(items: list[int]) -> int:
         d = 1 + max(items, default=0)
         if d > max_depth:
-            raise TorchZipError(f"data.pkl nests tuples deeper than {max_depth} levels")
+            raise TorchZipLimitError(f"{what} nests tuples deeper than {max_depth} levels")
         return d
 
     try:
         while True:
             if pos >= end:
-                raise _Malformed("data ends before STOP")
+                raise _Ends("data ends before STOP")
             spec = _OPCODES.get(data[pos])
             if spec is None:
                 raise _Malformed(f"unknown opcode {data[pos]:#04x} at byte {pos}")
@@ -711,7 +771,7 @@ def _scan_pickle(data: bytes, limits: Limits) -> int:
                 pos += size
             elif kind == _ARG_LEN:
                 if pos + size > end:
-                    raise _Malformed(f"{name} argument is truncated")
+                    raise _Ends(f"{name} argument is truncated")
                 length = struct.unpack_from(fmt, data, pos)[0]
                 if length < 0:
                     raise _Malformed(f"{name} has a negative length")
@@ -719,19 +779,21 @@ def _scan_pickle(data: bytes, limits: Limits) -> int:
             elif kind == _ARG_LINE:
                 nl = data.find(b"\n", pos)
                 if nl < 0:
-                    raise _Malformed(f"{name} argument is truncated")
+                    raise _Ends(f"{name} argument is truncated")
                 pos = nl + 1
             elif kind == _ARG_LINE2:
                 nl = data.find(b"\n", pos)
                 nl = data.find(b"\n", nl + 1) if nl >= 0 else -1
                 if nl < 0:
-                    raise _Malformed(f"{name} argument is truncated")
+                    raise _Ends(f"{name} argument is truncated")
                 pos = nl + 1
             if pos > end:
-                raise _Malformed(f"{name} argument is truncated")
+                raise _Ends(f"{name} argument is truncated")
             n += 1
             if n > max_ops:
-                raise TorchZipError(f"data.pkl has more than {max_ops} opcodes")
+                raise TorchZipLimitError(f"{what} has more than {max_ops} opcodes")
+            if budget is not None and not n & 0xFFFF:
+                budget.tick()
 
             if a == _A_PUSH:
                 stack.append(0)
@@ -749,7 +811,7 @@ def _scan_pickle(data: bytes, limits: Limits) -> int:
                     stack.append(memo[idx])
                 else:
                     if idx > n:  # the C unpickler sizes its memo array by the largest index
-                        raise TorchZipError(f"data.pkl uses memo index {idx} after {n} opcodes")
+                        raise TorchZipError(f"{what} uses memo index {idx} after {n} opcodes")
                     memo[idx] = top()
             elif a == _A_MEMOIZE:
                 memo[len(memo)] = top()
@@ -792,11 +854,13 @@ def _scan_pickle(data: bytes, limits: Limits) -> int:
                     pop(1)
             elif a == _A_STOP:
                 top()
-                return n
+                return n, pos
     except TorchZipError:
         raise
+    except _Ends as e:
+        raise _PickleEnds(f"{what} is malformed ({_describe(e)})") from None
     except (_Malformed, ValueError, struct.error, MemoryError) as e:
-        raise TorchZipError(f"data.pkl is malformed ({_describe(e)})") from None
+        raise TorchZipError(f"{what} is malformed ({_describe(e)})") from None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -831,7 +895,7 @@ class SafeUnpickler(pickle.Unpickler):
         if found is not None:
             return found
         if len(self._globals) >= self.limits.max_globals:
-            raise TorchZipError(f"data.pkl names more than {self.limits.max_globals} globals")
+            raise TorchZipLimitError(f"data.pkl names more than {self.limits.max_globals} globals")
         if len(module) > 512 or len(name) > 512:
             raise TorchZipError("data.pkl names a global with an overlong name")
         found = _STUBS.get(key)
@@ -856,23 +920,23 @@ class SafeUnpickler(pickle.Unpickler):
         ref = self._by_key.get(ident)
         if ref is None:
             if len(self.storages) >= self.limits.max_nodes:
-                raise TorchZipError(f"data.pkl names more than {self.limits.max_nodes} storages")
+                raise TorchZipLimitError(f"data.pkl names more than {self.limits.max_nodes} storages")
             ref = StorageRef(key, stype.value, numel, location, self.archive)
             self._by_key[ident] = ref
             self.storages.append(ref)
         return ref
 
 
-def parse_pickle(data: bytes, *, archive: str = "", limits: Optional[Limits] = None
-                 ) -> tuple[Any, list[StorageRef]]:
+def parse_pickle(data: bytes, *, archive: str = "", limits: Optional[Limits] = None,
+                 budget: Optional[_Budget] = None) -> tuple[Any, list[StorageRef]]:
     """Unpickle `data` (the bytes of a data.pkl) safely within `limits`.
 
     Returns (root object, storages named by persistent ids). Raises TorchZipError, nothing else.
     """
     limits = limits or DEFAULT_LIMITS
     if len(data) > limits.max_pickle_bytes:
-        raise TorchZipError(f"data.pkl is larger than {limits.max_pickle_bytes} bytes")
-    _scan_pickle(data, limits)
+        raise TorchZipLimitError(f"data.pkl is larger than {limits.max_pickle_bytes} bytes")
+    _scan_pickle_at(data, limits, budget=budget)
     up = SafeUnpickler(io.BytesIO(data), archive=archive, limits=limits)
     try:
         root = up.load()
@@ -894,7 +958,7 @@ _LEAVES = (int, float, complex, bool, str, bytes, bytearray, type(None), slice, 
            _NpScalar, _NpArray, StorageRef)
 
 
-def _walk(root: Any, limits: Limits) -> list[TensorRef]:
+def _walk(root: Any, limits: Limits, budget: Optional[_Budget] = None) -> list[TensorRef]:
     """Visit everything reachable from root, iteratively; enforce the depth and node caps; return the
     distinct tensors."""
     max_depth, max_nodes = limits.max_depth, limits.max_nodes
@@ -905,8 +969,10 @@ def _walk(root: Any, limits: Limits) -> list[TensorRef]:
     while todo:
         obj, depth = todo.pop()
         nodes += 1
+        if budget is not None and not nodes & 0xFFFF:
+            budget.tick()
         if nodes > max_nodes:
-            raise TorchZipError(f"data.pkl holds more than {max_nodes} objects")
+            raise TorchZipLimitError(f"data.pkl holds more than {max_nodes} objects")
         if isinstance(obj, _LEAVES) or isinstance(obj, type) or callable(obj) and not isinstance(obj, Unknown):
             continue
         oid = id(obj)
@@ -914,7 +980,7 @@ def _walk(root: Any, limits: Limits) -> list[TensorRef]:
             continue
         seen.add(oid)
         if depth >= max_depth:
-            raise TorchZipError(f"data.pkl nests objects deeper than {max_depth} levels")
+            raise TorchZipLimitError(f"data.pkl nests objects deeper than {max_depth} levels")
         d = depth + 1
         if isinstance(obj, TensorRef):
             tensors.append(obj)
@@ -946,29 +1012,33 @@ _EOCD64 = b"PK\x06\x06"
 _CDH = b"PK\x01\x02"
 _LFH = b"PK\x03\x04"
 _LEGACY_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"  # pickled torch.serialization.MAGIC_NUMBER
+_MAGIC_NUMBER = 0x1950A86A20F9469CFC6C  # torch.serialization.MAGIC_NUMBER
+_LEGACY_PROTOCOL = 1001  # torch.serialization.PROTOCOL_VERSION
 _CHUNK = 1 * MiB
-
-
-class _Legacy(Exception):
-    pass
+_CDH_STRUCT = struct.Struct("<4sHHHHHHIIIHHHHHII")  # a central directory header, 46 bytes
+_TICK = 0xFFF  # check the CPU budget every 4096 items
+_FIRST_RECORDS = ("data.pkl", "version", ".data/version", "byteorder")  # kept by the first walk
 
 
 def _local_data_offset(fp: Any, info: zipfile.ZipInfo) -> int:
     """Where an entry's data starts, from its local header (which must agree with the central one)."""
-    fp.seek(info.header_offset)
+    return _local_start(fp, info.orig_filename, info.header_offset, info.flag_bits)
+
+
+def _local_start(fp: Any, name: str, header_offset: int, flags: int) -> int:
+    fp.seek(header_offset)
     hdr = fp.read(30)
     if len(hdr) != 30 or hdr[:4] != _LFH:
-        raise TorchZipError(f"the local header of {info.orig_filename!r} is missing or damaged")
+        raise TorchZipError(f"the local header of {name!r} is missing or damaged")
     nlen, elen = struct.unpack_from("<HH", hdr, 26)
     raw = fp.read(nlen)
-    enc = "utf-8" if info.flag_bits & 0x800 else "cp437"
     try:
-        expected = info.orig_filename.encode(enc)
+        expected = name.encode("utf-8" if flags & 0x800 else "cp437")
     except UnicodeError:
         expected = None
     if raw != expected:
-        raise TorchZipError(f"the local header of {info.orig_filename!r} names another file")
-    return info.header_offset + 30 + nlen + elen
+        raise TorchZipError(f"the local header of {name!r} names another file")
+    return header_offset + 30 + nlen + elen
 
 
 def _bad_name(raw: str) -> Optional[str]:
@@ -983,33 +1053,48 @@ def _bad_name(raw: str) -> Optional[str]:
     return None
 
 
-class _Archive:
-    """An opened, structurally checked torch zip archive."""
+def _zip64_fields(extra: bytes, usize: int, csize: int, offset: int) -> tuple[int, int, int]:
+    """Sizes and offset from a zip64 extra field, for those the header marks 0xFFFFFFFF."""
+    pos = 0
+    while pos + 4 <= len(extra):
+        tag, length = struct.unpack_from("<HH", extra, pos)
+        body = extra[pos + 4:pos + 4 + length]
+        if tag == 0x0001:
+            vals, i = [], 0
+            for v in (usize, csize, offset):
+                if v == 0xFFFFFFFF:
+                    if i + 8 > len(body):
+                        raise TorchZipError("the zip central directory is damaged (a zip64 field is short)")
+                    v = struct.unpack_from("<Q", body, i)[0]
+                    i += 8
+                vals.append(v)
+            return vals[0], vals[1], vals[2]
+        pos += 4 + length
+    return usize, csize, offset
 
-    def __init__(self, path: Union[str, os.PathLike], limits: Limits) -> None:
-        self.path = os.fspath(path)
+
+class _Archive:
+    """An opened, structurally checked torch zip archive (read with our own central-directory walk, not
+    zipfile: zipfile builds a ~600-byte object per entry before anyone can look at the count).
+
+    The central directory (at most `max_cd_bytes`) is read as a stream and walked twice. The first walk
+    checks every header and keeps only the records needed next (data.pkl, version, byteorder); data.pkl
+    is then read (its CRC checked) and parsed. torch.save writes one entry per storage data.pkl names
+    and a few records, so an archive holding more entries than that is refused before the second walk,
+    which builds the table of every entry and checks every local header. A hostile archive of a million
+    empty entries thus costs one bounded read and one pass, never a million objects or seeks."""
+
+    legacy = False
+
+    def __init__(self, fp: Any, size: int, limits: Limits) -> None:
+        self.fp = fp
+        self.size = size
         self.limits = limits
-        # O_NONBLOCK: a FIFO planted under a checkpoint's name must not hang us in open(); only regular
-        # files are read.
-        fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
-        try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise TorchZipError("not a regular file")
-            self.fp = os.fdopen(fd, "rb")
-        except BaseException:
-            os.close(fd)
-            raise
-        self.zf: Optional[zipfile.ZipFile] = None
-        try:
-            self._open()
-        except BaseException:
-            self.close()
-            raise
+        self.budget = _Budget(limits.max_cpu_s)
+        self._parsed: Optional[tuple[Any, list[StorageRef]]] = None
+        self._open()
 
     def close(self) -> None:
-        if self.zf is not None:
-            self.zf.close()
-            self.zf = None
         self.fp.close()
 
     def __enter__(self) -> "_Archive":
@@ -1022,83 +1107,122 @@ class _Archive:
         p = self.prefix + "/"
         return name[len(p):] if name.startswith(p) else name
 
+    def name(self, rel: str) -> str:
+        return f"{self.prefix}/{rel}"
+
     # -- structure ---------------------------------------------------------------------------------
 
     def _open(self) -> None:
         fp, limits = self.fp, self.limits
-        size = os.fstat(fp.fileno()).st_size
-        self.size = size
-        if size == 0:
-            raise TorchZipError("empty file")
-        head = fp.read(512)
-        if not head.startswith(_LFH):
-            if head.startswith(_LEGACY_MAGIC) or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5):
-                raise _Legacy("legacy (non-zip) torch file: it cannot be inspected without unpickling it")
-            if len(head) >= 262 and head[257:262] == b"ustar":
-                raise _Legacy("legacy (tar) torch file: it cannot be inspected without unpickling it")
-            raise TorchZipError("not a torch.save file (neither a zip archive nor a legacy torch file)")
-
-        eocd_pos, cd_start, cd_size, declared = self._find_central_directory(size)
+        _eocd_pos, cd_start, cd_size, declared = self._find_central_directory(self.size)
         if declared > limits.max_entries:
-            raise TorchZipError(f"the archive has {declared} entries, more than the limit of {limits.max_entries}")
-        count = self._count_entries(cd_start, cd_size)
+            raise TorchZipLimitError(f"the archive has {declared} entries, more than the limit of {limits.max_entries}")
+        if cd_size > limits.max_cd_bytes:
+            raise TorchZipLimitError(f"its zip central directory has {cd_size} bytes, more than the limit of "
+                                     f"{limits.max_cd_bytes}")
+        self.cd_start, self.cd_size = cd_start, cd_size
+
+        # First walk: every header checked, the records needed to read data.pkl kept.
+        count, first, records = 0, None, {}
+        for name, flags, offset, size, crc in self._headers():
+            count += 1
+            if first is None:
+                first = name
+                self.prefix = name.split("/", 1)[0]
+            if name.startswith(self.prefix + "/") and self.rel(name) in _FIRST_RECORDS:
+                records[name] = (flags, offset, size, crc)
         if count != declared:
             raise TorchZipError(f"the central directory declares {declared} entries but holds {count}")
-
-        try:
-            zf = zipfile.ZipFile(fp)
-        except Exception as e:
-            raise TorchZipError(f"the zip central directory is damaged ({_describe(e)})") from None
-        self.zf = zf
-        if getattr(zf, "start_dir", cd_start) != cd_start:
-            raise TorchZipError("the zip central directory is ambiguous")
-        infos = zf.infolist()
-        if not infos:
+        if first is None:
             raise TorchZipError("not a torch.save file (the zip archive is empty)")
-
-        names: set[str] = set()
-        for info in infos:
-            why = _bad_name(info.orig_filename)
-            if why:
-                raise TorchZipError(f"entry name {_short(info.orig_filename)} {why}")
-            if info.filename in names:
-                raise TorchZipError(f"entry {_short(info.filename)} appears twice")
-            names.add(info.filename)
-            if info.flag_bits & 0x1:
-                raise TorchZipError(f"entry {_short(info.filename)} is encrypted")
-            if info.compress_type != zipfile.ZIP_STORED:
-                raise TorchZipError(f"entry {_short(info.filename)} is compressed, which torch.save never does")
-            if info.compress_size != info.file_size:
-                raise TorchZipError(f"entry {_short(info.filename)} has inconsistent sizes")
-        first = infos[0].filename
         if "/" not in first:
             raise TorchZipError("not a torch.save file (its entries are not in an archive folder)")
-        self.prefix = first.split("/", 1)[0]
-
-        # Every entry's local header is where the central directory says, names the same file, and its
-        # data ends before the next entry (or the central directory) begins.
-        self.data_start: dict[str, int] = {}
-        ordered = sorted(infos, key=lambda i: i.header_offset)
-        for i, info in enumerate(ordered):
-            start = _local_data_offset(fp, info)
-            end = start + info.compress_size
-            limit = ordered[i + 1].header_offset if i + 1 < len(ordered) else cd_start
-            if end > limit:
-                raise TorchZipError(f"{self.rel(info.filename)} runs past the start of the next entry "
-                                    "(truncated or damaged)")
-            self.data_start[info.filename] = start
-        self.infos = {info.filename: info for info in infos}
-
-        if self.name("data.pkl") not in self.infos:
+        if self.name("data.pkl") not in records:
             raise TorchZipError("not a torch.save file (no data.pkl)")
-        if self.name("version") not in self.infos and self.name(".data/version") not in self.infos:
+        if self.name("version") not in records and self.name(".data/version") not in records:
             raise TorchZipError("the version record is missing (torch.load refuses such a file)")
+        self._records = records
+        data = self._read_kept("data.pkl", limits.max_pickle_bytes)
+        root, storages = parse_pickle(data, archive=self.prefix, limits=limits, budget=self.budget)
+        self._parsed = (root, storages)
+        named = len({s.key for s in storages})
+        if count > named + limits.max_extra_entries:
+            raise TorchZipLimitError(f"the archive has {count} entries but data.pkl names {named} storages; "
+                                     "torch.save writes one entry per storage and a few records")
+
+        # Second walk: the table of every entry; every local header where the central directory says,
+        # naming the same file, its data ending before the next entry (or the central directory) begins.
+        index: dict[str, int] = {}
+        offsets, sizes, crcs, flag_bits = array("Q"), array("Q"), array("L"), array("H")
+        for name, flags, offset, size, crc in self._headers():
+            if name in index:
+                raise TorchZipError(f"entry {_short(name)} appears twice")
+            index[name] = len(offsets)
+            offsets.append(offset)
+            sizes.append(size)
+            crcs.append(crc)
+            flag_bits.append(flags)
+        names = list(index)
+        starts = array("Q", bytes(8 * len(names)))
+        order = sorted(range(len(names)), key=offsets.__getitem__)
+        for n, i in enumerate(order):
+            if not n & _TICK:
+                self.budget.tick()
+            start = _local_start(fp, names[i], offsets[i], flag_bits[i])
+            limit = offsets[order[n + 1]] if n + 1 < len(order) else cd_start
+            if start + sizes[i] > limit:
+                raise TorchZipError(f"{self.rel(names[i])} runs past the start of the next entry "
+                                    "(truncated or damaged)")
+            starts[i] = start
+        self._index, self._names, self._starts, self._sizes, self._crcs = index, names, starts, sizes, crcs
         self.byteorder = "little"
-        if self.name("byteorder") in self.infos:
+        if self.name("byteorder") in index:
             raw = self.read_record("byteorder", 16)
             if raw not in (b"little", b"big"):
                 raise TorchZipError("the byteorder record is neither 'little' nor 'big'")
             self.byteorder = raw.decode()
+
+    def _headers(self) -> Any:
+        """(name, flags, local header offset, size, crc) of each central directory header, checked; read
+        as a stream (the file's buffer), so a walk holds one header at a time."""
+        fp, limit, n = self.fp, self.limits.max_entries, 0
+        unpack = _CDH_STRUCT.unpack
+        fp.seek(self.cd_start)
+        left = self.cd_size
+        while left > 0:
+            hdr = fp.read(46) if left >= 46 else b""
+            if len(hdr) != 46:
+                raise TorchZipError("the zip central directory is damaged")
+            (sig, _, _, flags, method, _, _, crc, csize, usize, nlen, elen, clen, _, _, _, offset) = unpack(hdr)
+            if sig != _CDH or 46 + nlen + elen + clen > left:
+                raise TorchZipError("the zip central directory is damaged")
+            rest = fp.read(nlen + elen + clen)
+            if len(rest) != nlen + elen + clen:
+                raise TorchZipError("the zip central directory is damaged")
+            left -= 46 + len(rest)
+            n += 1
+            if n > limit:
+                raise TorchZipLimitError(f"the archive has more than {limit} entries")
+            if not n & _TICK:
+                self.budget.tick()
+            try:
+                name = rest[:nlen].decode("utf-8" if flags & 0x800 else "cp437")
+            except UnicodeError:
+                raise TorchZipError("an entry name is not valid UTF-8") from None
+            if 0xFFFFFFFF in (usize, csize, offset):
+                usize, csize, offset = _zip64_fields(rest[nlen:nlen + elen], usize, csize, offset)
+            why = _bad_name(name)
+            if why:
+                raise TorchZipError(f"entry name {_short(name)} {why}")
+            if flags & 0x1:
+                raise TorchZipError(f"entry {_short(name)} is encrypted")
+            if method != 0:
+                raise TorchZipError(f"entry {_short(name)} is compressed, which torch.save never does")
+            if csize != usize:
+                raise TorchZipError(f"entry {_short(name)} has inconsistent sizes")
+            pos = fp.tell()
+            yield name, flags, offset, usize, crc
+            fp.seek(pos)  # the consumer may have read elsewhere (data.pkl's local header)
 
     def _find_central_directory(self, size: int) -> tuple[int, int, int, int]:
         fp = self.fp
@@ -1137,86 +1261,226 @@ class _Archive:
             raise TorchZipError("the zip central directory is damaged (its offset and size disagree)")
         return eocd_pos, cd_start, cd_size, entries
 
-    def _count_entries(self, cd_start: int, cd_size: int) -> int:
-        fp, limit = self.fp, self.limits.max_entries
-        pos, end, count = cd_start, cd_start + cd_size, 0
-        while pos < end:
-            fp.seek(pos)
-            hdr = fp.read(46)
-            if len(hdr) != 46 or hdr[:4] != _CDH:
-                raise TorchZipError("the zip central directory is damaged")
-            n, m, k = struct.unpack_from("<HHH", hdr, 28)
-            pos += 46 + n + m + k
-            count += 1
-            if count > limit:
-                raise TorchZipError(f"the archive has more than {limit} entries")
-        if pos != end:
-            raise TorchZipError("the zip central directory is damaged")
-        return count
-
     # -- records -----------------------------------------------------------------------------------
 
-    def name(self, rel: str) -> str:
-        return f"{self.prefix}/{rel}"
+    def _read_kept(self, rel: str, max_bytes: int) -> bytes:
+        """A record kept by the first walk, read before the table exists (its data must end before the
+        central directory; the second walk checks the whole layout)."""
+        flags, offset, size, crc = self._records[self.name(rel)]
+        if size > max_bytes:
+            raise TorchZipLimitError(f"{rel} is larger than {max_bytes} bytes")
+        start = _local_start(self.fp, self.name(rel), offset, flags)
+        if start + size > self.cd_start:
+            raise TorchZipError(f"{rel} runs past the start of the next entry (truncated or damaged)")
+        return self._read_checked(rel, start, size, crc)
 
-    def read_record(self, rel: str, max_bytes: int) -> bytes:
-        """Read a whole small record; zipfile checks its CRC when it reaches the end."""
-        info = self.infos[self.name(rel)]
-        if info.file_size > max_bytes:
-            raise TorchZipError(f"{rel} is larger than {max_bytes} bytes")
-        try:
-            with self.zf.open(info) as f:
-                data = f.read(max_bytes + 1)
-        except zipfile.BadZipFile as e:
-            if "CRC" in str(e):
-                raise TorchZipError(f"CRC of {rel} fails") from None
-            raise TorchZipError(f"{rel} cannot be read ({_describe(e)})") from None
-        except Exception as e:
-            raise TorchZipError(f"{rel} cannot be read ({_describe(e)})") from None
-        if len(data) != info.file_size:
+    def _read_checked(self, rel: str, start: int, size: int, crc: int) -> bytes:
+        self.fp.seek(start)
+        data = self.fp.read(size)
+        if len(data) != size:
             raise TorchZipError(f"{rel} is truncated")
+        if zlib.crc32(data) != crc:
+            raise TorchZipError(f"CRC of {rel} fails")
         return data
 
+    def read_record(self, rel: str, max_bytes: int) -> bytes:
+        """Read a whole small record and check its CRC."""
+        i = self._index[self.name(rel)]
+        if self._sizes[i] > max_bytes:
+            raise TorchZipError(f"{rel} is larger than {max_bytes} bytes")
+        return self._read_checked(rel, self._starts[i], self._sizes[i], self._crcs[i])
+
     def load(self) -> tuple[Any, list[StorageRef], list[TensorRef]]:
-        data = self.read_record("data.pkl", self.limits.max_pickle_bytes)
-        root, storages = parse_pickle(data, archive=self.prefix, limits=self.limits)
-        tensors = _walk(root, self.limits)
+        root, storages = self._parsed
+        tensors = _walk(root, self.limits, self.budget)
         need: dict[str, int] = {}
         for ref in storages:
             nbytes = ref.nbytes
             need[ref.key] = max(need.get(ref.key, 0), nbytes or 0)
         for key, nbytes in need.items():
-            info = self.infos.get(self.name(f"data/{key}"))
-            if info is None:
+            i = self._index.get(self.name(f"data/{key}"))
+            if i is None:
                 raise TorchZipError(f"storage data/{key} is missing")
-            if info.file_size < nbytes:
+            if self._sizes[i] < nbytes:
                 raise TorchZipError(f"storage data/{key} is truncated: it needs {nbytes} bytes and holds "
-                                    f"{info.file_size}")
+                                    f"{self._sizes[i]}")
         self.storage_keys = sorted(need)
         return root, storages, tensors
 
+    def storage_bytes(self) -> int:
+        return sum(self._sizes[self._index[self.name(f"data/{k}")]] for k in self.storage_keys)
+
     def verify_crc(self) -> None:
-        for info in self.infos.values():
-            rel = self.rel(info.filename)
-            try:
-                with self.zf.open(info) as f:
-                    while f.read(_CHUNK):
-                        pass
-            except zipfile.BadZipFile as e:
-                if "CRC" in str(e):
-                    raise TorchZipError(f"CRC of {rel} fails") from None
-                raise TorchZipError(f"{rel} cannot be read ({_describe(e)})") from None
-            except Exception as e:
-                raise TorchZipError(f"{rel} cannot be read ({_describe(e)})") from None
+        fp = self.fp
+        for i in sorted(range(len(self._names)), key=self._starts.__getitem__):
+            rel, left, crc = self.rel(self._names[i]), self._sizes[i], 0
+            fp.seek(self._starts[i])
+            while left:
+                chunk = fp.read(min(left, _CHUNK))
+                if not chunk:
+                    raise TorchZipError(f"{rel} cannot be read (the file was cut short while it was read)")
+                crc = zlib.crc32(chunk, crc)
+                left -= len(chunk)
+            if crc != self._crcs[i]:
+                raise TorchZipError(f"CRC of {rel} fails")
 
     def read_tensor(self, ref: TensorRef) -> Any:
-        info = self.infos.get(self.name(f"data/{ref.storage.key}"))
-        if info is None:
+        i = self._index.get(self.name(f"data/{ref.storage.key}"))
+        if i is None:
             raise TorchZipError(f"storage data/{ref.storage.key} is missing")
-        return _read_values(self.fp, self.data_start[info.filename], info, ref, self.byteorder)
+        return _read_values(self.fp, self._starts[i], self._sizes[i], ref, self.byteorder)
 
 
-def _read_values(fp: Any, data_start: int, info: zipfile.ZipInfo, ref: TensorRef, byteorder: str) -> Any:
+class _LegacyUnpickler(SafeUnpickler):
+    """The object pickle of a legacy torch file: storages are ("storage", type, key, location, numel,
+    view) persistent ids, classes of pickled modules ("module", class, file, source)."""
+
+    def persistent_load(self, pid: Any) -> Any:
+        if type(pid) is tuple and len(pid) == 4 and pid[0] == "module":
+            return pid[1]
+        if type(pid) is not tuple or len(pid) != 6 or pid[0] != "storage":
+            raise TorchZipError("data.pkl has a persistent id that is not a storage")
+        ref = super().persistent_load(pid[:5])
+        view = pid[5]
+        if view is not None:
+            if not (type(view) is tuple and len(view) == 3 and type(view[0]) is str and _KEY_RE.fullmatch(view[0])
+                    and all(type(v) is int and 0 <= v < 1 << 62 for v in view[1:])
+                    and view[1] + view[2] <= ref.numel):
+                raise TorchZipError(f"storage {ref.key} has a malformed view")
+        return ref
+
+
+class _LegacyArchive:
+    """A torch.save file in the legacy format (torch < 1.6, or `_use_new_zipfile_serialization=False`):
+    five pickles (torch's magic number, the protocol version 1001, sys_info, the object, the sorted keys
+    of its storages), then every storage as an 8-byte element count and its raw bytes, to the very end
+    of the file. There are no checksums in it; its whole structure is checked instead (every pickle, each
+    storage's count against what the object says, the exact file size), so a file cut anywhere or padded
+    is caught. Damage inside tensor bytes is caught by the checksums the daemon records (foreign.py)."""
+
+    legacy = True
+    prefix = ""
+
+    def __init__(self, fp: Any, size: int, limits: Limits) -> None:
+        self.fp = fp
+        self.size = size
+        self.limits = limits
+        self.budget = _Budget(limits.max_cpu_s)
+        try:
+            self._open()
+        except TorchZipError as e:
+            # the shared stubs name data.pkl, the zip format's pickle; here it is the file's own pickle
+            raise type(e)(str(e).replace("data.pkl", "its pickle")) from None
+
+    def close(self) -> None:
+        self.fp.close()
+
+    def __enter__(self) -> "_LegacyArchive":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def rel(self, name: str) -> str:
+        return name
+
+    def _pickle(self, data: bytes, pos: int, what: str, unpickler: type = SafeUnpickler) -> tuple[Any, int, Any]:
+        try:
+            _, end = _scan_pickle_at(data, self.limits, pos, what, self.budget)
+        except _PickleEnds:
+            if len(data) < self.size:
+                raise TorchZipLimitError(f"{what} is larger than {self.limits.max_pickle_bytes} bytes") from None
+            raise TorchZipError(f"truncated ({what} ends before it is complete)") from None
+        up = unpickler(io.BytesIO(data[pos:end]), limits=self.limits)
+        try:
+            obj = up.load()
+        except TorchZipError:
+            raise
+        except RecursionError:
+            raise TorchZipError(f"{what} is malformed (too deeply nested)") from None
+        except MemoryError:
+            raise TorchZipError(f"{what} needs more memory than is available to read") from None
+        except Exception as e:
+            raise TorchZipError(f"{what} cannot be read ({_describe(e)})") from None
+        return obj, end, up
+
+    def _open(self) -> None:
+        fp, size = self.fp, self.size
+        fp.seek(0)
+        data = fp.read(min(size, self.limits.max_pickle_bytes + 64 * 1024))
+        magic, pos, _ = self._pickle(data, 0, "its magic number")
+        if type(magic) is not int or magic != _MAGIC_NUMBER:
+            raise TorchZipError("not a torch.save file (a pickle without torch's magic number)")
+        proto, pos, _ = self._pickle(data, pos, "its protocol version")
+        if type(proto) is not int or proto != _LEGACY_PROTOCOL:
+            raise TorchZipError(f"not a torch.save file (legacy protocol version {_short(proto)}, not 1001)")
+        sys_info, pos, _ = self._pickle(data, pos, "its sys_info record")
+        if not isinstance(sys_info, dict) or type(sys_info.get("little_endian")) is not bool:
+            raise TorchZipError("its sys_info record is malformed")
+        self.byteorder = "little" if sys_info["little_endian"] else "big"
+        root, pos, up = self._pickle(data, pos, "its pickle", _LegacyUnpickler)
+        keys, pos, _ = self._pickle(data, pos, "its list of storages")
+        named: dict[str, StorageRef] = {}
+        for ref in up.storages:
+            seen = named.setdefault(ref.key, ref)
+            if seen.numel != ref.numel or seen.dtype != ref.dtype:
+                raise TorchZipError(f"its pickle names storage {ref.key} with two sizes or types")
+        if type(keys) is not list or not all(type(k) is str for k in keys) or len(set(keys)) != len(keys):
+            raise TorchZipError("its list of storages is malformed")
+        if set(keys) != set(named):
+            missing = sorted(set(named) - set(keys)) or sorted(set(keys) - set(named))
+            raise TorchZipError(f"its list of storages does not match its pickle (storage {_short(missing[0])})")
+        self._parsed = (root, up.storages)
+        # The storages: an element count (which must be what the pickle says) and the bytes, back to back.
+        bo = ">" if self.byteorder == "big" else "<"
+        self._starts: dict[str, tuple[int, int]] = {}
+        for n, key in enumerate(keys):
+            if not n & _TICK:
+                self.budget.tick()
+            ref = named[key]
+            itemsize = ref.itemsize
+            if itemsize is None:
+                raise TorchZipError(f"storage {key} has a dtype of unknown size")
+            if pos + 8 > size:
+                raise TorchZipError(f"truncated (the file ends before storage {key})")
+            fp.seek(pos)
+            (count,) = struct.unpack(bo + "q", fp.read(8))
+            if count != ref.numel:
+                raise TorchZipError(f"storage {key} holds {count} elements, its pickle says {ref.numel} "
+                                    "(damaged or not this file's data)")
+            nbytes = count * itemsize
+            self._starts[key] = (pos + 8, nbytes)
+            pos += 8 + nbytes
+            if pos > size:
+                raise TorchZipError(f"storage {key} is truncated: it needs {nbytes} bytes and holds "
+                                    f"{size - (pos - nbytes)}")
+        if pos != size:
+            raise TorchZipError(f"{size - pos} bytes follow its last storage (torch.save writes none: damaged or "
+                                "padded)")
+        self.storage_keys = sorted(keys)
+
+    def load(self) -> tuple[Any, list[StorageRef], list[TensorRef]]:
+        root, storages = self._parsed
+        try:
+            tensors = _walk(root, self.limits, self.budget)
+        except TorchZipError as e:
+            raise type(e)(str(e).replace("data.pkl", "its pickle")) from None
+        return root, storages, tensors
+
+    def storage_bytes(self) -> int:
+        return sum(self._starts[k][1] for k in self.storage_keys)
+
+    def verify_crc(self) -> None:
+        """Nothing to do: the format has no checksums (its structure was checked whole when opened)."""
+
+    def read_tensor(self, ref: TensorRef) -> Any:
+        where = self._starts.get(ref.storage.key)
+        if where is None:
+            raise TorchZipError(f"storage {ref.storage.key} is missing")
+        return _read_values(self.fp, where[0], where[1], ref, self.byteorder)
+
+
+def _read_values(fp: Any, data_start: int, file_size: int, ref: TensorRef, byteorder: str) -> Any:
     numel = ref.numel
     if numel > 16:
         raise TorchZipError(f"the tensor has {numel} elements; only tensors of up to 16 are read")
@@ -1230,7 +1494,7 @@ def _read_values(fp: Any, data_start: int, info: zipfile.ZipInfo, ref: TensorRef
     for index in itertools.product(*(range(s) for s in ref.shape)):
         elem = ref.offset + sum(i * st for i, st in zip(index, ref.stride))
         pos = elem * itemsize
-        if pos + itemsize > info.file_size:
+        if pos + itemsize > file_size:
             raise TorchZipError(f"a tensor extends past the end of storage data/{ref.storage.key}")
         fp.seek(data_start + pos)
         raw = fp.read(itemsize)
@@ -1281,7 +1545,7 @@ def read_scalar(zf: zipfile.ZipFile, ref: TensorRef, *, byteorder: Optional[str]
         if fp is None:
             raise TorchZipError("the zip file is closed")
         start = _local_data_offset(fp, info)
-        return _read_values(fp, start, info, ref, byteorder)
+        return _read_values(fp, start, info.file_size, ref, byteorder)
     except TorchZipError:
         raise
     except KeyError:
@@ -1321,8 +1585,8 @@ class LightningInfo:
 @dataclass
 class TorchFileInfo:
     path: str
-    kind: str                                  # "lightning" | "state_dict" | "dict" | "other" | "legacy"
-    reason: Optional[str] = None               # set for "legacy": why it was not inspected
+    kind: str                                  # "lightning" | "state_dict" | "dict" | "other"
+    format: str = "zip"                        # "zip" (torch >= 1.6) | "legacy" (no checksums in the file)
     step: Optional[int] = None
     epoch: Optional[int] = None
     metrics: dict[str, float] = field(default_factory=dict)
@@ -1365,7 +1629,7 @@ def _plain_int(v: Any) -> Optional[int]:
 
 
 class _Extractor:
-    def __init__(self, archive: _Archive, limits: Limits) -> None:
+    def __init__(self, archive: Any, limits: Limits) -> None:
         self.archive = archive
         self.reads_left = limits.max_scalar_reads
         self.max_string = limits.max_string
@@ -1391,12 +1655,13 @@ class _Extractor:
         return v if type(v) is str and len(v) <= self.max_string else None
 
 
-def _extract(path: str, root: Any, tensors: list[TensorRef], archive: _Archive, limits: Limits
+def _extract(path: str, root: Any, tensors: list[TensorRef], archive: Union[_Archive, "_LegacyArchive"], limits: Limits
              ) -> TorchFileInfo:
     x = _Extractor(archive, limits)
     info = TorchFileInfo(path=path, kind="other", n_tensors=len(tensors), byteorder=archive.byteorder)
     info.n_storages = len(archive.storage_keys)
-    info.storage_bytes = sum(archive.infos[archive.name(f"data/{k}")].file_size for k in archive.storage_keys)
+    info.storage_bytes = archive.storage_bytes()
+    info.format = "legacy" if archive.legacy else "zip"
     top = _as_mapping(root)
     if top is None:
         return info
@@ -1490,28 +1755,60 @@ def _lightning(top: dict, x: _Extractor, info: TorchFileInfo) -> LightningInfo:
 # Entry points
 
 
-def _open_archive(path: Union[str, os.PathLike], limits: Limits) -> _Archive:
+def _open_archive(path: Union[str, os.PathLike], limits: Limits) -> Union[_Archive, _LegacyArchive]:
+    """The file opened and its structure checked: a zip archive (torch >= 1.6) or a legacy file."""
     try:
-        return _Archive(path, limits)
-    except (TorchZipError, _Legacy):
-        raise
-    except RecursionError:
-        raise TorchZipError("the archive is malformed (too deeply nested)") from None
+        # O_NONBLOCK: a FIFO planted under a checkpoint's name must not hang us in open(); only regular
+        # files are read.
+        fd = os.open(os.fspath(path), os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
     except OSError as e:
         raise TorchZipError(f"cannot read the file ({_describe(e)})") from None
-    except Exception as e:
-        raise TorchZipError(f"the archive is malformed ({_describe(e)})") from None
+    fp = None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise TorchZipError("not a regular file")
+        fp = os.fdopen(fd, "rb")
+        if st.st_size == 0:
+            raise TorchZipError("empty file")
+        head = fp.read(512)
+        if head.startswith(_LFH):
+            return _Archive(fp, st.st_size, limits)
+        if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
+            return _LegacyArchive(fp, st.st_size, limits)
+        if len(head) >= 262 and head[257:262] == b"ustar":
+            raise TorchZipError("not a torch.save file ckpt-daemon can check (torch's pre-1.0 tar format)")
+        raise TorchZipError("not a torch.save file (neither a zip archive nor a legacy torch file)")
+    except BaseException as exc:
+        if fp is not None:
+            fp.close()
+        else:
+            os.close(fd)
+        if isinstance(exc, TorchZipError):
+            raise
+        if isinstance(exc, RecursionError):
+            raise TorchZipError("the archive is malformed (too deeply nested)") from None
+        if isinstance(exc, MemoryError):
+            raise TorchZipError("the file needs more memory than is available to check") from None
+        if isinstance(exc, OSError):
+            raise TorchZipError(f"cannot read the file ({_describe(exc)})") from None
+        if isinstance(exc, Exception):
+            raise TorchZipError(f"the archive is malformed ({_describe(exc)})") from None
+        raise
 
 
 def check(path: Union[str, os.PathLike], verify_crc: bool = False, *, limits: Optional[Limits] = None
           ) -> Optional[str]:
-    """None if `path` is a structurally complete torch.save archive, else the reason it is not.
+    """None if `path` is a structurally complete torch.save file, else the reason it is not.
 
-    Structurally complete: the zip central directory is present and consistent; every entry's local
-    header is where the central directory says and its data fits before the next entry; no entry name
-    is absolute, has '..' or a NUL; nothing is compressed or encrypted; data.pkl parses within the
+    A zip archive (torch >= 1.6) is structurally complete when its central directory is present and
+    consistent and holds no more than the storages data.pkl names and a few records; every entry's
+    local header is where the central directory says and its data fits before the next entry; no entry
+    name is absolute, has '..' or a NUL; nothing is compressed or encrypted; data.pkl parses within the
     limits; every storage data.pkl names exists with at least the bytes it needs. With `verify_crc`,
-    every entry is also streamed through its CRC-32. Never raises for a bad file.
+    every entry is also streamed through its CRC-32. A legacy file is complete when its five pickles
+    parse, its storages are those its pickle names, each with the element count it says, and they end
+    exactly where the file ends (the format has no checksums). Never raises for a bad file.
     """
     limits = limits or DEFAULT_LIMITS
     try:
@@ -1520,8 +1817,6 @@ def check(path: Union[str, os.PathLike], verify_crc: bool = False, *, limits: Op
             if verify_crc:
                 archive.verify_crc()
         return None
-    except _Legacy as e:
-        return str(e)
     except TorchZipError as e:
         return str(e)
     except RecursionError:
@@ -1537,9 +1832,9 @@ def inspect(path: Union[str, os.PathLike], max_pickle_bytes: Optional[int] = Non
     """What a torch.save file says about itself. Reads only data.pkl (and tensors of one element that
     hold a metric or score); with `verify_crc`, streams every entry through its CRC-32 first.
 
-    A legacy (non-zip) file gives kind "legacy" and a `reason`. A file that is not structurally
-    complete (see `check`) raises TorchZipError; nothing else is raised. `max_pickle_bytes` overrides
-    `limits.max_pickle_bytes` (64 MiB).
+    Legacy (non-zip) files are read the same way (`format` "legacy"). A file that is not structurally
+    complete (see `check`) raises TorchZipError (TorchZipLimitError past a bound of `limits`); nothing
+    else is raised. `max_pickle_bytes` overrides `limits.max_pickle_bytes` (64 MiB).
     """
     limits = limits or DEFAULT_LIMITS
     if max_pickle_bytes is not None:
@@ -1551,10 +1846,8 @@ def inspect(path: Union[str, os.PathLike], max_pickle_bytes: Optional[int] = Non
             if verify_crc:
                 archive.verify_crc()
             info = _extract(str(spath), root, tensors, archive, limits)
-            info.crc_verified = verify_crc
+            info.crc_verified = verify_crc and not archive.legacy
             return info
-    except _Legacy as e:
-        return TorchFileInfo(path=str(spath), kind="legacy", reason=str(e))
     except TorchZipError:
         raise
     except RecursionError:

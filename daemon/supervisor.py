@@ -37,6 +37,7 @@ from ckpt_daemon import foreign, runtime, spare, verifyonce
 from ckpt_daemon.fsutil import free_bytes
 from ckpt_daemon.logs import get_logger
 from daemon.outputtail import OutputTail
+from daemon.watch import writers_lookup
 
 log = get_logger("daemon.supervisor")
 
@@ -169,17 +170,22 @@ class CrashPolicy:
 # ----------------------------------------------------------------------------------- resume choice
 def choose_resume(c: cat.Catalog, exclude: set[str], known_bad: dict[str, str],
                   verify: Callable[[cat.Entry], cat.Entry] = verifyonce.verify_and_record,  # verify once per restart
-                  writer_alive: bool = False, prefix: str = "") -> tuple[Optional[cat.Entry], list[str]]:
+                  writer_alive: bool = False, prefix: str = "",
+                  writers: Optional[Callable[[Path], list[str]]] = None) -> tuple[Optional[cat.Entry], list[str]]:
     """Highest complete checkpoint that passes full verification and is not excluded. Returns it (None
     for a fresh start) and notes on what was passed over and why.
 
-    Called when no trainer runs (writer_alive=False): a checkpoint still "in progress" then is a save
-    that died half-way. Everything newer than the choice that is not valid (incomplete, corrupt, invalid,
-    or failing verification), in any layout, is moved to quarantine with its reason: a trainer that
-    picks its own newest file (an HF script's get_last_checkpoint, a glob over model_step_*.pt) then
-    finds the same checkpoint the daemon chose, and can write those steps again under the same names.
-    `prefix` ("sft/") names checkpoints of a run in `exclude` and `known_bad`."""
+    A checkpoint still being written is never failed: it is skipped and left where it is when our own
+    trainer may still be writing it (`writer_alive`) or when a process has one of its files open for
+    writing (`writers(path)` names them: another trainer, a copy, an async saver that outlived its
+    trainer); the writer then finishes it in place. Everything else newer than the choice that is not
+    valid (incomplete, corrupt, invalid, failing verification, or "in progress" with no writer left: a
+    save that died half-way), in any layout, is moved to quarantine with its reason: a trainer that picks
+    its own newest file (an HF script's get_last_checkpoint, a glob over model_step_*.pt) then finds the
+    same checkpoint the daemon chose, and can write those steps again under the same names. `prefix`
+    ("sft/") names checkpoints of a run in `exclude` and `known_bad`."""
     notes = []
+    writers = writers or (lambda path: [])
 
     def set_aside(e: cat.Entry, why: str) -> None:
         if runtime.quarantine(c.root, e.name, why) is not None:
@@ -189,12 +195,17 @@ def choose_resume(c: cat.Catalog, exclude: set[str], known_bad: dict[str, str],
             known_bad[prefix + e.name] = why
 
     for e in sorted(c.entries, key=lambda e: (e.step, e.version), reverse=True):
-        if e.status == "in_progress" and writer_alive:
-            notes.append(f"{prefix}{e.name} skipped: still being written")
-            continue
         if not e.valid:
+            who = writers(e.path)
+            if who or (e.status == "in_progress" and writer_alive):
+                notes.append(f"{prefix}{e.name} skipped: still being written"
+                             + (f" by {', '.join(who)}; left in place" if who else ""))
+                continue
             notes.append(f"{prefix}{e.name} skipped: {e.status} ({e.reason})")
-            if not writer_alive and e.status != "unreadable":
+            if e.status == "in_progress":
+                what = e.reason.removeprefix("being written (").removesuffix(")")
+                set_aside(e, f"a save that stopped half-way, no process has it open for writing: {what}")
+            elif e.status != "unreadable":
                 set_aside(e, f"{e.status}: {e.reason}")
             continue
         if prefix + e.name in exclude:
@@ -205,6 +216,10 @@ def choose_resume(c: cat.Catalog, exclude: set[str], known_bad: dict[str, str],
             continue
         v = verify(e)
         if not v.valid:
+            who = writers(e.path)
+            if who:  # rewritten in place while we read it: a save in progress, not damage
+                notes.append(f"{prefix}{e.name} skipped: being written again by {', '.join(who)}; left in place")
+                continue
             notes.append(f"{prefix}{e.name} skipped: failed verification ({v.reason})")
             log.error("checkpoint failed verification; it will not be used for resume", checkpoint=prefix + e.name,
                       reason=v.reason)
@@ -215,13 +230,16 @@ def choose_resume(c: cat.Catalog, exclude: set[str], known_bad: dict[str, str],
 
 
 def choose_resume_all(cats: dict[str, cat.Catalog], exclude: set[str], known_bad: dict[str, str],
-                      writer_alive: bool = False) -> tuple[Optional[cat.Entry], str, list[str]]:
+                      writer_alive: bool = False,
+                      writers: Optional[Callable[[Path], list[str]]] = None
+                      ) -> tuple[Optional[cat.Entry], str, list[str]]:
     """The resume point across runs: each run's choice, then the most recently written of them (where
-    training was when it stopped). Returns (entry, its run, notes)."""
+    training was when it stopped). Returns (entry, its run, notes). `writers`: see choose_resume."""
     best: tuple[Optional[cat.Entry], str] = (None, "")
     notes: list[str] = []
     for run, c in cats.items():
-        e, n = choose_resume(c, exclude, known_bad, writer_alive=writer_alive, prefix=f"{run}/" if run else "")
+        e, n = choose_resume(c, exclude, known_bad, writer_alive=writer_alive, prefix=f"{run}/" if run else "",
+                             writers=writers)
         notes += n
         if e is not None and (best[0] is None or e.mtime > best[0].mtime):
             best = (e, run)
@@ -351,7 +369,10 @@ class Supervisor:
             log.info("resuming from the memory checkpoint (verified in memory, persisted in the background)",
                      checkpoint=chosen)
         else:
-            entry, run, notes = choose_resume_all(cat.scan_runs(cfg, stats=False), self.policy.suspect, self.known_bad)
+            cats = cat.scan_runs(cfg, stats=False)
+            # no trainer of ours runs now, but another process may be writing a checkpoint: never failed
+            entry, run, notes = choose_resume_all(cats, self.policy.suspect, self.known_bad,
+                                                  writers=writers_lookup([c.root for c in cats.values()]))
             for n in notes:
                 log.warning("resume choice", note=n)
             resume = str(entry.path) if entry else "none"

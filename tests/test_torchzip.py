@@ -675,12 +675,38 @@ def test_archive_level_problems(tmp_path):
     assert assert_reason_or_error(tmp_path / "tail.pt") == "truncated (no zip central directory)"
 
 
-def test_legacy_files_are_reported_not_read(tmp_path):
+@pytest.mark.parametrize("protocol", [2, 4])
+def test_legacy_files_are_read_and_their_whole_structure_checked(tmp_path, protocol):
     p = tmp_path / "legacy.pt"
-    torch.save({"w": torch.ones(2)}, p, _use_new_zipfile_serialization=False)
-    assert check(p).startswith("legacy (non-zip) torch file")
+    torch.save({"model": {"w": torch.arange(6.0).reshape(2, 3), "b": torch.zeros(3, dtype=torch.int64)}, "step": 40,
+                "loss": torch.tensor(0.25), "optimizer": {"state": {}, "param_groups": []}}, p,
+               _use_new_zipfile_serialization=False, pickle_protocol=protocol)
+    assert check(p, verify_crc=True) is None
     info = inspect(p)
-    assert info.kind == "legacy" and "cannot be inspected" in info.reason and info.step is None
+    assert (info.format, info.step, info.metrics, info.has_optimizer, info.state_dict_key, info.n_storages) == \
+        ("legacy", 40, {"loss": 0.25}, True, "model", 3)
+    assert info.storage_bytes == 6 * 4 + 3 * 8 + 4
+    raw = p.read_bytes()
+    cut = tmp_path / "cut.pt"
+    for n in range(1, len(raw)):  # a file cut anywhere is never complete
+        cut.write_bytes(raw[:n])
+        assert check(cut) is not None, n
+        with pytest.raises(TorchZipError):
+            inspect(cut)
+    cut.write_bytes(raw[:-1])
+    m = re.fullmatch(r"storage [0-9]+ is truncated: it needs ([0-9]+) bytes and holds ([0-9]+)", check(cut))
+    assert m and int(m.group(2)) == int(m.group(1)) - 1
+    (tmp_path / "pad.pt").write_bytes(raw + b"\0" * 8)
+    assert check(tmp_path / "pad.pt") == "8 bytes follow its last storage (torch.save writes none: damaged or padded)"
+    # a storage's element count that is not what the pickle says
+    first_count = raw.index(struct.pack("<q", 6))
+    bad = bytearray(raw)
+    bad[first_count] = 7
+    (tmp_path / "count.pt").write_bytes(bytes(bad))
+    assert "holds 7 elements, its pickle says 6" in check(tmp_path / "count.pt")
+    # a pickle that is not torch's
+    (tmp_path / "plain.pt").write_bytes(pickle.dumps({"step": 1}, protocol=protocol))
+    assert check(tmp_path / "plain.pt") == "not a torch.save file (a pickle without torch's magic number)"
 
 
 def test_random_bytes(tmp_path):
@@ -843,3 +869,82 @@ def test_the_module_imports_neither_torch_nor_numpy(tmp_path):
                          timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["1", "False", "False"]
+
+
+def empty_entries_zip(path: Path, n: int, declare: int | None = None, data_pkl: bytes | None = None) -> Path:
+    """A zip whose data.pkl names no storage, followed by `n` empty entries (a zip64 end record when
+    needed): a hundred megabytes that cost a careless reader a million objects. Built with struct, in
+    about a second. `declare` makes the end record lie about the count."""
+    import zlib
+
+    lfh = struct.Struct("<4sHHHHHIIIHH")
+    cdh = struct.Struct("<4sHHHHHHIIIHHHHHII")
+    offset, cd = 0, bytearray()
+    with open(path, "wb") as f:
+        def entry(name: str, data: bytes) -> None:
+            nonlocal offset
+            nb, crc = name.encode(), zlib.crc32(data)
+            f.write(lfh.pack(b"PK\x03\x04", 20, 0, 0, 0, 0, crc, len(data), len(data), len(nb), 0) + nb + data)
+            cd.extend(cdh.pack(b"PK\x01\x02", 20, 20, 0, 0, 0, 0, crc, len(data), len(data), len(nb), 0, 0, 0, 0, 0,
+                               offset) + nb)
+            offset += lfh.size + len(nb) + len(data)
+
+        entry("archive/data.pkl", data_pkl if data_pkl is not None else pickle.dumps({"step": 7}, protocol=2))
+        entry("archive/version", b"3\n")
+        for i in range(n):
+            entry(f"archive/data/{i}", b"")
+        count = n + 2 if declare is None else declare
+        f.write(cd)
+        z64 = offset + len(cd)
+        f.write(struct.pack("<4sQHHIIQQQQ", b"PK\x06\x06", 44, 45, 45, 0, 0, count, count, len(cd), offset))
+        f.write(struct.pack("<4sIQI", b"PK\x06\x07", 0, z64, 1))
+        f.write(struct.pack("<4sHHHHIIH", b"PK\x05\x06", 0, 0, 0xFFFF, 0xFFFF, 0xFFFFFFFF, 0xFFFFFFFF, 0))
+    return path
+
+
+def check_in_a_process(path: Path) -> dict:
+    """torchzip.check run in a fresh process: its reason, its CPU seconds and its peak RSS."""
+    # VmHWM, not ru_maxrss: the latter keeps the peak of the forking test process across exec
+    code = ("import json, re, sys, time; from ckpt_daemon import torchzip as t; "
+            "c = time.process_time(); r = t.check(sys.argv[1], verify_crc=True); "
+            "hwm = int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1)); "
+            "print(json.dumps({'reason': r, 'cpu': time.process_time() - c, 'rss_mb': hwm / 1024}))")
+    out = subprocess.run([sys.executable, "-c", code, str(path)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    import json
+
+    return json.loads(out.stdout)
+
+
+def test_a_zip_of_a_million_empty_entries_is_refused_at_the_cost_of_a_real_checkpoint(tmp_path):
+    real = check_in_a_process(save({"model": tiny_gpt().state_dict(), "step": 7}, tmp_path / "real.pt"))
+    assert real["reason"] is None
+    hostile = [
+        empty_entries_zip(tmp_path / "million.pt", 999_990),  # just under what the parser once allowed
+        empty_entries_zip(tmp_path / "liar.pt", 999_990, declare=9),  # its end record says 9 entries
+        empty_entries_zip(tmp_path / "unnamed.pt", 240_000),  # within the entry bound, but data.pkl names none
+    ]
+    for p in hostile:
+        r = check_in_a_process(p)
+        assert r["reason"] and ("entries" in r["reason"] or "central directory" in r["reason"]), (p.name, r)
+        # no more memory and about the time a real checkpoint's check takes (both measured in this run)
+        assert r["rss_mb"] < real["rss_mb"] + 32, (p.name, r, real)
+        assert r["cpu"] < real["cpu"] + 3, (p.name, r, real)
+    with pytest.raises(tz.TorchZipLimitError):
+        inspect(tmp_path / "million.pt")
+
+
+def test_a_check_that_uses_up_its_cpu_time_is_a_timeout_not_damage(tmp_path):
+    from ckpt_daemon import foreign
+
+    p = save({"hist": [float(i) for i in range(200_000)], "step": 1}, tmp_path / "model_step_1.pt")
+    assert check(p) is None
+    assert "took more than 0.001 CPU seconds" in check(p, limits=Limits(max_cpu_s=0.001))
+    with pytest.raises(tz.TorchZipTimeout):
+        inspect(p, limits=Limits(max_cpu_s=0.001))
+    # the catalog reports such a file as unreadable (never used, never set aside as damaged)
+    import unittest.mock
+
+    with unittest.mock.patch.object(tz, "DEFAULT_LIMITS", Limits(max_cpu_s=0.001)):
+        status, reason, _ = foreign.describe_file(p, verify=False)
+    assert status == "unreadable" and "CPU seconds" in reason
