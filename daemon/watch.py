@@ -26,6 +26,7 @@ from watchdog.observers import Observer
 from ckpt_daemon import catalog as cat
 from ckpt_daemon import foreign
 from ckpt_daemon.logs import get_logger
+from daemon import alerts
 
 log = get_logger("daemon.watch")
 
@@ -226,6 +227,7 @@ class Watcher:
         else:
             log.error("checkpoint failed verification: it will never be used for resume", checkpoint=k,
                       status=status, reason=reason)
+            alerts.emit("verification_failed", f"{k} failed verification", f"{status}: {reason}", key=k)
 
     def stop(self) -> None:
         self._stop.set()
