@@ -415,7 +415,7 @@ def bench_daemon(quick: bool, out: dict) -> None:
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     try:
         deadline = time.monotonic() + 60
-        while "notifications to" not in ((d / "logs" / "daemon.log").read_text() if (d / "logs" / "daemon.log").exists()
+        while "notifications go to" not in ((d / "logs" / "daemon.log").read_text() if (d / "logs" / "daemon.log").exists()
                                          else "") and time.monotonic() < deadline:
             time.sleep(0.2)
         time.sleep(3)

@@ -150,7 +150,7 @@ def load(url: str) -> tuple[Any, str, Optional[str]]:
                                              "pip install 'apprise>=1.9' (a dependency of ckpt-daemon)")
     with _captured() as lines:
         try:
-            plugin = ap.Apprise.instantiate(url, suppress_exceptions=True)
+            plugin = ap.Apprise.instantiate(url, asset=_asset(ap), suppress_exceptions=True)
         except Exception as exc:  # apprise's own bug on odd input: reported, never raised
             lines.append((logging.ERROR, f"{type(exc).__name__}: {exc}"))
             plugin = None
@@ -162,6 +162,14 @@ def load(url: str) -> tuple[Any, str, Optional[str]]:
         return None, f"{scheme(url)}://…", (f"was refused by apprise ({_reason(lines, url, set(), 'no reason given')}); "
                                              "check it against apprise's page for that service")
     return plugin, label(url, plugin), None
+
+
+def _asset(ap: Any) -> Any:
+    """Who the notifications are from (a mail's sender name, a chat's bot name): ckpt-daemon, not Apprise."""
+    try:
+        return ap.AppriseAsset(app_id="ckpt-daemon", app_desc="ckpt-daemon notifications")
+    except Exception:  # an apprise whose asset takes no such arguments: its default
+        return None
 
 
 def _schemes(ap: Any) -> set[str]:

@@ -114,15 +114,16 @@ class Alerts:
             return False
         with self._lock:
             if key is not None:
-                k = (event, hashlib.blake2b(str(key).encode("utf-8", "replace"), digest_size=16).digest())
-                if k in self._keys:
+                seen = (event, hashlib.blake2b(str(key).encode("utf-8", "replace"), digest_size=16).digest())
+                if seen in self._keys:
                     return False  # already told (a checkpoint that failed verification is told once)
-                self._keys[k] = None
+                self._keys[seen] = None
                 if len(self._keys) > MAX_KEYS:
                     self._keys.popitem(last=False)
             title = _clip(str(title), MAX_TITLE_CHARS)
             body = _clip(str(body), MAX_BODY_CHARS)
-            fields = {str(k)[:64]: _clip(str(v), MAX_FIELD_CHARS) for k, v in list(fields.items())[:20] if v is not None}
+            fields = {str(name)[:64]: _clip(str(v), MAX_FIELD_CHARS) for name, v in list(fields.items())[:20]
+                      if v is not None}
             p = self._pending.get(event)
             if p is None:
                 p = self._pending[event] = _Pending(title, body, fields, since=self.wall())
@@ -148,9 +149,11 @@ class Alerts:
             if first or name == prev:
                 continue
             metric = self.get_cfg().trainer.best_metric
-            value = (b.get("metrics") or {}).get(metric)
+            metrics = {k: v for k, v in (b.get("metrics") or {}).items() if isinstance(v, (int, float))}
+            if metric in metrics:  # else what the trainer recorded (eval_loss under Hugging Face), a few of them
+                metrics = {metric: metrics[metric]}
             shown = f"{run}/{name}" if run else name
-            what = f" ({metric} {value:.6g})" if isinstance(value, (int, float)) else ""
+            what = (" (" + ", ".join(f"{k} {v:.6g}" for k, v in list(metrics.items())[:3]) + ")") if metrics else ""
             self.emit("new_best", f"new best checkpoint: {shown}{what}",
                       f"{shown} (step {b.get('step')}) is the new best checkpoint{what}; the previous best was "
                       f"{prev or 'none'}.", checkpoint=shown, step=b.get("step"))
@@ -215,7 +218,8 @@ class Alerts:
             waits = [self._last_sent[e] + interval - now for e in self._pending]
         for event, p in batch:
             self._deliver(cfg, event, p)
-        return min(60.0, max(0.05, min(waits))) if waits else 60.0
+        # Idle: a look every 5 s, so that targets edited into config.yaml show in status soon (a hot reload).
+        return min(5.0, max(0.05, min(waits))) if waits else 5.0
 
     def _deliver(self, cfg, event: str, p: _Pending) -> None:
         title = f"ckpt-daemon on {self.host}: {p.title}" + (f" (+{p.count - 1} more)" if p.count > 1 else "")
@@ -271,7 +275,7 @@ class Alerts:
         with self._lock:
             self._targets, self._wanted = new, wanted
         if new:
-            log.info("notifications to", targets=[t.label for t in new])
+            log.info("notifications go to", targets=[t.label for t in new])
             self._check_mode(cfg)
 
     def _check_mode(self, cfg) -> None:
