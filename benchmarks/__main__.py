@@ -406,6 +406,26 @@ def bench_daemon(quick: bool, out: dict) -> None:
         p.send_signal(signal.SIGTERM)
         p.wait(timeout=60)
         shutil.rmtree(d, ignore_errors=True)
+    # The same daemon with notifications on (apprise is imported only then): its RSS, once its targets are loaded.
+    d.mkdir(parents=True)
+    (d / "config.yaml").write_text(json.dumps({
+        "training": {"command": [sys.executable, "-c", "import time; time.sleep(3600)"]},
+        "notify": {"urls": ["json://127.0.0.1:9/hook", "mailto://127.0.0.1:2525?from=a@example.com&to=b@example.com"]}}))
+    p = subprocess.Popen([sys.executable, "-m", "daemon", "run", "--config", str(d / "config.yaml"), "--quiet-trainer"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while "notifications go to" not in ((d / "logs" / "daemon.log").read_text() if (d / "logs" / "daemon.log").exists()
+                                         else "") and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(3)
+        rss = psutil.Process(p.pid).memory_info().rss / 2**20
+        out["daemon_rss_notify_mb"] = round(rss, 1)
+        out["daemon_rss_notify_ratio"] = round(rss / out["daemon_rss_mb"], 2)
+    finally:
+        p.send_signal(signal.SIGTERM)
+        p.wait(timeout=60)
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def bench_recovery(quick: bool, out: dict) -> None:
@@ -477,6 +497,8 @@ GOALS = {  # name: (comparison, goal, meaning)
     "snapshot_extra_bytes": ("<=", 0, "bytes the snapshot added on disk"),
     "plan_scaling": ("<=", 12, "plan time at 1M / at 100k checkpoints"),
     "daemon_rss_mb": ("<=", 80, "daemon RSS while idle, MiB"),
+    "daemon_rss_notify_mb": ("<=", 100, "the same with notify.urls set (apprise loaded), MiB"),
+    "daemon_rss_notify_ratio": ("<=", 1.5, "daemon RSS with notifications / without, same run"),
     "daemon_cpu_share": ("<=", 0.005, "daemon CPU share while idle"),
     "recovery_s": ("<=", None, "SIGKILL to first step after resume from disk, minus backoff, s"),
     "hf_memory_vs_disk": ("<=", None, "Hugging Face Trainer: training stall per save with memory checkpoints / its "

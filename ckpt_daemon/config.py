@@ -21,7 +21,7 @@ from typing import Annotated, Any, Literal, Optional
 
 import yaml
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, ValidationError,
-                      field_validator, model_validator)
+                      field_serializer, field_validator, model_validator)
 
 from ckpt_daemon.cron import next_fire_times, validate_cron
 from ckpt_daemon.errors import ConfigError
@@ -519,6 +519,120 @@ class HttpConfig(_Section):
         return self
 
 
+# What the daemon can notify about (notify.events); the values say when each is sent.
+ALERT_EVENTS: dict[str, str] = {
+    "gave_up": "too many crashes in a row: the daemon stopped restarting the trainer (a crash loop)",
+    "crash": "the trainer crashed or was killed; the daemon restarts it",
+    "training_finished": "the trainer exited 0 on its own: training is finished",
+    "new_best": "a new best checkpoint (the trainer's best metric improved)",
+    "verification_failed": "a checkpoint failed verification (it is never resumed from)",
+    "disk_emergency": "free space stays below disk.emergency_free_gb (retention could not, or may not, free enough)",
+    "deletions_held": "retention held deletions that an edited, unconfirmed policy would make",
+}
+MAX_NOTIFY_URLS = 32
+
+
+def _check_events(v: list[str]) -> list[str]:
+    known = list(ALERT_EVENTS)
+    seen = set()
+    for i, name in enumerate(v):
+        if name not in ALERT_EVENTS:
+            close = difflib.get_close_matches(str(name), known, n=1, cutoff=0.5)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ValueError(f"[{i}]|is {_short(name)}, which is no notification event; {hint}the events are: "
+                             f"{', '.join(known)}")
+        if name in seen:
+            raise ValueError(f"[{i}]|names {name!r} a second time; give each event once")
+        seen.add(name)
+    return v
+
+
+def _event_names(schema: dict) -> None:
+    """JSON Schema: the event names are an enum, so that editors complete them."""
+    for part in [schema, *schema.get("anyOf", [])]:
+        if part.get("type") == "array":
+            part["items"] = {"type": "string", "enum": list(ALERT_EVENTS)}
+
+
+def _url_or_target(schema: dict) -> None:
+    """JSON Schema of notify.urls: a list (or one) of URL strings or {url, events} (strings become the latter)."""
+    item = {"anyOf": [{"type": "string", "writeOnly": True}, schema.pop("items", {})]}
+    max_items = schema.pop("maxItems", None)
+    schema.pop("type", None)
+    schema["anyOf"] = [item, {"type": "array", "items": item, **({"maxItems": max_items} if max_items else {})}]
+
+
+class NotifyTarget(_Section):
+    url: SecretStr = Field(
+        description=("An apprise URL (json://host:port/path, form://..., mailto://user:password@host, slack://..., "
+                     "ntfy://..., matrix://...). It holds credentials, so it is a secret: logs, status and errors "
+                     "show only its scheme and server."))
+    events: Optional[list[str]] = Field(
+        None, max_length=len(ALERT_EVENTS), json_schema_extra=_event_names,
+        description="The events sent to this URL (null: notify.events).")
+    _label: str = PrivateAttr("")
+
+    _events = field_validator("events")(classmethod(lambda cls, v: v if v is None else _check_events(v)))
+
+    @model_validator(mode="after")
+    def _loads(self) -> "NotifyTarget":
+        from ckpt_daemon import alerturl
+
+        url = self.url.get_secret_value()
+        plugin, label, why = alerturl.load(url)  # imports apprise: only a config with notify.urls pays for it
+        if why:
+            raise ValueError(f".url|({label}) cannot be used: it {why}")
+        self._label = label
+        return self
+
+    @property
+    def label(self) -> str:
+        return self._label
+
+    @field_serializer("url", when_used="json")
+    def _redacted(self, v: SecretStr) -> str:
+        return self._label or "**********"  # check-config and reload logs show the scheme and server only
+
+
+class NotifyConfig(_Section):
+    urls: list[NotifyTarget] = Field(
+        default_factory=list, max_length=MAX_NOTIFY_URLS,
+        description=("Where to send notifications: apprise URLs (email, Slack, Matrix, ntfy, Discord, Telegram, "
+                     "webhooks...), each a string or {url: ..., events: [...]} (at most 32). Empty: no notifications, "
+                     "and apprise is never imported."),
+        json_schema_extra=_url_or_target,
+    )
+    events: list[str] = Field(
+        default_factory=lambda: list(ALERT_EVENTS), max_length=len(ALERT_EVENTS), json_schema_extra=_event_names,
+        description="Events sent to every URL that names none of its own: " + "; ".join(
+            f"{k}: {v}" for k, v in ALERT_EVENTS.items()) + ".")
+    min_interval_s: float = Field(
+        600.0, ge=0, le=DAY_S,
+        description=("At most one notification per event per this many seconds (0: no limit). Events in between are "
+                     "not lost: the next notification of that event counts them and names the last few."))
+
+    _events = field_validator("events")(classmethod(lambda cls, v: _check_events(v)))
+
+    @field_validator("urls", mode="before")
+    @classmethod
+    def _strings_are_targets(cls, v: Any) -> Any:
+        if isinstance(v, (str, dict)):
+            v = [v]  # one URL needs no list
+        if not isinstance(v, list):  # refused here: pydantic's message would quote it
+            raise ValueError(f"|must be a list of URLs (or one URL); given a value of type {type(v).__name__}")
+        out = []
+        for i, x in enumerate(v):
+            url = x.get("url") if isinstance(x, dict) else x
+            if isinstance(x, NotifyTarget):
+                out.append(x)
+                continue
+            if url is not None and not isinstance(url, str):  # refused here: pydantic's message would quote it
+                raise ValueError(f"[{i}]|must be a URL string or {{url: '...', events: [...]}} whose url is a string; "
+                                 f"given a value of type {type(url).__name__}")
+            out.append(x if isinstance(x, dict) else {"url": x})
+        return out
+
+
 class LoggingConfig(_Section):
     dir: BoundedPath = Field(Path("logs"), description="Folder of daemon.log, cleanup.log, trainer.log, metrics.jsonl.")
     level: Literal["debug", "info", "warning", "error"] = Field("info", description="Console and file log level.")
@@ -539,6 +653,8 @@ class Config(_Section):
     disk: DiskConfig = Field(default_factory=DiskConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     http: HttpConfig = Field(default_factory=HttpConfig, description="Read-only dashboard and Prometheus metrics.")
+    notify: NotifyConfig = Field(default_factory=NotifyConfig,
+                                 description="Notifications (apprise): crash loops, a new best, training finished...")
     timezone: str = Field(
         "UTC", min_length=1, max_length=64, description="IANA time zone of the schedules, e.g. 'Europe/Berlin'."
     )

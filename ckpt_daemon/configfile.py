@@ -213,7 +213,8 @@ def save_last_good(cfg: Config, text: str, config_path: Optional[Path] = None) -
         pass  # best effort: a read-only home under a hardened unit without StateDirectory
     try:
         cfg.log_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(cfg.log_dir / LAST_GOOD, data.encode("utf-8"), mode=0o644)
+        # 0600: it holds what config.yaml holds, secrets included (notify.urls, http.token); the trainer runs as us
+        atomic_write_bytes(cfg.log_dir / LAST_GOOD, data.encode("utf-8"), mode=0o600)
         return None
     except OSError as exc:
         return str(exc)

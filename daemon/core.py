@@ -31,7 +31,7 @@ from ckpt_daemon.config import Config, diff_configs, parse_config
 from ckpt_daemon.errors import ConfigError
 from ckpt_daemon.fsutil import disk_usage
 from ckpt_daemon.logs import get_logger, setup_logging
-from daemon import state as st
+from daemon import alerts, state as st
 from daemon.jobs import Jobs
 from daemon.notify import Notifier
 from daemon.supervisor import Supervisor
@@ -97,6 +97,8 @@ class Daemon:
         if r.held:
             log.warning("retention held deletions under an unconfirmed policy", held=len(r.held),
                         remedy="run `python -m maintenance.cleanup` to review and confirm the new tiers")
+            alerts.emit("deletions_held", f"retention held {len(r.held)} deletion(s) (unconfirmed policy)",
+                        "Kept: " + ", ".join(r.held), key=",".join(r.held))
         return f"deleted {len(r.deleted)}, kept {self.last_cleanup['kept']}, freed {cleanup.human(r.freed_bytes)}" + (
             f", {len(r.failed)} failed" if r.failed else "") + (f", held {len(r.held)} (unconfirmed policy)" if r.held else "")
 
@@ -142,6 +144,8 @@ class Daemon:
                            "protected or kept by the tiers and are never deleted to make room. Free space by hand or "
                            "loosen retention.tiers.")
                 log.error(message, retention_ran=ok)
+        if message:
+            alerts.emit("disk_emergency", f"DISK EMERGENCY: {free / 2**30:.2f} GiB free", message)
         # What `df` shows (the share used leaves out the blocks reserved for root), and for which filesystem:
         # status, its JSON, the dashboard and /metrics all read these.
         self.disk = {"free_bytes": free, "total_bytes": usage.total, "used_bytes": usage.used,
@@ -296,6 +300,7 @@ class Daemon:
             "jobs": {"next": self.jobs.next_times(), "history": self.jobs.history.data.get("jobs", {})},
             "last_cleanup": self.last_cleanup,
             "memory": self._memory_status(),
+            "notify": alerts.snapshot(),
         }
 
     def _memory_status(self) -> Optional[dict]:
@@ -331,6 +336,7 @@ class Daemon:
         """Rewrite the state file when what it says changed (an idle daemon writes nothing)."""
         try:
             s = self.status()
+            alerts.note_best(s)  # a best other than the last one seen: a new best
             now = time.time()
             if s == self._last_state and not force and now - self._last_write < 30:
                 return  # unchanged: rewritten only as a sign of life, twice a minute
@@ -407,6 +413,7 @@ class Daemon:
                 threading.Thread(target=self.memory.run, args=(self.stop_requested,), daemon=True,
                                  name="memory-persist").start()
         self._write_record()
+        alerts.start(self.get_cfg)  # notify: (its own thread; nothing when notify.urls is empty)
         history = st.JobHistory(cfg.log_dir)
         self.jobs = Jobs(self.get_cfg, history, {"snapshot": self.job_snapshot, "retention": self.job_retention,
                                                  "disk": self.job_disk, "rescan": self.job_rescan})
@@ -459,6 +466,7 @@ class Daemon:
             if getattr(self, "memory", None) is not None:
                 self.memory.close()  # the trainer has stopped: persist what is newer than the disk, empty the region
             self.watcher.stop()
+            alerts.stop()  # sends what waits, for at most 5 s
             self._reader.shutdown(wait=False, cancel_futures=True)
             self._write_record()
             self.write_status(force=True)

@@ -76,6 +76,9 @@ def verdict(s: dict, alive: bool, now: float, config_error: Optional[str] = None
     if ck.get("failed_verification"):
         parts.append(f"{len(ck['failed_verification'])} FAILED VERIFICATION")
         level = max(level, "warn", key=_rank)
+    if any(t.get("state") in ("failing", "unusable") for t in (s.get("notify") or {}).get("targets") or []):
+        parts.append("notifications FAILING")  # the alerts of this run may not reach anyone
+        level = max(level, "warn", key=_rank)
     ret = s.get("retention") or {}
     if ret.get("policy_confirmed") is False:
         # held deletions matter only while the policy is unconfirmed: once a person confirmed it (cleanup -y),
@@ -190,6 +193,11 @@ def render(s: dict, alive: bool, now: float, config_error: Optional[str] = None,
                     f"disk:     {used}{human(disk.get('free_bytes', 0))} free ({disk.get('level')})"))
         if disk.get("message"):
             out.append(("bad", f"          {disk['message']}"))
+    for t in (s.get("notify") or {}).get("targets") or []:  # labels only: a URL is a secret
+        if t.get("state") in ("failing", "unusable"):
+            since = f" for {age(now - t['failing_since'])}" if t.get("failing_since") else ""
+            out.append(("warn", f"notify:   {t.get('target')} FAILING{since} ({t.get('failed', 0)} not delivered): "
+                                f"{t.get('last_error')}"))
     nxt = (s.get("jobs") or {}).get("next", {})
     for j in ("snapshot", "retention"):
         out.append(("", f"next {j}: {_when(nxt.get(j))}"))

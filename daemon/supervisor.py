@@ -36,6 +36,7 @@ from ckpt_daemon import catalog as cat
 from ckpt_daemon import foreign, runtime, spare, verifyonce
 from ckpt_daemon.fsutil import free_bytes
 from ckpt_daemon.logs import get_logger
+from daemon import alerts
 from daemon.outputtail import OutputTail
 from daemon.watch import writers_lookup
 
@@ -223,6 +224,7 @@ def choose_resume(c: cat.Catalog, exclude: set[str], known_bad: dict[str, str],
             notes.append(f"{prefix}{e.name} skipped: failed verification ({v.reason})")
             log.error("checkpoint failed verification; it will not be used for resume", checkpoint=prefix + e.name,
                       reason=v.reason)
+            alerts.emit("verification_failed", f"{prefix}{e.name} failed verification", v.reason, key=prefix + e.name)
             set_aside(e, f"failed verification: {v.reason}")
             continue
         return v, notes
@@ -684,6 +686,8 @@ class Supervisor:
             if self.memory is not None:
                 self.memory.remove_if_persisted("training finished")
             log.info("training finished", returncode=rc)
+            alerts.emit("training_finished", "training finished", f"The trainer exited 0 after {ran:.0f}s.",
+                        latest=newest_after)
             return
         crash = {"time": now, "returncode": rc, "description": ex.description, "kind": ex.kind, "ran_s": round(ran, 1),
                  "resumed_from": self.resume_from, "tail": tail, "why": why}
@@ -696,19 +700,23 @@ class Supervisor:
         else:
             log.error("trainer crashed", how=ex.description, kind=ex.kind, ran_s=round(ran, 1),
                       resumed_from=self.resume_from, last_output=tail[-10:] or [why])
+            alerts.emit("crash", f"trainer crashed: {ex.description}", "\n".join(tail) or why, kind=ex.kind,
+                        resumed_from=self.resume_from, ran_s=round(ran, 1))
         for n in verdict.notes[:-1] if verdict.action == "give_up" else verdict.notes:
             log.warning(n)
         if verdict.action == "give_up":
             retry_s = cfg.training.restart.give_up_retry_s
             cause = {"disk_full": "the disk is full", "out_of_memory": "it runs out of memory"}.get(ex.kind, "see the last crash")
             msg = (f"gave up: {verdict.notes[-1]}; the last one: {ex.description} ({cause}). "
-                   + ("It retries by itself as soon as there is room again, " if ex.kind == "disk_full" else "")
-                   + (f"and in any case in {retry_s:.0f}s (training.restart.give_up_retry_s). " if retry_s
+                   + ("It retries by itself as soon as there is room again, and in any case "
+                      if ex.kind == "disk_full" else "It retries by itself ")
+                   + (f"in {retry_s:.0f}s (training.restart.give_up_retry_s). " if retry_s
                       else "Automatic retries are off (training.restart.give_up_retry_s: 0). ")
                    + "Fix the cause (logs/trainer.log), then `systemctl restart ckpt-daemon` to retry now.")
             self._set(state="gave_up", message=msg, gave_up={"kind": ex.kind, "since": now, "message": msg,
                                                             "retry_at": now + retry_s if retry_s else None})
             log.error("not restarting training for now", reason=msg)
+            alerts.emit("gave_up", "training GAVE UP: not restarting it for now", msg, kind=ex.kind)
             return
         self._set(state="backoff", next_start=now + verdict.delay_s,
                   message=f"{'stopped from outside' if ex.kind == 'stopped_outside' else 'crashed'} ({ex.description}); "

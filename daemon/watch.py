@@ -39,6 +39,7 @@ from watchdog.observers import Observer
 from ckpt_daemon import catalog as cat
 from ckpt_daemon import foreign
 from ckpt_daemon.logs import get_logger
+from daemon import alerts
 
 log = get_logger("daemon.watch")
 
@@ -366,6 +367,7 @@ class Watcher:
             # damage after it was written, or files we may not read: a person has to look
             log.error("checkpoint failed verification: it will never be used for resume", checkpoint=k,
                       status=status, reason=reason)
+            alerts.emit("verification_failed", f"{k} failed verification", f"{status}: {reason}", key=k)
         else:
             # a save that never finished, or not a checkpoint at all: the resume choice sets it aside
             log.warning("checkpoint is not usable: it will never be used for resume", checkpoint=k,
