@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from ckpt_daemon import catalog as cat
+from ckpt_daemon import devio
 from ckpt_daemon import manifest as mf
 from ckpt_daemon import runtime
 from ckpt_daemon.errors import CheckpointError, DiskFullError, NoValidCheckpoint
@@ -246,6 +247,26 @@ class CheckpointManager:
         self._thread = threading.Thread(target=self._bg_write, args=(prepared,), name=f"save-{step}", daemon=True)
         self._thread.start()
         return final
+
+    def reserve_memory(self, *, model: torch.nn.Module, optimizer: Any = None, nbytes: Optional[int] = None,
+                       background: bool = False) -> bool:
+        """Reserve the memory slots now for a state like this model's and optimizer's (`nbytes` if given,
+        else estimated, the optimizer's state still to be created included): their space, their pages and,
+        for a model on a GPU, their registration as pinned memory are paid here, at start, instead of inside
+        the first memory saves. False when memory checkpoints are off. Raises MemoryCheckpointError when the
+        region cannot hold two copies (the first save would fail the same way); with background=True the
+        work runs on the memory writer's thread while training goes on, and the first memory save waits for
+        it (and raises its error)."""
+        if self.memory_dir is None:
+            return False
+        from ckpt_daemon.memsave import MemoryWriter
+
+        if self._memory is None:
+            self._memory = MemoryWriter(self.memory_dir, self.dir, self.memory_max_bytes)
+        est = nbytes if nbytes is not None else devio.estimate_state_bytes(model, optimizer)
+        gpu = devio.state_on_gpu(_unwrap(model).parameters())
+        (self._memory.reserve_in_background if background else self._memory.reserve)(est, gpu=gpu)
+        return True
 
     def _save_memory(self, step, model, optimizer, scheduler, scaler, epoch, data_state, metrics, config, extra,
                      pin, world_size, rng) -> Optional[Path]:
@@ -664,8 +685,14 @@ def read_checkpoint(path: Path, map_location: str | torch.device = "cpu", verify
     wanted = [n for n in [mf.MODEL_FILE, *state_files, STATE_JSON] if n in files]
     bufs: dict = {}
     jobs: list = []
+    # Onto a GPU: the tensor files go through pinned buffers to the device, hashed on the way (devio).
+    to_device = [n for n in wanted if n.endswith(".safetensors")] if devio.is_gpu(map_location) else []
     try:
+        if to_device:
+            bufs.update(devio.read_files(path, {n: files[n] for n in to_device}, trusted, verify, map_location))
         for name in wanted:
+            if name in bufs:
+                continue
             meta = files[name]
             algo, digest = record_checksum(meta)  # checked by read_manifest
             bufs[name], st = stio.map_file(path / name, meta["size"])
@@ -683,6 +710,8 @@ def read_checkpoint(path: Path, map_location: str | torch.device = "cpu", verify
         state_t.update(stio.parse_safetensors(get(name))[0])
     if STATE_JSON in files:
         skeleton = json.loads(bytes(get(STATE_JSON)))
+    if to_device:
+        state_t = devio.host_side(state_t)  # RNG, scheduler, data state: CPU; the optimizer's moments: the GPU
     if map_location not in ("cpu", torch.device("cpu")):
         model = {k: v.to(map_location) for k, v in model.items()}
     out = {k: decode(skeleton.get(k), state_t) for k in ("optimizer", "scheduler", "scaler", "rng", "data", "extra")}

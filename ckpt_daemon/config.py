@@ -327,6 +327,16 @@ class TrainerConfig(_Section):
     best_mode: Literal["min", "max"] = Field("min", description="Whether lower or higher best_metric is better.")
     async_save: bool = Field(True, description="Write checkpoints in the background (training continues).")
     threads: int = Field(0, ge=0, le=1024, description="torch CPU threads (0: torch's default).")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description=("Where the built-in trainer computes: auto (a CUDA GPU when torch sees one, else the CPU), "
+                             "cpu, or cuda (an error without one). Under torchrun each process uses cuda:LOCAL_RANK."))
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description=("Autocast precision of the forward pass: fp32 (none), bf16, or fp16 (with a gradient "
+                             "scaler, saved in every checkpoint). Weights and optimizer state stay fp32."))
+    deterministic: bool = Field(
+        False, description=("Deterministic kernels (torch.use_deterministic_algorithms, CUBLAS_WORKSPACE_CONFIG): on a "
+                            "GPU, needed for a resume whose losses equal an uninterrupted run's bit for bit; slower. "
+                            "CPU training is deterministic either way."))
     model: ModelConfig = Field(default_factory=ModelConfig, description="Model size.")
     data: DataConfig = Field(default_factory=DataConfig, description="Training data.")
 

@@ -31,6 +31,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from ckpt_daemon import devio
 from ckpt_daemon import manifest as mf
 from ckpt_daemon import memory as mem
 from ckpt_daemon import stio
@@ -55,21 +56,34 @@ class _Slot:
         self.mm: Optional[mmap.mmap] = None
         self.size = 0
         self.buf: Optional[torch.Tensor] = None  # uint8 view of the whole mapping
+        self.host: Optional[devio.HostMapping] = None  # its pages faulted in; registered with CUDA for a GPU state
 
-    def ensure(self, size: int) -> None:
+    def ensure(self, size: int, pin: bool = False) -> None:
         """Reserve and map the first `size` bytes (fallocate: a tmpfs that fills later never SIGBUSes a
         write into us). Only that range: a larger file (a bigger state before, a sparse file of any size
         someone left) is neither allocated nor mapped beyond it, and never shrunk (it may be the newest
-        committed state, which a reader maps whole)."""
+        committed state, which a reader maps whole). The pages are faulted in now, and with `pin` (a GPU
+        state) registered as pinned memory: a save's copy then neither faults nor stages (devio)."""
         if self.size >= size:
+            if pin:
+                self.pin()
             return
         os.posix_fallocate(self.fd, 0, size)
         self.unmap()
         self.size = size
         self.mm = mmap.mmap(self.fd, self.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self.host = devio.HostMapping(self.mm, self.size)
+        if pin:
+            self.pin()
         self.buf = torch.frombuffer(self.mm, dtype=torch.uint8)
 
+    def pin(self) -> bool:
+        return self.host is not None and self.host.pin()
+
     def unmap(self) -> None:
+        if self.host is not None:
+            self.host.release()  # unregistered before the mapping goes
+            self.host = None
         self.buf = None
         if self.mm is not None:
             try:
@@ -145,12 +159,42 @@ class MemoryWriter:
         self.skipped = 0
         self.boot = mem.boot_id()
         self._gen = max((s.gen for s in self.region.slots()[0]), default=0)
+        self.pin_slots = False  # a GPU state: the slots are registered as pinned memory when reserved
+        self._reserve_error: Optional[BaseException] = None
+
+    def reserve_in_background(self, payload_bytes: int, gpu: bool = False) -> None:
+        """`reserve` on the writer's thread: training goes on meanwhile (a restart's first step is not delayed);
+        the first save waits for it (join), and an error surfaces there."""
+        self.join()
+
+        def run() -> None:
+            try:
+                self.reserve(payload_bytes, gpu)
+            except BaseException as exc:  # raised as it is by the next save's join (its message is the user's)
+                self._reserve_error = exc
+
+        self._thread = threading.Thread(target=run, name="memory-reserve", daemon=True)
+        self._thread.start()
+
+    def reserve(self, payload_bytes: int, gpu: bool = False) -> None:
+        """Reserve every slot for a state of about `payload_bytes` now, before the first save: the space
+        (fallocate), the pages (faulted in) and, for a GPU state, the registration as pinned memory, all paid
+        here rather than inside the first saves' copies. A larger state later grows the slots at that save.
+        Raises MemoryCheckpointError when the region cannot hold two copies."""
+        self.pin_slots = self.pin_slots or gpu
+        # the files' safetensors headers and state.json: a few hundred bytes a tensor, well within the margin
+        # slot_capacity adds; the manifest's room as _write reserves it
+        size = mem.PAYLOAD_OFFSET + mem.slot_capacity(int(payload_bytes) + (64 << 10) + (1 << 20))
+        self._reserve(None, size)
 
     # -- save ---------------------------------------------------------------------------------------
     def join(self) -> None:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+        if self._reserve_error is not None:
+            err, self._reserve_error = self._reserve_error, None
+            raise err
         if self._error is not None:
             err, self._error = self._error, None
             raise CheckpointError(f"The memory checkpoint could not be committed: {err}") from err
@@ -297,8 +341,12 @@ class MemoryWriter:
         error the slot is unlocked and the error raised."""
         slot = self.slots[i]
         try:
+            gpu = devio.state_on_gpu(t for _, _, _, _, ts in layout if ts for t in ts.values())
+            self.pin_slots = self.pin_slots or gpu
             if slot.size < mem.PAYLOAD_OFFSET + payload_need:
                 self._reserve(slot, mem.PAYLOAD_OFFSET + mem.slot_capacity(payload_need))
+            elif gpu:
+                slot.pin()  # reserved before the state was known to be on a GPU: registered once, now
             seq = slot.seq()
             odd = seq + 1 if seq % 2 == 0 else seq + 2
             # from here on the slot is not committed (a reader sees a slot being written)
@@ -324,7 +372,7 @@ class MemoryWriter:
                     elif n:
                         buf[pos:pos + n].copy_(_u8(t), non_blocking=t.device.type != "cpu")
                     pos += n
-            if any(t.device.type != "cpu" for _, _, _, _, ts in layout if ts for t in ts.values()):
+            if gpu:
                 torch.cuda.synchronize()
             return odd
         except BaseException:
@@ -342,7 +390,7 @@ class MemoryWriter:
             raise mem.capacity_error(self.region.path, size, free + sum(os.fstat(s.fd).st_blocks * 512 for s in self.slots))
         try:
             for s in self.slots:
-                s.ensure(size)
+                s.ensure(size, pin=self.pin_slots)
         except OSError as exc:
             raise mem.capacity_error(self.region.path, size, free_bytes(self.region.path)) from exc
 

@@ -318,14 +318,16 @@ def read_file_checked(path: Path, expected_size: Optional[int] = None, expected_
     return buf
 
 
-def parse_safetensors(buf: bytearray | bytes) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors viewing `buf` (no copy) and the metadata. Raises ValueError on a malformed file."""
+def parse_safetensors(buf: bytearray | bytes | torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors viewing `buf` (no copy) and the metadata. Raises ValueError on a malformed file. `buf` may
+    be a uint8 tensor on any device (a file loaded onto a GPU): the tensors then view it there."""
+    on_device = isinstance(buf, torch.Tensor)
     if len(buf) < 8:
         raise ValueError("safetensors data is truncated")
-    (n,) = struct.unpack_from("<Q", buf, 0)
+    (n,) = struct.unpack_from("<Q", buf[:8].cpu().numpy().tobytes() if on_device else buf, 0)
     if n > len(buf) - 8:
         raise ValueError("safetensors header length exceeds the file")
-    header = json.loads(bytes(buf[8 : 8 + n]))
+    header = json.loads(buf[8:8 + n].cpu().numpy().tobytes() if on_device else bytes(buf[8 : 8 + n]))
     meta = header.pop("__metadata__", {}) or {}
     base = 8 + n
     out: dict[str, torch.Tensor] = {}
@@ -341,9 +343,14 @@ def parse_safetensors(buf: bytearray | bytes) -> tuple[dict[str, torch.Tensor], 
         for d in shape:
             count *= d
         if count == 0:
-            out[name] = torch.empty(shape, dtype=dtype)
+            out[name] = torch.empty(shape, dtype=dtype, device=buf.device if on_device else None)
             continue
-        t = torch.frombuffer(buf, dtype=torch.uint8, count=e - b, offset=base + b).view(dtype)
+        if on_device:
+            raw = buf[base + b:base + e]
+            # a view of another dtype must start at a multiple of its size; a file does not promise that
+            t = (raw if (buf.storage_offset() + base + b) % dtype.itemsize == 0 else raw.clone()).view(dtype)
+        else:
+            t = torch.frombuffer(buf, dtype=torch.uint8, count=e - b, offset=base + b).view(dtype)
         out[name] = t.reshape(shape)
     return out, meta
 

@@ -28,6 +28,7 @@ from typing import Optional
 from ckpt_daemon import catalog as cat
 from ckpt_daemon import configfile, runtime
 from ckpt_daemon.config import Config, diff_configs, parse_config
+from ckpt_daemon.device import heartbeat_device
 from ckpt_daemon.errors import ConfigError
 from ckpt_daemon.fsutil import disk_usage
 from ckpt_daemon.logs import get_logger, setup_logging
@@ -278,6 +279,9 @@ class Daemon:
             if isinstance(hb.get("resumed_from"), str):  # what the trainer really loaded (it may have fallen back)
                 training["resumed_from"] = hb["resumed_from"]
             training["heartbeat_time"] = hb.get("time")
+            dev = heartbeat_device(hb.get("device"))  # where it trains and that device's memory, as it reports them
+            if dev:
+                training["device"] = dev
         newest = self._train_metrics.update()  # the trainer's metrics lines: loss, validation metric, ...
         if newest["values"]:
             training["metrics"] = newest["values"]

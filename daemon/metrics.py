@@ -21,6 +21,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from ckpt_daemon.device import heartbeat_device
 from daemon.dashboard import InventoryView
 
 TRAINING_STATES = ("idle", "running", "adopted", "stopping", "backoff", "gave_up", "stopped", "finished")
@@ -113,6 +114,7 @@ class DaemonCollector(Collector):
         ):
             if _num(t.get(key)) is not None:
                 yield GaugeMetricFamily(name, help_, value=t[key])
+        yield from self._device(t.get("device"))
         lc = t.get("last_crash") or {}
         if _num(lc.get("time")) is not None:
             yield GaugeMetricFamily("ckpt_daemon_training_last_crash_timestamp_seconds", "When the trainer last crashed.",
@@ -123,6 +125,26 @@ class DaemonCollector(Collector):
                                     "more is a crash loop. 0 once a trainer has run healthy_after_s.",
                                     value=t["recent_crashes"])
         yield from self._train_metrics(t)
+
+    @staticmethod
+    def _device(raw) -> Iterator[Metric]:
+        """Where the trainer computes and its device's memory (from its heartbeat)."""
+        dev = heartbeat_device(raw)
+        if not dev:
+            return
+        info = GaugeMetricFamily("ckpt_daemon_training_device_info", "The trainer's device (1 for the current one): "
+                                 "cpu or cuda:<i>, its name and the autocast precision.",
+                                 labels=["device", "name", "precision"])
+        info.add_metric([dev["device"], dev.get("name", ""), dev.get("precision", "")], 1)
+        yield info
+        mem = dev.get("memory") or {}
+        if mem:
+            g = GaugeMetricFamily("ckpt_daemon_training_device_memory_bytes",
+                                  "The trainer's device memory: allocated and reserved by torch, and the GPU's total; "
+                                  "on a CPU the trainer's resident memory (rss).", labels=["kind"])
+            for kind, v in sorted(mem.items()):
+                g.add_metric([kind], v)
+            yield g
 
     @staticmethod
     def _train_metrics(t: dict) -> Iterator[Metric]:

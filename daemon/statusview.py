@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Optional
 
+from ckpt_daemon.device import describe as describe_device, heartbeat_device
 from ckpt_daemon.units import age, human  # noqa: F401  (also this module's API)
 from daemon.outputtail import inert
 
@@ -138,6 +139,9 @@ def render(s: dict, alive: bool, now: float, config_error: Optional[str] = None,
     if t.get("resumed_from"):
         line += f", resumed from {t['resumed_from']}"
     out.append(("bad" if loop else "", line))
+    dev = heartbeat_device(t.get("device"))  # the state file is read back: checked again
+    if dev:
+        out.append(("", f"device:   {describe_device(dev)}"))
     if t.get("message"):
         out.append(("bad" if t.get("state") == "gave_up" else "", f"          {t['message']}"))
     if t.get("next_start"):

@@ -4,10 +4,15 @@ Trains the small GPT on the configured data forever (or to trainer.max_steps), c
 steps through CheckpointManager, evaluates, tracks best, pins epoch ends, logs metrics to
 logs/metrics.jsonl. SIGINT/SIGTERM: finish the step, save, exit 128+signal (143 for SIGTERM: stopped, not finished; exit 0 means finished). Under torchrun: DDP with gloo on
 CPU (nccl on GPUs); rank 0 writes; every rank loads the checkpoint rank 0 chose.
+
+trainer.device (auto: a CUDA GPU when present; under torchrun cuda:LOCAL_RANK, bound before the process
+group exists), trainer.precision (autocast; fp16 with a gradient scaler saved in every checkpoint) and
+trainer.deterministic are decided in ckpt_daemon/device.py and applied by ckpt_daemon/devio.py.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -20,7 +25,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from ckpt_daemon import runtime
+from ckpt_daemon import devio, runtime
+from ckpt_daemon import device as dv
 from ckpt_daemon.config import Config
 from ckpt_daemon.logs import append_jsonl
 from ckpt_daemon.checkpoint import CheckpointManager, capture_rng, restore_rng
@@ -52,11 +58,11 @@ def lr_lambda(cfg) -> callable:
     return f
 
 
-def build(cfg: Config, vocab_size: int):
+def build(cfg: Config, vocab_size: int, device: torch.device = torch.device("cpu")):
     tc = cfg.trainer
     mc = GPTConfig(vocab_size=vocab_size, block_size=tc.model.block_size, n_layer=tc.model.n_layer,
                    n_head=tc.model.n_head, n_embd=tc.model.n_embd, dropout=tc.model.dropout)
-    model = GPT(mc)
+    model = GPT(mc).to(device)  # initialised on the CPU (the same weights on every device), then moved
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay},
@@ -66,10 +72,13 @@ def build(cfg: Config, vocab_size: int):
 
 
 @torch.no_grad()
-def evaluate(model: GPT, corpus, cfg) -> float:
+def evaluate(model: GPT, corpus, cfg, placement: Optional[dv.Placement] = None) -> float:
     model.eval()
-    losses = [model(x, y)[1].item() for x, y in val_batches(corpus.val, cfg.model.block_size, cfg.batch_size,
-                                                             cfg.eval_batches)]
+    dev = torch.device(placement.device) if placement else torch.device("cpu")
+    losses = []
+    for x, y in val_batches(corpus.val, cfg.model.block_size, cfg.batch_size, cfg.eval_batches):
+        with devio.autocast(placement) if placement else contextlib.nullcontext():
+            losses.append(model(x.to(dev), y.to(dev))[1].float().item())
     model.train()
     return sum(losses) / len(losses)
 
@@ -92,11 +101,14 @@ def _append_metrics(path: Path, rec: dict) -> None:
 
 def run(cfg: Config, resume: str, max_steps: Optional[int] = None) -> int:
     tc = cfg.trainer
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    distributed = world > 1
+    job = dv.job_from_env()
+    world, rank, distributed = job.world, job.rank, job.distributed
+    # The device first: a rank binds cuda:LOCAL_RANK before the process group exists, so NCCL and every
+    # collective use its own GPU (NCCL on GPUs, gloo on CPUs: device.backend_for).
+    placement = devio.setup(tc.device, tc.precision, tc.deterministic, job)
+    device = torch.device(placement.device)
     if distributed:
-        dist.init_process_group("gloo" if not torch.cuda.is_available() else "nccl")
+        dist.init_process_group(placement.backend)
     if tc.threads:
         torch.set_num_threads(tc.threads)
     stop = StopFlag()
@@ -112,7 +124,8 @@ def run(cfg: Config, resume: str, max_steps: Optional[int] = None) -> int:
         _remove_dead_saves(ckpt_dir)
     torch.manual_seed(tc.seed)
     corpus = load_corpus(cfg.data_path(), tc.data.synthetic_chars, tc.seed, tc.data.val_fraction)
-    model, mc, opt, sched = build(cfg, corpus.vocab_size)
+    model, mc, opt, sched = build(cfg, corpus.vocab_size, device)
+    scaler = devio.grad_scaler(placement)  # fp16 only; saved and restored with every checkpoint
     sampler = Sampler(corpus.train, tc.model.block_size, tc.batch_size, tc.seed, rank, world)
     # Memory-first checkpoints need the daemon, which persists them (it names the region in the environment).
     mem_cfg = cfg.checkpoints.memory
@@ -137,7 +150,8 @@ def run(cfg: Config, resume: str, max_steps: Optional[int] = None) -> int:
                 box = [str(cands[0].path) if cands else None]
             dist.broadcast_object_list(box, src=0)
             target = box[0]
-        loaded = mgr.load(target, model=model, optimizer=opt, scheduler=sched, restore_rng_state=False) if target else None
+        loaded = mgr.load(target, model=model, optimizer=opt, scheduler=sched, scaler=scaler, restore_rng_state=False,
+                          map_location=device) if target else None
         if loaded is not None:
             step = loaded.step
             resumed_from = loaded.path.name
@@ -159,7 +173,16 @@ def run(cfg: Config, resume: str, max_steps: Optional[int] = None) -> int:
     elif rank == 0:
         log.info("--resume none: starting fresh at step 0")
 
-    ddp_model = torch.nn.parallel.DistributedDataParallel(model) if distributed else model
+    if mem_dir:
+        # the slots' space, pages and (for a GPU) pinned registration, paid now on the writer's thread while
+        # training starts, not inside the first memory saves
+        mgr.reserve_memory(model=model, optimizer=opt, background=True)
+    if rank == 0:
+        log.info("training on %s%s", placement.device, "" if placement.precision == "fp32" else f" with {placement.precision} autocast")
+    ddp_model = model
+    if distributed:
+        ddp_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[placement.index] if placement.device_type == "cuda" else None)
     limit = max_steps if max_steps is not None else tc.max_steps
     model_cfg = {"model": mc.to_dict(), "vocab": corpus.vocab, "trainer": cfg.trainer.model_dump(mode="json")}
     best: Optional[float] = mgr.best_value
@@ -173,7 +196,7 @@ def run(cfg: Config, resume: str, max_steps: Optional[int] = None) -> int:
             rngs = [None] * world
             dist.all_gather_object(rngs, capture_rng())
         if rank == 0:
-            mgr.save(step, model=model, optimizer=opt, scheduler=sched, epoch=sampler.epoch,
+            mgr.save(step, model=model, optimizer=opt, scheduler=sched, scaler=scaler, epoch=sampler.epoch,
                      data_state=sampler.state(), metrics=metrics, config=model_cfg, pin=pin, world_size=world,
                      extra={"rng_ranks": rngs}, rng={}, blocking=blocking, memory=memory)
 
@@ -182,24 +205,32 @@ def run(cfg: Config, resume: str, max_steps: Optional[int] = None) -> int:
     try:
         while limit is None or step < limit:
             x, y, epoch_ended = sampler.next_batch()
-            _, loss = ddp_model(x, y)
-            loss.backward()
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with devio.autocast(placement):
+                _, loss = ddp_model(x, y)
+            (scaler.scale(loss) if scaler else loss).backward()
+            if scaler:
+                scaler.unscale_(opt)  # the clip sees the true gradients
             if tc.grad_clip:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
             lr = opt.param_groups[0]["lr"]
-            opt.step()
+            if scaler:
+                scaler.step(opt)  # skipped (and the scale lowered) when a gradient overflowed
+                scaler.update()
+            else:
+                opt.step()
             opt.zero_grad(set_to_none=True)
             sched.step()
             step += 1
             tokens += x.numel() * world
-            loss_v = loss.item()
+            loss_v = loss.float().item()
             if not math.isfinite(loss_v):
                 raise FloatingPointError(f"loss became {loss_v} at step {step}; lower trainer.learning_rate")
             rec = {"step": step, "loss": loss_v, "lr": lr, "epoch": sampler.epoch}
             metrics = {"loss": loss_v}
             new_best = False
             if step % tc.eval_every_steps == 0:
-                val_loss = evaluate(model, corpus, tc)
+                val_loss = evaluate(model, corpus, tc, placement)
                 rec["val_loss"] = val_loss
                 metrics["val_loss"] = val_loss
                 better = best is None or (val_loss < best if tc.best_mode == "min" else val_loss > best)
@@ -209,7 +240,7 @@ def run(cfg: Config, resume: str, max_steps: Optional[int] = None) -> int:
                 _append_metrics(metrics_path, {**rec, "time": time.time()})
             stopping = stop.signal is not None
             if distributed:
-                flag = torch.tensor([1 if stopping else 0])
+                flag = torch.tensor([1 if stopping else 0], device=device)  # NCCL moves only GPU tensors
                 dist.all_reduce(flag, op=dist.ReduceOp.MAX)
                 stopping = bool(flag.item())
             finished = limit is not None and step >= limit
@@ -231,7 +262,7 @@ def run(cfg: Config, resume: str, max_steps: Optional[int] = None) -> int:
                     t_last, tokens = now, 0
                 if now - last_hb > 1.0 or finished or stopping:
                     runtime.write_heartbeat(ckpt_dir, step=step, epoch=sampler.epoch, saving=mgr.saving,
-                                            resumed_from=resumed_from, world_size=world)
+                                            resumed_from=resumed_from, world_size=world, device=devio.report(placement))
                     last_hb = now
             if stopping and not finished:
                 # Not finished: exit as a shell reports a death by that signal (143 for SIGTERM), so that a

@@ -138,6 +138,15 @@ function drawCards(d) {
     ["resumed from", t.resumed_from || "scratch"],
     ["heartbeat", ago(now, t.heartbeat_time)],
   ];
+  const dev = t.device;
+  if (dev && typeof dev.device === "string") {
+    const m = dev.memory || {};
+    const parts = ["allocated", "reserved"].filter((k) => typeof m[k] === "number").map((k) => `${bytes(m[k])} ${k}`);
+    if (typeof m.total === "number") parts.push(`${bytes(m.total)} total`);
+    if (typeof m.rss === "number") parts.push(`${bytes(m.rss)} resident`);
+    trainingRows.push(["device", `${dev.device}${dev.name ? ` (${dev.name})` : ""}${dev.precision ? `, ${dev.precision}` : ""}`]);
+    if (parts.length) trainingRows.push(["device memory", parts.join(" / ")]);
+  }
   if ((t.recent_crashes || 0) >= 2) trainingRows.push(["crash loop", `${t.recent_crashes} crashes within ${num((t.crash_window_s || 0) / 60, 0)} min`, "bad"]);
   for (const [name, m] of Object.entries(t.metrics || {}).slice(0, 6)) {
     if (m && typeof m.value === "number") trainingRows.push([name, `${m.value.toPrecision(4)}${m.step !== null && m.step !== undefined ? ` at step ${m.step}` : ""}`]);
