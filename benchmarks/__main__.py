@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks.gpu import GPU_GOALS, gpu_table
+
 REPO = Path(__file__).resolve().parent.parent
 WORK = Path(os.environ.get("CKPT_BENCH_DIR", REPO / "benchmarks" / ".work"))
 
@@ -266,6 +268,13 @@ def bench_integrations(quick: bool, out: dict) -> None:
     out.update(run(quick))
 
 
+def bench_gpu(quick: bool, out: dict) -> None:
+    """Saves and loads of a state on a CUDA GPU (benchmarks/gpu.py); without one it says so."""
+    from benchmarks.gpu import bench_gpu as run
+
+    out.update(run(quick))
+
+
 def bench_snapshot(quick: bool, out: dict) -> None:
     import numpy as np
 
@@ -469,7 +478,7 @@ def bench_recovery(quick: bool, out: dict) -> None:
 
 BENCHES = {"save": bench_save_and_load, "dlrover": bench_dlrover, "memory": bench_memory_first,
            "snapshot": bench_snapshot, "plan": bench_plan, "cleanup": bench_cleanup, "train": bench_train_overhead,
-           "daemon": bench_daemon, "recovery": bench_recovery, "integrations": bench_integrations}
+           "daemon": bench_daemon, "recovery": bench_recovery, "integrations": bench_integrations, "gpu": bench_gpu}
 
 GOALS = {  # name: (comparison, goal, meaning)
     "save_vs_torch": ("<=", 1.0, "our blocking save (checksummed, atomic commit) / torch.save+fsync, same state and disk"),
@@ -522,6 +531,9 @@ PEER_ROWS = [
 ]
 
 
+GOALS.update(GPU_GOALS)
+
+
 def verdict(name: str, value) -> str:
     op, goal, _ = GOALS.get(name, (None, None, None))
     if goal is None or value is None:
@@ -567,7 +579,27 @@ def main(argv=None) -> int:
             print(f"{k:24} {v!s:>14}  {('goal ' + g[0] + ' ' + str(g[1]) + ' ' + verdict(k, v)) if g and g[1] is not None else ''}")
     if not args.quick and not args.only:
         write_results(out)
+    elif not args.quick and "gpu" in chosen and "gpu_state_bytes" in out:
+        write_gpu_section(out)  # a GPU machine's run of --only gpu: its table goes into RESULTS.md
     return 0
+
+
+GPU_BEGIN, GPU_END = "<!-- gpu-results -->", "<!-- /gpu-results -->"
+
+
+def write_gpu_section(out: dict) -> None:
+    """Put the GPU table into RESULTS.md between its markers (replacing the one there), the rest unchanged."""
+    path = REPO / "benchmarks" / "RESULTS.md"
+    text = path.read_text() if path.exists() else "# Benchmark results\n"
+    block = "\n".join([GPU_BEGIN, f"- date: {time.strftime('%Y-%m-%d %H:%M %Z')}; machine: {machine()}",
+                       "- command: `python -m benchmarks --only gpu`", "", *gpu_table(out), GPU_END])
+    if GPU_BEGIN in text and GPU_END in text:
+        head, rest = text.split(GPU_BEGIN, 1)
+        text = head + block + rest.split(GPU_END, 1)[1]
+    else:
+        marker = "\nRaw figures:"
+        text = text.replace(marker, "\n" + block + "\n" + marker, 1) if marker in text else text + "\n" + block + "\n"
+    path.write_text(text)
 
 
 def write_results(out: dict) -> None:
@@ -584,6 +616,7 @@ def write_results(out: dict) -> None:
     for k in ("dlrover_skipped", "memory_skipped"):
         if out.get(k):
             lines.append(f"\n{k.split('_')[0]}: skipped: {out[k]}")
+    lines += ["", GPU_BEGIN, *gpu_table(out), GPU_END]
     lines += ["", "Raw figures:", "", "```json", json.dumps(out, indent=2), "```", ""]
     notes = REPO / "benchmarks" / "NOTES.md"
     if notes.exists():

@@ -36,7 +36,7 @@ from ckpt_daemon import manifest as mf
 from ckpt_daemon import memory as mem
 from ckpt_daemon import stio
 from ckpt_daemon.errors import CheckpointError
-from ckpt_daemon.fsutil import free_bytes
+from ckpt_daemon.fsutil import free_bytes, record_checksum
 from ckpt_daemon.statecodec import decode
 
 log = logging.getLogger("ckpt_daemon.memsave")
@@ -520,6 +520,20 @@ def read_slot_state(region_dir: str | os.PathLike, ckpt_dir: Path, map_location=
         src = np.frombuffer(mm, dtype=np.uint8)
 
         wanted = [f for f in info.files if f[0] != mf.MANIFEST]
+        # Onto a GPU: the tensor files go from the slot through pinned buffers to the device, hashed on the way.
+        to_device = [f for f in wanted if f[0].endswith(".safetensors")] if devio.is_gpu(map_location) else []
+        dev_bufs: dict = {}
+        if to_device:
+            try:
+                jobs = [devio.ReadJob(name, src[base + o:base + o + size], size,
+                                      *((None, None) if trusted else record_checksum(m["files"][name])))
+                        for name, o, size in to_device]
+                dev_bufs = devio.read_to_device(jobs, map_location)
+            except ValueError as exc:  # devio.ReadError, or a manifest record without a usable checksum
+                return None, f"{info.path.name}: {exc}"
+            finally:
+                jobs = None  # noqa: F841  (its views of the mapping go before the mapping is closed)
+            wanted = [f for f in wanted if f not in to_device]
         bufs = {name: np.empty(size, dtype=np.uint8) for name, _, size in wanted}
         # copied in pieces by every core (one large file need not be copied by one thread)
         pieces = [(name, o + lo, lo, min(size, lo + COPY_PIECE)) for name, o, size in wanted
@@ -536,6 +550,7 @@ def read_slot_state(region_dir: str | os.PathLike, ckpt_dir: Path, map_location=
             list(pool.map(copy, pieces))
             bad = [] if trusted else [n for n in pool.map(check, wanted) if n]
         src = None  # drop the view of the mapping before it is closed
+        bufs.update(dev_bufs)
         if mem.read_seq(info.path) != info.seq:
             return None, f"{info.path.name} was rewritten while it was read"
         if bad:
@@ -555,6 +570,8 @@ def read_slot_state(region_dir: str | os.PathLike, ckpt_dir: Path, map_location=
         skeleton = json.loads(bytes(bufs[STATE_JSON])) if STATE_JSON in bufs else {}
     except (ValueError, KeyError, TypeError) as exc:
         return None, f"{info.path.name} holds a malformed state ({exc})"
+    if dev_bufs:
+        state_t = devio.host_side(state_t)  # RNG, scheduler, data state: CPU; the optimizer's moments: the GPU
     if map_location not in ("cpu", torch.device("cpu")):
         model = {k: v.to(map_location) for k, v in model.items()}
     out = {k: decode(skeleton.get(k), state_t) for k in ("optimizer", "scheduler", "scaler", "rng", "data", "extra")}

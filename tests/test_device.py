@@ -296,12 +296,8 @@ def test_a_flipped_byte_or_a_short_file_fails_the_device_load_naming_the_file(tm
 
 
 def test_parse_safetensors_on_a_loaded_buffer_matches_the_host_parse(tmp_path):
-    import io
-
     tensors = {"odd": torch.arange(7, dtype=torch.uint8), "w": torch.randn(3, 5), "h": torch.randn(4).half(),
                "step": torch.tensor(3.0), "empty": torch.empty(0, 4)}
-    f = io.BytesIO()
-    (tmp_path / "x.safetensors").write_bytes(b"")
     with open(tmp_path / "x.safetensors", "wb") as fh:
         stio.write_safetensors(fh, tensors, {"k": "v"})
     raw = (tmp_path / "x.safetensors").read_bytes()
@@ -310,7 +306,6 @@ def test_parse_safetensors_on_a_loaded_buffer_matches_the_host_parse(tmp_path):
     assert meta == meta2 == {"k": "v"} and list(host) == list(dev)
     for k in tensors:  # "w" follows 7 bytes: not 4-aligned in the buffer, copied to an aligned one
         assert dev[k].dtype == tensors[k].dtype and torch.equal(dev[k], tensors[k]), k
-    del f
 
 
 def test_read_checkpoint_through_the_device_path_gives_the_same_state_and_catches_damage(tmp_path, monkeypatch):
@@ -350,3 +345,38 @@ def test_only_the_optimizers_tensors_stay_on_the_device():
     for name in ("rng/torch", "rng/cuda/0", "scaler/scale", "extra/rng_ranks/0/torch", "data/x", "scheduler/y"):
         assert devio.keep_on_host(name, torch.zeros(3))
     assert not devio.is_gpu("cpu") and not devio.is_gpu(torch.device("cpu")) and devio.is_gpu("cuda:1")
+
+
+def test_a_memory_slot_loads_through_the_device_path_and_a_damaged_one_is_refused(tmp_path, monkeypatch):
+    from ckpt_daemon import memory as mem
+    from ckpt_daemon.checkpoint import CheckpointManager
+    from ckpt_daemon.memsave import read_slot_state
+    from tests.conftest import same_nested
+    from tests.test_checkpoint import make_state
+
+    m, opt, sched = make_state(width=256)
+    region, ck = tmp_path / "region", tmp_path / "ck"
+    mgr = CheckpointManager(ck, memory=region)
+    mgr.save(4, model=m, optimizer=opt, scheduler=sched, data_state={"pos": 1}, memory=True)
+    mgr.close()
+    host, why = read_slot_state(region, ck)
+    assert host is not None, why
+    monkeypatch.setattr(devio, "is_gpu", lambda loc: True)  # the GPU branch, with the CPU as its device
+    calls = []
+    real = devio.read_to_device
+    monkeypatch.setattr(devio, "read_to_device", lambda jobs, dev: calls.append([j.name for j in jobs]) or real(jobs, "cpu"))
+    dev, why = read_slot_state(region, ck, map_location="cpu")
+    assert dev is not None, why
+    assert sorted(calls[0]) == ["model.safetensors", "state.safetensors"]
+    for k in ("model", "optimizer", "scheduler", "data"):
+        assert same_nested(host[k], dev[k]), k
+    assert dev["rng"]["torch"].device.type == "cpu"
+    info, _ = mem.Region(region).newest(ck)
+    name, off, size = next(f for f in info.files if f[0] == "state.safetensors")
+    with open(info.path, "r+b") as f:  # a flipped byte in the optimizer's state, inside the slot
+        f.seek(mem.PAYLOAD_OFFSET + off + size - 5)
+        b = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([b[0] ^ 1]))
+    state, why = read_slot_state(region, ck, map_location="cpu")
+    assert state is None and re.search(r"state.safetensors fails its \w+ checksum", why), why

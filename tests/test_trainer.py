@@ -43,10 +43,12 @@ def trainer_cmd(cfg: Path, world: int, *extra: str) -> list[str]:
             "--config", str(cfg), *extra]
 
 
-@pytest.mark.parametrize("world", [1, 2], ids=["single", "torchrun-2"])
-def test_exact_resume_after_sigkill(tmp_path, world):
+@pytest.mark.parametrize("world, precision", [(1, "fp32"), (2, "fp32"), (1, "bf16"), (1, "fp16")],
+                         ids=["single", "torchrun-2", "bf16", "fp16-scaler"])
+def test_exact_resume_after_sigkill(tmp_path, world, precision):
+    over = {"trainer": {"precision": precision, "deterministic": True}} if precision != "fp32" else None
     # The uninterrupted reference run.
-    ref = write_config(tmp_path / "ref")
+    ref = write_config(tmp_path / "ref", over)
     r = subprocess.run(trainer_cmd(ref, world, "--max-steps", str(STEPS)), capture_output=True, text=True,
                        env=env_for_children(), timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -55,7 +57,7 @@ def test_exact_resume_after_sigkill(tmp_path, world):
     assert expected[STEPS] < expected[1]  # it learns
 
     # The same run, SIGKILLed at a random step after at least two checkpoints (every 5 steps).
-    cfg = write_config(tmp_path / "run")
+    cfg = write_config(tmp_path / "run", over)
     metrics = tmp_path / "run" / "logs" / "metrics.jsonl"
     kill_at = random.Random(world).randint(12, STEPS - 4)
     p = start(trainer_cmd(cfg, world, "--max-steps", str(STEPS)), tmp_path / "run1.log")
@@ -76,6 +78,14 @@ def test_exact_resume_after_sigkill(tmp_path, world):
     for step in range(resumed_step + 1, STEPS + 1):
         assert got[step] == expected[step], f"step {step}: {got[step]!r} != {expected[step]!r}"
     assert got == expected
+    if precision == "fp16":  # the gradient scaler's state is saved and restored: it went on as if never stopped
+        from ckpt_daemon.checkpoint import read_checkpoint
+
+        ref_scaler = read_checkpoint(tmp_path / "ref" / "checkpoints" / f"checkpoint-{STEPS}")["scaler"]
+        assert ref_scaler["_growth_tracker"] == STEPS and ref_scaler["scale"] > 0
+        assert read_checkpoint(tmp_path / "run" / "checkpoints" / f"checkpoint-{STEPS}")["scaler"] == ref_scaler
+        assert read_checkpoint(tmp_path / "run" / "checkpoints" / f"checkpoint-{resumed_step}")["scaler"][
+            "_growth_tracker"] == resumed_step
 
 
 def test_resume_with_another_world_size_continues_and_says_so(tmp_path):
