@@ -458,7 +458,14 @@ class CheckpointManager:
              map_location: str | torch.device = "cpu", strict: bool = True) -> Optional[Loaded]:
         """Restore state from the newest valid checkpoint at or before `which`. Each candidate is fully
         verified (sizes and checksums) while it is read; a corrupt one is logged and the previous valid
-        one is used. Returns None if there is no checkpoint at all (a fresh start)."""
+        one is used. Returns None if there is no checkpoint at all, and for `which="none"` (a fresh start:
+        what the daemon passes as $CKPT_RESUME when there is nothing to resume from).
+
+        The state is copied out of the checkpoint's files (which are memory-mapped while they are read and
+        verified), so that once load returns no file of the checkpoint stays open or mapped: retention,
+        snapshots and `cleanup` see no reader, and the optimizer's moments are updated in memory of its own."""
+        if which == "none":
+            return None
         mem_step = self._memory_choice(which)
         if mem_step is not None:
             # The daemon chose its verified memory state (still being persisted under this name): read it.
@@ -492,7 +499,7 @@ class CheckpointManager:
         misfits: list[str] = []
         for e in cands:
             try:
-                state = read_checkpoint(e.path, map_location=map_location)
+                state = read_checkpoint(e.path, map_location=map_location, copy=True)
             except (CheckpointError, ValueError, OSError) as exc:
                 log.error("checkpoint %s failed verification and will not be used: %s", e.name, exc)
                 skipped.append((e.name, str(exc)))
@@ -645,8 +652,15 @@ def _write_json(f, obj, algo: str = "sha256") -> tuple[int, str]:
     return len(data), h.hexdigest()
 
 
-def read_checkpoint(path: Path, map_location: str | torch.device = "cpu", verify: bool = True) -> dict:
-    """Read and verify a native checkpoint folder into plain state (no pickle). Raises CheckpointError."""
+def read_checkpoint(path: Path, map_location: str | torch.device = "cpu", verify: bool = True,
+                    copy: bool = False) -> dict:
+    """Read and verify a native checkpoint folder into plain state (no pickle). Raises CheckpointError.
+
+    The tensors view the files' memory mappings (no copy), which keeps each file open (a mapping holds
+    its file) as long as any of them lives. With copy=True every tensor but the model's (which
+    load_state_dict copies into the parameters) is copied into memory of its own, so that the mappings
+    and files are released once the model is loaded: what a resume keeps (optimizer moments, data state)
+    must never pin the checkpoint's files for the rest of the run."""
     path = Path(path)
     status, reason, m = mf.check_native(path, verify=False)
     if status != "complete":
@@ -675,17 +689,26 @@ def read_checkpoint(path: Path, map_location: str | torch.device = "cpu", verify
     except stio.ChecksumMismatch as exc:
         raise CheckpointError(f"{path.name} is corrupt: {exc}") from None
     get = bufs.__getitem__
-    model, meta = stio.parse_safetensors(get(mf.MODEL_FILE))
-    join_tied(model, meta)
-    state_t: dict = {}
-    skeleton: dict = {}
-    for name in state_files:
-        state_t.update(stio.parse_safetensors(get(name))[0])
-    if STATE_JSON in files:
-        skeleton = json.loads(bytes(get(STATE_JSON)))
-    if map_location not in ("cpu", torch.device("cpu")):
-        model = {k: v.to(map_location) for k, v in model.items()}
-    out = {k: decode(skeleton.get(k), state_t) for k in ("optimizer", "scheduler", "scaler", "rng", "data", "extra")}
+    try:
+        model, meta = stio.parse_safetensors(get(mf.MODEL_FILE))
+        join_tied(model, meta)
+        state_t: dict = {}
+        skeleton: dict = {}
+        for name in state_files:
+            state_t.update(stio.parse_safetensors(get(name))[0])
+        if copy:
+            state_t = {k: v.clone() for k, v in state_t.items()}
+        if STATE_JSON in files:
+            skeleton = json.loads(bytes(get(STATE_JSON)))
+        if not isinstance(skeleton, dict):
+            raise ValueError(f"{STATE_JSON} is not a JSON object")
+        if map_location not in ("cpu", torch.device("cpu")):
+            model = {k: v.to(map_location) for k, v in model.items()}
+        out = {k: decode(skeleton.get(k), state_t) for k in ("optimizer", "scheduler", "scaler", "rng", "data", "extra")}
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError, RuntimeError, OverflowError) as exc:
+        # Its checksums hold, so these bytes were written as they are: by a bug, or crafted to match.
+        raise CheckpointError(f"{path.name} cannot be read although its checksums match ({type(exc).__name__}: "
+                              f"{(str(exc).splitlines() or [''])[0][:200]}); it was not used.") from None
     out.update(model=model, config=skeleton.get("config") or {}, manifest=m)
     out["data"] = out["data"] or {}
     out["extra"] = out["extra"] or {}
