@@ -350,6 +350,13 @@ class RetentionConfig(_Section):
     )
     keep_epoch_ends: bool = Field(
         True, description="Keep the last checkpoint of every epoch (any trainer), whatever the tiers say.")
+    # 100 is more epochs than nearly any real schedule has (ImageNet's 90, fine-tunes' 1-10), so real
+    # epoch ends stay kept for good, as users ask; a script whose `epoch` changes every few saves would
+    # otherwise make every checkpoint an epoch end and retention would never delete anything.
+    max_epoch_ends: Optional[int] = Field(
+        100, ge=1, le=1_000_000,
+        description=("keep_epoch_ends protects at most the newest this many epoch ends; older ones follow the tiers "
+                     "(null: no limit)."))
     keep_trash: bool = Field(False, description="Keep deleted checkpoints in .trash until the next run (for undo).")
 
     _cron = field_validator("schedule")(classmethod(lambda cls, v: validate_cron(v)))

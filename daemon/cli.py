@@ -80,8 +80,13 @@ def cmd_list(args) -> int:
                           "resumed_from": c.resumed_from}, indent=2, default=str))
         return code
     from rich.console import Console
-    from rich.markup import escape
+    from rich.markup import escape as markup_escape
     from rich.table import Table
+
+    from ckpt_daemon.termtext import inert
+
+    def escape(text: str) -> str:  # not rich markup, and no terminal escape sequence
+        return markup_escape(inert(text))
 
     t = Table(title=escape(f"{c.root} ({len(c.entries)} checkpoints, {len(c.valid())} valid)"), title_justify="left")
     for col in ("name", "step", "layout", "status", "size", "frees", "age", "epoch", "metrics", "marks"):
@@ -96,19 +101,20 @@ def cmd_list(args) -> int:
         if c.resumed_from == e.name:
             marks.append("resumed from")
         status = e.status + (" (verified)" if e.verified and e.valid else "") + (f": {e.reason}" if e.reason else "")
-        # every text from the folder is escaped: a name or a pin reason like "[/x]" is not rich markup
+        # every text from the folder is escaped: a name, a metric name or a pin reason like "[/x]" or "\x1b]0;"
+        # is neither rich markup nor a terminal escape sequence
         t.add_row(*(escape(x) for x in (e.name, str(e.step), e.layout, status, human(e.bytes), human(e.freeable_bytes),
                                         age(now - e.mtime), "" if e.epoch is None else str(e.epoch),
                                         " ".join(f"{k}={v:.4g}" for k, v in e.metrics.items()), ", ".join(marks))))
     Console(width=max(120, os.get_terminal_size().columns if sys.stdout.isatty() else 160)).print(t)
     for p in c.in_progress:
-        print(f"in progress or interrupted (ignored): {p.name}")
+        print(inert(f"in progress or interrupted (ignored): {p.name}"))
     for n, w in c.ignored:
-        print(f"not a checkpoint: {n} ({w})")
+        print(inert(f"not a checkpoint: {n} ({w})"))
     if bad:
-        print(f"{len(bad)} checkpoint(s) are not usable ({', '.join(e.name for e in bad[:5])}"
-              f"{', ...' if len(bad) > 5 else ''}): the daemon never resumes from them; restore one from a snapshot "
-              "(`ckpt-daemon restore`) if you need it.", file=sys.stderr)
+        print(inert(f"{len(bad)} checkpoint(s) are not usable ({', '.join(e.name for e in bad[:5])}"
+                    f"{', ...' if len(bad) > 5 else ''}): the daemon never resumes from them; restore one from a "
+                    "snapshot (`ckpt-daemon restore`) if you need it."), file=sys.stderr)
     return code
 
 
@@ -169,13 +175,15 @@ def cmd_status(args) -> int:
     from rich.console import Console
     from rich.text import Text
 
+    from ckpt_daemon.termtext import inert
+
     console = Console(highlight=False)  # colour only where the terminal supports it; NO_COLOR is honoured
 
     def text() -> tuple[int, Text]:
         code, _, lines = _status_lines(args)
         t = Text()
-        for i, (style, line) in enumerate(lines):
-            t.append(line + ("\n" if i < len(lines) - 1 else ""), style=STYLES.get(style, ""))
+        for i, (style, line) in enumerate(lines):  # names, metrics and the trainer's output made inert
+            t.append(inert(line) + ("\n" if i < len(lines) - 1 else ""), style=STYLES.get(style, ""))
         return code, t
 
     if args.watch is None:
@@ -320,7 +328,9 @@ def cmd_pin(args) -> int:
         if not msgs:
             msgs.append(f"{e.name} was not pinned by a user")
         out.update(pinned=False, released_epoch_end=released, message="; ".join(msgs))
-    print(json.dumps(out) if args.json else out["message"])
+    from ckpt_daemon.termtext import inert
+
+    print(json.dumps(out) if args.json else inert(out["message"]))  # a name or reason may hold escape sequences
     return 0
 
 

@@ -295,7 +295,7 @@ class Daemon:
                                            "latest": desc(rc.newest_valid()), "best": desc(rc.pointer("best"))}
                                      for run, rc in cats.items() if run}},
             "retention": {"enabled": cfg.retention.enabled,
-                          "policy_confirmed": cleanup.confirmed_tiers(cfg.checkpoint_dir)[0] == cleanup._canon(cfg.retention.tiers)},
+                          "policy_confirmed": cleanup.policy_confirmed(cfg)},
             "disk": self.disk,
             "jobs": {"next": self.jobs.next_times(), "history": self.jobs.history.data.get("jobs", {})},
             "last_cleanup": self.last_cleanup,

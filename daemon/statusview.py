@@ -205,9 +205,9 @@ def render(s: dict, alive: bool, now: float, config_error: Optional[str] = None,
     if ret.get("enabled") is False:
         out.append(("warn", "retention: disabled (retention.enabled: false): nothing is deleted by the daemon"))
     elif ret.get("policy_confirmed") is False:
-        out.append(("warn", "retention: the tiers in config.yaml differ from the last confirmed ones; unattended runs "
-                            "delete only what the confirmed tiers also would. Review and confirm: "
-                            "python -m maintenance.cleanup"))
+        out.append(("warn", "retention: settings in config.yaml that decide what is deleted differ from the last "
+                            "confirmed ones; unattended runs delete only what the confirmed settings also would. "
+                            "Review and confirm: python -m maintenance.cleanup"))
     lcl = s.get("last_cleanup")
     if lcl:
         held = ""

@@ -231,3 +231,25 @@ def test_concurrent_cleanups_never_take_each_others_trash(tmp_path):
     assert "its reasons: tier 2: not first of steps 0-19" in log and "FAILED" not in log
     assert sorted(p.name for p in (root / ".ckpt-daemon" / "trash").iterdir()) == sorted([live.id, live.id + ".lock"])
     live.close()
+
+
+def test_a_script_whose_epoch_changes_every_save_is_told_and_bounded(tmp_path):
+    """A plain script that saves its own counter as `epoch`: every file is an epoch end. The dry run says
+    so (and what to do), and retention.max_epoch_ends bounds what epoch-end protection keeps."""
+    import torch
+
+    root = tmp_path / "checkpoints"
+    root.mkdir()
+    for s in range(10, 310, 10):
+        torch.save({"model": {"w": torch.zeros(2)}, "step": s, "epoch": s // 10}, root / f"model_step_{s}.pt")
+    over = {"checkpoints": {"pattern": "model_step_{step}.pt"}, "retention": {"tiers": [{"count": 2}]}}
+    cfg = write_config(tmp_path, over, tiny=False)
+    r = run_py(["-m", "maintenance.cleanup", "--config", str(cfg), "--dry-run", "-q"], check=True)
+    assert "Epoch ends: 29 of 30 checkpoints are the last of their epoch (the epoch changes about every 10 steps)" in r.stdout
+    assert "set retention.keep_epoch_ends: false, or lower retention.max_epoch_ends" in r.stdout
+    assert "Delete 0 of 30" in r.stdout  # all 29 are within the default max_epoch_ends (100)
+    cfg = write_config(tmp_path, {**over, "retention": {"tiers": [{"count": 2}], "max_epoch_ends": 5}}, tiny=False)
+    r = run_py(["-m", "maintenance.cleanup", "--config", str(cfg), "--dry-run", "-q"], check=True)
+    assert "Delete 24 of 30" in r.stdout, r.stdout  # kept: the newest 2 and the newest 5 epoch ends (290 is both)
+    assert "the 24 older ones are not protected as epoch ends and follow the tiers" in r.stdout
+    assert "Epoch ends: 29 of 30" in (tmp_path / "logs" / "cleanup.log").read_text()

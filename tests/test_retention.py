@@ -151,3 +151,27 @@ def test_plan_is_deterministic_and_order_independent():
     random.Random(0).shuffle(shuffled)
     b = plan(shuffled, DEFAULT)
     assert [(x.name, x.keep, x.reasons) for x in a] == [(x.name, x.keep, x.reasons) for x in b]
+
+
+def test_epoch_end_protection_keeps_at_most_the_newest_max_epoch_ends():
+    """A script whose `epoch` changes at every save makes every checkpoint an epoch end: without a cap,
+    retention could never delete anything. The cap keeps the newest K epoch ends; the rest follow the tiers."""
+    from pathlib import Path
+
+    from ckpt_daemon.catalog import Catalog, Entry
+    from maintenance.retention import protections
+
+    entries = []
+    for s in range(10, 310, 10):  # 30 saves, a new epoch at each
+        e = Entry(f"checkpoint-{s}", Path("/x") / f"checkpoint-{s}", s, "native", "complete")
+        e.epoch, e.epoch_end = s // 10, s < 300
+        entries.append(e)
+    catalog = Catalog(Path("/x"), entries, [], [], {"latest": None, "best": None}, {}, None)
+    uncapped = protections(catalog)
+    assert sum("last checkpoint of epoch" in " ".join(w) for w in uncapped.values()) == 29
+    assert all(d.keep for d in plan(items(range(10, 310, 10)), [TierSpec(2)], uncapped))  # nothing ever deleted
+    capped = protections(catalog, max_epoch_ends=5)
+    ends = sorted(int(n.split("-")[1]) for n, w in capped.items() if any("last checkpoint of epoch" in x for x in w))
+    assert ends == [250, 260, 270, 280, 290]  # the newest five
+    assert kept(plan(items(range(10, 310, 10)), [TierSpec(2)], capped)) == [250, 260, 270, 280, 290, 300]
+    assert protections(catalog, keep_epoch_ends=False, max_epoch_ends=5).keys() == {"checkpoint-300"}
