@@ -8,7 +8,7 @@ import datetime as dt
 from typing import Optional
 
 from ckpt_daemon.units import age, human  # noqa: F401  (also this module's API)
-from daemon.outputtail import inert
+from ckpt_daemon.termtext import inert
 
 
 def _when(iso: Optional[str]) -> str:
