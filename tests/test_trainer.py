@@ -60,6 +60,15 @@ def test_exact_resume_after_sigkill(tmp_path, world):
     kill_at = random.Random(world).randint(12, STEPS - 4)
     p = start(trainer_cmd(cfg, world, "--max-steps", str(STEPS)), tmp_path / "run1.log")
     wait_for_step(metrics, kill_at, p)
+    # saves run beside training; on a busy machine the second one may still be on its way at kill_at
+    deadline = time.monotonic() + 120
+    def newest_step() -> int:
+        newest = cat.scan(tmp_path / "run" / "checkpoints", ["checkpoint-{step}"]).newest_valid()
+        return newest.step if newest else 0
+
+    while newest_step() < 10:
+        assert time.monotonic() < deadline and p.poll() is None, "the second checkpoint never became valid"
+        time.sleep(0.05)
     kill_tree(p.pid, signal.SIGKILL)  # torchrun's workers have sessions of their own
     p.wait()
     time.sleep(0.5)
