@@ -19,25 +19,13 @@ import pytest
 
 from ckpt_daemon import catalog as cat
 from ckpt_daemon import runtime
-from tests.conftest import PY, run_py
-from tests.test_daemon import Daemon, daemons  # noqa: F401  (fixture)
+from tests.helpers import BYO, PY, Daemon, run_py, wait_for
 
-BYO = Path(__file__).parent / "byo"
 FAST_RESTART = {"initial_backoff_s": 0.2, "max_backoff_s": 1.0, "max_crashes": 20, "crash_window_s": 600}
 
 
 def newest(root: Path, patterns) -> cat.Entry:
     return cat.scan(root, patterns).newest_valid()
-
-
-def wait_for(pred, timeout: float = 120, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def kill_right_after_a_save(d: Daemon, root: Path, patterns, after_step: int) -> cat.Entry:

@@ -15,26 +15,10 @@ import safetensors.torch
 import torch
 
 from ckpt_daemon import catalog as cat
-from ckpt_daemon.errors import CheckpointError, NoValidCheckpoint
 from ckpt_daemon import checkpoint as ck
 from ckpt_daemon.checkpoint import CheckpointManager, read_checkpoint
-from tests.conftest import same_nested
-
-
-def make_state(width: int = 64, seed: int = 0):
-    torch.manual_seed(seed)
-    m = torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.ReLU(), torch.nn.Linear(width, 10))
-    opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
-    sched = torch.optim.lr_scheduler.StepLR(opt, 10)
-    for _ in range(2):
-        m(torch.randn(4, width)).sum().backward()
-        opt.step()
-        sched.step()
-    return m, opt, sched
-
-
-def same_state(a: torch.nn.Module, b: torch.nn.Module) -> bool:
-    return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+from ckpt_daemon.errors import CheckpointError, NoValidCheckpoint
+from tests.helpers import make_state, same_nested, same_state
 
 
 def test_round_trip_full_state(tmp_path):

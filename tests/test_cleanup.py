@@ -10,12 +10,10 @@ import subprocess
 import time
 from pathlib import Path
 
-
 from ckpt_daemon import catalog as cat
-from maintenance.cleanup import run_cleanup
 from ckpt_daemon.config import load_config
-from tests.conftest import PY, env_for_children, run_py, write_config
-from tests.test_catalog import hf_folder, native, single_file
+from maintenance.cleanup import run_cleanup
+from tests.helpers import PY, env_for_children, hf_folder, native, run_py, single_file, write_config
 
 SMALL_TIERS = {"retention": {"tiers": [{"count": 2}, {"every_steps": 20}]}}
 

@@ -18,8 +18,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from daemon.cli import build_parser, main as cli
-from tests.conftest import PY, REPO, env_for_children, run_py, write_config
+from daemon.cli import build_parser
+from daemon.cli import main as cli
+from tests.helpers import PY, REPO, env_for_children, run_py, write_config
 
 
 def native(root: Path, step: int, epoch: int) -> None:

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from ckpt_daemon.config import ConfigError, config_schema, diff_configs, load_config, parse_config
-from tests.conftest import REPO, run_py
+from tests.helpers import REPO, run_py
 
 BAD = [
     # (yaml text, substrings the message must contain)

@@ -16,16 +16,14 @@ from pathlib import Path
 import pytest
 import yaml
 
+from ckpt_daemon import catalog as cat
+from ckpt_daemon.config import RestartPolicy
 from daemon.jobs import missed
 from daemon.notify import Notifier
 from daemon.supervisor import CrashPolicy, choose_resume, expand_command
-from ckpt_daemon import catalog as cat
-from ckpt_daemon.config import RestartPolicy
-from tests.conftest import PY, env_for_children, run_py, write_config
-from tests.test_catalog import native
+from tests.helpers import PY, Daemon, native, run_py, write_config
 
 
-# ---------------------------------------------------------------------------------- pure decisions
 def policy(**kw):
     base = dict(initial_backoff_s=1, max_backoff_s=8, healthy_after_s=100, max_crashes=5, crash_window_s=1000,
                 same_checkpoint_crashes=2)
@@ -150,84 +148,6 @@ def test_unit_file_renders_and_verifies(tmp_path):
 
 
 # ---------------------------------------------------------------------------------- the real daemon
-DAEMON_OVERRIDES = {
-    "trainer": {"checkpoint_every_steps": 20, "eval_every_steps": 20, "log_every_steps": 100},
-    "training": {"stop_timeout_s": 30, "restart": {"initial_backoff_s": 0.2, "max_backoff_s": 1.0, "healthy_after_s": 600,
-                                                   "max_crashes": 5, "crash_window_s": 600}},
-    "disk": {"check_interval_s": 5, "warn_free_gb": 0, "emergency_free_gb": 0},
-}
-
-
-class Daemon:
-    def __init__(self, folder: Path, overrides: dict | None = None, env: dict | None = None):
-        from tests.conftest import deep_merge
-
-        self.folder = folder
-        self.cfg = write_config(folder, deep_merge(DAEMON_OVERRIDES, overrides or {}))
-        self.env = {**env_for_children(), **(env or {})}
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> "Daemon":
-        self.out = open(self.folder / "daemon.out", "ab")
-        self.proc = subprocess.Popen([PY, "-m", "daemon", "run", "--config", str(self.cfg), "--quiet-trainer"],
-                                     stdout=self.out, stderr=subprocess.STDOUT, env=self.env, cwd=self.folder)
-        return self
-
-    def status(self) -> dict:
-        try:
-            return json.loads((self.folder / "logs" / "daemon-state.json").read_text())
-        except (OSError, ValueError):
-            return {}
-
-    def wait(self, pred, timeout: float = 90, what: str = "condition"):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            s = self.status()
-            try:
-                v = pred(s)
-            except (KeyError, TypeError):
-                v = None
-            if v:
-                return v
-            assert self.proc.poll() is None, f"daemon exited {self.proc.returncode}:\n{self.output()}"
-            time.sleep(0.1)
-        raise AssertionError(f"timed out waiting for {what}; status: {json.dumps(self.status(), indent=1)[:3000]}\n{self.output()[-3000:]}")
-
-    def output(self) -> str:
-        return (self.folder / "daemon.out").read_text(errors="replace")
-
-    def log(self) -> str:
-        p = self.folder / "logs" / "daemon.log"
-        return p.read_text() if p.exists() else ""
-
-    def stop(self, sig=signal.SIGTERM, timeout: float = 60) -> int:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                return self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                raise
-        return self.proc.returncode
-
-    def step(self, s: dict):
-        t = s["training"]
-        return t.get("step") if t["state"] == "running" else None
-
-
-@pytest.fixture
-def daemons():
-    made = []
-    yield made
-    for d in made:
-        if d.proc and d.proc.poll() is None:
-            d.proc.kill()
-            d.proc.wait()
-        from ckpt_daemon.runtime import kill_tree, read_heartbeat
-
-        hb = read_heartbeat(d.folder / "checkpoints") or {}
-        if hb.get("pid"):
-            kill_tree(hb["pid"], signal.SIGKILL)
 
 
 def test_sigkill_of_the_trainer_restarts_it_from_the_highest_valid_checkpoint(tmp_path, daemons):
@@ -280,7 +200,7 @@ def test_sigterm_makes_the_trainer_save_and_both_exit_0(tmp_path, daemons):
     d.wait(lambda s: (d.step(s) or 0) >= 30, what="step 30")
     before = {e.name for e in cat.scan(tmp_path / "checkpoints", ["checkpoint-{step}"]).entries}  # epoch ends only
     assert d.stop(signal.SIGTERM) == 0
-    from tests.conftest import read_losses
+    from tests.helpers import read_losses
 
     last_step = max(read_losses(tmp_path / "logs" / "metrics.jsonl"))
     c = cat.scan(tmp_path / "checkpoints", ["checkpoint-{step}"], verify=True)

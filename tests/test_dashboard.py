@@ -23,9 +23,7 @@ from ckpt_daemon.config import load_config
 from daemon import dashboard as dash
 from daemon.http import App, session_value
 from maintenance.cleanup import build_report, confirm_policy
-from tests.conftest import PY, REPO
-from tests.test_daemon import Daemon, daemons  # noqa: F401  (fixture)
-from tests.test_deletion_safety import fake_native
+from tests.helpers import PY, REPO, Daemon, fake_native
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or (
     "/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else None)

@@ -18,7 +18,7 @@ from ckpt_daemon import catalog as cat
 from ckpt_daemon.checkpoint import load_weights
 from ckpt_daemon.config import load_config
 from maintenance import compress, consolidate
-from tests.conftest import run_py, same_nested, write_config
+from tests.helpers import run_py, same_nested, write_config
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may reach the network
 

@@ -20,8 +20,7 @@ from maintenance import retention
 from maintenance.cleanup import run_cleanup
 from maintenance.restore import restore
 from maintenance.snapshot import take_snapshot
-from tests.conftest import write_config
-from tests.test_catalog import hf_folder, tiny_model
+from tests.helpers import hf_folder, tiny_model, write_config
 
 LATER = time.time() + 3600  # "an hour later": everything written now has settled
 PATTERNS = ["checkpoint-{step}", "epoch={epoch}-step={step}.ckpt", "model_step_{step}.pt"]

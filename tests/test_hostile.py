@@ -11,8 +11,8 @@ import json
 import os
 import shutil
 import struct
-import time
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -21,8 +21,7 @@ from hypothesis import strategies as st
 
 from ckpt_daemon import catalog as cat
 from daemon.supervisor import choose_resume
-from tests.conftest import PY, env_for_children, run_py, write_config
-from tests.test_catalog import native
+from tests.helpers import PY, env_for_children, native, run_py, write_config
 
 PATTERNS = ["checkpoint-{step}", "model_step_{step}.pt", "rolling_step_{step}"]
 

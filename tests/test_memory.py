@@ -17,12 +17,20 @@ from ckpt_daemon import catalog as cat
 from ckpt_daemon import manifest as mf
 from ckpt_daemon import memory as mem
 from ckpt_daemon.checkpoint import CheckpointManager, read_checkpoint
+from ckpt_daemon.config import RestartPolicy
 from ckpt_daemon.memsave import read_slot_state
 from daemon.supervisor import CrashPolicy
-from ckpt_daemon.config import RestartPolicy
-from tests.conftest import PY, env_for_children, read_losses, run_py, same_nested, write_config
-from tests.test_checkpoint import make_state, same_state
-from tests.test_daemon import Daemon, daemons  # noqa: F401  (the fixture)
+from tests.helpers import (
+    PY,
+    Daemon,
+    env_for_children,
+    make_state,
+    read_losses,
+    run_py,
+    same_nested,
+    same_state,
+    write_config,
+)
 
 
 @pytest.fixture
@@ -790,7 +798,7 @@ def test_a_restarted_built_in_trainer_under_the_daemon_goes_on_past_garbage_in_t
 def test_the_readmes_memory_snippet_is_a_valid_config_and_best_to_disk_is_checked(tmp_path):
     from ckpt_daemon.config import parse_config
     from ckpt_daemon.errors import ConfigError
-    from tests.conftest import REPO
+    from tests.helpers import REPO
 
     readme = (REPO / "README.md").read_text()
     section = readme[readme.index("### Memory-first checkpoints"):]

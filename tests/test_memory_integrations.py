@@ -19,12 +19,13 @@ import pytest
 import torch
 
 from ckpt_daemon import catalog as cat
-from ckpt_daemon import foreign
+from ckpt_daemon import (
+    foreign,
+    memsave,  # noqa: F401  (imported before any test patches fsutil.free_bytes it binds)
+)
 from ckpt_daemon import memory as mem
-from ckpt_daemon import memsave  # noqa: F401  (imported before any test patches fsutil.free_bytes it binds)
 from ckpt_daemon.integrations import common
-from tests.conftest import PY
-from tests.test_daemon import Daemon, daemons  # noqa: F401  (the fixture)
+from tests.helpers import PY, Daemon
 
 BYO = Path(__file__).parent / "byo"
 

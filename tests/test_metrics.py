@@ -17,49 +17,14 @@ from prometheus_client.parser import text_string_to_metric_families
 from ckpt_daemon.config import load_config, parse_config
 from ckpt_daemon.errors import ConfigError
 from maintenance.cleanup import build_report, confirm_policy
-from tests.conftest import PY
-from tests.test_daemon import Daemon, daemons  # noqa: F401  (fixture)
-from tests.test_deletion_safety import fake_native
+from tests.helpers import PY, Daemon, fake_native, free_port, parse, scrape, wait_listening
 
 SLEEPER = [PY, "-c", "import time; time.sleep(3600)"]
 TIERS = [{"count": 5}, {"count": 10, "every_steps": 200}, {"every_steps": 1000}]
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def wait_listening(port: int, host: str = "127.0.0.1", timeout: float = 30) -> None:
-    """The dashboard's server starts on the observer's thread, after the daemon's own start: wait for it."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            socket.create_connection((host, port), timeout=1).close()
-            return
-        except OSError:
-            assert time.monotonic() < deadline, f"nothing listens on {host}:{port}"
-            time.sleep(0.1)
-
-
-def parse(text: str) -> dict[tuple[str, tuple], float]:
-    """{(sample name, sorted labels): value} of an exposition, via prometheus_client's parser."""
-    out = {}
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return out
-
-
 def families(text: str) -> dict[str, str]:
     return {f.name: f.type for f in text_string_to_metric_families(text)}
-
-
-def scrape(url: str, headers: dict | None = None) -> str:
-    with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=20) as r:
-        assert r.status == 200 and r.headers["Content-Type"].startswith("text/plain")
-        return r.read().decode()
 
 
 def status_of(url: str, method: str = "GET", headers: dict | None = None) -> int:
@@ -210,7 +175,7 @@ def test_metrics_and_status_carry_the_loss_the_step_rate_and_the_memory_checkpoi
     import json
     import re
 
-    from tests.conftest import read_losses, run_py
+    from tests.helpers import read_losses, run_py
 
     region = tmpfs("64m") / "region"
     port = free_port()
@@ -264,7 +229,7 @@ while True:
 def test_the_metrics_of_a_users_own_script_reach_status_and_metrics(tmp_path, daemons):  # noqa: F811
     import re
 
-    from tests.conftest import run_py
+    from tests.helpers import run_py
 
     script = tmp_path / "train.py"
     script.write_text(USER_SCRIPT)

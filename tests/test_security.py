@@ -16,8 +16,7 @@ import torch
 
 from ckpt_daemon import catalog as cat
 from ckpt_daemon.config import ConfigError, load_config
-from tests.conftest import PY, env_for_children, run_py, write_config
-from tests.test_catalog import native
+from tests.helpers import PY, env_for_children, native, run_py, write_config
 
 
 class _Evil:

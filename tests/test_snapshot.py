@@ -16,8 +16,7 @@ from ckpt_daemon import catalog as cat
 from ckpt_daemon.config import load_config
 from ckpt_daemon.errors import DiskFullError
 from maintenance.snapshot import plan_calendar, take_snapshot
-from tests.conftest import run_py, write_config
-from tests.test_catalog import native
+from tests.helpers import native, run_py, write_config
 
 
 def visible(path: Path) -> list[Path]:

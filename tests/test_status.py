@@ -19,9 +19,7 @@ import pytest
 from ckpt_daemon.fsutil import disk_usage
 from daemon.outputtail import OutputTail
 from daemon.statusview import render, verdict
-from tests.conftest import PY, run_py, write_config
-from tests.test_daemon import Daemon, daemons  # noqa: F401  (fixture)
-from tests.test_deletion_safety import seed_history
+from tests.helpers import PY, Daemon, run_py, seed_history, write_config
 
 SLEEPER = [PY, "-c", "import time; time.sleep(3600)"]
 
@@ -86,7 +84,7 @@ def test_disk_use_is_what_df_shows_on_tmpfs_and_on_ext4_with_reserved_blocks(tmp
 
 
 def test_status_its_json_the_dashboard_and_metrics_show_the_disk_as_df(tmp_path, ext4, daemons):  # noqa: F811
-    from tests.test_metrics import free_port, parse, scrape, wait_listening
+    from tests.helpers import free_port, parse, scrape, wait_listening
 
     e = ext4("64M", reserved_percent=50)
     (e / "known").write_bytes(b"z" * (8 << 20))

@@ -12,11 +12,8 @@ import textwrap
 import time
 from pathlib import Path
 
-
 from ckpt_daemon import catalog as cat
-from tests.conftest import PY, run_py
-from tests.test_daemon import Daemon, daemons  # noqa: F401  (fixture)
-from tests.test_deletion_safety import fake_native
+from tests.helpers import PY, Daemon, fake_native, run_py
 
 SLEEPER = [PY, "-c", "import time; time.sleep(3600)"]
 

@@ -13,7 +13,7 @@ import pytest
 
 from ckpt_daemon import catalog as cat
 from ckpt_daemon.runtime import kill_tree
-from tests.conftest import PY, env_for_children, read_losses, run_py, write_config
+from tests.helpers import PY, env_for_children, read_losses, run_py, write_config
 
 STEPS = 40
 
