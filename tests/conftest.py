@@ -3,6 +3,7 @@ tests/helpers.py."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import signal
@@ -13,6 +14,23 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import Daemon
+
+
+def pytest_addoption(parser):
+    parser.addoption("--collection-digest", metavar="PATH",
+                     help="write each collected test's id and a digest of its parameters' values to PATH "
+                          "(tests/test_suite_hygiene.py compares two processes': xdist's workers must agree)")
+
+
+def pytest_collection_finish(session):
+    path = session.config.getoption("--collection-digest")
+    if path:
+        lines = []
+        for item in session.items:
+            params = getattr(getattr(item, "callspec", None), "params", {})
+            digest = hashlib.sha256(repr(sorted(params.items())).encode()).hexdigest()[:16]
+            lines.append(f"{item.nodeid} {digest}\n")
+        Path(path).write_text("".join(lines))
 
 
 @pytest.fixture(autouse=True)
