@@ -724,7 +724,8 @@ class Supervisor:
             log.warning(n)
         if verdict.action == "give_up":
             retry_s = cfg.training.restart.give_up_retry_s
-            cause = {"disk_full": "the disk is full", "out_of_memory": "it runs out of memory"}.get(ex.kind, "see the last crash")
+            cause = {"disk_full": "the disk is full", "out_of_memory": "it runs out of memory"}.get(ex.kind,
+                                                                                                    "see the last crash")
             msg = (f"gave up: {verdict.notes[-1]}; the last one: {ex.description} ({cause}). "
                    + ("It retries by itself as soon as there is room again, and in any case "
                       if ex.kind == "disk_full" else "It retries by itself ")

@@ -67,7 +67,8 @@ def env_for_children() -> dict:
 
 
 def run_py(args: list[str], timeout: float = 300, check: bool = False, **kw) -> subprocess.CompletedProcess:
-    r = subprocess.run([PY, *args], capture_output=True, text=True, timeout=timeout, env=kw.pop("env", env_for_children()),
+    r = subprocess.run([PY, *args], capture_output=True, text=True, timeout=timeout,
+                       env=kw.pop("env", env_for_children()),
                        stdin=kw.pop("stdin", subprocess.DEVNULL), **kw)
     if check and r.returncode != 0:
         raise AssertionError(f"{args} exited {r.returncode}\nstdout:\n{r.stdout}\nstderr:\n{r.stderr}")
@@ -117,7 +118,8 @@ def wait_for(predicate: Callable[[], T], timeout: float = 120, what: str = "the 
 # ---------------------------------------------------------------------------------- the real daemon
 DAEMON_OVERRIDES = {
     "trainer": {"checkpoint_every_steps": 20, "eval_every_steps": 20, "log_every_steps": 100},
-    "training": {"stop_timeout_s": 30, "restart": {"initial_backoff_s": 0.2, "max_backoff_s": 1.0, "healthy_after_s": 600,
+    "training": {"stop_timeout_s": 30,
+                 "restart": {"initial_backoff_s": 0.2, "max_backoff_s": 1.0, "healthy_after_s": 600,
                                                    "max_crashes": 5, "crash_window_s": 600}},
     "disk": {"check_interval_s": 5, "warn_free_gb": 0, "emergency_free_gb": 0},
 }
@@ -134,7 +136,8 @@ class Daemon:
         """`entry`: how the daemon is started (default `python -m daemon`; the installed `ckpt-daemon` is what
         systemd and `make run` start)."""
         self.out = open(self.folder / "daemon.out", "ab")
-        self.proc = subprocess.Popen([*(entry or [PY, "-m", "daemon"]), "run", "--config", str(self.cfg), "--quiet-trainer"],
+        self.proc = subprocess.Popen([*(entry or [PY, "-m", "daemon"]), "run", "--config", str(self.cfg),
+                                      "--quiet-trainer"],
                                      stdout=self.out, stderr=subprocess.STDOUT, env=self.env, cwd=self.folder)
         return self
 

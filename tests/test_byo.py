@@ -30,7 +30,8 @@ def newest(root: Path, patterns) -> cat.Entry:
 
 def kill_right_after_a_save(d: Daemon, root: Path, patterns, after_step: int) -> cat.Entry:
     """Stop the trainer just after it saved a checkpoint newer than `after_step`, then SIGKILL it."""
-    wait_for(lambda: (e := newest(root, patterns)) is not None and e.step > after_step, what=f"a save after {after_step}")
+    wait_for(lambda: (e := newest(root, patterns)) is not None and e.step > after_step,
+             what=f"a save after {after_step}")
     pid = d.status()["training"]["pid"]
     os.kill(pid, signal.SIGSTOP)
     e = newest(root, patterns)
@@ -57,7 +58,8 @@ def test_a_plain_torch_save_script_gets_every_guarantee(tmp_path, daemons):
     first = kill_right_after_a_save(d, root, patterns, 30)
     s = d.wait(lambda s: s["training"]["state"] == "running" and s["training"]["resumed_from"] == first.name and s,
                what=f"the resume from {first.name}")
-    wait_for(lambda: f"resumed from {first.path} at step {first.step}" in trainer_log.read_text(), what="the trainer's own word")
+    wait_for(lambda: f"resumed from {first.path} at step {first.step}" in trainer_log.read_text(),
+             what="the trainer's own word")
     # damage the newest one while no trainer runs: quarantined, the previous one is used, the step is written again
     bad = kill_right_after_a_save(d, root, patterns, first.step)
     damage(bad.path)
@@ -80,7 +82,8 @@ def test_a_plain_torch_save_script_gets_every_guarantee(tmp_path, daemons):
     run_py(["-m", "maintenance.snapshot", "--config", str(d.cfg)], check=True)
     last = newest(root, patterns)
     last.path.unlink()
-    r = run_py(["-m", "maintenance.restore", time.strftime("%Y-%m-%d", time.gmtime()), "--config", str(d.cfg)], check=True)
+    r = run_py(["-m", "maintenance.restore", time.strftime("%Y-%m-%d", time.gmtime()), "--config", str(d.cfg)],
+               check=True)
     assert f"restored {last.name}" in r.stdout
     assert cat.scan(root, patterns, verify=True).by_name(last.name).valid
 
@@ -145,7 +148,8 @@ def _own_trainer_cycle(tmp_path: Path, daemons, script: str, patterns: list[str]
     import shutil
 
     shutil.rmtree(last.path) if last.path.is_dir() else last.path.unlink()
-    r = run_py(["-m", "maintenance.restore", time.strftime("%Y-%m-%d", time.gmtime()), "--config", str(d.cfg)], check=True)
+    r = run_py(["-m", "maintenance.restore", time.strftime("%Y-%m-%d", time.gmtime()), "--config", str(d.cfg)],
+               check=True)
     assert f"restored {last.name}" in r.stdout and "verified" in r.stdout
     assert cat.verify_entry(cat.scan(root, patterns).by_name(last.name)).valid
 

@@ -44,7 +44,8 @@ def test_single_file_patterns(tmp_path):
     single_file(tmp_path, "latest.pt")  # rewritten in place by its trainer: not a numbered checkpoint
     c = cat.scan(tmp_path, PATTERNS, verify=True)
     got = {(e.name, e.step, e.layout, e.status) for e in c.entries}
-    assert got == {("rolling_step_000100.pt", 100, "file", "complete"), ("epoch=3-step=1200.ckpt", 1200, "file", "complete"),
+    assert got == {("rolling_step_000100.pt", 100, "file", "complete"),
+                   ("epoch=3-step=1200.ckpt", 1200, "file", "complete"),
                    ("model_step_500.pt", 500, "file", "complete")}
     assert c.by_name("epoch=3-step=1200.ckpt").epoch == 3
     assert ("latest.pt", "does not match checkpoints.pattern") in c.ignored

@@ -36,7 +36,8 @@ def test_round_trip_full_state(tmp_path):
     scaler2 = torch.amp.GradScaler("cpu")
     loaded = CheckpointManager(tmp_path).load("latest", model=m2, optimizer=opt2, scheduler=sched2, scaler=scaler2)
     assert scaler2.state_dict() == scaler.state_dict() and scaler2.state_dict()["growth_interval"] == 7
-    assert (loaded.step, loaded.epoch, loaded.data_state, loaded.metrics) == (7, 2, {"epoch": 2, "pos": 96}, {"val_loss": 1.5})
+    assert (loaded.step, loaded.epoch, loaded.data_state, loaded.metrics) == (7, 2, {"epoch": 2, "pos": 96},
+                                                                              {"val_loss": 1.5})
     assert loaded.config == {"lr": 1e-3} and loaded.extra == {"tokens": 12345}
     assert same_state(m, m2)
     assert same_nested(opt.state_dict(), opt2.state_dict())
@@ -52,7 +53,8 @@ def test_interop_with_the_safetensors_package(tmp_path):
     # and we read files the package wrote
     from ckpt_daemon import stio
 
-    safetensors.torch.save_file({"a": torch.arange(10, dtype=torch.bfloat16), "b": torch.ones(2, 3)}, tmp_path / "x.safetensors")
+    safetensors.torch.save_file({"a": torch.arange(10, dtype=torch.bfloat16), "b": torch.ones(2, 3)},
+                                tmp_path / "x.safetensors")
     ours, _ = stio.load_safetensors(tmp_path / "x.safetensors")
     assert torch.equal(ours["a"], torch.arange(10, dtype=torch.bfloat16)) and torch.equal(ours["b"], torch.ones(2, 3))
 

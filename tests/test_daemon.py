@@ -81,7 +81,8 @@ def test_choose_resume_takes_the_highest_that_verifies(tmp_path):
 
 
 def test_command_placeholders():
-    argv = expand_command(["{python}", "train.py", "--cfg", "{config}", "--resume={resume}"], Path("/c/config.yaml"), "/ck/checkpoint-5")
+    argv = expand_command(["{python}", "train.py", "--cfg", "{config}", "--resume={resume}"], Path("/c/config.yaml"),
+                          "/ck/checkpoint-5")
     assert argv == [sys.executable, "train.py", "--cfg", "/c/config.yaml", "--resume=/ck/checkpoint-5"]
 
 
@@ -130,17 +131,20 @@ def test_unit_file_renders_and_verifies(tmp_path):
     user = "ckptd-unit-test"
     made = subprocess.run(["useradd", "--system", "--no-create-home", user], capture_output=True).returncode == 0
     try:
-        r = run_py(["-m", "daemon", "install-unit", "--config", str(cfg), "--user", user, "--output", str(tmp_path / "ckpt-daemon.service"),
+        r = run_py(["-m", "daemon", "install-unit", "--config", str(cfg), "--user", user, "--output",
+                    str(tmp_path / "ckpt-daemon.service"),
                     "--read-write", str(tmp_path / "hf-cache")], check=True)
         assert "systemctl daemon-reload" in r.stdout
         unit = (tmp_path / "ckpt-daemon.service").read_text()
-        for needle in ("Type=notify", "WatchdogSec=", "Restart=on-failure", "RestartPreventExitStatus=4", "KillMode=mixed",
+        for needle in ("Type=notify", "WatchdogSec=", "Restart=on-failure", "RestartPreventExitStatus=4",
+                       "KillMode=mixed",
                        "NoNewPrivileges=yes",
                        "ProtectSystem=strict", "PrivateTmp=yes", f"User={user}", str(tmp_path / "checkpoints"),
                        f"--config {cfg}", "TimeoutStopSec=150", f"-{tmp_path / 'hf-cache'}", "/.cache"):
             assert needle in unit, needle
         assert unit.index("StartLimitBurst") < unit.index("[Service]")
-        v = subprocess.run(["systemd-analyze", "verify", str(tmp_path / "ckpt-daemon.service")], capture_output=True, text=True)
+        v = subprocess.run(["systemd-analyze", "verify", str(tmp_path / "ckpt-daemon.service")], capture_output=True,
+                           text=True)
         assert v.returncode == 0, v.stderr
     finally:
         if made:
@@ -258,7 +262,8 @@ def test_a_missed_0300_snapshot_is_taken_once_at_start(tmp_path, daemons):
     # today is due for both jobs when the last run was two days ago (the weekly one too on a Sunday)
     d.wait(lambda s: s["jobs"]["history"]["snapshot"]["last_result"] == "ok", what="the job record")
     due = [j for j in ("snapshot", "retention") if f'"job": "{j}"' in d.log() and "catching up" in d.log()]
-    d.wait(lambda s: all(s["jobs"]["history"].get(j, {}).get("last_result") == "ok" for j in due), what="all catch-ups recorded")
+    d.wait(lambda s: all(s["jobs"]["history"].get(j, {}).get("last_result") == "ok" for j in due),
+           what="all catch-ups recorded")
     assert d.stop() == 0
 
     def catchups(text):
@@ -277,7 +282,8 @@ def test_a_missed_0300_snapshot_is_taken_once_at_start(tmp_path, daemons):
 
 def test_a_crash_loop_backs_off_then_gives_up(tmp_path, daemons):
     d = Daemon(tmp_path, {"training": {"command": [PY, "-c", "import sys; print('boom: bad data'); sys.exit(3)"],
-                                       "restart": {"initial_backoff_s": 0.2, "max_backoff_s": 0.8, "max_crashes": 4}}}).start()
+                                       "restart": {"initial_backoff_s": 0.2, "max_backoff_s": 0.8,
+                                                   "max_crashes": 4}}}).start()
     daemons.append(d)
     s = d.wait(lambda s: s["training"]["state"] == "gave_up" and s, what="giving up")
     assert s["training"]["restarts"] == 3 and s["training"]["last_crash"]["returncode"] == 3

@@ -197,7 +197,8 @@ def test_an_edited_policy_nobody_confirmed_never_deletes_unattended(tmp_path):
 
 
 def test_a_more_careful_edit_applies_unattended_without_confirmation(tmp_path):
-    cfg = load_config(write_config(tmp_path, {"retention": {"tiers": [{"count": 40}, {"every_steps": 1000}]}}, tiny=False))
+    cfg = load_config(write_config(tmp_path, {"retention": {"tiers": [{"count": 40}, {"every_steps": 1000}]}},
+                                   tiny=False))
     seed_history(cfg.checkpoint_dir)
     planned = {d.name for d in build_report(cfg, "dry run").to_delete}
     r = run_cleanup(cfg, dry_run=False, confirm=lambda r: True, unattended=True)

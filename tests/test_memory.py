@@ -363,7 +363,8 @@ def test_garbage_in_the_region_is_reported_and_the_agent_goes_on(tmp_path):
 
     region = tmp_path / "region"
     region.mkdir()
-    cfg = parse_config(f"checkpoints: {{dir: ck, memory: {{enabled: true, dir: {region}}}}}\n", tmp_path / "config.yaml")
+    cfg = parse_config(f"checkpoints: {{dir: ck, memory: {{enabled: true, dir: {region}}}}}\n",
+                       tmp_path / "config.yaml")
     ck = cfg.checkpoint_dir
     (region / "slot-0").write_bytes(mem.MAGIC + os.urandom(mem.PAYLOAD_OFFSET))
     (region / "slot-1").write_bytes(_slot_with_header({**GOOD, "ckpt_dir": str(ck), "boot_id": mem.boot_id()}))
@@ -401,7 +402,8 @@ def test_breakpoint_verifies_in_memory_pins_the_slot_and_persists_it_in_the_back
     from ckpt_daemon.config import parse_config
 
     region = tmp_path / "region"
-    cfg = parse_config(f"checkpoints: {{dir: ck, memory: {{enabled: true, dir: {region}}}}}\n", tmp_path / "config.yaml")
+    cfg = parse_config(f"checkpoints: {{dir: ck, memory: {{enabled: true, dir: {region}}}}}\n",
+                       tmp_path / "config.yaml")
     ck = cfg.checkpoint_dir
     log = _Log()
     agent = mem.MemoryAgent(lambda: cfg, log)
@@ -550,7 +552,8 @@ def test_a_healthy_every_step_memory_run_under_the_daemon_logs_no_error(tmp_path
     }).start()
     daemons.append(d)
     try:
-        s = d.wait(lambda s: s["memory"]["persisted"] >= 40 and s, timeout=240, what="40 persists of memory checkpoints")
+        s = d.wait(lambda s: s["memory"]["persisted"] >= 40 and s, timeout=240,
+                   what="40 persists of memory checkpoints")
         assert s["memory"]["warning"] is None and s["memory"]["newest"] is not None
         assert d.stop() == 0
         assert _errors(d.log()) == [], _errors(d.log())[:5]
@@ -626,7 +629,8 @@ def test_a_sigkill_at_every_phase_of_a_persist_loses_no_committed_memory_checkpo
     from ckpt_daemon.config import parse_config
 
     region = tmp_path / "region"
-    cfg = parse_config(f"checkpoints: {{dir: ck, memory: {{enabled: true, dir: {region}}}}}\n", tmp_path / "config.yaml")
+    cfg = parse_config(f"checkpoints: {{dir: ck, memory: {{enabled: true, dir: {region}}}}}\n",
+                       tmp_path / "config.yaml")
     ck = cfg.checkpoint_dir
     log = _Log()
     agent = mem.MemoryAgent(lambda: cfg, log)
@@ -704,7 +708,8 @@ def test_garbage_in_a_slots_place_is_reported_and_never_stops_the_trainer(tmp_pa
         pytest.skip("making a file of another user needs root")
     shm = tmpfs("64m")
     region = shm / "region"
-    cfg = parse_config(f"checkpoints: {{dir: ck, memory: {{enabled: true, dir: {region}}}}}\n", tmp_path / "config.yaml")
+    cfg = parse_config(f"checkpoints: {{dir: ck, memory: {{enabled: true, dir: {region}}}}}\n",
+                       tmp_path / "config.yaml")
     ck = cfg.checkpoint_dir
     log = _Log()
     agent = mem.MemoryAgent(lambda: cfg, log)

@@ -73,7 +73,8 @@ def test_metrics_of_a_running_daemon(tmp_path, daemons):  # noqa: F811
         assert m[("ckpt_daemon_retention_tier_bytes", (("run", ""), ("tier", tier)))] == sum(sizes)
     assert m[("ckpt_daemon_retention_tier_checkpoints", (("run", ""), ("tier", "none")))] == 0
     assert m[("ckpt_daemon_retention_planned_deletions", (("run", ""),))] == len(victims)
-    assert m[("ckpt_daemon_retention_planned_free_bytes", (("run", ""),))] == sum(plan.entries[v.name].freeable_bytes for v in victims)
+    assert m[("ckpt_daemon_retention_planned_free_bytes",
+              (("run", ""),))] == sum(plan.entries[v.name].freeable_bytes for v in victims)
     assert m[("ckpt_daemon_retention_held_deletions", (("run", ""),))] == 0
     assert m[("ckpt_daemon_retention_policy_confirmed", ())] == 1
     assert m[("ckpt_daemon_checkpoints", (("run", ""), ("status", "complete")))] == 30
@@ -105,7 +106,8 @@ def test_metrics_of_a_running_daemon(tmp_path, daemons):  # noqa: F811
 
     def rewritten_after_the_restart(_s):
         t = parse(prom.read_text()) if prom.exists() else {}
-        return t if t.get(("ckpt_daemon_training_restarts_total", ())) == 1 and t.get(("ckpt_daemon_training_up", ())) == 1 else None
+        return t if t.get(("ckpt_daemon_training_restarts_total", ())) == 1 and t.get(("ckpt_daemon_training_up",
+                                                                                       ())) == 1 else None
 
     t = d.wait(rewritten_after_the_restart, timeout=30, what="the textfile, rewritten every 5 s")
     assert t[("ckpt_daemon_retention_tier_checkpoints", (("run", ""), ("tier", "2")))] == 10
@@ -190,7 +192,8 @@ def test_metrics_and_status_carry_the_loss_the_step_rate_and_the_memory_checkpoi
     text = scrape(f"http://127.0.0.1:{port}/metrics")
     assert len(re.findall("loss", text, re.I)) > 0
     m = parse(text)
-    loss, at = m[("ckpt_daemon_training_metric", (("name", "loss"),))], m[("ckpt_daemon_training_metric_step", (("name", "loss"),))]
+    loss, at = m[("ckpt_daemon_training_metric", (("name", "loss"),))], m[("ckpt_daemon_training_metric_step",
+                                                                           (("name", "loss"),))]
     assert read_losses(tmp_path / "logs" / "metrics.jsonl")[int(at)] == loss  # the trainer's own number, at its step
     val_at = m[("ckpt_daemon_training_metric_step", (("name", "val_loss"),))]
     assert val_at % 10 == 0 and ("ckpt_daemon_training_metric", (("name", "val_loss"),)) in m
@@ -202,7 +205,8 @@ def test_metrics_and_status_carry_the_loss_the_step_rate_and_the_memory_checkpoi
     lines = r.stdout.splitlines()
     assert re.search(r" · loss \d", lines[0]), lines[0]
     mem = [x for x in lines if x.startswith("memory:")]
-    assert len(mem) == 1 and re.match(r"memory: +newest slot step \d+ \(.*\); persisted up to step \d+ \(\d+ persists", mem[0]), r.stdout
+    assert len(mem) == 1 and re.match(r"memory: +newest slot step \d+ \(.*\); persisted up to step \d+ \(\d+ persists",
+                                      mem[0]), r.stdout
     assert any(re.match(r"metrics: +.*loss \d", x) for x in lines), r.stdout
     j = json.loads(run_py(["-m", "daemon", "status", "--config", str(d.cfg), "--json"]).stdout)
     assert j["memory"]["pinned_steps"] == [] and j["training"]["metrics"]["loss"]["step"] >= 1

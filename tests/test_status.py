@@ -239,7 +239,8 @@ def test_cleanup_y_says_it_confirmed_the_policy_and_status_no_longer_warns(tmp_p
     # the daemon's last unattended run held deletions under the policy then unconfirmed; confirmed since:
     s = {"training": {"state": "running"}, "checkpoints": {}, "disk": {}, "daemon": {},
          "retention": {"enabled": True, "policy_confirmed": True},
-         "last_cleanup": {"time": 0, "reason": "weekly schedule", "deleted": 0, "kept": 170, "freed_bytes": 0, "held": 13}}
+         "last_cleanup": {"time": 0, "reason": "weekly schedule", "deleted": 0, "kept": 170, "freed_bytes": 0,
+                          "held": 13}}
     level, line = verdict(s, True, 100)
     assert level == "ok" and "HELD" not in line
     assert "HELD" not in "\n".join(x for _, x in render(s, True, 100))
@@ -259,7 +260,8 @@ def test_a_trainer_that_dies_at_every_start_is_a_crash_loop_whatever_the_moment(
     s = d.wait(lambda s: s["training"]["state"] == "running" and s["training"]["restarts"] >= 2 and s, timeout=180,
                what="a trainer running again after two crashes")
     level, line = verdict(s, True, time.time())
-    assert level == "bad" and "training OK" not in line and re.search(r"CRASH LOOP \(\d+ crashes in 10\.0m\)", line), line
+    assert level == "bad" and "training OK" not in line and re.search(r"CRASH LOOP \(\d+ crashes in 10\.0m\)",
+                                                                      line), line
     assert s["training"]["last_crash"]["returncode"] == 2 and s["training"]["recent_crashes"] >= 2
     r = run_py(["-m", "daemon", "status", "--config", str(d.cfg)])
     assert "CRASH LOOP" in r.stdout.splitlines()[0] and "training OK" not in r.stdout, r.stdout

@@ -31,7 +31,8 @@ def test_every_process_collects_the_same_tests_with_the_same_parameters(tmp_path
         procs.append((out, subprocess.Popen(
             [PY, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", f"--collection-digest={out}",
              "-o", "parametrize_long_str_id_strategy=legacy", str(REPO / "tests")],
-            cwd=REPO, env=_pytest_env(PYTHONHASHSEED=seed), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)))
+            cwd=REPO, env=_pytest_env(PYTHONHASHSEED=seed), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                            text=True)))
     runs = []
     for out, p in procs:
         text = p.communicate(timeout=600)[0]

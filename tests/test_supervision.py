@@ -219,7 +219,8 @@ def test_stopping_the_daemon_waits_for_an_adopted_trainer_to_save_and_exit(tmp_p
     slow = slow_stop_trainer(tmp_path)
     ck, mark = tmp_path / "checkpoints", tmp_path / "saved"
     ck.mkdir()
-    by_hand = subprocess.Popen([PY, str(slow), str(ck), str(mark)], env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)})
+    by_hand = subprocess.Popen([PY, str(slow), str(ck), str(mark)],
+                               env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)})
     try:
         deadline = time.monotonic() + 60
         while not (ck / ".ckpt-daemon").exists() or not any((ck / ".ckpt-daemon").iterdir()):

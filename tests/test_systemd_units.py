@@ -179,7 +179,8 @@ def test_instance_names_and_output_are_checked(tmp_path, capsys):
     cfg = write_config(odd, tiny=False)
     units = tmp_path / "units"
     units.mkdir()
-    assert cli(["install-unit", "--instance", "odd", "--config", str(cfg), "--output", str(units / "ckpt-daemon@.service")]) == 0
+    assert cli(["install-unit", "--instance", "odd", "--config", str(cfg), "--output",
+                str(units / "ckpt-daemon@.service")]) == 0
     drop_in = (units / "ckpt-daemon@odd.service.d" / "ckpt-daemon.conf").read_text()
     assert 'Environment="CKPT_DAEMON_CONFIG=' + str(cfg).replace("%", "%%") + '"' in drop_in
     if shutil.which("systemd-analyze"):
