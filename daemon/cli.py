@@ -162,7 +162,8 @@ def _status_lines(args) -> tuple[int, Optional[dict], list[tuple[str, str]]]:
     alive = daemon_alive(cfg, s)
     code = 0 if alive else 5
     if not s:
-        return code, None, [("bad", f"ckpt-daemon has not run with {cfg.source} (no {cfg.log_dir / 'daemon-state.json'}).")]
+        return code, None, [("bad",
+                             f"ckpt-daemon has not run with {cfg.source} (no {cfg.log_dir / 'daemon-state.json'}).")]
     doc = {"ok": True, "running": alive, "config_error": config_error, **s}
     return code, doc, render(s, alive, time.time(), config_error, str(config_path(args)))
 
@@ -252,7 +253,8 @@ def cmd_run(args) -> int:
 
 
 def add_install_unit(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--user", default=None, help="the unprivileged user the service runs as (default: owner of config.yaml)")
+    p.add_argument("--user", default=None,
+                   help="the unprivileged user the service runs as (default: owner of config.yaml)")
     p.add_argument("--instance", default=None, metavar="NAME",
                    help="install instance NAME of the template unit ckpt-daemon@.service (several runs on one host, "
                         "each with its own config): the template and NAME's drop-in with this config")
@@ -356,7 +358,8 @@ def _commands() -> dict[str, tuple[Callable, Callable, str]]:
 
     return {
         "run": (add_run, cmd_run, "run the daemon in the foreground (what systemd starts)"),
-        "status": (add_status, cmd_status, "what runs, the latest and best checkpoints, disk and next jobs; a verdict first"),
+        "status": (add_status, cmd_status,
+                   "what runs, the latest and best checkpoints, disk and next jobs; a verdict first"),
         "list": (add_list, cmd_list, "the checkpoint catalog as a table (--verify checks every checksum)"),
         "cleanup": (cleanup.add_arguments, cleanup.run, cleanup.HELP),
         "snapshot": (snapshot.add_arguments, snapshot.run, snapshot.HELP),
@@ -367,7 +370,8 @@ def _commands() -> dict[str, tuple[Callable, Callable, str]]:
         "train": (tcli.add_train_arguments, tcli.run_train, tcli.TRAIN_HELP),
         "pin": (add_pin, cmd_pin, "protect a checkpoint (name or step) from retention"),
         "unpin": (add_unpin, cmd_pin, "release a user's pin, or the epoch-end protection of one checkpoint"),
-        "check-config": (add_check_config, cmd_check_config, "validate a config file; print the effective config and next runs"),
+        "check-config": (add_check_config, cmd_check_config,
+                         "validate a config file; print the effective config and next runs"),
         "config-schema": (lambda p: None, cmd_schema, "print the JSON Schema of config.yaml (for editors)"),
         "install-unit": (add_install_unit, cmd_install_unit, "render and install the systemd unit for this install"),
         "completion": (add_completion, cmd_completion, "print a shell completion script (bash, zsh or fish)"),

@@ -31,7 +31,8 @@ from ckpt_daemon.config import Config, diff_configs, parse_config
 from ckpt_daemon.errors import ConfigError
 from ckpt_daemon.fsutil import disk_usage
 from ckpt_daemon.logs import get_logger, setup_logging
-from daemon import alerts, state as st
+from daemon import alerts
+from daemon import state as st
 from daemon.jobs import Jobs
 from daemon.notify import Notifier
 from daemon.supervisor import Supervisor
@@ -135,7 +136,8 @@ class Daemon:
         elif level == "emergency":
             log.error("free disk space below the emergency threshold: running retention now",
                       free_gib=round(gb, 2), emergency_free_gb=cfg.disk.emergency_free_gb)
-            ok = self.jobs.run_job("retention", reason=f"disk emergency: {gb:.2f} GiB free < {cfg.disk.emergency_free_gb} GiB")
+            ok = self.jobs.run_job("retention",
+                                   reason=f"disk emergency: {gb:.2f} GiB free < {cfg.disk.emergency_free_gb} GiB")
             usage = disk_usage(cfg.checkpoint_dir)
             after = usage.avail / 2**30
             free = usage.avail
@@ -289,7 +291,8 @@ class Daemon:
             "training": training,
             "checkpoints": {"dir": str(cfg.checkpoint_dir), "count": len(c.entries), "valid": len(c.valid()),
                             "latest": desc(c.newest_valid()), "best": desc(c.pointer("best")),
-                            "failed_verification": dict(self.watcher.bad), "in_progress": [p.name for p in c.in_progress],
+                            "failed_verification": dict(self.watcher.bad),
+                            "in_progress": [p.name for p in c.in_progress],
                             "quarantined": len(runtime.quarantined(cfg.checkpoint_dir)),
                             "runs": {run: {"count": len(rc.entries), "valid": len(rc.valid()),
                                            "latest": desc(rc.newest_valid()), "best": desc(rc.pointer("best"))}
@@ -388,7 +391,8 @@ class Daemon:
             lock.release()
 
     def _run(self, cfg: Config) -> int:
-        log.info("ckpt-daemon starting", config=str(self.config_path), checkpoints=str(cfg.checkpoint_dir), pid=os.getpid())
+        log.info("ckpt-daemon starting", config=str(self.config_path), checkpoints=str(cfg.checkpoint_dir),
+                 pid=os.getpid())
         if self.config_error:
             log.error("config.yaml is not in force; running with the last good config until it is fixed",
                       error=self.config_error)
@@ -402,7 +406,8 @@ class Daemon:
         # (the watcher's findings are for status only: the resume choice verifies afresh, so a save judged
         # while it was still being written is never held against it)
         self.supervisor = Supervisor(self.get_cfg, {}, echo=self.echo_trainer, on_change=self._write_record,
-                                     config_files=lambda: (self.get_cfg().log_dir / configfile.LAST_GOOD, self.config_path))
+                                     config_files=lambda: (self.get_cfg().log_dir / configfile.LAST_GOOD,
+                                                           self.config_path))
         self.memory = None
         if cfg.checkpoints.memory.enabled:  # memory-first checkpoints (ckpt_daemon/memory.py)
             from ckpt_daemon.memory import MemoryAgent

@@ -115,7 +115,8 @@ class DaemonCollector(Collector):
                 yield GaugeMetricFamily(name, help_, value=t[key])
         lc = t.get("last_crash") or {}
         if _num(lc.get("time")) is not None:
-            yield GaugeMetricFamily("ckpt_daemon_training_last_crash_timestamp_seconds", "When the trainer last crashed.",
+            yield GaugeMetricFamily("ckpt_daemon_training_last_crash_timestamp_seconds",
+                                    "When the trainer last crashed.",
                                     value=lc["time"])
         if _num(t.get("recent_crashes")) is not None:
             yield GaugeMetricFamily("ckpt_daemon_training_recent_crashes",
@@ -151,7 +152,8 @@ class DaemonCollector(Collector):
         if not isinstance(mem, dict):
             return  # memory checkpoints are off
         yield GaugeMetricFamily("ckpt_daemon_memory_active", "1 if memory checkpoints are on and working (0: off "
-                                "because of a problem; ckpt-daemon status says which).", value=1 if mem.get("active") else 0)
+                                "because of a problem; ckpt-daemon status says which).",
+                                value=1 if mem.get("active") else 0)
         newest = mem.get("newest") or {}
         for key, name, help_ in (
                 ("step", "ckpt_daemon_memory_slot_step", "Step of the newest memory checkpoint (slot)."),
@@ -169,12 +171,14 @@ class DaemonCollector(Collector):
                                         "Steps of the newest memory checkpoint beyond the last one persisted: what only "
                                         "memory holds.", value=max(0, newest["step"] - last["step"]))
         if _num(last.get("seconds")) is not None:
-            yield GaugeMetricFamily("ckpt_daemon_memory_last_persist_duration_seconds", "How long the last persist took.",
+            yield GaugeMetricFamily("ckpt_daemon_memory_last_persist_duration_seconds",
+                                    "How long the last persist took.",
                                     value=last["seconds"])
         if _num(last.get("time")) is not None:
             yield GaugeMetricFamily("ckpt_daemon_memory_last_persist_timestamp_seconds", "When the last persist ended.",
                                     value=last["time"])
-        yield CounterMetricFamily("ckpt_daemon_memory_persists", "Memory checkpoints persisted since the daemon started.",
+        yield CounterMetricFamily("ckpt_daemon_memory_persists",
+                                  "Memory checkpoints persisted since the daemon started.",
                                   value=_num(mem.get("persisted")) or 0)
         yield GaugeMetricFamily("ckpt_daemon_memory_pinned_slots", "Memory checkpoints verified and pinned at a "
                                 "breakpoint, waiting to be persisted.", value=len(mem.get("pinned_steps") or []))
@@ -277,7 +281,8 @@ class DaemonCollector(Collector):
                 size.add_metric([run, key], by_bytes[key])
             victims = [d for d in r.decisions if not d.keep]
             planned.add_metric([run], len(victims))
-            planned_bytes.add_metric([run], sum(r.entries[d.name].freeable_bytes for d in victims if d.name in r.entries))
+            planned_bytes.add_metric([run],
+                                     sum(r.entries[d.name].freeable_bytes for d in victims if d.name in r.entries))
             held.add_metric([run], len(r.held))
         yield from (count, size, planned, planned_bytes, held)
 

@@ -103,14 +103,16 @@ def _crash_loop(t: dict) -> str:
     return f"{n} crashes in {age(window) if isinstance(window, (int, float)) else 'the window'}"
 
 
-def render(s: dict, alive: bool, now: float, config_error: Optional[str] = None, config_path: str = "") -> list[tuple[str, str]]:
+def render(s: dict, alive: bool, now: float, config_error: Optional[str] = None,
+           config_path: str = "") -> list[tuple[str, str]]:
     """[(style, line)] for the terminal; style is '' or ok/warn/bad."""
     out: list[tuple[str, str]] = []
     level, line = verdict(s, alive, now, config_error)
     out.append((level, line))
     d, t, ck = s.get("daemon", {}), s.get("training", {}), s.get("checkpoints", {})
     up = f", up {age(now - d['started'])}" if alive and d.get("started") else ""
-    out.append(("" if alive else "bad", f"daemon:   {'running' if alive else 'NOT RUNNING (the last state it wrote is below)'} "
+    out.append(("" if alive else "bad",
+                f"daemon:   {'running' if alive else 'NOT RUNNING (the last state it wrote is below)'} "
                                         f"pid {d.get('pid')}{up}"))
     if config_error:
         # The file as it is now; its problem is printed once, as the warning above these lines (on stderr), not

@@ -15,26 +15,10 @@ import safetensors.torch
 import torch
 
 from ckpt_daemon import catalog as cat
-from ckpt_daemon.errors import CheckpointError, NoValidCheckpoint
 from ckpt_daemon import checkpoint as ck
 from ckpt_daemon.checkpoint import CheckpointManager, read_checkpoint
-from tests.conftest import same_nested
-
-
-def make_state(width: int = 64, seed: int = 0):
-    torch.manual_seed(seed)
-    m = torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.ReLU(), torch.nn.Linear(width, 10))
-    opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
-    sched = torch.optim.lr_scheduler.StepLR(opt, 10)
-    for _ in range(2):
-        m(torch.randn(4, width)).sum().backward()
-        opt.step()
-        sched.step()
-    return m, opt, sched
-
-
-def same_state(a: torch.nn.Module, b: torch.nn.Module) -> bool:
-    return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+from ckpt_daemon.errors import CheckpointError, NoValidCheckpoint
+from tests.helpers import make_state, same_nested, same_state
 
 
 def test_round_trip_full_state(tmp_path):
@@ -52,7 +36,8 @@ def test_round_trip_full_state(tmp_path):
     scaler2 = torch.amp.GradScaler("cpu")
     loaded = CheckpointManager(tmp_path).load("latest", model=m2, optimizer=opt2, scheduler=sched2, scaler=scaler2)
     assert scaler2.state_dict() == scaler.state_dict() and scaler2.state_dict()["growth_interval"] == 7
-    assert (loaded.step, loaded.epoch, loaded.data_state, loaded.metrics) == (7, 2, {"epoch": 2, "pos": 96}, {"val_loss": 1.5})
+    assert (loaded.step, loaded.epoch, loaded.data_state, loaded.metrics) == (7, 2, {"epoch": 2, "pos": 96},
+                                                                              {"val_loss": 1.5})
     assert loaded.config == {"lr": 1e-3} and loaded.extra == {"tokens": 12345}
     assert same_state(m, m2)
     assert same_nested(opt.state_dict(), opt2.state_dict())
@@ -68,7 +53,8 @@ def test_interop_with_the_safetensors_package(tmp_path):
     # and we read files the package wrote
     from ckpt_daemon import stio
 
-    safetensors.torch.save_file({"a": torch.arange(10, dtype=torch.bfloat16), "b": torch.ones(2, 3)}, tmp_path / "x.safetensors")
+    safetensors.torch.save_file({"a": torch.arange(10, dtype=torch.bfloat16), "b": torch.ones(2, 3)},
+                                tmp_path / "x.safetensors")
     ours, _ = stio.load_safetensors(tmp_path / "x.safetensors")
     assert torch.equal(ours["a"], torch.arange(10, dtype=torch.bfloat16)) and torch.equal(ours["b"], torch.ones(2, 3))
 

@@ -10,12 +10,10 @@ import subprocess
 import time
 from pathlib import Path
 
-
 from ckpt_daemon import catalog as cat
-from maintenance.cleanup import run_cleanup
 from ckpt_daemon.config import load_config
-from tests.conftest import PY, env_for_children, run_py, write_config
-from tests.test_catalog import hf_folder, native, single_file
+from maintenance.cleanup import run_cleanup
+from tests.helpers import PY, env_for_children, hf_folder, native, run_py, single_file, write_config
 
 SMALL_TIERS = {"retention": {"tiers": [{"count": 2}, {"every_steps": 20}]}}
 
@@ -68,7 +66,8 @@ def test_dry_run_changes_nothing_at_all(tmp_path):
     assert "DELETE checkpoint-5 " in r.stdout and "KEEP   checkpoint-60" in r.stdout
     assert "protected: newest valid checkpoint" in r.stdout
     assert "would delete checkpoint-5" in (tmp_path / "logs" / "cleanup.log").read_text()
-    js = json.loads(run_py(["-m", "maintenance.cleanup", "--config", str(cfg), "--dry-run", "--json"], check=True).stdout)
+    js = json.loads(run_py(["-m", "maintenance.cleanup", "--config", str(cfg), "--dry-run", "--json"],
+                           check=True).stdout)
     assert js["mode"] == "dry run" and sum(d["action"] == "delete" for d in js["decisions"]) == 8
     assert tree_fingerprint(tmp_path / "checkpoints") == before
 
@@ -93,7 +92,8 @@ def test_confirmation_prompt_answered_no_deletes_nothing(tmp_path):
 
 
 def test_each_layout(tmp_path):
-    cfg = write_config(tmp_path, {**SMALL_TIERS, "checkpoints": {"pattern": ["checkpoint-{step}", "rolling_step_{step}.pt"]}},
+    cfg = write_config(tmp_path,
+                       {**SMALL_TIERS, "checkpoints": {"pattern": ["checkpoint-{step}", "rolling_step_{step}.pt"]}},
                        tiny=False)
     root = tmp_path / "checkpoints"
     root.mkdir()
@@ -131,7 +131,8 @@ def test_hard_linked_checkpoint_frees_nothing_and_says_so(tmp_path):
         os.link(f, snap / f.name)
     r = run_py(["-m", "maintenance.cleanup", "--config", str(cfg), "--dry-run"], check=True)
     assert "share files with snapshots (hard links)" in r.stdout and "checkpoint-5" in r.stdout
-    js = json.loads(run_py(["-m", "maintenance.cleanup", "--config", str(cfg), "--dry-run", "--json"], check=True).stdout)
+    js = json.loads(run_py(["-m", "maintenance.cleanup", "--config", str(cfg), "--dry-run", "--json"],
+                           check=True).stdout)
     d5 = next(d for d in js["decisions"] if d["name"] == "checkpoint-5")
     assert d5["freeable_bytes"] < d5["bytes"] / 10
 

@@ -7,7 +7,6 @@ symlink, and keeps its scratch space inside its own state folder; runs killed ha
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import signal
@@ -22,20 +21,7 @@ from ckpt_daemon import catalog as cat
 from ckpt_daemon import runtime
 from ckpt_daemon.config import load_config
 from maintenance.cleanup import build_report, run_cleanup
-from tests.conftest import PY, env_for_children, run_py, write_config
-from tests.test_catalog import native
-
-
-def fake_native(root: Path, step: int, payload: bytes = b"w" * 16, extra_files: int = 0) -> Path:
-    """A committed native checkpoint in a few microseconds (retention only looks at its manifest)."""
-    d = root / f"checkpoint-{step}"
-    d.mkdir(parents=True)
-    (d / "model.safetensors").write_bytes(payload)
-    for i in range(extra_files):
-        (d / f"pad-{i}").write_bytes(b"p")
-    files = {"model.safetensors": {"size": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}}
-    (d / "manifest.json").write_text(json.dumps({"format": "ckpt-daemon/1", "step": step, "files": files}))
-    return d
+from tests.helpers import PY, env_for_children, fake_native, native, run_py, seed_history, write_config
 
 
 def steps_left(root: Path) -> list[int]:
@@ -173,9 +159,6 @@ def test_keep_trash_reports_nothing_freed_until_the_trash_is_emptied(tmp_path):
 
 
 # ------------------------------------------------------------------------------ the policy guard
-def seed_history(root: Path) -> None:
-    for s in range(100, 17001, 100):
-        fake_native(root, s)
 
 
 def test_the_seed_example_runs_unattended_with_the_confirmed_default_policy(tmp_path):
@@ -214,7 +197,8 @@ def test_an_edited_policy_nobody_confirmed_never_deletes_unattended(tmp_path):
 
 
 def test_a_more_careful_edit_applies_unattended_without_confirmation(tmp_path):
-    cfg = load_config(write_config(tmp_path, {"retention": {"tiers": [{"count": 40}, {"every_steps": 1000}]}}, tiny=False))
+    cfg = load_config(write_config(tmp_path, {"retention": {"tiers": [{"count": 40}, {"every_steps": 1000}]}},
+                                   tiny=False))
     seed_history(cfg.checkpoint_dir)
     planned = {d.name for d in build_report(cfg, "dry run").to_delete}
     r = run_cleanup(cfg, dry_run=False, confirm=lambda r: True, unattended=True)

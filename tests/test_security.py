@@ -16,8 +16,7 @@ import torch
 
 from ckpt_daemon import catalog as cat
 from ckpt_daemon.config import ConfigError, load_config
-from tests.conftest import PY, env_for_children, run_py, write_config
-from tests.test_catalog import native
+from tests.helpers import PY, env_for_children, native, run_py, write_config
 
 
 class _Evil:
@@ -74,7 +73,8 @@ def test_consolidate_never_reads_through_a_symlinked_weights_file(tmp_path, outs
 
 def test_crafted_pickles_do_not_run_on_list_verify_consolidate_or_resume(tmp_path):
     mark = tmp_path / "PWNED"
-    cfg_path = write_config(tmp_path / "proj", {"checkpoints": {"pattern": ["checkpoint-{step}", "model_step_{step}.pt"]}})
+    cfg_path = write_config(tmp_path / "proj",
+                            {"checkpoints": {"pattern": ["checkpoint-{step}", "model_step_{step}.pt"]}})
     run_py(["-m", "trainer", "--config", str(cfg_path), "--max-steps", "10"], check=True)
     root = tmp_path / "proj" / "checkpoints"
     torch.save({"model_state_dict": {}, "evil": _Evil(str(mark))}, root / "model_step_99.pt")
@@ -99,7 +99,8 @@ def test_files_the_daemon_creates_are_not_world_writable(tmp_path):
     cfg_path = write_config(tmp_path, {"trainer": {"checkpoint_every_steps": 5},
                                        "training": {"stop_timeout_s": 30}})
     # even when started with a careless umask
-    p = subprocess.Popen([PY, "-m", "daemon", "run", "--config", str(cfg_path), "--quiet-trainer"], env=env_for_children(),
+    p = subprocess.Popen([PY, "-m", "daemon", "run", "--config", str(cfg_path), "--quiet-trainer"],
+                         env=env_for_children(),
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=lambda: os.umask(0))
     try:
         deadline = time.monotonic() + 60

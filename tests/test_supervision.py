@@ -12,11 +12,8 @@ import textwrap
 import time
 from pathlib import Path
 
-
 from ckpt_daemon import catalog as cat
-from tests.conftest import PY, run_py
-from tests.test_daemon import Daemon, daemons  # noqa: F401  (fixture)
-from tests.test_deletion_safety import fake_native
+from tests.helpers import PY, Daemon, fake_native, run_py
 
 SLEEPER = [PY, "-c", "import time; time.sleep(3600)"]
 
@@ -231,7 +228,8 @@ def test_stopping_the_daemon_waits_for_an_adopted_trainer_to_save_and_exit(tmp_p
     slow = slow_stop_trainer(tmp_path)
     ck, mark = tmp_path / "checkpoints", tmp_path / "saved"
     ck.mkdir()
-    by_hand = subprocess.Popen([PY, str(slow), str(ck), str(mark)], env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)})
+    by_hand = subprocess.Popen([PY, str(slow), str(ck), str(mark)],
+                               env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)})
     try:
         deadline = time.monotonic() + 60
         while not (ck / ".ckpt-daemon").exists() or not any((ck / ".ckpt-daemon").iterdir()):

@@ -13,7 +13,7 @@ import pytest
 
 from ckpt_daemon import catalog as cat
 from ckpt_daemon.runtime import kill_tree
-from tests.conftest import PY, env_for_children, read_losses, run_py, write_config
+from tests.helpers import PY, env_for_children, read_losses, run_py, write_config
 
 STEPS = 40
 
@@ -151,7 +151,8 @@ def test_training_on_a_full_disk_skips_saves_and_goes_on(tmp_path, tmpfs):
 def test_resume_none_and_explicit_path(tmp_path):
     cfg = write_config(tmp_path)
     run_py(["-m", "trainer", "--config", str(cfg), "--max-steps", "10"], check=True)
-    r = run_py(["-m", "trainer", "--config", str(cfg), "--max-steps", "12", "--resume", str(tmp_path / "checkpoints" / "checkpoint-5")],
+    r = run_py(["-m", "trainer", "--config", str(cfg), "--max-steps", "12", "--resume",
+                str(tmp_path / "checkpoints" / "checkpoint-5")],
                check=True)
     assert "resumed from checkpoint-5 at step 5" in r.stderr
     r = run_py(["-m", "trainer", "--config", str(cfg), "--max-steps", "3", "--resume", "none"], check=True)
@@ -178,10 +179,12 @@ def test_generate_from_checkpoint_and_export(tmp_path):
     cfg = write_config(tmp_path, {"trainer": {"checkpoint_every_steps": 50}})
     run_py(["-m", "trainer", "--config", str(cfg), "--max-steps", "100"], check=True)
     ckpt = tmp_path / "checkpoints" / "checkpoint-100"
-    r = run_py(["-m", "trainer.generate", "--checkpoint", str(ckpt), "--prompt", "the cat", "--tokens", "40"], check=True)
+    r = run_py(["-m", "trainer.generate", "--checkpoint", str(ckpt), "--prompt", "the cat", "--tokens", "40"],
+               check=True)
     assert r.stdout.startswith("the cat") and len(r.stdout.strip()) >= 30
     from ckpt_daemon.checkpoint import export_weights
 
     out = export_weights(ckpt, tmp_path / "export")
-    r = run_py(["-m", "trainer.generate", "--checkpoint", str(out), "--prompt", "the cat", "--tokens", "40"], check=True)
+    r = run_py(["-m", "trainer.generate", "--checkpoint", str(out), "--prompt", "the cat", "--tokens", "40"],
+               check=True)
     assert r.stdout.startswith("the cat")
