@@ -231,6 +231,8 @@ class Daemon:
             self.jobs.reschedule()
         if any(c.startswith("training.") for c in changes):
             log.info("training settings changed; they take effect at the trainer's next (re)start")
+        if any(c.startswith("replicas") for c in changes) and getattr(self, "replicator", None) is not None:
+            self.replicator.sync()
 
     # ------------------------------------------------------------------------------------ status
     def _catalogs(self, cfg: Config) -> dict[str, cat.Catalog]:
@@ -286,6 +288,7 @@ class Daemon:
             "jobs": {"next": self.jobs.next_times(), "history": self.jobs.history.data.get("jobs", {})},
             "last_cleanup": self.last_cleanup,
             "memory": self.memory.snapshot() if getattr(self, "memory", None) is not None else None,
+            "replicas": self.replicator.snapshot() if getattr(self, "replicator", None) is not None else [],
         }
 
     def _rate(self, hb: dict) -> Optional[float]:
@@ -382,6 +385,14 @@ class Daemon:
                 self.supervisor.memory = self.memory
                 threading.Thread(target=self.memory.run, args=(self.stop_requested,), daemon=True,
                                  name="memory-persist").start()
+        # --- replicas (daemon/replicate.py): a low-priority thread per target; the supervisor restores the newest
+        # replica before starting training when no valid local checkpoint is left. boto3 loads only for s3:// ones.
+        from daemon.replicate import Replicator
+
+        self.replicator = Replicator(self.get_cfg, self.stop_requested, on_change=self._state_dirty.set)
+        self.supervisor.restore_remote = self.replicator.restore_newest
+        self.replicator.sync()
+        # --- end of the replicas block
         self._write_record()
         history = st.JobHistory(cfg.log_dir)
         self.jobs = Jobs(self.get_cfg, history, {"snapshot": self.job_snapshot, "retention": self.job_retention,
@@ -432,6 +443,8 @@ class Daemon:
             if getattr(self, "web", None) is not None:  # the HTTP block above: stop listening first
                 self.web.stop()
             self.jobs.shutdown()
+            if getattr(self, "replicator", None) is not None:
+                self.replicator.stop()  # transfers stop at their next part; an interrupted upload resumes next time
             if getattr(self, "memory", None) is not None:
                 self.memory.close()  # the trainer has stopped: persist what is newer than the disk, empty the region
             self.watcher.stop()

@@ -8,6 +8,7 @@ import datetime as dt
 from typing import Optional
 
 from ckpt_daemon.units import age, human  # noqa: F401  (also this module's API)
+from daemon import replicaview
 
 
 def _when(iso: Optional[str]) -> str:
@@ -72,6 +73,10 @@ def verdict(s: dict, alive: bool, now: float, config_error: Optional[str] = None
         level = max(level, "warn", key=_rank)
     elif ret.get("policy_confirmed") is False:
         parts.append("retention policy unconfirmed")
+    rep = replicaview.verdict_part(s.get("replicas") or [], now)  # replicas (daemon/replicaview.py)
+    if rep:
+        parts.append(rep[1])
+        level = max(level, rep[0], key=_rank)
     return level, " · ".join(parts)
 
 
@@ -151,6 +156,7 @@ def render(s: dict, alive: bool, now: float, config_error: Optional[str] = None,
         out.append(("warn", "retention: the tiers in config.yaml differ from the last confirmed ones; unattended runs "
                             "delete only what the confirmed tiers also would. Review and confirm: "
                             "python -m maintenance.cleanup"))
+    out += replicaview.status_lines(s.get("replicas") or [], now)  # replicas (daemon/replicaview.py)
     lcl = s.get("last_cleanup")
     if lcl:
         out.append(("", f"last cleanup: {age(now - lcl['time'])} ago ({lcl['reason']}): deleted {lcl['deleted']}, "
