@@ -502,7 +502,15 @@ class HttpConfig(_Section):
         return self
 
 
-REPLICA_INCLUDE = ("latest", "best", "epoch_ends", "pinned", "snapshots", "all")
+def _not_echoing_secrets(check, v: str):
+    """Run a url check; an error about credentials in the url never repeats the url (the "|" form leaves
+    out the "given: ..." part of the message, which would put the secret into the logs)."""
+    try:
+        return check(v) or True
+    except ValueError as exc:
+        if "credentials never go" in str(exc):
+            raise ValueError(f"|{exc}") from None
+        raise
 
 
 class ReplicaRetention(_Section):
@@ -575,15 +583,14 @@ class ReplicaConfig(_Section):
     def _url(cls, v: str) -> str:
         from ckpt_daemon.remote.target import parse_url
 
-        parse_url(v)
-        return v
+        return _not_echoing_secrets(parse_url, v) and v
 
     @field_validator("endpoint_url")
     @classmethod
     def _endpoint(cls, v: Optional[str]) -> Optional[str]:
         from ckpt_daemon.remote.target import check_endpoint
 
-        return None if v is None else check_endpoint(v)
+        return None if v is None else _not_echoing_secrets(check_endpoint, v) and v
 
     @field_validator("include")
     @classmethod

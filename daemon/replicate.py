@@ -44,9 +44,15 @@ REMOTE_REFRESH_S = 300.0  # the target is listed again at least this often (some
 MAX_BACKOFF_S = 300.0
 
 
+def ready(e: cat.Entry) -> bool:
+    """Whether a checkpoint's checksums are known (a native one's manifest, a foreign one's sidecar)."""
+    return e.valid and (e.layout == "native" or e.recorded)
+
+
 def select(c: cat.Catalog, include: list[str], every_steps: Optional[int],
            snapshot_names: set[str] = frozenset()) -> dict[str, list[str]]:
-    """name -> why, for the valid checkpoints a replica's rules want (pure)."""
+    """name -> why, for the valid checkpoints a replica's rules want (pure). `latest` is the newest one whose
+    checksums are known: a script that saves every few seconds always has a newest file still settling."""
     out: dict[str, list[str]] = {}
 
     def add(e: Optional[cat.Entry], why: str) -> None:
@@ -54,7 +60,7 @@ def select(c: cat.Catalog, include: list[str], every_steps: Optional[int],
             out.setdefault(e.name, []).append(why)
 
     if "latest" in include:
-        add(c.newest_valid(), "latest")
+        add(next((e for e in reversed(c.valid()) if ready(e)), None), "latest")
     if "best" in include:
         add(c.pointer("best"), "best")
     for e in c.valid():
@@ -140,15 +146,21 @@ class TargetWorker:
                 return r
         return None
 
-    def store(self, cfg: Config, r: ReplicaConfig) -> Store:
-        """The target's client, rebuilt when its settings or its credentials file change."""
+    def _settings_key(self, cfg: Config) -> tuple:
+        r = self.settings(cfg)
+        if r is None:
+            return ()
         creds_path = cfg.resolve_path(r.credentials_file) if r.credentials_file else None
         try:
             st = os.stat(creds_path) if creds_path else None
             fkey = (st.st_mtime_ns, st.st_size, st.st_ino) if st else None
         except OSError:
             fkey = "missing"
-        key = (r.url, r.endpoint_url, r.region, str(creds_path), fkey, r.parallel)
+        return (r.url, r.endpoint_url, r.region, str(creds_path), fkey, r.parallel)
+
+    def store(self, cfg: Config, r: ReplicaConfig) -> Store:
+        """The target's client, rebuilt when its settings or its credentials file change."""
+        key = self._settings_key(cfg)
         if self._store is None or key != self._store_key:
             self._store = make_store(cfg, r, say=self._say)
             self._store_key = key
@@ -171,12 +183,13 @@ class TargetWorker:
             self.status.update(kw)
         self.on_change()
 
-    def _progress(self, n: int) -> None:
+    def _progress(self, n: int, sent: bool = True) -> None:
         with self.lock:
             up = self.status.get("uploading")
             if up is not None:
                 up["done"] = up.get("done", 0) + n
-            self.status["uploaded_bytes"] += n if up is not None else 0
+            if sent:
+                self.status["uploaded_bytes"] += n
 
     def snapshot(self) -> dict:
         with self.lock:
@@ -221,13 +234,18 @@ class TargetWorker:
                 break
             except RemoteError as exc:
                 self._fail(exc)
+                self._report_offline(cfg, r)
                 backoff = min(MAX_BACKOFF_S, max(POLL_S, backoff * 2) if not isinstance(exc, (RemoteAuthError, RemoteSetupError))
                               else 60.0)
             except Exception as exc:  # a bug must not end replication for good; it is logged and retried
                 log.exception("replication pass failed unexpectedly; retrying", replica=self.url, error=str(exc))
                 self._set(state="error", last_error={"time": time.time(), "kind": "error", "message": str(exc)[:500]})
                 backoff = min(MAX_BACKOFF_S, max(POLL_S, backoff * 2))
-            self.wake.wait(max(POLL_S, backoff))
+            deadline = time.monotonic() + max(POLL_S, backoff)
+            key = self._settings_key(cfg)
+            while time.monotonic() < deadline and not self.wake.wait(min(POLL_S, deadline - time.monotonic())):
+                if self._settings_key(self.get_cfg()) != key:
+                    break  # fixed credentials or settings are tried at once, not after the backoff
             self.wake.clear()
         if self._transfer is not None:
             self._transfer.pool.shutdown(wait=False, cancel_futures=True)
@@ -319,6 +337,16 @@ class TargetWorker:
         self._report(c, rc, wanted, replicated, r, state="idle", waiting=waiting, last_success=time.time(),
                      last_error=None)
         self._said = {k for k in self._said if k.startswith("info:")}  # a success re-arms the warnings
+
+    def _report_offline(self, cfg: Config, r: ReplicaConfig) -> None:
+        """The lag while the target cannot be reached: against what it held when it was last seen."""
+        try:
+            c, _ = self.local_catalog(cfg, time.time())
+            rc = self.rc or listing.RemoteCatalog(self.url, [], {}, {})
+            wanted = select(c, r.include, r.every_steps, snapshot_names(cfg) if "snapshots" in r.include else set())
+            self._report(c, rc, wanted, self._replicated(c, rc, wanted), r)
+        except Exception as exc:  # the report is for status only; the pass's own error is what counts
+            log.debug("could not compute the lag of an unreachable replica", replica=self.url, error=str(exc))
 
     def _replicated(self, c: cat.Catalog, rc: listing.RemoteCatalog, wanted: dict) -> set[str]:
         """The wanted checkpoints the target holds whole, as they are now (a replica written before the

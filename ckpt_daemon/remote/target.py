@@ -51,8 +51,8 @@ def parse_url(url: str, base: Optional[Path] = None) -> Target:
         rest = url[5:]
         bucket, _, prefix = rest.partition("/")
         if "@" in bucket or ":" in bucket:
-            raise ValueError(f"{url[:80]!r} carries credentials or a port in the bucket part; credentials never go "
-                             "in config.yaml (use credentials_file or the AWS_* environment), and the server's "
+            raise ValueError("carries credentials or a port in its bucket part (not repeated here); credentials never "
+                             "go in config.yaml (use credentials_file or the AWS_* environment), and the server's "
                              "address goes in endpoint_url")
         if not _BUCKET.match(bucket) or ".." in bucket:
             raise ValueError(f"{bucket[:70]!r} is not a valid S3 bucket name (3 to 63 lowercase letters, digits, '.' "
@@ -90,7 +90,7 @@ def check_endpoint(url: str) -> str:
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"{url[:80]!r} must be an http:// or https:// URL with a host, e.g. http://127.0.0.1:8333")
     if parts.username or parts.password:
-        raise ValueError("endpoint_url carries credentials; credentials never go in config.yaml: put them in "
+        raise ValueError("carries credentials (not repeated here); credentials never go in config.yaml: put them in "
                          "credentials_file (AWS_ACCESS_KEY_ID=... / AWS_SECRET_ACCESS_KEY=...) or the AWS_* environment")
     if parts.query or parts.fragment:
         raise ValueError(f"{url[:80]!r} has a query or a fragment; give the server's base URL only")

@@ -60,7 +60,7 @@ class Transfer:
     parallel: int = 4
     part_size: int = 16 * MIB
     throttle: Throttle = field(default_factory=lambda: Throttle(None))
-    progress: Callable[[int], None] = lambda n: None
+    progress: Callable[..., None] = lambda n, sent=True: None  # bytes done (sent=False: already on the server)
     pool: Optional[cf.ThreadPoolExecutor] = None
 
     def __post_init__(self) -> None:
@@ -221,7 +221,7 @@ def _reuse(store: Store, key: str, path: Path, size: int, algo: str, want: str, 
     expect = b64(parts[0]) if len(parts) == 1 and "-" not in info.sha256 else composite_sha256(parts)
     if info.sha256 != expect:
         return None
-    t.progress(size)
+    t.progress(size, sent=False)
     return {"part_size": ps if "-" in info.sha256 else max(size, 1), "server": {"sha256": info.sha256, "etag": info.etag}}
 
 
@@ -254,9 +254,10 @@ def _multipart(store: Store, key: str, path: Path, size: int, algo: str, want: s
         had = have.get(i + 1)
         if had is not None and had[0] == len(buf) and had[1] == hashlib.md5(view).hexdigest():
             parts.etags[i] = had[1]  # accepted by the server before the interruption: the same bytes
+            t.progress(len(buf), sent=False)
         else:
             parts.etags[i] = store.upload_part(key, uid, i + 1, off, view, d, t.throttle)
-        t.progress(len(buf))
+            t.progress(len(buf))
 
     h = new_hasher(algo, threads=False)
     fd = _local_fd(path, size)
