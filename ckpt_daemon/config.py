@@ -533,6 +533,16 @@ class ReplicaRetention(_Section):
         return self
 
 
+def _retention_shorthand_schema(schema: dict) -> None:
+    """`retention: same | keep_all | [tiers]` (the validator turns each into the object form) or the object."""
+    ref = {k: schema.pop(k) for k in ("$ref", "allOf") if k in schema}
+    tier = {"type": "object", "additionalProperties": False,
+            "properties": {"count": {"type": ["integer", "null"], "minimum": 1},
+                           "every_steps": {"type": ["integer", "null"], "minimum": 1}}}
+    schema["anyOf"] = [{"enum": ["same", "keep_all"]}, {"type": "array", "items": tier, "maxItems": 32},
+                       ref or {"type": "object"}]
+
+
 class ReplicaConfig(_Section):
     url: str = Field(..., min_length=1, max_length=4096,
                      description="s3://bucket/prefix (AWS S3 or any S3-compatible server), or a folder (a local disk or "
@@ -560,7 +570,8 @@ class ReplicaConfig(_Section):
     max_mb_per_s: Optional[float] = Field(None, gt=0, le=1e6, description="Upload bandwidth cap in MB/s (null: none).")
     retention: ReplicaRetention = Field(
         default_factory=ReplicaRetention,
-        description="same (the local tiers), keep_all, or a list of the replica's own tiers.")
+        description="same (the local tiers), keep_all, or a list of the replica's own tiers.",
+        json_schema_extra=_retention_shorthand_schema)
     restore_on_empty: bool = Field(
         True, description=("When the daemon starts with no valid local checkpoint, restore the newest verified replica "
                            "before starting training."))
