@@ -566,7 +566,7 @@ class ReplicaConfig(_Section):
                      "(log, status, metrics, notification)."))
     parallel: int = Field(4, ge=1, le=64, description="Parts uploaded (or downloaded) at once; memory is about "
                                                       "parallel x part_size_mb.")
-    part_size_mb: int = Field(16, ge=5, le=1024, description="Multipart part size in MiB (S3's minimum is 5).")
+    part_size_mb: int = Field(8, ge=5, le=1024, description="Multipart part size in MiB (S3's minimum is 5).")
     max_mb_per_s: Optional[float] = Field(None, gt=0, le=1e6, description="Upload bandwidth cap in MB/s (null: none).")
     retention: ReplicaRetention = Field(
         default_factory=ReplicaRetention,

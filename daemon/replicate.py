@@ -405,8 +405,8 @@ class TargetWorker:
 
     def _retention(self, cfg: Config, r: ReplicaConfig, store: Store, rc: listing.RemoteCatalog, c: cat.Catalog,
                    wanted: dict) -> None:
-        if r.retention.mode == "keep_all" or not rc.valid():
-            return
+        if r.retention.mode == "keep_all" or not rc.valid() or not c.valid():
+            return  # an empty local folder (a replaced disk, a restore about to run) deletes no replica
         from maintenance import cleanup
         from maintenance import retention as lret
 

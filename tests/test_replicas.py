@@ -81,7 +81,7 @@ def native_ckpt(root: Path, step: int, nbytes: int = 64 << 10, seed: int = 0) ->
 
 def scan(root: Path):
     return cat.scan(root, ["checkpoint-{step}", "epoch={epoch}-step={step}.ckpt", "model_step_{step}.pt"],
-                    now=time.time() + 3600)
+                    best_metric="val_loss", now=time.time() + 3600)
 
 
 def flip(p: Path, where: float = 0.5) -> None:
@@ -195,6 +195,9 @@ def test_select_and_lag(tmp_path):
     assert select(c, ["pinned"], 200) == {"checkpoint-100": ["pinned"], "checkpoint-200": ["step a multiple of 200"],
                                           "checkpoint-400": ["step a multiple of 200"]}
     assert set(select(c, ["all"], None)) == {f"checkpoint-{s}" for s in (100, 200, 300, 400)}
+    assert select(c, ["snapshots"], None, {"checkpoint-300", "checkpoint-999"}) == {"checkpoint-300": ["in a snapshot"]}
+    c.by_name("checkpoint-200").epoch_end, c.by_name("checkpoint-200").epoch = True, 1
+    assert select(c, ["epoch_ends", "best"], None) == {"checkpoint-200": ["end of epoch 1"], "checkpoint-400": ["best"]}
     want = select(c, ["latest", "pinned"], None)
     # the target holds 200 only: 300 and 400 were each the latest once, so the lag counts from 300's birth
     m300 = c.by_name("checkpoint-300").mtime
@@ -649,7 +652,7 @@ def test_without_replicas_the_daemon_never_loads_boto3_and_a_hot_reload_starts_o
     """The daemon in a process of its own; a thread of it reports sys.modules and edits config.yaml."""
     native_ckpt(tmp_path / "checkpoints", 10)
     cfgp = tmp_path / "config.yaml"
-    cfgp.write_text(yaml.safe_dump({"checkpoints": {"dir": "checkpoints"},
+    cfgp.write_text(yaml.safe_dump({"checkpoints": {"dir": "checkpoints"}, "replicas": [],
                                     "training": {"command": [PY, "-c", "import time; time.sleep(3600)"]}}))
     creds = server.credentials_file(tmp_path / "s3.env")
     added = {"replicas": [{"url": f"s3://{bucket}/hot", "endpoint_url": server.endpoint, "credentials_file": str(creds)}]}

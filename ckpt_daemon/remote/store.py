@@ -466,8 +466,16 @@ class FolderStore(Store):
                     os.link(tmp, final)  # atomic create-only: fails if the name exists
                 except FileExistsError:
                     raise RemoteConflict(f"{key} already exists in {self.root}") from None
+                except OSError as exc:
+                    if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+                        raise
+                    # a share without hard links (SMB): one daemon writes a prefix, so check, then rename
+                    if os.path.lexists(final):
+                        raise RemoteConflict(f"{key} already exists in {self.root}") from None
+                    os.rename(tmp, final)
                 finally:
-                    os.unlink(tmp)
+                    if os.path.lexists(tmp):
+                        os.unlink(tmp)
             else:
                 os.replace(tmp, final)
             fsync_dir(final.parent)

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import hashlib
+import mmap
 import os
+import queue
 import socket
 import stat
 import threading
@@ -53,6 +55,62 @@ def lower_priority() -> None:
         pass
 
 
+class Pool:
+    """A bounded pool of daemon threads at low priority (concurrent.futures' own threads are joined at
+    interpreter exit: a part stuck in retries against a dead server would hold the daemon's stop)."""
+
+    def __init__(self, workers: int, name: str = "replica-io"):
+        self.workers, self.name = workers, name
+        self.q: "queue.SimpleQueue" = queue.SimpleQueue()
+        self.threads: list[threading.Thread] = []
+        self.lock = threading.Lock()
+        self.closed = False
+
+    def submit(self, fn, *args) -> cf.Future:
+        f: cf.Future = cf.Future()
+        with self.lock:
+            if self.closed:
+                raise RuntimeError("the transfer pool is shut down")
+            if len(self.threads) < self.workers:
+                t = threading.Thread(target=self._work, daemon=True, name=f"{self.name}-{len(self.threads)}")
+                self.threads.append(t)
+                t.start()
+        self.q.put((f, fn, args))
+        return f
+
+    def _work(self) -> None:
+        lower_priority()
+        while True:
+            item = self.q.get()
+            if item is None:
+                return
+            f, fn, args = item
+            if not f.set_running_or_notify_cancel():
+                continue
+            try:
+                f.set_result(fn(*args))
+            except BaseException as exc:  # handed to whoever waits on the future
+                f.set_exception(exc)
+
+    def shutdown(self, wait: bool = False, cancel_futures: bool = True) -> None:
+        with self.lock:
+            self.closed = True
+            threads = list(self.threads)
+        if cancel_futures:
+            while True:
+                try:
+                    item = self.q.get_nowait()
+                except queue.Empty:
+                    break
+                if item is not None:
+                    item[0].cancel()
+        for _ in threads:
+            self.q.put(None)
+        if wait:
+            for t in threads:
+                t.join()
+
+
 @dataclass
 class Transfer:
     """How one target moves bytes: its worker pool (bounded), part size, bandwidth cap and cancellation."""
@@ -61,19 +119,18 @@ class Transfer:
     part_size: int = 16 * MIB
     throttle: Throttle = field(default_factory=lambda: Throttle(None))
     progress: Callable[..., None] = lambda n, sent=True: None  # bytes done (sent=False: already on the server)
-    pool: Optional[cf.ThreadPoolExecutor] = None
+    pool: Optional[Pool] = None
 
     def __post_init__(self) -> None:
         if self.pool is None:
-            self.pool = cf.ThreadPoolExecutor(max_workers=self.parallel, thread_name_prefix="replica-io",
-                                              initializer=lower_priority)
+            self.pool = Pool(self.parallel)
 
     @property
     def cancel(self) -> threading.Event:
         return self.throttle.cancel
 
     def close(self) -> None:
-        self.pool.shutdown(wait=True, cancel_futures=True)
+        self.pool.shutdown(wait=False, cancel_futures=True)
 
 
 def part_size_for(size: int, base: int) -> int:
@@ -105,8 +162,16 @@ def _local_fd(path: Path, size: int) -> int:
     return fd
 
 
-def _read_exact(fd: int, off: int, n: int, path: Path) -> bytearray:
-    buf = bytearray(n)
+def _buffer(n: int):
+    """A part's buffer: its own anonymous mapping, so that its memory goes back to the system the moment the
+    part is sent (a bytearray this large would stay in the allocator's heap, and the daemon's RSS with it)."""
+    if n == 0:
+        return bytearray()
+    return mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+
+
+def _read_exact(fd: int, off: int, n: int, path: Path):
+    buf = _buffer(n)
     view, got = memoryview(buf), 0
     while got < n:
         k = os.preadv(fd, [view[got:]], off + got)
@@ -177,7 +242,7 @@ def upload_file(store: Store, key: str, path: Optional[Path], record: dict, t: T
             raise LocalChanged(f"{path} fails its recorded {algo} checksum: the local copy is damaged, so it is "
                                "not replicated (`ckpt-daemon list --verify` shows it)")
         sha = hashlib.sha256(data).digest()
-        info = store.put_bytes(key, bytes(data), sha, meta, throttle=t.throttle)
+        info = store.put_bytes(key, data, sha, meta, throttle=t.throttle)
         if info.sha256 is not None and info.sha256 != b64(sha):
             raise RemoteIntegrityError(f"{key}: the server's checksum {info.sha256} differs from ours {b64(sha)}")
         t.progress(size)
@@ -247,7 +312,7 @@ def _multipart(store: Store, key: str, path: Path, size: int, algo: str, want: s
     n = -(-size // ps)
     parts = _Parts(t, n)
 
-    def send(i: int, off: int, buf: bytearray) -> None:
+    def send(i: int, off: int, buf) -> None:
         view = memoryview(buf)
         d = hashlib.sha256(view).digest()
         parts.digests[i] = d
