@@ -57,9 +57,9 @@ def bucket(server) -> str:
     return name
 
 
-def s3(server, url: str, secret: str | None = None):
+def s3(server, url: str, secret: str | None = None, attempts: int = 6):
     return open_store(parse_url(url), server.endpoint, None,
-                      Credentials(server.access_key, secret or server.secret_key))
+                      Credentials(server.access_key, secret or server.secret_key), attempts=attempts)
 
 
 def native_ckpt(root: Path, step: int, nbytes: int = 64 << 10, seed: int = 0) -> Path:
@@ -332,29 +332,35 @@ def test_local_damage_is_never_uploaded(tmp_path, server, bucket):
     assert rc.replicas == [] and store.open_uploads(f"p/") == []  # aborted, nothing looks complete
 
 
-def test_parts_in_memory_are_bounded_and_uploads_hold_no_lock(tmp_path, server, bucket):
+def test_parts_in_memory_are_bounded_and_uploads_hold_no_lock(tmp_path, server, bucket, monkeypatch):
+    import weakref
+
     native_ckpt(tmp_path, 9, nbytes=26 * MIB)
     store = s3(server, f"s3://{bucket}/p")
-    real = store.upload_part
-    live, peak, lock_free = [0], [0], []
+    real, real_buffer = store.upload_part, upload._buffer
+    bufs, peak, lock_free = [], [0], []
     mu = threading.Lock()
 
-    def counting(*a):
-        with mu:
-            live[0] += 1
-            peak[0] = max(peak[0], live[0])
-        try:
-            with runtime.commit_lock(tmp_path, timeout_s=2):  # a save could commit right now
-                lock_free.append(True)
-            return real(*a)
-        finally:
-            with mu:
-                live[0] -= 1
+    def live() -> int:  # part buffers read and not yet given back
+        return sum(1 for r in bufs if (b := r()) is not None and not b.closed)
 
-    store.upload_part = counting
+    def tracked(n):
+        buf = real_buffer(n)
+        with mu:
+            bufs.append(weakref.ref(buf))
+            peak[0] = max(peak[0], live())
+        return buf
+
+    def checking(*a):
+        with runtime.commit_lock(tmp_path, timeout_s=2):  # a save could commit right now
+            lock_free.append(True)
+        return real(*a)
+
+    monkeypatch.setattr(upload, "_buffer", tracked)
+    store.upload_part = checking
     t = upload.Transfer(parallel=2, part_size=5 * MIB, throttle=Throttle(8e6))
     upload.upload_checkpoint(store, source.from_entry(scan(tmp_path).entries[0]), t)
-    assert peak[0] == 2 and len(lock_free) == 6
+    assert peak[0] == 2 and live() == 0 and len(lock_free) == 6
 
 
 def test_an_altered_remote_object_is_caught_and_the_previous_replica_is_restored(tmp_path, server, bucket):
@@ -717,3 +723,33 @@ def test_the_readme_replicas_section_runs_as_written(tmp_path, server):
         ("checkpoint-100", "complete", True), ("checkpoint-200", "complete", True)]
     assert "restored checkpoint-200" in outs[2]
     assert [e.name for e in cat.scan(tmp_path / "checkpoints", ["checkpoint-{step}"], verify=True).valid()] == ["checkpoint-200"]
+
+
+@pytest.mark.slow
+def test_bit_rot_on_the_server_is_caught_at_restore_and_the_previous_replica_is_used(tmp_path, server, bucket):
+    """A byte flipped in the server's own volume file (no API call: the listing cannot tell). SeaweedFS's
+    CRC check refuses the read (it retries inside for ~13 s); the client here does not retry on top."""
+    src = tmp_path / "src"
+    for s in (100, 200):
+        native_ckpt(src, s, seed=7)
+    store = s3(server, f"s3://{bucket}/rot", attempts=1)
+    t = upload.Transfer(2, 5 * MIB)
+    for e in scan(src).entries:
+        upload.upload_checkpoint(store, source.from_entry(e), t)
+    payload = hashlib.shake_256(b"7-200").digest(64 << 10)[30_000:30_064]
+    hits = [(p, p.read_bytes().find(payload)) for p in server.data.rglob("*.dat")]
+    hits = [(p, i) for p, i in hits if i >= 0]
+    assert len(hits) == 1
+    with open(hits[0][0], "r+b") as f:
+        f.seek(hits[0][1] + 5)
+        b = f.read(1)
+        f.seek(hits[0][1] + 5)
+        f.write(bytes([b[0] ^ 1]))
+    rc = listing.scan_remote(store)
+    assert [r.status for r in rc.replicas] == ["complete", "complete"]  # sizes and ETags say nothing
+    root = tmp_path / "checkpoints"
+    root.mkdir()
+    path, notes = download.restore(store, rc, "latest", root, ["checkpoint-{step}"], t)
+    assert path.name == "checkpoint-100" and len(notes) == 1 and notes[0].startswith("checkpoint-200: ")
+    assert [e.name for e in cat.scan(root, ["checkpoint-{step}"], verify=True).valid()] == ["checkpoint-100"]
+    assert not os.listdir(root / runtime.STATE_DIR / "tmp")

@@ -22,7 +22,8 @@ from ckpt_daemon import catalog as cat
 from ckpt_daemon import foreign, runtime
 from ckpt_daemon import manifest as mf
 from ckpt_daemon.fsutil import fsync_dir, record_checksum
-from ckpt_daemon.remote.errors import RemoteError, RemoteIntegrityError
+from ckpt_daemon.remote.errors import (Cancelled, RemoteAuthError, RemoteError, RemoteIntegrityError, RemoteSetupError,
+                                       RemoteUnreachable)
 from ckpt_daemon.remote.listing import RemoteCatalog, Replica
 from ckpt_daemon.remote.store import Store
 from ckpt_daemon.remote.upload import Transfer
@@ -59,7 +60,7 @@ def _fetch_file(store: Store, rec: dict, dst: Path, t: Transfer, label: str) -> 
             t.progress(n)
 
         futures = [t.pool.submit(part, off, min(RANGE, rec["size"] - off)) for off in range(0, rec["size"], RANGE)]
-        done, _ = cf.wait(futures)
+        cf.wait(futures)
         for f in futures:
             f.result()
         os.fsync(fd)
@@ -189,6 +190,10 @@ def restore(store: Store, rc: RemoteCatalog, which: str, root: Path, patterns: I
             return restore_one(store, r.manifest, root, t), notes
         except ReplicaDamaged as exc:
             msg = f"{r.name}: {exc}"
+        except (RemoteUnreachable, RemoteAuthError, RemoteSetupError, Cancelled):
+            raise  # the target, not this replica: no other replica would do better
+        except RemoteError as exc:  # the server cannot give this replica back (e.g. its own CRC check failed)
+            msg = f"{r.name}: the server could not return it intact ({exc})"
         except FileExistsError:
             msg = f"{r.name} is already in {root} (a local checkpoint of that name); nothing was overwritten"
         notes.append(msg)

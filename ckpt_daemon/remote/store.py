@@ -160,7 +160,7 @@ class S3Store(Store):
     resumable = True
 
     def __init__(self, target: Target, endpoint_url: Optional[str] = None, region: Optional[str] = None,
-                 credentials: Optional[Credentials] = None, pool: int = 8):
+                 credentials: Optional[Credentials] = None, pool: int = 8, attempts: int = 6):
         import boto3  # here only: the daemon loads it when an s3:// replica is configured, never otherwise
         from botocore.config import Config as BotoConfig
 
@@ -173,7 +173,7 @@ class S3Store(Store):
             region_name=region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1")
         self.client = session.client("s3", endpoint_url=endpoint_url, config=BotoConfig(
             # standard retries back off up to ~20 s in all: a server restarting or a short outage is ridden out
-            retries={"max_attempts": 6, "mode": "standard"}, connect_timeout=5, read_timeout=60,
+            retries={"max_attempts": attempts, "mode": "standard"}, connect_timeout=5, read_timeout=60,
             max_pool_connections=max(10, pool + 4), user_agent_extra="ckpt-daemon",
             # our own SHA-256 goes with every part; botocore need not hash the body a second time
             request_checksum_calculation="when_required", response_checksum_validation="when_required",
@@ -672,7 +672,7 @@ class FolderStore(Store):
 
 
 def open_store(target: Target, endpoint_url: Optional[str] = None, region: Optional[str] = None,
-               credentials: Optional[Credentials] = None, pool: int = 8) -> Store:
+               credentials: Optional[Credentials] = None, pool: int = 8, attempts: int = 6) -> Store:
     if target.kind == "s3":
-        return S3Store(target, endpoint_url, region, credentials, pool)
+        return S3Store(target, endpoint_url, region, credentials, pool, attempts)
     return FolderStore(target)

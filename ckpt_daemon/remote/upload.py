@@ -85,12 +85,14 @@ class Pool:
             if item is None:
                 return
             f, fn, args = item
+            del item
             if not f.set_running_or_notify_cancel():
                 continue
             try:
                 f.set_result(fn(*args))
             except BaseException as exc:  # handed to whoever waits on the future
                 f.set_exception(exc)
+            del f, fn, args  # nothing of a finished task stays alive while waiting for the next
 
     def shutdown(self, wait: bool = False, cancel_futures: bool = True) -> None:
         with self.lock:
@@ -170,6 +172,16 @@ def _buffer(n: int):
     return mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
 
 
+def _free(view: memoryview, buf) -> None:
+    """Give a sent part's memory back now (not when the last reference a client library keeps goes)."""
+    view.release()
+    if isinstance(buf, mmap.mmap):
+        try:
+            buf.close()
+        except BufferError:
+            pass  # still exported somewhere: freed with its last reference
+
+
 def _read_exact(fd: int, off: int, n: int, path: Path):
     buf = _buffer(n)
     view, got = memoryview(buf), 0
@@ -198,13 +210,16 @@ class _Parts:
                 raise Cancelled("the transfer was cancelled")
 
     def submit(self, fn, *args) -> None:
+        held = list(args)
+
         def run():
             try:
-                fn(*args)
+                fn(*held)
             except BaseException as exc:  # kept and raised by the reader, which stops reading
                 if self.error is None:
                     self.error = exc
             finally:
+                held.clear()  # the part's buffer is freed before the next one may be read
                 self.sem.release()
 
         self.futures.append(self.t.pool.submit(run))
@@ -323,6 +338,7 @@ def _multipart(store: Store, key: str, path: Path, size: int, algo: str, want: s
         else:
             parts.etags[i] = store.upload_part(key, uid, i + 1, off, view, d, t.throttle)
             t.progress(len(buf))
+        _free(view, buf)
 
     h = new_hasher(algo, threads=False)
     fd = _local_fd(path, size)
