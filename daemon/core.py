@@ -341,6 +341,8 @@ class Daemon:
     def run(self) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):  # first: a stop during start-up is a clean stop
             signal.signal(sig, self._on_signal)
+        if hasattr(signal, "SIGPIPE"):  # a peer that drops a connection (an S3 server, a browser) is an EPIPE, not our end
+            signal.signal(signal.SIGPIPE, signal.SIG_IGN)
         cfg = self.cfg
         os.umask(0o022)
         setup_logging(cfg.logging.level, cfg.log_dir / "daemon.log", cfg.logging.max_bytes, cfg.logging.backups)

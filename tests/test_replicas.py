@@ -753,3 +753,35 @@ def test_bit_rot_on_the_server_is_caught_at_restore_and_the_previous_replica_is_
     assert path.name == "checkpoint-100" and len(notes) == 1 and notes[0].startswith("checkpoint-200: ")
     assert [e.name for e in cat.scan(root, ["checkpoint-{step}"], verify=True).valid()] == ["checkpoint-100"]
     assert not os.listdir(root / runtime.STATE_DIR / "tmp")
+
+
+@pytest.mark.slow
+def test_the_daemon_rides_out_its_server_killed_mid_upload(tmp_path, daemons):
+    """SIGKILL of the S3 server while the daemon streams a part: the daemon stays up (a dropped connection is
+    an error, not a SIGPIPE death), says so in status, resumes once the server is back, and stops at once."""
+    why = why_unavailable()
+    if why:
+        pytest.skip(why)
+    srv = Seaweed(tmp_path / "srv").start()
+    try:
+        srv.make_bucket("ride")
+        native_ckpt(tmp_path / "checkpoints", 5, nbytes=30 * MIB)
+        rep = {"url": "s3://ride/r", "endpoint_url": srv.endpoint, "credentials_file": str(srv.credentials_file(tmp_path / "s3.env")),
+               "max_mb_per_s": 4, "part_size_mb": 5, "parallel": 2}
+        d = Daemon(tmp_path, deep_merge(SLEEPER, {"replicas": [rep]})).start()
+        daemons.append(d)
+        d.wait(lambda s: (((s.get("replicas") or [{}])[0].get("uploading") or {}).get("done") or 0) >= 5 * MIB, 60,
+               "a part sent")
+        srv.kill()
+        d.wait(lambda s: (s["replicas"][0].get("last_error") or {}).get("kind") == "unreachable", 90, "the outage in status")
+        assert d.proc.poll() is None
+        srv.start()
+        s = d.wait(lambda s: s["replicas"][0]["replicas"] == 1 and s["replicas"][0]["last_error"] is None and s, 120,
+                   "the replica after the outage")
+        store = open_store(parse_url("s3://ride/r"), srv.endpoint, None, Credentials(srv.access_key, srv.secret_key))
+        rc = listing.scan_remote(store)
+        assert listing.verify_replica(store, rc.replicas[0]).valid and store.open_uploads("r/") == []
+        t0 = time.monotonic()
+        assert d.stop() == 0 and time.monotonic() - t0 < 30
+    finally:
+        srv.stop()
