@@ -41,7 +41,8 @@ log = get_logger("daemon.replicate")
 POLL_S = 5.0  # how often a target looks for work
 RESCAN_S = 60.0  # a full catalog rescan at least this often (events can be missed)
 REMOTE_REFRESH_S = 300.0  # the target is listed again at least this often (someone may have changed it)
-MAX_BACKOFF_S = 300.0
+MAX_BACKOFF_S = 60.0  # an outage is retried at least once a minute (a listing: cheap)
+MAX_LISTED = 20  # names listed in status (pending, damaged); the counts are complete
 
 
 def ready(e: cat.Entry) -> bool:
@@ -96,15 +97,16 @@ def lag(c: cat.Catalog, wanted: dict[str, list[str]], replicated: set[str], newe
     """How far the target is behind: {lag_steps, behind_since, pending, bytes_pending} (pure). behind_since
     is when the oldest checkpoint the target still lacks was written (with `latest`: every checkpoint newer
     than the newest replica counts, each was the latest once)."""
-    pending = [c.by_name(n) for n in wanted if n not in replicated and c.by_name(n) is not None]
+    idx = {e.name: e for e in c.entries}
+    pending = [idx[n] for n in wanted if n not in replicated and n in idx]
     ahead = [e for e in c.valid() if newest_remote_step is None or e.step > newest_remote_step] if "latest" in include else []
     late = pending + [e for e in ahead if e.name not in replicated]
     if not late:
-        return {"lag_steps": 0, "behind_since": None, "pending": [], "bytes_pending": 0}
+        return {"lag_steps": 0, "behind_since": None, "pending": [], "pending_count": 0, "bytes_pending": 0}
     top = max(e.step for e in late)
     return {"lag_steps": max(0, top - (newest_remote_step if newest_remote_step is not None else 0)),
-            "behind_since": min(e.mtime for e in late), "pending": sorted(e.name for e in pending),
-            "bytes_pending": sum(sizes.get(e.name, e.bytes) for e in pending)}
+            "behind_since": min(e.mtime for e in late), "pending": sorted(e.name for e in pending)[:MAX_LISTED],
+            "pending_count": len(pending), "bytes_pending": sum(sizes.get(e.name, e.bytes) for e in pending)}
 
 
 class TargetWorker:
@@ -278,7 +280,8 @@ class TargetWorker:
         c, rescanned = self.local_catalog(cfg, now)
         wanted = select(c, r.include, r.every_steps, snapshot_names(cfg) if "snapshots" in r.include else set())
         replicated = self._replicated(c, rc, wanted)
-        todo = sorted((c.by_name(n) for n in wanted if n not in replicated), key=lambda e: -e.step)
+        cidx = {e.name: e for e in c.entries}
+        todo = sorted((cidx[n] for n in wanted if n not in replicated), key=lambda e: -e.step)
         self._report(c, rc, wanted, replicated, r, state="uploading" if todo else "idle")
         busy: set[str] = set()
         uploaded = False
@@ -352,8 +355,9 @@ class TargetWorker:
         """The wanted checkpoints the target holds whole, as they are now (a replica written before the
         checkpoint's last change is compared file by file)."""
         out = set()
+        cidx = {e.name: e for e in c.entries}
         for n in wanted:
-            rep, e = rc.by_name(n), c.by_name(n)
+            rep, e = rc.by_name(n), cidx.get(n)
             if rep is None or not rep.valid or e is None or rep.step != e.step:
                 continue
             if rep.created >= e.mtime:
@@ -371,6 +375,10 @@ class TargetWorker:
         sizes = {n: v[1] for n, v in self._sizes.items()}
         lg = lag(c, wanted, replicated, newest.step if newest else None, r.include, sizes)
         damaged = {x.name: f"{x.status}: {x.reason}" for x in rc.replicas if not x.valid}
+        if len(damaged) > MAX_LISTED:
+            damaged = dict(list(damaged.items())[:MAX_LISTED]) | {"...": f"and {len(damaged) - MAX_LISTED} more"}
+        names = {e.name for e in c.entries}
+        self._sizes = {n: v for n, v in self._sizes.items() if n in names}
         self._set(replicas=len(rc.valid()), within_s=r.within_s, damaged=damaged,
                   newest={"name": newest.name, "step": newest.step, "created": newest.created} if newest else None,
                   **lg, **kw)

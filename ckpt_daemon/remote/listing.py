@@ -63,7 +63,10 @@ class RemoteCatalog:
         return v[-1] if v else None
 
     def by_name(self, name: str) -> Optional[Replica]:
-        return next((r for r in self.replicas if r.name == name), None)
+        idx = self.__dict__.get("_idx")
+        if idx is None or len(idx) != len(self.replicas):
+            idx = self.__dict__["_idx"] = {r.name: r for r in self.replicas}
+        return idx.get(name)
 
 
 def _status(m: dict, objs: dict[str, ObjInfo], key) -> tuple[str, str]:

@@ -385,7 +385,13 @@ class FolderStore(Store):
         parts = key.split("/")
         if not key or any(p in ("", ".", "..") or "\0" in p for p in parts):
             raise RemoteError(f"{key[:80]!r} is not a key of ours")
-        return self.root.joinpath(*parts)
+        p = self.root
+        for part in parts[:-1]:  # never through a symlink planted in the replica folder
+            p = p / part
+            if p.is_symlink():
+                raise RemoteSetupError(f"{p} in the replica folder is a symlink; ckpt-daemon never writes, reads or "
+                                       "deletes through one. Move it away.")
+        return p / parts[-1]
 
     def _io(self, exc: OSError, what: str) -> RemoteError:
         if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
