@@ -482,6 +482,14 @@ def test_a_folder_replica_round_trips_and_an_unmounted_one_is_refused(tmp_path):
     with pytest.raises(download.ReplicaDamaged):
         download.restore_one(store, rc.replicas[0].manifest, out, t)
     assert not (out / "checkpoint-5").exists()
+    # a symlink planted in the replica folder is never written (or deleted) through
+    native_ckpt(root, 9)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (rep / "checkpoint-9").symlink_to(elsewhere)
+    with pytest.raises(RemoteSetupError, match="is a symlink"):
+        upload.upload_checkpoint(store, source.from_entry(scan(root).by_name("checkpoint-9")), t)
+    assert os.listdir(elsewhere) == []
 
 
 # ------------------------------------------------------------------------------- real processes
