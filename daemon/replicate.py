@@ -200,9 +200,11 @@ class TargetWorker:
 
     def _say(self, level: str, msg: str, **kw) -> None:
         """Log a message once until it changes (a target that stays down is not logged every 5 s)."""
-        key = f"{level}:{msg}"
+        key = f"{level}:{msg}:{kw.get('kind') or kw.get('checkpoint') or ''}"
         if key in self._said:
             return
+        if len(self._said) > 1000:  # bounded: a message may be said again after that many others
+            self._said.clear()
         self._said.add(key)
         getattr(log, level)(msg, replica=self.url, **kw)
 
@@ -312,7 +314,7 @@ class TargetWorker:
             busy.add(e.name)
             self._set(uploading={"name": e.name, "done": 0, "total": src.nbytes, "started": time.time()})
             try:
-                _, did = upload.upload_checkpoint(store, src, t)
+                _, did = upload.upload_checkpoint(store, src, t, repair=held is not None and not held.valid)
             except LocalChanged as exc:
                 busy.discard(e.name)
                 self._say("warning", "checkpoint not replicated: it changed or went away while it was read",
@@ -339,7 +341,8 @@ class TargetWorker:
         replicated = self._replicated(c, rc, wanted)
         self._report(c, rc, wanted, replicated, r, state="idle", waiting=waiting, last_success=time.time(),
                      last_error=None)
-        self._said = {k for k in self._said if k.startswith("info:")}  # a success re-arms the warnings
+        # a success re-arms the failure messages (a damaged replica stays said: it is in status all along)
+        self._said = {k for k in self._said if k.startswith("info:") or "damaged" in k}
 
     def _report_offline(self, cfg: Config, r: ReplicaConfig) -> None:
         """The lag while the target cannot be reached: against what it held when it was last seen."""

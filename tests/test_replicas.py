@@ -793,3 +793,25 @@ def test_the_daemon_rides_out_its_server_killed_mid_upload(tmp_path, daemons):
         assert d.stop() == 0 and time.monotonic() - t0 < 30
     finally:
         srv.stop()
+
+
+def test_a_damaged_replica_is_sent_again_from_the_good_local_copy(tmp_path, server, bucket):
+    cfgp = tmp_path / "config.yaml"
+    url = f"s3://{bucket}/fix"
+    cfgp.write_text(yaml.safe_dump({"checkpoints": {"dir": "checkpoints"}, "replicas": [
+        {"url": url, "endpoint_url": server.endpoint, "credentials_file": str(server.credentials_file(tmp_path / "s3.env")),
+         "include": ["latest"]}]}))
+    cfg = load_config(cfgp)
+    native_ckpt(cfg.checkpoint_dir, 100, nbytes=11 * MIB)
+    w = TargetWorker(url, lambda: cfg, threading.Event(), lambda: None, threading.Event())
+    w.run_pass(cfg, cfg.replicas[0])
+    store = s3(server, url)
+    key = f"fix/{fmt.data_key('checkpoint-100', 'model.safetensors')}"
+    data = bytearray(server.client().get_object(Bucket=bucket, Key=key)["Body"].read())
+    data[5] ^= 1
+    server.client().put_object(Bucket=bucket, Key=key, Body=bytes(data), Metadata=store.head(key).metadata)
+    w.rc_time = 0  # the next pass lists the target again (it does every REMOTE_REFRESH_S)
+    w.run_pass(cfg, cfg.replicas[0])
+    assert w.status["damaged"] == {}
+    rc = listing.scan_remote(store)
+    assert [r.status for r in rc.replicas] == ["complete"] and listing.verify_replica(store, rc.replicas[0]).valid

@@ -231,7 +231,7 @@ class _Parts:
 
 
 def upload_file(store: Store, key: str, path: Optional[Path], record: dict, t: Transfer,
-                inline: Optional[bytes] = None) -> dict:
+                inline: Optional[bytes] = None, reuse: bool = True) -> dict:
     """Upload one file (from `path`, or the bytes `inline`) whose size and checksum are `record`; returns
     what the remote manifest keeps of it: {part_size, server: {sha256, etag}}."""
     size = record["size"]
@@ -244,7 +244,7 @@ def upload_file(store: Store, key: str, path: Optional[Path], record: dict, t: T
         info = store.put_bytes(key, inline, hashlib.sha256(inline).digest(), meta, throttle=t.throttle)
         t.progress(size)
         return {"part_size": max(size, 1), "server": {"sha256": info.sha256, "etag": info.etag}}
-    reused = _reuse(store, key, path, size, algo, want, ps, meta, t)
+    reused = _reuse(store, key, path, size, algo, want, ps, meta, t) if reuse else None
     if reused is not None:
         return reused
     if size <= ps:  # one request
@@ -401,12 +401,14 @@ def same_files(m: dict, src: Source) -> bool:
     return True
 
 
-def upload_checkpoint(store: Store, src: Source, t: Transfer, now: Optional[float] = None) -> tuple[dict, bool]:
+def upload_checkpoint(store: Store, src: Source, t: Transfer, now: Optional[float] = None,
+                      repair: bool = False) -> tuple[dict, bool]:
     """Replicate one checkpoint; returns (its remote manifest, whether anything was uploaded). Idempotent:
-    a replica that already holds these very files is left as it is."""
+    a replica that already holds these very files is left as it is, unless `repair` (it was found damaged
+    on the target): then it stops existing and every file is sent again, none reused."""
     marker = store.target.key(fmt.marker_key(src.name))
     existing, _bad = read_marker(store, src.name)
-    if existing is not None and same_files(existing, src):
+    if existing is not None and same_files(existing, src) and not repair:
         return existing, False
     if existing is not None or _bad is not None:
         # another save of that name (a step written again), or a marker we cannot use: it stops existing first
@@ -415,7 +417,8 @@ def upload_checkpoint(store: Store, src: Source, t: Transfer, now: Optional[floa
     for rel in sorted(src.files, key=lambda r: (r in src.inline, r)):  # manifest.json last among the files
         rec = src.files[rel]
         key = store.target.key(fmt.data_key(src.name, rel))
-        info = upload_file(store, key, src.path / rel if rel else src.path, rec, t, inline=src.inline.get(rel))
+        info = upload_file(store, key, src.path / rel if rel else src.path, rec, t, inline=src.inline.get(rel),
+                           reuse=not repair)
         files[rel] = {**rec, **info}
     m = fmt.build(src.name, src.step, src.layout, files, epoch=src.epoch, metrics=src.metrics, epoch_end=src.epoch_end,
                   meta=src.meta, origin=origin(), created=time.time() if now is None else now)
