@@ -266,6 +266,13 @@ def bench_integrations(quick: bool, out: dict) -> None:
     out.update(run(quick))
 
 
+def bench_replicas(quick: bool, out: dict) -> None:
+    """Verified upload and restore of a replica against an `aws s3 cp`-style copy (benchmarks/replicas.py)."""
+    from benchmarks.replicas import bench_replicas as run
+
+    out.update(run(quick))
+
+
 def bench_snapshot(quick: bool, out: dict) -> None:
     import numpy as np
 
@@ -472,7 +479,8 @@ def bench_recovery(quick: bool, out: dict) -> None:
 
 BENCHES = {"save": bench_save_and_load, "dlrover": bench_dlrover, "memory": bench_memory_first,
            "snapshot": bench_snapshot, "plan": bench_plan, "cleanup": bench_cleanup, "train": bench_train_overhead,
-           "daemon": bench_daemon, "recovery": bench_recovery, "integrations": bench_integrations}
+           "daemon": bench_daemon, "recovery": bench_recovery, "integrations": bench_integrations,
+           "replicas": bench_replicas}
 
 GOALS = {  # name: (comparison, goal, meaning)
     "save_vs_torch": ("<=", 1.0,
@@ -513,6 +521,12 @@ GOALS = {  # name: (comparison, goal, meaning)
                           "hashing included)"),
     "hf_train_disk_s": ("<=", None, "the same run saving to disk as Hugging Face does, each save then fsynced (the "
                         "durable figure), s"),
+    "replica_upload_vs_copy": ("<=", 1.5, "our verified upload of a checkpoint / boto3's managed upload (aws s3 cp) of "
+                               "the same bytes to the same server (SeaweedFS), same part size and concurrency"),
+    "replica_restore_vs_copy": ("<=", 2.0, "our restore (download, verify every checksum, commit) / boto3's managed "
+                                "download + fsync of the same bytes"),
+    "replica_daemon_peak_rss_mb": ("<=", None, "the daemon's peak RSS while it uploads a replica (boto3 loaded, "
+                                   "parallel x part_size of buffers), MiB"),
 }
 
 # writer: (blocking save, async stall, async total / persisted, cold load) keys in the results

@@ -60,6 +60,8 @@ def cmd_schema(args) -> int:
 def add_list(p: argparse.ArgumentParser) -> None:
     p.add_argument("--verify", action="store_true",
                    help="verify every checksum (reads every byte); exit 1 if any checkpoint is damaged")
+    p.add_argument("--remote", action="store_true",
+                   help="list the replicas of every target in replicas: instead (with --verify: read back and hash them)")
     add_json_argument(p, "the catalog")
 
 
@@ -68,6 +70,8 @@ def cmd_list(args) -> int:
     from ckpt_daemon.units import age, human
 
     cfg, _ = _load_for_reading(args)
+    if getattr(args, "remote", False):
+        return _list_remote(cfg, args)
     c = cat.scan_config(cfg, verify=args.verify)
     # damage found is a failure (exit 1), so `ckpt-daemon list --verify && ...` in a cron job notices it;
     # a checkpoint still being written is not damage
@@ -115,6 +119,63 @@ def cmd_list(args) -> int:
         print(inert(f"{len(bad)} checkpoint(s) are not usable ({', '.join(e.name for e in bad[:5])}"
                     f"{', ...' if len(bad) > 5 else ''}): the daemon never resumes from them; restore one from a "
                     "snapshot (`ckpt-daemon restore`) if you need it."), file=sys.stderr)
+    return code
+
+
+def _list_remote(cfg, args) -> int:
+    """`list --remote`: every replica of every target, in `list --json`'s entry shape."""
+    from ckpt_daemon.remote.connect import store_for
+    from ckpt_daemon.remote.listing import scan_remote, verify_replica
+    from ckpt_daemon.units import human
+
+    if not cfg.replicas:
+        raise UsageError(f"{cfg.source} has no replicas: section; add one (see README, Replicas) to list its copies.")
+    targets, entries, bad = [], [], 0
+    for r in cfg.replicas:
+        url = cfg.replica_target(r).url
+        try:
+            store = store_for(cfg, r, warn=lambda w: print(f"warning: {w}", file=sys.stderr))
+            rc = scan_remote(store)
+            reps = [verify_replica(store, x) for x in rc.replicas] if args.verify else rc.replicas
+        except CkptError as exc:
+            targets.append({"url": url, "ok": False, "error": str(exc), "in_progress": [], "pointers": {}})
+            bad += 1
+            continue
+        bad += sum(not x.valid for x in reps)
+        entries += [x.to_json() for x in reps]
+        targets.append({"url": url, "ok": all(x.valid for x in reps), "error": None, "pointers": rc.pointers,
+                        "in_progress": [{"name": n, "objects": len(o)} for n, o in rc.in_progress.items()]})
+    code = 1 if bad else 0
+    if args.json:
+        print(json.dumps({"ok": not bad, "checkpoints": entries, "targets": targets}, indent=2, default=str))
+        return code
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    console = Console(width=max(120, os.get_terminal_size().columns if sys.stdout.isatty() else 160))
+    now = time.time()
+    from ckpt_daemon.units import age
+
+    for tg in targets:
+        mine = [e for e in entries if e["url"].startswith(tg["url"] + "/")]
+        if tg["error"]:
+            print(f"{tg['url']}: {tg['error']}", file=sys.stderr)
+            continue
+        t = Table(title=escape(f"{tg['url']} ({len(mine)} replicas, {sum(e['status'] == 'complete' for e in mine)} complete)"),
+                  title_justify="left")
+        for col in ("name", "step", "layout", "status", "size", "age", "metrics", "marks"):
+            t.add_column(col, justify="right" if col in ("step", "size", "age") else "left")
+        for e in mine:
+            marks = [p for p, n in tg["pointers"].items() if n == e["name"]]
+            status = e["status"] + (" (verified)" if e["verified"] and e["status"] == "complete" else "") + (
+                f": {e['reason']}" if e["reason"] else "")
+            t.add_row(*(escape(x) for x in (e["name"], str(e["step"]), e["layout"], status, human(e["bytes"]),
+                                            age(now - e["mtime"]) if e["mtime"] else "",
+                                            " ".join(f"{k}={v:.4g}" for k, v in e["metrics"].items()), ", ".join(marks))))
+        console.print(t)
+        for p in tg["in_progress"]:
+            print(f"upload in progress or interrupted (not a replica): {p['name']} ({p['objects']} objects)")
     return code
 
 

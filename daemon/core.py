@@ -243,6 +243,8 @@ class Daemon:
             self.jobs.reschedule()
         if any(c.startswith("training.") for c in changes):
             log.info("training settings changed; they take effect at the trainer's next (re)start")
+        if any(c.startswith("replicas") for c in changes) and getattr(self, "replicator", None) is not None:
+            self.replicator.sync()
 
     # ------------------------------------------------------------------------------------ status
     def _catalogs(self, cfg: Config) -> dict[str, cat.Catalog]:
@@ -304,6 +306,7 @@ class Daemon:
             "last_cleanup": self.last_cleanup,
             "memory": self._memory_status(),
             "notify": alerts.snapshot(),
+            "replicas": self.replicator.snapshot() if getattr(self, "replicator", None) is not None else [],
         }
 
     def _memory_status(self) -> Optional[dict]:
@@ -371,6 +374,8 @@ class Daemon:
     def run(self) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):  # first: a stop during start-up is a clean stop
             signal.signal(sig, self._on_signal)
+        if hasattr(signal, "SIGPIPE"):  # a peer that drops a connection (an S3 server, a browser) is an EPIPE, not our end
+            signal.signal(signal.SIGPIPE, signal.SIG_IGN)
         cfg = self.cfg
         os.umask(0o022)
         setup_logging(cfg.logging.level, cfg.log_dir / "daemon.log", cfg.logging.max_bytes, cfg.logging.backups)
@@ -417,6 +422,14 @@ class Daemon:
                 self.supervisor.memory = self.memory
                 threading.Thread(target=self.memory.run, args=(self.stop_requested,), daemon=True,
                                  name="memory-persist").start()
+        # --- replicas (daemon/replicate.py): a low-priority thread per target; the supervisor restores the newest
+        # replica before starting training when no valid local checkpoint is left. boto3 loads only for s3:// ones.
+        from daemon.replicate import Replicator
+
+        self.replicator = Replicator(self.get_cfg, self.stop_requested, on_change=self._state_dirty.set)
+        self.supervisor.restore_remote = self.replicator.restore_newest
+        self.replicator.sync()
+        # --- end of the replicas block
         self._write_record()
         alerts.start(self.get_cfg)  # notify: (its own thread; nothing when notify.urls is empty)
         history = st.JobHistory(cfg.log_dir)
@@ -468,6 +481,8 @@ class Daemon:
             if getattr(self, "web", None) is not None:  # the HTTP block above: stop listening first
                 self.web.stop()
             self.jobs.shutdown()
+            if getattr(self, "replicator", None) is not None:
+                self.replicator.stop()  # transfers stop at their next part; an interrupted upload resumes next time
             if getattr(self, "memory", None) is not None:
                 self.memory.close()  # the trainer has stopped: persist what is newer than the disk, empty the region
             self.watcher.stop()

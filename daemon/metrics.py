@@ -21,6 +21,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from daemon import replicaview
 from daemon.dashboard import InventoryView
 
 TRAINING_STATES = ("idle", "running", "adopted", "stopping", "backoff", "gave_up", "stopped", "finished")
@@ -68,6 +69,7 @@ class DaemonCollector(Collector):
         yield from self._snapshots(inv, now)
         yield from self._disk(s)
         yield from self._jobs(s)
+        yield from replicaview.metric_families(s.get("replicas") or [], now)  # replicas (daemon/replicaview.py)
         if inv is not None:
             yield GaugeMetricFamily("ckpt_daemon_inventory_timestamp_seconds",
                                     "When the catalog and retention plan behind these metrics were taken (rebuilt at most "

@@ -9,6 +9,7 @@ from typing import Optional
 
 from ckpt_daemon.units import age, human  # noqa: F401  (also this module's API)
 from ckpt_daemon.termtext import inert
+from daemon import replicaview
 
 
 def _when(iso: Optional[str]) -> str:
@@ -88,6 +89,10 @@ def verdict(s: dict, alive: bool, now: float, config_error: Optional[str] = None
             level = max(level, "warn", key=_rank)
         else:
             parts.append("retention policy unconfirmed")
+    rep = replicaview.verdict_part(s.get("replicas") or [], now)  # replicas (daemon/replicaview.py)
+    if rep:
+        parts.append(rep[1])
+        level = max(level, rep[0], key=_rank)
     return level, " · ".join(parts)
 
 
@@ -210,6 +215,7 @@ def render(s: dict, alive: bool, now: float, config_error: Optional[str] = None,
         out.append(("warn", "retention: settings in config.yaml that decide what is deleted differ from the last "
                             "confirmed ones; unattended runs delete only what the confirmed settings also would. "
                             "Review and confirm: python -m maintenance.cleanup"))
+    out += replicaview.status_lines(s.get("replicas") or [], now)  # replicas (daemon/replicaview.py)
     lcl = s.get("last_cleanup")
     if lcl:
         held = ""

@@ -336,6 +336,8 @@ class Supervisor:
         self.spare_failures = 0
         self.spare_failed_key: Optional[tuple] = None
         self.spare_used = False
+        # replicas: () -> restored name or None, called when no valid local checkpoint is left (set by the daemon)
+        self.restore_remote: Optional[Callable[[], Optional[str]]] = None
 
     # -- thread -----------------------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
@@ -393,6 +395,12 @@ class Supervisor:
             # no trainer of ours runs now, but another process may be writing a checkpoint: never failed
             entry, run, notes = choose_resume_all(cats, self.policy.suspect, self.known_bad,
                                                   writers=writers_lookup([c.root for c in cats.values()]))
+            if entry is None and self.restore_remote is not None and self.restore_remote():
+                # a replaced or emptied disk: the newest verified replica was restored; resume from it
+                cats = cat.scan_runs(cfg, stats=False)
+                entry, run, more = choose_resume_all(cats, self.policy.suspect, self.known_bad,
+                                                     writers=writers_lookup([c.root for c in cats.values()]))
+                notes += more
             for n in notes:
                 log.warning("resume choice", note=n)
             resume = str(entry.path) if entry else "none"

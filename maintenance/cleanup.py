@@ -207,6 +207,10 @@ def confirm_policy(cfg: Config, how: str) -> None:
     runtime.write_record(cfg.checkpoint_dir, POLICY_RECORD, {
         "settings": inputs.to_record(), "tiers": _as_json(inputs.tiers), "confirmed_at": time.time(),
         "confirmed": time.strftime("%Y-%m-%d %H:%M:%S %z"), "how": how})
+    from ckpt_daemon.remote.retention import canon, confirm_own_tiers  # replicas with their own tiers: confirmed too
+
+    confirm_own_tiers(cfg.checkpoint_dir, [(cfg.replica_target(r).url, canon(r.retention.tiers)) for r in cfg.replicas
+                                           if r.retention.mode == "own"], how)
 
 
 def _hold_unconfirmed(r: Report, conf: PlanInputs, checkpoint_dir: Path, extra_protected, activity,
