@@ -339,3 +339,16 @@ def scrape(url: str, headers: dict | None = None) -> str:
     with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=20) as r:
         assert r.status == 200 and r.headers["Content-Type"].startswith("text/plain")
         return r.read().decode()
+
+
+FOREIGN_PATTERNS = ["checkpoint-{step}", "epoch={epoch}-step={step}.ckpt", "model_step_{step}.pt"]
+
+
+def record_all(root: Path, patterns: list[str] = FOREIGN_PATTERNS) -> None:
+    """Record every valid foreign checkpoint of `root` as the daemon does once it has settled (an hour later)."""
+    from ckpt_daemon import catalog as cat
+    from ckpt_daemon import foreign
+
+    for e in cat.scan(root, patterns, now=time.time() + 3600).entries:
+        if e.layout != "native" and e.valid and not e.recorded:
+            foreign.record(root, e.name, e.path, e.layout, e.step, e.meta)

@@ -20,16 +20,10 @@ from maintenance import retention
 from maintenance.cleanup import run_cleanup
 from maintenance.restore import restore
 from maintenance.snapshot import take_snapshot
-from tests.helpers import hf_folder, tiny_model, write_config
+from tests.helpers import hf_folder, record_all, tiny_model, write_config
 
 LATER = time.time() + 3600  # "an hour later": everything written now has settled
 PATTERNS = ["checkpoint-{step}", "epoch={epoch}-step={step}.ckpt", "model_step_{step}.pt"]
-
-
-def record_all(root: Path) -> None:
-    for e in cat.scan(root, PATTERNS, now=LATER).entries:
-        if e.layout != "native" and e.valid and not e.recorded:
-            foreign.record(root, e.name, e.path, e.layout, e.step, e.meta)
 
 
 def flip(path: Path, where: float = 0.5) -> None:

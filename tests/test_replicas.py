@@ -32,9 +32,8 @@ from ckpt_daemon.remote.store import FolderStore, Throttle, open_store
 from ckpt_daemon.remote.target import Credentials, CredentialsError, parse_url, read_credentials_file
 from daemon import replicaview
 from daemon.replicate import TargetWorker, lag, select
-from tests.conftest import PY, deep_merge, env_for_children, run_py
+from tests.helpers import PY, Daemon, deep_merge, env_for_children, run_py
 from tests.seaweed import Seaweed, why_unavailable
-from tests.test_daemon import Daemon, daemons  # noqa: F401  (the fixture)
 
 MIB = 1 << 20
 
@@ -255,8 +254,7 @@ def test_status_verdict_and_metrics_show_the_lag():
 
 # --------------------------------------------------------------------------------- a real server
 def test_every_layout_replicates_verified_and_restores_byte_identical(tmp_path, server, bucket):
-    from tests.test_catalog import hf_folder, native, single_file
-    from tests.test_foreign import record_all
+    from tests.helpers import hf_folder, native, record_all, single_file
 
     root = tmp_path / "ck"
     root.mkdir()
