@@ -103,6 +103,8 @@ def _clear(p: Path) -> None:
 
 def bench_save_and_load(quick: bool, out: dict) -> None:
     """Our save and load against the peers, interleaved on the same state and disk, best of rounds."""
+    import warnings
+
     import torch
     import torch.distributed.checkpoint as dcp
     from safetensors.torch import load_file, save_file
@@ -111,8 +113,6 @@ def bench_save_and_load(quick: bool, out: dict) -> None:
     from ckpt_daemon import verifyonce
     from ckpt_daemon.checkpoint import CheckpointManager, read_checkpoint
     from ckpt_daemon.fsutil import default_checksum, hash_file, record_checksum
-
-    import warnings
 
     warnings.filterwarnings("ignore")  # DCP warns that no process group is initialised (one process)
     m, opt, nbytes = gpt2_state(quick)
@@ -275,11 +275,18 @@ def bench_gpu(quick: bool, out: dict) -> None:
     out.update(run(quick))
 
 
+def bench_replicas(quick: bool, out: dict) -> None:
+    """Verified upload and restore of a replica against an `aws s3 cp`-style copy (benchmarks/replicas.py)."""
+    from benchmarks.replicas import bench_replicas as run
+
+    out.update(run(quick))
+
+
 def bench_snapshot(quick: bool, out: dict) -> None:
     import numpy as np
 
-    from maintenance.snapshot import _copy_checkpoint
     from ckpt_daemon.manifest import build_manifest
+    from maintenance.snapshot import _copy_checkpoint
 
     root = WORK / "snap"
     shutil.rmtree(root, ignore_errors=True)
@@ -324,14 +331,14 @@ def bench_plan(quick: bool, out: dict) -> None:
 
 
 def bench_cleanup(quick: bool, out: dict) -> None:
-    from maintenance import cleanup
+    import torch
+
     from ckpt_daemon import catalog as cat
     from ckpt_daemon.config import load_config
     from ckpt_daemon.fsutil import digest_record, new_hasher
     from ckpt_daemon.manifest import build_manifest
     from ckpt_daemon.stio import header_for
-
-    import torch
+    from maintenance import cleanup
 
     n = 10_000 if not quick else 2_000
     root = WORK / "cleanup"
@@ -350,7 +357,8 @@ def bench_cleanup(quick: bool, out: dict) -> None:
         (d / "manifest.json").write_text(json.dumps(build_manifest(i * 100, {"model.safetensors": rec})))
     (root / "config.yaml").write_text("checkpoints: {}\n")
     cfg = load_config(root / "config.yaml")
-    find = min(timed(subprocess.run, ["find", str(ck), "-maxdepth", "2"], check=True, capture_output=True)[0] for _ in range(3))
+    find = min(timed(subprocess.run, ["find", str(ck), "-maxdepth", "2"], check=True,
+                     capture_output=True)[0] for _ in range(3))
     cat._CACHE.clear()
     cold = timed(cleanup.run_cleanup, cfg, True)[0]  # the first scan in a process: every manifest parsed
     dry = min(timed(cleanup.run_cleanup, cfg, True)[0] for _ in range(2))
@@ -375,7 +383,8 @@ def bench_train_overhead(quick: bool, out: dict) -> None:
         d = WORK / f"train-{label}"
         shutil.rmtree(d, ignore_errors=True)
         d.mkdir(parents=True)
-        (d / "config.yaml").write_text(json.dumps({"trainer": {"checkpoint_every_steps": every, "eval_every_steps": 10**9,
+        (d / "config.yaml").write_text(json.dumps({"trainer": {"checkpoint_every_steps": every,
+                                                               "eval_every_steps": 10**9,
                                                                "log_every_steps": 10**9, "threads": 1}}))
         env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
         subprocess.run([sys.executable, "-m", "trainer", "--config", str(d / "config.yaml"), "--max-steps", str(steps)],
@@ -419,7 +428,8 @@ def bench_daemon(quick: bool, out: dict) -> None:
     d.mkdir(parents=True)
     (d / "config.yaml").write_text(json.dumps({
         "training": {"command": [sys.executable, "-c", "import time; time.sleep(3600)"]},
-        "notify": {"urls": ["json://127.0.0.1:9/hook", "mailto://127.0.0.1:2525?from=a@example.com&to=b@example.com"]}}))
+        "notify": {"urls": ["json://127.0.0.1:9/hook",
+                            "mailto://127.0.0.1:2525?from=a@example.com&to=b@example.com"]}}))
     p = subprocess.Popen([sys.executable, "-m", "daemon", "run", "--config", str(d / "config.yaml"), "--quiet-trainer"],
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     try:
@@ -478,12 +488,15 @@ def bench_recovery(quick: bool, out: dict) -> None:
 
 BENCHES = {"save": bench_save_and_load, "dlrover": bench_dlrover, "memory": bench_memory_first,
            "snapshot": bench_snapshot, "plan": bench_plan, "cleanup": bench_cleanup, "train": bench_train_overhead,
-           "daemon": bench_daemon, "recovery": bench_recovery, "integrations": bench_integrations, "gpu": bench_gpu}
+           "daemon": bench_daemon, "recovery": bench_recovery, "integrations": bench_integrations,
+           "replicas": bench_replicas, "gpu": bench_gpu}
 
 GOALS = {  # name: (comparison, goal, meaning)
-    "save_vs_torch": ("<=", 1.0, "our blocking save (checksummed, atomic commit) / torch.save+fsync, same state and disk"),
+    "save_vs_torch": ("<=", 1.0,
+                      "our blocking save (checksummed, atomic commit) / torch.save+fsync, same state and disk"),
     "save_vs_dd": (">=", 0.95, "dd conv=fsync time / our blocking save time, same bytes"),
-    "load_vs_safetensors": ("<=", 1.2, "our verified cold load / unverified safetensors load_file of the same files, cold"),
+    "load_vs_safetensors": ("<=", 1.2,
+                            "our verified cold load / unverified safetensors load_file of the same files, cold"),
     "async_stall_ratio": ("<=", 0.10, "training blocked by an async save / a sync save"),
     "memory_stall_ratio": ("<=", 1.2, "training stall per memory checkpoint / memcpy of the state"),
     "memory_train_overhead": ("<=", 0.05, "train slowdown with one memory checkpoint per step"),
@@ -517,6 +530,12 @@ GOALS = {  # name: (comparison, goal, meaning)
                           "hashing included)"),
     "hf_train_disk_s": ("<=", None, "the same run saving to disk as Hugging Face does, each save then fsynced (the "
                         "durable figure), s"),
+    "replica_upload_vs_copy": ("<=", 1.5, "our verified upload of a checkpoint / boto3's managed upload (aws s3 cp) of "
+                               "the same bytes to the same server (SeaweedFS), same part size and concurrency"),
+    "replica_restore_vs_copy": ("<=", 2.0, "our restore (download, verify every checksum, commit) / boto3's managed "
+                                "download + fsync of the same bytes"),
+    "replica_daemon_peak_rss_mb": ("<=", None, "the daemon's peak RSS while it uploads a replica (boto3 loaded, "
+                                   "parallel x part_size of buffers), MiB"),
 }
 
 # writer: (blocking save, async stall, async total / persisted, cold load) keys in the results
@@ -525,7 +544,8 @@ PEER_ROWS = [
     ("torch.save + fsync", "torch_save_s", None, None, "torch_load_s"),
     ("safetensors save_file + fsync", "safetensors_save_s", None, None, "safetensors_load_s"),
     ("torch.distributed.checkpoint save / async_save", "dcp_save_s", "dcp_async_stall_s", "dcp_async_total_s", None),
-    ("DLRover flash checkpoint (memory, then disk)", None, "dlrover_memory_stall_s", "dlrover_persist_s", "dlrover_load_memory_s"),
+    ("DLRover flash checkpoint (memory, then disk)", None, "dlrover_memory_stall_s", "dlrover_persist_s",
+     "dlrover_load_memory_s"),
     ("ckpt-daemon blocking / async (checksummed, atomic)", "save_s", "async_stall_s", "async_total_s", "load_s"),
     ("ckpt-daemon memory-first", None, "memory_stall_s", "memory_persist_s", "memory_load_s"),
 ]
@@ -543,7 +563,8 @@ def verdict(name: str, value) -> str:
 
 
 def machine() -> str:
-    cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("model name")), platform.processor())
+    cpu = next((l.split(":",
+                        1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("model name")), platform.processor())
     import torch
 
     return (f"{cpu}, {os.cpu_count()} cores, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB, "
@@ -604,12 +625,15 @@ def write_gpu_section(out: dict) -> None:
 
 def write_results(out: dict) -> None:
     lines = ["# Benchmark results", "", f"- date: {time.strftime('%Y-%m-%d %H:%M %Z')}", f"- machine: {machine()}",
-             "- command: `.venv/bin/python -m benchmarks`", "", "| figure | value | goal | meaning |", "|---|---|---|---|"]
+             "- command: `.venv/bin/python -m benchmarks`", "", "| figure | value | goal | meaning |",
+             "|---|---|---|---|"]
     for k, (op, goal, meaning) in GOALS.items():
         v = out.get(k)
         lines.append(f"| `{k}` | {v} | {op + ' ' + str(goal) + ' (' + verdict(k, v) + ')' if goal is not None else 'recorded'} | {meaning} |")
-    lines += ["", f"Peers on the same {out.get('state_bytes', 0) / 1e9:.2f} GB GPT-2-124M AdamW state and disk (seconds; "
-              "blank: not applicable):", "", "| writer | blocking save | async stall | async total / persisted | cold load |",
+    lines += ["",
+              f"Peers on the same {out.get('state_bytes', 0) / 1e9:.2f} GB GPT-2-124M AdamW state and disk (seconds; "
+              "blank: not applicable):", "",
+              "| writer | blocking save | async stall | async total / persisted | cold load |",
               "|---|---|---|---|---|"]
     for label, *keys in PEER_ROWS:
         lines.append(f"| {label} | " + " | ".join("" if k is None or out.get(k) is None else str(out[k]) for k in keys) + " |")

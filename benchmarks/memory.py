@@ -35,7 +35,8 @@ def _state(quick: bool):
     torch.manual_seed(0)
     d, layers, vocab, ctx = (768, 12, 50257, 1024) if not quick else (256, 4, 8192, 256)
     shapes = [(vocab, d), (ctx, d)] + [s for _ in range(layers) for s in
-                                        ((d, 3 * d), (3 * d,), (d, d), (d,), (d, 4 * d), (4 * d,), (4 * d, d), (d,), (d,), (d,))]
+                                        ((d, 3 * d), (3 * d,), (d, d), (d,), (d, 4 * d), (4 * d,), (4 * d, d), (d,),
+                                         (d,), (d,))]
     m = torch.nn.ParameterList([torch.nn.Parameter(torch.randn(*s) * 0.02) for s in shapes])
     opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
     for p in m.parameters():
@@ -204,7 +205,8 @@ def bench_recovery(quick: bool, out: dict, spare: bool = True) -> None:
     data = {} if quick else {"synthetic_chars": 200000}
     trainer = {"checkpoint_every_steps": 10**9, "batch_size": 16 if quick else 1, "model": model, "data": data,
                "threads": 0}
-    cfg = _trainer_config(d, trainer, {"checkpoints": {"memory": {"enabled": True, "every_steps": 1, "persist_every": 10**6,
+    cfg = _trainer_config(d, trainer,
+                          {"checkpoints": {"memory": {"enabled": True, "every_steps": 1, "persist_every": 10**6,
                                                                   "dir": str(region)}},
                                        "training": {"warm_spare": spare}})
     env = {**os.environ, "PYTHONPATH": str(REPO)}

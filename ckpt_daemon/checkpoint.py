@@ -36,7 +36,7 @@ from ckpt_daemon import catalog as cat
 from ckpt_daemon import devio
 from ckpt_daemon import manifest as mf
 from ckpt_daemon import runtime
-from ckpt_daemon.errors import CheckpointError, DiskFullError, NoValidCheckpoint
+from ckpt_daemon.errors import CheckpointError, DiskFullError, NoValidCheckpoint, crash_summary
 from ckpt_daemon.fsutil import atomic_symlink, atomic_write_json, disk_full_error, fsync_dir, free_bytes, is_enospc
 from ckpt_daemon.fsutil import default_checksum, digest_record, new_hasher, record_checksum
 from ckpt_daemon import verifyonce
@@ -479,7 +479,14 @@ class CheckpointManager:
              map_location: str | torch.device = "cpu", strict: bool = True) -> Optional[Loaded]:
         """Restore state from the newest valid checkpoint at or before `which`. Each candidate is fully
         verified (sizes and checksums) while it is read; a corrupt one is logged and the previous valid
-        one is used. Returns None if there is no checkpoint at all (a fresh start)."""
+        one is used. Returns None if there is no checkpoint at all, and for `which="none"` (a fresh start:
+        what the daemon passes as $CKPT_RESUME when there is nothing to resume from).
+
+        The state is copied out of the checkpoint's files (which are memory-mapped while they are read and
+        verified), so that once load returns no file of the checkpoint stays open or mapped: retention,
+        snapshots and `cleanup` see no reader, and the optimizer's moments are updated in memory of its own."""
+        if which == "none":
+            return None
         mem_step = self._memory_choice(which)
         if mem_step is not None:
             # The daemon chose its verified memory state (still being persisted under this name): read it.
@@ -513,7 +520,7 @@ class CheckpointManager:
         misfits: list[str] = []
         for e in cands:
             try:
-                state = read_checkpoint(e.path, map_location=map_location)
+                state = read_checkpoint(e.path, map_location=map_location, copy=True)
             except (CheckpointError, ValueError, OSError) as exc:
                 log.error("checkpoint %s failed verification and will not be used: %s", e.name, exc)
                 skipped.append((e.name, str(exc)))
@@ -666,8 +673,15 @@ def _write_json(f, obj, algo: str = "sha256") -> tuple[int, str]:
     return len(data), h.hexdigest()
 
 
-def read_checkpoint(path: Path, map_location: str | torch.device = "cpu", verify: bool = True) -> dict:
-    """Read and verify a native checkpoint folder into plain state (no pickle). Raises CheckpointError."""
+def read_checkpoint(path: Path, map_location: str | torch.device = "cpu", verify: bool = True,
+                    copy: bool = False) -> dict:
+    """Read and verify a native checkpoint folder into plain state (no pickle). Raises CheckpointError.
+
+    The tensors view the files' memory mappings (no copy), which keeps each file open (a mapping holds
+    its file) as long as any of them lives. With copy=True every tensor but the model's (which
+    load_state_dict copies into the parameters) is copied into memory of its own, so that the mappings
+    and files are released once the model is loaded: what a resume keeps (optimizer moments, data state)
+    must never pin the checkpoint's files for the rest of the run."""
     path = Path(path)
     status, reason, m = mf.check_native(path, verify=False)
     if status != "complete":
@@ -702,19 +716,28 @@ def read_checkpoint(path: Path, map_location: str | torch.device = "cpu", verify
     except stio.ChecksumMismatch as exc:
         raise CheckpointError(f"{path.name} is corrupt: {exc}") from None
     get = bufs.__getitem__
-    model, meta = stio.parse_safetensors(get(mf.MODEL_FILE))
-    join_tied(model, meta)
-    state_t: dict = {}
-    skeleton: dict = {}
-    for name in state_files:
-        state_t.update(stio.parse_safetensors(get(name))[0])
-    if STATE_JSON in files:
-        skeleton = json.loads(bytes(get(STATE_JSON)))
-    if to_device:
-        state_t = devio.host_side(state_t)  # RNG, scheduler, data state: CPU; the optimizer's moments: the GPU
-    if map_location not in ("cpu", torch.device("cpu")):
-        model = {k: v.to(map_location) for k, v in model.items()}
-    out = {k: decode(skeleton.get(k), state_t) for k in ("optimizer", "scheduler", "scaler", "rng", "data", "extra")}
+    try:
+        model, meta = stio.parse_safetensors(get(mf.MODEL_FILE))
+        join_tied(model, meta)
+        state_t: dict = {}
+        skeleton: dict = {}
+        for name in state_files:
+            state_t.update(stio.parse_safetensors(get(name))[0])
+        if copy and not to_device:  # device buffers hold no file; the files are closed already
+            state_t = {k: v.clone() for k, v in state_t.items()}
+        if STATE_JSON in files:
+            skeleton = json.loads(bytes(get(STATE_JSON)))
+        if not isinstance(skeleton, dict):
+            raise ValueError(f"{STATE_JSON} is not a JSON object")
+        if to_device:
+            state_t = devio.host_side(state_t)  # RNG, scheduler, data state: CPU; the optimizer's moments: the GPU
+        if map_location not in ("cpu", torch.device("cpu")):
+            model = {k: v.to(map_location) for k, v in model.items()}
+        out = {k: decode(skeleton.get(k), state_t) for k in ("optimizer", "scheduler", "scaler", "rng", "data", "extra")}
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError, RuntimeError, OverflowError) as exc:
+        # Its checksums hold, so these bytes were written as they are: by a bug, or crafted to match.
+        raise CheckpointError(f"{path.name} cannot be read although its checksums match ({crash_summary(exc)}); it "
+                              "was not used.") from None
     out.update(model=model, config=skeleton.get("config") or {}, manifest=m)
     out["data"] = out["data"] or {}
     out["extra"] = out["extra"] or {}
@@ -756,19 +779,76 @@ def write_weights(tensors: dict[str, torch.Tensor], dst_dir: Path, meta: dict) -
 
 
 def load_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """Model weights from a native checkpoint folder or a weights-only export folder (verified)."""
+    """Model weights from a native checkpoint folder or a weights-only export folder (verified). Every
+    file is untrusted: anything malformed is a CheckpointError naming the file."""
+    from ckpt_daemon.fsutil import read_json_file
+
     path = Path(path)
+    if not os.path.lexists(path):
+        raise CheckpointError(f"{path} does not exist.")
+    if not path.is_dir() or path.is_symlink():
+        raise CheckpointError(f"{path} is not a folder: give a checkpoint-<step> folder or a folder written by "
+                              "`ckpt-daemon consolidate` (which also exports a single-file checkpoint).")
     if (path / mf.MANIFEST).exists():
         st = read_checkpoint(path)
         return st["model"], {"config": st["config"], "step": st["manifest"]["step"]}
-    meta = json.loads((path / "metadata.json").read_text())
-    f = meta.get("files", {}).get(mf.MODEL_FILE, {})
+    meta = read_json_file(path / "metadata.json", 16 << 20)
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path} has neither a manifest.json (a ckpt-daemon checkpoint) nor a readable "
+                              "metadata.json (an export): it is not a model ckpt-daemon can load.")
+    files = meta.get("files")
+    f = files.get(mf.MODEL_FILE) if isinstance(files, dict) else None
+    if f is not None and not isinstance(f, dict):
+        raise CheckpointError(f"{path.name} has an unusable metadata.json: its record of {mf.MODEL_FILE} is not an object")
+    size = f.get("size") if f else None
     try:
         algo, digest = record_checksum(f) if f else ("sha256", None)
+        if size is not None and (not isinstance(size, int) or isinstance(size, bool)):
+            raise ValueError(f"the size of {mf.MODEL_FILE} is not a number")
     except ValueError as exc:
         raise CheckpointError(f"{path.name} has an unusable metadata.json: {exc}") from None
     try:
-        tensors, smeta = stio.load_safetensors(path / mf.MODEL_FILE, f.get("size"), digest, algo)
+        tensors, smeta = stio.load_safetensors(path / mf.MODEL_FILE, size, digest, algo)
+        return join_tied(tensors, smeta), meta
     except stio.ChecksumMismatch as exc:
         raise CheckpointError(f"{path.name} is corrupt: {exc}") from None
-    return join_tied(tensors, smeta), meta
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} has no {mf.MODEL_FILE}; there are no weights to load.") from None
+    except OSError as exc:
+        raise CheckpointError(f"{path / mf.MODEL_FILE} cannot be read ({exc.strerror or exc}).") from None
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError, RuntimeError, OverflowError) as exc:
+        raise CheckpointError(f"{path / mf.MODEL_FILE} is not a readable safetensors file ({crash_summary(exc)}).") from None
+
+
+MAX_VOCAB = 1 << 24
+
+
+def gpt_from_weights(tensors: dict[str, torch.Tensor], model_conf: Any, where: str):
+    """The built-in GPT holding `tensors`, built from `model_conf` (the "model" of a checkpoint's own
+    config, so untrusted): bounded as config.yaml's trainer.model is, and describing exactly these tensors
+    (checked on the meta device first, so that a crafted config allocates nothing). Raises CheckpointError."""
+    from ckpt_daemon.config import ModelConfig
+    from ckpt_daemon.gpt import GPT, GPTConfig
+
+    if not isinstance(model_conf, dict):
+        raise CheckpointError(f"{where} holds no model config of the built-in trainer nor a Hugging Face config.json "
+                              "with a model_type; load its weights into your own model.")
+    conf = dict(model_conf)
+    vocab = conf.pop("vocab_size", None)
+    try:
+        if not isinstance(vocab, int) or isinstance(vocab, bool) or not 1 <= vocab <= MAX_VOCAB:
+            raise ValueError(f"vocab_size must be a whole number from 1 to {MAX_VOCAB} (given: {str(vocab)[:40]})")
+        gc = GPTConfig(vocab_size=vocab, **ModelConfig.model_validate(conf).model_dump())
+    except ValueError as exc:  # pydantic's ValidationError is one
+        raise CheckpointError(f"{where} has a model config the built-in GPT cannot be built from "
+                              f"({crash_summary(exc)}); it was not used.") from None
+    with torch.device("meta"):
+        want = {k: tuple(v.shape) for k, v in GPT(gc).state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in tensors.items()}
+    if want != got:
+        diff = sorted(set(want.items()) ^ set(got.items()))[:3]
+        raise CheckpointError(f"{where}: its model config does not describe its weights (e.g. {diff}); it was not used.")
+    model = GPT(gc)
+    model.load_state_dict({k: v.float() for k, v in tensors.items()})
+    model.eval()
+    return model

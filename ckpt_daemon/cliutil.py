@@ -88,10 +88,14 @@ def safe_stdio() -> None:
             pass
 
 
+def error_record(exc: CkptError) -> dict:
+    """{type, message, exit_code}: the "error" of the one error shape (also per file in a batch's records)."""
+    return {"type": type(exc).__name__, "message": str(exc), "exit_code": exc.exit_code}
+
+
 def error_json(exc: CkptError) -> str:
     """The one shape of an error under --json, on stdout: {"ok": false, "error": {type, message, exit_code}}."""
-    return json.dumps({"ok": False, "error": {"type": type(exc).__name__, "message": str(exc),
-                                              "exit_code": exc.exit_code}})
+    return json.dumps({"ok": False, "error": error_record(exc)})
 
 
 def add_config_argument(p: argparse.ArgumentParser, top: bool = True) -> None:

@@ -360,6 +360,13 @@ class RetentionConfig(_Section):
     )
     keep_epoch_ends: bool = Field(
         True, description="Keep the last checkpoint of every epoch (any trainer), whatever the tiers say.")
+    # 100 is more epochs than nearly any real schedule has (ImageNet's 90, fine-tunes' 1-10), so real
+    # epoch ends stay kept for good, as users ask; a script whose `epoch` changes every few saves would
+    # otherwise make every checkpoint an epoch end and retention would never delete anything.
+    max_epoch_ends: Optional[int] = Field(
+        100, ge=1, le=1_000_000,
+        description=("keep_epoch_ends protects at most the newest this many epoch ends; older ones follow the tiers "
+                     "(null: no limit)."))
     keep_trash: bool = Field(False, description="Keep deleted checkpoints in .trash until the next run (for undo).")
 
     _cron = field_validator("schedule")(classmethod(lambda cls, v: validate_cron(v)))
@@ -367,27 +374,32 @@ class RetentionConfig(_Section):
     @field_validator("tiers")
     @classmethod
     def _tiers(cls, tiers: list[Tier]) -> list[Tier]:
-        if not tiers:
-            raise ValueError("give at least one tier, e.g. [{count: 20}, {every_steps: 1000}]")
-        for i, t in enumerate(tiers[:-1]):
-            if t.count is None:
-                raise ValueError(f"[{i}].count|is missing: only the last tier may omit count (it covers all the rest)")
-        prev = None
-        for i, t in enumerate(tiers):
-            if t.every_steps is None:
-                if prev is not None:
-                    raise ValueError(
-                        f"[{i}].every_steps|is missing, so this tier keeps every checkpoint, but an earlier tier "
-                        f"keeps one per {prev} steps: older tiers must thin at least as much as newer ones"
-                    )
-                continue
-            if prev is not None and t.every_steps % prev:
+        return check_tiers(tiers)
+
+
+def check_tiers(tiers: list[Tier]) -> list[Tier]:
+    """The rules every list of retention tiers follows (the local ones and a replica's own)."""
+    if not tiers:
+        raise ValueError("give at least one tier, e.g. [{count: 20}, {every_steps: 1000}]")
+    for i, t in enumerate(tiers[:-1]):
+        if t.count is None:
+            raise ValueError(f"[{i}].count|is missing: only the last tier may omit count (it covers all the rest)")
+    prev = None
+    for i, t in enumerate(tiers):
+        if t.every_steps is None:
+            if prev is not None:
                 raise ValueError(
-                    f"[{i}].every_steps|must be a multiple of the previous tier's every_steps ({prev}) so that "
-                    f"thinning is monotonic (given: {t.every_steps})"
+                    f"[{i}].every_steps|is missing, so this tier keeps every checkpoint, but an earlier tier "
+                    f"keeps one per {prev} steps: older tiers must thin at least as much as newer ones"
                 )
-            prev = t.every_steps
-        return tiers
+            continue
+        if prev is not None and t.every_steps % prev:
+            raise ValueError(
+                f"[{i}].every_steps|must be a multiple of the previous tier's every_steps ({prev}) so that "
+                f"thinning is monotonic (given: {t.every_steps})"
+            )
+        prev = t.every_steps
+    return tiers
 
 
 class SnapshotsConfig(_Section):
@@ -643,6 +655,125 @@ class NotifyConfig(_Section):
         return out
 
 
+def _not_echoing_secrets(check, v: str):
+    """Run a url check; an error about credentials in the url never repeats the url (the "|" form leaves
+    out the "given: ..." part of the message, which would put the secret into the logs)."""
+    try:
+        return check(v) or True
+    except ValueError as exc:
+        if "credentials never go" in str(exc):
+            raise ValueError(f"|{exc}") from None
+        raise
+
+
+class ReplicaRetention(_Section):
+    mode: Literal["same", "own", "keep_all"] = Field(
+        "same", description=("same: the local retention.tiers (under the same policy guard); own: the tiers below; "
+                             "keep_all: never delete a replica."))
+    tiers: Optional[list[Tier]] = Field(None, max_length=32, description="The replica's own tiers (mode: own).")
+
+    @model_validator(mode="after")
+    def _tiers_for_own(self) -> "ReplicaRetention":
+        if self.mode == "own":
+            if not self.tiers:
+                raise ValueError(".tiers|is required when mode is 'own' (or write retention: same | keep_all)")
+            try:
+                check_tiers(self.tiers)
+            except ValueError as exc:  # its message names the tier relative to the list: "[1].count|..."
+                raise ValueError(f".tiers{exc}" if "|" in str(exc) else str(exc)) from None
+        elif self.tiers is not None:
+            raise ValueError(f".tiers|is given, but mode is {self.mode!r}: tiers apply only with mode: own")
+        return self
+
+
+def _retention_shorthand_schema(schema: dict) -> None:
+    """`retention: same | keep_all | [tiers]` (the validator turns each into the object form) or the object."""
+    ref = {k: schema.pop(k) for k in ("$ref", "allOf") if k in schema}
+    tier = {"type": "object", "additionalProperties": False,
+            "properties": {"count": {"type": ["integer", "null"], "minimum": 1},
+                           "every_steps": {"type": ["integer", "null"], "minimum": 1}}}
+    schema["anyOf"] = [{"enum": ["same", "keep_all"]}, {"type": "array", "items": tier, "maxItems": 32},
+                       ref or {"type": "object"}]
+
+
+class ReplicaConfig(_Section):
+    url: str = Field(..., min_length=1, max_length=4096,
+                     description="s3://bucket/prefix (AWS S3 or any S3-compatible server), or a folder (a local disk or "
+                                 "a network mount; relative to config.yaml).")
+    endpoint_url: Optional[str] = Field(
+        None, max_length=2048, description="The S3-compatible server's URL (MinIO, SeaweedFS, ...); omit for AWS S3.")
+    region: Optional[str] = Field(None, min_length=1, max_length=64, pattern=r"^[a-z0-9-]+$",
+                                  description="The bucket's region (default: $AWS_REGION, else us-east-1).")
+    credentials_file: Optional[BoundedPath] = Field(
+        None, description=("A file of AWS_ACCESS_KEY_ID=... and AWS_SECRET_ACCESS_KEY=... lines (chmod 600); omitted: the "
+                           "AWS_* environment and the usual AWS credential chain. Never put keys in config.yaml."))
+    include: list[Literal["latest", "best", "epoch_ends", "pinned", "snapshots", "all"]] = Field(
+        default_factory=lambda: ["latest", "best"], max_length=6,
+        description=("What to copy: latest, best, epoch_ends (the last checkpoint of each epoch), pinned, snapshots "
+                     "(what the daily snapshots hold), all."))
+    every_steps: Optional[int] = Field(
+        None, ge=1, le=MAX_STEPS, description="Also copy every checkpoint whose step is a multiple of this.")
+    within_s: float = Field(
+        600.0, ge=1, le=MONTH_S,
+        description=("How soon a checkpoint should be off the machine: a replication lag beyond this is reported "
+                     "(log, status, metrics, notification)."))
+    parallel: int = Field(4, ge=1, le=64, description="Parts uploaded (or downloaded) at once; memory is about "
+                                                      "parallel x part_size_mb.")
+    part_size_mb: int = Field(8, ge=5, le=1024, description="Multipart part size in MiB (S3's minimum is 5).")
+    max_mb_per_s: Optional[float] = Field(None, gt=0, le=1e6, description="Upload bandwidth cap in MB/s (null: none).")
+    retention: ReplicaRetention = Field(
+        default_factory=ReplicaRetention,
+        description="same (the local tiers), keep_all, or a list of the replica's own tiers.",
+        json_schema_extra=_retention_shorthand_schema)
+    restore_on_empty: bool = Field(
+        True, description=("When the daemon starts with no valid local checkpoint, restore the newest verified replica "
+                           "before starting training."))
+    restore_wait_s: float = Field(
+        300.0, ge=0, le=DAY_S,
+        description=("With no valid local checkpoint and this target unreachable, keep trying this long before training "
+                     "starts without it."))
+
+    @field_validator("retention", mode="before")
+    @classmethod
+    def _retention_shorthand(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return {"mode": v}
+        if isinstance(v, list):
+            return {"mode": "own", "tiers": v}
+        return v
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        from ckpt_daemon.remote.target import parse_url
+
+        return _not_echoing_secrets(parse_url, v) and v
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _endpoint(cls, v: Optional[str]) -> Optional[str]:
+        from ckpt_daemon.remote.target import check_endpoint
+
+        return None if v is None else _not_echoing_secrets(check_endpoint, v) and v
+
+    @field_validator("include")
+    @classmethod
+    def _include(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError("names an item twice")
+        return v
+
+    @model_validator(mode="after")
+    def _combination(self) -> "ReplicaConfig":
+        folder = not self.url.startswith("s3://")
+        if folder and (self.endpoint_url or self.credentials_file or self.region):
+            raise ValueError("|is a folder, so endpoint_url, region and credentials_file do not apply; remove them "
+                             "(or give an s3:// url)")
+        if not self.include and self.every_steps is None:
+            raise ValueError(".include|is empty and every_steps is not set: nothing would be copied")
+        return self
+
+
 class LoggingConfig(_Section):
     dir: BoundedPath = Field(Path("logs"), description="Folder of daemon.log, cleanup.log, trainer.log, metrics.jsonl.")
     level: Literal["debug", "info", "warning", "error"] = Field("info", description="Console and file log level.")
@@ -665,6 +796,9 @@ class Config(_Section):
     http: HttpConfig = Field(default_factory=HttpConfig, description="Read-only dashboard and Prometheus metrics.")
     notify: NotifyConfig = Field(default_factory=NotifyConfig,
                                  description="Notifications (apprise): crash loops, a new best, training finished...")
+    replicas: list[ReplicaConfig] = Field(
+        default_factory=list, max_length=16,
+        description="Off-machine copies of checkpoints (S3 or a folder), verified, with their own lag and retention.")
     timezone: str = Field(
         "UTC", min_length=1, max_length=64, description="IANA time zone of the schedules, e.g. 'Europe/Berlin'."
     )
@@ -739,6 +873,7 @@ class Config(_Section):
         ck = self.checkpoint_dir
         if ck == Path(ck.anchor):
             raise ValueError(f"checkpoints.dir|must not be the filesystem root (given: {ck})")
+        self._check_replicas(ck)
         for key, p in (("snapshots.dir", self.snapshot_dir), ("consolidation.dir", self.consolidation_dir)):
             if p == ck or p.is_relative_to(ck) or ck.is_relative_to(p):
                 raise ValueError(
@@ -746,6 +881,27 @@ class Config(_Section):
                     "give them separate folders"
                 )
         return self
+
+
+    def replica_target(self, r: "ReplicaConfig"):
+        """The parsed target of a replica (a relative folder resolves against config.yaml's folder)."""
+        from ckpt_daemon.remote.target import parse_url
+
+        return parse_url(r.url, self.base_dir)
+
+    def _check_replicas(self, ck: Path) -> None:
+        seen: dict[str, int] = {}
+        for i, r in enumerate(self.replicas):
+            t = self.replica_target(r)
+            if t.url in seen:
+                raise ValueError(f"replicas[{i}].url|names the same target as replicas[{seen[t.url]}] ({t.url})")
+            seen[t.url] = i
+            if t.kind == "folder":
+                p = Path(os.path.realpath(t.folder))
+                for key, other in (("checkpoints.dir", ck), ("snapshots.dir", self.snapshot_dir)):
+                    if p == other or p.is_relative_to(other) or other.is_relative_to(p):
+                        raise ValueError(f"replicas[{i}].url|({p}) overlaps {key} ({other}): a replica must live "
+                                         "apart from what it protects (another disk or a network mount)")
 
 
 def _short(value: Any, limit: int = 60) -> str:

@@ -89,3 +89,10 @@ class NotRunningError(CkptError):
     """The daemon is not running."""
 
     exit_code = EXIT_NOT_RUNNING
+
+
+def crash_summary(exc: BaseException) -> str:
+    """'IndexError: list index out of range': what a parser of an untrusted file raised, in one line for a
+    message (a crafted file can make a library raise anything; the message still names it)."""
+    first = (str(exc).splitlines() or [""])[0][:200]
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__

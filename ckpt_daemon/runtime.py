@@ -472,6 +472,18 @@ class Scratch:
         self.close()
 
 
+def commit_into(root: Path, built: Path, dest: Path, timeout_s: float = 600.0) -> Path:
+    """Put a checkpoint built and verified in scratch space (`built`, a folder or a file) at `dest` in
+    `root`: under the commit lock, never over an existing name (FileExistsError), the rename made durable
+    by an fsync of the folder. Restores from snapshots and from replicas commit through here."""
+    with commit_lock(root, timeout_s):
+        if os.path.lexists(dest):
+            raise FileExistsError(errno.EEXIST, f"{dest} already exists; refusing to overwrite it", str(dest))
+        os.rename(built, dest)
+        fsync_dir(Path(dest).parent)
+    return Path(dest)
+
+
 def live_scratch(root: Path, sub: str = "tmp") -> list[str]:
     """Ids of scratch entries whose builder is alive (e.g. a save being written)."""
     d = Path(root) / STATE_DIR / sub

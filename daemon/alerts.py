@@ -258,7 +258,8 @@ class Alerts:
 
     def _sync_targets(self, cfg) -> None:
         """Build the targets of notify.urls when they change (hot reload); loading a URL imports apprise."""
-        wanted = [(t.url.get_secret_value(), tuple(t.events) if t.events is not None else None) for t in cfg.notify.urls]
+        wanted = [(t.url.get_secret_value(),
+                   tuple(t.events) if t.events is not None else None) for t in cfg.notify.urls]
         if wanted == self._wanted:
             return
         old = {t.url: t for t in self._targets}

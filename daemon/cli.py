@@ -60,6 +60,8 @@ def cmd_schema(args) -> int:
 def add_list(p: argparse.ArgumentParser) -> None:
     p.add_argument("--verify", action="store_true",
                    help="verify every checksum (reads every byte); exit 1 if any checkpoint is damaged")
+    p.add_argument("--remote", action="store_true",
+                   help="list the replicas of every target in replicas: instead (with --verify: read back and hash them)")
     add_json_argument(p, "the catalog")
 
 
@@ -68,6 +70,8 @@ def cmd_list(args) -> int:
     from ckpt_daemon.units import age, human
 
     cfg, _ = _load_for_reading(args)
+    if getattr(args, "remote", False):
+        return _list_remote(cfg, args)
     c = cat.scan_config(cfg, verify=args.verify)
     # damage found is a failure (exit 1), so `ckpt-daemon list --verify && ...` in a cron job notices it;
     # a checkpoint still being written is not damage
@@ -80,8 +84,13 @@ def cmd_list(args) -> int:
                           "resumed_from": c.resumed_from}, indent=2, default=str))
         return code
     from rich.console import Console
-    from rich.markup import escape
+    from rich.markup import escape as markup_escape
     from rich.table import Table
+
+    from ckpt_daemon.termtext import inert
+
+    def escape(text: str) -> str:  # not rich markup, and no terminal escape sequence
+        return markup_escape(inert(text))
 
     t = Table(title=escape(f"{c.root} ({len(c.entries)} checkpoints, {len(c.valid())} valid)"), title_justify="left")
     for col in ("name", "step", "layout", "status", "size", "frees", "age", "epoch", "metrics", "marks"):
@@ -96,19 +105,77 @@ def cmd_list(args) -> int:
         if c.resumed_from == e.name:
             marks.append("resumed from")
         status = e.status + (" (verified)" if e.verified and e.valid else "") + (f": {e.reason}" if e.reason else "")
-        # every text from the folder is escaped: a name or a pin reason like "[/x]" is not rich markup
+        # every text from the folder is escaped: a name, a metric name or a pin reason like "[/x]" or "\x1b]0;"
+        # is neither rich markup nor a terminal escape sequence
         t.add_row(*(escape(x) for x in (e.name, str(e.step), e.layout, status, human(e.bytes), human(e.freeable_bytes),
                                         age(now - e.mtime), "" if e.epoch is None else str(e.epoch),
                                         " ".join(f"{k}={v:.4g}" for k, v in e.metrics.items()), ", ".join(marks))))
     Console(width=max(120, os.get_terminal_size().columns if sys.stdout.isatty() else 160)).print(t)
     for p in c.in_progress:
-        print(f"in progress or interrupted (ignored): {p.name}")
+        print(inert(f"in progress or interrupted (ignored): {p.name}"))
     for n, w in c.ignored:
-        print(f"not a checkpoint: {n} ({w})")
+        print(inert(f"not a checkpoint: {n} ({w})"))
     if bad:
-        print(f"{len(bad)} checkpoint(s) are not usable ({', '.join(e.name for e in bad[:5])}"
-              f"{', ...' if len(bad) > 5 else ''}): the daemon never resumes from them; restore one from a snapshot "
-              "(`ckpt-daemon restore`) if you need it.", file=sys.stderr)
+        print(inert(f"{len(bad)} checkpoint(s) are not usable ({', '.join(e.name for e in bad[:5])}"
+                    f"{', ...' if len(bad) > 5 else ''}): the daemon never resumes from them; restore one from a "
+                    "snapshot (`ckpt-daemon restore`) if you need it."), file=sys.stderr)
+    return code
+
+
+def _list_remote(cfg, args) -> int:
+    """`list --remote`: every replica of every target, in `list --json`'s entry shape."""
+    from ckpt_daemon.remote.connect import store_for
+    from ckpt_daemon.remote.listing import scan_remote, verify_replica
+    from ckpt_daemon.units import human
+
+    if not cfg.replicas:
+        raise UsageError(f"{cfg.source} has no replicas: section; add one (see README, Replicas) to list its copies.")
+    targets, entries, bad = [], [], 0
+    for r in cfg.replicas:
+        url = cfg.replica_target(r).url
+        try:
+            store = store_for(cfg, r, warn=lambda w: print(f"warning: {w}", file=sys.stderr))
+            rc = scan_remote(store)
+            reps = [verify_replica(store, x) for x in rc.replicas] if args.verify else rc.replicas
+        except CkptError as exc:
+            targets.append({"url": url, "ok": False, "error": str(exc), "in_progress": [], "pointers": {}})
+            bad += 1
+            continue
+        bad += sum(not x.valid for x in reps)
+        entries += [x.to_json() for x in reps]
+        targets.append({"url": url, "ok": all(x.valid for x in reps), "error": None, "pointers": rc.pointers,
+                        "in_progress": [{"name": n, "objects": len(o)} for n, o in rc.in_progress.items()]})
+    code = 1 if bad else 0
+    if args.json:
+        print(json.dumps({"ok": not bad, "checkpoints": entries, "targets": targets}, indent=2, default=str))
+        return code
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    console = Console(width=max(120, os.get_terminal_size().columns if sys.stdout.isatty() else 160))
+    now = time.time()
+    from ckpt_daemon.units import age
+
+    for tg in targets:
+        mine = [e for e in entries if e["url"].startswith(tg["url"] + "/")]
+        if tg["error"]:
+            print(f"{tg['url']}: {tg['error']}", file=sys.stderr)
+            continue
+        t = Table(title=escape(f"{tg['url']} ({len(mine)} replicas, {sum(e['status'] == 'complete' for e in mine)} complete)"),
+                  title_justify="left")
+        for col in ("name", "step", "layout", "status", "size", "age", "metrics", "marks"):
+            t.add_column(col, justify="right" if col in ("step", "size", "age") else "left")
+        for e in mine:
+            marks = [p for p, n in tg["pointers"].items() if n == e["name"]]
+            status = e["status"] + (" (verified)" if e["verified"] and e["status"] == "complete" else "") + (
+                f": {e['reason']}" if e["reason"] else "")
+            t.add_row(*(escape(x) for x in (e["name"], str(e["step"]), e["layout"], status, human(e["bytes"]),
+                                            age(now - e["mtime"]) if e["mtime"] else "",
+                                            " ".join(f"{k}={v:.4g}" for k, v in e["metrics"].items()), ", ".join(marks))))
+        console.print(t)
+        for p in tg["in_progress"]:
+            print(f"upload in progress or interrupted (not a replica): {p['name']} ({p['objects']} objects)")
     return code
 
 
@@ -156,7 +223,8 @@ def _status_lines(args) -> tuple[int, Optional[dict], list[tuple[str, str]]]:
     alive = daemon_alive(cfg, s)
     code = 0 if alive else 5
     if not s:
-        return code, None, [("bad", f"ckpt-daemon has not run with {cfg.source} (no {cfg.log_dir / 'daemon-state.json'}).")]
+        return code, None, [("bad",
+                             f"ckpt-daemon has not run with {cfg.source} (no {cfg.log_dir / 'daemon-state.json'}).")]
     doc = {"ok": True, "running": alive, "config_error": config_error, **s}
     return code, doc, render(s, alive, time.time(), config_error, str(config_path(args)))
 
@@ -169,13 +237,15 @@ def cmd_status(args) -> int:
     from rich.console import Console
     from rich.text import Text
 
+    from ckpt_daemon.termtext import inert
+
     console = Console(highlight=False)  # colour only where the terminal supports it; NO_COLOR is honoured
 
     def text() -> tuple[int, Text]:
         code, _, lines = _status_lines(args)
         t = Text()
-        for i, (style, line) in enumerate(lines):
-            t.append(line + ("\n" if i < len(lines) - 1 else ""), style=STYLES.get(style, ""))
+        for i, (style, line) in enumerate(lines):  # names, metrics and the trainer's output made inert
+            t.append(inert(line) + ("\n" if i < len(lines) - 1 else ""), style=STYLES.get(style, ""))
         return code, t
 
     if args.watch is None:
@@ -244,7 +314,8 @@ def cmd_run(args) -> int:
 
 
 def add_install_unit(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--user", default=None, help="the unprivileged user the service runs as (default: owner of config.yaml)")
+    p.add_argument("--user", default=None,
+                   help="the unprivileged user the service runs as (default: owner of config.yaml)")
     p.add_argument("--instance", default=None, metavar="NAME",
                    help="install instance NAME of the template unit ckpt-daemon@.service (several runs on one host, "
                         "each with its own config): the template and NAME's drop-in with this config")
@@ -320,7 +391,9 @@ def cmd_pin(args) -> int:
         if not msgs:
             msgs.append(f"{e.name} was not pinned by a user")
         out.update(pinned=False, released_epoch_end=released, message="; ".join(msgs))
-    print(json.dumps(out) if args.json else out["message"])
+    from ckpt_daemon.termtext import inert
+
+    print(json.dumps(out) if args.json else inert(out["message"]))  # a name or reason may hold escape sequences
     return 0
 
 
@@ -346,7 +419,8 @@ def _commands() -> dict[str, tuple[Callable, Callable, str]]:
 
     return {
         "run": (add_run, cmd_run, "run the daemon in the foreground (what systemd starts)"),
-        "status": (add_status, cmd_status, "what runs, the latest and best checkpoints, disk and next jobs; a verdict first"),
+        "status": (add_status, cmd_status,
+                   "what runs, the latest and best checkpoints, disk and next jobs; a verdict first"),
         "list": (add_list, cmd_list, "the checkpoint catalog as a table (--verify checks every checksum)"),
         "cleanup": (cleanup.add_arguments, cleanup.run, cleanup.HELP),
         "snapshot": (snapshot.add_arguments, snapshot.run, snapshot.HELP),
@@ -357,7 +431,8 @@ def _commands() -> dict[str, tuple[Callable, Callable, str]]:
         "train": (tcli.add_train_arguments, tcli.run_train, tcli.TRAIN_HELP),
         "pin": (add_pin, cmd_pin, "protect a checkpoint (name or step) from retention"),
         "unpin": (add_unpin, cmd_pin, "release a user's pin, or the epoch-end protection of one checkpoint"),
-        "check-config": (add_check_config, cmd_check_config, "validate a config file; print the effective config and next runs"),
+        "check-config": (add_check_config, cmd_check_config,
+                         "validate a config file; print the effective config and next runs"),
         "config-schema": (lambda p: None, cmd_schema, "print the JSON Schema of config.yaml (for editors)"),
         "install-unit": (add_install_unit, cmd_install_unit, "render and install the systemd unit for this install"),
         "completion": (add_completion, cmd_completion, "print a shell completion script (bash, zsh or fish)"),

@@ -40,13 +40,15 @@ def reference() -> str:
             "`./config.yaml`. `ckpt-daemon --version` prints the version. Under `--json` an error is printed as "
             "`{\"ok\": false, \"error\": {\"type\", \"message\", \"exit_code\"}}` on stdout.", ""]
     for name, p in sub.choices.items():
-        out += [f"#### ckpt-daemon {name}", "", _cell(helps[name][:1].upper() + helps[name][1:]) + ".", "", "```", p.format_usage().strip(), "```", ""]
+        out += [f"#### ckpt-daemon {name}", "", _cell(helps[name][:1].upper() + helps[name][1:]) + ".", "", "```",
+                p.format_usage().strip(), "```", ""]
         rows = [a for a in p._actions if not isinstance(a, argparse._HelpAction) and a.dest != "config"]
         if rows:
             out += ["| argument | meaning |", "|---|---|"]
             out += [f"| `{_flags(a)}` | {_cell(a.help or '')} |" for a in rows]
             out.append("")
-    out += ["#### Exit codes", "", "The same for every command (and in every `--help`):", "", "| code | meaning |", "|---|---|"]
+    out += ["#### Exit codes", "", "The same for every command (and in every `--help`):", "", "| code | meaning |",
+            "|---|---|"]
     out += [f"| {c} | {_cell(w)} |" for c, w in EXIT_CODES.items()]
     return "\n".join(out) + "\n"
 

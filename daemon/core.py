@@ -32,7 +32,8 @@ from ckpt_daemon.device import heartbeat_device
 from ckpt_daemon.errors import ConfigError
 from ckpt_daemon.fsutil import disk_usage
 from ckpt_daemon.logs import get_logger, setup_logging
-from daemon import alerts, state as st
+from daemon import alerts
+from daemon import state as st
 from daemon.jobs import Jobs
 from daemon.notify import Notifier
 from daemon.supervisor import Supervisor
@@ -136,7 +137,8 @@ class Daemon:
         elif level == "emergency":
             log.error("free disk space below the emergency threshold: running retention now",
                       free_gib=round(gb, 2), emergency_free_gb=cfg.disk.emergency_free_gb)
-            ok = self.jobs.run_job("retention", reason=f"disk emergency: {gb:.2f} GiB free < {cfg.disk.emergency_free_gb} GiB")
+            ok = self.jobs.run_job("retention",
+                                   reason=f"disk emergency: {gb:.2f} GiB free < {cfg.disk.emergency_free_gb} GiB")
             usage = disk_usage(cfg.checkpoint_dir)
             after = usage.avail / 2**30
             free = usage.avail
@@ -242,6 +244,8 @@ class Daemon:
             self.jobs.reschedule()
         if any(c.startswith("training.") for c in changes):
             log.info("training settings changed; they take effect at the trainer's next (re)start")
+        if any(c.startswith("replicas") for c in changes) and getattr(self, "replicator", None) is not None:
+            self.replicator.sync()
 
     # ------------------------------------------------------------------------------------ status
     def _catalogs(self, cfg: Config) -> dict[str, cat.Catalog]:
@@ -293,18 +297,20 @@ class Daemon:
             "training": training,
             "checkpoints": {"dir": str(cfg.checkpoint_dir), "count": len(c.entries), "valid": len(c.valid()),
                             "latest": desc(c.newest_valid()), "best": desc(c.pointer("best")),
-                            "failed_verification": dict(self.watcher.bad), "in_progress": [p.name for p in c.in_progress],
+                            "failed_verification": dict(self.watcher.bad),
+                            "in_progress": [p.name for p in c.in_progress],
                             "quarantined": len(runtime.quarantined(cfg.checkpoint_dir)),
                             "runs": {run: {"count": len(rc.entries), "valid": len(rc.valid()),
                                            "latest": desc(rc.newest_valid()), "best": desc(rc.pointer("best"))}
                                      for run, rc in cats.items() if run}},
             "retention": {"enabled": cfg.retention.enabled,
-                          "policy_confirmed": cleanup.confirmed_tiers(cfg.checkpoint_dir)[0] == cleanup._canon(cfg.retention.tiers)},
+                          "policy_confirmed": cleanup.policy_confirmed(cfg)},
             "disk": self.disk,
             "jobs": {"next": self.jobs.next_times(), "history": self.jobs.history.data.get("jobs", {})},
             "last_cleanup": self.last_cleanup,
             "memory": self._memory_status(),
             "notify": alerts.snapshot(),
+            "replicas": self.replicator.snapshot() if getattr(self, "replicator", None) is not None else [],
         }
 
     def _memory_status(self) -> Optional[dict]:
@@ -372,6 +378,8 @@ class Daemon:
     def run(self) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):  # first: a stop during start-up is a clean stop
             signal.signal(sig, self._on_signal)
+        if hasattr(signal, "SIGPIPE"):  # a peer that drops a connection (an S3 server, a browser) is an EPIPE, not our end
+            signal.signal(signal.SIGPIPE, signal.SIG_IGN)
         cfg = self.cfg
         os.umask(0o022)
         setup_logging(cfg.logging.level, cfg.log_dir / "daemon.log", cfg.logging.max_bytes, cfg.logging.backups)
@@ -392,7 +400,8 @@ class Daemon:
             lock.release()
 
     def _run(self, cfg: Config) -> int:
-        log.info("ckpt-daemon starting", config=str(self.config_path), checkpoints=str(cfg.checkpoint_dir), pid=os.getpid())
+        log.info("ckpt-daemon starting", config=str(self.config_path), checkpoints=str(cfg.checkpoint_dir),
+                 pid=os.getpid())
         if self.config_error:
             log.error("config.yaml is not in force; running with the last good config until it is fixed",
                       error=self.config_error)
@@ -406,7 +415,8 @@ class Daemon:
         # (the watcher's findings are for status only: the resume choice verifies afresh, so a save judged
         # while it was still being written is never held against it)
         self.supervisor = Supervisor(self.get_cfg, {}, echo=self.echo_trainer, on_change=self._write_record,
-                                     config_files=lambda: (self.get_cfg().log_dir / configfile.LAST_GOOD, self.config_path))
+                                     config_files=lambda: (self.get_cfg().log_dir / configfile.LAST_GOOD,
+                                                           self.config_path))
         self.memory = None
         if cfg.checkpoints.memory.enabled:  # memory-first checkpoints (ckpt_daemon/memory.py)
             from ckpt_daemon.memory import MemoryAgent
@@ -416,6 +426,14 @@ class Daemon:
                 self.supervisor.memory = self.memory
                 threading.Thread(target=self.memory.run, args=(self.stop_requested,), daemon=True,
                                  name="memory-persist").start()
+        # --- replicas (daemon/replicate.py): a low-priority thread per target; the supervisor restores the newest
+        # replica before starting training when no valid local checkpoint is left. boto3 loads only for s3:// ones.
+        from daemon.replicate import Replicator
+
+        self.replicator = Replicator(self.get_cfg, self.stop_requested, on_change=self._state_dirty.set)
+        self.supervisor.restore_remote = self.replicator.restore_newest
+        self.replicator.sync()
+        # --- end of the replicas block
         self._write_record()
         alerts.start(self.get_cfg)  # notify: (its own thread; nothing when notify.urls is empty)
         history = st.JobHistory(cfg.log_dir)
@@ -467,6 +485,8 @@ class Daemon:
             if getattr(self, "web", None) is not None:  # the HTTP block above: stop listening first
                 self.web.stop()
             self.jobs.shutdown()
+            if getattr(self, "replicator", None) is not None:
+                self.replicator.stop()  # transfers stop at their next part; an interrupted upload resumes next time
             if getattr(self, "memory", None) is not None:
                 self.memory.close()  # the trainer has stopped: persist what is newer than the disk, empty the region
             self.watcher.stop()

@@ -477,4 +477,5 @@ def build_dashboard(status: dict, inv: Optional[InventoryView], disk: list[dict]
         "runs": runs,
         "snapshots": snapshots,
         "curve": curve,
+        "replicas": status.get("replicas") or [],
     }

@@ -191,7 +191,8 @@ class App:
                 return _text(404, "Metrics are off (http.metrics: false).")
             return Response(200, self.obs.metrics_text(), prom.CONTENT_TYPE)
         if not cfg.dashboard:
-            return _text(404, "The dashboard is off (http.dashboard: false)." + (" Metrics: /metrics" if cfg.metrics else ""))
+            return _text(404,
+                         "The dashboard is off (http.dashboard: false)." + (" Metrics: /metrics" if cfg.metrics else ""))
         if path in ("/", "/index.html"):
             return self._file("index.html", "text/html; charset=utf-8", csp=True)
         if path.startswith("/static/") and path[len("/static/"):] in STATIC:

@@ -18,10 +18,10 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.base import BaseTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
-from daemon.state import JobHistory
 from ckpt_daemon.config import Config
 from ckpt_daemon.cron import next_fire_times, validate_cron
 from ckpt_daemon.logs import get_logger
+from daemon.state import JobHistory
 
 log = get_logger("daemon.jobs")
 

@@ -22,6 +22,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from ckpt_daemon.device import heartbeat_device
+from daemon import replicaview
 from daemon.dashboard import InventoryView
 
 TRAINING_STATES = ("idle", "running", "adopted", "stopping", "backoff", "gave_up", "stopped", "finished")
@@ -69,6 +70,7 @@ class DaemonCollector(Collector):
         yield from self._snapshots(inv, now)
         yield from self._disk(s)
         yield from self._jobs(s)
+        yield from replicaview.metric_families(s.get("replicas") or [], now)  # replicas (daemon/replicaview.py)
         if inv is not None:
             yield GaugeMetricFamily("ckpt_daemon_inventory_timestamp_seconds",
                                     "When the catalog and retention plan behind these metrics were taken (rebuilt at most "
@@ -117,7 +119,8 @@ class DaemonCollector(Collector):
         yield from self._device(t.get("device"))
         lc = t.get("last_crash") or {}
         if _num(lc.get("time")) is not None:
-            yield GaugeMetricFamily("ckpt_daemon_training_last_crash_timestamp_seconds", "When the trainer last crashed.",
+            yield GaugeMetricFamily("ckpt_daemon_training_last_crash_timestamp_seconds",
+                                    "When the trainer last crashed.",
                                     value=lc["time"])
         if _num(t.get("recent_crashes")) is not None:
             yield GaugeMetricFamily("ckpt_daemon_training_recent_crashes",
@@ -173,7 +176,8 @@ class DaemonCollector(Collector):
         if not isinstance(mem, dict):
             return  # memory checkpoints are off
         yield GaugeMetricFamily("ckpt_daemon_memory_active", "1 if memory checkpoints are on and working (0: off "
-                                "because of a problem; ckpt-daemon status says which).", value=1 if mem.get("active") else 0)
+                                "because of a problem; ckpt-daemon status says which).",
+                                value=1 if mem.get("active") else 0)
         newest = mem.get("newest") or {}
         for key, name, help_ in (
                 ("step", "ckpt_daemon_memory_slot_step", "Step of the newest memory checkpoint (slot)."),
@@ -191,12 +195,14 @@ class DaemonCollector(Collector):
                                         "Steps of the newest memory checkpoint beyond the last one persisted: what only "
                                         "memory holds.", value=max(0, newest["step"] - last["step"]))
         if _num(last.get("seconds")) is not None:
-            yield GaugeMetricFamily("ckpt_daemon_memory_last_persist_duration_seconds", "How long the last persist took.",
+            yield GaugeMetricFamily("ckpt_daemon_memory_last_persist_duration_seconds",
+                                    "How long the last persist took.",
                                     value=last["seconds"])
         if _num(last.get("time")) is not None:
             yield GaugeMetricFamily("ckpt_daemon_memory_last_persist_timestamp_seconds", "When the last persist ended.",
                                     value=last["time"])
-        yield CounterMetricFamily("ckpt_daemon_memory_persists", "Memory checkpoints persisted since the daemon started.",
+        yield CounterMetricFamily("ckpt_daemon_memory_persists",
+                                  "Memory checkpoints persisted since the daemon started.",
                                   value=_num(mem.get("persisted")) or 0)
         yield GaugeMetricFamily("ckpt_daemon_memory_pinned_slots", "Memory checkpoints verified and pinned at a "
                                 "breakpoint, waiting to be persisted.", value=len(mem.get("pinned_steps") or []))
@@ -299,7 +305,8 @@ class DaemonCollector(Collector):
                 size.add_metric([run, key], by_bytes[key])
             victims = [d for d in r.decisions if not d.keep]
             planned.add_metric([run], len(victims))
-            planned_bytes.add_metric([run], sum(r.entries[d.name].freeable_bytes for d in victims if d.name in r.entries))
+            planned_bytes.add_metric([run],
+                                     sum(r.entries[d.name].freeable_bytes for d in victims if d.name in r.entries))
             held.add_metric([run], len(r.held))
         yield from (count, size, planned, planned_bytes, held)
 

@@ -16,16 +16,16 @@ from __future__ import annotations
 import collections
 import re
 
+from ckpt_daemon.termtext import inert
+
 # CSI (ESC [ ... final), OSC (ESC ] ... BEL or ESC \), and two-character escapes (ESC x)
 _ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b[@-Z\\-_]")
-_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]")
 
 
-def inert(text: str) -> str:
-    """`text` with escape sequences removed and every other control character shown as an escape."""
-    text = _ANSI.sub("", text)
-    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 0x100 else f"\\u{ord(m.group()):04x}",
-                        text)
+def without_escapes(text: str) -> str:
+    """`text` with ANSI escape sequences removed (colours are noise in a report) and every other control
+    or invisible character shown as an escape (termtext.inert)."""
+    return inert(_ANSI.sub("", text))
 
 
 def final_state(line: str) -> str:
@@ -37,7 +37,7 @@ def final_state(line: str) -> str:
 
 
 def clean_line(raw: bytes, line_max: int = 500) -> str:
-    text = inert(final_state(raw.decode("utf-8", "replace"))).rstrip()
+    text = without_escapes(final_state(raw.decode("utf-8", "replace"))).rstrip()
     return text if len(text) <= line_max else text[:line_max - 1] + "…"
 
 

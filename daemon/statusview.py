@@ -9,7 +9,8 @@ from typing import Optional
 
 from ckpt_daemon.device import describe as describe_device, heartbeat_device
 from ckpt_daemon.units import age, human  # noqa: F401  (also this module's API)
-from daemon.outputtail import inert
+from ckpt_daemon.termtext import inert
+from daemon import replicaview
 
 
 def _when(iso: Optional[str]) -> str:
@@ -89,6 +90,10 @@ def verdict(s: dict, alive: bool, now: float, config_error: Optional[str] = None
             level = max(level, "warn", key=_rank)
         else:
             parts.append("retention policy unconfirmed")
+    rep = replicaview.verdict_part(s.get("replicas") or [], now)  # replicas (daemon/replicaview.py)
+    if rep:
+        parts.append(rep[1])
+        level = max(level, rep[0], key=_rank)
     return level, " · ".join(parts)
 
 
@@ -104,14 +109,16 @@ def _crash_loop(t: dict) -> str:
     return f"{n} crashes in {age(window) if isinstance(window, (int, float)) else 'the window'}"
 
 
-def render(s: dict, alive: bool, now: float, config_error: Optional[str] = None, config_path: str = "") -> list[tuple[str, str]]:
+def render(s: dict, alive: bool, now: float, config_error: Optional[str] = None,
+           config_path: str = "") -> list[tuple[str, str]]:
     """[(style, line)] for the terminal; style is '' or ok/warn/bad."""
     out: list[tuple[str, str]] = []
     level, line = verdict(s, alive, now, config_error)
     out.append((level, line))
     d, t, ck = s.get("daemon", {}), s.get("training", {}), s.get("checkpoints", {})
     up = f", up {age(now - d['started'])}" if alive and d.get("started") else ""
-    out.append(("" if alive else "bad", f"daemon:   {'running' if alive else 'NOT RUNNING (the last state it wrote is below)'} "
+    out.append(("" if alive else "bad",
+                f"daemon:   {'running' if alive else 'NOT RUNNING (the last state it wrote is below)'} "
                                         f"pid {d.get('pid')}{up}"))
     if config_error:
         # The file as it is now; its problem is printed once, as the warning above these lines (on stderr), not
@@ -209,9 +216,10 @@ def render(s: dict, alive: bool, now: float, config_error: Optional[str] = None,
     if ret.get("enabled") is False:
         out.append(("warn", "retention: disabled (retention.enabled: false): nothing is deleted by the daemon"))
     elif ret.get("policy_confirmed") is False:
-        out.append(("warn", "retention: the tiers in config.yaml differ from the last confirmed ones; unattended runs "
-                            "delete only what the confirmed tiers also would. Review and confirm: "
-                            "python -m maintenance.cleanup"))
+        out.append(("warn", "retention: settings in config.yaml that decide what is deleted differ from the last "
+                            "confirmed ones; unattended runs delete only what the confirmed settings also would. "
+                            "Review and confirm: python -m maintenance.cleanup"))
+    out += replicaview.status_lines(s.get("replicas") or [], now)  # replicas (daemon/replicaview.py)
     lcl = s.get("last_cleanup")
     if lcl:
         held = ""

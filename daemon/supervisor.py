@@ -263,6 +263,21 @@ def _append_line(path: Path, text: str) -> None:
         pass  # a full disk costs a log line, nothing else
 
 
+# Our packages, as `{python} -m <package>` in training.command runs them (the built-in trainer's default).
+# `python -m` puts the working folder (the config's) first on sys.path, so a user's own trainer.py there
+# would run instead of ours; the daemon starts ours with that entry left out: `-P` (Python 3.11+), or on
+# 3.10 the same by hand, before anything else is imported, then runpy as -m does. A user's own module
+# (`{python} -m mypkg.train`) keeps the working folder on its path: it may live there.
+OWN_PACKAGES = frozenset({"trainer", "maintenance", "daemon", "ckpt_daemon"})
+SAFE_PATH_BOOTSTRAP = ("import sys; getattr(sys.flags, 'safe_path', False) or sys.path.pop(0); import runpy; "
+                       "runpy.run_module(sys.argv.pop(1), run_name='__main__', alter_sys=True)")
+
+
+def own_module_argv(module: str, version: tuple = sys.version_info) -> list[str]:
+    """Interpreter arguments that run our `module` as `-m` does, whatever the working folder holds."""
+    return ["-P", "-m", module] if version >= (3, 11) else ["-c", SAFE_PATH_BOOTSTRAP, module]
+
+
 def expand_command(argv: list[str], config_path: Path, resume: str) -> list[str]:
     subs = {"{python}": sys.executable, "{config}": str(config_path), "{resume}": resume}
     out = []
@@ -270,6 +285,9 @@ def expand_command(argv: list[str], config_path: Path, resume: str) -> list[str]
         for k, v in subs.items():
             a = a.replace(k, v)
         out.append(a)
+    if len(argv) >= 3 and argv[0] in ("{python}", sys.executable) and argv[1] == "-m" and \
+            argv[2].split(".")[0] in OWN_PACKAGES:
+        out[1:3] = own_module_argv(out[2])
     return out
 
 
@@ -318,6 +336,8 @@ class Supervisor:
         self.spare_failures = 0
         self.spare_failed_key: Optional[tuple] = None
         self.spare_used = False
+        # replicas: () -> restored name or None, called when no valid local checkpoint is left (set by the daemon)
+        self.restore_remote: Optional[Callable[[], Optional[str]]] = None
 
     # -- thread -----------------------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
@@ -375,6 +395,12 @@ class Supervisor:
             # no trainer of ours runs now, but another process may be writing a checkpoint: never failed
             entry, run, notes = choose_resume_all(cats, self.policy.suspect, self.known_bad,
                                                   writers=writers_lookup([c.root for c in cats.values()]))
+            if entry is None and self.restore_remote is not None and self.restore_remote():
+                # a replaced or emptied disk: the newest verified replica was restored; resume from it
+                cats = cat.scan_runs(cfg, stats=False)
+                entry, run, more = choose_resume_all(cats, self.policy.suspect, self.known_bad,
+                                                     writers=writers_lookup([c.root for c in cats.values()]))
+                notes += more
             for n in notes:
                 log.warning("resume choice", note=n)
             resume = str(entry.path) if entry else "none"
@@ -706,7 +732,8 @@ class Supervisor:
             log.warning(n)
         if verdict.action == "give_up":
             retry_s = cfg.training.restart.give_up_retry_s
-            cause = {"disk_full": "the disk is full", "out_of_memory": "it runs out of memory"}.get(ex.kind, "see the last crash")
+            cause = {"disk_full": "the disk is full", "out_of_memory": "it runs out of memory"}.get(ex.kind,
+                                                                                                    "see the last crash")
             msg = (f"gave up: {verdict.notes[-1]}; the last one: {ex.description} ({cause}). "
                    + ("It retries by itself as soon as there is room again, and in any case "
                       if ex.kind == "disk_full" else "It retries by itself ")

@@ -14,17 +14,18 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from ckpt_daemon import catalog as cat
 from ckpt_daemon import runtime
 from maintenance import retention
-from ckpt_daemon.config import Config, RetentionConfig, load_config
+from ckpt_daemon.config import Config, load_config
 from ckpt_daemon.errors import CkptError, UsageError
 from ckpt_daemon.fsutil import fsync_dir, inside, is_enospc, read_json_file, remove_tree_safely
 from ckpt_daemon.logs import append_text
+from ckpt_daemon.termtext import inert
 from ckpt_daemon.units import human
 from ckpt_daemon.cliutil import add_json_argument, config_path, module_main, number
 
@@ -45,7 +46,9 @@ class Report:
     skipped_changed: list[str] = field(default_factory=list)  # planned, but the re-plan under the lock kept them
     leftovers: list[str] = field(default_factory=list)  # lines: what earlier, interrupted runs left and we finished
     held: list[str] = field(default_factory=list)  # names an unconfirmed policy would delete; kept (unattended runs)
-    policy: dict = field(default_factory=dict)  # {"confirmed": bool, "tiers": [...], "confirmed_tiers": [...]}
+    # {"confirmed": bool, "tiers": [...], "confirmed_tiers": [...], "changed": [{"setting", "now", "confirmed"}]}
+    policy: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # what the reader should know about this plan (epoch ends)
     freed_bytes: int = 0
     trashed_bytes: int = 0  # keep_trash: moved to the trash, freed only when it is emptied
     disk_free: int = 0
@@ -73,7 +76,7 @@ class Report:
                            "bytes": self.entries[d.name].bytes, "freeable_bytes": self.entries[d.name].freeable_bytes}
                           for d in self.decisions],
             "planned_free_bytes": self.planned_free(), "deleted": self.deleted, "failed": self.failed,
-            "held": self.held, "policy": self.policy, "leftovers": self.leftovers, "run": self.run,
+            "held": self.held, "policy": self.policy, "notes": self.notes, "leftovers": self.leftovers, "run": self.run,
             "runs": {k: v.to_json() for k, v in self.runs.items()},
             "freed_bytes": self.freed_bytes, "trashed_bytes": self.trashed_bytes, "duration_s": round(self.duration_s, 3),
         }
@@ -102,40 +105,134 @@ def open_checkpoint_files(root: Path) -> list[str]:
 POLICY_RECORD = "policy.json"
 
 
-def _canon(tiers) -> list[dict]:
-    return [{"count": t.count, "every_steps": t.every_steps} for t in retention.tier_specs(tiers)]
+def _setting(path: str, freeze: Optional[Callable[[Any], Any]] = None):
+    """A field of PlanInputs: the config setting it is read from (dotted path), and how its value is
+    made hashable (lists become tuples unless `freeze` says otherwise)."""
+    return field(metadata={"config": path, "freeze": freeze})
 
 
-def confirmed_tiers(root: Path) -> tuple[list[dict], Optional[dict]]:
-    """The last retention tiers a person confirmed for this folder (a manual cleanup records them), and
-    the record. Without a record, the shipped default tiers count as confirmed: they are the documented
-    policy, and nobody edited them."""
+@dataclass(frozen=True)
+class PlanInputs:
+    """Every setting that decides what a cleanup deletes: what counts as a checkpoint (patterns, runs),
+    which one is best, what epoch ends protect, and the tiers.
+
+    The plan is computed from this object alone (`_plan_run` never sees the config), and the policy guard
+    confirms this object, field by field (`confirm_policy` records it, `confirmed_inputs` reads it back), so
+    a setting that changes what is deleted has to be a field here, and then it is guarded with no more
+    code. Settings that only change when or how a cleanup runs (schedule, enabled, keep_trash) are not, nor
+    checkpoints.settle_s: it only tells a foreign checkpoint still being written from a damaged one, and
+    retention touches neither."""
+
+    tiers: tuple = _setting("retention.tiers", lambda v: tuple(retention.tier_specs(v)))
+    keep_epoch_ends: bool = _setting("retention.keep_epoch_ends")
+    max_epoch_ends: Optional[int] = _setting("retention.max_epoch_ends")
+    patterns: tuple = _setting("checkpoints.pattern")
+    runs: tuple = _setting("checkpoints.runs")
+    best_metric: str = _setting("trainer.best_metric")
+    best_mode: str = _setting("trainer.best_mode")
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> "PlanInputs":
+        values = {}
+        for f in fields(cls):
+            v: Any = cfg
+            for part in f.metadata["config"].split("."):
+                v = getattr(v, part)
+            freeze = f.metadata["freeze"]
+            values[f.name] = freeze(v) if freeze else (tuple(v) if isinstance(v, list) else v)
+        return cls(**values)
+
+    def to_record(self) -> dict:
+        """{config path: value as config.yaml writes it}."""
+        return {f.metadata["config"]: _as_json(getattr(self, f.name)) for f in fields(self)}
+
+    @classmethod
+    def from_record(cls, settings: dict) -> Optional["PlanInputs"]:
+        """The inputs a record holds (missing settings: their defaults), validated as config.yaml is;
+        None if the record does not validate (it was damaged or written by hand)."""
+        nested: dict = {}
+        known = {f.metadata["config"] for f in fields(cls)}
+        for path, v in settings.items():
+            if path in known:  # a setting a newer version records is ignored, not an error
+                *parents, leaf = path.split(".")
+                node = nested
+                for p in parents:
+                    node = node.setdefault(p, {})
+                node[leaf] = v
+        try:
+            return cls.from_config(Config.model_validate(nested))
+        except (ValueError, TypeError):  # pydantic's ValidationError is a ValueError
+            return None
+
+    def changes(self, other: "PlanInputs") -> list[dict]:
+        """[{"setting", "now", "confirmed"}] of the settings in which self differs from `other`."""
+        return [{"setting": f.metadata["config"], "now": _as_json(getattr(self, f.name)),
+                 "confirmed": _as_json(getattr(other, f.name))}
+                for f in fields(self) if getattr(self, f.name) != getattr(other, f.name)]
+
+
+def _as_json(v: Any) -> Any:
+    if isinstance(v, (list, tuple)):
+        return [_as_json(x) for x in v]
+    if isinstance(v, retention.TierSpec):
+        return {"count": v.count, "every_steps": v.every_steps}
+    return v
+
+
+SHIPPED_INPUTS = PlanInputs.from_config(Config())
+
+
+def confirmed_inputs(root: Path) -> tuple[PlanInputs, Optional[dict]]:
+    """The plan inputs a person last confirmed for this folder (a manual cleanup records them), and the
+    record. Without a (valid) record, the shipped defaults count as confirmed: they are the documented
+    policy, and nobody edited them. A record of an earlier version holds only the tiers: the other
+    settings are taken as their defaults, so an edit of any of them is held until it is confirmed."""
     rec = runtime.read_record(root, POLICY_RECORD)
-    tiers = rec.get("tiers") if rec else None
-    ok = isinstance(tiers, list) and 0 < len(tiers) <= 64 and all(
-        isinstance(t, dict) and all(v is None or (isinstance(v, int) and not isinstance(v, bool) and v > 0)
-                                    for v in (t.get("count"), t.get("every_steps"))) for t in tiers)
-    if not ok:
-        return _canon(RetentionConfig().tiers), None
-    return [{"count": t.get("count"), "every_steps": t.get("every_steps")} for t in tiers], rec
+    if not isinstance(rec, dict):
+        return SHIPPED_INPUTS, None
+    settings = rec.get("settings")
+    if not isinstance(settings, dict):
+        settings = {"retention.tiers": rec.get("tiers")}
+    conf = PlanInputs.from_record(settings)
+    return (conf, rec) if conf is not None else (SHIPPED_INPUTS, None)
+
+
+def policy_confirmed(cfg: Config) -> bool:
+    """Whether a person confirmed every setting that decides what retention deletes, as it is now."""
+    return PlanInputs.from_config(cfg) == confirmed_inputs(cfg.checkpoint_dir)[0]
 
 
 def confirm_policy(cfg: Config, how: str) -> None:
+    inputs = PlanInputs.from_config(cfg)
     runtime.write_record(cfg.checkpoint_dir, POLICY_RECORD, {
-        "tiers": _canon(cfg.retention.tiers), "confirmed_at": time.time(),
+        "settings": inputs.to_record(), "tiers": _as_json(inputs.tiers), "confirmed_at": time.time(),
         "confirmed": time.strftime("%Y-%m-%d %H:%M:%S %z"), "how": how})
+    from ckpt_daemon.remote.retention import canon, confirm_own_tiers  # replicas with their own tiers: confirmed too
+
+    confirm_own_tiers(cfg.checkpoint_dir, [(cfg.replica_target(r).url, canon(r.retention.tiers)) for r in cfg.replicas
+                                           if r.retention.mode == "own"], how)
 
 
-def _hold_unconfirmed(r: Report, items, conf: list[dict], prot) -> None:
-    """Unattended runs under an edited policy apply only what the confirmed policy would also delete."""
-    conf_plan = {d.name: d for d in retention.plan(items, [retention.TierSpec(**t) for t in conf], prot)}
+def _hold_unconfirmed(r: Report, conf: PlanInputs, checkpoint_dir: Path, extra_protected, activity,
+                      settle_s: float) -> None:
+    """Unattended runs under edited settings apply only what the confirmed settings would also delete:
+    the same plan, made again from the confirmed inputs (their own catalog, protections and tiers)."""
+    conf_plan: dict[str, retention.Decision] = {}
+    if r.run == "" or r.run in conf.runs:
+        conf_plan = {d.name: d for d in _plan_run(checkpoint_dir, r.run, conf, extra_protected, activity, settle_s)[2]}
     for d in r.decisions:
-        if not d.keep and d.name in conf_plan and conf_plan[d.name].keep:
-            d.keep = True
-            d.reasons = [f"held: the edited retention policy deletes it, the last confirmed one keeps it "
-                         f"({'; '.join(conf_plan[d.name].reasons)}); run `python -m maintenance.cleanup` to review "
-                         "and confirm the new policy"] + [f"(new policy: {x})" for x in d.reasons]
-            r.held.append(d.name)
+        if d.keep:
+            continue
+        old = conf_plan.get(d.name)
+        if old is not None and not old.keep:
+            continue  # the confirmed settings delete it too
+        why = ("; ".join(old.reasons) if old is not None else
+               f"under the confirmed settings {d.name} is no checkpoint retention manages")
+        d.keep = True
+        d.reasons = [f"held: the edited retention policy deletes it, the last confirmed one keeps it ({why}); run "
+                     "`python -m maintenance.cleanup` to review and confirm the new policy"] + \
+                    [f"(new policy: {x})" for x in d.reasons]
+        r.held.append(d.name)
 
 
 # ---------------------------------------------------------------------------------- plan
@@ -151,34 +248,78 @@ def _in_run(rel: Optional[str], run: str) -> Optional[str]:
     return tail if head == run else None
 
 
-def build_report(cfg: Config, mode: str, extra_protected: Optional[dict[str, str]] = None,
-                 unattended: bool = False, run: str = "") -> Report:
-    root = cfg.checkpoint_dir / run if run else cfg.checkpoint_dir
-    c = cat.scan_runs(cfg)[run] if run else cat.scan_config(cfg)
-    activity = runtime.training_activity(cfg.checkpoint_dir)
+def _plan_run(checkpoint_dir: Path, run: str, inputs: PlanInputs, extra_protected: Optional[dict[str, str]],
+              activity: runtime.Activity, settle_s: float) -> tuple[cat.Catalog, dict[str, list[str]],
+                                                                   list[retention.Decision]]:
+    """(catalog, protections, decisions) of one run's folder, from the plan's inputs alone: nothing here
+    reads the config, so the policy guard (which confirms PlanInputs) covers every setting used. (settle_s
+    only sorts what retention never touches into 'in progress' or 'damaged'; see PlanInputs.)"""
+    root = checkpoint_dir / run if run else checkpoint_dir
+    c = cat.scan(root, inputs.patterns, best_metric=inputs.best_metric, best_mode=inputs.best_mode,
+                 settle_s=settle_s, run=run)
     extra = {n: why for rel, why in (extra_protected or {}).items() if (n := _in_run(rel, run))}
     resume = _in_run(activity.resume_from, run)
     if resume and c.by_name(resume) is not None:
         extra.setdefault(resume, "the daemon resumed training from it")
-    prot = retention.protections(c, extra, cfg.trainer.best_metric, cfg.retention.keep_epoch_ends)
+    prot = retention.protections(c, extra, inputs.best_metric, inputs.keep_epoch_ends, inputs.max_epoch_ends)
+    return c, prot, retention.plan(retention.items_from_catalog(c), inputs.tiers, prot)
+
+
+def epoch_end_notes(c: cat.Catalog, decisions: list[retention.Decision], inputs: PlanInputs) -> list[str]:
+    """What epoch-end protection does to this plan, when it matters: a script whose `epoch` changes every
+    few saves makes nearly every checkpoint an epoch end, and then retention deletes little or nothing."""
+    ends = retention.epoch_ends(c)
+    complete = [e for e in c.entries if e.status == "complete"]
+    if not inputs.keep_epoch_ends or not ends:
+        return []
+    notes = []
+    cap = inputs.max_epoch_ends
+    protected = {e.name for e in ends[:cap]}
+    only = [d.name for d in decisions if d.name in protected and d.keep
+            and any(x.startswith("(tiers alone:") for x in d.reasons)
+            and all(x.startswith(("protected: last checkpoint of epoch", "(tiers alone:")) for x in d.reasons)]
+    if len(ends) >= 5 and 2 * len(ends) >= len(complete):
+        steps = sorted(e.step for e in ends)
+        every = (steps[-1] - steps[0]) / (len(steps) - 1) if len(steps) > 1 else 0
+        notes.append(
+            f"Epoch ends: {len(ends)} of {len(complete)} checkpoints are the last of their epoch (the epoch changes "
+            f"about every {every:.0f} steps), and retention.keep_epoch_ends keeps "
+            + (f"the newest {min(cap, len(ends))} of them" if cap is not None else "all of them")
+            + f" whatever the tiers say ({len(only)} are kept for that alone). If `epoch` in these checkpoints is "
+            "not a real pass over the data (a script that saves something else as its epoch), set "
+            "retention.keep_epoch_ends: false, or lower retention.max_epoch_ends.")
+    elif only:
+        notes.append(f"Epoch ends: {len(only)} checkpoint(s) are kept only because each is the last of its epoch "
+                     "(retention.keep_epoch_ends).")
+    if cap is not None and len(ends) > cap:
+        notes.append(f"Epoch ends beyond retention.max_epoch_ends ({cap}): the {len(ends) - cap} older ones are not "
+                     f"protected as epoch ends and follow the tiers (the oldest protected one is {ends[cap - 1].name}).")
+    return notes
+
+
+def build_report(cfg: Config, mode: str, extra_protected: Optional[dict[str, str]] = None,
+                 unattended: bool = False, run: str = "") -> Report:
+    root = cfg.checkpoint_dir / run if run else cfg.checkpoint_dir
+    inputs = PlanInputs.from_config(cfg)
+    activity = runtime.training_activity(cfg.checkpoint_dir)
+    c, _, decisions = _plan_run(cfg.checkpoint_dir, run, inputs, extra_protected, activity, cfg.checkpoints.settle_s)
     import shutil
 
     usage = shutil.disk_usage(root) if root.exists() else None
-    items = retention.items_from_catalog(c)
-    decisions = retention.plan(items, cfg.retention.tiers, prot)
-    conf, rec = confirmed_tiers(cfg.checkpoint_dir)
+    conf, rec = confirmed_inputs(cfg.checkpoint_dir)
     r = Report(
-        mode=mode, root=root, tiers=retention.describe_tiers(cfg.retention.tiers), decisions=decisions,
+        mode=mode, root=root, tiers=retention.describe_tiers(inputs.tiers), decisions=decisions,
         entries={e.name: e for e in c.entries}, activity=activity,
         open_files=open_checkpoint_files(root) if root.exists() else [],
         in_progress=[p.name for p in c.in_progress], ignored=c.ignored, started=time.time(),
         disk_free=usage.free if usage else 0, disk_total=usage.total if usage else 0,
-        policy={"confirmed": conf == _canon(cfg.retention.tiers), "tiers": _canon(cfg.retention.tiers),
-                "confirmed_tiers": conf, "confirmed_at": (rec or {}).get("confirmed")},
+        policy={"confirmed": inputs == conf, "tiers": _as_json(inputs.tiers), "confirmed_tiers": _as_json(conf.tiers),
+                "changed": inputs.changes(conf), "confirmed_at": (rec or {}).get("confirmed")},
+        notes=epoch_end_notes(c, decisions, inputs),
     )
     r.run = run
     if unattended and not r.policy["confirmed"]:
-        _hold_unconfirmed(r, items, conf, prot)
+        _hold_unconfirmed(r, conf, cfg.checkpoint_dir, extra_protected, activity, cfg.checkpoints.settle_s)
     return r
 
 
@@ -195,13 +336,13 @@ def render(r: Report, verbose: bool = True) -> str:
         lines.append(f"Open by other processes: {'; '.join(r.open_files[:5])}" + (" ..." if len(r.open_files) > 5 else ""))
     lines.append("Tiers: " + "; ".join(r.tiers))
     if not r.policy.get("confirmed") and r.policy.get("confirmed_now"):
-        lines.append(f"Policy: CHANGED since it was last confirmed; confirmed now ({r.policy['confirmed_now']}): the "
-                     "daemon's unattended runs apply these tiers from now on.")
+        lines.append(f"Policy: CHANGED since it was last confirmed ({policy_changes(r.policy)}); confirmed now "
+                     f"({r.policy['confirmed_now']}): the daemon's unattended runs apply these settings from now on.")
     elif not r.policy.get("confirmed"):
-        lines.append("Policy: CHANGED since it was last confirmed (confirmed tiers: "
-                     + "; ".join(retention.describe_tiers([retention.TierSpec(**t) for t in r.policy["confirmed_tiers"]]))
-                     + "). The daemon's unattended runs hold what only the new policy would delete until you run "
-                     "this command without --dry-run and confirm.")
+        lines.append(f"Policy: CHANGED since it was last confirmed ({policy_changes(r.policy)}). The daemon's "
+                     "unattended runs hold what only the new policy would delete until you run this command without "
+                     "--dry-run and confirm.")
+    lines += r.notes
     counts = retention.tier_counts(r.decisions)
     for t in sorted(counts, key=lambda k: (k is None, k or 0)):
         kept, deleted = counts[t]
@@ -224,7 +365,18 @@ def render(r: Report, verbose: bool = True) -> str:
     if r.held:
         lines.append(f"Held (unconfirmed policy): {len(r.held)} checkpoint(s) kept: {', '.join(r.held[:10])}"
                      + (" ..." if len(r.held) > 10 else ""))
-    return "\n".join(lines)
+    return "\n".join(inert(x) for x in lines)  # names, pin reasons and metric names come from the folder
+
+
+def policy_changes(policy: dict) -> str:
+    """'retention.keep_epoch_ends is false (confirmed: true); ...' from a report's policy."""
+    def show(setting: str, v) -> str:
+        if setting == "retention.tiers" and isinstance(v, list):
+            return "; ".join(retention.describe_tiers([retention.TierSpec(**t) for t in v]))
+        return json.dumps(v)
+
+    return "; ".join(f"{c['setting']} is {show(c['setting'], c['now'])} (confirmed: {show(c['setting'], c['confirmed'])})"
+                     for c in policy.get("changed", []))
 
 
 # ---------------------------------------------------------------------------------- execute
@@ -347,7 +499,7 @@ def finish_leftovers(cfg: Config, empty_kept: bool = False) -> list[str]:
         try:
             append_text(cfg.log_dir / "cleanup.log",
                         f"=== {time.strftime('%Y-%m-%d %H:%M:%S %z')} leftovers of interrupted runs in {cfg.checkpoint_dir}\n"
-                        + "\n".join(lines) + "\n\n")
+                        + "\n".join(inert(x) for x in lines) + "\n\n")
         except OSError:
             pass  # a full disk: the lines are returned (and printed) all the same
     return lines
@@ -398,7 +550,7 @@ def log_block(cfg: Config, r: Report) -> None:
              f"disk before: {human(r.disk_free)} free of {human(r.disk_total)}"]
     if r.policy.get("confirmed_now"):
         lines.append(f"policy: changed since it was last confirmed; confirmed now ({r.policy['confirmed_now']}): "
-                     "unattended runs apply these tiers from now on")
+                     "unattended runs apply these settings from now on")
     for t in sorted(counts, key=lambda k: (k is None, k or 0)):
         kept, deleted = counts[t]
         lines.append(f"{'tier ' + str(t) if t is not None else 'outside tiers'}: keep {kept}, delete {deleted}")
@@ -421,11 +573,13 @@ def log_block(cfg: Config, r: Report) -> None:
     for name in r.held:
         lines.append(f"HELD {name}: {by_name[name].reasons[0]}")
     if r.held:
-        lines.append(f"held {len(r.held)} deletion(s): the retention tiers in config.yaml differ from the last "
-                     "confirmed ones; run `python -m maintenance.cleanup` (or -y) once to review and confirm them")
+        lines.append(f"held {len(r.held)} deletion(s): settings in config.yaml that decide what retention deletes "
+                     f"differ from the last confirmed ones ({policy_changes(r.policy)}); run "
+                     "`python -m maintenance.cleanup` (or -y) once to review and confirm them")
+    lines += r.notes
     lines.append(f"kept {sum(d.keep for d in r.decisions)} checkpoints; duration {r.duration_s:.2f}s")
     try:
-        append_text(cfg.log_dir / "cleanup.log", "\n".join(lines) + "\n\n")
+        append_text(cfg.log_dir / "cleanup.log", "\n".join(inert(x) for x in lines) + "\n\n")  # read with cat, less
     except OSError as exc:  # the deletions stand; say so where it can still be seen
         print(f"warning: could not append to {cfg.log_dir / 'cleanup.log'} ({exc}); what was deleted is in the "
               "report above", file=sys.stderr)
@@ -520,13 +674,13 @@ def run(args: argparse.Namespace) -> int:
             if args.dry_run or args.yes:
                 print(render(x, verbose=not args.quiet))
             if x.mode == "applied":
-                print(f"Deleted {len(x.deleted)}, freed {human(x.freed_bytes)}"
-                      + (f"; {len(x.failed)} FAILED: " + "; ".join(f"{n}: {w}" for n, w in x.failed) if x.failed else "")
-                      + f". Logged to {cfg.log_dir / 'cleanup.log'}.")
+                print(inert(f"Deleted {len(x.deleted)}, freed {human(x.freed_bytes)}"
+                            + (f"; {len(x.failed)} FAILED: " + "; ".join(f"{n}: {w}" for n, w in x.failed) if x.failed else "")
+                            + f". Logged to {cfg.log_dir / 'cleanup.log'}."))
             else:
                 print(f"Dry run: nothing was changed. Logged to {cfg.log_dir / 'cleanup.log'}.")
         for line in r.leftovers:
-            print(f"Leftover of an interrupted run: {line}")
+            print(inert(f"Leftover of an interrupted run: {line}"))
     return 1 if any(x.failed for x in reports) else 0
 
 

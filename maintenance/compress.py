@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ckpt_daemon import catalog as cat
-from ckpt_daemon.errors import CkptError, UsageError
+from ckpt_daemon.errors import CheckpointError, CkptError, UsageError, crash_summary
 from ckpt_daemon.fsutil import disk_full_error, fsync_dir, is_enospc
 from maintenance.consolidate import human, is_lightning, load_torch_file, same_bits
 
@@ -38,7 +38,8 @@ DROP = ("optimizer", "optimizer_state_dict", "optimizers", "optimizer_states", "
 SUFFIX = "_compressed"
 import json
 
-from ckpt_daemon.cliutil import add_json_argument, module_main
+from ckpt_daemon.cliutil import add_json_argument, error_record, module_main
+from ckpt_daemon.termtext import inert
 
 
 
@@ -117,7 +118,8 @@ def _write_verified(path: Path, small: dict, replace: bool) -> Path:
         Path(tmp).unlink(missing_ok=True)
         if is_enospc(exc):
             raise disk_full_error(f"write the compressed copy of {path.name}", path.parent, exc) from None
-        raise
+        raise CkptError(f"The compressed copy of {path} could not be written ({exc.strerror or exc}); the original is "
+                        "untouched.") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -149,22 +151,28 @@ def run(args: argparse.Namespace) -> int:
     failed, records = 0, []
     for f in files:
         try:
-            r = compress_file(f, args.replace)
+            try:
+                r = compress_file(f, args.replace)
+            except CkptError:
+                raise
+            except Exception as exc:  # a crafted file can make torch's loader or saver raise anything: this file
+                # fails with its reason, and the files after it are still compressed
+                raise CheckpointError(f"{f} could not be compressed ({crash_summary(exc)}); it was left untouched. It "
+                                      "is damaged or not a plain torch.save checkpoint.") from None
         except CkptError as exc:
-            records.append({"file": str(f), "ok": False, "error": {"type": type(exc).__name__, "message": str(exc),
-                                                                    "exit_code": exc.exit_code}})
+            records.append({"file": str(f), "ok": False, "error": error_record(exc)})
             if not args.json:
-                print(f"error: {exc}", file=sys.stderr)
+                print(inert(f"error: {exc}"), file=sys.stderr)
             failed += 1
             continue
         records.append({"file": str(f), "ok": True, **{k: (str(v) if isinstance(v, Path) else v) for k, v in r.items()}})
         if args.json:
             continue
         if not r["dropped"]:
-            print(f"{f}: nothing to drop ({r['nothing']}); left as it is")
+            print(inert(f"{f}: nothing to drop ({r['nothing']}); left as it is"))
             continue
-        print(f"{f}: {human(r['original_size'])} -> {r['written']}: {human(r['size'])} "
-              f"({1 - r['size'] / r['original_size']:.0%} smaller; dropped {', '.join(r['dropped'])}; verified)")
+        print(inert(f"{f}: {human(r['original_size'])} -> {r['written']}: {human(r['size'])} "
+                    f"({1 - r['size'] / r['original_size']:.0%} smaller; dropped {', '.join(r['dropped'])}; verified)"))
         if r["lightning"]:
             print("  (LightningModule.load_from_checkpoint works on it; Trainer.fit(ckpt_path=...) cannot resume from it)")
     if args.json:

@@ -40,7 +40,7 @@ from typing import Any, Callable, Optional
 from ckpt_daemon import catalog as cat
 from ckpt_daemon import runtime
 from ckpt_daemon.config import Config, load_config
-from ckpt_daemon.errors import CheckpointError, CkptError, NoValidCheckpoint, UsageError
+from ckpt_daemon.errors import CheckpointError, CkptError, NoValidCheckpoint, UsageError, crash_summary
 from ckpt_daemon.fsutil import (atomic_write_json, disk_full_error, fsync_dir, fsync_file, hash_file, is_enospc,
                                 loads_json_bounded, read_bytes_bounded)
 
@@ -62,6 +62,7 @@ HF_COPY = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", 
            "sentencepiece.bpe.model", "chat_template.jinja", "chat_template.json")
 JSON_MAX = 64 << 20
 from ckpt_daemon.cliutil import add_json_argument, config_path, module_main, number
+from ckpt_daemon.termtext import inert
 
 
 
@@ -101,11 +102,11 @@ def load_torch_file(path: Path) -> Any:
             "can run any code. The file was left untouched. Save plain tensors, numbers, strings, lists and dicts "
             "(e.g. `torch.save({'model_state_dict': model.state_dict()}, path)`), or, only if you trust the file, "
             "load it yourself with weights_only=False and save its state dict again.") from None
-    except (RuntimeError, EOFError, ValueError, OSError, MemoryError) as exc:
-        first = (str(exc).splitlines() or [""])[0][:200]
+    except Exception as exc:  # crafted bytes make torch's unpickler raise anything (IndexError, KeyError, struct.error...)
         raise CheckpointError(
-            f"{path} cannot be read as a torch file ({exc.__class__.__name__}: {first}). It is truncated, damaged or "
-            "not a torch.save file; it was left untouched. Use another checkpoint.") from None
+            f"{path} cannot be read as a torch file ({crash_summary(exc)}). It is truncated, damaged or not a torch.save "
+            "file; it was left untouched. Use another checkpoint.") from None
+
 
 
 def _unpickle_reason(msg: str) -> str:
@@ -188,7 +189,7 @@ def _plain_json(v: Any) -> Optional[dict]:
         return None
     try:
         json.dumps(v, allow_nan=False)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, RecursionError):  # a crafted file nests as deep as it likes
         return None
     return v
 
@@ -224,7 +225,7 @@ def _load_native(e: cat.Entry) -> Source:
         state = read_checkpoint(e.path)  # every file verified against its checksum
     except (ValueError, KeyError) as exc:
         raise CheckpointError(f"{e.name} cannot be read ({str(exc)[:200]}); it was not used.") from None
-    conf = state["config"] or {}
+    conf = state["config"] if isinstance(state["config"], dict) else {}
     model = conf.get("model") if isinstance(conf.get("model"), dict) else None
     return Source(e, "ckpt-daemon", dict(state["model"]), model, e.metrics or state["manifest"].get("metrics", {}),
                   {"config": conf})
@@ -506,11 +507,9 @@ def verify_export(folder: Path, expected: dict, src: Source) -> str:
 def _check_builtin(folder: Path, tensors: dict, conf: dict) -> str:
     import torch
 
-    from ckpt_daemon.gpt import GPT, GPTConfig
+    from ckpt_daemon.checkpoint import gpt_from_weights
 
-    model = GPT(GPTConfig(**conf))
-    model.load_state_dict({k: v.float() for k, v in tensors.items()})
-    model.eval()
+    model = gpt_from_weights(tensors, conf, folder.name)  # the config comes from the checkpoint: checked first
     with torch.no_grad():
         logits, _ = model(torch.zeros(1, min(8, model.config.block_size), dtype=torch.long))
     if not torch.isfinite(logits).all():
@@ -641,11 +640,18 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    r = consolidate(load_config(config_path(args)), args.source, args.average, args.dtype)
+    cfg = load_config(config_path(args))
+    try:
+        r = consolidate(cfg, args.source, args.average, args.dtype)
+    except CkptError:
+        raise
+    except Exception as exc:  # a crafted checkpoint can make a loader raise anything: still a message, not a traceback
+        raise CheckpointError(f"--from {args.source} could not be consolidated ({crash_summary(exc)}); nothing was "
+                              "written. The checkpoint is damaged or crafted: pick another one with --from.") from None
     if args.json:
         print(json.dumps({"ok": True, **r}, indent=2))
         return 0
-    print(f"wrote {r['path']} from {Path(r['source']).name} ({r['trainer']}, {r['dtype']}, steps {r['source_steps']})")
+    print(inert(f"wrote {r['path']} from {Path(r['source']).name} ({r['trainer']}, {r['dtype']}, steps {r['source_steps']})"))
     print(f"size {human(r['size'])} vs full checkpoint {human(r['full_checkpoint_size'])} ({r['ratio']:.1%}); {r['check']}")
     for note in r["notes"]:
         print(f"note: {note}")

@@ -19,7 +19,7 @@ from ckpt_daemon import catalog as cat
 from ckpt_daemon import runtime
 from ckpt_daemon.config import Config, load_config
 from ckpt_daemon.errors import CheckpointError, UsageError
-from ckpt_daemon.fsutil import fsync_dir, inside, read_json_file
+from ckpt_daemon.fsutil import inside, read_json_file
 from maintenance.snapshot import SNAPSHOT_MANIFEST, _copy_checkpoint, choose_method
 import json
 
@@ -79,11 +79,10 @@ def restore(cfg: Config, which: str, only: Optional[str] = None) -> list[str]:
             layout, status, reason, _ = cat.check_entry(tmp, verify=True, step=fields["step"], sidecar=sidecar)
             if status != "complete":
                 raise CheckpointError(f"the copy of {label} in the snapshot is {status} ({reason}); it was not restored")
-            with runtime.commit_lock(root):
-                if os.path.lexists(dst):
-                    raise CheckpointError(f"{label} appeared in {root} meanwhile; nothing was overwritten")
-                os.rename(tmp, dst)
-                fsync_dir(root)
+            try:
+                runtime.commit_into(root, tmp, dst)
+            except FileExistsError:
+                raise CheckpointError(f"{label} appeared in {root} meanwhile; nothing was overwritten") from None
         restored.append(label)
         lines.append(f"restored {label} from snapshot {snap.name} ({layout}, verified"
                      + (" against its recorded checksums" if sidecar else "") + ")")
@@ -102,16 +101,37 @@ def _label(rec: dict) -> str:
     return f"{rec['run']}/{rec['name']}" if rec.get("run") else rec["name"]
 
 
-HELP = "put checkpoints from a snapshot back, verified, never overwriting one"
+HELP = "put checkpoints from a snapshot (or a replica: --from URL) back, verified, never overwriting one"
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("snapshot", help="snapshot name (YYYY-MM-DD) or path")
+    ap.add_argument("snapshot", nargs="?", default=None,
+                    help="snapshot name (YYYY-MM-DD) or path; with --from: latest (default), best, or a STEP or NAME")
     ap.add_argument("--checkpoint", default=None, metavar="NAME", help="restore only this checkpoint of the snapshot")
+    ap.add_argument("--from", dest="from_url", default=None, metavar="URL",
+                    help="restore from a replica instead (s3://bucket/prefix or a folder of replicas.url): downloaded "
+                         "into scratch, every checksum verified, then committed")
     add_json_argument(ap, "what was restored")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.from_url is not None:  # a replica (ckpt_daemon/remote/)
+        from ckpt_daemon.remote.connect import restore_from
+
+        if args.checkpoint:
+            raise UsageError("--checkpoint is for snapshots; with --from, name the checkpoint as the argument "
+                             "(latest, best, a step or a name).")
+        name, lines = restore_from(load_config(config_path(args)), args.from_url, args.snapshot or "latest",
+                                   note=lambda s: print(f"warning: {s}", file=sys.stderr))
+        if args.json:
+            print(json.dumps({"ok": True, "from": args.from_url, "restored": [name], "messages": lines}, indent=2))
+        else:
+            for line in lines:
+                print(line)
+        return 0
+    if args.snapshot is None:
+        raise UsageError("Name the snapshot to restore (YYYY-MM-DD or a path; `ckpt-daemon snapshot --list` shows them), "
+                         "or give --from URL to restore from a replica.")
     lines = restore(load_config(config_path(args)), args.snapshot, args.checkpoint)
     if args.json:
         print(json.dumps({"ok": True, "snapshot": args.snapshot,

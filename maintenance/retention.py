@@ -127,12 +127,13 @@ def _plan(checkpoints: Sequence[Item], tiers: Sequence, protected: Mapping[str, 
 
 
 def protections(catalog, extra: Mapping[str, str] | None = None, best_metric: str = "val_loss",
-                keep_epoch_ends: bool = True) -> dict[str, list[str]]:
+                keep_epoch_ends: bool = True, max_epoch_ends: Optional[int] = None) -> dict[str, list[str]]:
     """What must never be deleted, with why, from a catalog (pure: reads only the given object).
 
     The newest valid checkpoint, the latest and best (for other trainers: what their own state names
-    best), pinned ones, the last checkpoint of every epoch (unless keep_epoch_ends is off), the one the
-    trainer last resumed from, and anything named in `extra` (e.g. the daemon's chosen resume point).
+    best), pinned ones, the last checkpoint of every epoch (unless keep_epoch_ends is off; only the
+    newest max_epoch_ends of them when that is set), the one the trainer last resumed from, and anything
+    named in `extra` (e.g. the daemon's chosen resume point).
     """
     out: dict[str, list[str]] = defaultdict(list)
     newest = catalog.newest_valid()
@@ -152,7 +153,8 @@ def protections(catalog, extra: Mapping[str, str] | None = None, best_metric: st
     for e in catalog.entries:
         if e.pin:
             out[e.name].append(f"pinned ({e.pin})")
-        if keep_epoch_ends and getattr(e, "epoch_end", False):
+    if keep_epoch_ends:
+        for e in epoch_ends(catalog)[:max_epoch_ends]:
             out[e.name].append(f"last checkpoint of epoch {e.epoch}")
     if catalog.resumed_from:
         name = catalog.resumed_from
@@ -162,6 +164,11 @@ def protections(catalog, extra: Mapping[str, str] | None = None, best_metric: st
         if catalog.by_name(name) is not None:
             out[name].append(why)
     return dict(out)
+
+
+def epoch_ends(catalog) -> list:
+    """The catalog's epoch-end checkpoints (the last of each epoch), newest first."""
+    return sorted((e for e in catalog.entries if getattr(e, "epoch_end", False)), key=lambda e: (-e.step, e.name))
 
 
 def items_from_catalog(catalog) -> list[Item]:

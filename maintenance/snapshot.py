@@ -29,6 +29,7 @@ from ckpt_daemon.errors import CheckpointError, DiskFullError, NoValidCheckpoint
 from ckpt_daemon.fsutil import (atomic_write_json, copy_into, disk_full_error, fsync_dir, is_enospc, read_json_file,
                                 remove_tree_safely, tree_stats)
 from ckpt_daemon.logs import append_text
+from ckpt_daemon.termtext import inert
 
 SNAPSHOT_MANIFEST = "snapshot.json"
 SNAPSHOT_FORMAT = "ckpt-daemon-snapshot/1"
@@ -335,13 +336,13 @@ def run(args: argparse.Namespace) -> int:
             print(f"No snapshots in {cfg.snapshot_dir} yet. The daemon takes one at {s.schedule!r} "
                   f"({cfg.timezone}); `ckpt-daemon snapshot` takes one now.")
         for d in ([] if args.json else decisions):
-            print(f"{'keep  ' if d.keep else 'delete'} {d.name}  {'; '.join(d.reasons)}")
+            print(inert(f"{'keep  ' if d.keep else 'delete'} {d.name}  {'; '.join(d.reasons)}"))
         return 0
     from maintenance.cleanup import finish_leftovers
 
     leftovers = finish_leftovers(cfg)
     for line in ([] if args.json else leftovers):
-        print(f"Leftover of an interrupted run: {line}")
+        print(inert(f"Leftover of an interrupted run: {line}"))
     try:
         res = take_snapshot(cfg, show_progress=sys.stderr.isatty() and not args.json)
     except DiskFullError:
@@ -355,7 +356,7 @@ def run(args: argparse.Namespace) -> int:
                           "added_bytes": res.added_bytes, "message": res.message, "pruned": pruned,
                           "leftovers": leftovers}, indent=2, default=str))
     else:
-        print(res.message)
+        print(inert(res.message))
         for name in pruned:
             print(f"pruned snapshot {name} (snapshot retention; logged to {cfg.log_dir / 'cleanup.log'})")
     return 0

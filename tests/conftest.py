@@ -1,88 +1,74 @@
+"""The suite's fixtures. Shared helpers (configs, child processes, the real daemon, checkpoints) are in
+tests/helpers.py."""
+
 from __future__ import annotations
 
-import json
+import hashlib
 import os
 import shutil
+import signal
 import subprocess
-import sys
+import tempfile
 from pathlib import Path
 
 import pytest
-import yaml
 
-REPO = Path(__file__).resolve().parent.parent
-PY = sys.executable
-
-# A model small enough that a test run takes seconds, big enough to learn.
-TINY_TRAINER = {
-    "seed": 7,
-    "batch_size": 8,
-    "learning_rate": 0.003,
-    "warmup_steps": 5,
-    "checkpoint_every_steps": 5,
-    "eval_every_steps": 10,
-    "eval_batches": 2,
-    "log_every_steps": 5,
-    "threads": 1,
-    "model": {"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 32},
-    "data": {"synthetic_chars": 20000},
-}
+from tests.helpers import Daemon
 
 
-def deep_merge(a: dict, b: dict) -> dict:
-    out = dict(a)
-    for k, v in b.items():
-        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
+def pytest_addoption(parser):
+    parser.addoption("--collection-digest", metavar="PATH",
+                     help="write each collected test's id and a digest of its parameters' values to PATH "
+                          "(tests/test_suite_hygiene.py compares two processes': xdist's workers must agree)")
 
 
-def write_config(folder: Path, overrides: dict | None = None, tiny: bool = True) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    data = {"trainer": dict(TINY_TRAINER)} if tiny else {}
-    data = deep_merge(data, overrides or {}) or {"checkpoints": {"dir": "checkpoints"}}  # an empty file is refused
-    p = folder / "config.yaml"
-    p.write_text(yaml.safe_dump(data, sort_keys=False))
-    return p
+def pytest_collection_finish(session):
+    path = session.config.getoption("--collection-digest")
+    if path:
+        lines = []
+        for item in session.items:
+            params = getattr(getattr(item, "callspec", None), "params", {})
+            digest = hashlib.sha256(repr(sorted(params.items())).encode()).hexdigest()[:16]
+            lines.append(f"{item.nodeid} {digest}\n")
+        Path(path).write_text("".join(lines))
 
 
-def env_for_children() -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    env["PYTHONUNBUFFERED"] = "1"
-    env["OMP_NUM_THREADS"] = "1"
-    return env
+@pytest.fixture(autouse=True)
+def own_home(tmp_path_factory, monkeypatch):
+    """Every test, and every process it starts, keeps its state in its own folders: the daemon's stable
+    config copy ($XDG_STATE_HOME/ckpt-daemon, keyed on the config's path: two runs with the same
+    --basetemp would otherwise find the previous run's), HOME-derived caches and settings (chromium,
+    fish, dconf), and temporary files (torchrun's torchelastic_* folders). Nothing is left outside the
+    test's tmp folders. TMPDIR is a short path of its own: Unix sockets made under it must stay within
+    108 bytes."""
+    home = tmp_path_factory.mktemp("home")
+    tmp = tmp_path_factory.mktemp("tmp")
+    for name, sub in (("XDG_STATE_HOME", ".local/state"), ("XDG_CONFIG_HOME", ".config"), ("XDG_CACHE_HOME", ".cache"),
+                      ("XDG_DATA_HOME", ".local/share")):
+        (home / sub).mkdir(parents=True)
+        monkeypatch.setenv(name, str(home / sub))
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("TMPDIR", str(tmp))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))  # this process's tempfile has already read TMPDIR
+    monkeypatch.delenv("STATE_DIRECTORY", raising=False)  # systemd's: would win over XDG_STATE_HOME
+    monkeypatch.delenv("CKPT_DAEMON_CONFIG", raising=False)
+    return home
 
 
-def run_py(args: list[str], timeout: float = 300, check: bool = False, **kw) -> subprocess.CompletedProcess:
-    r = subprocess.run([PY, *args], capture_output=True, text=True, timeout=timeout, env=kw.pop("env", env_for_children()),
-                       stdin=kw.pop("stdin", subprocess.DEVNULL), **kw)
-    if check and r.returncode != 0:
-        raise AssertionError(f"{args} exited {r.returncode}\nstdout:\n{r.stdout}\nstderr:\n{r.stderr}")
-    return r
+@pytest.fixture
+def daemons():
+    """Real daemons (tests.helpers.Daemon) a test started: killed at the end, with their trainers."""
+    made: list[Daemon] = []
+    yield made
+    from ckpt_daemon.runtime import kill_tree, read_heartbeat
 
-
-def same_nested(a, b) -> bool:
-    """Deep equality of nested state (optimizer, scheduler, RNG): every tensor compared element by
-    element with torch.equal (str() would elide large tensors), every other value with ==."""
-    import torch
-
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype and \
-            a.shape == b.shape and torch.equal(a, b)
-    if isinstance(a, dict) and isinstance(b, dict):
-        return list(a) == list(b) and all(same_nested(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return type(a) is type(b) and len(a) == len(b) and all(same_nested(x, y) for x, y in zip(a, b))
-    return a == b
-
-
-def read_losses(metrics: Path) -> dict[int, float]:
-    """step -> loss, the last record per step (a resumed run re-logs the steps after its checkpoint)."""
-    out = {}
-    for line in metrics.read_text().splitlines():
-        r = json.loads(line)
-        out[r["step"]] = r["loss"]
-    return out
+    for d in made:
+        if d.proc and d.proc.poll() is None:
+            d.proc.kill()
+            d.proc.wait()
+        hb = read_heartbeat(d.folder / "checkpoints") or {}
+        if hb.get("pid"):
+            kill_tree(hb["pid"], signal.SIGKILL)
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ import os
 import re
 import socket
 import stat
-import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -22,7 +21,7 @@ import yaml
 from ckpt_daemon.config import ALERT_EVENTS, config_schema, parse_config
 from ckpt_daemon.errors import ConfigError
 from daemon.alerts import Alerts
-from tests.conftest import PY, REPO, run_py
+from tests.helpers import PY, REPO, run_py
 
 SECRET = "s3cr3tTOKENxyz"  # in every test URL: it must never show up in a log, a status or an error
 
@@ -283,11 +282,10 @@ def test_a_dead_target_is_logged_once_and_again_when_it_works(tmp_path, receiver
 
 # ---------------------------------------------------------------------------------- the real daemon
 def test_a_real_daemon_notifies_a_web_hook_and_a_mail_server(tmp_path, receiver):
-    from ckpt_daemon.checkpoint import CheckpointManager
-    from tests.test_catalog import native, tiny_model
-    from tests.test_daemon import Daemon
-
     import torch
+
+    from ckpt_daemon.checkpoint import CheckpointManager
+    from tests.helpers import Daemon, native, tiny_model
 
     ck = tmp_path / "checkpoints"
     native(ck, list(range(10, 101, 10)))  # best: checkpoint-100 (val_loss 10/step)

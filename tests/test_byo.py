@@ -19,10 +19,8 @@ import pytest
 
 from ckpt_daemon import catalog as cat
 from ckpt_daemon import runtime
-from tests.conftest import PY, run_py
-from tests.test_daemon import Daemon, daemons  # noqa: F401  (fixture)
+from tests.helpers import BYO, PY, Daemon, run_py, wait_for
 
-BYO = Path(__file__).parent / "byo"
 FAST_RESTART = {"initial_backoff_s": 0.2, "max_backoff_s": 1.0, "max_crashes": 20, "crash_window_s": 600}
 
 
@@ -30,19 +28,10 @@ def newest(root: Path, patterns) -> cat.Entry:
     return cat.scan(root, patterns).newest_valid()
 
 
-def wait_for(pred, timeout: float = 120, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def kill_right_after_a_save(d: Daemon, root: Path, patterns, after_step: int) -> cat.Entry:
     """Stop the trainer just after it saved a checkpoint newer than `after_step`, then SIGKILL it."""
-    wait_for(lambda: (e := newest(root, patterns)) is not None and e.step > after_step, what=f"a save after {after_step}")
+    wait_for(lambda: (e := newest(root, patterns)) is not None and e.step > after_step,
+             what=f"a save after {after_step}")
     pid = d.status()["training"]["pid"]
     os.kill(pid, signal.SIGSTOP)
     e = newest(root, patterns)
@@ -69,7 +58,8 @@ def test_a_plain_torch_save_script_gets_every_guarantee(tmp_path, daemons):
     first = kill_right_after_a_save(d, root, patterns, 30)
     s = d.wait(lambda s: s["training"]["state"] == "running" and s["training"]["resumed_from"] == first.name and s,
                what=f"the resume from {first.name}")
-    wait_for(lambda: f"resumed from {first.path} at step {first.step}" in trainer_log.read_text(), what="the trainer's own word")
+    wait_for(lambda: f"resumed from {first.path} at step {first.step}" in trainer_log.read_text(),
+             what="the trainer's own word")
     # damage the newest one while no trainer runs: quarantined, the previous one is used, the step is written again
     bad = kill_right_after_a_save(d, root, patterns, first.step)
     damage(bad.path)
@@ -92,7 +82,8 @@ def test_a_plain_torch_save_script_gets_every_guarantee(tmp_path, daemons):
     run_py(["-m", "maintenance.snapshot", "--config", str(d.cfg)], check=True)
     last = newest(root, patterns)
     last.path.unlink()
-    r = run_py(["-m", "maintenance.restore", time.strftime("%Y-%m-%d", time.gmtime()), "--config", str(d.cfg)], check=True)
+    r = run_py(["-m", "maintenance.restore", time.strftime("%Y-%m-%d", time.gmtime()), "--config", str(d.cfg)],
+               check=True)
     assert f"restored {last.name}" in r.stdout
     assert cat.scan(root, patterns, verify=True).by_name(last.name).valid
 
@@ -157,7 +148,8 @@ def _own_trainer_cycle(tmp_path: Path, daemons, script: str, patterns: list[str]
     import shutil
 
     shutil.rmtree(last.path) if last.path.is_dir() else last.path.unlink()
-    r = run_py(["-m", "maintenance.restore", time.strftime("%Y-%m-%d", time.gmtime()), "--config", str(d.cfg)], check=True)
+    r = run_py(["-m", "maintenance.restore", time.strftime("%Y-%m-%d", time.gmtime()), "--config", str(d.cfg)],
+               check=True)
     assert f"restored {last.name}" in r.stdout and "verified" in r.stdout
     assert cat.verify_entry(cat.scan(root, patterns).by_name(last.name)).valid
 

@@ -8,48 +8,10 @@ import os
 import time
 from pathlib import Path
 
-import safetensors.torch
 import torch
 
 from ckpt_daemon import catalog as cat
-from tests.conftest import run_py, write_config
-from ckpt_daemon.checkpoint import CheckpointManager
-
-PATTERNS = ["checkpoint-{step}", "rolling_step_{step}.pt", "epoch={epoch}-step={step}.ckpt", "model_step_{step}.pt"]
-
-
-def tiny_model():
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.LayerNorm(64))
-
-
-def native(root: Path, steps, **kw) -> CheckpointManager:
-    m = tiny_model()
-    opt = torch.optim.AdamW(m.parameters())
-    mgr = CheckpointManager(root)
-    for s in steps:
-        m(torch.randn(2, 64)).sum().backward()
-        opt.step()
-        mgr.save(s, model=m, optimizer=opt, metrics={"val_loss": 10.0 / s}, **kw)
-    return mgr
-
-
-def hf_folder(root: Path, step: int, complete: bool = True) -> Path:
-    d = root / f"checkpoint-{step}"
-    d.mkdir()
-    safetensors.torch.save_file({"w": torch.randn(16, 16)}, d / "model.safetensors")
-    torch.save({"state": {}, "param_groups": []}, d / "optimizer.pt")
-    (d / "config.json").write_text("{}")
-    if complete:
-        (d / "trainer_state.json").write_text(json.dumps({"global_step": step, "epoch": 1.0, "best_metric": 0.5}))
-    return d
-
-
-def single_file(root: Path, name: str) -> Path:
-    p = root / name
-    m = cat.match_name(name, [cat.compile_pattern(x) for x in PATTERNS])
-    torch.save({"model_state_dict": tiny_model().state_dict(), "step": m["step"] if m else 1}, p)
-    return p
+from tests.helpers import PATTERNS, hf_folder, native, run_py, single_file, write_config
 
 
 def test_native_layout(tmp_path):
@@ -82,7 +44,8 @@ def test_single_file_patterns(tmp_path):
     single_file(tmp_path, "latest.pt")  # rewritten in place by its trainer: not a numbered checkpoint
     c = cat.scan(tmp_path, PATTERNS, verify=True)
     got = {(e.name, e.step, e.layout, e.status) for e in c.entries}
-    assert got == {("rolling_step_000100.pt", 100, "file", "complete"), ("epoch=3-step=1200.ckpt", 1200, "file", "complete"),
+    assert got == {("rolling_step_000100.pt", 100, "file", "complete"),
+                   ("epoch=3-step=1200.ckpt", 1200, "file", "complete"),
                    ("model_step_500.pt", 500, "file", "complete")}
     assert c.by_name("epoch=3-step=1200.ckpt").epoch == 3
     assert ("latest.pt", "does not match checkpoints.pattern") in c.ignored

@@ -15,26 +15,10 @@ import safetensors.torch
 import torch
 
 from ckpt_daemon import catalog as cat
-from ckpt_daemon.errors import CheckpointError, NoValidCheckpoint
 from ckpt_daemon import checkpoint as ck
 from ckpt_daemon.checkpoint import CheckpointManager, read_checkpoint
-from tests.conftest import same_nested
-
-
-def make_state(width: int = 64, seed: int = 0):
-    torch.manual_seed(seed)
-    m = torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.ReLU(), torch.nn.Linear(width, 10))
-    opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
-    sched = torch.optim.lr_scheduler.StepLR(opt, 10)
-    for _ in range(2):
-        m(torch.randn(4, width)).sum().backward()
-        opt.step()
-        sched.step()
-    return m, opt, sched
-
-
-def same_state(a: torch.nn.Module, b: torch.nn.Module) -> bool:
-    return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+from ckpt_daemon.errors import CheckpointError, NoValidCheckpoint
+from tests.helpers import make_state, same_nested, same_state
 
 
 def test_round_trip_full_state(tmp_path):
@@ -52,7 +36,8 @@ def test_round_trip_full_state(tmp_path):
     scaler2 = torch.amp.GradScaler("cpu")
     loaded = CheckpointManager(tmp_path).load("latest", model=m2, optimizer=opt2, scheduler=sched2, scaler=scaler2)
     assert scaler2.state_dict() == scaler.state_dict() and scaler2.state_dict()["growth_interval"] == 7
-    assert (loaded.step, loaded.epoch, loaded.data_state, loaded.metrics) == (7, 2, {"epoch": 2, "pos": 96}, {"val_loss": 1.5})
+    assert (loaded.step, loaded.epoch, loaded.data_state, loaded.metrics) == (7, 2, {"epoch": 2, "pos": 96},
+                                                                              {"val_loss": 1.5})
     assert loaded.config == {"lr": 1e-3} and loaded.extra == {"tokens": 12345}
     assert same_state(m, m2)
     assert same_nested(opt.state_dict(), opt2.state_dict())
@@ -68,7 +53,8 @@ def test_interop_with_the_safetensors_package(tmp_path):
     # and we read files the package wrote
     from ckpt_daemon import stio
 
-    safetensors.torch.save_file({"a": torch.arange(10, dtype=torch.bfloat16), "b": torch.ones(2, 3)}, tmp_path / "x.safetensors")
+    safetensors.torch.save_file({"a": torch.arange(10, dtype=torch.bfloat16), "b": torch.ones(2, 3)},
+                                tmp_path / "x.safetensors")
     ours, _ = stio.load_safetensors(tmp_path / "x.safetensors")
     assert torch.equal(ours["a"], torch.arange(10, dtype=torch.bfloat16)) and torch.equal(ours["b"], torch.ones(2, 3))
 
@@ -299,3 +285,129 @@ def test_large_optimizer_state_is_sharded_and_round_trips(tmp_path, monkeypatch)
     data[-1] ^= 1
     f.write_bytes(bytes(data))
     assert cat.scan(tmp_path, ["checkpoint-{step}"], verify=True).by_name("checkpoint-1").status == "corrupt"
+
+
+# ------------------------------------------------------------------ the files of a resume are released
+def _checkpoint_files_held(pid: int | str, folder: Path) -> list[str]:
+    """Files of `folder` that process `pid` has open (/proc/<pid>/fd) or mapped (/proc/<pid>/maps)."""
+    prefix = str(folder) + os.sep
+    held = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue  # closed meanwhile
+        if target.startswith(prefix):
+            held.append(f"fd {fd}: {target}")
+    with open(f"/proc/{pid}/maps") as f:
+        held += [f"mapped: {line.split()[-1]}" for line in f if prefix in line]
+    return held
+
+
+def test_load_leaves_no_file_of_the_checkpoint_open_or_mapped(tmp_path):
+    m, opt, sched = make_state()
+    CheckpointManager(tmp_path).save(5, model=m, optimizer=opt, scheduler=sched, data_state={"pos": torch.arange(4)})
+    m2, opt2, sched2 = make_state(seed=1)
+    loaded = CheckpointManager(tmp_path).load("latest", model=m2, optimizer=opt2, scheduler=sched2)
+    assert loaded.step == 5 and same_state(m, m2)
+    # the optimizer's moments and the data state are kept (and updated in place) in memory of their own
+    assert _checkpoint_files_held("self", tmp_path / "checkpoint-5") == []
+    m2(torch.randn(4, 64)).sum().backward()
+    opt2.step()
+    assert _checkpoint_files_held("self", tmp_path / "checkpoint-5") == []
+    assert torch.equal(loaded.data_state["pos"], torch.arange(4))
+
+
+def test_the_built_in_trainer_releases_its_resume_checkpoint(tmp_path):
+    """A real trainer, resumed: after the load, no file of the checkpoint it resumed from is open or mapped
+    (so `cleanup` does not report it open by another process for the rest of the run)."""
+    import subprocess
+
+    from tests.conftest import PY, env_for_children, write_config
+    from maintenance.cleanup import open_checkpoint_files
+
+    cfg = write_config(tmp_path)
+    subprocess.run([PY, "-m", "trainer", "--config", str(cfg), "--max-steps", "10"], env=env_for_children(),
+                   check=True, capture_output=True, timeout=300)
+    resumed = cat.scan(tmp_path / "checkpoints", ["checkpoint-{step}"]).newest_valid()
+    log = tmp_path / "trainer.out"
+    with open(log, "wb") as out:
+        p = subprocess.Popen([PY, "-m", "trainer", "--config", str(cfg), "--max-steps", "100000"], stdout=out,
+                             stderr=subprocess.STDOUT, env=env_for_children())
+    try:
+        deadline = time.monotonic() + 180
+        seen: list[str] = []
+        while time.monotonic() < deadline:
+            text = log.read_text(errors="replace")
+            if f"resumed from {resumed.name}" in text:
+                seen.append("resumed")
+                assert _checkpoint_files_held(p.pid, resumed.path) == [], text
+                if f"step {resumed.step + 10} " in text:  # and still, ten steps (and two saves) later
+                    break
+            assert p.poll() is None, text
+            time.sleep(0.05)
+        assert seen and f"step {resumed.step + 10} " in log.read_text(), log.read_text()
+        assert _checkpoint_files_held(p.pid, resumed.path) == []
+        assert not [f for f in open_checkpoint_files(tmp_path / "checkpoints") if resumed.name + os.sep in f]
+    finally:
+        p.kill()
+        p.wait()
+
+
+# ------------------------------------------------------------------ the README's CheckpointManager script
+def readme_python_block(marker: str) -> str:
+    """The one ```python block of README.md that contains `marker`, exactly as written there."""
+    import re
+
+    from tests.conftest import REPO
+
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(), re.S) if marker in b]
+    assert len(blocks) == 1, f"{len(blocks)} python blocks of README.md hold {marker!r}"
+    return blocks[0]
+
+
+def test_the_readme_checkpoint_manager_script_starts_fresh_and_resumes_after_kill_9_under_the_daemon(tmp_path):
+    """Under the daemon a fresh folder's $CKPT_RESUME is `none`: the README's script starts at step 0 (no
+    crash loop), saves; after a kill -9 it resumes from the newest checkpoint, and it ends with exactly
+    the weights of an uninterrupted run of the same script (outside the daemon, in an empty folder)."""
+    import subprocess
+
+    from ckpt_daemon.fsutil import hash_file
+    from tests.conftest import PY, env_for_children
+    from tests.test_byo import FAST_RESTART, kill_right_after_a_save, newest
+    from tests.test_daemon import Daemon
+
+    script = readme_python_block("from ckpt_daemon import CheckpointManager")
+    for where in ("daemon", "alone"):
+        (tmp_path / where).mkdir()
+        (tmp_path / where / "train.py").write_text(script)
+    env = {k: v for k, v in env_for_children().items() if not k.startswith("CKPT_")}
+    alone = subprocess.Popen([PY, "train.py"], cwd=tmp_path / "alone", env={**env, "OMP_NUM_THREADS": "1"},
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    d = Daemon(tmp_path / "daemon", {"training": {"command": ["{python}", "train.py"], "restart": FAST_RESTART,
+                                                  "env": {"OMP_NUM_THREADS": "1"}}}, env=env).start()
+    root = tmp_path / "daemon" / "checkpoints"
+    try:
+        first = kill_right_after_a_save(d, root, ["checkpoint-{step}"], 0)
+        assert d.status()["training"]["restarts"] == 0  # the fresh start ran (load("none") is no error)
+        d.wait(lambda s: s["training"]["restarts"] == 1 and cat.scan(root, ["checkpoint-{step}"]).resumed_from
+               == first.name, timeout=180, what=f"the resume from {first.name}")
+        d.wait(lambda s: s["training"]["state"] == "finished", timeout=300, what="training to finish")
+        assert d.stop() == 0
+        out, _ = alone.communicate(timeout=300)
+        assert alone.returncode == 0, out
+    finally:
+        for p in (d.proc, alone):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait()
+    final = newest(root, ["checkpoint-{step}"])
+    ref = tmp_path / "alone" / "checkpoints" / "checkpoint-20000"
+    assert final.name == "checkpoint-20000" and cat.verify_entry(final).valid
+    # resumed exactly: the same weights, optimizer, scheduler, data position and torch RNG, bit for bit, as the
+    # run that was never killed (python's and numpy's generators are seeded by each process: the script uses neither)
+    assert hash_file(final.path / "model.safetensors") == hash_file(ref / "model.safetensors")
+    a, b = read_checkpoint(final.path), read_checkpoint(ref)
+    for k in ("optimizer", "scheduler", "data"):
+        assert same_nested(a[k], b[k]), k
+    assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])

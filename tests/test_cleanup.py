@@ -10,12 +10,10 @@ import subprocess
 import time
 from pathlib import Path
 
-
 from ckpt_daemon import catalog as cat
-from maintenance.cleanup import run_cleanup
 from ckpt_daemon.config import load_config
-from tests.conftest import PY, env_for_children, run_py, write_config
-from tests.test_catalog import hf_folder, native, single_file
+from maintenance.cleanup import run_cleanup
+from tests.helpers import PY, env_for_children, hf_folder, native, run_py, single_file, write_config
 
 SMALL_TIERS = {"retention": {"tiers": [{"count": 2}, {"every_steps": 20}]}}
 
@@ -68,7 +66,8 @@ def test_dry_run_changes_nothing_at_all(tmp_path):
     assert "DELETE checkpoint-5 " in r.stdout and "KEEP   checkpoint-60" in r.stdout
     assert "protected: newest valid checkpoint" in r.stdout
     assert "would delete checkpoint-5" in (tmp_path / "logs" / "cleanup.log").read_text()
-    js = json.loads(run_py(["-m", "maintenance.cleanup", "--config", str(cfg), "--dry-run", "--json"], check=True).stdout)
+    js = json.loads(run_py(["-m", "maintenance.cleanup", "--config", str(cfg), "--dry-run", "--json"],
+                           check=True).stdout)
     assert js["mode"] == "dry run" and sum(d["action"] == "delete" for d in js["decisions"]) == 8
     assert tree_fingerprint(tmp_path / "checkpoints") == before
 
@@ -93,7 +92,8 @@ def test_confirmation_prompt_answered_no_deletes_nothing(tmp_path):
 
 
 def test_each_layout(tmp_path):
-    cfg = write_config(tmp_path, {**SMALL_TIERS, "checkpoints": {"pattern": ["checkpoint-{step}", "rolling_step_{step}.pt"]}},
+    cfg = write_config(tmp_path,
+                       {**SMALL_TIERS, "checkpoints": {"pattern": ["checkpoint-{step}", "rolling_step_{step}.pt"]}},
                        tiny=False)
     root = tmp_path / "checkpoints"
     root.mkdir()
@@ -131,7 +131,8 @@ def test_hard_linked_checkpoint_frees_nothing_and_says_so(tmp_path):
         os.link(f, snap / f.name)
     r = run_py(["-m", "maintenance.cleanup", "--config", str(cfg), "--dry-run"], check=True)
     assert "share files with snapshots (hard links)" in r.stdout and "checkpoint-5" in r.stdout
-    js = json.loads(run_py(["-m", "maintenance.cleanup", "--config", str(cfg), "--dry-run", "--json"], check=True).stdout)
+    js = json.loads(run_py(["-m", "maintenance.cleanup", "--config", str(cfg), "--dry-run", "--json"],
+                           check=True).stdout)
     d5 = next(d for d in js["decisions"] if d["name"] == "checkpoint-5")
     assert d5["freeable_bytes"] < d5["bytes"] / 10
 
@@ -231,3 +232,25 @@ def test_concurrent_cleanups_never_take_each_others_trash(tmp_path):
     assert "its reasons: tier 2: not first of steps 0-19" in log and "FAILED" not in log
     assert sorted(p.name for p in (root / ".ckpt-daemon" / "trash").iterdir()) == sorted([live.id, live.id + ".lock"])
     live.close()
+
+
+def test_a_script_whose_epoch_changes_every_save_is_told_and_bounded(tmp_path):
+    """A plain script that saves its own counter as `epoch`: every file is an epoch end. The dry run says
+    so (and what to do), and retention.max_epoch_ends bounds what epoch-end protection keeps."""
+    import torch
+
+    root = tmp_path / "checkpoints"
+    root.mkdir()
+    for s in range(10, 310, 10):
+        torch.save({"model": {"w": torch.zeros(2)}, "step": s, "epoch": s // 10}, root / f"model_step_{s}.pt")
+    over = {"checkpoints": {"pattern": "model_step_{step}.pt"}, "retention": {"tiers": [{"count": 2}]}}
+    cfg = write_config(tmp_path, over, tiny=False)
+    r = run_py(["-m", "maintenance.cleanup", "--config", str(cfg), "--dry-run", "-q"], check=True)
+    assert "Epoch ends: 29 of 30 checkpoints are the last of their epoch (the epoch changes about every 10 steps)" in r.stdout
+    assert "set retention.keep_epoch_ends: false, or lower retention.max_epoch_ends" in r.stdout
+    assert "Delete 0 of 30" in r.stdout  # all 29 are within the default max_epoch_ends (100)
+    cfg = write_config(tmp_path, {**over, "retention": {"tiers": [{"count": 2}], "max_epoch_ends": 5}}, tiny=False)
+    r = run_py(["-m", "maintenance.cleanup", "--config", str(cfg), "--dry-run", "-q"], check=True)
+    assert "Delete 24 of 30" in r.stdout, r.stdout  # kept: the newest 2 and the newest 5 epoch ends (290 is both)
+    assert "the 24 older ones are not protected as epoch ends and follow the tiers" in r.stdout
+    assert "Epoch ends: 29 of 30" in (tmp_path / "logs" / "cleanup.log").read_text()

@@ -18,8 +18,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from daemon.cli import build_parser, main as cli
-from tests.conftest import PY, REPO, env_for_children, run_py, write_config
+from daemon.cli import build_parser
+from daemon.cli import main as cli
+from tests.helpers import PY, REPO, env_for_children, run_py, write_config
 
 
 def native(root: Path, step: int, epoch: int) -> None:
@@ -28,7 +29,8 @@ def native(root: Path, step: int, epoch: int) -> None:
     payload = f"weights {step}".encode()
     (d / "model.safetensors").write_bytes(payload)
     files = {"model.safetensors": {"size": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}}
-    (d / "manifest.json").write_text(json.dumps({"format": "ckpt-daemon/1", "step": step, "epoch": epoch, "files": files}))
+    (d / "manifest.json").write_text(json.dumps({"format": "ckpt-daemon/1", "step": step, "epoch": epoch,
+                                                 "files": files}))
 
 
 @pytest.fixture
@@ -71,8 +73,10 @@ def test_every_reporting_command_has_json_and_the_same_error_shape(project, caps
     assert cli(["--config", str(project), "restore", snap["name"], "--json"]) == 0
     assert out_json(capsys)["ok"] is True
     missing = str(tmp_path / "missing.yaml")
-    for argv in (["list", "--json"], ["cleanup", "--dry-run", "--json"], ["snapshot", "--json"], ["restore", "x", "--json"],
-                 ["pin", "30", "--json"], ["unpin", "30", "--json"], ["check-config", "--json"], ["consolidate", "--json"],
+    for argv in (["list", "--json"], ["cleanup", "--dry-run", "--json"], ["snapshot", "--json"],
+                 ["restore", "x", "--json"],
+                 ["pin", "30", "--json"], ["unpin", "30", "--json"], ["check-config", "--json"],
+                 ["consolidate", "--json"],
                  ["status", "--json"]):
         code = cli(["--config", missing, *argv])
         doc = out_json(capsys)
@@ -87,7 +91,8 @@ def test_both_spellings_run_the_same_code(project):
     b = run_py(["-m", "daemon", "cleanup", "--config", str(project), "--dry-run", "--json"], check=True)
     strip = lambda d: {k: v for k, v in json.loads(d).items() if k not in ("disk_free_bytes", "duration_s", "time")}  # noqa: E731
     assert strip(a.stdout) == strip(b.stdout)
-    for args in (["-m", "maintenance.cleanup", "--help"], ["-m", "daemon", "cleanup", "--help"], ["-m", "daemon", "--help"],
+    for args in (["-m", "maintenance.cleanup", "--help"], ["-m", "daemon", "cleanup", "--help"],
+                 ["-m", "daemon", "--help"],
                  ["-m", "trainer", "--help"]):
         r = run_py(args, check=True)
         assert "Exit codes" in r.stdout and "143" in r.stdout and "--config" in r.stdout, args
@@ -173,7 +178,8 @@ def test_numbers_on_the_command_line_are_bounded(project):
     (`status --watch nan` used to die in time.sleep)."""
     for args in (["status", "--watch", "nan"], ["status", "--watch", "0"], ["cleanup", "--dry-run", "--wait", "inf"],
                  ["consolidate", "--average", "0"], ["train", "--max-steps", "-1"],
-                 ["generate", "--checkpoint", "x", "--tokens", "1e9"], ["generate", "--checkpoint", "x", "--temperature", "nan"]):
+                 ["generate", "--checkpoint", "x", "--tokens", "1e9"],
+                 ["generate", "--checkpoint", "x", "--temperature", "nan"]):
         r = run_py(["-m", "daemon", "--config", str(project), *args])
         assert r.returncode == 2 and "Traceback" not in r.stderr, (args, r.stderr)
         assert "out of range" in r.stderr or "not a whole number" in r.stderr, (args, r.stderr)
@@ -209,7 +215,8 @@ def test_status_colour_and_watch(project):
         # while it watches, the daemon writes its state: a later refresh shows it
         state = project.parent / "logs" / "daemon-state.json"
         state.parent.mkdir(exist_ok=True)
-        state.write_text(json.dumps({"daemon": {"pid": 999999999}, "training": {"state": "gave_up", "message": "WATCHED"},
+        state.write_text(json.dumps({"daemon": {"pid": 999999999},
+                                     "training": {"state": "gave_up", "message": "WATCHED"},
                                      "checkpoints": {}}))
         wait_for("training GAVE UP")
         p.send_signal(signal.SIGINT)
@@ -276,7 +283,8 @@ COMP_WORDS=(ckpt-daemon cleanup --dr); COMP_CWORD=2; _shtab_ckpt_daemon; echo "$
     assert r.stdout.split("\n")[:2] == ["cleanup", "--dry-run"], r
     if shutil.which("fish"):
         r = subprocess.run(["fish", "-c", f"source {tmp_path / 'c.fish'}; complete -C 'ckpt-daemon sna'; "
-                                          "complete -C 'ckpt-daemon list --ver'"], capture_output=True, text=True, timeout=60)
+                                          "complete -C 'ckpt-daemon list --ver'"], capture_output=True, text=True,
+                           timeout=60)
         assert r.stdout.startswith("snapshot\t") and "--verify\t" in r.stdout, r
     if shutil.which("zsh"):
         assert subprocess.run(["zsh", "-n", str(tmp_path / "c.zsh")], timeout=60).returncode == 0

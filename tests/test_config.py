@@ -9,13 +9,15 @@ import pytest
 import yaml
 
 from ckpt_daemon.config import ConfigError, config_schema, diff_configs, load_config, parse_config
-from tests.conftest import REPO, run_py
+from tests.helpers import REPO, run_py
 
 BAD = [
     # (yaml text, substrings the message must contain)
     ("retention:\n  tiers:\n    - count: twenty\n", ["retention.tiers[0].count", "valid integer", "'twenty'"]),
-    ("retention:\n  tiers:\n    - count: -3\n    - every_steps: 100\n", ["retention.tiers[0].count", "greater than or equal to 1", "-3"]),
-    ("retention:\n  tiers:\n    - every_steps: 200\n    - count: 20\n", ["retention.tiers[0].count", "only the last tier may omit count"]),
+    ("retention:\n  tiers:\n    - count: -3\n    - every_steps: 100\n",
+     ["retention.tiers[0].count", "greater than or equal to 1", "-3"]),
+    ("retention:\n  tiers:\n    - every_steps: 200\n    - count: 20\n",
+     ["retention.tiers[0].count", "only the last tier may omit count"]),
     ("retention:\n  tiers:\n    - count: 20\n      every_steps: 300\n    - every_steps: 1000\n",
      ["retention.tiers[1].every_steps", "multiple of the previous tier's every_steps (300)", "1000"]),
     ("retention:\n  tiers:\n    - count: 20\n      every_steps: 200\n    - count: 5\n",
@@ -33,7 +35,8 @@ BAD = [
     ("checkpoints:\n  pattern: \"ckpt-{epoch}.pt\"\n", ["checkpoints.pattern", "{step}"]),
     ("timezone: Mars/Olympus\n", ["timezone", "IANA"]),
     ("training:\n  command: []\n", ["training.command", "non-empty list"]),
-    ("training:\n  restart:\n    initial_backoff_s: 100\n    max_backoff_s: 10\n", ["training.restart", "max_backoff_s (10.0) must be at least"]),
+    ("training:\n  restart:\n    initial_backoff_s: 100\n    max_backoff_s: 10\n",
+     ["training.restart", "max_backoff_s (10.0) must be at least"]),
     ("disk:\n  warn_free_gb: 1\n  emergency_free_gb: 5\n", ["disk", "emergency_free_gb (5.0) must not exceed"]),
     ("trainer:\n  model:\n    n_embd: 130\n    n_head: 4\n", ["trainer.model", "multiple of n_head"]),
     ("trainer:\n  best_mode: lowest\n", ["trainer.best_mode", "'min' or 'max'"]),
@@ -107,7 +110,8 @@ def test_one_section_gets_defaults_for_the_rest(tmp_path):
 
 
 def test_pattern_accepts_string_or_list(tmp_path):
-    cfg = parse_config('checkpoints:\n  pattern: ["checkpoint-{step}", "epoch={epoch}-step={step}.ckpt"]\n', tmp_path / "c.yaml")
+    cfg = parse_config('checkpoints:\n  pattern: ["checkpoint-{step}", "epoch={epoch}-step={step}.ckpt"]\n',
+                       tmp_path / "c.yaml")
     assert cfg.checkpoints.pattern[1] == "epoch={epoch}-step={step}.ckpt"
 
 
@@ -120,7 +124,8 @@ def test_diff_names_changed_fields(tmp_path):
 
 def test_schema_covers_every_section():
     s = config_schema()
-    for section in ("checkpoints", "training", "trainer", "retention", "snapshots", "consolidation", "disk", "logging", "timezone"):
+    for section in ("checkpoints", "training", "trainer", "retention", "snapshots", "consolidation", "disk", "logging",
+                    "timezone"):
         assert section in s["properties"]
     json.dumps(s)
 
@@ -201,9 +206,11 @@ def test_every_number_has_an_upper_bound(tmp_path, field, bad, ok):
 
 def test_tier_bounds(tmp_path):
     p = tmp_path / "config.yaml"
-    with pytest.raises(ConfigError, match=r"retention\.tiers\[0\]\.count: Input should be less than or equal to 1000000"):
+    with pytest.raises(ConfigError,
+                       match=r"retention\.tiers\[0\]\.count: Input should be less than or equal to 1000000"):
         parse_config("retention:\n  tiers: [{count: 1000001}, {every_steps: 10}]\n", p)
-    with pytest.raises(ConfigError, match=r"retention\.tiers\[1\]\.every_steps: Input should be less than or equal to 1000000000000"):
+    with pytest.raises(ConfigError,
+                       match=r"retention\.tiers\[1\]\.every_steps: Input should be less than or equal to 1000000000000"):
         parse_config("retention:\n  tiers: [{count: 5}, {every_steps: 10000000000000}]\n", p)
     with pytest.raises(ConfigError, match=r"retention\.tiers: List should have at most 32 items"):
         parse_config("retention:\n  tiers: [" + "{count: 1}, " * 33 + "{every_steps: 10}]\n", p)
@@ -289,15 +296,18 @@ def test_snapshot_retention_keeping_nothing_is_refused(tmp_path):
         msg = str(ei.value)
         assert "snapshots has keep_daily, keep_weekly and keep_monthly all 0" in msg
         assert "set at least one of them above 0" in msg and "snapshots.enabled: false" in msg
-    assert parse_config("snapshots:\n  keep_daily: 0\n  keep_weekly: 0\n  keep_monthly: 1\n", p).snapshots.keep_monthly == 1
+    assert parse_config("snapshots:\n  keep_daily: 0\n  keep_weekly: 0\n  keep_monthly: 1\n",
+                        p).snapshots.keep_monthly == 1
 
 
 # ---------------------------------------------------------------------- did you mean
 @pytest.mark.parametrize("text,needle", [
     ("retention:\n  teirs: []\n", "retention.teirs is not a known key; did you mean 'tiers'?"),
     ("retension:\n  enabled: true\n", "retension is not a known key; did you mean 'retention'?"),
-    ("retention:\n  tiers: [{cout: 5}, {every_steps: 10}]\n", "retention.tiers[0].cout is not a known key; did you mean 'count'?"),
-    ("training:\n  restart:\n    max_crash: 3\n", "training.restart.max_crash is not a known key; did you mean 'max_crashes'?"),
+    ("retention:\n  tiers: [{cout: 5}, {every_steps: 10}]\n",
+     "retention.tiers[0].cout is not a known key; did you mean 'count'?"),
+    ("training:\n  restart:\n    max_crash: 3\n",
+     "training.restart.max_crash is not a known key; did you mean 'max_crashes'?"),
     ("trainer:\n  model:\n    nlayer: 3\n", "trainer.model.nlayer is not a known key; did you mean 'n_layer'?"),
     ("disk:\n  zzz: 1\n", "disk.zzz is not a known key (the keys here are: check_interval_s, warn_free_gb,"),
 ])

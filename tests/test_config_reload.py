@@ -15,8 +15,7 @@ import signal
 import yaml
 
 from ckpt_daemon import configfile
-from tests.conftest import PY, env_for_children, run_py
-from tests.test_daemon import Daemon, daemons  # noqa: F401  (fixture)
+from tests.helpers import PY, Daemon, env_for_children, run_py
 
 SLEEPER = {"training": {"command": [PY, "-c", "import time; time.sleep(3600)"]}}
 

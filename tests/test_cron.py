@@ -32,7 +32,8 @@ def berlin(*a):
 TABLE = [
     ("0 4 * * 0-7", "UTC", START, [utc(2026, 3, d, 4) for d in (26, 27, 28, 29, 30, 31)]),  # every day
     ("0 4 * * */2", "UTC", START, [utc(2026, 3, 26, 4), utc(2026, 3, 28, 4), utc(2026, 3, 29, 4), utc(2026, 3, 31, 4)]),
-    ("0 4 * * 0-6/2", "UTC", START, [utc(2026, 3, 26, 4), utc(2026, 3, 28, 4), utc(2026, 3, 29, 4), utc(2026, 3, 31, 4)]),
+    ("0 4 * * 0-6/2", "UTC", START,
+     [utc(2026, 3, 26, 4), utc(2026, 3, 28, 4), utc(2026, 3, 29, 4), utc(2026, 3, 31, 4)]),
     ("0 4 * * 1-5", "UTC", START, [utc(2026, 3, 26, 4), utc(2026, 3, 27, 4), utc(2026, 3, 30, 4), utc(2026, 3, 31, 4)]),
     ("0 4 * * 5-7", "UTC", START, [utc(2026, 3, 27, 4), utc(2026, 3, 28, 4), utc(2026, 3, 29, 4), utc(2026, 4, 3, 4)]),
     ("0 4 * * 0", "UTC", START, [utc(2026, 3, 29, 4), utc(2026, 4, 5, 4), utc(2026, 4, 12, 4)]),  # Sunday 04:00
@@ -41,7 +42,8 @@ TABLE = [
     # day-of-month OR weekday when both are restricted: the 1st of the month, and every Sunday
     ("0 3 1 * 0", "UTC", START, [utc(2026, 3, 29, 3), utc(2026, 4, 1, 3), utc(2026, 4, 5, 3), utc(2026, 4, 12, 3)]),
     ("0 3 1 jan-jun mon", "UTC", START, [utc(2026, 3, 30, 3), utc(2026, 4, 1, 3), utc(2026, 4, 6, 3)]),
-    ("*/20 * * * * *", "UTC", START, [utc(2026, 3, 25, 12, 0, 20), utc(2026, 3, 25, 12, 0, 40), utc(2026, 3, 25, 12, 1, 0)]),
+    ("*/20 * * * * *", "UTC", START,
+     [utc(2026, 3, 25, 12, 0, 20), utc(2026, 3, 25, 12, 0, 40), utc(2026, 3, 25, 12, 1, 0)]),
     ("0 3 * * *", "UTC", START, [utc(2026, 3, 26, 3), utc(2026, 3, 27, 3)]),
     # Europe/Berlin springs forward at 02:00 on 2026-03-29: 02:30 does not exist that day, the job runs once, at 03:00
     ("30 2 * * *", "Europe/Berlin", START,
@@ -129,7 +131,8 @@ def test_missed_uses_cron_day_semantics():
     # every day (0-7): yesterday's run done, today's 04:00 passed
     assert missed("0 4 * * 0-7", "UTC", ts(2026, 11, 22, 4, 0, 1), ts(2026, 11, 23, 9, 0)) == utc(2026, 11, 23, 4)
     # in Berlin across the spring change: last run Saturday 03:00 CET, now Sunday 12:00 CEST: Sunday 03:00 CEST missed
-    m = missed("0 3 * * *", "Europe/Berlin", berlin(2026, 3, 28, 3, 0, 2).timestamp(), berlin(2026, 3, 29, 12).timestamp())
+    m = missed("0 3 * * *", "Europe/Berlin", berlin(2026, 3, 28, 3, 0, 2).timestamp(),
+               berlin(2026, 3, 29, 12).timestamp())
     assert m == berlin(2026, 3, 29, 3) and m.utcoffset() == dt.timedelta(hours=2)
 
 
@@ -155,7 +158,8 @@ def test_validate_cron_refuses(expr, needle):
 
 
 def test_config_accepts_what_cron_accepts(tmp_path):
-    cfg = parse_config('snapshots:\n  schedule: "0 3 * * 0-6/2"\nretention:\n  schedule: "0 4 * * 0-7"\n', tmp_path / "c.yaml")
+    cfg = parse_config('snapshots:\n  schedule: "0 3 * * 0-6/2"\nretention:\n  schedule: "0 4 * * 0-7"\n',
+                       tmp_path / "c.yaml")
     assert cfg.snapshots.schedule == "0 3 * * 0-6/2"
     with pytest.raises(ConfigError, match=r"snapshots\.schedule.*not a valid cron expression"):
         parse_config('snapshots:\n  schedule: "0 3 * * 9"\n', tmp_path / "c.yaml")

@@ -16,16 +16,14 @@ from pathlib import Path
 import pytest
 import yaml
 
+from ckpt_daemon import catalog as cat
+from ckpt_daemon.config import RestartPolicy
 from daemon.jobs import missed
 from daemon.notify import Notifier
 from daemon.supervisor import CrashPolicy, choose_resume, expand_command
-from ckpt_daemon import catalog as cat
-from ckpt_daemon.config import RestartPolicy
-from tests.conftest import PY, env_for_children, run_py, write_config
-from tests.test_catalog import native
+from tests.helpers import PY, Daemon, native, run_py, write_config
 
 
-# ---------------------------------------------------------------------------------- pure decisions
 def policy(**kw):
     base = dict(initial_backoff_s=1, max_backoff_s=8, healthy_after_s=100, max_crashes=5, crash_window_s=1000,
                 same_checkpoint_crashes=2)
@@ -83,7 +81,8 @@ def test_choose_resume_takes_the_highest_that_verifies(tmp_path):
 
 
 def test_command_placeholders():
-    argv = expand_command(["{python}", "train.py", "--cfg", "{config}", "--resume={resume}"], Path("/c/config.yaml"), "/ck/checkpoint-5")
+    argv = expand_command(["{python}", "train.py", "--cfg", "{config}", "--resume={resume}"], Path("/c/config.yaml"),
+                          "/ck/checkpoint-5")
     assert argv == [sys.executable, "train.py", "--cfg", "/c/config.yaml", "--resume=/ck/checkpoint-5"]
 
 
@@ -132,17 +131,20 @@ def test_unit_file_renders_and_verifies(tmp_path):
     user = "ckptd-unit-test"
     made = subprocess.run(["useradd", "--system", "--no-create-home", user], capture_output=True).returncode == 0
     try:
-        r = run_py(["-m", "daemon", "install-unit", "--config", str(cfg), "--user", user, "--output", str(tmp_path / "ckpt-daemon.service"),
+        r = run_py(["-m", "daemon", "install-unit", "--config", str(cfg), "--user", user, "--output",
+                    str(tmp_path / "ckpt-daemon.service"),
                     "--read-write", str(tmp_path / "hf-cache")], check=True)
         assert "systemctl daemon-reload" in r.stdout
         unit = (tmp_path / "ckpt-daemon.service").read_text()
-        for needle in ("Type=notify", "WatchdogSec=", "Restart=on-failure", "RestartPreventExitStatus=4", "KillMode=mixed",
+        for needle in ("Type=notify", "WatchdogSec=", "Restart=on-failure", "RestartPreventExitStatus=4",
+                       "KillMode=mixed",
                        "NoNewPrivileges=yes",
                        "ProtectSystem=strict", "PrivateTmp=yes", f"User={user}", str(tmp_path / "checkpoints"),
                        f"--config {cfg}", "TimeoutStopSec=150", f"-{tmp_path / 'hf-cache'}", "/.cache"):
             assert needle in unit, needle
         assert unit.index("StartLimitBurst") < unit.index("[Service]")
-        v = subprocess.run(["systemd-analyze", "verify", str(tmp_path / "ckpt-daemon.service")], capture_output=True, text=True)
+        v = subprocess.run(["systemd-analyze", "verify", str(tmp_path / "ckpt-daemon.service")], capture_output=True,
+                           text=True)
         assert v.returncode == 0, v.stderr
     finally:
         if made:
@@ -150,84 +152,6 @@ def test_unit_file_renders_and_verifies(tmp_path):
 
 
 # ---------------------------------------------------------------------------------- the real daemon
-DAEMON_OVERRIDES = {
-    "trainer": {"checkpoint_every_steps": 20, "eval_every_steps": 20, "log_every_steps": 100},
-    "training": {"stop_timeout_s": 30, "restart": {"initial_backoff_s": 0.2, "max_backoff_s": 1.0, "healthy_after_s": 600,
-                                                   "max_crashes": 5, "crash_window_s": 600}},
-    "disk": {"check_interval_s": 5, "warn_free_gb": 0, "emergency_free_gb": 0},
-}
-
-
-class Daemon:
-    def __init__(self, folder: Path, overrides: dict | None = None, env: dict | None = None):
-        from tests.conftest import deep_merge
-
-        self.folder = folder
-        self.cfg = write_config(folder, deep_merge(DAEMON_OVERRIDES, overrides or {}))
-        self.env = {**env_for_children(), **(env or {})}
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> "Daemon":
-        self.out = open(self.folder / "daemon.out", "ab")
-        self.proc = subprocess.Popen([PY, "-m", "daemon", "run", "--config", str(self.cfg), "--quiet-trainer"],
-                                     stdout=self.out, stderr=subprocess.STDOUT, env=self.env, cwd=self.folder)
-        return self
-
-    def status(self) -> dict:
-        try:
-            return json.loads((self.folder / "logs" / "daemon-state.json").read_text())
-        except (OSError, ValueError):
-            return {}
-
-    def wait(self, pred, timeout: float = 90, what: str = "condition"):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            s = self.status()
-            try:
-                v = pred(s)
-            except (KeyError, TypeError):
-                v = None
-            if v:
-                return v
-            assert self.proc.poll() is None, f"daemon exited {self.proc.returncode}:\n{self.output()}"
-            time.sleep(0.1)
-        raise AssertionError(f"timed out waiting for {what}; status: {json.dumps(self.status(), indent=1)[:3000]}\n{self.output()[-3000:]}")
-
-    def output(self) -> str:
-        return (self.folder / "daemon.out").read_text(errors="replace")
-
-    def log(self) -> str:
-        p = self.folder / "logs" / "daemon.log"
-        return p.read_text() if p.exists() else ""
-
-    def stop(self, sig=signal.SIGTERM, timeout: float = 60) -> int:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                return self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                raise
-        return self.proc.returncode
-
-    def step(self, s: dict):
-        t = s["training"]
-        return t.get("step") if t["state"] == "running" else None
-
-
-@pytest.fixture
-def daemons():
-    made = []
-    yield made
-    for d in made:
-        if d.proc and d.proc.poll() is None:
-            d.proc.kill()
-            d.proc.wait()
-        from ckpt_daemon.runtime import kill_tree, read_heartbeat
-
-        hb = read_heartbeat(d.folder / "checkpoints") or {}
-        if hb.get("pid"):
-            kill_tree(hb["pid"], signal.SIGKILL)
 
 
 def test_sigkill_of_the_trainer_restarts_it_from_the_highest_valid_checkpoint(tmp_path, daemons):
@@ -280,7 +204,7 @@ def test_sigterm_makes_the_trainer_save_and_both_exit_0(tmp_path, daemons):
     d.wait(lambda s: (d.step(s) or 0) >= 30, what="step 30")
     before = {e.name for e in cat.scan(tmp_path / "checkpoints", ["checkpoint-{step}"]).entries}  # epoch ends only
     assert d.stop(signal.SIGTERM) == 0
-    from tests.conftest import read_losses
+    from tests.helpers import read_losses
 
     last_step = max(read_losses(tmp_path / "logs" / "metrics.jsonl"))
     c = cat.scan(tmp_path / "checkpoints", ["checkpoint-{step}"], verify=True)
@@ -338,7 +262,8 @@ def test_a_missed_0300_snapshot_is_taken_once_at_start(tmp_path, daemons):
     # today is due for both jobs when the last run was two days ago (the weekly one too on a Sunday)
     d.wait(lambda s: s["jobs"]["history"]["snapshot"]["last_result"] == "ok", what="the job record")
     due = [j for j in ("snapshot", "retention") if f'"job": "{j}"' in d.log() and "catching up" in d.log()]
-    d.wait(lambda s: all(s["jobs"]["history"].get(j, {}).get("last_result") == "ok" for j in due), what="all catch-ups recorded")
+    d.wait(lambda s: all(s["jobs"]["history"].get(j, {}).get("last_result") == "ok" for j in due),
+           what="all catch-ups recorded")
     assert d.stop() == 0
 
     def catchups(text):
@@ -357,7 +282,8 @@ def test_a_missed_0300_snapshot_is_taken_once_at_start(tmp_path, daemons):
 
 def test_a_crash_loop_backs_off_then_gives_up(tmp_path, daemons):
     d = Daemon(tmp_path, {"training": {"command": [PY, "-c", "import sys; print('boom: bad data'); sys.exit(3)"],
-                                       "restart": {"initial_backoff_s": 0.2, "max_backoff_s": 0.8, "max_crashes": 4}}}).start()
+                                       "restart": {"initial_backoff_s": 0.2, "max_backoff_s": 0.8,
+                                                   "max_crashes": 4}}}).start()
     daemons.append(d)
     s = d.wait(lambda s: s["training"]["state"] == "gave_up" and s, what="giving up")
     assert s["training"]["restarts"] == 3 and s["training"]["last_crash"]["returncode"] == 3

@@ -23,9 +23,7 @@ from ckpt_daemon.config import load_config
 from daemon import dashboard as dash
 from daemon.http import App, session_value
 from maintenance.cleanup import build_report, confirm_policy
-from tests.conftest import PY, REPO
-from tests.test_daemon import Daemon, daemons  # noqa: F401  (fixture)
-from tests.test_deletion_safety import fake_native
+from tests.helpers import PY, REPO, Daemon, fake_native
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or (
     "/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else None)
@@ -250,7 +248,8 @@ class Browser:
 
         self.ud = tmp / "chromium-profile"
         self.proc = subprocess.Popen(
-            [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+            [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+             "--disable-background-networking",
              "--disable-component-update", "--disable-sync", "--disable-extensions", "--hide-scrollbars",
              "--mute-audio", f"--user-data-dir={self.ud}", "--remote-debugging-port=0", "--window-size=1280,900",
              "about:blank"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -304,7 +303,8 @@ class Browser:
             self.proc.wait()
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium; CI installs it where it can)")
+@pytest.mark.skipif(CHROMIUM is None,
+                    reason="chromium is not installed (apt-get install chromium; CI installs it where it can)")
 def test_the_page_in_a_real_browser(tmp_path, daemons):  # noqa: F811
     _, script = _project(tmp_path)
     port = free_port()

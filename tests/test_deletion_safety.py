@@ -7,7 +7,6 @@ symlink, and keeps its scratch space inside its own state folder; runs killed ha
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import signal
@@ -22,20 +21,7 @@ from ckpt_daemon import catalog as cat
 from ckpt_daemon import runtime
 from ckpt_daemon.config import load_config
 from maintenance.cleanup import build_report, run_cleanup
-from tests.conftest import PY, env_for_children, run_py, write_config
-from tests.test_catalog import native
-
-
-def fake_native(root: Path, step: int, payload: bytes = b"w" * 16, extra_files: int = 0) -> Path:
-    """A committed native checkpoint in a few microseconds (retention only looks at its manifest)."""
-    d = root / f"checkpoint-{step}"
-    d.mkdir(parents=True)
-    (d / "model.safetensors").write_bytes(payload)
-    for i in range(extra_files):
-        (d / f"pad-{i}").write_bytes(b"p")
-    files = {"model.safetensors": {"size": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}}
-    (d / "manifest.json").write_text(json.dumps({"format": "ckpt-daemon/1", "step": step, "files": files}))
-    return d
+from tests.helpers import PY, env_for_children, fake_native, native, run_py, seed_history, write_config
 
 
 def steps_left(root: Path) -> list[int]:
@@ -173,9 +159,6 @@ def test_keep_trash_reports_nothing_freed_until_the_trash_is_emptied(tmp_path):
 
 
 # ------------------------------------------------------------------------------ the policy guard
-def seed_history(root: Path) -> None:
-    for s in range(100, 17001, 100):
-        fake_native(root, s)
 
 
 def test_the_seed_example_runs_unattended_with_the_confirmed_default_policy(tmp_path):
@@ -214,13 +197,138 @@ def test_an_edited_policy_nobody_confirmed_never_deletes_unattended(tmp_path):
 
 
 def test_a_more_careful_edit_applies_unattended_without_confirmation(tmp_path):
-    cfg = load_config(write_config(tmp_path, {"retention": {"tiers": [{"count": 40}, {"every_steps": 1000}]}}, tiny=False))
+    cfg = load_config(write_config(tmp_path, {"retention": {"tiers": [{"count": 40}, {"every_steps": 1000}]}},
+                                   tiny=False))
     seed_history(cfg.checkpoint_dir)
     planned = {d.name for d in build_report(cfg, "dry run").to_delete}
     r = run_cleanup(cfg, dry_run=False, confirm=lambda r: True, unattended=True)
     # it keeps everything the confirmed default keeps, so nothing needs holding
     assert not r.held and not r.policy["confirmed"] and set(r.deleted) == planned
     assert len(steps_left(cfg.checkpoint_dir)) == 40 + 13
+
+
+# Every setting the plan reads (cleanup.PlanInputs, by config path), each with an edit that makes
+# retention delete a checkpoint the confirmed settings keep: (base overrides, the edit, the files, that
+# checkpoint). A setting added to PlanInputs fails the coverage test below until it has a row here.
+def _epochs(root: Path) -> None:  # epochs 0, 0, 1, 1, 2: checkpoint-20 and -40 end theirs
+    for s, ep in ((10, 0), (20, 0), (30, 1), (40, 1), (50, 2)):
+        d = fake_native(root, s)
+        m = json.loads((d / "manifest.json").read_text())
+        (d / "manifest.json").write_text(json.dumps({**m, "epoch": ep}))
+
+
+def _scored_files(root: Path) -> None:
+    """Plain torch.save files; the oldest has the lowest val_loss and the highest acc."""
+    import torch
+
+    root.mkdir(parents=True, exist_ok=True)
+    for s, (loss, acc) in ((10, (1.0, 0.9)), (20, (2.0, 0.5)), (30, (3.0, 0.1))):
+        p = root / f"model_step_{s}.pt"
+        torch.save({"model": {"w": torch.full((2,), float(s))}, "step": s, "val_loss": loss, "acc": acc}, p)
+
+
+def _run_sft(root: Path) -> None:
+    for s in (10, 20, 30):
+        fake_native(root / "sft", s)
+    fake_native(root, 100)
+
+
+GUARDED_EDITS = {
+    "retention.tiers": ({"retention": {"tiers": [{"count": 3}]}}, {"retention": {"tiers": [{"count": 2}]}},
+                        lambda root: [fake_native(root, s) for s in (10, 20, 30, 40)], "checkpoint-20"),
+    "retention.keep_epoch_ends": ({}, {"retention": {"keep_epoch_ends": False}}, _epochs, "checkpoint-20"),
+    "retention.max_epoch_ends": ({}, {"retention": {"max_epoch_ends": 1}}, _epochs, "checkpoint-20"),
+    "checkpoints.pattern": ({}, {"checkpoints": {"pattern": ["checkpoint-{step}", "model_step_{step}.pt"]}},
+                            lambda root: (_scored_files(root), fake_native(root, 100)), "model_step_20.pt"),
+    "checkpoints.runs": ({}, {"checkpoints": {"runs": ["sft"]}}, _run_sft, "checkpoint-10"),
+    "trainer.best_metric": ({"checkpoints": {"pattern": "model_step_{step}.pt"}}, {"trainer": {"best_metric": "acc"}},
+                            _scored_files, "model_step_10.pt"),
+    "trainer.best_mode": ({"checkpoints": {"pattern": "model_step_{step}.pt"}}, {"trainer": {"best_mode": "max"}},
+                          _scored_files, "model_step_10.pt"),
+}
+
+
+def test_every_setting_the_plan_reads_has_a_guarded_edit():
+    from dataclasses import fields
+
+    from maintenance.cleanup import PlanInputs
+
+    assert set(GUARDED_EDITS) == {f.metadata["config"] for f in fields(PlanInputs)}
+
+
+@pytest.mark.parametrize("setting", sorted(GUARDED_EDITS))
+def test_an_edit_of_any_setting_that_decides_a_deletion_is_held_until_confirmed(tmp_path, setting):
+    from maintenance.cleanup import confirm_policy, policy_confirmed
+    from tests.conftest import deep_merge
+
+    base, edit, make, victim = GUARDED_EDITS[setting]
+    base = deep_merge({"retention": {"tiers": [{"count": 1}]}}, base)
+    cfg0 = load_config(write_config(tmp_path, base, tiny=False))
+    make(cfg0.checkpoint_dir)
+    where = cfg0.checkpoint_dir / ("sft" if setting == "checkpoints.runs" else "")
+    confirm_policy(cfg0, "test")
+    run_cleanup(cfg0, dry_run=False, confirm=lambda r: True, unattended=True)  # the confirmed plan, applied
+    assert (where / victim).exists(), f"the confirmed settings keep {victim}"
+    cfg = load_config(write_config(tmp_path, deep_merge(base, edit), tiny=False))
+    assert not policy_confirmed(cfg)  # what `status` shows
+    # unattended (the weekly job, the disk emergency): held, kept, logged, counted
+    r = run_cleanup(cfg, dry_run=False, confirm=lambda r: True, unattended=True)
+    held = [*r.held, *(n for x in r.runs.values() for n in x.held)]
+    assert victim in held and (where / victim).exists()
+    assert not r.policy["confirmed"] and setting in [c["setting"] for c in r.policy["changed"]]
+    assert f"HELD {victim}" in (tmp_path / "logs" / "cleanup.log").read_text()
+    # the dry run names the setting that changed; a person confirms, and from then on it applies
+    dry = build_report(cfg, "dry run")
+    assert setting in dry.policy["changed"][0]["setting"] and victim in {d.name for d in dry.to_delete} | {
+        d.name for x in ([build_report(cfg, "dry run", run="sft")] if "sft" in str(where) else []) for d in x.to_delete}
+    run_cleanup(cfg, dry_run=False, confirm=lambda r: True, confirmed_by="test")
+    assert policy_confirmed(cfg) and not (where / victim).exists()
+
+
+UNRELATED_EDITS = [
+    {"retention": {"schedule": "0 5 * * 1"}}, {"retention": {"keep_trash": True}}, {"retention": {"enabled": False}},
+    {"trainer": {"learning_rate": 0.01, "checkpoint_every_steps": 7}}, {"snapshots": {"keep_daily": 3}},
+    {"disk": {"warn_free_gb": 50}}, {"logging": {"level": "debug"}}, {"timezone": "Europe/Berlin"},
+    {"training": {"stop_timeout_s": 30}}, {"consolidation": {"dtype": "bf16"}}, {"checkpoints": {"settle_s": 5}},
+]
+
+
+def test_edits_that_decide_no_deletion_need_no_confirmation(tmp_path):
+    from maintenance.cleanup import confirm_policy, policy_confirmed
+    from tests.conftest import deep_merge
+
+    base = {"retention": {"tiers": [{"count": 3}]}}
+    cfg0 = load_config(write_config(tmp_path, base, tiny=False))
+    confirm_policy(cfg0, "test")
+    for edit in UNRELATED_EDITS:
+        cfg = load_config(write_config(tmp_path, deep_merge(base, edit), tiny=False))
+        assert policy_confirmed(cfg), edit
+    cfg = load_config(write_config(tmp_path, deep_merge(base, {k: v for e in UNRELATED_EDITS for k, v in
+                                                                deep_merge({}, e).items() if k != "retention"}),
+                                   tiny=False))
+    for s in (10, 20, 30, 40, 50):
+        fake_native(cfg.checkpoint_dir, s)
+    r = run_cleanup(cfg, dry_run=False, confirm=lambda r: True, unattended=True)
+    assert r.policy["confirmed"] and not r.held and steps_left(cfg.checkpoint_dir) == [30, 40, 50]
+
+
+def test_a_policy_record_of_an_earlier_version_or_a_damaged_one(tmp_path):
+    """A record that holds only the tiers (what earlier versions wrote) confirms those tiers and the
+    defaults of the rest; a damaged one counts as no record (the shipped defaults)."""
+    from maintenance.cleanup import policy_confirmed
+
+    cfg = load_config(write_config(tmp_path, {"retention": {"tiers": [{"count": 3}]}}, tiny=False))
+    rec = cfg.checkpoint_dir / ".ckpt-daemon" / "policy.json"
+    rec.parent.mkdir(parents=True)
+    rec.write_text(json.dumps({"tiers": [{"count": 3, "every_steps": None}], "how": "cleanup -y"}))
+    assert policy_confirmed(cfg)
+    edited = load_config(write_config(tmp_path, {"retention": {"tiers": [{"count": 3}], "keep_epoch_ends": False}},
+                                      tiny=False))
+    assert not policy_confirmed(edited)
+    for bad in ({"settings": {"retention.tiers": [{"count": -1}]}}, {"settings": {"checkpoints.pattern": 5}}, []):
+        rec.write_text(json.dumps(bad))
+        assert not policy_confirmed(cfg)  # the shipped default tiers are the confirmed ones again
+        assert policy_confirmed(load_config(write_config(tmp_path, {"checkpoints": {}}, tiny=False)))
 
 
 def test_the_state_folder_is_ours_only(tmp_path):

@@ -18,7 +18,7 @@ from ckpt_daemon import catalog as cat
 from ckpt_daemon.checkpoint import load_weights
 from ckpt_daemon.config import load_config
 from maintenance import compress, consolidate
-from tests.conftest import run_py, same_nested, write_config
+from tests.helpers import run_py, same_nested, write_config
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may reach the network
 
@@ -167,11 +167,13 @@ def nanogpt(tmp_path_factory):
     def save(model, opt, step, path):
         sd = {f"_orig_mod.{k}": v for k, v in model.state_dict().items()}  # what torch.compile'd models save
         torch.save({"model": sd, "optimizer": opt.state_dict(), "model_args": model_args, "iter_num": step,
-                    "best_val_loss": torch.tensor(3.0 - step / 100), "config": {"batch_size": 4, "compile": True}}, path)
+                    "best_val_loss": torch.tensor(3.0 - step / 100), "config": {"batch_size": 4, "compile": True}},
+                   path)
 
     p = _train_and_save(tmp_path_factory.mktemp("nanogpt"), "model_step_{step}.pt", TinyLM, save)
     p.model_args = model_args
-    p.weights = lambda s: {k.removeprefix("_orig_mod."): v for k, v in torch.load(p.path(s), weights_only=True)["model"].items()}
+    p.weights = lambda s: {k.removeprefix("_orig_mod."): v for k,
+                           v in torch.load(p.path(s), weights_only=True)["model"].items()}
     return p
 
 
@@ -251,9 +253,11 @@ def test_hf_export_loads_with_transformers_and_generates(hf, capsys, tmp_path):
     assert "AutoModelForCausalLM.from_pretrained loads it" in bf16["check"]
     for r, dtype in ((fp32, torch.float32), (bf16, torch.bfloat16)):
         out = Path(r["path"])
-        assert {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"} <= {f.name for f in out.iterdir()}
+        assert {"config.json", "generation_config.json", "tokenizer.json",
+                "tokenizer_config.json"} <= {f.name for f in out.iterdir()}
         assert json.loads((out / "config.json").read_text())["dtype"] == str(dtype).removeprefix("torch.")
-        model, info = transformers.AutoModelForCausalLM.from_pretrained(out, local_files_only=True, output_loading_info=True)
+        model, info = transformers.AutoModelForCausalLM.from_pretrained(out, local_files_only=True,
+                                                                        output_loading_info=True)
         assert not info["missing_keys"] and not info["unexpected_keys"]
         assert next(model.parameters()).dtype == dtype
     # the fp32 export computes exactly what the checkpoint computes
@@ -263,7 +267,8 @@ def test_hf_export_loads_with_transformers_and_generates(hf, capsys, tmp_path):
     with torch.no_grad():
         assert torch.equal(a(ids).logits, b(ids).logits)
     # generation, from text with the tokenizer that came along ...
-    r = run_py(["-m", "trainer.generate", "--checkpoint", bf16["path"], "--prompt", "the cat", "--tokens", "6"], check=True)
+    r = run_py(["-m", "trainer.generate", "--checkpoint", bf16["path"], "--prompt", "the cat", "--tokens", "6"],
+               check=True)
     words = r.stdout.split()
     assert words[:2] == ["the", "cat"] and len(words) == 8, r.stdout
     # ... and from token ids when the folder has no tokenizer
@@ -299,7 +304,8 @@ def test_average_refuses_checkpoints_of_different_models(tmp_path, capsys):
     torch.save({"model_state_dict": torch.nn.Linear(4, 5).state_dict()}, tmp_path / "checkpoints" / "model_step_2.pt")
     rc, err = refused(capsys, consolidate.main, ["--config", str(cfg), "--average", "2"])
     assert rc == 1 and "cannot be averaged" in err and "model_step_1.pt" in err
-    torch.save({"model_state_dict": torch.nn.Linear(5, 5, bias=False).state_dict()}, tmp_path / "checkpoints" / "model_step_3.pt")
+    torch.save({"model_state_dict": torch.nn.Linear(5, 5, bias=False).state_dict()},
+               tmp_path / "checkpoints" / "model_step_3.pt")
     rc, err = refused(capsys, consolidate.main, ["--config", str(cfg), "--average", "2"])
     assert rc == 1 and "different sets of tensors" in err and "'bias'" in err
     assert not (tmp_path / "consolidated_models").exists() or not os.listdir(tmp_path / "consolidated_models")
@@ -375,7 +381,8 @@ def test_files_that_need_unpickling_are_refused_and_left_untouched(tmp_path, cap
     (tmp_path / "checkpoints").mkdir()
     f = tmp_path / "checkpoints" / "model_step_7.pt"
     m = torch.nn.Linear(8, 8)
-    torch.save({"model_state_dict": m.state_dict(), "optimizer_state_dict": torch.optim.SGD(m.parameters()).state_dict(),
+    torch.save({"model_state_dict": m.state_dict(),
+                "optimizer_state_dict": torch.optim.SGD(m.parameters()).state_dict(),
                 "evil": _Evil(str(mark))}, f)
     before = f.read_bytes()
     rc, err = refused(capsys, consolidate.main, ["--config", str(cfg), "--from", "7"])
@@ -388,7 +395,8 @@ def test_files_that_need_unpickling_are_refused_and_left_untouched(tmp_path, cap
 
 
 # --------------------------------------------------------------------------------------- compress
-DROPPED = {"lightning": {"optimizer_states", "lr_schedulers"}, "nanogpt": {"optimizer"}, "plain": {"optimizer_state_dict"}}
+DROPPED = {"lightning": {"optimizer_states", "lr_schedulers"}, "nanogpt": {"optimizer"},
+           "plain": {"optimizer_state_dict"}}
 
 
 @pytest.mark.parametrize("kind", ["lightning", "nanogpt", "plain"])
@@ -428,7 +436,8 @@ def test_compress_leaves_files_with_nothing_to_drop_alone(tmp_path, capsys):
 
 # ---------------------------------------------------------------------------- ckpt-daemon's own
 def test_consolidate_sizes_loadability_and_average(tmp_path, capsys):
-    cfg_path = write_config(tmp_path, {"trainer": {"model": {"n_embd": 64, "n_head": 2, "n_layer": 2, "block_size": 32}}})
+    cfg_path = write_config(tmp_path,
+                            {"trainer": {"model": {"n_embd": 64, "n_head": 2, "n_layer": 2, "block_size": 32}}})
     run_py(["-m", "trainer", "--config", str(cfg_path), "--max-steps", "15"], check=True)
     fp32 = export(capsys, cfg_path, "--from", "latest")
     assert fp32["source_steps"] == [15] and "forward pass OK" in fp32["check"]
@@ -453,5 +462,6 @@ def test_consolidate_sizes_loadability_and_average(tmp_path, capsys):
     rc, err = refused(capsys, consolidate.main, ["--config", str(cfg_path), "--average", "9"])
     assert rc == 2 and "needs 9 valid" in err
     # the CLI itself, as users and the daemon's jobs run it
-    r = run_py(["-m", "maintenance.consolidate", "--config", str(cfg_path), "--from", "10", "--dtype", "fp16"], check=True)
+    r = run_py(["-m", "maintenance.consolidate", "--config", str(cfg_path), "--from", "10", "--dtype", "fp16"],
+               check=True)
     assert r.stdout.startswith(f"wrote {tmp_path / 'consolidated_models'}") and "forward pass OK" in r.stdout

@@ -20,17 +20,10 @@ from maintenance import retention
 from maintenance.cleanup import run_cleanup
 from maintenance.restore import restore
 from maintenance.snapshot import take_snapshot
-from tests.conftest import write_config
-from tests.test_catalog import hf_folder, tiny_model
+from tests.helpers import hf_folder, record_all, tiny_model, write_config
 
 LATER = time.time() + 3600  # "an hour later": everything written now has settled
 PATTERNS = ["checkpoint-{step}", "epoch={epoch}-step={step}.ckpt", "model_step_{step}.pt"]
-
-
-def record_all(root: Path) -> None:
-    for e in cat.scan(root, PATTERNS, now=LATER).entries:
-        if e.layout != "native" and e.valid and not e.recorded:
-            foreign.record(root, e.name, e.path, e.layout, e.step, e.meta)
 
 
 def flip(path: Path, where: float = 0.5) -> None:
@@ -57,7 +50,8 @@ def test_damage_to_any_file_of_a_recorded_hf_checkpoint_is_caught(tmp_path):
     assert [(e.name, e.status, e.recorded) for e in c.entries] == [("checkpoint-100", "complete", True),
                                                                   ("checkpoint-200", "complete", True)]
     sc = json.loads(foreign.sidecar_path(tmp_path, "checkpoint-200").read_text())
-    assert set(sc["files"]) == {"model.safetensors", "optimizer.pt", "config.json", "trainer_state.json", "rng_state.pth"}
+    assert set(sc["files"]) == {"model.safetensors", "optimizer.pt", "config.json", "trainer_state.json",
+                                "rng_state.pth"}
     assert not (tmp_path / "checkpoint-200" / ".ckpt-daemon").exists()  # nothing written inside the user's folder
     flip(tmp_path / "checkpoint-200" / "rng_state.pth", 0.9)  # a non-weight file, a byte no CRC covers here
     c = cat.scan(tmp_path, PATTERNS, now=LATER)
@@ -192,7 +186,8 @@ def test_runs_each_get_their_own_latest_best_retention_snapshot_and_restore(tmp_
     runs = cat.scan_runs(cfg)
     assert set(runs) == {"", "sft", "dpo"} and runs["sft"].newest_valid().name == "checkpoint-300"
     r = run_cleanup(cfg, dry_run=False, confirm=lambda r: True, confirmed_by="test")
-    assert sorted(r.runs["sft"].deleted) == ["checkpoint-100", "checkpoint-200"] and r.runs["dpo"].deleted == ["checkpoint-10"]
+    assert sorted(r.runs["sft"].deleted) == ["checkpoint-100",
+                                             "checkpoint-200"] and r.runs["dpo"].deleted == ["checkpoint-10"]
     assert (cfg.checkpoint_dir / "backup" / "checkpoint-1").is_dir()
     snap = take_snapshot(cfg)
     assert {(d["run"], d["name"]) for d in snap.checkpoints} == {("sft", "checkpoint-300"), ("dpo", "checkpoint-20")}

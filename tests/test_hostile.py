@@ -11,8 +11,8 @@ import json
 import os
 import shutil
 import struct
-import time
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -21,8 +21,7 @@ from hypothesis import strategies as st
 
 from ckpt_daemon import catalog as cat
 from daemon.supervisor import choose_resume
-from tests.conftest import PY, env_for_children, run_py, write_config
-from tests.test_catalog import native
+from tests.helpers import PY, env_for_children, native, run_py, write_config
 
 PATTERNS = ["checkpoint-{step}", "model_step_{step}.pt", "rolling_step_{step}"]
 
@@ -44,7 +43,8 @@ def test_a_renamed_copy_is_not_the_checkpoint_its_name_claims(tmp_path):
     c = cat.scan(tmp_path, PATTERNS)
     fake = c.by_name("checkpoint-99999999")
     assert fake.status == "invalid" and "manifest says step 10" in fake.reason
-    assert ("checkpoint-12345678901234567890", "its step number has more than 15 digits; no real run gets there") in c.ignored
+    assert ("checkpoint-12345678901234567890",
+            "its step number has more than 15 digits; no real run gets there") in c.ignored
     e, notes = choose_resume(c, set(), {})
     assert e.name == "checkpoint-30"  # the real newest, not the renamed copy
     assert any("checkpoint-99999999 skipped: invalid" in n for n in notes)
@@ -118,7 +118,8 @@ def test_hostile_safetensors_headers_are_reported_not_raised(tmp_path, what, cap
 
 def test_a_hostile_manifest_is_reported_not_raised(tmp_path):
     native(tmp_path, [10, 20, 30])
-    variants = [b"[" * 50_000 + b"]" * 50_000, b'{"format": "ckpt-daemon/1", "step": 20, "files": {"model.safetensors": 7}}',
+    variants = [b"[" * 50_000 + b"]" * 50_000,
+                b'{"format": "ckpt-daemon/1", "step": 20, "files": {"model.safetensors": 7}}',
                 b'{"format": "ckpt-daemon/1", "step": 20, "files": {"../../etc/passwd": {"size": 1, "sha256": "' + b"0" * 64 + b'"}}}',
                 b'{"format": "ckpt-daemon/1", "step": true, "files": {}}', b"\x00" * 100, b" " * (17 << 20)]
     for i, data in enumerate(variants):
@@ -145,7 +146,8 @@ def test_an_unreadable_folder_is_reported_as_such_when_not_root():
     if os.geteuid() != 0:
         pytest.skip("needs root to run the scan as another user")
     # import first (the interpreter lives under /root), then become `nobody` for the scan itself
-    r = subprocess.run([PY, "-c", f"import os, json, ckpt_daemon.catalog; os.setgid(65534); os.setuid(65534); exec({code!r})"],
+    r = subprocess.run([PY, "-c",
+                        f"import os, json, ckpt_daemon.catalog; os.setgid(65534); os.setuid(65534); exec({code!r})"],
                        capture_output=True, text=True, env=env_for_children(), timeout=60)
     locked.chmod(0o755)
     shutil.rmtree(tmp_path)
@@ -213,7 +215,8 @@ def test_odd_names_markup_and_deep_folders_never_crash_the_commands(tmp_path):
     run_py(["-m", "daemon", "pin", "--config", str(cfg), "checkpoint-20", "--reason", "see [/data/notes] [bold]x"],
            check=True)
     env = {**env_for_children(), "PYTHONIOENCODING": "utf-8"}  # strict UTF-8 output, as an en_US.UTF-8 locale gives
-    for args in (["-m", "daemon", "list", "--config", str(cfg)], ["-m", "maintenance.cleanup", "--config", str(cfg), "--dry-run"]):
+    for args in (["-m", "daemon", "list", "--config", str(cfg)],
+                 ["-m", "maintenance.cleanup", "--config", str(cfg), "--dry-run"]):
         r = run_py(args, env=env)
         assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
     r = run_py(["-m", "daemon", "list", "--config", str(cfg)], env=env)
@@ -241,7 +244,8 @@ def _remove_deep(top: Path) -> None:
 def test_a_hostile_job_history_never_stops_the_daemon(tmp_path):
     from daemon.state import JobHistory
 
-    for text in ("[]", "[" * 100_000, '{"jobs": [1, 2], "created": "x"}', '{"jobs": {"snapshot": {"last_success": "soon"}}}'):
+    for text in ("[]", "[" * 100_000, '{"jobs": [1, 2], "created": "x"}',
+                 '{"jobs": {"snapshot": {"last_success": "soon"}}}'):
         (tmp_path / "jobs-state.json").write_text(text)
         h = JobHistory(tmp_path, now=1000.0)
         assert isinstance(h.last_success("snapshot"), float)

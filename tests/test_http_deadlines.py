@@ -14,8 +14,7 @@ from pathlib import Path
 
 from daemon import httpserver
 from daemon.httpserver import Server
-from tests.conftest import PY
-from tests.test_daemon import Daemon, daemons  # noqa: F401  (fixture)
+from tests.helpers import PY, Daemon
 
 SLEEPER = [PY, "-c", "import time; time.sleep(3600)"]
 

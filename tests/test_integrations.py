@@ -24,7 +24,7 @@ import ckpt_daemon
 from ckpt_daemon import catalog
 from ckpt_daemon.integrations import common
 from ckpt_daemon.integrations.common import Heartbeat, StopRequest, resume_path
-from tests.conftest import PY, env_for_children, write_config
+from tests.helpers import PY, env_for_children, write_config
 
 HF_SCRIPT = """
 import os, time

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import run_py, write_config
+from tests.helpers import run_py, write_config
 
 HF_SCRIPT = r"""
 import sys, torch

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import struct
 import subprocess
@@ -17,12 +18,20 @@ from ckpt_daemon import catalog as cat
 from ckpt_daemon import manifest as mf
 from ckpt_daemon import memory as mem
 from ckpt_daemon.checkpoint import CheckpointManager, read_checkpoint
+from ckpt_daemon.config import RestartPolicy
 from ckpt_daemon.memsave import read_slot_state
 from daemon.supervisor import CrashPolicy
-from ckpt_daemon.config import RestartPolicy
-from tests.conftest import PY, env_for_children, read_losses, run_py, same_nested, write_config
-from tests.test_checkpoint import make_state, same_state
-from tests.test_daemon import Daemon, daemons  # noqa: F401  (the fixture)
+from tests.helpers import (
+    PY,
+    Daemon,
+    env_for_children,
+    make_state,
+    read_losses,
+    run_py,
+    same_nested,
+    same_state,
+    write_config,
+)
 
 
 @pytest.fixture
@@ -192,7 +201,7 @@ def test_sigkill_of_a_real_writer_mid_copy_leaves_the_previous_slot(tmp_path, re
 HOSTILE = [
     (b"", None),
     (b"\x00" * 64, None),  # reserved, never written: nothing to report
-    (os.urandom(4096), "bad magic"),
+    (random.Random(4096).randbytes(4096), "bad magic"),  # garbage, the same in every process (xdist workers compare)
     (struct.pack("<8sIIQQQ", mem.MAGIC, 99, 0, 2, 10, 10).ljust(64, b"\0"), "unknown format version"),
     (struct.pack("<8sIIQQQ", mem.MAGIC, 1, 0, 3, 10, 10).ljust(64, b"\0"), "not committed"),
     (struct.pack("<8sIIQQQ", mem.MAGIC, 1, 0, 2, 1 << 40, 10).ljust(64, b"\0"), "corrupt header length"),
@@ -354,7 +363,8 @@ def test_garbage_in_the_region_is_reported_and_the_agent_goes_on(tmp_path):
 
     region = tmp_path / "region"
     region.mkdir()
-    cfg = parse_config(f"checkpoints: {{dir: ck, memory: {{enabled: true, dir: {region}}}}}\n", tmp_path / "config.yaml")
+    cfg = parse_config(f"checkpoints: {{dir: ck, memory: {{enabled: true, dir: {region}}}}}\n",
+                       tmp_path / "config.yaml")
     ck = cfg.checkpoint_dir
     (region / "slot-0").write_bytes(mem.MAGIC + os.urandom(mem.PAYLOAD_OFFSET))
     (region / "slot-1").write_bytes(_slot_with_header({**GOOD, "ckpt_dir": str(ck), "boot_id": mem.boot_id()}))
@@ -392,7 +402,8 @@ def test_breakpoint_verifies_in_memory_pins_the_slot_and_persists_it_in_the_back
     from ckpt_daemon.config import parse_config
 
     region = tmp_path / "region"
-    cfg = parse_config(f"checkpoints: {{dir: ck, memory: {{enabled: true, dir: {region}}}}}\n", tmp_path / "config.yaml")
+    cfg = parse_config(f"checkpoints: {{dir: ck, memory: {{enabled: true, dir: {region}}}}}\n",
+                       tmp_path / "config.yaml")
     ck = cfg.checkpoint_dir
     log = _Log()
     agent = mem.MemoryAgent(lambda: cfg, log)
@@ -541,7 +552,8 @@ def test_a_healthy_every_step_memory_run_under_the_daemon_logs_no_error(tmp_path
     }).start()
     daemons.append(d)
     try:
-        s = d.wait(lambda s: s["memory"]["persisted"] >= 40 and s, timeout=240, what="40 persists of memory checkpoints")
+        s = d.wait(lambda s: s["memory"]["persisted"] >= 40 and s, timeout=240,
+                   what="40 persists of memory checkpoints")
         assert s["memory"]["warning"] is None and s["memory"]["newest"] is not None
         assert d.stop() == 0
         assert _errors(d.log()) == [], _errors(d.log())[:5]
@@ -617,7 +629,8 @@ def test_a_sigkill_at_every_phase_of_a_persist_loses_no_committed_memory_checkpo
     from ckpt_daemon.config import parse_config
 
     region = tmp_path / "region"
-    cfg = parse_config(f"checkpoints: {{dir: ck, memory: {{enabled: true, dir: {region}}}}}\n", tmp_path / "config.yaml")
+    cfg = parse_config(f"checkpoints: {{dir: ck, memory: {{enabled: true, dir: {region}}}}}\n",
+                       tmp_path / "config.yaml")
     ck = cfg.checkpoint_dir
     log = _Log()
     agent = mem.MemoryAgent(lambda: cfg, log)
@@ -695,7 +708,8 @@ def test_garbage_in_a_slots_place_is_reported_and_never_stops_the_trainer(tmp_pa
         pytest.skip("making a file of another user needs root")
     shm = tmpfs("64m")
     region = shm / "region"
-    cfg = parse_config(f"checkpoints: {{dir: ck, memory: {{enabled: true, dir: {region}}}}}\n", tmp_path / "config.yaml")
+    cfg = parse_config(f"checkpoints: {{dir: ck, memory: {{enabled: true, dir: {region}}}}}\n",
+                       tmp_path / "config.yaml")
     ck = cfg.checkpoint_dir
     log = _Log()
     agent = mem.MemoryAgent(lambda: cfg, log)
@@ -790,7 +804,7 @@ def test_a_restarted_built_in_trainer_under_the_daemon_goes_on_past_garbage_in_t
 def test_the_readmes_memory_snippet_is_a_valid_config_and_best_to_disk_is_checked(tmp_path):
     from ckpt_daemon.config import parse_config
     from ckpt_daemon.errors import ConfigError
-    from tests.conftest import REPO
+    from tests.helpers import REPO
 
     readme = (REPO / "README.md").read_text()
     section = readme[readme.index("### Memory-first checkpoints"):]

@@ -19,12 +19,13 @@ import pytest
 import torch
 
 from ckpt_daemon import catalog as cat
-from ckpt_daemon import foreign
+from ckpt_daemon import (
+    foreign,
+    memsave,  # noqa: F401  (imported before any test patches fsutil.free_bytes it binds)
+)
 from ckpt_daemon import memory as mem
-from ckpt_daemon import memsave  # noqa: F401  (imported before any test patches fsutil.free_bytes it binds)
 from ckpt_daemon.integrations import common
-from tests.conftest import PY
-from tests.test_daemon import Daemon, daemons  # noqa: F401  (the fixture)
+from tests.helpers import PY, Daemon
 
 BYO = Path(__file__).parent / "byo"
 
@@ -235,7 +236,8 @@ def test_a_tmpfs_that_fills_up_under_hugging_faces_own_write_sends_that_save_to_
     assert "checkpoint-6 could not be staged in memory" in caplog.text
     assert _slot(region, ck).step == 3  # the save before the tmpfs filled up is in memory
     c = cat.scan(ck, ["checkpoint-{step}"], verify=True)
-    assert {e.name for e in c.entries if e.valid} == {"checkpoint-6", "checkpoint-7"}, [(e.name, e.reason) for e in c.entries]
+    assert {e.name for e in c.entries if e.valid} == {"checkpoint-6",
+                                                      "checkpoint-7"}, [(e.name, e.reason) for e in c.entries]
     assert not list(region.glob("staging-*"))
 
 
@@ -314,7 +316,8 @@ def memory_config(under_daemon, tmp_path, monkeypatch):
 
     def use(**memory):
         p = tmp_path / "in-force.yaml"
-        p.write_text(yaml.safe_dump({"checkpoints": {"dir": str(under_daemon[0]), "memory": {"enabled": True, **memory}}}))
+        p.write_text(yaml.safe_dump({"checkpoints": {"dir": str(under_daemon[0]),
+                                                     "memory": {"enabled": True, **memory}}}))
         monkeypatch.setenv("CKPT_DAEMON_CONFIG", str(p))
         return under_daemon
 
@@ -486,7 +489,8 @@ def _lightning(ck: Path, max_steps: int, every: int = 3, ckpt_path=None, metric=
     pl.seed_everything(0, verbose=False)
     x = torch.randn(128, 8, generator=torch.Generator().manual_seed(0))
     data = torch.utils.data.TensorDataset(x, x.sum(1, keepdim=True))
-    mc = ModelCheckpoint(dirpath=ck, every_n_train_steps=every, filename="{epoch}-{step}", **{"save_top_k": -1, **mc_kw})
+    mc = ModelCheckpoint(dirpath=ck, every_n_train_steps=every, filename="{epoch}-{step}",
+                         **{"save_top_k": -1, **mc_kw})
     cb = CkptDaemonCallback()
     trainer = pl.Trainer(max_steps=max_steps, callbacks=[mc, cb, *extra], logger=False, enable_progress_bar=False,
                          enable_model_summary=False, accelerator="cpu", devices=1, num_sanity_val_steps=0)
@@ -681,7 +685,8 @@ def _memory_byo_daemon(tmp_path: Path, region: Path, script: str, patterns: list
     ("hf_train.py", ["checkpoint-{step}"]),
     ("lightning_train.py", ["epoch={epoch}-step={step}.ckpt"]),
 ])
-def test_kill_minus_9_of_a_users_trainer_loses_no_step_beyond_its_memory_checkpoint(tmp_path, daemons, script, patterns):
+def test_kill_minus_9_of_a_users_trainer_loses_no_step_beyond_its_memory_checkpoint(tmp_path, daemons, script,
+                                                                                    patterns):
     pytest.importorskip("transformers" if script.startswith("hf") else "lightning")
     region = Path("/dev/shm") / f"ckpt-test-{os.getpid()}-{tmp_path.name}"
     ck = tmp_path / "checkpoints"

@@ -17,49 +17,14 @@ from prometheus_client.parser import text_string_to_metric_families
 from ckpt_daemon.config import load_config, parse_config
 from ckpt_daemon.errors import ConfigError
 from maintenance.cleanup import build_report, confirm_policy
-from tests.conftest import PY
-from tests.test_daemon import Daemon, daemons  # noqa: F401  (fixture)
-from tests.test_deletion_safety import fake_native
+from tests.helpers import PY, Daemon, fake_native, free_port, parse, scrape, wait_listening
 
 SLEEPER = [PY, "-c", "import time; time.sleep(3600)"]
 TIERS = [{"count": 5}, {"count": 10, "every_steps": 200}, {"every_steps": 1000}]
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def wait_listening(port: int, host: str = "127.0.0.1", timeout: float = 30) -> None:
-    """The dashboard's server starts on the observer's thread, after the daemon's own start: wait for it."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            socket.create_connection((host, port), timeout=1).close()
-            return
-        except OSError:
-            assert time.monotonic() < deadline, f"nothing listens on {host}:{port}"
-            time.sleep(0.1)
-
-
-def parse(text: str) -> dict[tuple[str, tuple], float]:
-    """{(sample name, sorted labels): value} of an exposition, via prometheus_client's parser."""
-    out = {}
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return out
-
-
 def families(text: str) -> dict[str, str]:
     return {f.name: f.type for f in text_string_to_metric_families(text)}
-
-
-def scrape(url: str, headers: dict | None = None) -> str:
-    with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=20) as r:
-        assert r.status == 200 and r.headers["Content-Type"].startswith("text/plain")
-        return r.read().decode()
 
 
 def status_of(url: str, method: str = "GET", headers: dict | None = None) -> int:
@@ -108,7 +73,8 @@ def test_metrics_of_a_running_daemon(tmp_path, daemons):  # noqa: F811
         assert m[("ckpt_daemon_retention_tier_bytes", (("run", ""), ("tier", tier)))] == sum(sizes)
     assert m[("ckpt_daemon_retention_tier_checkpoints", (("run", ""), ("tier", "none")))] == 0
     assert m[("ckpt_daemon_retention_planned_deletions", (("run", ""),))] == len(victims)
-    assert m[("ckpt_daemon_retention_planned_free_bytes", (("run", ""),))] == sum(plan.entries[v.name].freeable_bytes for v in victims)
+    assert m[("ckpt_daemon_retention_planned_free_bytes",
+              (("run", ""),))] == sum(plan.entries[v.name].freeable_bytes for v in victims)
     assert m[("ckpt_daemon_retention_held_deletions", (("run", ""),))] == 0
     assert m[("ckpt_daemon_retention_policy_confirmed", ())] == 1
     assert m[("ckpt_daemon_checkpoints", (("run", ""), ("status", "complete")))] == 30
@@ -140,7 +106,8 @@ def test_metrics_of_a_running_daemon(tmp_path, daemons):  # noqa: F811
 
     def rewritten_after_the_restart(_s):
         t = parse(prom.read_text()) if prom.exists() else {}
-        return t if t.get(("ckpt_daemon_training_restarts_total", ())) == 1 and t.get(("ckpt_daemon_training_up", ())) == 1 else None
+        return t if t.get(("ckpt_daemon_training_restarts_total", ())) == 1 and t.get(("ckpt_daemon_training_up",
+                                                                                       ())) == 1 else None
 
     t = d.wait(rewritten_after_the_restart, timeout=30, what="the textfile, rewritten every 5 s")
     assert t[("ckpt_daemon_retention_tier_checkpoints", (("run", ""), ("tier", "2")))] == 10
@@ -210,7 +177,7 @@ def test_metrics_and_status_carry_the_loss_the_step_rate_and_the_memory_checkpoi
     import json
     import re
 
-    from tests.conftest import read_losses, run_py
+    from tests.helpers import read_losses, run_py
 
     region = tmpfs("64m") / "region"
     port = free_port()
@@ -225,7 +192,8 @@ def test_metrics_and_status_carry_the_loss_the_step_rate_and_the_memory_checkpoi
     text = scrape(f"http://127.0.0.1:{port}/metrics")
     assert len(re.findall("loss", text, re.I)) > 0
     m = parse(text)
-    loss, at = m[("ckpt_daemon_training_metric", (("name", "loss"),))], m[("ckpt_daemon_training_metric_step", (("name", "loss"),))]
+    loss, at = m[("ckpt_daemon_training_metric", (("name", "loss"),))], m[("ckpt_daemon_training_metric_step",
+                                                                           (("name", "loss"),))]
     assert read_losses(tmp_path / "logs" / "metrics.jsonl")[int(at)] == loss  # the trainer's own number, at its step
     val_at = m[("ckpt_daemon_training_metric_step", (("name", "val_loss"),))]
     assert val_at % 10 == 0 and ("ckpt_daemon_training_metric", (("name", "val_loss"),)) in m
@@ -237,7 +205,8 @@ def test_metrics_and_status_carry_the_loss_the_step_rate_and_the_memory_checkpoi
     lines = r.stdout.splitlines()
     assert re.search(r" · loss \d", lines[0]), lines[0]
     mem = [x for x in lines if x.startswith("memory:")]
-    assert len(mem) == 1 and re.match(r"memory: +newest slot step \d+ \(.*\); persisted up to step \d+ \(\d+ persists", mem[0]), r.stdout
+    assert len(mem) == 1 and re.match(r"memory: +newest slot step \d+ \(.*\); persisted up to step \d+ \(\d+ persists",
+                                      mem[0]), r.stdout
     assert any(re.match(r"metrics: +.*loss \d", x) for x in lines), r.stdout
     j = json.loads(run_py(["-m", "daemon", "status", "--config", str(d.cfg), "--json"]).stdout)
     assert j["memory"]["pinned_steps"] == [] and j["training"]["metrics"]["loss"]["step"] >= 1
@@ -264,7 +233,7 @@ while True:
 def test_the_metrics_of_a_users_own_script_reach_status_and_metrics(tmp_path, daemons):  # noqa: F811
     import re
 
-    from tests.conftest import run_py
+    from tests.helpers import run_py
 
     script = tmp_path / "train.py"
     script.write_text(USER_SCRIPT)

@@ -26,10 +26,7 @@ from ckpt_daemon import runtime
 from ckpt_daemon.checkpoint import CheckpointManager
 from ckpt_daemon.config import load_config
 from maintenance.snapshot import take_snapshot
-from tests.conftest import PY, env_for_children, run_py, write_config
-from tests.test_catalog import native
-from tests.test_daemon import Daemon, daemons  # noqa: F401  (fixture)
-from tests.test_deletion_safety import fake_native
+from tests.helpers import PY, Daemon, env_for_children, fake_native, native, run_py, write_config
 
 
 def model(width: int = 32) -> torch.nn.Module:
@@ -223,7 +220,7 @@ def test_a_manual_cleanup_knows_what_the_daemons_own_trainer_resumed_from(tmp_pa
     writer.write_text(
         "import sys, time\n"
         "sys.path.insert(0, sys.argv[2])\n"
-        "from tests.test_deletion_safety import fake_native\n"
+        "from tests.helpers import fake_native\n"
         "from pathlib import Path\n"
         "for s in (110, 120, 130):\n"
         "    fake_native(Path(sys.argv[1]), s)\n"

@@ -15,8 +15,7 @@ import torch
 
 from ckpt_daemon import catalog as cat
 from ckpt_daemon import runtime
-from tests.conftest import PY
-from tests.test_daemon import Daemon, daemons  # noqa: F401  (fixture)
+from tests.helpers import PY, Daemon
 
 SLOW_WRITER = r"""
 import sys, time
@@ -185,7 +184,7 @@ def test_every_kind_with_a_byte_rotten_anywhere_after_it_settled_is_corrupt_and_
 def test_list_verify_and_a_snapshot_never_take_a_damaged_file_of_any_kind_for_latest(tmp_path, kind):
     from ckpt_daemon.config import load_config
     from maintenance.snapshot import take_snapshot
-    from tests.conftest import run_py, write_config
+    from tests.helpers import run_py, write_config
 
     cfg_path = write_config(tmp_path, {"checkpoints": {"pattern": [KINDS[kind][0]]}}, tiny=False)
     root = tmp_path / "checkpoints"

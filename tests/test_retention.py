@@ -65,7 +65,8 @@ def test_protected_are_kept_with_their_reasons():
 
 
 def test_incomplete_and_corrupt_are_never_touched_and_take_no_tier_slot():
-    its = items(range(100, 2501, 100)) + [Item("checkpoint-2600", 2600, "incomplete"), Item("checkpoint-150", 150, "corrupt")]
+    its = items(range(100, 2501, 100)) + [Item("checkpoint-2600", 2600, "incomplete"),
+                                          Item("checkpoint-150", 150, "corrupt")]
     d = {x.name: x for x in plan(its, [TierSpec(3), TierSpec(None, 1000)])}
     assert d["checkpoint-2600"].keep and d["checkpoint-2600"].reasons == ["incomplete: never touched by retention"]
     assert d["checkpoint-150"].keep and d["checkpoint-150"].reasons == ["corrupt: never touched by retention"]
@@ -74,7 +75,8 @@ def test_incomplete_and_corrupt_are_never_touched_and_take_no_tier_slot():
 
 # ---------------------------------------------------------------------------------- properties
 tier_lists = st.lists(st.integers(1, 30), min_size=0, max_size=3).flatmap(
-    lambda counts: st.tuples(st.just(counts), st.lists(st.sampled_from([1, 2, 5]), min_size=len(counts) + 1, max_size=len(counts) + 1),
+    lambda counts: st.tuples(st.just(counts),
+                             st.lists(st.sampled_from([1, 2, 5]), min_size=len(counts) + 1, max_size=len(counts) + 1),
                              st.sampled_from([1, 10, 50, 100]), st.booleans()))
 
 
@@ -98,14 +100,17 @@ histories = st.lists(st.integers(1, 20000), min_size=0, max_size=300, unique=Tru
 def test_properties(steps, tier_spec, data):
     tiers = make_tiers(tier_spec)
     its = items(steps)
-    protected_names = data.draw(st.lists(st.sampled_from([i.name for i in its]), max_size=5, unique=True)) if its else []
+    protected_names = data.draw(st.lists(st.sampled_from([i.name for i in its]), max_size=5,
+                                         unique=True)) if its else []
     # protections as cleanup computes them, from a catalog: the newest valid one among them
     from pathlib import Path
 
     from ckpt_daemon.catalog import Catalog, Entry
     from maintenance.retention import protections
 
-    catalog = Catalog(Path("/x"), [Entry(i.name, Path("/x") / i.name, i.step, "native", "complete") for i in sorted(its, key=lambda i: i.step)],
+    catalog = Catalog(Path("/x"),
+                      [Entry(i.name, Path("/x") / i.name, i.step, "native", "complete") for i in sorted(its,
+                                                                                                        key=lambda i: i.step)],
                       [], [], {"latest": None, "best": None}, {}, None)
     protected = {n: ["test protection"] for n in protected_names}
     for n, why in protections(catalog).items():
@@ -151,3 +156,27 @@ def test_plan_is_deterministic_and_order_independent():
     random.Random(0).shuffle(shuffled)
     b = plan(shuffled, DEFAULT)
     assert [(x.name, x.keep, x.reasons) for x in a] == [(x.name, x.keep, x.reasons) for x in b]
+
+
+def test_epoch_end_protection_keeps_at_most_the_newest_max_epoch_ends():
+    """A script whose `epoch` changes at every save makes every checkpoint an epoch end: without a cap,
+    retention could never delete anything. The cap keeps the newest K epoch ends; the rest follow the tiers."""
+    from pathlib import Path
+
+    from ckpt_daemon.catalog import Catalog, Entry
+    from maintenance.retention import protections
+
+    entries = []
+    for s in range(10, 310, 10):  # 30 saves, a new epoch at each
+        e = Entry(f"checkpoint-{s}", Path("/x") / f"checkpoint-{s}", s, "native", "complete")
+        e.epoch, e.epoch_end = s // 10, s < 300
+        entries.append(e)
+    catalog = Catalog(Path("/x"), entries, [], [], {"latest": None, "best": None}, {}, None)
+    uncapped = protections(catalog)
+    assert sum("last checkpoint of epoch" in " ".join(w) for w in uncapped.values()) == 29
+    assert all(d.keep for d in plan(items(range(10, 310, 10)), [TierSpec(2)], uncapped))  # nothing ever deleted
+    capped = protections(catalog, max_epoch_ends=5)
+    ends = sorted(int(n.split("-")[1]) for n, w in capped.items() if any("last checkpoint of epoch" in x for x in w))
+    assert ends == [250, 260, 270, 280, 290]  # the newest five
+    assert kept(plan(items(range(10, 310, 10)), [TierSpec(2)], capped)) == [250, 260, 270, 280, 290, 300]
+    assert protections(catalog, keep_epoch_ends=False, max_epoch_ends=5).keys() == {"checkpoint-300"}

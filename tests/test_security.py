@@ -16,8 +16,7 @@ import torch
 
 from ckpt_daemon import catalog as cat
 from ckpt_daemon.config import ConfigError, load_config
-from tests.conftest import PY, env_for_children, run_py, write_config
-from tests.test_catalog import native
+from tests.helpers import PY, env_for_children, native, run_py, write_config
 
 
 class _Evil:
@@ -74,7 +73,8 @@ def test_consolidate_never_reads_through_a_symlinked_weights_file(tmp_path, outs
 
 def test_crafted_pickles_do_not_run_on_list_verify_consolidate_or_resume(tmp_path):
     mark = tmp_path / "PWNED"
-    cfg_path = write_config(tmp_path / "proj", {"checkpoints": {"pattern": ["checkpoint-{step}", "model_step_{step}.pt"]}})
+    cfg_path = write_config(tmp_path / "proj",
+                            {"checkpoints": {"pattern": ["checkpoint-{step}", "model_step_{step}.pt"]}})
     run_py(["-m", "trainer", "--config", str(cfg_path), "--max-steps", "10"], check=True)
     root = tmp_path / "proj" / "checkpoints"
     torch.save({"model_state_dict": {}, "evil": _Evil(str(mark))}, root / "model_step_99.pt")
@@ -99,7 +99,8 @@ def test_files_the_daemon_creates_are_not_world_writable(tmp_path):
     cfg_path = write_config(tmp_path, {"trainer": {"checkpoint_every_steps": 5},
                                        "training": {"stop_timeout_s": 30}})
     # even when started with a careless umask
-    p = subprocess.Popen([PY, "-m", "daemon", "run", "--config", str(cfg_path), "--quiet-trainer"], env=env_for_children(),
+    p = subprocess.Popen([PY, "-m", "daemon", "run", "--config", str(cfg_path), "--quiet-trainer"],
+                         env=env_for_children(),
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=lambda: os.umask(0))
     try:
         deadline = time.monotonic() + 60
@@ -143,3 +144,85 @@ def test_dangerous_folder_overlaps_are_refused(tmp_path, yaml_text, needle):
     msg = str(ei.value)
     assert needle in msg
     assert ("give them separate folders" in msg) or ("filesystem root" in msg)
+
+
+# Escape sequences a hostile name, metric name, pin reason or trainer output could carry: set the window
+# title (OSC), clear the screen (CSI, also as the one-byte C1 CSI), overwrite a line (CR), forge a line (LF),
+# reverse the text that follows (a bidi override).
+HOSTILE = "\x1b]0;pwned\x07\x1b[2J\x9b2J\rX\nFAKE\u202e"
+RAW = ("\x1b", "\x07", "\x9b", "\r", "\u202e")
+
+
+def _hostile_folder(tmp_path: Path) -> tuple[Path, Path]:
+    from tests.test_deletion_safety import fake_native
+
+    cfg_path = write_config(tmp_path, {"retention": {"tiers": [{"count": 1}]}}, tiny=False)
+    root = tmp_path / "checkpoints"
+    for s in (10, 20, 30):
+        d = fake_native(root, s)
+        m = json.loads((d / "manifest.json").read_text())
+        m.update(metrics={f"loss{HOSTILE}": 1.5}, pin=f"paper{HOSTILE}" if s == 20 else None)
+        (d / "manifest.json").write_text(json.dumps(m))
+    (root / f"notes{HOSTILE}.txt").write_text("someone's file in the folder")
+    return cfg_path, root
+
+
+def test_text_from_the_folder_never_reaches_the_terminal_raw(tmp_path):
+    """list, cleanup --dry-run (and its log), pin and status print names, metric names, pin reasons and
+    the trainer's output escaped: nothing of it can act on the terminal. JSON stays exact JSON."""
+    from ckpt_daemon import runtime
+
+    cfg_path, root = _hostile_folder(tmp_path)
+    runtime.pin(root, "checkpoint-30", "first")  # pinned again below: the message shows both reasons
+    outs = {}
+    for what, args in (("list", ["-m", "daemon", "list"]), ("cleanup", ["-m", "maintenance.cleanup", "--dry-run"]),
+                       ("pin", ["-m", "daemon", "pin", "30", "--reason", f"why{HOSTILE}"])):
+        r = run_py([*args, "--config", str(cfg_path)], env={**env_for_children(), "COLUMNS": "400"})
+        assert r.returncode == 0, r.stderr
+        outs[what] = r.stdout + r.stderr
+    # status, from a state file whose names and crash output are hostile
+    (tmp_path / "logs").mkdir(exist_ok=True)
+    state = {"training": {"state": "backoff", "resumed_from": f"checkpoint-30{HOSTILE}",
+                          "last_crash": {"description": "error", "ran_s": 3, "time": time.time(),
+                                         "tail": [f"Traceback{HOSTILE}"]}},
+             "checkpoints": {"latest": {"name": f"checkpoint-30{HOSTILE}", "step": 30, "metrics": {f"m{HOSTILE}": 1}},
+                             "failed_verification": {f"checkpoint-9{HOSTILE}": f"bad{HOSTILE}"}}}
+    (tmp_path / "logs" / "daemon-state.json").write_text(json.dumps(state))
+    r = run_py(["-m", "daemon", "status", "--config", str(cfg_path)])
+    outs["status"] = r.stdout + r.stderr
+    outs["cleanup.log"] = (tmp_path / "logs" / "cleanup.log").read_text()
+    for what, text in outs.items():
+        assert not any(c in text for c in RAW), (what, text)
+        assert not any(line.lstrip("│ ").startswith("FAKE") for line in text.splitlines()), what  # no forged line
+    assert "loss\\x1b]0;pwned\\x07" in outs["list"] and "paper\\x1b" in outs["list"]  # shown, as escapes
+    assert "notes\\x1b" in outs["list"] and "notes\\x1b" in outs["cleanup"] and "paper\\x1b" in outs["cleanup"]
+    assert "why\\x1b" in outs["pin"] and "Traceback\\x1b" in outs["status"] and "checkpoint-30\\x1b" in outs["status"]
+    # JSON is exact: the same strings, escaped by JSON itself
+    listed = json.loads(run_py(["-m", "daemon", "list", "--json", "--config", str(cfg_path)], check=True).stdout)
+    assert listed["checkpoints"][0]["metrics"] == {f"loss{HOSTILE}": 1.5}
+    assert {"name": f"notes{HOSTILE}.txt"}.items() <= next(i for i in listed["ignored"] if "notes" in i["name"]).items()
+    plan = json.loads(run_py(["-m", "maintenance.cleanup", "--dry-run", "--json", "--config", str(cfg_path)],
+                             check=True).stdout)
+    assert any(f"pinned (paper{HOSTILE})" in r for d in plan["decisions"] for r in d["reasons"])
+
+
+def test_inert_shows_every_character_and_runs_none():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from ckpt_daemon.termtext import inert
+
+    @settings(max_examples=2000, deadline=None)
+    @given(st.text())
+    def check(s):
+        out = inert(s)
+        assert out.isprintable() or all(c.isprintable() or c == " " or unicodedata.category(c) in ("Zs", "Cn")
+                                        for c in out)
+        assert inert(out) == out  # printing it twice changes nothing more
+        if s.isascii() and s.isprintable():
+            assert out == s  # ordinary text is left alone
+
+    import unicodedata
+
+    check()
+    assert inert("a\x1bb\u202ec\U000e0001") == "a\\x1bb\\u202ec\\U000e0001"

@@ -16,8 +16,7 @@ from ckpt_daemon import catalog as cat
 from ckpt_daemon.config import load_config
 from ckpt_daemon.errors import DiskFullError
 from maintenance.snapshot import plan_calendar, take_snapshot
-from tests.conftest import run_py, write_config
-from tests.test_catalog import native
+from tests.helpers import native, run_py, write_config
 
 
 def visible(path: Path) -> list[Path]:
@@ -55,7 +54,8 @@ def test_snapshot_hard_links_share_inodes_and_add_no_blocks(tmp_path):
     snaps = visible(tmp_path / "snapshots")
     assert len(snaps) == 1 and snaps[0].name == dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
     man = json.loads((snaps[0] / "snapshot.json").read_text())
-    assert {c["name"]: c["roles"] for c in man["checkpoints"]} == {"checkpoint-30": ["latest"], "checkpoint-20": ["best"]}
+    assert {c["name"]: c["roles"] for c in man["checkpoints"]} == {"checkpoint-30": ["latest"],
+                                                                   "checkpoint-20": ["best"]}
     assert man["added_bytes"] == 0 and man["apparent_bytes"] > 0
     for name in ("checkpoint-30", "checkpoint-20"):
         for f in (tmp_path / "checkpoints" / name).iterdir():

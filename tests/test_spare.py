@@ -17,8 +17,7 @@ from ckpt_daemon import memory as mem
 from ckpt_daemon import spare
 from ckpt_daemon.config import parse_config
 from ckpt_daemon.errors import CkptError
-from tests.conftest import PY, env_for_children
-from tests.test_daemon import Daemon, daemons  # noqa: F401  (the fixture)
+from tests.helpers import PY, Daemon, env_for_children
 
 
 # ------------------------------------------------------------------------------------------ protocol

@@ -19,9 +19,7 @@ import pytest
 from ckpt_daemon.fsutil import disk_usage
 from daemon.outputtail import OutputTail
 from daemon.statusview import render, verdict
-from tests.conftest import PY, run_py, write_config
-from tests.test_daemon import Daemon, daemons  # noqa: F401  (fixture)
-from tests.test_deletion_safety import seed_history
+from tests.helpers import PY, Daemon, run_py, seed_history, write_config
 
 SLEEPER = [PY, "-c", "import time; time.sleep(3600)"]
 
@@ -86,7 +84,7 @@ def test_disk_use_is_what_df_shows_on_tmpfs_and_on_ext4_with_reserved_blocks(tmp
 
 
 def test_status_its_json_the_dashboard_and_metrics_show_the_disk_as_df(tmp_path, ext4, daemons):  # noqa: F811
-    from tests.test_metrics import free_port, parse, scrape, wait_listening
+    from tests.helpers import free_port, parse, scrape, wait_listening
 
     e = ext4("64M", reserved_percent=50)
     (e / "known").write_bytes(b"z" * (8 << 20))
@@ -241,7 +239,8 @@ def test_cleanup_y_says_it_confirmed_the_policy_and_status_no_longer_warns(tmp_p
     # the daemon's last unattended run held deletions under the policy then unconfirmed; confirmed since:
     s = {"training": {"state": "running"}, "checkpoints": {}, "disk": {}, "daemon": {},
          "retention": {"enabled": True, "policy_confirmed": True},
-         "last_cleanup": {"time": 0, "reason": "weekly schedule", "deleted": 0, "kept": 170, "freed_bytes": 0, "held": 13}}
+         "last_cleanup": {"time": 0, "reason": "weekly schedule", "deleted": 0, "kept": 170, "freed_bytes": 0,
+                          "held": 13}}
     level, line = verdict(s, True, 100)
     assert level == "ok" and "HELD" not in line
     assert "HELD" not in "\n".join(x for _, x in render(s, True, 100))
@@ -261,7 +260,8 @@ def test_a_trainer_that_dies_at_every_start_is_a_crash_loop_whatever_the_moment(
     s = d.wait(lambda s: s["training"]["state"] == "running" and s["training"]["restarts"] >= 2 and s, timeout=180,
                what="a trainer running again after two crashes")
     level, line = verdict(s, True, time.time())
-    assert level == "bad" and "training OK" not in line and re.search(r"CRASH LOOP \(\d+ crashes in 10\.0m\)", line), line
+    assert level == "bad" and "training OK" not in line and re.search(r"CRASH LOOP \(\d+ crashes in 10\.0m\)",
+                                                                      line), line
     assert s["training"]["last_crash"]["returncode"] == 2 and s["training"]["recent_crashes"] >= 2
     r = run_py(["-m", "daemon", "status", "--config", str(d.cfg)])
     assert "CRASH LOOP" in r.stdout.splitlines()[0] and "training OK" not in r.stdout, r.stdout

@@ -12,11 +12,8 @@ import textwrap
 import time
 from pathlib import Path
 
-
 from ckpt_daemon import catalog as cat
-from tests.conftest import PY, run_py
-from tests.test_daemon import Daemon, daemons  # noqa: F401  (fixture)
-from tests.test_deletion_safety import fake_native
+from tests.helpers import PY, Daemon, fake_native, run_py
 
 SLEEPER = [PY, "-c", "import time; time.sleep(3600)"]
 
@@ -28,8 +25,9 @@ def script(tmp_path: Path, name: str, body: str) -> Path:
 
 
 def slow_stop_trainer(tmp_path: Path) -> Path:
-    """A trainer (`slow_stop.py CKPT_DIR [MARK]`) that holds the trainer lock and beats until SIGTERM, then
-    takes 3 s for its final save, writes MARK if given, and exits 143."""
+    """A trainer (`slow_stop.py CKPT_DIR [MARK [HOLD]]`) that holds the trainer lock and beats until SIGTERM,
+    then takes 3 s for its final save (or, given HOLD, until the file HOLD exists, 120 s at most), writes
+    MARK if given (and not "-"), and exits 143."""
     return script(tmp_path, "slow_stop.py", """
         import signal, sys, time
         from ckpt_daemon import runtime
@@ -42,7 +40,12 @@ def slow_stop_trainer(tmp_path: Path) -> Path:
             time.sleep(0.2)
         print("got SIGTERM: saving for 3 s", flush=True)
         time.sleep(3)
-        if len(sys.argv) > 2:
+        if len(sys.argv) > 3:
+            import os
+            end = time.monotonic() + 120
+            while not os.path.exists(sys.argv[3]) and time.monotonic() < end:
+                time.sleep(0.05)
+        if len(sys.argv) > 2 and sys.argv[2] != "-":
             open(sys.argv[2], "w").write("saved")
         sys.exit(143)
         """)
@@ -197,7 +200,8 @@ def test_heartbeats_under_torchrun_match_the_run(tmp_path, daemons):
 
 def test_a_killed_daemon_makes_its_trainer_save_and_the_next_one_adopts_it(tmp_path, daemons):
     slow = slow_stop_trainer(tmp_path)
-    over = {"training": {"command": [PY, str(slow), str(tmp_path / "checkpoints")]}}
+    hold = tmp_path / "saved-enough"  # the trainer's final save lasts until the test has seen the adoption
+    over = {"training": {"command": [PY, str(slow), str(tmp_path / "checkpoints"), "-", str(hold)]}}
     d = Daemon(tmp_path, over).start()
     daemons.append(d)
     s = d.wait(lambda s: s["training"]["state"] == "running" and s, what="the trainer")
@@ -206,7 +210,9 @@ def test_a_killed_daemon_makes_its_trainer_save_and_the_next_one_adopts_it(tmp_p
     d2 = Daemon(tmp_path, over).start()
     daemons.append(d2)
     d2.wait(lambda s: s["daemon"]["pid"] == d2.proc.pid and s["training"]["state"] == "adopted", what="adoption")
-    s2 = d2.wait(lambda s: s["training"]["state"] == "running" and s["training"]["pid"] and s,
+    hold.touch()
+    s2 = d2.wait(lambda s: s["daemon"]["pid"] == d2.proc.pid and s["training"]["state"] == "running"
+                 and s["training"]["pid"] and s,
                  what="a trainer of its own once the adopted one saved and left")
     assert s2["training"]["pid"] != s["training"]["pid"]
     assert "got SIGTERM: saving for 3 s" in (tmp_path / "logs" / "trainer.log").read_text()
@@ -222,7 +228,8 @@ def test_stopping_the_daemon_waits_for_an_adopted_trainer_to_save_and_exit(tmp_p
     slow = slow_stop_trainer(tmp_path)
     ck, mark = tmp_path / "checkpoints", tmp_path / "saved"
     ck.mkdir()
-    by_hand = subprocess.Popen([PY, str(slow), str(ck), str(mark)], env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)})
+    by_hand = subprocess.Popen([PY, str(slow), str(ck), str(mark)],
+                               env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)})
     try:
         deadline = time.monotonic() + 60
         while not (ck / ".ckpt-daemon").exists() or not any((ck / ".ckpt-daemon").iterdir()):

@@ -18,8 +18,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from tests.conftest import PY, REPO, env_for_children, write_config
-from tests.test_daemon import Daemon, daemons  # noqa: F401  (fixture)
+from tests.helpers import PY, REPO, Daemon, env_for_children, write_config
 
 SLEEPER = [PY, "-c", "import time; time.sleep(3600)"]
 EXE = str(Path(sys.executable).parent / "ckpt-daemon")  # the venv's ckpt-daemon, as the README's .venv/bin/...
@@ -134,8 +133,8 @@ def test_two_instances_side_by_side_from_the_template_unit(tmp_path, daemons):  
     third = srv / "job-c"
     cfg_c = write_config(third, {"checkpoints": {"dir": str(srv / "job-a" / "checkpoints")},
                                  "training": {"command": SLEEPER}, "http": {"enabled": True, "port": free_port()}})
-    r = subprocess.run(as_run_here(f"sudo .venv/bin/ckpt-daemon install-unit --instance job-c --user ckpt --config "
-                                   f"/srv/job-c/config.yaml", srv, units), capture_output=True, text=True,
+    r = subprocess.run(as_run_here("sudo .venv/bin/ckpt-daemon install-unit --instance job-c --user ckpt --config "
+                                   "/srv/job-c/config.yaml", srv, units), capture_output=True, text=True,
                        env=env_for_children(), timeout=120)
     assert r.returncode == 2 and "ckpt-daemon@job-a.service" in r.stderr and "one daemon per checkpoint folder" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr and not (units / "ckpt-daemon@job-c.service.d").exists()
@@ -180,7 +179,8 @@ def test_instance_names_and_output_are_checked(tmp_path, capsys):
     cfg = write_config(odd, tiny=False)
     units = tmp_path / "units"
     units.mkdir()
-    assert cli(["install-unit", "--instance", "odd", "--config", str(cfg), "--output", str(units / "ckpt-daemon@.service")]) == 0
+    assert cli(["install-unit", "--instance", "odd", "--config", str(cfg), "--output",
+                str(units / "ckpt-daemon@.service")]) == 0
     drop_in = (units / "ckpt-daemon@odd.service.d" / "ckpt-daemon.conf").read_text()
     assert 'Environment="CKPT_DAEMON_CONFIG=' + str(cfg).replace("%", "%%") + '"' in drop_in
     if shutil.which("systemd-analyze"):

@@ -42,6 +42,7 @@ from ckpt_daemon.torchzip import (
     parse_pickle,
     read_scalar,
 )
+from tests.helpers import empty_entries_zip
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -869,37 +870,6 @@ def test_the_module_imports_neither_torch_nor_numpy(tmp_path):
                          timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["1", "False", "False"]
-
-
-def empty_entries_zip(path: Path, n: int, declare: int | None = None, data_pkl: bytes | None = None) -> Path:
-    """A zip whose data.pkl names no storage, followed by `n` empty entries (a zip64 end record when
-    needed): a hundred megabytes that cost a careless reader a million objects. Built with struct, in
-    about a second. `declare` makes the end record lie about the count."""
-    import zlib
-
-    lfh = struct.Struct("<4sHHHHHIIIHH")
-    cdh = struct.Struct("<4sHHHHHHIIIHHHHHII")
-    offset, cd = 0, bytearray()
-    with open(path, "wb") as f:
-        def entry(name: str, data: bytes) -> None:
-            nonlocal offset
-            nb, crc = name.encode(), zlib.crc32(data)
-            f.write(lfh.pack(b"PK\x03\x04", 20, 0, 0, 0, 0, crc, len(data), len(data), len(nb), 0) + nb + data)
-            cd.extend(cdh.pack(b"PK\x01\x02", 20, 20, 0, 0, 0, 0, crc, len(data), len(data), len(nb), 0, 0, 0, 0, 0,
-                               offset) + nb)
-            offset += lfh.size + len(nb) + len(data)
-
-        entry("archive/data.pkl", data_pkl if data_pkl is not None else pickle.dumps({"step": 7}, protocol=2))
-        entry("archive/version", b"3\n")
-        for i in range(n):
-            entry(f"archive/data/{i}", b"")
-        count = n + 2 if declare is None else declare
-        f.write(cd)
-        z64 = offset + len(cd)
-        f.write(struct.pack("<4sQHHIIQQQQ", b"PK\x06\x06", 44, 45, 45, 0, 0, count, count, len(cd), offset))
-        f.write(struct.pack("<4sIQI", b"PK\x06\x07", 0, z64, 1))
-        f.write(struct.pack("<4sHHHHIIH", b"PK\x05\x06", 0, 0, 0xFFFF, 0xFFFF, 0xFFFFFFFF, 0xFFFFFFFF, 0))
-    return path
 
 
 def check_in_a_process(path: Path) -> dict:

@@ -13,7 +13,7 @@ import pytest
 
 from ckpt_daemon import catalog as cat
 from ckpt_daemon.runtime import kill_tree
-from tests.conftest import PY, env_for_children, read_losses, run_py, write_config
+from tests.helpers import PY, env_for_children, read_losses, run_py, write_config
 
 STEPS = 40
 
@@ -62,6 +62,15 @@ def test_exact_resume_after_sigkill(tmp_path, world, precision):
     kill_at = random.Random(world).randint(12, STEPS - 4)
     p = start(trainer_cmd(cfg, world, "--max-steps", str(STEPS)), tmp_path / "run1.log")
     wait_for_step(metrics, kill_at, p)
+    # saves run beside training; on a busy machine the second one may still be on its way at kill_at
+    deadline = time.monotonic() + 120
+    def newest_step() -> int:
+        newest = cat.scan(tmp_path / "run" / "checkpoints", ["checkpoint-{step}"]).newest_valid()
+        return newest.step if newest else 0
+
+    while newest_step() < 10:
+        assert time.monotonic() < deadline and p.poll() is None, "the second checkpoint never became valid"
+        time.sleep(0.05)
     kill_tree(p.pid, signal.SIGKILL)  # torchrun's workers have sessions of their own
     p.wait()
     time.sleep(0.5)
@@ -152,7 +161,8 @@ def test_training_on_a_full_disk_skips_saves_and_goes_on(tmp_path, tmpfs):
 def test_resume_none_and_explicit_path(tmp_path):
     cfg = write_config(tmp_path)
     run_py(["-m", "trainer", "--config", str(cfg), "--max-steps", "10"], check=True)
-    r = run_py(["-m", "trainer", "--config", str(cfg), "--max-steps", "12", "--resume", str(tmp_path / "checkpoints" / "checkpoint-5")],
+    r = run_py(["-m", "trainer", "--config", str(cfg), "--max-steps", "12", "--resume",
+                str(tmp_path / "checkpoints" / "checkpoint-5")],
                check=True)
     assert "resumed from checkpoint-5 at step 5" in r.stderr
     r = run_py(["-m", "trainer", "--config", str(cfg), "--max-steps", "3", "--resume", "none"], check=True)
@@ -179,10 +189,12 @@ def test_generate_from_checkpoint_and_export(tmp_path):
     cfg = write_config(tmp_path, {"trainer": {"checkpoint_every_steps": 50}})
     run_py(["-m", "trainer", "--config", str(cfg), "--max-steps", "100"], check=True)
     ckpt = tmp_path / "checkpoints" / "checkpoint-100"
-    r = run_py(["-m", "trainer.generate", "--checkpoint", str(ckpt), "--prompt", "the cat", "--tokens", "40"], check=True)
+    r = run_py(["-m", "trainer.generate", "--checkpoint", str(ckpt), "--prompt", "the cat", "--tokens", "40"],
+               check=True)
     assert r.stdout.startswith("the cat") and len(r.stdout.strip()) >= 30
     from ckpt_daemon.checkpoint import export_weights
 
     out = export_weights(ckpt, tmp_path / "export")
-    r = run_py(["-m", "trainer.generate", "--checkpoint", str(out), "--prompt", "the cat", "--tokens", "40"], check=True)
+    r = run_py(["-m", "trainer.generate", "--checkpoint", str(out), "--prompt", "the cat", "--tokens", "40"],
+               check=True)
     assert r.stdout.startswith("the cat")

@@ -17,8 +17,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from tests.conftest import PY
-from tests.test_daemon import Daemon, daemons  # noqa: F401  (fixture)
+from tests.helpers import PY, Daemon
 
 SLEEPER = [PY, "-c", "import time; time.sleep(3600)"]
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from ckpt_daemon import foreign
-from tests.test_daemon import Daemon, daemons  # noqa: F401  (fixture)
+from tests.helpers import Daemon, wait_for
 
 SLEEPER = ["sleep", "600"]
 
@@ -63,16 +63,6 @@ def errors(d: Daemon) -> list[str]:
         if rec.get("level") == "error":
             out.append(line)
     return out
-
-
-def wait_for(pred, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_hundreds_of_single_files_and_their_events_keep_threads_and_cpu_bounded(tmp_path, daemons):
@@ -127,8 +117,7 @@ def test_hundreds_of_single_files_and_their_events_keep_threads_and_cpu_bounded(
 
 def test_a_hugging_face_trainer_under_the_daemon_logs_no_error_in_a_healthy_run(tmp_path, daemons):
     pytest.importorskip("transformers")
-    from tests.conftest import PY
-    from tests.test_byo import BYO
+    from tests.helpers import BYO, PY
 
     root = tmp_path / "checkpoints"
     d = Daemon(tmp_path, {"checkpoints": {"pattern": ["checkpoint-{step}"], "settle_s": 2},
@@ -147,7 +136,7 @@ def test_a_hugging_face_trainer_under_the_daemon_logs_no_error_in_a_healthy_run(
 def watcher_for(tmp_path: Path, settle_s: float = 30):
     from ckpt_daemon.config import load_config
     from daemon.watch import Watcher
-    from tests.conftest import write_config
+    from tests.helpers import write_config
 
     cfg = load_config(write_config(tmp_path, {"checkpoints": {"pattern": ["checkpoint-{step}", "model_step_{step}.pt"],
                                                               "settle_s": settle_s}}, tiny=False))
@@ -165,7 +154,7 @@ def age(path: Path, seconds: float) -> None:
 
 
 def test_an_empty_new_folder_is_a_save_in_progress_never_a_failure(tmp_path):
-    from tests.test_catalog import hf_folder
+    from tests.helpers import hf_folder
 
     w, root = watcher_for(tmp_path)
     (root / "checkpoint-5").mkdir()  # Hugging Face's first step of a save
@@ -185,7 +174,7 @@ def test_an_empty_new_folder_is_a_save_in_progress_never_a_failure(tmp_path):
 
 
 def test_a_folder_written_slowly_is_in_progress_until_it_settles(tmp_path):
-    from tests.test_catalog import hf_folder
+    from tests.helpers import hf_folder
 
     w, root = watcher_for(tmp_path, settle_s=30)
     d = hf_folder(root, 20, complete=False)  # weights and optimizer written, trainer_state.json to come
@@ -216,7 +205,7 @@ def test_a_folder_written_slowly_is_in_progress_until_it_settles(tmp_path):
 def test_a_rescan_lists_the_folder_and_never_parses_a_file(tmp_path, monkeypatch):
     """The periodic rescan runs on the scheduler: it must never wait on a check of a (hostile) file."""
     from ckpt_daemon import torchzip
-    from tests.test_torchzip import empty_entries_zip
+    from tests.helpers import empty_entries_zip
 
     w, root = watcher_for(tmp_path)
     empty_entries_zip(root / "model_step_7.pt", 999_990)
@@ -229,7 +218,7 @@ def test_a_rescan_lists_the_folder_and_never_parses_a_file(tmp_path, monkeypatch
 
 
 def test_a_zip_of_a_million_empty_entries_costs_the_daemon_no_memory_and_is_reported(tmp_path, daemons):
-    from tests.test_torchzip import empty_entries_zip
+    from tests.helpers import empty_entries_zip
 
     root = tmp_path / "checkpoints"
     root.mkdir()

@@ -17,25 +17,28 @@ from typing import Optional
 import torch
 
 from ckpt_daemon import catalog as cat
-from ckpt_daemon.checkpoint import load_weights
-from ckpt_daemon.errors import CheckpointError, CkptError, UsageError
+from ckpt_daemon.checkpoint import gpt_from_weights, load_weights
+from ckpt_daemon.errors import CheckpointError, CkptError, UsageError, crash_summary
 from ckpt_daemon.fsutil import file_digest_problem, read_json_file
-from ckpt_daemon.gpt import GPT, GPTConfig
+from ckpt_daemon.gpt import GPT
 
 # Any one of these in the folder means it carries its tokenizer.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "vocab.txt", "spiece.model")
 
 
 def load_model(path: Path) -> tuple[GPT, list[str]]:
+    """The built-in model and its vocabulary (characters; [] when it was trained on token ids) from a
+    checkpoint or an export folder. What the folder says about itself is checked before it is used."""
     tensors, meta = load_weights(path)
-    conf = meta.get("config") or {}
+    conf = meta.get("config")
+    conf = conf if isinstance(conf, dict) else {}
     if "model" not in conf:
         raise CkptError(f"{path} holds no model config of the built-in trainer nor a Hugging Face config.json with a "
                         "model_type; it cannot be sampled with trainer.generate. Load its weights into your own model.")
-    model = GPT(GPTConfig(**conf["model"]))
-    model.load_state_dict({k: v.float() for k, v in tensors.items()})
-    model.eval()
-    return model, conf.get("vocab") or []
+    model = gpt_from_weights(tensors, conf["model"], str(path))
+    vocab = conf.get("vocab")
+    ok = isinstance(vocab, list) and len(vocab) == model.config.vocab_size and all(isinstance(c, str) for c in vocab)
+    return model, vocab if ok else []
 
 
 def hf_config(path: Path) -> Optional[dict]:
@@ -52,7 +55,8 @@ def check_export(path: Path) -> None:
         if status != "complete":
             raise CheckpointError(f"{path} is {status} ({reason}); it cannot be sampled. Use another checkpoint.")
     meta = read_json_file(path / "metadata.json", 16 << 20)
-    for name, rec in ((meta or {}).get("files") or {}).items():
+    files = meta.get("files") if isinstance(meta, dict) else None
+    for name, rec in (files.items() if isinstance(files, dict) else ()):
         p = path / name
         if "/" in name or not isinstance(rec, dict) or not p.is_file() and name not in ("model.safetensors", "config.json"):
             continue  # a tokenizer file someone removed is not damage to the model
@@ -137,9 +141,12 @@ def generate(args) -> str:
     try:
         conf = hf_config(path)
         return generate_hf(path, conf, args) if conf else generate_builtin(path, args)
-    except (FileNotFoundError, ValueError) as exc:
-        raise CheckpointError(f"{path} cannot be sampled: {exc}. Give a checkpoint-<step> folder, a folder written by "
-                              "`ckpt-daemon consolidate`, or a Hugging Face model folder.") from None
+    except CkptError:
+        raise
+    except Exception as exc:  # what a crafted folder makes a loader raise (no list can foresee all of it)
+        raise CheckpointError(f"{path} cannot be sampled ({crash_summary(exc)}). Give a checkpoint-<step> "
+                              "folder, a folder written by `ckpt-daemon consolidate`, or a Hugging Face model "
+                              "folder.") from None
 
 
 def main(argv=None) -> int:

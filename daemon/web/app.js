@@ -191,6 +191,18 @@ function drawCards(d) {
       ["pinned", pinned.length ? pinned.map(x => `step ${x}`).join(", ") : "nothing"],
     ]));
   }
+  for (const r of d.replicas || []) {  // off-machine replicas (replicas: in config.yaml)
+    const behind = r.behind_since ? now - r.behind_since : 0, late = r.within_s && behind > r.within_s;
+    const rows = [
+      ["replicas", `${num(r.replicas ?? 0, 0)}${r.newest ? ` · newest ${r.newest.name}` : ""}`],
+      ["lag", behind ? `${num(r.lag_steps ?? 0, 0)} steps · ${age(behind)} · ${bytes(r.bytes_pending || 0)} pending` : "up to date", late ? "bad" : ""],
+      ["last success", ago(now, r.last_success)],
+    ];
+    if (r.uploading) rows.push(["uploading", `${r.uploading.name}: ${bytes(r.uploading.done || 0)} of ${bytes(r.uploading.total || 0)}`]);
+    if (r.last_error) rows.push(["last error", r.last_error.message, "warn"]);
+    for (const [n, why] of Object.entries(r.damaged || {})) rows.push(["damaged", `${n}: ${why}`, "bad"]);
+    cards.push(card(`Replica ${r.url}`, rows));
+  }
   if (daemon.config_error || daemon.config_pending) {
     cards.push(card("Config", [["not in force", daemon.config_error || daemon.config_pending, "bad"]]));
   }

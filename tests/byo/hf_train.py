@@ -39,7 +39,8 @@ torch.manual_seed(0)
 model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=16, n_embd=16, n_layer=1, n_head=2,
                                    bos_token_id=0, eos_token_id=0))
 args = TrainingArguments(output_dir=str(ckpt_daemon.checkpoint_dir("checkpoints")), save_steps=5, eval_strategy="steps",
-                         eval_steps=5, metric_for_best_model=None if os.environ.get("NO_BEST") else "eval_loss", max_steps=10**6, num_train_epochs=10**4,
+                         eval_steps=5, metric_for_best_model=None if os.environ.get("NO_BEST") else "eval_loss",
+                         max_steps=10**6, num_train_epochs=10**4,
                          per_device_train_batch_size=4, per_device_eval_batch_size=16, report_to=[], use_cpu=True,
                          logging_steps=5, disable_tqdm=True, dataloader_num_workers=0, seed=0)
 trainer = Trainer(model=model, args=args, train_dataset=Tokens(40), eval_dataset=Tokens(16),

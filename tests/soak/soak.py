@@ -57,7 +57,8 @@ def running(pid: int, deadline_s: float) -> bool:
         time.sleep(0.1)
 
 class Soak:
-    def __init__(self, work: Path, disk: Path, seed: int, duration_s: float, round_s: float = 2.5, memory: bool = False):
+    def __init__(self, work: Path, disk: Path, seed: int, duration_s: float, round_s: float = 2.5,
+                 memory: bool = False):
         self.work, self.disk = work, disk
         self.rng = random.Random(seed)
         self.duration_s, self.round_s = duration_s, round_s
@@ -81,10 +82,12 @@ class Soak:
             "logging": {"dir": str(work / "logs")},
             "retention": {"schedule": "*/7 * * * * *", "tiers": VALID_TIERS[0]},
             "disk": {"check_interval_s": 5, "warn_free_gb": 0.03, "emergency_free_gb": 0.012, "save_margin_mb": 0.2},
-            "training": {"stop_timeout_s": 20, "restart": {"initial_backoff_s": 0.2, "max_backoff_s": 1.0, "max_crashes": 10000,
+            "training": {"stop_timeout_s": 20,
+                         "restart": {"initial_backoff_s": 0.2, "max_backoff_s": 1.0, "max_crashes": 10000,
                                                            "crash_window_s": 60, "same_checkpoint_crashes": 1000,
                                                            "healthy_after_s": 5}},
-            "trainer": {"seed": 3, "batch_size": 8, "warmup_steps": 5, "checkpoint_every_steps": 5, "eval_every_steps": 10,
+            "trainer": {"seed": 3, "batch_size": 8, "warmup_steps": 5, "checkpoint_every_steps": 5,
+                        "eval_every_steps": 10,
                         "eval_batches": 1, "log_every_steps": 50, "threads": 1,
                         "model": {"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 32},
                         "data": {"synthetic_chars": 40000}},
@@ -95,7 +98,8 @@ class Soak:
         self.region = work / "shm"
         self.lost: list[tuple[int, float]] = []  # (memory step at a trainer kill, when)
         if memory:
-            self.cfg["checkpoints"]["memory"] = {"enabled": True, "every_steps": 1, "persist_every": 3, "dir": str(self.region)}
+            self.cfg["checkpoints"]["memory"] = {"enabled": True, "every_steps": 1, "persist_every": 3,
+                                                 "dir": str(self.region)}
             self.cfg["training"]["warm_spare"] = True  # restarts go to a waiting spare (handover under faults)
         self.write_config(self.cfg)
         self.env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -109,7 +113,8 @@ class Soak:
 
     def start_daemon(self) -> None:
         out = open(self.work / "daemon.out", "ab")
-        self.daemon = subprocess.Popen([sys.executable, "-m", "daemon", "run", "--config", str(self.cfg_path), "--quiet-trainer"],
+        self.daemon = subprocess.Popen([sys.executable, "-m", "daemon", "run", "--config", str(self.cfg_path),
+                                        "--quiet-trainer"],
                                        stdout=out, stderr=subprocess.STDOUT, env=self.env, cwd=self.work)
 
     def status(self) -> dict:
@@ -255,8 +260,10 @@ class Soak:
             self.faults["disk_filled"] += 1
 
     def manual_cleanup(self) -> None:
-        self.cleanups.append(subprocess.Popen([sys.executable, "-m", "maintenance.cleanup", "--config", str(self.cfg_path), "-y", "-q"],
-                                              stdout=subprocess.DEVNULL, stderr=open(self.work / "cleanup.err", "ab"), env=self.env,
+        self.cleanups.append(subprocess.Popen([sys.executable, "-m", "maintenance.cleanup", "--config",
+                                               str(self.cfg_path), "-y", "-q"],
+                                              stdout=subprocess.DEVNULL, stderr=open(self.work / "cleanup.err", "ab"),
+                                              env=self.env,
                                               cwd=self.work))
         self.faults["manual_cleanup"] += 1
 
@@ -409,7 +416,8 @@ def mount_tmpfs(path: Path, size: str) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--minutes", type=float, default=30.0)
-    ap.add_argument("--seed", type=int, default=20261122, help="the random choices of the run (default: a fixed seed, so a run can be repeated)")
+    ap.add_argument("--seed", type=int, default=20261122,
+                    help="the random choices of the run (default: a fixed seed, so a run can be repeated)")
     ap.add_argument("--work", default=None, help="work folder (default: a new temp folder)")
     ap.add_argument("--tmpfs-size", default="48m")
     ap.add_argument("--memory", action="store_true", help="with memory-first checkpoints (checkpoints.memory)")
