@@ -115,6 +115,35 @@ def wait_for(predicate: Callable[[], T], timeout: float = 120, what: str = "the 
         time.sleep(interval)
 
 
+# ---------------------------------------------------------------------------------- the built-in trainer
+def start(args: list[str], log: Path) -> subprocess.Popen:
+    """A trainer (or any command) started in its own session, its output into `log`."""
+    return subprocess.Popen(args, stdout=open(log, "wb"), stderr=subprocess.STDOUT, env=env_for_children(),
+                            start_new_session=True)
+
+
+def wait_for_step(metrics: Path, step: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    """Until the trainer's metrics.jsonl has reached `step` (fails at once if `proc` exits first)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if metrics.exists():
+            losses = read_losses(metrics)
+            if losses and max(losses) >= step:
+                return
+        if proc.poll() is not None:
+            raise AssertionError(f"trainer exited {proc.returncode} before step {step}")
+        time.sleep(0.02)
+    raise AssertionError(f"step {step} not reached in {timeout}s")
+
+
+def trainer_cmd(cfg: Path, world: int, *extra: str) -> list[str]:
+    """The built-in trainer's command line: one process, or `world` ranks under torchrun."""
+    if world == 1:
+        return [PY, "-m", "trainer", "--config", str(cfg), *extra]
+    return [PY, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}", "-m", "trainer",
+            "--config", str(cfg), *extra]
+
+
 # ---------------------------------------------------------------------------------- the real daemon
 DAEMON_OVERRIDES = {
     "trainer": {"checkpoint_every_steps": 20, "eval_every_steps": 20, "log_every_steps": 100},

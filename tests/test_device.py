@@ -311,8 +311,7 @@ def test_parse_safetensors_on_a_loaded_buffer_matches_the_host_parse(tmp_path):
 def test_read_checkpoint_through_the_device_path_gives_the_same_state_and_catches_damage(tmp_path, monkeypatch):
     from ckpt_daemon.checkpoint import CheckpointManager, read_checkpoint
     from ckpt_daemon.errors import CheckpointError
-    from tests.conftest import same_nested
-    from tests.test_checkpoint import make_state
+    from tests.helpers import make_state, same_nested
 
     m, opt, sched = make_state(width=256)
     scaler = torch.amp.GradScaler("cpu", init_scale=512.0)
@@ -351,8 +350,7 @@ def test_a_memory_slot_loads_through_the_device_path_and_a_damaged_one_is_refuse
     from ckpt_daemon import memory as mem
     from ckpt_daemon.checkpoint import CheckpointManager
     from ckpt_daemon.memsave import read_slot_state
-    from tests.conftest import same_nested
-    from tests.test_checkpoint import make_state
+    from tests.helpers import make_state, same_nested
 
     m, opt, sched = make_state(width=256)
     region, ck = tmp_path / "region", tmp_path / "ck"

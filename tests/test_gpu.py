@@ -19,9 +19,8 @@ import torch
 from ckpt_daemon import catalog as cat
 from ckpt_daemon import memory as mem
 from ckpt_daemon.runtime import kill_tree, read_heartbeat
-from tests.conftest import PY, env_for_children, read_losses, run_py, same_nested, write_config
-from tests.test_daemon import Daemon, daemons  # noqa: F401  (the fixture)
-from tests.test_trainer import start, trainer_cmd, wait_for_step
+from tests.helpers import (PY, Daemon, env_for_children, read_losses, run_py, same_nested, start, trainer_cmd,
+                           wait_for_step, write_config)
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available(),
@@ -74,7 +73,7 @@ def test_exact_resume_on_the_gpu_after_sigkill_from_disk(tmp_path):
     assert read_losses(metrics) == expected  # bit for bit, every step after the checkpoint
 
 
-def test_exact_resume_on_the_gpu_after_sigkill_from_memory(tmp_path, daemons):  # noqa: F811
+def test_exact_resume_on_the_gpu_after_sigkill_from_memory(tmp_path, daemons):
     trainer = {**_over(checkpoint_every_steps=100_000, eval_every_steps=100_000, max_steps=STEPS)["trainer"]}
     ref = write_config(tmp_path / "ref", {"trainer": trainer})
     run_py(["-m", "trainer", "--config", str(ref)], check=True, timeout=600)

@@ -7,40 +7,14 @@ import random
 import signal
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 
 from ckpt_daemon import catalog as cat
 from ckpt_daemon.runtime import kill_tree
-from tests.helpers import PY, env_for_children, read_losses, run_py, write_config
+from tests.helpers import PY, env_for_children, read_losses, run_py, start, trainer_cmd, wait_for_step, write_config
 
 STEPS = 40
-
-
-def start(args: list[str], log: Path) -> subprocess.Popen:
-    return subprocess.Popen(args, stdout=open(log, "wb"), stderr=subprocess.STDOUT, env=env_for_children(),
-                            start_new_session=True)
-
-
-def wait_for_step(metrics: Path, step: int, proc: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if metrics.exists():
-            losses = read_losses(metrics)
-            if losses and max(losses) >= step:
-                return
-        if proc.poll() is not None:
-            raise AssertionError(f"trainer exited {proc.returncode} before step {step}")
-        time.sleep(0.02)
-    raise AssertionError(f"step {step} not reached in {timeout}s")
-
-
-def trainer_cmd(cfg: Path, world: int, *extra: str) -> list[str]:
-    if world == 1:
-        return [PY, "-m", "trainer", "--config", str(cfg), *extra]
-    return [PY, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}", "-m", "trainer",
-            "--config", str(cfg), *extra]
 
 
 @pytest.mark.parametrize("world, precision", [(1, "fp32"), (2, "fp32"), (1, "bf16"), (1, "fp16")],
