@@ -269,10 +269,14 @@ def bench_integrations(quick: bool, out: dict) -> None:
 
 
 def bench_gpu(quick: bool, out: dict) -> None:
-    """Saves and loads of a state on a CUDA GPU (benchmarks/gpu.py); without one it says so."""
+    """Saves and loads of a state on a CUDA GPU (benchmarks/gpu.py); without one it says so and measures nothing."""
     from benchmarks.gpu import bench_gpu as run
 
-    out.update(run(quick))
+    got = run(quick)
+    out.update(got)
+    if got.get("gpu_skipped"):
+        print(f"gpu: this section needs a CUDA GPU and measured nothing: {got['gpu_skipped']}", file=sys.stderr,
+              flush=True)
 
 
 def bench_replicas(quick: bool, out: dict) -> None:

@@ -39,6 +39,7 @@ GPU_GOALS = {  # name: (comparison, goal, meaning), merged into benchmarks.__mai
 }
 
 MODELS = {  # name: (n_layer, n_head, n_embd, vocab, block, batch)
+    "dry": (2, 2, 64, 256, 32, 2),  # device="cpu": the script's every path, in seconds (tests/test_device.py)
     "quick": (4, 4, 256, 8192, 256, 8),
     "124m": (12, 12, 768, 50257, 1024, 8),
     "355m": (24, 16, 1024, 50257, 1024, 8),
@@ -94,7 +95,9 @@ def _model(quick: bool, dev):
 
     from ckpt_daemon.gpt import GPT, GPTConfig
 
-    name = "quick" if quick else os.environ.get("CKPT_BENCH_GPU_MODEL", "124m")
+    name = "dry" if dev.type == "cpu" else "quick" if quick else os.environ.get("CKPT_BENCH_GPU_MODEL", "124m")
+    if name not in MODELS:
+        raise ValueError(f"$CKPT_BENCH_GPU_MODEL is {name[:40]!r}; use one of {', '.join(MODELS)}")
     n_layer, n_head, n_embd, vocab, block, batch = MODELS[name]
     torch.manual_seed(0)
     m = GPT(GPTConfig(vocab_size=vocab, block_size=block, n_layer=n_layer, n_head=n_head, n_embd=n_embd)).to(dev)

@@ -224,11 +224,29 @@ def state_on_gpu(tensors) -> bool:
     return any(getattr(t, "is_cuda", False) for t in tensors)
 
 
+def _unwrap_optimizer(opt: Any) -> Any:
+    """The torch optimizer inside a framework's wrapper (accelerate's AcceleratedOptimizer `.optimizer`,
+    Lightning's LightningOptimizer `._optimizer`), a few levels at most."""
+    for _ in range(4):
+        if isinstance(opt, torch.optim.Optimizer):
+            return opt
+        inner = getattr(opt, "optimizer", None) or getattr(opt, "_optimizer", None)
+        if inner is None or inner is opt:
+            return opt
+        opt = inner
+    return opt
+
+
 def estimate_state_bytes(model: torch.nn.Module, optimizer: Any = None) -> int:
     """Bytes of a full training state as a checkpoint will hold it: the model's state dict, the optimizer's
     state, and for parameters the optimizer holds no state for yet (created at its first step), what its
-    kind creates: Adam/AdamW two moments (three with amsgrad), SGD with momentum one buffer. Used to
-    reserve memory slots before the first save; a larger state later grows them then."""
+    kind creates: Adam/AdamW two moments (three with amsgrad), SGD with momentum one buffer. `optimizer`
+    may be a list of them (Lightning) or a framework's wrapper. Used to reserve memory slots before the
+    first save; a larger state later grows them then."""
+    if isinstance(optimizer, (list, tuple)):
+        return estimate_state_bytes(model) + sum(estimate_state_bytes(model, o) - estimate_state_bytes(model)
+                                                 for o in optimizer if o is not None)
+    optimizer = _unwrap_optimizer(optimizer) if optimizer is not None else None
     seen: set = set()
     total = 0
     for t in getattr(model, "module", model).state_dict().values():

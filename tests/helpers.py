@@ -144,6 +144,20 @@ def trainer_cmd(cfg: Path, world: int, *extra: str) -> list[str]:
             "--config", str(cfg), *extra]
 
 
+def resident_bytes(addr: int) -> int:
+    """Resident bytes of this process's mapping that starts at `addr` (/proc/self/smaps): pages faulted in."""
+    import re
+
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", line):
+                inside = int(line.split("-", 1)[0], 16) == addr
+            elif inside and line.startswith("Rss:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError(f"no mapping at {addr:#x}")
+
+
 # ---------------------------------------------------------------------------------- the real daemon
 DAEMON_OVERRIDES = {
     "trainer": {"checkpoint_every_steps": 20, "eval_every_steps": 20, "log_every_steps": 100},

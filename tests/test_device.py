@@ -15,6 +15,7 @@ import torch
 from ckpt_daemon import device as dv
 from ckpt_daemon import devio, stio
 from ckpt_daemon.fsutil import new_hasher
+from tests.helpers import resident_bytes
 
 NO_GPU = dv.Present(cuda=False, gpus=0, bf16=False, cpu_fp16_scaler=True)
 FOUR_H200 = dv.Present(cuda=True, gpus=4, bf16=True, cpu_fp16_scaler=True)
@@ -156,17 +157,6 @@ def test_status_and_metrics_show_the_device_the_trainer_reports():
 
 
 # ------------------------------------------------------------------------ host memory for device copies
-def _rss_of_mapping(addr: int) -> int:
-    """Resident bytes of the mapping starting at `addr`, from /proc/self/smaps."""
-    inside = False
-    for line in open("/proc/self/smaps"):
-        if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", line):
-            inside = int(line.split("-", 1)[0], 16) == addr
-        elif inside and line.startswith("Rss:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("mapping not found")
-
-
 def test_reserved_slots_have_their_pages_mapped_before_the_first_save(tmp_path):
     from ckpt_daemon.checkpoint import CheckpointManager
 
@@ -179,7 +169,7 @@ def test_reserved_slots_have_their_pages_mapped_before_the_first_save(tmp_path):
     sizes = [s.size for s in slots]
     for s in slots:  # every page of both slots is mapped now: no page fault inside a save's copy
         assert s.host.how in ("populate", "touch")
-        assert _rss_of_mapping(devio.address_of(s.mm)) >= s.size - 4096
+        assert resident_bytes(devio.address_of(s.mm)) >= s.size - 4096
     # the estimate held: the first saves (the optimizer's state now exists) fit without growing the slots
     m(torch.randn(2, 512)).sum().backward()
     opt.step()
@@ -202,6 +192,9 @@ def test_the_state_estimate_matches_what_a_checkpoint_holds():
         actual = sum(t.numel() * t.element_size() for t in m.state_dict().values()) - 100 * 32 * 4
         actual += sum(v.numel() * v.element_size() for st in opt.state.values() for v in st.values() if torch.is_tensor(v))
         assert before == devio.estimate_state_bytes(m, opt) >= actual > 0.99 * before, opt_cls.__name__
+        # a framework's wrapper (accelerate's .optimizer, Lightning's ._optimizer) and a list of them count the same
+        wrapped = type("Wrapped", (), {"optimizer": opt})()
+        assert devio.estimate_state_bytes(m, wrapped) == devio.estimate_state_bytes(m, [opt]) == before
         opt.zero_grad()
 
 
@@ -233,7 +226,7 @@ def test_populate_falls_back_to_touching_where_the_kernel_lacks_it(tmp_path, mon
         monkeypatch.setattr(stio_mod, "_libc_madvise", lambda: None)
         assert devio.populate(mm) == "touch"
         assert mm[100:104] == b"abcd"  # nothing written
-        assert _rss_of_mapping(devio.address_of(mm)) >= (8 << 20) - 4096
+        assert resident_bytes(devio.address_of(mm)) >= (8 << 20) - 4096
         monkeypatch.undo()
         assert devio.populate(mm) in ("populate", "touch") and mm[100:104] == b"abcd"
         h = devio.HostMapping(mm, len(mm))

@@ -25,7 +25,7 @@ from ckpt_daemon import (
 )
 from ckpt_daemon import memory as mem
 from ckpt_daemon.integrations import common
-from tests.helpers import PY, Daemon
+from tests.helpers import PY, Daemon, resident_bytes
 
 BYO = Path(__file__).parent / "byo"
 
@@ -136,6 +136,39 @@ def test_hugging_face_saves_go_to_memory_and_persist_as_its_own_folder(under_dae
     _flip(r.path / "optimizer.pt", (r.path / "optimizer.pt").stat().st_size // 2)
     e = cat.verify_entry(cat.scan(ck, ["checkpoint-{step}"]).by_name("checkpoint-9"))
     assert not e.valid and "optimizer.pt" in e.reason  # damage after the persist is caught like a native one's
+
+
+def _slots_ready(writer) -> list[int]:
+    """The writer's slot sizes once its reservation is done, each slot's every page mapped (resident) in this
+    process: a save's copy then takes no page fault."""
+    from ckpt_daemon import devio
+
+    writer.join()  # the reservation runs on the writer's thread
+    for s in writer.slots:
+        assert s.mm is not None and s.size > 0, "the slot was not reserved"
+        assert resident_bytes(devio.address_of(s.mm)) >= s.size - 4096
+    return [s.size for s in writer.slots]
+
+
+def test_hugging_face_memory_slots_are_reserved_and_faulted_in_when_training_starts(under_daemon):
+    pytest.importorskip("transformers")
+    from transformers import TrainerCallback
+
+    ck, region = under_daemon
+    trainer, cb = _hf_trainer(ck, max_steps=7)
+    seen = {}
+
+    class Probe(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == 1:  # before the first save (step 3)
+                assert not mem.Region(region).slots()[0]  # nothing committed yet
+                seen["sizes"] = _slots_ready(cb._mem.writer)
+
+    trainer.add_callback(Probe())
+    trainer.train()
+    assert _slot(region, ck).step == 7
+    # the estimate held: the saves went into the slots reserved at the start, none grew them
+    assert all(os.path.getsize(region / f"slot-{i}") == size for i, size in enumerate(seen["sizes"]))
 
 
 def test_a_damaged_memory_state_is_not_copied_out_and_the_trainer_waits_for_the_disk(under_daemon, monkeypatch, caplog):
@@ -536,6 +569,26 @@ def test_lightning_saves_go_to_memory_and_persist_under_the_name_lightning_gave(
     assert e.valid and e.recorded and e.step == 6, e.reason
     _flip(r.path, r.path.stat().st_size // 2)
     assert not cat.verify_entry(cat.scan(ck, ["epoch={epoch}-step={step}.ckpt"]).by_name(r.path.name)).valid
+
+
+def test_lightning_memory_slots_are_reserved_and_faulted_in_when_fit_starts(under_daemon):
+    pytest.importorskip("lightning")
+    import lightning.pytorch as pl
+
+    ck, region = under_daemon
+    seen = {}
+
+    class Probe(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 1:  # before the first save (step 3)
+                assert not mem.Region(region).slots()[0]
+                seen["sizes"] = _slots_ready(trainer.strategy.checkpoint_io._writer)
+
+    trainer, _, _ = _lightning(ck, max_steps=7, extra=[Probe()])
+    assert trainer.strategy.checkpoint_io.saves == 2
+    assert {s.step for s in mem.Region(region).slots()[0]} == {3, 6}
+    # the estimate held: both saves went into the slots reserved at the start, none grew them
+    assert all(os.path.getsize(region / f"slot-{i}") == size for i, size in enumerate(seen["sizes"]))
 
 
 def test_lightnings_best_and_last_exist_as_files_after_fit(under_daemon):

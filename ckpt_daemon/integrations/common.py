@@ -192,6 +192,28 @@ def memory_writer():
     return MemoryWriter(region, Path(os.environ[ENV_CHECKPOINTS]), max_bytes)
 
 
+def reserve_slots(writer, model, optimizers=None, what: str = "this trainer") -> bool:
+    """Reserve `writer`'s memory slots now, at the start of training, for a checkpoint of `model` and
+    `optimizers` (estimated, the optimizer state still to be created included): their space and pages are
+    paid on the writer's thread while training starts, not inside the first memory saves (the first save
+    waits for it). Never raises: memory checkpoints are an optimisation; a reservation that fails (the
+    region cannot hold two copies) is reported by the first memory save, which then goes to disk as before.
+    These saves copy host bytes (the framework's own save moved the tensors off the device), so the slots
+    are not registered as pinned memory. Imports torch: for trainers only."""
+    if writer is None or model is None:
+        return False
+    try:
+        from ckpt_daemon import devio
+
+        est = devio.estimate_state_bytes(model, list(optimizers or []))
+        writer.reserve_in_background(est + est // 64)  # + the framework's own files and pickle framing
+        return True
+    except Exception as exc:  # noqa: BLE001 - the first save reserves them instead, as before
+        log.warning("ckpt-daemon: the memory slots of %s could not be reserved at start (%s: %s); the first memory "
+                    "save reserves them", what, type(exc).__name__, str(exc)[:200])
+        return False
+
+
 def memory_settings():
     """`checkpoints.memory` of this run's config (`$CKPT_DAEMON_CONFIG`, else ./config.yaml), or the defaults."""
     from ckpt_daemon.config import MemoryConfig

@@ -89,6 +89,7 @@ from ckpt_daemon.integrations.common import (
     memory_writer,
     release_memory_resume,
     commit_to_disk,
+    reserve_slots,
     same_folder,
 )
 
@@ -405,7 +406,10 @@ class _MemorySaves:
         log.info("ckpt-daemon: Hugging Face checkpoints go to memory (%s); the daemon writes them to disk; a new best "
                  "goes to disk %s", region, {"every": "at once", "interval": f"at most every {best.interval_s} s",
                                              "at_end": "when training ends"}[best.mode])
-        return cls(region, writer, trainer, best)
+        saves = cls(region, writer, trainer, best)
+        # the slots' space and pages at the start, not inside the first saves (the optimizer exists by now)
+        reserve_slots(writer, getattr(trainer, "model", None), [getattr(trainer, "optimizer", None)], "this Trainer")
+        return saves
 
     def _need(self) -> int:
         """About what one Hugging Face checkpoint takes: weights, optimizer state, a margin."""

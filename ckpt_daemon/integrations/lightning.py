@@ -90,6 +90,7 @@ from ckpt_daemon.integrations.common import (
     memory_writer,
     release_memory_resume,
     commit_to_disk,
+    reserve_slots,
     same_folder,
     step_of,
 )
@@ -252,6 +253,9 @@ class _CkptDaemonHooks:
     def on_train_start(self, trainer, pl_module) -> None:
         step = trainer.global_step
         self.start_step = self._prev_step = step
+        io = getattr(trainer.strategy, "_checkpoint_io", None)
+        if trainer.is_global_zero and isinstance(io, MemoryCheckpointIO):
+            io.reserve(pl_module, getattr(trainer, "optimizers", None))  # the optimizers exist by now
         if trainer.is_global_zero:
             choice = daemon_choice()
             if choice is not None and choice[1] is not None and choice[1] != step:
@@ -418,6 +422,20 @@ class MemoryCheckpointIO(_TorchCheckpointIO):
         if not isinstance(step, int) or step_of(path) != step:
             return None  # last.ckpt and the like: to disk
         return os.path.basename(path)
+
+    def reserve(self, module, optimizers) -> bool:
+        """Reserve the memory slots at the start of fit (space and pages paid while training starts, not in
+        the first saves; common.reserve_slots). False when memory checkpoints are off for this run."""
+        if self._off is not None or memory_region() is None:
+            return False
+        try:
+            if self._writer is None:
+                self._writer = memory_writer()
+        except Exception as exc:  # noqa: BLE001 - as a save would: memory off, saves to disk
+            self._off = f"{type(exc).__name__}: {exc}"
+            log.warning("ckpt-daemon: memory checkpoints are off for this run (%s); saving to disk", self._off)
+            return False
+        return reserve_slots(self._writer, module, optimizers, "this LightningModule")
 
     def save_checkpoint(self, checkpoint: dict, path, storage_options: Optional[Any] = None) -> None:
         name = self._memory_name(checkpoint, path)
