@@ -40,6 +40,10 @@ BAD = [
     ("disk:\n  warn_free_gb: 1\n  emergency_free_gb: 5\n", ["disk", "emergency_free_gb (5.0) must not exceed"]),
     ("trainer:\n  model:\n    n_embd: 130\n    n_head: 4\n", ["trainer.model", "multiple of n_head"]),
     ("trainer:\n  best_mode: lowest\n", ["trainer.best_mode", "'min' or 'max'"]),
+    ("trainer:\n  precision: fp8\n", ["trainer.precision", "'fp32', 'bf16' or 'fp16'", "'fp8'"]),
+    ("trainer:\n  precision: 16\n", ["trainer.precision", "'fp32', 'bf16' or 'fp16'"]),
+    ("trainer:\n  device: gpu\n", ["trainer.device", "'auto', 'cpu' or 'cuda'", "'gpu'"]),
+    ("trainer:\n  deterministic: maybe\n", ["trainer.deterministic", "boolean", "'maybe'"]),
 ]
 
 

@@ -14,6 +14,7 @@ import torch
 
 from ckpt_daemon import device as dv
 from ckpt_daemon import devio, stio
+from ckpt_daemon.errors import EXIT_USAGE
 from ckpt_daemon.fsutil import new_hasher
 from tests.helpers import resident_bytes
 
@@ -48,10 +49,30 @@ def test_cuda_without_a_gpu_is_a_clear_error():
 @pytest.mark.parametrize("job", [dv.Job(rank=0, world=8, local_rank=0, local_world=8),
                                  dv.Job(rank=5, world=6, local_rank=5, local_world=6)])
 def test_more_ranks_than_gpus_is_a_clear_error(job):
-    with pytest.raises(dv.DeviceError, match=r"runs \d trainer processes but torch sees 4 GPU.*--nproc_per_node at most 4"):
+    with pytest.raises(dv.DeviceError, match=r"runs \d trainer processes but torch sees 4 GPU.*--nproc_per_node at most 4") as ei:
         dv.place("auto", "fp32", False, FOUR_H200, job)
+    msg = str(ei.value)
+    assert "\n" not in msg and "one GPU per process" in msg and "trainer.device: cpu" in msg  # one paragraph: cause, fix
+    assert ei.value.exit_code == EXIT_USAGE
     # the same job on the CPU is fine: gloo, every rank on the CPU
     assert dv.place("cpu", "fp32", False, FOUR_H200, job).backend == "gloo"
+
+
+def test_backend_is_nccl_on_gpus_and_gloo_on_cpus():
+    assert (dv.backend_for("cuda"), dv.backend_for("cpu")) == ("nccl", "gloo")
+
+
+def test_the_trainer_asked_for_cuda_without_a_gpu_exits_with_one_paragraph_naming_the_fix(tmp_path):
+    from tests.helpers import env_for_children, run_py, write_config
+
+    cfg = write_config(tmp_path, {"trainer": {"device": "cuda"}})
+    env = {**env_for_children(), "CUDA_VISIBLE_DEVICES": ""}  # no GPU, here or on a GPU machine
+    r = run_py(["-m", "trainer", "--config", str(cfg), "--max-steps", "2"], env=env, timeout=120)
+    assert r.returncode == EXIT_USAGE, r.stdout + r.stderr
+    assert "Traceback" not in r.stderr
+    line = next(ln for ln in r.stderr.splitlines() if "trainer.device is cuda" in ln)
+    assert "torch sees no CUDA GPU" in line and "Set trainer.device: auto" in line
+    assert not list((tmp_path / "checkpoints").glob("checkpoint-*"))  # nothing trained
 
 
 @pytest.mark.parametrize("precision, dtype, scaler", [("fp32", None, False), ("bf16", "bfloat16", False),
@@ -371,3 +392,71 @@ def test_a_memory_slot_loads_through_the_device_path_and_a_damaged_one_is_refuse
         f.write(bytes([b[0] ^ 1]))
     state, why = read_slot_state(region, ck, map_location="cpu")
     assert state is None and re.search(r"state.safetensors fails its \w+ checksum", why), why
+
+
+# ------------------------------------------------------------------------------ the GPU benchmark
+def test_the_gpu_benchmark_without_cuda_exits_0_and_says_why_it_measured_nothing(tmp_path):
+    from tests.helpers import REPO, env_for_children, run_py
+
+    results = REPO / "benchmarks" / "RESULTS.md"
+    before = results.read_bytes() if results.exists() else None
+    env = {**env_for_children(), "CUDA_VISIBLE_DEVICES": "", "CKPT_BENCH_DIR": str(tmp_path)}  # no GPU, here or there
+    r = run_py(["-m", "benchmarks", "--only", "gpu"], env=env, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "gpu: this section needs a CUDA GPU and measured nothing: no CUDA GPU on this machine" in r.stderr, r.stderr
+    assert "gpu_skipped" in r.stdout and "gpu_error" not in r.stdout + r.stderr
+    j = run_py(["-m", "benchmarks", "--only", "gpu", "--json"], env=env, timeout=120, check=True)
+    out = json.loads(j.stdout)
+    assert "still to be measured" in out["gpu_skipped"] and "gpu_state_bytes" not in out
+    assert (results.read_bytes() if results.exists() else None) == before  # nothing measured, nothing written
+
+
+def test_the_gpu_benchmark_runs_every_path_as_a_dry_run_on_the_cpu(tmp_path, monkeypatch):
+    # The same script with device="cpu" and a tiny model: every saver, the memory slots and the loads run,
+    # so a GPU machine's short time is not spent finding a typo. The figures mean nothing here.
+    import benchmarks.gpu as bg
+
+    monkeypatch.setattr(bg, "WORK", tmp_path)
+    monkeypatch.setattr(bg, "_drop_caches", lambda: False)  # never the shared machine's page cache from a test
+    out = bg.bench_gpu(True, "cpu")
+    assert out["gpu_model"] == "dry" and out["gpu_name"] == "cpu (dry run)"
+    for k in ("gpu_save_s", "gpu_async_stall_s", "gpu_memory_stall_s", "gpu_memory_load_s", "gpu_load_s",
+              "gpu_safetensors_load_s", "gpu_load_vs_safetensors", "gpu_save_vs_dd"):
+        assert isinstance(out.get(k), (int, float)) and out[k] >= 0, (k, out.get(k))
+    table = "\n".join(bg.gpu_table(out))
+    assert "| figure | value | goal |" in table and "None" not in table.split("| figure |")[0]
+    assert not (tmp_path / "gpu").exists()  # its files are gone
+    assert "Still to be measured" in "\n".join(bg.gpu_table({"gpu_skipped": "no CUDA GPU"}))
+
+
+def test_the_fp16_grad_scalers_state_round_trips_through_a_memory_checkpoint(tmp_path):
+    # What the built-in trainer saves with precision fp16 (devio.grad_scaler), through the memory slot a
+    # restart reads first: the scale, its growth tracker and settings come back as they were.
+    from ckpt_daemon.checkpoint import CheckpointManager
+    from tests.helpers import make_state
+
+    fp16 = dv.place("cpu", "fp16", False, devio.present())
+    scaler = devio.grad_scaler(fp16)
+    assert scaler is not None
+    m, opt, sched = make_state(width=64)
+    with devio.autocast(fp16):
+        loss = m(torch.randn(4, 64)).float().pow(2).mean()
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+    want = scaler.state_dict()
+    assert want["_growth_tracker"] == 1
+    region, ck = tmp_path / "region", tmp_path / "ck"
+    mgr = CheckpointManager(ck, memory=region)
+    mgr.save(6, model=m, optimizer=opt, scheduler=sched, scaler=scaler, memory=True)
+    mgr.close()
+    m2, opt2, sched2 = make_state(width=64, seed=1)
+    fresh = devio.grad_scaler(fp16)
+    assert fresh.state_dict() != want
+    mgr2 = CheckpointManager(ck, memory=region)
+    try:
+        loaded = mgr2.load("latest", model=m2, optimizer=opt2, scheduler=sched2, scaler=fresh)
+    finally:
+        mgr2.close()
+    assert loaded is not None and loaded.step == 6 and loaded.from_memory
+    assert fresh.state_dict() == want
