@@ -323,7 +323,7 @@ def test_the_built_in_trainer_releases_its_resume_checkpoint(tmp_path):
     (so `cleanup` does not report it open by another process for the rest of the run)."""
     import subprocess
 
-    from tests.conftest import PY, env_for_children, write_config
+    from tests.helpers import PY, env_for_children, write_config
     from maintenance.cleanup import open_checkpoint_files
 
     cfg = write_config(tmp_path)
@@ -359,7 +359,7 @@ def readme_python_block(marker: str) -> str:
     """The one ```python block of README.md that contains `marker`, exactly as written there."""
     import re
 
-    from tests.conftest import REPO
+    from tests.helpers import REPO
 
     blocks = [b for b in re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(), re.S) if marker in b]
     assert len(blocks) == 1, f"{len(blocks)} python blocks of README.md hold {marker!r}"
@@ -373,9 +373,7 @@ def test_the_readme_checkpoint_manager_script_starts_fresh_and_resumes_after_kil
     import subprocess
 
     from ckpt_daemon.fsutil import hash_file
-    from tests.conftest import PY, env_for_children
-    from tests.test_byo import FAST_RESTART, kill_right_after_a_save, newest
-    from tests.test_daemon import Daemon
+    from tests.helpers import FAST_RESTART, PY, Daemon, env_for_children, kill_right_after_a_save, newest
 
     script = readme_python_block("from ckpt_daemon import CheckpointManager")
     for where in ("daemon", "alone"):

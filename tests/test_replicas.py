@@ -32,7 +32,7 @@ from ckpt_daemon.remote.store import FolderStore, Throttle, open_store
 from ckpt_daemon.remote.target import Credentials, CredentialsError, parse_url, read_credentials_file
 from daemon import replicaview
 from daemon.replicate import TargetWorker, lag, select
-from tests.helpers import PY, Daemon, deep_merge, env_for_children, run_py
+from tests.helpers import PY, Daemon, Receiver, deep_merge, env_for_children, run_py
 from tests.seaweed import Seaweed, why_unavailable
 
 MIB = 1 << 20
@@ -594,6 +594,7 @@ def test_a_plain_script_replicates_after_an_unreachable_start_and_bad_credential
     if why:
         pytest.skip(why)
     srv = Seaweed(tmp_path / "srv")  # ports chosen, not started: unreachable
+    hook = Receiver()  # a person's web hook: the lag is notified
     creds = tmp_path / "s3.env"
     creds.write_text(f"AWS_ACCESS_KEY_ID={srv.access_key}\nAWS_SECRET_ACCESS_KEY=wrong-secret-0123456789\n")
     creds.chmod(0o600)
@@ -602,13 +603,17 @@ def test_a_plain_script_replicates_after_an_unreachable_start_and_bad_credential
                           "training": {"command": [PY, str(Path(__file__).parent / "byo" / "plain_train.py"), str(root),
                                                    "--every", "50"]},
                           "replicas": [{"url": "s3://plain/run", "endpoint_url": srv.endpoint, "credentials_file": str(creds),
-                                        "include": ["latest"], "within_s": 5, "restore_wait_s": 0}]}).start()
+                                        "include": ["latest"], "within_s": 5, "restore_wait_s": 0}],
+                          "notify": {"urls": [hook.url()], "events": ["replica_lag"]}}).start()
     daemons.append(d)
     try:
         s = d.wait(lambda s: (s["replicas"][0].get("last_error") or {}).get("kind") == "unreachable" and s, 90,
                    "the unreachable target in status")
         d.wait(lambda s: (s["checkpoints"]["latest"] or {}).get("step", 0) >= 200, 90, "training going on meanwhile")
         d.wait(lambda s: replicaview.late(s["replicas"][0], time.time()), 60, "the lag alert")
+        note = hook.wait(lambda got: got and got[0], 60, "the lag notification")
+        assert "replication to s3://plain/run is" in note["title"] and "behind" in note["title"]
+        assert "event: replica_lag" in note["message"] and "exist only on this machine" in note["message"]
         assert "replica BEHIND" in run_py(["-m", "daemon", "status", "--config", str(d.cfg)]).stdout
         srv.start()
         srv.make_bucket("plain")
@@ -627,6 +632,7 @@ def test_a_plain_script_replicates_after_an_unreachable_start_and_bad_credential
         assert d.stop() == 0
     finally:
         srv.stop()
+        hook.close()
 
 
 @pytest.mark.slow

@@ -154,7 +154,7 @@ RAW = ("\x1b", "\x07", "\x9b", "\r", "\u202e")
 
 
 def _hostile_folder(tmp_path: Path) -> tuple[Path, Path]:
-    from tests.test_deletion_safety import fake_native
+    from tests.helpers import fake_native
 
     cfg_path = write_config(tmp_path, {"retention": {"tiers": [{"count": 1}]}}, tiny=False)
     root = tmp_path / "checkpoints"
@@ -226,3 +226,23 @@ def test_inert_shows_every_character_and_runs_none():
 
     check()
     assert inert("a\x1bb\u202ec\U000e0001") == "a\\x1bb\\u202ec\\U000e0001"
+
+
+def test_generate_follows_the_folders_own_best_pointer_and_no_other_link(tmp_path, outside):
+    """`generate --checkpoint checkpoints/best` (the README's example) reads the checkpoint `best` names
+    beside it; a link that leads out of the folder is refused with its reason."""
+    from ckpt_daemon.checkpoint import load_weights
+    from ckpt_daemon.errors import CheckpointError
+    from tests.helpers import native
+
+    root = tmp_path / "checkpoints"
+    native(root, [10, 20])
+    if os.path.lexists(root / "best"):
+        os.unlink(root / "best")
+    (root / "best").symlink_to("checkpoint-10")
+    tensors, meta = load_weights(root / "best")
+    assert meta["step"] == 10 and tensors
+    native(outside / "elsewhere", [30])
+    (root / "far").symlink_to(outside / "elsewhere" / "checkpoint-30")
+    with pytest.raises(CheckpointError, match="symbolic link"):
+        load_weights(root / "far")
