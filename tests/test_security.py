@@ -191,11 +191,16 @@ def test_text_from_the_folder_never_reaches_the_terminal_raw(tmp_path):
     r = run_py(["-m", "daemon", "status", "--config", str(cfg_path)])
     outs["status"] = r.stdout + r.stderr
     outs["cleanup.log"] = (tmp_path / "logs" / "cleanup.log").read_text()
+    # an error message that quotes a name given or found (every command's errors go through one printer)
+    r = run_py(["-m", "trainer.generate", "--checkpoint", str(tmp_path / f"gone{HOSTILE}")])
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    outs["error"] = r.stdout + r.stderr
     for what, text in outs.items():
         assert not any(c in text for c in RAW), (what, text)
         assert not any(line.lstrip("│ ").startswith("FAKE") for line in text.splitlines()), what  # no forged line
     assert "loss\\x1b]0;pwned\\x07" in outs["list"] and "paper\\x1b" in outs["list"]  # shown, as escapes
     assert "notes\\x1b" in outs["list"] and "notes\\x1b" in outs["cleanup"] and "paper\\x1b" in outs["cleanup"]
+    assert "gone\\x1b" in outs["error"] and "does not exist" in outs["error"]
     assert "why\\x1b" in outs["pin"] and "Traceback\\x1b" in outs["status"] and "checkpoint-30\\x1b" in outs["status"]
     # JSON is exact: the same strings, escaped by JSON itself
     listed = json.loads(run_py(["-m", "daemon", "list", "--json", "--config", str(cfg_path)], check=True).stdout)
