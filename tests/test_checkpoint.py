@@ -354,30 +354,31 @@ def test_the_built_in_trainer_releases_its_resume_checkpoint(tmp_path):
         p.wait()
 
 
-# ------------------------------------------------------------------ the README's CheckpointManager script
-def readme_python_block(marker: str) -> str:
-    """The one ```python block of README.md that contains `marker`, exactly as written there."""
-    import re
-
-    from tests.conftest import REPO
-
-    blocks = [b for b in re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(), re.S) if marker in b]
-    assert len(blocks) == 1, f"{len(blocks)} python blocks of README.md hold {marker!r}"
-    return blocks[0]
-
-
-def test_the_readme_checkpoint_manager_script_starts_fresh_and_resumes_after_kill_9_under_the_daemon(tmp_path):
-    """Under the daemon a fresh folder's $CKPT_RESUME is `none`: the README's script starts at step 0 (no
+# ------------------------------------------------------------------ the docs' CheckpointManager script
+def test_the_docs_checkpoint_manager_script_starts_fresh_and_resumes_after_kill_9_under_the_daemon(tmp_path):
+    """Under the daemon a fresh folder's $CKPT_RESUME is `none`: the script of docs/trainers.md starts at step 0 (no
     crash loop), saves; after a kill -9 it resumes from the newest checkpoint, and it ends with exactly
     the weights of an uninterrupted run of the same script (outside the daemon, in an empty folder)."""
     import subprocess
 
     from ckpt_daemon.fsutil import hash_file
-    from tests.conftest import PY, env_for_children
-    from tests.test_byo import FAST_RESTART, kill_right_after_a_save, newest
-    from tests.test_daemon import Daemon
+    from tests.helpers import PY, Daemon, env_for_children, wait_for
+    from tests.snippets import doc_block
 
-    script = readme_python_block("from ckpt_daemon import CheckpointManager")
+    def newest(root, patterns):
+        return cat.scan(root, patterns).newest_valid()
+
+    def kill_right_after_a_save(d, root, patterns, after_step):  # stopped at once, then SIGKILLed
+        wait_for(lambda: (e := newest(root, patterns)) is not None and e.step > after_step, timeout=300,
+                 what=f"a save after {after_step}", alive=d.proc)
+        pid = d.status()["training"]["pid"]
+        os.kill(pid, signal.SIGSTOP)
+        e = newest(root, patterns)
+        os.kill(pid, signal.SIGKILL)
+        return e
+
+    FAST_RESTART = {"initial_backoff_s": 0.2, "max_backoff_s": 1.0, "max_crashes": 20, "crash_window_s": 600}
+    script = doc_block("docs/trainers.md", "from ckpt_daemon import CheckpointManager")
     for where in ("daemon", "alone"):
         (tmp_path / where).mkdir()
         (tmp_path / where / "train.py").write_text(script)
