@@ -312,10 +312,11 @@ def test_a_real_daemon_notifies_a_web_hook_and_a_mail_server(tmp_path, receiver)
         smtp.close()
 
 
-def test_the_readme_example_is_a_valid_config_shown_without_its_secrets(tmp_path):
-    readme = (REPO / "README.md").read_text()
-    section = readme.split("## Notifications\n", 1)[1].split("\n## ", 1)[0]
-    example = section.split("```yaml\n", 1)[1].split("```", 1)[0]
+def test_the_docs_example_is_a_valid_config_shown_without_its_secrets(tmp_path):
+    from tests.snippets import doc_block
+
+    section = (REPO / "docs" / "notifications.md").read_text()
+    example = doc_block("docs/notifications.md", "min_interval_s: 600")
     (tmp_path / "config.yaml").write_text(example)
     r = run_py(["-m", "daemon", "check-config", "--json", "--config", str(tmp_path / "config.yaml")], check=True)
     eff = json.loads(r.stdout)["effective"]["notify"]
@@ -326,5 +327,5 @@ def test_the_readme_example_is_a_valid_config_shown_without_its_secrets(tmp_path
     plain = re.search(r"`(mailto://mail\.internal[^`]*)`", section).group(1)  # the plain SMTP form it names
     url = parse_config(yaml.safe_dump({"notify": {"urls": [plain]}}), tmp_path / "config.yaml").notify.urls[0]
     assert url.label == "mailto://mail.internal.example.org:25"
-    for event in ALERT_EVENTS:  # every event is in the README's table
+    for event in ALERT_EVENTS:  # every event is in the docs' table
         assert f"| `{event}` |" in section

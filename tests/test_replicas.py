@@ -701,16 +701,16 @@ sys.exit(d.run())
     assert doc["replicas"][0]["replicas"] == 1 and doc["replicas"][0]["newest"]["name"] == "checkpoint-10"
 
 
-def test_the_readme_replicas_section_runs_as_written(tmp_path, server):
+def test_the_docs_replicas_page_runs_as_written(tmp_path, server):
     """Its config examples validate as written; its commands run as written (against SeaweedFS, with the
     server's address and keys put into the SeaweedFS example)."""
-    import re
     import shlex
 
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    section = readme.split("\n## Replicas\n", 1)[1].split("\n## ", 1)[0]
-    yamls = re.findall(r"```yaml\n(.*?)```", section, re.S)
-    assert len(yamls) == 3
+    from tests.snippets import blocks, doc_block
+
+    yamls = [doc_block("docs/replicas.md", "url: s3://my-bucket/run1"), doc_block("docs/replicas.md", "endpoint_url:"),
+             doc_block("docs/replicas.md", "url: /mnt/nfs/")]
+    assert [b.text for b in blocks("docs/replicas.md") if b.lang == "yaml"] == yamls  # all of them
     for text in yamls:
         parse_config(text, tmp_path / "config.yaml")
     server.make_bucket("ckpt")
@@ -722,7 +722,7 @@ def test_the_readme_replicas_section_runs_as_written(tmp_path, server):
     for s in (100, 200):
         upload.upload_checkpoint(s3(server, "s3://ckpt/run1"), source.from_entry(scan(native_ckpt(tmp_path / "src", s).parent)
                                                                                   .by_name(f"checkpoint-{s}")), upload.Transfer(1, 5 * MIB))
-    commands = [ln.split("#")[0].strip() for ln in re.findall(r"```bash\n(.*?)```", section, re.S)[0].splitlines()]
+    commands = [ln.split("#")[0].strip() for ln in doc_block("docs/replicas.md", "ckpt-daemon list --remote").splitlines()]
     outs = []
     for cmd in commands:
         argv = shlex.split(cmd)
