@@ -417,6 +417,8 @@ FAST_RESTART = {"initial_backoff_s": 0.2, "max_backoff_s": 1.0, "max_crashes": 2
 
 
 def newest(root: Path, patterns) -> cat.Entry:
+    from ckpt_daemon import catalog as cat
+
     return cat.scan(root, patterns).newest_valid()
 
 
