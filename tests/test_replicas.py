@@ -173,7 +173,8 @@ def _rec(**kw):
     (lambda m: m.update(files={"a": _rec(server={"sha256": "nope"})}), "no valid server checksum"),
     (lambda m: m.update(layout="file"), "single-file checkpoint has one file"),
     (lambda m: m.update(metrics=[1]), "metrics of the wrong type"),
-])
+], ids=["format", "name", "step", "relative-path", "absolute-path", "size", "algo", "server-checksum",
+        "layout", "metrics"])  # fixed ids: a lambda's id differs between xdist workers
 def test_a_hostile_remote_manifest_is_refused_with_its_reason(mutate, needle):
     m = {"format": fmt.FORMAT, "name": "checkpoint-1", "step": 1, "layout": "native", "files": {"a": _rec()}}
     fmt.parse(json.dumps(m).encode(), "checkpoint-1")
