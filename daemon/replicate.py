@@ -229,6 +229,7 @@ class TargetWorker:
             r = self.settings(cfg)
             if r is None:
                 break
+            key = self._settings_key(cfg)  # what this pass uses: a fix made during it is tried at once
             try:
                 if self.restoring.is_set():
                     self._set(state="restoring")
@@ -247,7 +248,6 @@ class TargetWorker:
                 self._set(state="error", last_error={"time": time.time(), "kind": "error", "message": str(exc)[:500]})
                 backoff = min(MAX_BACKOFF_S, max(POLL_S, backoff * 2))
             deadline = time.monotonic() + max(POLL_S, backoff)
-            key = self._settings_key(cfg)
             while time.monotonic() < deadline and not self.wake.wait(min(POLL_S, deadline - time.monotonic())):
                 if self._settings_key(self.get_cfg()) != key:
                     break  # fixed credentials or settings are tried at once, not after the backoff
