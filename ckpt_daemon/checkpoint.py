@@ -786,6 +786,14 @@ def load_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     path = Path(path)
     if not os.path.lexists(path):
         raise CheckpointError(f"{path} does not exist.")
+    if path.is_symlink():
+        # the folder's own pointers (checkpoints/best, checkpoints/latest) name a sibling: that one is read,
+        # never a link that leads elsewhere
+        target = os.readlink(path)
+        if "/" in target or target in (".", "..") or os.path.islink(path.parent / target):
+            raise CheckpointError(f"{path} is a symbolic link to {target!r}, which is not a checkpoint beside it: give "
+                                  "the checkpoint folder itself.")
+        path = path.parent / target
     if not path.is_dir() or path.is_symlink():
         raise CheckpointError(f"{path} is not a folder: give a checkpoint-<step> folder or a folder written by "
                               "`ckpt-daemon consolidate` (which also exports a single-file checkpoint).")

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from ckpt_daemon.errors import CkptError, exit_code_table
+from ckpt_daemon.termtext import inert
 
 CONFIG_ENV = "CKPT_DAEMON_CONFIG"
 CONFIG_HELP = f"the config.yaml to use (default: ${CONFIG_ENV}, else ./config.yaml)"
@@ -134,7 +135,7 @@ def invoke(func: Callable[[argparse.Namespace], int], args: argparse.Namespace, 
         if getattr(args, "json", False):
             print(error_json(exc))
         else:
-            print(f"error: {exc}", file=sys.stderr)
+            print(inert(f"error: {exc}"), file=sys.stderr)  # it may quote a name given or found: one line, inert
         return exc.exit_code
     except KeyboardInterrupt:
         print("cancelled", file=sys.stderr)

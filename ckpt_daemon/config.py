@@ -550,6 +550,7 @@ ALERT_EVENTS: dict[str, str] = {
     "verification_failed": "a checkpoint failed verification (it is never resumed from)",
     "disk_emergency": "free space stays below disk.emergency_free_gb (retention could not, or may not, free enough)",
     "deletions_held": "retention held deletions that an edited, unconfirmed policy would make",
+    "replica_lag": "a replica target is behind beyond its replicas[].within_s: the newest checkpoints exist only here",
 }
 MAX_NOTIFY_URLS = 32
 

@@ -1017,6 +1017,7 @@ _LEGACY_PROTOCOL = 1001  # torch.serialization.PROTOCOL_VERSION
 _CHUNK = 1 * MiB
 _CDH_STRUCT = struct.Struct("<4sHHHHHHIIIHHHHHII")  # a central directory header, 46 bytes
 _TICK = 0xFFF  # check the CPU budget every 4096 items
+_EARLY = 1024  # in an archive with more entries, data.pkl is read after this many headers to bound the walk
 _FIRST_RECORDS = ("data.pkl", "version", ".data/version", "byteorder")  # kept by the first walk
 
 
@@ -1122,15 +1123,24 @@ class _Archive:
                                      f"{limits.max_cd_bytes}")
         self.cd_start, self.cd_size = cd_start, cd_size
 
-        # First walk: every header checked, the records needed to read data.pkl kept.
-        count, first, records = 0, None, {}
-        for name, flags, offset, size, crc in self._headers():
+        # First walk: every header checked, the records needed to read data.pkl kept. It never walks
+        # past the count the end record declares, and in a large archive it reads data.pkl (which
+        # torch.save writes first) early: what data.pkl names bounds the walk, so a zip of a million
+        # empty entries costs what a real checkpoint's check costs.
+        count, first, records, self._records, self._parsed = 0, None, {}, {}, None
+        for name, flags, offset, size, crc in self._headers(declared):
             count += 1
             if first is None:
                 first = name
                 self.prefix = name.split("/", 1)[0]
             if name.startswith(self.prefix + "/") and self.rel(name) in _FIRST_RECORDS:
                 records[name] = (flags, offset, size, crc)
+            if count == _EARLY < declared:
+                if self.name("data.pkl") not in records:
+                    raise TorchZipLimitError(f"the archive has {declared} entries and data.pkl is not among "
+                                             f"the first {_EARLY} (torch.save writes it first)")
+                self._records = records
+                self._check_named(declared)
         if count != declared:
             raise TorchZipError(f"the central directory declares {declared} entries but holds {count}")
         if first is None:
@@ -1142,13 +1152,7 @@ class _Archive:
         if self.name("version") not in records and self.name(".data/version") not in records:
             raise TorchZipError("the version record is missing (torch.load refuses such a file)")
         self._records = records
-        data = self._read_kept("data.pkl", limits.max_pickle_bytes)
-        root, storages = parse_pickle(data, archive=self.prefix, limits=limits, budget=self.budget)
-        self._parsed = (root, storages)
-        named = len({s.key for s in storages})
-        if count > named + limits.max_extra_entries:
-            raise TorchZipLimitError(f"the archive has {count} entries but data.pkl names {named} storages; "
-                                     "torch.save writes one entry per storage and a few records")
+        self._check_named(count)
 
         # Second walk: the table of every entry; every local header where the central directory says,
         # naming the same file, its data ending before the next entry (or the central directory) begins.
@@ -1182,9 +1186,21 @@ class _Archive:
                 raise TorchZipError("the byteorder record is neither 'little' nor 'big'")
             self.byteorder = raw.decode()
 
-    def _headers(self) -> Any:
+    def _check_named(self, count: int) -> None:
+        """Parse data.pkl (once) and refuse an archive with more entries than the storages it names."""
+        limits = self.limits
+        if self._parsed is None:
+            data = self._read_kept("data.pkl", limits.max_pickle_bytes)
+            self._parsed = parse_pickle(data, archive=self.prefix, limits=limits, budget=self.budget)
+        named = len({s.key for s in self._parsed[1]})
+        if count > named + limits.max_extra_entries:
+            raise TorchZipLimitError(f"the archive has {count} entries but data.pkl names {named} storages; "
+                                     "torch.save writes one entry per storage and a few records")
+
+    def _headers(self, declared: int | None = None) -> Any:
         """(name, flags, local header offset, size, crc) of each central directory header, checked; read
-        as a stream (the file's buffer), so a walk holds one header at a time."""
+        as a stream (the file's buffer), so a walk holds one header at a time. It stops past `declared`
+        (the end record's count) or the entry limit, whichever is lower."""
         fp, limit, n = self.fp, self.limits.max_entries, 0
         unpack = _CDH_STRUCT.unpack
         fp.seek(self.cd_start)
@@ -1201,6 +1217,8 @@ class _Archive:
                 raise TorchZipError("the zip central directory is damaged")
             left -= 46 + len(rest)
             n += 1
+            if declared is not None and n > declared:
+                raise TorchZipError(f"the central directory declares {declared} entries but holds more")
             if n > limit:
                 raise TorchZipLimitError(f"the archive has more than {limit} entries")
             if not n & _TICK:

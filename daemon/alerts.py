@@ -53,10 +53,13 @@ REMEDY = {
                       "`python -m maintenance.cleanup --dry-run`, then confirm with `python -m maintenance.cleanup`, "
                       "or undo the edit of retention.tiers.",
     "new_best": "Retention and snapshots keep it; `python -m maintenance.consolidate --from best` exports it.",
+    "replica_lag": "Uploads go on by themselves once the target answers; `ckpt-daemon status` shows the last error "
+                   "(unreachable, refused credentials, a full bucket...) and what is pending.",
 }
 # apprise's kinds: how a service colours or files the notification
 KIND = {"gave_up": "failure", "crash": "warning", "training_finished": "success", "new_best": "success",
-        "verification_failed": "failure", "disk_emergency": "failure", "deletions_held": "warning"}
+        "verification_failed": "failure", "disk_emergency": "failure", "deletions_held": "warning",
+        "replica_lag": "failure"}
 
 
 @dataclass

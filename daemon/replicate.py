@@ -35,6 +35,7 @@ from ckpt_daemon.remote.errors import (Cancelled, LocalChanged, RemoteAuthError,
                                        RemoteUnreachable)
 from ckpt_daemon.remote.connect import store_for
 from ckpt_daemon.remote.store import Store, Throttle
+from daemon import alerts
 
 log = get_logger("daemon.replicate")
 
@@ -228,6 +229,7 @@ class TargetWorker:
             r = self.settings(cfg)
             if r is None:
                 break
+            key = self._settings_key(cfg)  # what this pass uses: a fix made during it is tried at once
             try:
                 if self.restoring.is_set():
                     self._set(state="restoring")
@@ -246,7 +248,6 @@ class TargetWorker:
                 self._set(state="error", last_error={"time": time.time(), "kind": "error", "message": str(exc)[:500]})
                 backoff = min(MAX_BACKOFF_S, max(POLL_S, backoff * 2))
             deadline = time.monotonic() + max(POLL_S, backoff)
-            key = self._settings_key(cfg)
             while time.monotonic() < deadline and not self.wake.wait(min(POLL_S, deadline - time.monotonic())):
                 if self._settings_key(self.get_cfg()) != key:
                     break  # fixed credentials or settings are tried at once, not after the backoff
@@ -391,7 +392,11 @@ class TargetWorker:
             log.error("replication is behind beyond replicas[].within_s: the newest checkpoints exist only on this "
                       "machine", replica=self.url, behind_s=round(behind), lag_steps=lg["lag_steps"],
                       within_s=r.within_s, pending=lg["pending"][:10], last_error=(self.status.get("last_error") or {}).get("message"))
-            # TODO(alerts): alerts.emit("replica_lag", replica=self.url, behind_s=round(behind), lag_steps=lg["lag_steps"])
+            last_error = (self.status.get("last_error") or {}).get("message")
+            alerts.emit("replica_lag", f"replication to {self.url} is {round(behind)} s behind",
+                        f"{lg['lag_steps']} steps ({len(lg['pending'])} checkpoint(s)) exist only on this machine; "
+                        f"replicas[].within_s is {r.within_s:g} s." + (f" Last error: {last_error}" if last_error else ""),
+                        key=f"replica_lag {self.url}", replica=self.url)
         elif behind <= r.within_s and self._alerting:
             self._alerting = False
             log.info("replication caught up", replica=self.url)
@@ -423,7 +428,8 @@ class TargetWorker:
 
         if r.retention.mode == "same":
             tiers = rret.canon(cfg.retention.tiers)
-            confirmed = cleanup.confirmed_tiers(cfg.checkpoint_dir)[0]
+            # the local policy guard's confirmed tiers (a person confirms them with a manual cleanup)
+            confirmed = rret.canon(cleanup.confirmed_inputs(cfg.checkpoint_dir)[0].tiers)
         else:
             tiers = rret.canon(r.retention.tiers)
             confirmed = rret.confirmed_own_tiers(cfg.checkpoint_dir, self.url, tiers)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from ckpt_daemon import catalog as cat
-from ckpt_daemon import runtime
+from ckpt_daemon import fsutil, runtime
 from maintenance import retention
 from ckpt_daemon.config import Config, load_config
 from ckpt_daemon.errors import CkptError, UsageError
@@ -303,16 +303,15 @@ def build_report(cfg: Config, mode: str, extra_protected: Optional[dict[str, str
     inputs = PlanInputs.from_config(cfg)
     activity = runtime.training_activity(cfg.checkpoint_dir)
     c, _, decisions = _plan_run(cfg.checkpoint_dir, run, inputs, extra_protected, activity, cfg.checkpoints.settle_s)
-    import shutil
-
-    usage = shutil.disk_usage(root) if root.exists() else None
+    # as `df` counts: the blocks reserved for root are neither free nor usable by a trainer
+    usage = fsutil.disk_usage(root) if root.exists() else None
     conf, rec = confirmed_inputs(cfg.checkpoint_dir)
     r = Report(
         mode=mode, root=root, tiers=retention.describe_tiers(inputs.tiers), decisions=decisions,
         entries={e.name: e for e in c.entries}, activity=activity,
         open_files=open_checkpoint_files(root) if root.exists() else [],
         in_progress=[p.name for p in c.in_progress], ignored=c.ignored, started=time.time(),
-        disk_free=usage.free if usage else 0, disk_total=usage.total if usage else 0,
+        disk_free=usage.avail if usage else 0, disk_total=usage.used + usage.avail if usage else 0,
         policy={"confirmed": inputs == conf, "tiers": _as_json(inputs.tiers), "confirmed_tiers": _as_json(conf.tiers),
                 "changed": inputs.changes(conf), "confirmed_at": (rec or {}).get("confirmed")},
         notes=epoch_end_notes(c, decisions, inputs),
@@ -329,7 +328,8 @@ def render(r: Report, verbose: bool = True) -> str:
                  + (" (the checkpoint being written, the newest and the one it resumed from are protected; "
                     "deletions wait for the commit lock)" if r.activity.active else ""))
     if r.disk_total:
-        lines.append(f"Disk: {human(r.disk_free)} free of {human(r.disk_total)} ({r.disk_free / r.disk_total:.0%})")
+        lines.append(f"Disk: {human(r.disk_free)} free of {human(r.disk_total)} ({-(-100 * (r.disk_total - r.disk_free) // r.disk_total)}% "
+                     "used, as df shows it)")
     if r.in_progress:
         lines.append(f"Being written or interrupted (never touched): {', '.join(r.in_progress)}")
     if r.open_files:

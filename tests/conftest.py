@@ -22,13 +22,22 @@ def pytest_addoption(parser):
                           "(tests/test_suite_hygiene.py compares two processes': xdist's workers must agree)")
 
 
+def _stable_repr(value) -> str:
+    """A parameter's value as text; a function by where it is defined (its repr holds its address, which
+    differs between processes although it is the same function)."""
+    code = getattr(value, "__code__", None)
+    if code is not None:
+        return f"<function {value.__module__}.{value.__qualname__} line {code.co_firstlineno}>"
+    return repr(value)
+
+
 def pytest_collection_finish(session):
     path = session.config.getoption("--collection-digest")
     if path:
         lines = []
         for item in session.items:
             params = getattr(getattr(item, "callspec", None), "params", {})
-            digest = hashlib.sha256(repr(sorted(params.items())).encode()).hexdigest()[:16]
+            digest = hashlib.sha256(repr(sorted((k, _stable_repr(v)) for k, v in params.items())).encode()).hexdigest()[:16]
             lines.append(f"{item.nodeid} {digest}\n")
         Path(path).write_text("".join(lines))
 

@@ -14,8 +14,10 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Callable, TypeVar
 
@@ -395,3 +397,80 @@ def record_all(root: Path, patterns: list[str] = FOREIGN_PATTERNS) -> None:
     for e in cat.scan(root, patterns, now=time.time() + 3600).entries:
         if e.layout != "native" and e.valid and not e.recorded:
             foreign.record(root, e.name, e.path, e.layout, e.step, e.meta)
+
+
+SECRET = "s3cr3tTOKENxyz"  # in every notification test URL: it must never show up in a log, a status or an error
+
+
+class Receiver:
+    """A local HTTP server that keeps every notification apprise's json:// posts to it. With hold set,
+    it keeps the request open until released (a slow target)."""
+
+    def __init__(self, port: int = 0, hold: bool = False):
+        self.got: list[dict] = []
+        self.cond = threading.Condition()
+        self.release = threading.Event()
+        self.holding = threading.Event()
+        if not hold:
+            self.release.set()
+        owner = self
+
+        class H(BaseHTTPRequestHandler):
+            def do_POST(self):
+                n = int(self.headers.get("Content-Length") or 0)
+                data = json.loads(self.rfile.read(n) or b"{}")
+                owner.holding.set()
+                owner.release.wait(60)
+                with owner.cond:
+                    owner.got.append({"path": self.path, **data})
+                    owner.cond.notify_all()
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *a):
+                pass
+
+        self.srv = ThreadingHTTPServer(("127.0.0.1", port), H)
+        self.port = self.srv.server_address[1]
+        threading.Thread(target=self.srv.serve_forever, daemon=True).start()
+
+    def url(self, path: str = "hook") -> str:
+        return f"json://ckpt:{SECRET}@127.0.0.1:{self.port}/{path}?token={SECRET}"
+
+    def wait(self, pred, timeout: float = 60, what: str = "a notification"):
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while True:
+                v = pred(self.got)
+                if v:
+                    return v
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"timed out waiting for {what}; got: {[m.get('title') for m in self.got]}")
+                self.cond.wait(min(left, 0.5))
+
+    def close(self):
+        self.release.set()
+        self.srv.shutdown()
+        self.srv.server_close()
+
+
+FAST_RESTART = {"initial_backoff_s": 0.2, "max_backoff_s": 1.0, "max_crashes": 20, "crash_window_s": 600}
+
+
+def newest(root: Path, patterns) -> cat.Entry:
+    from ckpt_daemon import catalog as cat
+
+    return cat.scan(root, patterns).newest_valid()
+
+
+def kill_right_after_a_save(d: Daemon, root: Path, patterns, after_step: int) -> cat.Entry:
+    """Stop the trainer just after it saved a checkpoint newer than `after_step`, then SIGKILL it."""
+    wait_for(lambda: (e := newest(root, patterns)) is not None and e.step > after_step,
+             what=f"a save after {after_step}")
+    pid = d.status()["training"]["pid"]
+    os.kill(pid, signal.SIGSTOP)
+    e = newest(root, patterns)
+    os.kill(pid, signal.SIGKILL)
+    return e

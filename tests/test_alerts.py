@@ -9,9 +9,7 @@ import os
 import re
 import socket
 import stat
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -21,9 +19,7 @@ import yaml
 from ckpt_daemon.config import ALERT_EVENTS, config_schema, parse_config
 from ckpt_daemon.errors import ConfigError
 from daemon.alerts import Alerts
-from tests.helpers import PY, REPO, run_py
-
-SECRET = "s3cr3tTOKENxyz"  # in every test URL: it must never show up in a log, a status or an error
+from tests.helpers import PY, REPO, SECRET, Receiver, run_py
 
 
 # ---------------------------------------------------------------------------------- local receivers
@@ -33,60 +29,6 @@ def free_port() -> int:
     port = s.getsockname()[1]
     s.close()
     return port
-
-
-class Receiver:
-    """A local HTTP server that keeps every notification apprise's json:// posts to it. With hold set,
-    it keeps the request open until released (a slow target)."""
-
-    def __init__(self, port: int = 0, hold: bool = False):
-        self.got: list[dict] = []
-        self.cond = threading.Condition()
-        self.release = threading.Event()
-        self.holding = threading.Event()
-        if not hold:
-            self.release.set()
-        owner = self
-
-        class H(BaseHTTPRequestHandler):
-            def do_POST(self):
-                n = int(self.headers.get("Content-Length") or 0)
-                data = json.loads(self.rfile.read(n) or b"{}")
-                owner.holding.set()
-                owner.release.wait(60)
-                with owner.cond:
-                    owner.got.append({"path": self.path, **data})
-                    owner.cond.notify_all()
-                self.send_response(200)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *a):
-                pass
-
-        self.srv = ThreadingHTTPServer(("127.0.0.1", port), H)
-        self.port = self.srv.server_address[1]
-        threading.Thread(target=self.srv.serve_forever, daemon=True).start()
-
-    def url(self, path: str = "hook") -> str:
-        return f"json://ckpt:{SECRET}@127.0.0.1:{self.port}/{path}?token={SECRET}"
-
-    def wait(self, pred, timeout: float = 60, what: str = "a notification"):
-        deadline = time.monotonic() + timeout
-        with self.cond:
-            while True:
-                v = pred(self.got)
-                if v:
-                    return v
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise AssertionError(f"timed out waiting for {what}; got: {[m.get('title') for m in self.got]}")
-                self.cond.wait(min(left, 0.5))
-
-    def close(self):
-        self.release.set()
-        self.srv.shutdown()
-        self.srv.server_close()
 
 
 class Smtp:
@@ -370,10 +312,11 @@ def test_a_real_daemon_notifies_a_web_hook_and_a_mail_server(tmp_path, receiver)
         smtp.close()
 
 
-def test_the_readme_example_is_a_valid_config_shown_without_its_secrets(tmp_path):
-    readme = (REPO / "README.md").read_text()
-    section = readme.split("## Notifications\n", 1)[1].split("\n## ", 1)[0]
-    example = section.split("```yaml\n", 1)[1].split("```", 1)[0]
+def test_the_docs_example_is_a_valid_config_shown_without_its_secrets(tmp_path):
+    from tests.snippets import doc_block
+
+    section = (REPO / "docs" / "notifications.md").read_text()
+    example = doc_block("docs/notifications.md", "min_interval_s: 600")
     (tmp_path / "config.yaml").write_text(example)
     r = run_py(["-m", "daemon", "check-config", "--json", "--config", str(tmp_path / "config.yaml")], check=True)
     eff = json.loads(r.stdout)["effective"]["notify"]
@@ -384,5 +327,5 @@ def test_the_readme_example_is_a_valid_config_shown_without_its_secrets(tmp_path
     plain = re.search(r"`(mailto://mail\.internal[^`]*)`", section).group(1)  # the plain SMTP form it names
     url = parse_config(yaml.safe_dump({"notify": {"urls": [plain]}}), tmp_path / "config.yaml").notify.urls[0]
     assert url.label == "mailto://mail.internal.example.org:25"
-    for event in ALERT_EVENTS:  # every event is in the README's table
+    for event in ALERT_EVENTS:  # every event is in the docs' table
         assert f"| `{event}` |" in section

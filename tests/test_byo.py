@@ -19,25 +19,7 @@ import pytest
 
 from ckpt_daemon import catalog as cat
 from ckpt_daemon import runtime
-from tests.helpers import BYO, PY, Daemon, run_py, wait_for
-
-FAST_RESTART = {"initial_backoff_s": 0.2, "max_backoff_s": 1.0, "max_crashes": 20, "crash_window_s": 600}
-
-
-def newest(root: Path, patterns) -> cat.Entry:
-    return cat.scan(root, patterns).newest_valid()
-
-
-def kill_right_after_a_save(d: Daemon, root: Path, patterns, after_step: int) -> cat.Entry:
-    """Stop the trainer just after it saved a checkpoint newer than `after_step`, then SIGKILL it."""
-    wait_for(lambda: (e := newest(root, patterns)) is not None and e.step > after_step,
-             what=f"a save after {after_step}")
-    pid = d.status()["training"]["pid"]
-    os.kill(pid, signal.SIGSTOP)
-    e = newest(root, patterns)
-    os.kill(pid, signal.SIGKILL)
-    return e
-
+from tests.helpers import BYO, FAST_RESTART, PY, Daemon, kill_right_after_a_save, newest, run_py, wait_for
 
 def damage(path: Path) -> None:
     """Truncate a file to half its size (a torch zip loses its central directory)."""

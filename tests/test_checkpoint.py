@@ -323,7 +323,7 @@ def test_the_built_in_trainer_releases_its_resume_checkpoint(tmp_path):
     (so `cleanup` does not report it open by another process for the rest of the run)."""
     import subprocess
 
-    from tests.conftest import PY, env_for_children, write_config
+    from tests.helpers import PY, env_for_children, write_config
     from maintenance.cleanup import open_checkpoint_files
 
     cfg = write_config(tmp_path)
@@ -354,30 +354,18 @@ def test_the_built_in_trainer_releases_its_resume_checkpoint(tmp_path):
         p.wait()
 
 
-# ------------------------------------------------------------------ the README's CheckpointManager script
-def readme_python_block(marker: str) -> str:
-    """The one ```python block of README.md that contains `marker`, exactly as written there."""
-    import re
-
-    from tests.conftest import REPO
-
-    blocks = [b for b in re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(), re.S) if marker in b]
-    assert len(blocks) == 1, f"{len(blocks)} python blocks of README.md hold {marker!r}"
-    return blocks[0]
-
-
-def test_the_readme_checkpoint_manager_script_starts_fresh_and_resumes_after_kill_9_under_the_daemon(tmp_path):
-    """Under the daemon a fresh folder's $CKPT_RESUME is `none`: the README's script starts at step 0 (no
+# ------------------------------------------------------------------ the docs' CheckpointManager script
+def test_the_docs_checkpoint_manager_script_starts_fresh_and_resumes_after_kill_9_under_the_daemon(tmp_path):
+    """Under the daemon a fresh folder's $CKPT_RESUME is `none`: the script of docs/trainers.md starts at step 0 (no
     crash loop), saves; after a kill -9 it resumes from the newest checkpoint, and it ends with exactly
     the weights of an uninterrupted run of the same script (outside the daemon, in an empty folder)."""
     import subprocess
 
     from ckpt_daemon.fsutil import hash_file
-    from tests.conftest import PY, env_for_children
-    from tests.test_byo import FAST_RESTART, kill_right_after_a_save, newest
-    from tests.test_daemon import Daemon
+    from tests.helpers import FAST_RESTART, PY, Daemon, env_for_children, kill_right_after_a_save, newest
+    from tests.snippets import doc_block
 
-    script = readme_python_block("from ckpt_daemon import CheckpointManager")
+    script = doc_block("docs/trainers.md", "from ckpt_daemon import CheckpointManager")
     for where in ("daemon", "alone"):
         (tmp_path / where).mkdir()
         (tmp_path / where / "train.py").write_text(script)
@@ -402,8 +390,8 @@ def test_the_readme_checkpoint_manager_script_starts_fresh_and_resumes_after_kil
                 p.kill()
                 p.wait()
     final = newest(root, ["checkpoint-{step}"])
-    ref = tmp_path / "alone" / "checkpoints" / "checkpoint-20000"
-    assert final.name == "checkpoint-20000" and cat.verify_entry(final).valid
+    ref = tmp_path / "alone" / "checkpoints" / "checkpoint-6000"
+    assert final.name == "checkpoint-6000" and cat.verify_entry(final).valid
     # resumed exactly: the same weights, optimizer, scheduler, data position and torch RNG, bit for bit, as the
     # run that was never killed (python's and numpy's generators are seeded by each process: the script uses neither)
     assert hash_file(final.path / "model.safetensors") == hash_file(ref / "model.safetensors")

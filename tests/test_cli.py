@@ -1,7 +1,7 @@
 """One command line: every operation a `ckpt-daemon` subcommand with the same flags as its module entry
 point, --config before or after the command, $CKPT_DAEMON_CONFIG, --json with one error shape, "did you
-mean", completion for bash/zsh/fish, pin/unpin by step (and releasing an epoch end), the README's
-command reference checked against the parser, and the shipped config.yaml valid under the shipped schema."""
+mean", completion for bash/zsh/fish, pin/unpin by step (and releasing an epoch end), the command reference
+(docs/commands.md) checked against the parser, and the shipped config.yaml valid under the shipped schema."""
 
 from __future__ import annotations
 
@@ -294,18 +294,20 @@ COMP_WORDS=(ckpt-daemon cleanup --dr); COMP_CWORD=2; _shtab_ckpt_daemon; echo "$
         pytest.skip(f"bash checked; {', '.join(missing)} not installed here (.ci/run installs them)")
 
 
-def test_the_readme_command_reference_matches_the_parser():
+def test_the_command_reference_in_docs_matches_the_parser():
     from daemon import clidoc
 
+    assert clidoc.TARGET == REPO / "docs" / "commands.md"  # the file the README links to
     old = os.environ.get("COLUMNS")
     try:
-        assert clidoc.main(["--check"]) == 0, "README.md's command reference is out of date: run python -m daemon.clidoc"
+        assert clidoc.main(["--check"]) == 0, ("docs/commands.md's command reference is out of date: "
+                                               "run python -m daemon.clidoc")
     finally:
         os.environ.pop("COLUMNS", None) if old is None else os.environ.__setitem__("COLUMNS", old)
-    readme = (REPO / "README.md").read_text()
+    readme = clidoc.TARGET.read_text()
     sub = next(a for a in build_parser()._actions if a.__class__.__name__ == "_SubParsersAction")
     for name, p in sub.choices.items():
-        assert f"#### ckpt-daemon {name}" in readme
+        assert f"### ckpt-daemon {name}\n" in readme
         for a in p._actions:
             for opt in a.option_strings:
                 assert opt in readme, (name, opt)

@@ -161,6 +161,14 @@ def stop_resume_finish(tmp_path: Path, script: str, pattern: str, first_save: st
     # 1. Training is under way (its first regular checkpoint is there): the daemon stops it.
     first = Run(tmp_path, script, "first", "run-one", "none", max_steps=10_000, step_sleep=0.05)
     first.wait_for(first_save, lambda: (first.ckpt_dir / first_save).exists())
+    # ... and it has logged a step past that save, so the stop has a step of its own to save (on a busy
+    # machine the signal could otherwise come while the trainer is still at the saved step).
+    def logged_past_first_save() -> bool:
+        try:
+            return any(r.get("step", 0) > 5 and loss_key in r for r in metrics_lines(first.metrics))
+        except ValueError:  # a line being written
+            return False
+    first.wait_for("a step past the first save", logged_past_first_save)
     first.proc.send_signal(signal.SIGTERM)
     rc = first.wait()
     out1 = first.output()

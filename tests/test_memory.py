@@ -801,15 +801,12 @@ def test_a_restarted_built_in_trainer_under_the_daemon_goes_on_past_garbage_in_t
 
 
 # ---------------------------------------------------------------------------------------------- config
-def test_the_readmes_memory_snippet_is_a_valid_config_and_best_to_disk_is_checked(tmp_path):
+def test_the_docs_memory_snippet_is_a_valid_config_and_best_to_disk_is_checked(tmp_path):
     from ckpt_daemon.config import parse_config
     from ckpt_daemon.errors import ConfigError
-    from tests.helpers import REPO
+    from tests.snippets import doc_block
 
-    readme = (REPO / "README.md").read_text()
-    section = readme[readme.index("### Memory-first checkpoints"):]
-    start = section.index("```yaml\n") + len("```yaml\n")
-    cfg = parse_config(section[start:section.index("```", start)], tmp_path / "config.yaml")
+    cfg = parse_config(doc_block("docs/memory.md", "persist_every: 10"), tmp_path / "config.yaml")
     mc = cfg.checkpoints.memory
     assert mc.enabled and mc.best_to_disk == "every" and mc.best_to_disk_interval_s is None
     ok = parse_config("checkpoints: {memory: {best_to_disk: interval, best_to_disk_interval_s: 1800}}\n",

@@ -4,6 +4,7 @@ own parser; the token that guards a server reachable from elsewhere; the node_ex
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -12,12 +13,14 @@ import urllib.error
 import urllib.request
 
 import pytest
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from ckpt_daemon.config import load_config, parse_config
 from ckpt_daemon.errors import ConfigError
 from maintenance.cleanup import build_report, confirm_policy
 from tests.helpers import PY, Daemon, fake_native, free_port, parse, scrape, wait_listening
+from tests.snippets import doc_block
 
 SLEEPER = [PY, "-c", "import time; time.sleep(3600)"]
 TIERS = [{"count": 5}, {"count": 10, "every_steps": 200}, {"every_steps": 1000}]
@@ -90,6 +93,14 @@ def test_metrics_of_a_running_daemon(tmp_path, daemons):  # noqa: F811
     assert m[("ckpt_daemon_job_next_run_timestamp_seconds", (("job", "snapshot"),))] > time.time()
     assert m[("ckpt_daemon_config_error", ())] == 0 and m[("ckpt_daemon_verification_failures", ())] == 0
     assert m[("ckpt_daemon_snapshots", ())] == 0 and ("process_resident_memory_bytes", ()) in m
+    # docs/metrics.md's example alerts use only what is served (a state label the daemon reports included)
+    rules = yaml.safe_load(doc_block("docs/metrics.md", "alert: NoCheckpointFor30Minutes"))["groups"][0]["rules"]
+    assert len(rules) == 4
+    for rule in rules:
+        for name in re.findall(r"\b(ckpt_daemon_\w+)", rule["expr"]):
+            assert any(k[0] == name for k in m), (rule["alert"], name)
+        for state in re.findall(r'state="(\w+)"', rule["expr"]):
+            assert ("ckpt_daemon_training_state", (("state", state),)) in m, (rule["alert"], state)
 
     # a killed trainer: counted as a restart and a crash of its kind
     pid = d.status()["training"]["pid"]

@@ -32,7 +32,7 @@ from ckpt_daemon.remote.store import FolderStore, Throttle, open_store
 from ckpt_daemon.remote.target import Credentials, CredentialsError, parse_url, read_credentials_file
 from daemon import replicaview
 from daemon.replicate import TargetWorker, lag, select
-from tests.helpers import PY, Daemon, deep_merge, env_for_children, run_py
+from tests.helpers import PY, Daemon, Receiver, deep_merge, env_for_children, run_py
 from tests.seaweed import Seaweed, why_unavailable
 
 MIB = 1 << 20
@@ -173,7 +173,8 @@ def _rec(**kw):
     (lambda m: m.update(files={"a": _rec(server={"sha256": "nope"})}), "no valid server checksum"),
     (lambda m: m.update(layout="file"), "single-file checkpoint has one file"),
     (lambda m: m.update(metrics=[1]), "metrics of the wrong type"),
-])
+], ids=["format", "name", "step", "relative-path", "absolute-path", "size", "algo", "server-checksum",
+        "layout", "metrics"])  # fixed ids: a lambda's id differs between xdist workers
 def test_a_hostile_remote_manifest_is_refused_with_its_reason(mutate, needle):
     m = {"format": fmt.FORMAT, "name": "checkpoint-1", "step": 1, "layout": "native", "files": {"a": _rec()}}
     fmt.parse(json.dumps(m).encode(), "checkpoint-1")
@@ -594,6 +595,7 @@ def test_a_plain_script_replicates_after_an_unreachable_start_and_bad_credential
     if why:
         pytest.skip(why)
     srv = Seaweed(tmp_path / "srv")  # ports chosen, not started: unreachable
+    hook = Receiver()  # a person's web hook: the lag is notified
     creds = tmp_path / "s3.env"
     creds.write_text(f"AWS_ACCESS_KEY_ID={srv.access_key}\nAWS_SECRET_ACCESS_KEY=wrong-secret-0123456789\n")
     creds.chmod(0o600)
@@ -602,13 +604,17 @@ def test_a_plain_script_replicates_after_an_unreachable_start_and_bad_credential
                           "training": {"command": [PY, str(Path(__file__).parent / "byo" / "plain_train.py"), str(root),
                                                    "--every", "50"]},
                           "replicas": [{"url": "s3://plain/run", "endpoint_url": srv.endpoint, "credentials_file": str(creds),
-                                        "include": ["latest"], "within_s": 5, "restore_wait_s": 0}]}).start()
+                                        "include": ["latest"], "within_s": 5, "restore_wait_s": 0}],
+                          "notify": {"urls": [hook.url()], "events": ["replica_lag"]}}).start()
     daemons.append(d)
     try:
         s = d.wait(lambda s: (s["replicas"][0].get("last_error") or {}).get("kind") == "unreachable" and s, 90,
                    "the unreachable target in status")
         d.wait(lambda s: (s["checkpoints"]["latest"] or {}).get("step", 0) >= 200, 90, "training going on meanwhile")
         d.wait(lambda s: replicaview.late(s["replicas"][0], time.time()), 60, "the lag alert")
+        note = hook.wait(lambda got: got and got[0], 60, "the lag notification")
+        assert "replication to s3://plain/run is" in note["title"] and "behind" in note["title"]
+        assert "event: replica_lag" in note["message"] and "exist only on this machine" in note["message"]
         assert "replica BEHIND" in run_py(["-m", "daemon", "status", "--config", str(d.cfg)]).stdout
         srv.start()
         srv.make_bucket("plain")
@@ -627,6 +633,7 @@ def test_a_plain_script_replicates_after_an_unreachable_start_and_bad_credential
         assert d.stop() == 0
     finally:
         srv.stop()
+        hook.close()
 
 
 @pytest.mark.slow
@@ -695,16 +702,16 @@ sys.exit(d.run())
     assert doc["replicas"][0]["replicas"] == 1 and doc["replicas"][0]["newest"]["name"] == "checkpoint-10"
 
 
-def test_the_readme_replicas_section_runs_as_written(tmp_path, server):
+def test_the_docs_replicas_page_runs_as_written(tmp_path, server):
     """Its config examples validate as written; its commands run as written (against SeaweedFS, with the
     server's address and keys put into the SeaweedFS example)."""
-    import re
     import shlex
 
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    section = readme.split("\n## Replicas\n", 1)[1].split("\n## ", 1)[0]
-    yamls = re.findall(r"```yaml\n(.*?)```", section, re.S)
-    assert len(yamls) == 3
+    from tests.snippets import blocks, doc_block
+
+    yamls = [doc_block("docs/replicas.md", "url: s3://my-bucket/run1"), doc_block("docs/replicas.md", "endpoint_url:"),
+             doc_block("docs/replicas.md", "url: /mnt/nfs/")]
+    assert [b.text for b in blocks("docs/replicas.md") if b.lang == "yaml"] == yamls  # all of them
     for text in yamls:
         parse_config(text, tmp_path / "config.yaml")
     server.make_bucket("ckpt")
@@ -716,7 +723,7 @@ def test_the_readme_replicas_section_runs_as_written(tmp_path, server):
     for s in (100, 200):
         upload.upload_checkpoint(s3(server, "s3://ckpt/run1"), source.from_entry(scan(native_ckpt(tmp_path / "src", s).parent)
                                                                                   .by_name(f"checkpoint-{s}")), upload.Transfer(1, 5 * MIB))
-    commands = [ln.split("#")[0].strip() for ln in re.findall(r"```bash\n(.*?)```", section, re.S)[0].splitlines()]
+    commands = [ln.split("#")[0].strip() for ln in doc_block("docs/replicas.md", "ckpt-daemon list --remote").splitlines()]
     outs = []
     for cmd in commands:
         argv = shlex.split(cmd)

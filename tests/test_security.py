@@ -154,7 +154,7 @@ RAW = ("\x1b", "\x07", "\x9b", "\r", "\u202e")
 
 
 def _hostile_folder(tmp_path: Path) -> tuple[Path, Path]:
-    from tests.test_deletion_safety import fake_native
+    from tests.helpers import fake_native
 
     cfg_path = write_config(tmp_path, {"retention": {"tiers": [{"count": 1}]}}, tiny=False)
     root = tmp_path / "checkpoints"
@@ -191,11 +191,16 @@ def test_text_from_the_folder_never_reaches_the_terminal_raw(tmp_path):
     r = run_py(["-m", "daemon", "status", "--config", str(cfg_path)])
     outs["status"] = r.stdout + r.stderr
     outs["cleanup.log"] = (tmp_path / "logs" / "cleanup.log").read_text()
+    # an error message that quotes a name given or found (every command's errors go through one printer)
+    r = run_py(["-m", "trainer.generate", "--checkpoint", str(tmp_path / f"gone{HOSTILE}")])
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    outs["error"] = r.stdout + r.stderr
     for what, text in outs.items():
         assert not any(c in text for c in RAW), (what, text)
         assert not any(line.lstrip("│ ").startswith("FAKE") for line in text.splitlines()), what  # no forged line
     assert "loss\\x1b]0;pwned\\x07" in outs["list"] and "paper\\x1b" in outs["list"]  # shown, as escapes
     assert "notes\\x1b" in outs["list"] and "notes\\x1b" in outs["cleanup"] and "paper\\x1b" in outs["cleanup"]
+    assert "gone\\x1b" in outs["error"] and "does not exist" in outs["error"]
     assert "why\\x1b" in outs["pin"] and "Traceback\\x1b" in outs["status"] and "checkpoint-30\\x1b" in outs["status"]
     # JSON is exact: the same strings, escaped by JSON itself
     listed = json.loads(run_py(["-m", "daemon", "list", "--json", "--config", str(cfg_path)], check=True).stdout)
@@ -226,3 +231,23 @@ def test_inert_shows_every_character_and_runs_none():
 
     check()
     assert inert("a\x1bb\u202ec\U000e0001") == "a\\x1bb\\u202ec\\U000e0001"
+
+
+def test_generate_follows_the_folders_own_best_pointer_and_no_other_link(tmp_path, outside):
+    """`generate --checkpoint checkpoints/best` (the README's example) reads the checkpoint `best` names
+    beside it; a link that leads out of the folder is refused with its reason."""
+    from ckpt_daemon.checkpoint import load_weights
+    from ckpt_daemon.errors import CheckpointError
+    from tests.helpers import native
+
+    root = tmp_path / "checkpoints"
+    native(root, [10, 20])
+    if os.path.lexists(root / "best"):
+        os.unlink(root / "best")
+    (root / "best").symlink_to("checkpoint-10")
+    tensors, meta = load_weights(root / "best")
+    assert meta["step"] == 10 and tensors
+    native(outside / "elsewhere", [30])
+    (root / "far").symlink_to(outside / "elsewhere" / "checkpoint-30")
+    with pytest.raises(CheckpointError, match="symbolic link"):
+        load_weights(root / "far")

@@ -9,6 +9,7 @@ packages sit beside the user's files (Python takes a package over a module of th
 
 from __future__ import annotations
 
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ import pytest
 
 from daemon.supervisor import SAFE_PATH_BOOTSTRAP, expand_command, own_module_argv
 from tests.helpers import PY, REPO, Daemon, env_for_children, run_py, write_config
+from tests.snippets import doc_block
 
 EXE = str(Path(sys.executable).parent / "ckpt-daemon")  # the venv's, as the README's .venv/bin/ckpt-daemon
 # If Python imports one of these, it leaves a mark and fails loudly.
@@ -101,15 +103,15 @@ def test_the_readmes_python_m_commands_work_in_the_project_folder_next_to_a_user
         (project / pkg).symlink_to(REPO / pkg, target_is_directory=True)
     write_config(project, {"trainer": {"checkpoint_every_steps": 5}})
     env = {k: v for k, v in env_for_children().items() if k != "PYTHONPATH"}  # only the folder's own packages
-    # the quick tour's commands, after `python -m trainer` (the README: it is `ckpt-daemon train`) saved checkpoints
-    commands = [
-        [PY, "-m", "trainer", "--config", "config.yaml", "--max-steps", "10"],
-        [EXE, "status"],
-        [EXE, "list", "--verify"],
-        [PY, "-m", "maintenance.cleanup", "--dry-run"],
-        [PY, "-m", "maintenance.consolidate", "--from", "best", "--dtype", "bf16"],
-        [PY, "-m", "trainer.generate", "--checkpoint", "checkpoints/best", "--prompt", "the cat"],
-    ]
+    # the quick tour's commands as the README writes them, `make run` (the foreground daemon) in the form of
+    # `python -m trainer` (the README: it is `ckpt-daemon train`) saving checkpoints for the others
+    venv = {".venv/bin/ckpt-daemon": EXE, ".venv/bin/python": PY}
+    tour = [shlex.split(line, comments=True)
+            for line in doc_block("README.md", "ckpt-daemon list --verify").splitlines()]
+    assert tour[0] == ["make", "run"] and len(tour) == 6, tour
+    commands = [[PY, "-m", "trainer", "--config", "config.yaml", "--max-steps", "10"]]
+    commands += [[venv.get(argv[0], argv[0]), *argv[1:]] for argv in tour[1:]]
+    assert all(argv[0] in (PY, EXE) for argv in commands), commands
     for argv in commands:
         r = subprocess.run(argv, cwd=project, capture_output=True, text=True, timeout=300, env=env,
                            stdin=subprocess.DEVNULL)

@@ -119,6 +119,10 @@ def test_status_its_json_the_dashboard_and_metrics_show_the_disk_as_df(tmp_path,
     assert abs(m[("ckpt_daemon_disk_used_ratio", ())] - used / (used + avail)) < 0.01
     assert m[("ckpt_daemon_disk_info", (("mountpoint", str(e)),))] == 1
     assert d.stop() == 0
+    # cleanup's report counts the disk as df does too
+    r = run_py(["-m", "maintenance.cleanup", "--config", str(d.cfg), "--dry-run"])
+    shown = re.search(r"^Disk: .* free of .* \((\d+)% used, as df shows it\)$", r.stdout, re.M)
+    assert shown and abs(int(shown[1]) - df(e)[0]) <= 1, r.stdout
 
 
 # ------------------------------------------------------------------------------------ 3. noise

@@ -33,10 +33,12 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def readme_install_commands() -> list[str]:
-    text = (REPO / "README.md").read_text()
-    section = text[text.index("## Installing the systemd unit"):]
-    section = section[:section.index("\n## ", 1)]
-    return [line for line in section.splitlines() if line.startswith("sudo .venv/bin/ckpt-daemon install-unit --instance")]
+    """The install-unit lines of docs/systemd.md's block for several runs, as written there."""
+    from tests.snippets import doc_block
+
+    block = doc_block("docs/systemd.md", "install-unit --instance job-a")
+    return [line for line in block.splitlines()
+            if line.startswith("sudo .venv/bin/ckpt-daemon install-unit --instance")]
 
 
 def as_run_here(line: str, root: Path, units: Path) -> list[str]:
@@ -187,3 +189,33 @@ def test_instance_names_and_output_are_checked(tmp_path, capsys):
         v = subprocess.run(["systemd-analyze", "verify", str(units / "ckpt-daemon@odd.service")], capture_output=True,
                            text=True)
         assert v.returncode == 0 and "ckpt-daemon@" not in v.stderr, v.stderr
+
+
+def test_the_docs_single_unit_install_runs_as_written(tmp_path):
+    """docs/systemd.md's first block is shell that parses; its install-unit line, expanded by bash as written
+    (in a project folder of the test's, as the test's user, the unit written to a folder of the test's),
+    renders a unit that runs the daemon on that config as that user, which `systemd-analyze verify` accepts."""
+    from tests.snippets import doc_block
+
+    block = doc_block("docs/systemd.md", "install-unit --user ckpt")
+    assert subprocess.run(["bash", "-n"], input=block, text=True, timeout=60).returncode == 0
+    [line] = [ln for ln in block.splitlines() if " install-unit " in ln]
+    project = tmp_path / "project"
+    cfg = write_config(project, {"training": {"command": SLEEPER}})
+    expanded = subprocess.run(["bash", "-c", f'set -- {line.split("#")[0]}; printf "%s\\0" "$@"'], cwd=project,
+                              capture_output=True, text=True, timeout=60, check=True).stdout.split("\0")[:-1]
+    assert expanded[:3] == ["sudo", ".venv/bin/ckpt-daemon", "install-unit"], expanded
+    unit = tmp_path / "units" / "ckpt-daemon.service"
+    unit.parent.mkdir()
+    me = pwd.getpwuid(os.getuid()).pw_name
+    argv = [EXE] + expanded[2:]
+    argv[argv.index("--user") + 1] = me
+    r = subprocess.run(argv + ["--output", str(unit)], capture_output=True, text=True, env=env_for_children(),
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    s = unit_settings(unit)
+    assert s["User"] == [me] and str(cfg) in s["ExecStart"][-1], s
+    assert "systemctl daemon-reload" in block and "systemctl enable --now ckpt-daemon" in block
+    if shutil.which("systemd-analyze"):
+        v = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=120)
+        assert v.returncode == 0, v.stderr
