@@ -336,8 +336,8 @@ def gpu_table(out: dict) -> list[str]:
     """The RESULTS.md lines of the GPU section (or the note that it is still to be measured)."""
     if "gpu_state_bytes" not in out:
         why = out.get("gpu_skipped") or out.get("gpu_error") or "the GPU section was not run"
-        return ["## GPU", "", f"Still to be measured on a GPU machine: {why}. Run `benchmarks/gpu_check.sh` there "
-                "(README, \"GPUs\").", ""]
+        return ["## GPU", "", f"Still to be measured on a GPU machine: {why}. Run `python -m benchmarks --only gpu` there "
+                "(docs/gpu.md, \"The GPU benchmark\").", ""]
     lines = ["## GPU", "", f"{out.get('gpu_name')}, state {out['gpu_state_bytes'] / 1e9:.2f} GB "
              f"({out.get('gpu_model')}: fp32 weights + AdamW moments), training step {out.get('gpu_step_s')} s "
              "(bf16 autocast). Seconds; next steps: extra time of the 10 steps after the save, in steps.", "",

@@ -460,3 +460,23 @@ def test_the_fp16_grad_scalers_state_round_trips_through_a_memory_checkpoint(tmp
         mgr2.close()
     assert loaded is not None and loaded.step == 6 and loaded.from_memory
     assert fresh.state_dict() == want
+
+
+# ------------------------------------------------------------------------------ docs/gpu.md's examples
+def test_the_gpu_pages_config_examples_are_valid_and_do_what_the_text_says(tmp_path):
+    from ckpt_daemon.config import parse_config
+    from tests.snippets import doc_block
+
+    tc = parse_config(doc_block("docs/gpu.md", "precision: bf16"), tmp_path / "config.yaml").trainer
+    assert (tc.device, tc.precision, tc.deterministic) == ("auto", "bf16", True)
+    p = dv.place(tc.device, tc.precision, tc.deterministic, FOUR_H200)
+    assert (p.device, p.autocast_dtype, p.grad_scaler) == ("cuda:0", "bfloat16", False)
+    assert dv.deterministic_env({}, p) == {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
+    assert dv.place(tc.device, tc.precision, tc.deterministic, NO_GPU).device == "cpu"
+    # torchrun from the daemon's command: four ranks of the built-in trainer, each on its own GPU over NCCL
+    cmd = parse_config(doc_block("docs/gpu.md", "torch.distributed.run"), tmp_path / "config.yaml").training.command
+    assert cmd[:5] == ["{python}", "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4"]
+    assert cmd[5:] == ["-m", "trainer", "--config", "{config}"]
+    ranks = [dv.place("auto", "fp32", False, FOUR_H200, dv.Job(rank=i, world=4, local_rank=i, local_world=4))
+             for i in range(4)]
+    assert [(r.device, r.backend) for r in ranks] == [(f"cuda:{i}", "nccl") for i in range(4)]

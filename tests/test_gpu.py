@@ -2,7 +2,7 @@
 memory (deterministic kernels), starts under torchrun with one rank per GPU; memory slots are pinned and
 a verified load lands on the GPU. Every test here needs CUDA and skips with the reason elsewhere; what
 can be decided without a GPU is tested in tests/test_device.py. Run on a GPU machine with
-`benchmarks/gpu_check.sh` (README, "GPUs")."""
+`python -m pytest tests/test_gpu.py` (docs/gpu.md, "The GPU benchmark")."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from tests.helpers import (PY, Daemon, env_for_children, read_losses, run_py, sa
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available(),
-    reason="needs a CUDA GPU (torch.cuda.is_available() is False on this machine); run benchmarks/gpu_check.sh on one")
+    reason="needs a CUDA GPU (torch.cuda.is_available() is False on this machine); run it on one (docs/gpu.md)")
 
 STEPS = 40
 GPU_TRAINER = {"device": "cuda", "deterministic": True, "precision": "bf16"}
