@@ -94,8 +94,8 @@ def seal_problem(raw: bytes, obj: Any, what: str) -> Optional[str]:
             return f"{what} has a damaged {SEAL} field (changed after it was written)"
         if what not in _unsealed_said:
             _unsealed_said.add(what)
-            _log.info("a %s without a digest of its own (written by an earlier version) was read; its content is trusted as "
-                      "read; files written from now on carry one", what)
+            _log.info("a %s without a digest of its own (written by an earlier version) was read; its content is "
+                      "trusted as read; files written from now on carry one", what)
         return None
     try:
         algo, want = record_checksum(rec)
