@@ -18,7 +18,7 @@ from ckpt_daemon import catalog as cat
 from ckpt_daemon import checkpoint as ck
 from ckpt_daemon.checkpoint import CheckpointManager, read_checkpoint
 from ckpt_daemon.errors import CheckpointError, NoValidCheckpoint
-from tests.helpers import make_state, same_nested, same_state
+from tests.helpers import make_state, same_nested, same_state, write_manifest
 
 
 def test_round_trip_full_state(tmp_path):
@@ -207,7 +207,7 @@ def test_crafted_pickle_never_runs(tmp_path, monkeypatch):
 
     man = json.loads((d / "manifest.json").read_text())
     man["files"]["state.json"] = {"size": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}
-    (d / "manifest.json").write_text(json.dumps(man))
+    write_manifest(d, man)
     # a user's single-file checkpoint that is a hostile pickle
     torch.save({"model_state_dict": {}, "x": _Evil()}, tmp_path / "ck" / "model_step_2.pt")
     cat.scan(tmp_path / "ck", ["checkpoint-{step}", "model_step_{step}.pt"], verify=True)
@@ -323,7 +323,7 @@ def test_the_built_in_trainer_releases_its_resume_checkpoint(tmp_path):
     (so `cleanup` does not report it open by another process for the rest of the run)."""
     import subprocess
 
-    from tests.conftest import PY, env_for_children, write_config
+    from tests.helpers import PY, env_for_children, write_config
     from maintenance.cleanup import open_checkpoint_files
 
     cfg = write_config(tmp_path)
@@ -359,7 +359,7 @@ def readme_python_block(marker: str) -> str:
     """The one ```python block of README.md that contains `marker`, exactly as written there."""
     import re
 
-    from tests.conftest import REPO
+    from tests.helpers import REPO
 
     blocks = [b for b in re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(), re.S) if marker in b]
     assert len(blocks) == 1, f"{len(blocks)} python blocks of README.md hold {marker!r}"
@@ -373,7 +373,7 @@ def test_the_readme_checkpoint_manager_script_starts_fresh_and_resumes_after_kil
     import subprocess
 
     from ckpt_daemon.fsutil import hash_file
-    from tests.conftest import PY, env_for_children
+    from tests.helpers import PY, env_for_children
     from tests.test_byo import FAST_RESTART, kill_right_after_a_save, newest
     from tests.test_daemon import Daemon
 

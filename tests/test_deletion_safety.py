@@ -259,7 +259,7 @@ def test_every_setting_the_plan_reads_has_a_guarded_edit():
 @pytest.mark.parametrize("setting", sorted(GUARDED_EDITS))
 def test_an_edit_of_any_setting_that_decides_a_deletion_is_held_until_confirmed(tmp_path, setting):
     from maintenance.cleanup import confirm_policy, policy_confirmed
-    from tests.conftest import deep_merge
+    from tests.helpers import deep_merge
 
     base, edit, make, victim = GUARDED_EDITS[setting]
     base = deep_merge({"retention": {"tiers": [{"count": 1}]}}, base)
@@ -295,7 +295,7 @@ UNRELATED_EDITS = [
 
 def test_edits_that_decide_no_deletion_need_no_confirmation(tmp_path):
     from maintenance.cleanup import confirm_policy, policy_confirmed
-    from tests.conftest import deep_merge
+    from tests.helpers import deep_merge
 
     base = {"retention": {"tiers": [{"count": 3}]}}
     cfg0 = load_config(write_config(tmp_path, base, tiny=False))
