@@ -289,7 +289,7 @@ def bench_replicas(quick: bool, out: dict) -> None:
 def bench_snapshot(quick: bool, out: dict) -> None:
     import numpy as np
 
-    from ckpt_daemon.manifest import build_manifest
+    from ckpt_daemon.manifest import build_manifest, dumps_manifest
     from maintenance.snapshot import _copy_checkpoint
 
     root = WORK / "snap"
@@ -303,7 +303,8 @@ def bench_snapshot(quick: bool, out: dict) -> None:
         d = src / f"checkpoint-{(i + 1) * 100}"
         d.mkdir()
         (d / "state.safetensors").write_bytes(data)
-        (d / "manifest.json").write_text(json.dumps(build_manifest((i + 1) * 100, {"state.safetensors": {"size": per}})))
+        m = build_manifest((i + 1) * 100, {"state.safetensors": {"size": per}})
+        (d / "manifest.json").write_bytes(dumps_manifest(m, "sha256"))
     os.sync()
     total = 20 * per
     free0 = shutil.disk_usage(root).free
@@ -340,7 +341,7 @@ def bench_cleanup(quick: bool, out: dict) -> None:
     from ckpt_daemon import catalog as cat
     from ckpt_daemon.config import load_config
     from ckpt_daemon.fsutil import digest_record, new_hasher
-    from ckpt_daemon.manifest import build_manifest
+    from ckpt_daemon.manifest import build_manifest, dumps_manifest
     from ckpt_daemon.stio import header_for
     from maintenance import cleanup
 
@@ -358,7 +359,7 @@ def bench_cleanup(quick: bool, out: dict) -> None:
         d = ck / f"checkpoint-{i * 100}"
         d.mkdir()
         (d / "model.safetensors").write_bytes(st)
-        (d / "manifest.json").write_text(json.dumps(build_manifest(i * 100, {"model.safetensors": rec})))
+        (d / "manifest.json").write_bytes(dumps_manifest(build_manifest(i * 100, {"model.safetensors": rec}), "blake3"))
     (root / "config.yaml").write_text("checkpoints: {}\n")
     cfg = load_config(root / "config.yaml")
     find = min(timed(subprocess.run, ["find", str(ck), "-maxdepth", "2"], check=True,

@@ -435,8 +435,15 @@ def _entry(root: Path, name: str, st: os.stat_result, fields: dict, verify: bool
         why = "permission denied" if isinstance(exc, PermissionError) else str(exc)[:120] or type(exc).__name__
         return Entry(name=name, path=path, step=step, layout="native", status="unreadable",
                      reason=f"cannot be read ({why})", mtime=st.st_mtime, fields=fields)
-    sc = foreign.read_sidecar(root, name) if has_sidecar else None
     recorded = False
+    try:
+        sc = foreign.read_sidecar(root, name) if has_sidecar else None
+    except foreign.SidecarDamaged as exc:
+        sc = None
+        if fstats is None or mf.MANIFEST not in fstats:
+            # the record of its bytes is damaged: never judged afresh (that would trust what it was for)
+            recorded = True
+            layout, status, reason, meta = ("hf" if fstats is not None else "file"), exc.status, str(exc), {}
     if sc is not None:
         try:
             files = foreign.entry_files(path)
@@ -454,7 +461,7 @@ def _entry(root: Path, name: str, st: os.stat_result, fields: dict, verify: bool
     e = Entry(name=name, path=path, step=step, layout=layout, status=status, reason=reason,
               verified=verify and status not in ("incomplete", "unreadable"), fields=fields,
               version=fields.get("_version", 0), recorded=recorded, meta=meta,
-              digest=sc.get("digest") if recorded and isinstance(sc.get("digest"), str) else None)
+              digest=sc.get("digest") if recorded and sc is not None and isinstance(sc.get("digest"), str) else None)
     e.fields = {k: v for k, v in fields.items() if not k.startswith("_")}
     _describe(e, meta, fields)
     if stats:
@@ -727,6 +734,9 @@ def scan_config(cfg, verify: bool = False, stats: bool = True) -> Catalog:
 def verify_entry(entry: Entry) -> Entry:
     """Re-check one entry with checksums (against its sidecar manifest, if recorded); returns a new
     Entry with the verified status."""
-    sc = foreign.read_sidecar(entry.path.parent, entry.name) if entry.layout != "native" else None
+    try:
+        sc = foreign.read_sidecar(entry.path.parent, entry.name) if entry.layout != "native" else None
+    except foreign.SidecarDamaged as exc:
+        return Entry(**{**entry.__dict__, "status": exc.status, "reason": str(exc), "verified": True})
     layout, status, reason, _ = check_entry(entry.path, verify=True, step=entry.step, sidecar=sc)
     return Entry(**{**entry.__dict__, "layout": layout, "status": status, "reason": reason, "verified": True})

@@ -344,7 +344,7 @@ class CheckpointManager:
                 files.update(_write_files(tmp, writers, algo))
                 manifest = mf.build_manifest(p.step, files, **p.manifest_extra)
                 with open(tmp / mf.MANIFEST, "xb") as f:
-                    _write_json(f, manifest)
+                    f.write(mf.dumps_manifest(manifest, algo))
                     f.flush()
                     os.fsync(f.fileno())
                 fsync_dir(tmp)

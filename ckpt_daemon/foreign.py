@@ -15,6 +15,7 @@ anywhere in it (a truncated optimizer.pt, a flipped byte in model.safetensors) i
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import stat
 import time
@@ -23,8 +24,8 @@ from typing import Any, Optional
 
 from ckpt_daemon import manifest as mf
 from ckpt_daemon import runtime, torchzip
-from ckpt_daemon.fsutil import (atomic_write_json, default_checksum, digest_record, hash_file, loads_json_bounded,
-                                 read_bytes_bounded, read_json_file, record_checksum)
+from ckpt_daemon.fsutil import (atomic_write_bytes, default_checksum, digest_record, hash_file, loads_json_bounded,
+                                 read_bytes_bounded, record_checksum)
 
 SIDECARS = "manifests"
 SIDECAR_FORMAT = "ckpt-daemon-sidecar/1"
@@ -34,6 +35,7 @@ MAX_FILES = 100_000
 METRIC_KEYS = ("loss", "eval_loss", "val_loss", "eval_accuracy", "accuracy", "learning_rate", "grad_norm")
 NOT_METRICS = ("_runtime", "_per_second")  # eval_runtime, eval_samples_per_second: timings, not results
 MAX_METRICS = 16
+SIDECAR_MAX_BYTES = 64 << 20
 
 
 def _num(v: Any) -> Optional[float]:
@@ -181,13 +183,50 @@ def sidecar_path(root: Path, name: str) -> Path:
     return Path(root) / runtime.STATE_DIR / SIDECARS / f"{name}.json"
 
 
+class SidecarDamaged(ValueError):
+    """A sidecar manifest exists but cannot be trusted: it fails its own digest, does not parse, or cannot
+    be read. `status` is what that makes its checkpoint: corrupt, or unreadable (an I/O error). The
+    checkpoint is never judged afresh by its structure then: the record of its bytes is what was lost."""
+
+    def __init__(self, message: str, status: str = "corrupt"):
+        super().__init__(message)
+        self.status = status
+
+
+def sidecar_label(name: str) -> str:
+    """How reasons name a sidecar: its path inside the checkpoint folder."""
+    return f"{runtime.STATE_DIR}/{SIDECARS}/{name}.json"
+
+
 def read_sidecar(root: Path, name: str) -> Optional[dict]:
-    sc = read_json_file(sidecar_path(root, name), 64 << 20)
-    if not sc or sc.get("format") != SIDECAR_FORMAT or not isinstance(sc.get("files"), dict):
+    """The sidecar manifest of checkpoint `name`, None if it has none. Raises SidecarDamaged (a
+    ValueError) for one that exists but is damaged: its own digest fails, it does not parse, or its
+    records are malformed."""
+    label = sidecar_label(name)
+    try:
+        raw = read_bytes_bounded(sidecar_path(root, name), SIDECAR_MAX_BYTES)
+    except FileNotFoundError:
         return None
+    except OSError as exc:
+        raise SidecarDamaged(f"{label} cannot be read ({exc.strerror or exc})", "unreadable") from None
+    except ValueError as exc:
+        raise SidecarDamaged(f"{label}: {exc}") from None
+    try:
+        sc = loads_json_bounded(raw, label)
+        problem = mf.seal_problem(raw, sc, label)
+    except mf.ManifestUnverifiable as exc:
+        raise SidecarDamaged(str(exc), "unreadable") from None
+    except ValueError as exc:
+        raise SidecarDamaged(str(exc)) from None
+    if problem:
+        raise SidecarDamaged(problem)
+    if not isinstance(sc, dict) or sc.get("format") != SIDECAR_FORMAT or not isinstance(sc.get("files"), dict):
+        raise SidecarDamaged(f"{label} is not a sidecar manifest of a known format")
     ok = all(isinstance(k, str) and isinstance(v, dict) and isinstance(v.get("size"), int) and _checksum_ok(v)
              for k, v in sc["files"].items())
-    return sc if ok else None
+    if not ok:
+        raise SidecarDamaged(f"{label} has a malformed file record")
+    return sc
 
 
 def _checksum_ok(rec: dict) -> bool:
@@ -234,7 +273,9 @@ def write_sidecar(root: Path, name: str, path: Path, layout: str, step: int, met
           "entry": {"dev": est.st_dev, "ino": est.st_ino}, "files": files,
           "digest": hashlib.sha256("".join(f"{k}\0{record_checksum(v)[1]}\n" for k, v in sorted(files.items())).encode()).hexdigest(),
           "meta": meta}
-    atomic_write_json(runtime.state_dir(root, SIDECARS) / f"{name}.json", sc)
+    algo = default_checksum()
+    data = mf.seal_json(sc, algo, lambda o: (json.dumps(o, indent=2, default=str) + "\n").encode())
+    atomic_write_bytes(runtime.state_dir(root, SIDECARS) / f"{name}.json", data)
     return sc
 
 

@@ -15,19 +15,27 @@ algorithm we do not know, a digest that is not 64 hex digits, or no checksum at 
 checkpoint "invalid" with the reason (never an exception, never "incomplete": a checkpoint written
 by a newer version is not a half-written one to be cleaned away).
 
+The manifest carries a checksum of its own exact bytes (`self_digest`, see `seal_json`), so that a
+changed byte anywhere in it (a metric that chooses `best`, a step, a file's recorded checksum) makes the
+checkpoint "corrupt" like a changed byte in any other file. Manifests written by earlier versions have
+none: they are read as before, and the first one a process meets says so once in the log.
+
 Every byte read here is untrusted: sizes are bounded, JSON nesting is bounded, every field's type is
 checked, and a bad file is reported as a reason string, never as an exception.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import stat
 import struct
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
-from ckpt_daemon.fsutil import file_digest_problem, loads_json_bounded, read_bytes_bounded, record_checksum
+from ckpt_daemon.fsutil import (digest_record, file_digest_problem, loads_json_bounded, new_hasher, read_bytes_bounded,
+                                record_checksum)
 
 MANIFEST = "manifest.json"
 FORMAT = "ckpt-daemon/1"
@@ -40,9 +48,77 @@ ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 
             "F6_E3M2": 1, "C64": 8}
 
 
+SEAL = "self_digest"  # a manifest's (or sidecar's) checksum of its own bytes
+_SEAL_PLACEHOLDER = b"0" * 64
+_log = logging.getLogger("ckpt_daemon.manifest")
+_unsealed_said: set[str] = set()
+
+
 class ManifestInvalid(ValueError):
     """manifest.json is a well-formed commit marker whose content we cannot use (an unknown checksum
     algorithm, a digest of the wrong type): the checkpoint is invalid, not half-written."""
+
+
+class ManifestCorrupt(ValueError):
+    """manifest.json was changed after it was written: it fails its own digest."""
+
+
+class ManifestUnverifiable(ValueError):
+    """manifest.json's own digest is of an algorithm this machine cannot compute (blake3 missing)."""
+
+
+# ------------------------------------------------------------------------------- the seal
+def seal_json(obj: dict, algo: str, dumps: Callable[[dict], bytes]) -> bytes:
+    """`obj` as `dumps` writes it, with the field SEAL appended: the `algo` checksum of the exact bytes
+    written, computed with the 64 hex digits of that checksum as zeros. Every byte of the file is covered,
+    whitespace and the spelling of numbers included (a checksum of re-serialised content would miss a
+    flip of `1e-05` into `1E-05`, or of a space into a tab)."""
+    obj = {k: v for k, v in obj.items() if k != SEAL}
+    raw = dumps({**obj, SEAL: digest_record(algo, _SEAL_PLACEHOLDER.decode())})
+    at = raw.rindex(_SEAL_PLACEHOLDER)  # the last field is the seal: its placeholder is the last one
+    h = new_hasher(algo, threads=False)
+    h.update(raw)
+    return raw[:at] + h.hexdigest().encode() + raw[at + len(_SEAL_PLACEHOLDER):]
+
+
+def seal_problem(raw: bytes, obj: Any, what: str) -> Optional[str]:
+    """Why the bytes `raw` of a sealed file (parsed as `obj`) do not match their own SEAL, or None if
+    they do. An unsealed file (written by an earlier version) is None too, said once per process and kind `what`;
+    but one that holds a checksum record under another top-level name is a seal whose name was damaged.
+    Raises ManifestUnverifiable where the seal's algorithm cannot be computed here."""
+    if not isinstance(obj, dict):
+        return None  # not ours to judge here: the caller's format checks reject it
+    rec = obj.get(SEAL)
+    if rec is None:
+        if any(isinstance(v, dict) and set(v) in ({"sha256"}, {"algo", "digest"}) for v in obj.values()):
+            return f"{what} has a damaged {SEAL} field (changed after it was written)"
+        if what not in _unsealed_said:
+            _unsealed_said.add(what)
+            _log.info("a %s without a digest of its own (written by an earlier version) was read; its content is "
+                      "trusted as read; files written from now on carry one", what)
+        return None
+    try:
+        algo, want = record_checksum(rec)
+    except ValueError as exc:
+        return f"{what} has a damaged {SEAL} ({exc}; changed after it was written)"
+    at = raw.rfind(want.encode())
+    if at < 0:
+        return f"{what} fails its own digest (changed after it was written)"
+    try:
+        h = new_hasher(algo, threads=False)
+    except LookupError as exc:
+        raise ManifestUnverifiable(f"{what} cannot be verified: {exc}") from None
+    h.update(raw[:at])
+    h.update(_SEAL_PLACEHOLDER)
+    h.update(raw[at + len(want):])
+    if h.hexdigest() != want:
+        return f"{what} fails its own digest (changed after it was written)"
+    return None
+
+
+def dumps_manifest(m: dict, algo: str) -> bytes:
+    """The bytes of manifest.json as every native writer writes them: indented JSON, sealed."""
+    return seal_json(m, algo, lambda o: (json.dumps(o, indent=1, allow_nan=True) + "\n").encode())
 
 
 def is_step(v: Any) -> bool:
@@ -59,6 +135,9 @@ def read_manifest(folder: Path, st: Optional[os.stat_result] = None) -> dict:
     except OSError as exc:
         raise ValueError(f"manifest.json cannot be read ({exc.strerror or exc})") from None
     m = loads_json_bounded(data, "manifest.json")
+    problem = seal_problem(data, m, MANIFEST)
+    if problem:
+        raise ManifestCorrupt(problem)
     if not isinstance(m, dict) or m.get("format") != FORMAT:
         fmt = m.get("format") if isinstance(m, dict) else None
         raise ValueError(f"manifest.json has an unknown format {str(fmt)[:40]!r}")
@@ -159,6 +238,10 @@ def check_native(folder: Path, verify: bool, manifest: Optional[dict] = None,
         m = manifest or read_manifest(folder, stats.get(MANIFEST) if stats is not None else None)
     except ManifestInvalid as exc:
         return "invalid", str(exc), {}
+    except ManifestCorrupt as exc:
+        return "corrupt", str(exc), {}
+    except ManifestUnverifiable as exc:
+        return "unreadable", str(exc), {}
     except ValueError as exc:
         return "incomplete", str(exc), {}
     if step is not None and m["step"] != step:

@@ -171,7 +171,7 @@ def digest_matches(meta: Any, data) -> bool:
 
 
 def json_bytes(obj: Any) -> bytes:
-    """JSON as native checkpoints write it (state.json, manifest.json)."""
+    """JSON as native checkpoints write state.json (manifest.json: manifest.dumps_manifest)."""
     return (json.dumps(obj, indent=1, allow_nan=True) + "\n").encode()
 
 

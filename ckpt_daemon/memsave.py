@@ -36,7 +36,7 @@ from ckpt_daemon import manifest as mf
 from ckpt_daemon import memory as mem
 from ckpt_daemon import stio
 from ckpt_daemon.errors import CheckpointError
-from ckpt_daemon.fsutil import free_bytes, record_checksum
+from ckpt_daemon.fsutil import default_checksum, free_bytes, record_checksum
 from ckpt_daemon.statecodec import decode
 
 log = logging.getLogger("ckpt_daemon.memsave")
@@ -438,7 +438,7 @@ class MemoryWriter:
 
             with ThreadPoolExecutor(max_workers=min(len(files), os.cpu_count() or 1, 8)) as pool:
                 entries = dict(pool.map(digest, files))
-            manifest = mem.json_bytes(mf.build_manifest(step, entries, **manifest_extra))
+            manifest = mf.dumps_manifest(mf.build_manifest(step, entries, **manifest_extra), default_checksum())
             if base + manifest_off + len(manifest) > slot.size:
                 raise CheckpointError("the manifest does not fit the slot")
             slot.mm[base + manifest_off:base + manifest_off + len(manifest)] = manifest

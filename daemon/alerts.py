@@ -136,13 +136,15 @@ class Alerts:
         self._wake.set()
         return True
 
-    def note_best(self, status: dict) -> None:
+    def note_best(self, status: Any) -> None:
         """Called with each status the daemon computes: a best checkpoint other than the one seen before is
         a new best. The first status only sets what was there (a daemon start is no new best)."""
-        ck = status.get("checkpoints") or {}
-        bests = {"": ck.get("best"), **{r: (v or {}).get("best") for r, v in (ck.get("runs") or {}).items()}}
+        from daemon.statusdoc import as_status
+
+        ck = as_status(status).checkpoints
+        bests = {"": ck.best, **{r: v.best for r, v in ck.runs.items()}}
         for run, b in bests.items():
-            name = b.get("name") if isinstance(b, dict) else None
+            name = b.name if b is not None else None
             first = run not in self._best
             prev = self._best.get(run)
             if name is None:
@@ -152,14 +154,14 @@ class Alerts:
             if first or name == prev:
                 continue
             metric = self.get_cfg().trainer.best_metric
-            metrics = {k: v for k, v in (b.get("metrics") or {}).items() if isinstance(v, (int, float))}
+            metrics = {k: v for k, v in b.metrics.items() if isinstance(v, (int, float))}
             if metric in metrics:  # else what the trainer recorded (eval_loss under Hugging Face), a few of them
                 metrics = {metric: metrics[metric]}
             shown = f"{run}/{name}" if run else name
             what = (" (" + ", ".join(f"{k} {v:.6g}" for k, v in list(metrics.items())[:3]) + ")") if metrics else ""
             self.emit("new_best", f"new best checkpoint: {shown}{what}",
-                      f"{shown} (step {b.get('step')}) is the new best checkpoint{what}; the previous best was "
-                      f"{prev or 'none'}.", checkpoint=shown, step=b.get("step"))
+                      f"{shown} (step {b.step}) is the new best checkpoint{what}; the previous best was "
+                      f"{prev or 'none'}.", checkpoint=shown, step=b.step)
 
     def snapshot(self) -> dict:
         """For status: every target by its label (never its URL), and what waits."""
@@ -330,7 +332,7 @@ def emit(event: str, title: str, body: str = "", key: Optional[str] = None, **fi
         return False
 
 
-def note_best(status: dict) -> None:
+def note_best(status: Any) -> None:
     a = _active
     if a is not None:
         try:

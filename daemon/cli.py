@@ -198,7 +198,7 @@ def daemon_alive(cfg, s: Optional[dict]) -> bool:
         return False
     try:
         os.kill(int(s["daemon"]["pid"]), 0)
-    except (ProcessLookupError, KeyError, TypeError, ValueError):
+    except (ProcessLookupError, KeyError, TypeError, ValueError, OverflowError):
         return False
     except PermissionError:
         pass
@@ -215,17 +215,22 @@ STYLES = {"ok": "bold green", "warn": "bold yellow", "bad": "bold red", "": ""}
 
 
 def _status_lines(args) -> tuple[int, Optional[dict], list[tuple[str, str]]]:
-    from daemon.state import read_state
+    from daemon import statusdoc
+    from daemon.state import read_state, state_path
     from daemon.statusview import render
 
     cfg, config_error = _load_for_reading(args)
-    s = read_state(cfg.log_dir)
-    alive = daemon_alive(cfg, s)
+    raw = read_state(cfg.log_dir)
+    alive = daemon_alive(cfg, raw)
     code = 0 if alive else 5
-    if not s:
+    if not raw:
         return code, None, [("bad",
                              f"ckpt-daemon has not run with {cfg.source} (no {cfg.log_dir / 'daemon-state.json'}).")]
-    doc = {"ok": True, "running": alive, "config_error": config_error, **s}
+    try:
+        s = statusdoc.parse(raw, str(state_path(cfg.log_dir)))
+    except statusdoc.StatusUnreadable as exc:
+        return 1, {"ok": False, "running": alive, "error": str(exc)}, [("bad", str(exc))]
+    doc = {"ok": True, "running": alive, "config_error": config_error, **s.to_json()}
     return code, doc, render(s, alive, time.time(), config_error, str(config_path(args)))
 
 

@@ -34,8 +34,10 @@ from ckpt_daemon.fsutil import disk_usage
 from ckpt_daemon.logs import get_logger, setup_logging
 from daemon import alerts
 from daemon import state as st
+from daemon import statusdoc as sd
 from daemon.jobs import Jobs
 from daemon.notify import Notifier
+from daemon.statusdoc import Status
 from daemon.supervisor import Supervisor
 from daemon.trainmetrics import NewestMetrics
 from daemon.watch import Watcher
@@ -69,7 +71,7 @@ class Daemon:
         self.last_cleanup: Optional[dict] = None
         self.echo_trainer = echo_trainer
         self._state_dirty = threading.Event()
-        self._last_state: Optional[dict] = None
+        self._last_state: Optional[Status] = None
         self._hb_samples: collections.deque = collections.deque(maxlen=600)
         self._train_metrics = NewestMetrics(self.cfg.log_dir / "metrics.jsonl")
         self._last_write = 0.0
@@ -264,8 +266,9 @@ class Daemon:
         self._cat_cache = (key, time.monotonic(), cats)
         return cats
 
-    def status(self) -> dict:
-        """What `ckpt-daemon status` shows. Holds times, not ages: readers compute ages when they read."""
+    def status(self) -> Status:
+        """What `ckpt-daemon status` shows (daemon/statusdoc.py). Holds times, not ages: readers compute ages
+        when they read."""
         cfg = self.get_cfg()
         cats = self._catalogs(cfg)
         c = cats[""]
@@ -273,16 +276,17 @@ class Daemon:
         def desc(e):
             if e is None:
                 return None
-            return {"name": e.name, "step": e.step, "mtime": e.mtime, "metrics": e.metrics, "layout": e.layout}
+            return sd.CheckpointRef(name=e.name, step=e.step, mtime=e.mtime, metrics=e.metrics, layout=e.layout)
 
         hb = runtime.read_heartbeat(cfg.checkpoint_dir) or {}
         training = self.supervisor.snapshot()
         if hb and (hb.get("run") == training.get("run") or hb.get("pid") == training.get("pid")) and training.get("pid"):
-            training["step"] = hb.get("step")
+            # the heartbeat is the trainer's file: only values of the right type are shown
+            training["step"] = sd.int_or_none(hb.get("step"))
             training["steps_per_s"] = self._rate(hb)
             if isinstance(hb.get("resumed_from"), str):  # what the trainer really loaded (it may have fallen back)
-                training["resumed_from"] = hb["resumed_from"]
-            training["heartbeat_time"] = hb.get("time")
+                training["resumed_from"] = hb["resumed_from"][:4096]
+            training["heartbeat_time"] = sd.num_or_none(hb.get("time"))
             dev = heartbeat_device(hb.get("device"))  # where it trains and that device's memory, as it reports them
             if dev:
                 training["device"] = dev
@@ -290,28 +294,26 @@ class Daemon:
         if newest["values"]:
             training["metrics"] = newest["values"]
             training["metrics_time"] = newest["time"]
-        return {
-            "daemon": {"pid": os.getpid(), "started": self.started,
-                       "config": str(self.config_path), "config_loaded_at": self.config_loaded_at,
-                       "config_error": self.config_error, "config_pending": self.config_pending},
-            "training": training,
-            "checkpoints": {"dir": str(cfg.checkpoint_dir), "count": len(c.entries), "valid": len(c.valid()),
-                            "latest": desc(c.newest_valid()), "best": desc(c.pointer("best")),
-                            "failed_verification": dict(self.watcher.bad),
-                            "in_progress": [p.name for p in c.in_progress],
-                            "quarantined": len(runtime.quarantined(cfg.checkpoint_dir)),
-                            "runs": {run: {"count": len(rc.entries), "valid": len(rc.valid()),
-                                           "latest": desc(rc.newest_valid()), "best": desc(rc.pointer("best"))}
-                                     for run, rc in cats.items() if run}},
-            "retention": {"enabled": cfg.retention.enabled,
-                          "policy_confirmed": cleanup.policy_confirmed(cfg)},
-            "disk": self.disk,
-            "jobs": {"next": self.jobs.next_times(), "history": self.jobs.history.data.get("jobs", {})},
-            "last_cleanup": self.last_cleanup,
-            "memory": self._memory_status(),
-            "notify": alerts.snapshot(),
-            "replicas": self.replicator.snapshot() if getattr(self, "replicator", None) is not None else [],
-        }
+        return Status(
+            daemon=sd.DaemonInfo(pid=os.getpid(), started=self.started, config=str(self.config_path),
+                                 config_loaded_at=self.config_loaded_at, config_error=self.config_error,
+                                 config_pending=self.config_pending),
+            training=sd.Training.model_validate(training),
+            checkpoints=sd.Checkpoints(
+                dir=str(cfg.checkpoint_dir), count=len(c.entries), valid=len(c.valid()), latest=desc(c.newest_valid()),
+                best=desc(c.pointer("best")), failed_verification=dict(self.watcher.bad),
+                in_progress=[p.name for p in c.in_progress], quarantined=len(runtime.quarantined(cfg.checkpoint_dir)),
+                runs={run: sd.RunCheckpoints(count=len(rc.entries), valid=len(rc.valid()), latest=desc(rc.newest_valid()),
+                                             best=desc(rc.pointer("best")))
+                      for run, rc in cats.items() if run}),
+            retention=sd.Retention(enabled=cfg.retention.enabled, policy_confirmed=cleanup.policy_confirmed(cfg)),
+            disk=sd.Disk.model_validate(self.disk or {}),
+            jobs={"next": self.jobs.next_times(), "history": self.jobs.history.data.get("jobs", {})},
+            last_cleanup=sd.Cleanup.model_validate(self.last_cleanup) if self.last_cleanup else None,
+            memory=self._memory_status(),
+            notify=alerts.snapshot(),
+            replicas=self.replicator.snapshot() if getattr(self, "replicator", None) is not None else [],
+        )
 
     def _memory_status(self) -> Optional[dict]:
         """What the memory agent records (None when memory checkpoints are off): its newest slot, what it
@@ -351,10 +353,10 @@ class Daemon:
             if s == self._last_state and not force and now - self._last_write < 30:
                 return  # unchanged: rewritten only as a sign of life, twice a minute
             self._last_state, self._last_write = s, now
-            st.write_state(self.get_cfg().log_dir, {**s, "written": now})
-            t = s["training"]
-            self.notifier.status(f"training {t['state']}" + (f" step {t.get('step')}" if t.get("step") else "")
-                                 + (f", latest {s['checkpoints']['latest']['name']}" if s["checkpoints"]["latest"] else ""))
+            st.write_state(self.get_cfg().log_dir, s.model_copy(update={"written": now}).to_json())
+            t = s.training
+            self.notifier.status(f"training {t.state}" + (f" step {t.step}" if t.step else "")
+                                 + (f", latest {s.checkpoints.latest.name}" if s.checkpoints.latest else ""))
         except Exception as exc:
             log.error("could not write the state file", error=str(exc))
 

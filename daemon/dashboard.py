@@ -435,13 +435,17 @@ def _snapshot_index(snapshots: list[dict]) -> dict[tuple[str, str], dict]:
     return idx
 
 
-def build_dashboard(status: dict, inv: Optional[InventoryView], disk: list[dict], curve: dict, now: float,
+def build_dashboard(status: Any, inv: Optional[InventoryView], disk: list[dict], curve: dict, now: float,
                     alive: bool = True, max_shown: int = MAX_CHECKPOINTS_SHOWN) -> dict:
-    """Everything the page draws, as JSON-ready data. Pure."""
+    """Everything the page draws, as JSON-ready data, from the status (a Status, or the mapping a file
+    holds). Pure."""
+    from daemon.statusdoc import as_status
     from daemon.statusview import verdict
 
-    level, line = verdict(status, alive, now)
-    t = dict(status.get("training") or {})
+    st = as_status(status)
+    level, line = verdict(st, alive, now)
+    status = st.to_json()
+    t = dict(status["training"])
     crashes = list(t.pop("crashes", None) or [])[-MAX_CRASHES_SHOWN:][::-1]
     jobs_hist = (status.get("jobs") or {}).get("history") or {}
     jobs_next = (status.get("jobs") or {}).get("next") or {}

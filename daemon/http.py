@@ -48,6 +48,7 @@ from ckpt_daemon.logs import get_logger
 from daemon import dashboard as dash
 from daemon import metrics as prom
 from daemon.httpserver import Server
+from daemon.statusdoc import Status
 
 log = get_logger("daemon.http")
 
@@ -204,7 +205,7 @@ class App:
 
             s = self.obs.status()
             level, line = verdict(s, True, now)
-            return _json(_finite({**s, "now": now, "verdict": {"level": level, "line": line}}))
+            return _json(_finite({**s.to_json(), "now": now, "verdict": {"level": level, "line": line}}))
         if path == "/api/dashboard":
             return _json(_finite(self.obs.dashboard()))
         return _text(404, "Not found. The pages here: /, /api/status, /api/dashboard, /metrics.")
@@ -312,7 +313,7 @@ class Observer:
         f = getattr(self.d, "_protected_extra", None)
         return f() if f else {}
 
-    def status(self) -> dict:
+    def status(self) -> Status:
         """The status the main loop computed last (at most a second old), else a fresh one."""
         s = getattr(self.d, "_last_state", None)
         return s if s is not None else self.d.status()
@@ -411,7 +412,7 @@ class Observer:
             self._textfile_error = msg
 
     def _sample_disk(self, cfg: Config, now: float) -> None:
-        checked = ((self.status() or {}).get("disk") or {}).get("checked")
+        checked = self.status().disk.checked
         if now - self._last_disk < self.DISK_SAMPLE_S and checked == self._disk_checked:
             return
         self._last_disk, self._disk_checked = now, checked

@@ -24,6 +24,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from ckpt_daemon.device import heartbeat_device
 from daemon import replicaview
 from daemon.dashboard import InventoryView
+from daemon.statusdoc import RunCheckpoints, Status, Training, as_status
 
 TRAINING_STATES = ("idle", "running", "adopted", "stopping", "backoff", "gave_up", "stopped", "finished")
 DISK_LEVELS = {"ok": 0, "warning": 1, "emergency": 2}
@@ -59,7 +60,7 @@ class DaemonCollector(Collector):
         return []  # families depend on the data; nothing to check at registration
 
     def collect(self) -> Iterator[Metric]:
-        s = self.get_status() or {}
+        s = as_status(self.get_status())
         inv = self.get_inventory()
         now = self.clock()
         yield from self._daemon(s)
@@ -70,7 +71,7 @@ class DaemonCollector(Collector):
         yield from self._snapshots(inv, now)
         yield from self._disk(s)
         yield from self._jobs(s)
-        yield from replicaview.metric_families(s.get("replicas") or [], now)  # replicas (daemon/replicaview.py)
+        yield from replicaview.metric_families(s.replicas, now)  # replicas (daemon/replicaview.py)
         if inv is not None:
             yield GaugeMetricFamily("ckpt_daemon_inventory_timestamp_seconds",
                                     "When the catalog and retention plan behind these metrics were taken (rebuilt at most "
@@ -79,20 +80,20 @@ class DaemonCollector(Collector):
                                     "How long taking the catalog and retention plan took.", value=inv.duration_s)
 
     # ---------------------------------------------------------------------------- families
-    def _daemon(self, s: dict) -> Iterator[Metric]:
-        d = s.get("daemon") or {}
-        if _num(d.get("started")) is not None:
+    def _daemon(self, s: Status) -> Iterator[Metric]:
+        d = s.daemon
+        if d.started is not None:
             yield GaugeMetricFamily("ckpt_daemon_start_time_seconds", "When the daemon started (Unix time).",
-                                    value=d["started"])
+                                    value=d.started)
         yield GaugeMetricFamily(
             "ckpt_daemon_config_error",
             "1 if the config in force is not config.yaml as it is on disk: the last edit was rejected or is held "
             "until a restart (ckpt-daemon status says why).",
-            value=1 if (d.get("config_error") or d.get("config_pending")) else 0)
+            value=1 if (d.config_error or d.config_pending) else 0)
 
-    def _training(self, s: dict) -> Iterator[Metric]:
-        t = s.get("training") or {}
-        state = t.get("state")
+    def _training(self, s: Status) -> Iterator[Metric]:
+        t = s.training
+        state = t.state
         yield GaugeMetricFamily("ckpt_daemon_training_up", "1 if the trainer process is running (started or adopted).",
                                 value=1 if state in ("running", "adopted") else 0)
         g = GaugeMetricFamily("ckpt_daemon_training_state", "The trainer's state: 1 for the current one.",
@@ -101,32 +102,30 @@ class DaemonCollector(Collector):
             g.add_metric([st], 1 if st == state else 0)
         yield g
         yield CounterMetricFamily("ckpt_daemon_training_restarts", "Restarts of the trainer after a crash since the "
-                                  "daemon started.", value=_num(t.get("restarts")) or 0)
+                                  "daemon started.", value=t.restarts)
         c = CounterMetricFamily("ckpt_daemon_training_crashes", "Trainer exits that were not a finish, by kind "
                                 "(signal, error, out_of_memory, disk_full, heartbeat, ...), since the daemon started.",
                                 labels=["kind"])
-        for kind, n in sorted((t.get("crash_counts") or {}).items()):
-            if _num(n) is not None:
-                c.add_metric([str(kind)], n)
+        for kind, n in sorted(t.crash_counts.items()):
+            c.add_metric([str(kind)], n)
         yield c
         for key, name, help_ in (
                 ("step", "ckpt_daemon_training_step", "The trainer's current step (from its heartbeat)."),
                 ("steps_per_s", "ckpt_daemon_training_steps_per_second", "Training speed over the last minute."),
                 ("heartbeat_time", "ckpt_daemon_training_heartbeat_timestamp_seconds", "The trainer's last heartbeat."),
         ):
-            if _num(t.get(key)) is not None:
-                yield GaugeMetricFamily(name, help_, value=t[key])
-        yield from self._device(t.get("device"))
-        lc = t.get("last_crash") or {}
-        if _num(lc.get("time")) is not None:
+            if getattr(t, key) is not None:
+                yield GaugeMetricFamily(name, help_, value=getattr(t, key))
+        yield from self._device(t.device)
+        if t.last_crash is not None and t.last_crash.time is not None:
             yield GaugeMetricFamily("ckpt_daemon_training_last_crash_timestamp_seconds",
                                     "When the trainer last crashed.",
-                                    value=lc["time"])
-        if _num(t.get("recent_crashes")) is not None:
+                                    value=t.last_crash.time)
+        if t.recent_crashes is not None:
             yield GaugeMetricFamily("ckpt_daemon_training_recent_crashes",
                                     "Crashes within the restart policy's window (training.restart.crash_window_s); 2 or "
                                     "more is a crash loop. 0 once a trainer has run healthy_after_s.",
-                                    value=t["recent_crashes"])
+                                    value=t.recent_crashes)
         yield from self._train_metrics(t)
 
     @staticmethod
@@ -150,10 +149,10 @@ class DaemonCollector(Collector):
             yield g
 
     @staticmethod
-    def _train_metrics(t: dict) -> Iterator[Metric]:
+    def _train_metrics(t: Training) -> Iterator[Metric]:
         """The trainer's newest metrics (logs/metrics.jsonl): loss, the validation metric, the learning rate..."""
-        metrics = t.get("metrics")
-        if not isinstance(metrics, dict) or not metrics:
+        metrics = t.metrics
+        if not metrics:
             return
         value = GaugeMetricFamily("ckpt_daemon_training_metric",
                                   "The newest value of each metric the trainer logs (loss, val_loss, eval_loss, lr, ...), "
@@ -167,12 +166,12 @@ class DaemonCollector(Collector):
             if _num(m.get("step")) is not None:
                 step.add_metric([str(name)], m["step"])
         yield from (value, step)
-        if _num(t.get("metrics_time")) is not None:
+        if t.metrics_time is not None:
             yield GaugeMetricFamily("ckpt_daemon_training_metrics_timestamp_seconds",
-                                    "When the trainer logged its newest metrics line.", value=t["metrics_time"])
+                                    "When the trainer logged its newest metrics line.", value=t.metrics_time)
 
-    def _memory(self, s: dict) -> Iterator[Metric]:
-        mem = s.get("memory")
+    def _memory(self, s: Status) -> Iterator[Metric]:
+        mem = s.memory
         if not isinstance(mem, dict):
             return  # memory checkpoints are off
         yield GaugeMetricFamily("ckpt_daemon_memory_active", "1 if memory checkpoints are on and working (0: off "
@@ -209,9 +208,9 @@ class DaemonCollector(Collector):
         yield GaugeMetricFamily("ckpt_daemon_memory_persisting", "1 while a memory checkpoint is being persisted.",
                                 value=1 if mem.get("persisting") is not None else 0)
 
-    def _checkpoints(self, s: dict, inv: Optional[InventoryView], now: float) -> Iterator[Metric]:
-        ck = s.get("checkpoints") or {}
-        per_run = {"": ck, **{r: v for r, v in (ck.get("runs") or {}).items() if isinstance(v, dict)}}
+    def _checkpoints(self, s: Status, inv: Optional[InventoryView], now: float) -> Iterator[Metric]:
+        ck = s.checkpoints
+        per_run: dict[str, RunCheckpoints] = {"": ck, **ck.runs}
         ts = GaugeMetricFamily("ckpt_daemon_checkpoint_last_timestamp_seconds",
                                "Modification time of the newest valid checkpoint.", labels=["run"])
         age = GaugeMetricFamily("ckpt_daemon_checkpoint_last_age_seconds",
@@ -222,17 +221,17 @@ class DaemonCollector(Collector):
                                  "Bytes on disk of the newest valid checkpoint.", labels=["run"])
         best = GaugeMetricFamily("ckpt_daemon_checkpoint_best_step", "Step of the best checkpoint.", labels=["run"])
         for run, v in sorted(per_run.items()):
-            latest = v.get("latest") or {}
-            if _num(latest.get("mtime")) is not None:
-                ts.add_metric([run], latest["mtime"])
-                age.add_metric([run], max(0.0, now - latest["mtime"]))
-            if _num(latest.get("step")) is not None:
-                step.add_metric([run], latest["step"])
-            if _num((v.get("best") or {}).get("step")) is not None:
-                best.add_metric([run], v["best"]["step"])
+            latest = v.latest
+            if latest is not None and latest.mtime is not None:
+                ts.add_metric([run], latest.mtime)
+                age.add_metric([run], max(0.0, now - latest.mtime))
+            if latest is not None and latest.step is not None:
+                step.add_metric([run], latest.step)
+            if v.best is not None and v.best.step is not None:
+                best.add_metric([run], v.best.step)
             rv = inv.runs.get(run) if inv else None
-            if rv is not None and rv.report is not None and latest.get("name") in rv.report.entries:
-                size.add_metric([run], rv.report.entries[latest["name"]].bytes)
+            if latest is not None and rv is not None and rv.report is not None and latest.name in rv.report.entries:
+                size.add_metric([run], rv.report.entries[latest.name].bytes)
         yield from (ts, age, step, size, best)
         counts = GaugeMetricFamily("ckpt_daemon_checkpoints",
                                    "Numbered checkpoints by status (complete, incomplete, corrupt, invalid, "
@@ -247,31 +246,30 @@ class DaemonCollector(Collector):
                     counts.add_metric([run, st], by.get(st, 0))
         else:
             for run, v in sorted(per_run.items()):
-                if _num(v.get("valid")) is not None:
-                    counts.add_metric([run, "complete"], v["valid"])
+                counts.add_metric([run, "complete"], v.valid)
         yield counts
         yield GaugeMetricFamily("ckpt_daemon_verification_failures",
                                 "Checkpoints that failed verification and are still in the folder.",
-                                value=len(ck.get("failed_verification") or {}))
+                                value=len(ck.failed_verification))
         yield GaugeMetricFamily("ckpt_daemon_quarantined_checkpoints",
                                 "Checkpoints moved to .ckpt-daemon/quarantine/ after failing verification (kept, never "
-                                "deleted).", value=_num(ck.get("quarantined")) or 0)
+                                "deleted).", value=ck.quarantined)
 
-    def _retention(self, s: dict, inv: Optional[InventoryView]) -> Iterator[Metric]:
-        ret = s.get("retention") or {}
+    def _retention(self, s: Status, inv: Optional[InventoryView]) -> Iterator[Metric]:
+        ret = s.retention
         yield GaugeMetricFamily("ckpt_daemon_retention_enabled", "1 if the scheduled retention runs.",
-                                value=1 if ret.get("enabled") else 0)
-        if ret.get("policy_confirmed") is not None:
+                                value=1 if ret.enabled else 0)
+        if ret.policy_confirmed is not None:
             yield GaugeMetricFamily(
                 "ckpt_daemon_retention_policy_confirmed",
                 "1 if the tiers in config.yaml are the last ones a person confirmed; 0: unattended runs delete only "
-                "what the confirmed tiers also would.", value=1 if ret["policy_confirmed"] else 0)
-        lc = s.get("last_cleanup") or {}
-        if _num(lc.get("time")) is not None:
+                "what the confirmed tiers also would.", value=1 if ret.policy_confirmed else 0)
+        lc = s.last_cleanup
+        if lc is not None:
             yield GaugeMetricFamily("ckpt_daemon_last_cleanup_timestamp_seconds", "When retention last ran.",
-                                    value=lc["time"])
+                                    value=lc.time)
             yield GaugeMetricFamily("ckpt_daemon_last_cleanup_freed_bytes", "Bytes the last retention run freed.",
-                                    value=_num(lc.get("freed_bytes")) or 0)
+                                    value=lc.freed_bytes)
         if inv is None:
             return
         count = GaugeMetricFamily("ckpt_daemon_retention_tier_checkpoints",
@@ -323,8 +321,8 @@ class DaemonCollector(Collector):
                 yield GaugeMetricFamily("ckpt_daemon_snapshot_last_age_seconds", "Age of the newest snapshot at the "
                                         "time of the scrape.", value=max(0.0, now - t))
 
-    def _disk(self, s: dict) -> Iterator[Metric]:
-        disk = s.get("disk") or {}
+    def _disk(self, s: Status) -> Iterator[Metric]:
+        disk = s.disk
         for key, name, help_ in (
                 ("free_bytes", "ckpt_daemon_disk_free_bytes", "Bytes a trainer may still write on the filesystem of "
                  "checkpoints.dir (df's Available)."),
@@ -336,19 +334,19 @@ class DaemonCollector(Collector):
                  "(used + available), the blocks reserved for root left out."),
                 ("checked", "ckpt_daemon_disk_checked_timestamp_seconds", "When the disk job last measured."),
         ):
-            if _num(disk.get(key)) is not None:
-                yield GaugeMetricFamily(name, help_, value=disk[key])
-        if isinstance(disk.get("mount"), str):
+            if getattr(disk, key) is not None:
+                yield GaugeMetricFamily(name, help_, value=getattr(disk, key))
+        if disk.mount is not None:
             info = GaugeMetricFamily("ckpt_daemon_disk_info", "The filesystem these disk figures are of: its mount "
                                      "point.", labels=["mountpoint"])
-            info.add_metric([disk["mount"]], 1)
+            info.add_metric([disk.mount], 1)
             yield info
-        if disk.get("level") in DISK_LEVELS:
+        if disk.level in DISK_LEVELS:
             yield GaugeMetricFamily("ckpt_daemon_disk_level", "0: ok, 1: below disk.warn_free_gb, 2: below "
-                                    "disk.emergency_free_gb.", value=DISK_LEVELS[disk["level"]])
+                                    "disk.emergency_free_gb.", value=DISK_LEVELS[disk.level])
 
-    def _jobs(self, s: dict) -> Iterator[Metric]:
-        jobs = s.get("jobs") or {}
+    def _jobs(self, s: Status) -> Iterator[Metric]:
+        jobs = s.jobs
         hist = jobs.get("history") or {}
         dur = GaugeMetricFamily("ckpt_daemon_job_last_duration_seconds", "How long the job's last run took.",
                                 labels=["job"])

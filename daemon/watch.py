@@ -330,7 +330,11 @@ class Watcher:
         prev = self.results.get(k)
         if prev and prev[2] == mtime:
             return
-        sc = foreign.read_sidecar(root, name)
+        try:
+            sc = foreign.read_sidecar(root, name)
+        except foreign.SidecarDamaged as exc:  # the record of its bytes is lost: never recorded afresh
+            self._report(k, exc.status, str(exc), mtime, "hf" if stat.S_ISDIR(est.st_mode) else "file")
+            return
         if sc is not None:
             res, why = foreign.compare(sc, path, files, verify=True)
             if res in ("stale", "resaved"):  # the name holds a new save of that step: judged afresh

@@ -145,7 +145,11 @@ def _can_reflink(src: Path, probe_dir: Path) -> bool:
 
 def _add(res: SnapshotResult, e: cat.Entry, dest: Path, roles: list[str], method: str, verify: bool,
          run: str = "", progress=None) -> None:
-    sc = foreign.read_sidecar(e.path.parent, e.name) if e.layout != "native" else None
+    try:
+        sc = foreign.read_sidecar(e.path.parent, e.name) if e.layout != "native" else None
+    except foreign.SidecarDamaged as exc:
+        raise CheckpointError(f"{e.name} cannot be snapshotted: {exc}. The snapshot was not created; the "
+                              "checkpoint is reported by `ckpt-daemon list --verify`.") from None
     apparent, added, used, notes = _copy_checkpoint(e.path, dest / e.name, method, progress)
     if verify:
         _layout, status, reason, _ = cat.check_entry(dest / e.name, verify=True, step=e.step, sidecar=sc)

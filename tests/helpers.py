@@ -257,7 +257,18 @@ def native(root: Path, steps, **kw):
     return mgr
 
 
-def hf_folder(root: Path, step: int, complete: bool = True) -> Path:
+def write_manifest(folder: Path, m: dict, sealed: bool = True) -> None:
+    """Write `m` as the manifest.json of a native checkpoint folder: sealed with its own digest as every
+    writer of ours seals it (what someone who rewrites a manifest on purpose can do too), or, with
+    sealed=False, without one, as versions before the seal wrote it."""
+    from ckpt_daemon import manifest as mf
+
+    m = {k: v for k, v in m.items() if k != mf.SEAL}
+    (Path(folder) / mf.MANIFEST).write_bytes(mf.dumps_manifest(m, "sha256") if sealed else json.dumps(m).encode())
+
+
+def hf_folder(root: Path, step: int, complete: bool = True, state: dict | None = None) -> Path:
+    """A Hugging Face Trainer checkpoint folder; `state`: more fields for its trainer_state.json."""
     import safetensors.torch
     import torch
 
@@ -267,7 +278,8 @@ def hf_folder(root: Path, step: int, complete: bool = True) -> Path:
     torch.save({"state": {}, "param_groups": []}, d / "optimizer.pt")
     (d / "config.json").write_text("{}")
     if complete:
-        (d / "trainer_state.json").write_text(json.dumps({"global_step": step, "epoch": 1.0, "best_metric": 0.5}))
+        (d / "trainer_state.json").write_text(json.dumps({"global_step": step, "epoch": 1.0, "best_metric": 0.5,
+                                                          **(state or {})}))
     return d
 
 
@@ -280,6 +292,49 @@ def single_file(root: Path, name: str) -> Path:
     m = cat.match_name(name, [cat.compile_pattern(x) for x in PATTERNS])
     torch.save({"model_state_dict": tiny_model().state_dict(), "step": m["step"] if m else 1}, p)
     return p
+
+
+def lightning_run(folder: Path, steps: int = 8, every: int = 4) -> list[Path]:
+    """A real Lightning run (CPU, seconds) whose ModelCheckpoint writes `epoch=E-step=S.ckpt` every `every`
+    steps into `folder`, each saying in its callback state which is best (the newest: no monitor)."""
+    import lightning as L
+    import torch
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    class Lit(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = torch.nn.Linear(8, 1)
+
+        def training_step(self, batch, _):
+            x, y = batch
+            return torch.nn.functional.mse_loss(self.net(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=0.01)
+
+    L.seed_everything(0, verbose=False)
+    g = torch.Generator().manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(16, 8, generator=g), torch.randn(16, 1, generator=g))
+    trainer = L.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=True,
+                        callbacks=[ModelCheckpoint(dirpath=folder, every_n_train_steps=every, save_top_k=-1)])
+    trainer.fit(Lit(), torch.utils.data.DataLoader(data, batch_size=4))
+    return sorted(folder.glob("*.ckpt"), key=lambda p: p.stat().st_mtime_ns)
+
+
+def flip_byte(path: Path, offset: int, xor: int) -> None:
+    """Change one byte of a file in place as a failing disk does: same inode, same size, same mtime (a
+    write through the filesystem that changes the mtime of a one-file checkpoint looks like its trainer
+    saving that step again, which is judged afresh)."""
+    assert 0 < xor < 256
+    st = os.stat(path)
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ xor]))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
 def make_state(width: int = 64, seed: int = 0):

@@ -18,7 +18,7 @@ from ckpt_daemon import catalog as cat
 from ckpt_daemon import checkpoint as ck
 from ckpt_daemon.checkpoint import CheckpointManager, read_checkpoint
 from ckpt_daemon.errors import CheckpointError, NoValidCheckpoint
-from tests.helpers import make_state, same_nested, same_state
+from tests.helpers import make_state, same_nested, same_state, write_manifest
 
 
 def test_round_trip_full_state(tmp_path):
@@ -207,7 +207,7 @@ def test_crafted_pickle_never_runs(tmp_path, monkeypatch):
 
     man = json.loads((d / "manifest.json").read_text())
     man["files"]["state.json"] = {"size": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}
-    (d / "manifest.json").write_text(json.dumps(man))
+    write_manifest(d, man)
     # a user's single-file checkpoint that is a hostile pickle
     torch.save({"model_state_dict": {}, "x": _Evil()}, tmp_path / "ck" / "model_step_2.pt")
     cat.scan(tmp_path / "ck", ["checkpoint-{step}", "model_step_{step}.pt"], verify=True)

@@ -19,6 +19,7 @@ from ckpt_daemon import checkpoint as ck
 from ckpt_daemon import fsutil, stio, verifyonce
 from ckpt_daemon.checkpoint import CheckpointManager, read_checkpoint
 from ckpt_daemon.errors import CheckpointError
+from tests.helpers import write_manifest
 
 PATTERNS = ["checkpoint-{step}"]
 
@@ -103,7 +104,7 @@ def test_sha256_stays_selectable_and_old_sha256_manifests_still_load(tmp_path, s
     man = _manifest(path)
     man["files"] = {n: {"size": r["size"], "sha256": hashlib.sha256((path / n).read_bytes()).hexdigest()}
                     for n, r in man["files"].items()}
-    (path / "manifest.json").write_text(json.dumps(man))
+    write_manifest(path, man, sealed=False)
     assert _entry(path, verify=True).status == "complete"
     m2, opt2 = _state()
     with torch.no_grad():
@@ -127,7 +128,7 @@ def test_a_checksum_we_cannot_use_makes_the_checkpoint_invalid_never_an_exceptio
     path, _, _ = saved
     man = _manifest(path)
     man["files"]["model.safetensors"] = {"size": man["files"]["model.safetensors"]["size"], **rec}
-    (path / "manifest.json").write_text(json.dumps(man))
+    write_manifest(path, man)
     for verify in (False, True):
         e = _entry(path, verify=verify)
         assert e.status == "invalid" and why in e.reason and "model.safetensors" in e.reason, e

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import struct
 import subprocess
@@ -20,8 +21,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ckpt_daemon import catalog as cat
-from daemon.supervisor import choose_resume
-from tests.helpers import PY, env_for_children, native, run_py, write_config
+from ckpt_daemon import foreign
+from daemon.supervisor import choose_resume, choose_resume_all
+from tests.helpers import (PY, env_for_children, flip_byte, hf_folder, lightning_run, native, record_all, run_py,
+                           tiny_model, write_config, write_manifest)
 
 PATTERNS = ["checkpoint-{step}", "model_step_{step}.pt", "rolling_step_{step}"]
 
@@ -89,7 +92,7 @@ def test_hostile_safetensors_headers_are_reported_not_raised(tmp_path, what, cap
     shutil.copytree(root / "checkpoint-10", d)
     m = json.loads((d / "manifest.json").read_text())
     m["step"] = 20
-    (d / "manifest.json").write_text(json.dumps(m))
+    write_manifest(d, m)
     _safetensors(root / "rolling_step_30", HOSTILE_HEADERS[what], b"\0" * 4)
     hf = root / "checkpoint-40"
     hf.mkdir()
@@ -182,9 +185,99 @@ def test_random_damage_never_raises(tmp_path_factory, data):
     c = cat.scan(root, PATTERNS, verify=True)
     damaged = victim.parent.name if victim.parent != root else victim.name
     e = c.by_name(damaged)
-    if victim.parent != root and victim.name != "manifest.json" and victim.read_bytes() != raw:
-        # a native file covered by the manifest's checksums: any change is caught
+    if victim.parent != root and victim.read_bytes() != raw:
+        # a native file covered by the manifest's checksums, or the manifest itself (sealed with a digest of
+        # its own bytes): any change is caught
         assert e is not None and e.status != "complete", (how, victim.name, e)
+
+
+# ------------------------------------------------------------ a changed byte in any file of any layout
+LATER = time.time() + 3600  # "an hour later": every foreign checkpoint written now has settled
+DAMAGE_PATTERNS = ["checkpoint-{step}", "epoch={epoch}-step={step}.ckpt", "model_step_{step}.pt"]
+# Where a changed byte of a manifest or sidecar would sway a choice while the file still parses: a metric's
+# first digit (the issue's "val_loss": 1.5 -> 0.5), the path a trainer says is best, the step.
+SWAYING = (b'"val_loss": ', b'"eval_loss": ', b'"best_model_path": "', b'"step": ')
+
+
+@pytest.fixture(scope="module")
+def two_of_each_layout(tmp_path_factory):
+    """layout -> (folder, the newer checkpoint, the older one, best_metric): in each folder the newer of two
+    checkpoints is both the resume choice and the best, so that damage to it must change both choices."""
+    import torch
+
+    base = tmp_path_factory.mktemp("layouts")
+    out = {}
+    d = base / "native"
+    native(d, [10, 20])
+    (d / "best").unlink()  # best is then chosen from the manifests' metrics: what a changed manifest could sway
+    out["native"] = (d, "checkpoint-20", "checkpoint-10", "val_loss")
+    d = base / "hf"
+    d.mkdir()
+    for s, loss in ((100, 0.9), (200, 0.4)):
+        hf_folder(d, s, state={"log_history": [{"step": s, "eval_loss": loss}]})
+    out["hf"] = (d, "checkpoint-200", "checkpoint-100", "eval_loss")
+    d = base / "lightning"
+    d.mkdir()
+    older, newer = lightning_run(d)[-2:]
+    out["lightning"] = (d, newer.name, older.name, None)
+    d = base / "plain"
+    d.mkdir()
+    for s, v in ((10, 0.9), (20, 0.3)):
+        torch.save({"model_state_dict": tiny_model().state_dict(), "step": s, "val_loss": v}, d / f"model_step_{s}.pt")
+    out["plain"] = (d, "model_step_20.pt", "model_step_10.pt", "val_loss")
+    return out
+
+
+def _files_of(root: Path, name: str) -> list[Path]:
+    """Every file of checkpoint `name`, and its sidecar manifest if it has one."""
+    p = root / name
+    files = [p] if p.is_file() else sorted(x for x in p.rglob("*") if x.is_file())
+    sc = foreign.sidecar_path(root, name)
+    return files + ([sc] if sc.exists() else [])
+
+
+@pytest.mark.parametrize("layout", ["native", "hf", "lightning", "plain"])
+def test_a_changed_byte_in_any_file_of_a_checkpoint_is_caught_named_and_never_chosen(two_of_each_layout, layout,
+                                                                                     tmp_path):
+    """Bytes changed anywhere in any file of a checkpoint of every layout, its manifest.json or its sidecar
+    manifest included (each a copy of the folder, foreign ones recorded as the daemon records them once
+    they settled): the verified catalog calls it damaged and names the file, and neither the resume choice
+    nor `best` is that checkpoint."""
+    src, victim, older, metric = two_of_each_layout[layout]
+    work = tmp_path / "w"
+
+    def fresh() -> None:
+        shutil.rmtree(work, ignore_errors=True)
+        shutil.copytree(src, work, symlinks=True)
+        if layout != "native":
+            record_all(work, DAMAGE_PATTERNS)
+
+    fresh()
+    c = cat.scan(work, DAMAGE_PATTERNS, verify=True, now=LATER, best_metric=metric)
+    chosen, _, _ = choose_resume_all({"": c}, set(), {})
+    assert chosen.name == victim and c.pointer("best").name == victim  # undamaged, it is both
+    files = _files_of(work, victim)
+    assert any(f.name in ("manifest.json", f"{victim}.json") for f in files)
+    rng = random.Random(layout)
+    cases = []  # (file, where: a share of its size or a key whose value follows, xor)
+    for f in files:
+        raw = f.read_bytes()
+        shares = (0.0, 1.0, *(rng.random() for _ in range(4)))
+        cases += [(f.relative_to(work), w, rng.randrange(1, 256)) for w in shares]
+        cases += [(f.relative_to(work), key, 1) for key in SWAYING if key in raw]
+    for rel, where, xor in cases:
+        fresh()  # a sidecar recorded afresh may differ in size by a digit of its time: positions are found anew
+        raw = (work / rel).read_bytes()
+        i = raw.find(where) + len(where) if isinstance(where, bytes) else min(int(where * len(raw)), len(raw) - 1)
+        flip_byte(work / rel, i, xor)
+        c = cat.scan(work, DAMAGE_PATTERNS, verify=True, now=LATER, best_metric=metric)
+        e = c.by_name(victim)
+        what = (str(rel), i, xor, e and (e.status, e.reason))
+        assert e is not None and e.status != "complete" and rel.name in e.reason, what
+        assert c.pointer("best") is None or c.pointer("best").name != victim, what
+        c = cat.scan(work, DAMAGE_PATTERNS, now=LATER, best_metric=metric)
+        chosen, _, notes = choose_resume_all({"": c}, set(), {})
+        assert chosen is not None and chosen.name == older, (*what, notes)
 
 
 def test_a_zip_that_is_not_a_torch_file_is_not_a_checkpoint(tmp_path):

@@ -75,7 +75,8 @@ def test_slot_round_trip_is_byte_exact_with_a_native_save(tmp_path, region):
         if f.name != mf.MANIFEST:
             assert f.read_bytes() == (native / "checkpoint-7" / f.name).read_bytes(), f.name
     a, b = (json.loads((p / "checkpoint-7" / mf.MANIFEST).read_text()) for p in (ck, native))
-    for k in ("created", "created_unix"):
+    assert mf.SEAL in a and mf.SEAL in b  # both sealed (their seals differ with the time)
+    for k in ("created", "created_unix", mf.SEAL):
         a.pop(k), b.pop(k)
     assert a == b
     assert cat.scan(ck, ["checkpoint-{step}"], verify=True).newest_valid().name == "checkpoint-7"

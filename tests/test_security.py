@@ -16,7 +16,7 @@ import torch
 
 from ckpt_daemon import catalog as cat
 from ckpt_daemon.config import ConfigError, load_config
-from tests.helpers import PY, env_for_children, native, run_py, write_config
+from tests.helpers import PY, env_for_children, native, run_py, write_config, write_manifest
 
 
 class _Evil:
@@ -86,7 +86,7 @@ def test_crafted_pickles_do_not_run_on_list_verify_consolidate_or_resume(tmp_pat
 
     man = json.loads((d / "manifest.json").read_text())
     man["files"]["state.json"] = {"size": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}
-    (d / "manifest.json").write_text(json.dumps(man))
+    write_manifest(d, man)
     r = run_py(["-m", "daemon", "list", "--config", str(cfg_path), "--verify"])
     assert r.returncode in (0, 1) and "Traceback" not in r.stderr, r.stderr  # 1: it found them not usable
     run_py(["-m", "maintenance.cleanup", "--config", str(cfg_path), "--dry-run"], check=True)

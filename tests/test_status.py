@@ -338,3 +338,28 @@ def test_the_crash_count_in_the_window_and_when_a_loop_is_over(tmp_path):
     # a daemon stopped while in the backoff after crashes: no run went fine since, the loop stands
     sup.state, sup.started_at, now[0] = "stopped", None, 1105.0
     assert sup.snapshot()["recent_crashes"] == 2 and not sup.snapshot()["last_crash"].get("resolved")
+
+
+def test_a_status_file_of_a_newer_daemon_or_a_damaged_one_is_said_plainly(tmp_path):
+    """The state file has a version: a CLI older than the daemon that wrote it refuses it with a clear
+    message, a damaged one is named with where it is damaged; neither gives a traceback."""
+    from daemon.statusdoc import STATUS_VERSION, Status
+
+    cfg = write_config(tmp_path)
+    state = tmp_path / "logs" / "daemon-state.json"
+    state.parent.mkdir()
+    newer, damaged = ("was written by a newer ckpt-daemon", "run the `ckpt-daemon` of the installation"), \
+        ("is damaged", "start it, or delete the file")
+    for doc, (said, fix) in [({**Status().to_json(), "version": STATUS_VERSION + 98}, newer),
+                             ({**Status().to_json(), "training": {"restarts": "many"}}, damaged),
+                             ({**Status().to_json(), "checkpoints": [1, 2]}, damaged)]:
+        state.write_text(json.dumps(doc))
+        for args in ([], ["--json"]):
+            r = run_py(["-m", "daemon", "status", "--config", str(cfg), *args])
+            assert r.returncode == 1 and said in r.stdout and "Traceback" not in r.stdout + r.stderr, (doc, r)
+            assert "daemon-state.json" in r.stdout and fix in r.stdout
+            if args:
+                assert json.loads(r.stdout)["ok"] is False
+    state.write_text(json.dumps(Status().to_json()))
+    r = run_py(["-m", "daemon", "status", "--config", str(cfg), "--json"])
+    assert r.returncode == 5 and json.loads(r.stdout)["version"] == STATUS_VERSION  # readable; no daemon runs

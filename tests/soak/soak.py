@@ -275,17 +275,27 @@ class Soak:
             return
         s = self.status()
         # the daemon rewrites its state when it changes, and at least every 30 s
-        if not s or s.get("daemon", {}).get("pid") != self.daemon.pid or time.time() - s.get("written", 0) > 40:
-            time.sleep(3)  # a just-restarted daemon needs a moment
-            s = self.status()
-            if not s or s["daemon"]["pid"] != self.daemon.pid or time.time() - s.get("written", 0) > 40:
+        def fresh(s: dict | None) -> bool:
+            return bool(s) and s.get("daemon", {}).get("pid") == self.daemon.pid and time.time() - s.get("written", 0) <= 40
+
+        if not fresh(s):
+            deadline = time.monotonic() + 30  # a just-restarted daemon on a busy machine needs a moment
+            while not fresh(s) and time.monotonic() < deadline and self.daemon.poll() is None:
+                time.sleep(0.2)
+                s = self.status()
+            if not fresh(s):
                 self.violation("the status file is stale or names another daemon")
                 return
         t = s["training"]
         if t["state"] == "running" and t.get("pid") and not Path(f"/proc/{t['pid']}").exists():
-            time.sleep(1.5)  # it may have exited a moment ago; the daemon notices on its next tick
-            s2 = self.status()
-            if s2["training"]["state"] == "running" and s2["training"].get("pid") == t["pid"]:
+            def still_claimed(s2: dict | None) -> bool:
+                return bool(s2) and s2["training"]["state"] == "running" and s2["training"].get("pid") == t["pid"]
+
+            # it may have exited a moment ago; the daemon notices on its next tick (busy machine: 10 s)
+            deadline = time.monotonic() + 10
+            while still_claimed(s2 := self.status()) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            if still_claimed(s2):
                 self.violation(f"status says training runs as pid {t['pid']}, which does not exist")
         if t["state"] == "gave_up":
             self.violation("the supervisor gave up")
