@@ -50,10 +50,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from ckpt_daemon import fsutil, runtime
 from ckpt_daemon import manifest as mf
-from ckpt_daemon import runtime
 from ckpt_daemon.errors import CkptError
-from ckpt_daemon import fsutil
 from ckpt_daemon.fsutil import atomic_symlink, fsync_dir, loads_json_bounded
 
 MAGIC = b"CKPTMEM\x01"

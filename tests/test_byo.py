@@ -11,7 +11,6 @@ file is protected by the quarantine that runs before every restart.
 from __future__ import annotations
 
 import os
-import signal
 import time
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import pytest
 from ckpt_daemon import catalog as cat
 from ckpt_daemon import runtime
 from tests.helpers import BYO, FAST_RESTART, PY, Daemon, kill_right_after_a_save, newest, run_py, wait_for
+
 
 def damage(path: Path) -> None:
     """Truncate a file to half its size (a torch zip loses its central directory)."""

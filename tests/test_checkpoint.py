@@ -323,8 +323,8 @@ def test_the_built_in_trainer_releases_its_resume_checkpoint(tmp_path):
     (so `cleanup` does not report it open by another process for the rest of the run)."""
     import subprocess
 
-    from tests.helpers import PY, env_for_children, write_config
     from maintenance.cleanup import open_checkpoint_files
+    from tests.helpers import PY, env_for_children, write_config
 
     cfg = write_config(tmp_path)
     subprocess.run([PY, "-m", "trainer", "--config", str(cfg), "--max-steps", "10"], env=env_for_children(),

@@ -244,7 +244,7 @@ def test_status_watch_stops_on_sigint_and_sigterm_whatever_it_inherited(project)
         os.close(slave)
         seen = bytearray()
 
-        def read() -> None:
+        def read(master: int = master, seen: bytearray = seen) -> None:
             try:
                 while chunk := os.read(master, 65536):
                     seen.extend(chunk)

@@ -68,7 +68,8 @@ def test_edits_that_would_lose_progress_never_take_effect(tmp_path, daemons):
     for _ in range(3):
         before = count(d.log(), "config.yaml re-read: the same text as before")
         d.cfg.touch()
-        d.wait(lambda s: count(d.log(), "config.yaml re-read: the same text as before") > before, what="a re-read")
+        d.wait(lambda s, before=before: count(d.log(), "config.yaml re-read: the same text as before") > before,
+               what="a re-read")
     assert count(d.log(), "config.yaml edit rejected") == 3  # empty, truncated, broken: once each
 
     # the fix is put in force, and only then becomes the last good copy
@@ -98,7 +99,7 @@ def test_an_idle_daemon_reads_the_config_only_when_it_changes(tmp_path, daemons)
     for _ in range(3):  # touched, not changed: re-read, but nothing rewritten and nothing logged at info
         n = count(d.log(), "config.yaml re-read")
         d.cfg.touch()
-        d.wait(lambda s: count(d.log(), "config.yaml re-read") > n, what="a re-read")
+        d.wait(lambda s, n=n: count(d.log(), "config.yaml re-read") > n, what="a re-read")
     assert (os.stat(last_good).st_ino, os.stat(last_good).st_mtime_ns) == before
     assert json.loads(state.read_text())["written"] == s0["written"]  # nothing changed: the state is not rewritten
     assert "config.yaml reloaded" not in d.log()

@@ -29,7 +29,8 @@ from maintenance import compress, consolidate
 from tests.helpers import write_config
 from trainer import generate
 
-FUZZ = settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", "60")), deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+FUZZ = settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", "60")), deadline=None,
+                suppress_health_check=list(HealthCheck), derandomize=True)
 ERROR_KEYS = {"type", "message", "exit_code"}
 
 

@@ -288,7 +288,7 @@ def test_a_crash_loop_backs_off_then_gives_up(tmp_path, daemons):
     s = d.wait(lambda s: s["training"]["state"] == "gave_up" and s, what="giving up")
     assert s["training"]["restarts"] == 3 and s["training"]["last_crash"]["returncode"] == 3
     assert "boom: bad data" in s["training"]["last_crash"]["tail"]
-    delays = [json.loads(l)["delay_s"] for l in d.log().splitlines() if "restarting after backoff" in l]
+    delays = [json.loads(line)["delay_s"] for line in d.log().splitlines() if "restarting after backoff" in line]
     assert delays == [0, 0.2, 0.4]
     assert "not restarting training" in d.log() and "4 crashes within" in d.log()
     r = run_py(["-m", "daemon", "status", "--config", str(d.cfg)])

@@ -23,8 +23,19 @@ from hypothesis import strategies as st
 from ckpt_daemon import catalog as cat
 from ckpt_daemon import foreign
 from daemon.supervisor import choose_resume, choose_resume_all
-from tests.helpers import (PY, env_for_children, flip_byte, hf_folder, lightning_run, native, record_all, run_py,
-                           tiny_model, write_config, write_manifest)
+from tests.helpers import (
+    PY,
+    env_for_children,
+    flip_byte,
+    hf_folder,
+    lightning_run,
+    native,
+    record_all,
+    run_py,
+    tiny_model,
+    write_config,
+    write_manifest,
+)
 
 PATTERNS = ["checkpoint-{step}", "model_step_{step}.pt", "rolling_step_{step}"]
 

@@ -9,8 +9,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -32,7 +30,7 @@ from ckpt_daemon.remote.store import FolderStore, Throttle, open_store
 from ckpt_daemon.remote.target import Credentials, CredentialsError, parse_url, read_credentials_file
 from daemon import replicaview
 from daemon.replicate import TargetWorker, lag, select
-from tests.helpers import PY, Daemon, Receiver, deep_merge, env_for_children, run_py
+from tests.helpers import PY, Daemon, Receiver, deep_merge, run_py
 from tests.seaweed import Seaweed, why_unavailable
 
 MIB = 1 << 20
@@ -328,7 +326,7 @@ def test_local_damage_is_never_uploaded(tmp_path, server, bucket):
     with pytest.raises(LocalChanged, match="fails its recorded"):
         upload.upload_checkpoint(store, source.from_entry(e), upload.Transfer(2, 5 * MIB))
     rc = listing.scan_remote(store)
-    assert rc.replicas == [] and store.open_uploads(f"p/") == []  # aborted, nothing looks complete
+    assert rc.replicas == [] and store.open_uploads("p/") == []  # aborted, nothing looks complete
 
 
 def test_parts_in_memory_are_bounded_and_uploads_hold_no_lock(tmp_path, server, bucket, monkeypatch):
@@ -789,8 +787,8 @@ def test_the_daemon_rides_out_its_server_killed_mid_upload(tmp_path, daemons):
         d.wait(lambda s: (s["replicas"][0].get("last_error") or {}).get("kind") == "unreachable", 90, "the outage in status")
         assert d.proc.poll() is None
         srv.start()
-        s = d.wait(lambda s: s["replicas"][0]["replicas"] == 1 and s["replicas"][0]["last_error"] is None and s, 120,
-                   "the replica after the outage")
+        d.wait(lambda s: s["replicas"][0]["replicas"] == 1 and s["replicas"][0]["last_error"] is None and s, 120,
+               "the replica after the outage")
         store = open_store(parse_url("s3://ride/r"), srv.endpoint, None, Credentials(srv.access_key, srv.secret_key))
         rc = listing.scan_remote(store)
         assert listing.verify_replica(store, rc.replicas[0]).valid and store.open_uploads("r/") == []

@@ -61,7 +61,7 @@ def test_a_file_another_process_is_writing_is_never_quarantined_at_a_restart(tmp
     e = cat.scan(root, ["model_step_{step}.pt"], verify=True).by_name("model_step_200.pt")
     assert e is not None and e.valid, e  # the writer finished into the folder, not into a quarantined copy
     assert torch.load(root / "model_step_200.pt", weights_only=True)["step"] == 200
-    notes = [json.loads(l) for l in d.log().splitlines() if "resume choice" in l]
+    notes = [json.loads(line) for line in d.log().splitlines() if "resume choice" in line]
     assert any("model_step_200.pt skipped: still being written by pid" in n.get("note", "") for n in notes), notes
     d.wait(lambda s: s["training"]["resumed_from"] == "model_step_200.pt", timeout=60,
            what="the next restart to resume from the finished file")

@@ -18,7 +18,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from tests.helpers import PY, REPO, Daemon, env_for_children, write_config
+from tests.helpers import PY, Daemon, env_for_children, write_config
 
 SLEEPER = [PY, "-c", "import time; time.sleep(3600)"]
 EXE = str(Path(sys.executable).parent / "ckpt-daemon")  # the venv's ckpt-daemon, as the README's .venv/bin/...

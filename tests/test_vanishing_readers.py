@@ -69,7 +69,7 @@ def test_clients_that_close_before_reading_never_stop_the_daemon(tmp_path, daemo
             c = socket.create_connection(("127.0.0.1", port), timeout=5)
         except OSError:
             d.proc.wait(timeout=10)
-            raise AssertionError(f"the daemon died after {i} clients (exit {d.proc.returncode}):\n{d.output()[-3000:]}")
+            raise AssertionError(f"the daemon died after {i} clients (exit {d.proc.returncode}):\n{d.output()[-3000:]}") from None
         if i % 3 == 0:  # a reset (SO_LINGER 0: close sends RST), as a killed scraper or a crashed browser
             c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         c.sendall(f"GET {paths[i % len(paths)]} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
