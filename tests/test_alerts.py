@@ -223,6 +223,7 @@ def test_a_dead_target_is_logged_once_and_again_when_it_works(tmp_path, receiver
 
 
 # ---------------------------------------------------------------------------------- the real daemon
+@pytest.mark.slow
 def test_a_real_daemon_notifies_a_web_hook_and_a_mail_server(tmp_path, receiver):
     import torch
 
@@ -312,6 +313,7 @@ def test_a_real_daemon_notifies_a_web_hook_and_a_mail_server(tmp_path, receiver)
         smtp.close()
 
 
+@pytest.mark.slow
 def test_the_docs_example_is_a_valid_config_shown_without_its_secrets(tmp_path):
     from tests.snippets import doc_block
 

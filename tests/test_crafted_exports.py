@@ -159,6 +159,7 @@ def test_compress_gives_each_known_crafted_file_a_reason_and_goes_on(name):
     check_compress_batch(KNOWN[name])
 
 
+@pytest.mark.slow
 @FUZZ
 @given(CRAFTED_PT)
 def test_compress_fuzz(crafted):

@@ -304,6 +304,7 @@ class Browser:
             self.proc.wait()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(CHROMIUM is None,
                     reason="chromium is not installed (apt-get install chromium; CI installs it where it can)")
 def test_the_page_in_a_real_browser(tmp_path, daemons):  # noqa: F811

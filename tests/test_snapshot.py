@@ -162,6 +162,7 @@ def test_prune_deletes_old_snapshots_and_logs(tmp_path):
     assert all(e.valid for e in cat.scan_config(cfg, verify=True).entries)
 
 
+@pytest.mark.slow
 def test_restored_snapshot_is_resumed_from(tmp_path):
     cfg_path = write_config(tmp_path)
     run_py(["-m", "trainer", "--config", str(cfg_path), "--max-steps", "20"], check=True)

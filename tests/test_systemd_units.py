@@ -18,6 +18,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pytest
+
 from tests.helpers import PY, Daemon, env_for_children, write_config
 
 SLEEPER = [PY, "-c", "import time; time.sleep(3600)"]
@@ -82,6 +84,7 @@ def start_as_unit(units: Path, name: str, state: Path, d: Daemon) -> None:
                               stdin=subprocess.DEVNULL)
 
 
+@pytest.mark.slow
 def test_two_instances_side_by_side_from_the_template_unit(tmp_path, daemons):  # noqa: F811
     srv, units, state = tmp_path / "srv", tmp_path / "units", tmp_path / "state"
     units.mkdir()

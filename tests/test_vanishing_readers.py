@@ -17,6 +17,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pytest
+
 from tests.helpers import PY, Daemon
 
 SLEEPER = [PY, "-c", "import time; time.sleep(3600)"]
@@ -56,6 +58,7 @@ def errors_in(log: str) -> list[dict]:
     return out
 
 
+@pytest.mark.slow
 def test_clients_that_close_before_reading_never_stop_the_daemon(tmp_path, daemons):  # noqa: F811
     port = free_port()
     d = Daemon(tmp_path, {"training": {"command": SLEEPER}, "http": {"enabled": True, "port": port}}).start()
@@ -108,6 +111,7 @@ while True:
 """
 
 
+@pytest.mark.slow
 def test_a_closed_console_and_a_gone_notify_socket_never_stop_the_daemon(tmp_path, daemons):  # noqa: F811
     script = tmp_path / "printing_job.py"  # not trainer.py: `python -m daemon` in this folder would import it
     script.write_text(TRAINER)
