@@ -43,7 +43,7 @@ from ckpt_daemon.termtext import inert
 
 SNAPSHOT_MANIFEST = "snapshot.json"
 SNAPSHOT_FORMAT = "ckpt-daemon-snapshot/1"
-DATE_RE = re.compile(r"\A(\d{4})-(\d{2})-(\d{2})\Z")
+DATE_RE = re.compile(r"\A([0-9]{4})-([0-9]{2})-([0-9]{2})\Z")  # ASCII digits only (\d takes any script's)
 
 
 
