@@ -382,14 +382,14 @@ class Region:
             for pre in SCRATCH_PREFIXES:
                 if n.startswith(pre):
                     rest = n[len(pre):]
-                    out.append((self.path / n, int(rest) if rest.isdigit() and len(rest) < 10 else None))
+                    out.append((self.path / n, int(rest) if rest.isascii() and rest.isdigit() and len(rest) < 10 else None))
         return out
 
     def remove_scratch(self, only_dead: bool = True) -> None:
         """Remove staging/resume folders (only those whose process is gone, by default). Never follows a
         symlink."""
         for path, pid in self.scratch():
-            if only_dead and pid is not None and _alive(pid):
+            if only_dead and pid is not None and runtime.pid_alive(pid):
                 continue
             try:
                 runtime.remove_entry(path)
@@ -408,16 +408,6 @@ class Region:
             os.rmdir(self.path)
         except OSError:
             pass
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True
 
 
 def open_slot_readonly(info: SlotInfo) -> tuple[int, mmap.mmap]:
