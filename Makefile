@@ -31,6 +31,7 @@ run: $(RUN_STAMP)
 	$(BIN)/ckpt-daemon run --config config.yaml
 
 test: $(TEST_STAMP)
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -n 2
 
 bench: $(TEST_STAMP)

@@ -39,9 +39,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional
 
-from ckpt_daemon import foreign, fsutil
+from ckpt_daemon import foreign, fsutil, runtime
 from ckpt_daemon import manifest as mf
-from ckpt_daemon import runtime
 from ckpt_daemon.errors import UnsafePathError
 from ckpt_daemon.fsutil import atomic_write_bytes, loads_json_bounded, tree_stats
 from ckpt_daemon.runtime import PINS_DIR, RUNTIME_DIR, STATE_DIR  # noqa: F401  (re-exported)
@@ -453,7 +452,8 @@ def _entry(root: Path, name: str, st: os.stat_result, fields: dict, verify: bool
         if res in ("ok", "corrupt"):
             recorded = True
             layout = sc.get("layout") if sc.get("layout") in ("hf", "file") else "file"
-            status, reason, meta = ("complete", "", dict(sc.get("meta") or {})) if res == "ok" else ("corrupt", why, dict(sc.get("meta") or {}))
+            meta = dict(sc.get("meta") or {})
+            status, reason = ("complete", "") if res == "ok" else ("corrupt", why)
         else:
             sc = None  # stale (the name holds something else now) or re-saved: judged afresh
     if not recorded:

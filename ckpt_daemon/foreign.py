@@ -24,8 +24,15 @@ from typing import Any, Optional
 
 from ckpt_daemon import manifest as mf
 from ckpt_daemon import runtime, torchzip
-from ckpt_daemon.fsutil import (atomic_write_bytes, default_checksum, digest_record, hash_file, loads_json_bounded,
-                                 read_bytes_bounded, record_checksum)
+from ckpt_daemon.fsutil import (
+    atomic_write_bytes,
+    default_checksum,
+    digest_record,
+    hash_file,
+    loads_json_bounded,
+    read_bytes_bounded,
+    record_checksum,
+)
 
 SIDECARS = "manifests"
 SIDECAR_FORMAT = "ckpt-daemon-sidecar/1"

@@ -172,6 +172,11 @@ def new_hasher(algo: str, threads: bool = True):
     raise ValueError(f"unknown checksum algorithm {str(algo)[:40]!r}")
 
 
+def is_hex64(v: Any) -> bool:
+    """A 64-digit lowercase hex digest (sha256, blake3), as every record of ours writes one."""
+    return isinstance(v, str) and _HEX64.match(v) is not None
+
+
 def digest_record(algo: str, digest: str) -> dict:
     """The checksum fields of a manifest's file record: {"sha256": hex} (the form every version reads)
     or {"algo": name, "digest": hex}."""
@@ -191,7 +196,7 @@ def record_checksum(rec: Any) -> tuple[str, str]:
         algo, digest = "sha256", rec.get("sha256")
     else:
         raise ValueError("no checksum")
-    if not isinstance(digest, str) or not _HEX64.match(digest):
+    if not is_hex64(digest):
         raise ValueError(f"no valid {algo} digest")
     return algo, digest
 

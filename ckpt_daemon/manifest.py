@@ -34,8 +34,14 @@ import struct
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from ckpt_daemon.fsutil import (digest_record, file_digest_problem, loads_json_bounded, new_hasher, read_bytes_bounded,
-                                record_checksum)
+from ckpt_daemon.fsutil import (
+    digest_record,
+    file_digest_problem,
+    loads_json_bounded,
+    new_hasher,
+    read_bytes_bounded,
+    record_checksum,
+)
 
 MANIFEST = "manifest.json"
 FORMAT = "ckpt-daemon/1"

@@ -50,11 +50,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from ckpt_daemon import fsutil, runtime
 from ckpt_daemon import manifest as mf
-from ckpt_daemon import runtime
 from ckpt_daemon.errors import CkptError
-from ckpt_daemon import fsutil
-from ckpt_daemon.fsutil import atomic_symlink, fsync_dir, loads_json_bounded
+from ckpt_daemon.fsutil import atomic_symlink, fsync_dir, is_hex64, loads_json_bounded
 
 MAGIC = b"CKPTMEM\x01"
 VERSION = 1
@@ -77,7 +76,6 @@ MAX_TARGET = 200  # a target's sidecar is named after it, with a few characters 
 SCRATCH_PREFIXES = ("staging-", "resume-")
 REJECTED_PREFIX = "rejected-"  # an entry a trainer found in a slot's place and moved aside (set_aside)
 CHUNK = 16 << 20
-_HEX64 = re.compile(r"[0-9a-f]{64}\Z")
 NAME_STEP = re.compile(r"(?:step[=_-]?|checkpoint-)([0-9]{1,15})(?![0-9])")  # the step a target's name says
 
 
@@ -259,7 +257,7 @@ def _parse_header(raw: bytes, file_size: int, index: int) -> SlotInfo:
     if len(set(names)) != len(names) or names[-1] != mf.MANIFEST:
         raise ValueError("does not list manifest.json last, or lists a file twice")
     msha = h.get("manifest_sha256")
-    if not isinstance(msha, str) or not _HEX64.match(msha):
+    if not is_hex64(msha):
         raise ValueError("has no valid manifest checksum")
     bid, pid, ck, t = h.get("boot_id"), h.get("pid"), h.get("ckpt_dir"), h.get("time")
     if not (isinstance(bid, str) and len(bid) <= 64 and isinstance(pid, int) and not isinstance(pid, bool)
@@ -384,14 +382,14 @@ class Region:
             for pre in SCRATCH_PREFIXES:
                 if n.startswith(pre):
                     rest = n[len(pre):]
-                    out.append((self.path / n, int(rest) if rest.isdigit() and len(rest) < 10 else None))
+                    out.append((self.path / n, int(rest) if rest.isascii() and rest.isdigit() and len(rest) < 10 else None))
         return out
 
     def remove_scratch(self, only_dead: bool = True) -> None:
         """Remove staging/resume folders (only those whose process is gone, by default). Never follows a
         symlink."""
         for path, pid in self.scratch():
-            if only_dead and pid is not None and _alive(pid):
+            if only_dead and pid is not None and runtime.pid_alive(pid):
                 continue
             try:
                 runtime.remove_entry(path)
@@ -410,16 +408,6 @@ class Region:
             os.rmdir(self.path)
         except OSError:
             pass
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True
 
 
 def open_slot_readonly(info: SlotInfo) -> tuple[int, mmap.mmap]:
@@ -743,7 +731,7 @@ def _point_latest(ckpt_dir: Path, name: str, step: int) -> None:
     link = ckpt_dir / "latest"
     try:
         target = os.readlink(link)
-        m = re.fullmatch(r"checkpoint-(\d+)", target)
+        m = re.fullmatch(r"checkpoint-([0-9]{1,15})", target)  # ASCII digits, as the catalog reads names
         if m and int(m.group(1)) > step and (ckpt_dir / target).is_dir():
             return
     except OSError:

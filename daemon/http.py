@@ -227,7 +227,7 @@ class _Handler(BaseHTTPRequestHandler):
     sys_version = ""
     protocol_version = "HTTP/1.0"  # one request per connection: no idle keep-alive connections
 
-    def __init__(self, head: bytes, client: tuple, app: App):  # noqa: super().__init__ would read a socket
+    def __init__(self, head: bytes, client: tuple, app: App):  # no super().__init__: it would read a socket
         self.app, self.client_address = app, client
         self.request = self.connection = self.server = None
         self.rfile, self.wfile = io.BytesIO(head), io.BytesIO()

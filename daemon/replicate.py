@@ -31,9 +31,15 @@ from ckpt_daemon.logs import append_text, get_logger
 from ckpt_daemon.remote import download, listing, source, upload
 from ckpt_daemon.remote import format as fmt
 from ckpt_daemon.remote import retention as rret
-from ckpt_daemon.remote.errors import (Cancelled, LocalChanged, RemoteAuthError, RemoteError, RemoteSetupError,
-                                       RemoteUnreachable)
 from ckpt_daemon.remote.connect import store_for
+from ckpt_daemon.remote.errors import (
+    Cancelled,
+    LocalChanged,
+    RemoteAuthError,
+    RemoteError,
+    RemoteSetupError,
+    RemoteUnreachable,
+)
 from ckpt_daemon.remote.store import Store, Throttle
 from daemon import alerts
 
@@ -81,8 +87,8 @@ def select(c: cat.Catalog, include: list[str], every_steps: Optional[int],
 
 def snapshot_names(cfg: Config) -> set[str]:
     """Checkpoints of the checkpoint folder itself that a local snapshot holds."""
-    from maintenance.snapshot import SNAPSHOT_MANIFEST, list_snapshots
     from ckpt_daemon.fsutil import read_json_file
+    from maintenance.snapshot import SNAPSHOT_MANIFEST, list_snapshots
 
     names: set[str] = set()
     for snap, _ in list_snapshots(cfg.snapshot_dir):

@@ -20,14 +20,14 @@ from typing import Any, Callable, Optional
 
 from ckpt_daemon import catalog as cat
 from ckpt_daemon import fsutil, runtime
-from maintenance import retention
+from ckpt_daemon.cliutil import add_json_argument, config_path, module_main, number
 from ckpt_daemon.config import Config, load_config
 from ckpt_daemon.errors import CkptError, UsageError
 from ckpt_daemon.fsutil import fsync_dir, inside, is_enospc, read_json_file, remove_tree_safely
 from ckpt_daemon.logs import append_text
 from ckpt_daemon.termtext import inert
 from ckpt_daemon.units import human
-from ckpt_daemon.cliutil import add_json_argument, config_path, module_main, number
+from maintenance import retention
 
 
 @dataclass

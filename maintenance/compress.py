@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import json
 import os
 import stat
 import sys
@@ -27,8 +28,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ckpt_daemon import catalog as cat
+from ckpt_daemon.cliutil import add_json_argument, error_record, module_main
 from ckpt_daemon.errors import CheckpointError, CkptError, UsageError, crash_summary
 from ckpt_daemon.fsutil import disk_full_error, fsync_dir, is_enospc
+from ckpt_daemon.termtext import inert
 from maintenance.consolidate import human, is_lightning, load_torch_file, same_bits
 
 LIGHTNING_DROP = ("optimizer_states", "lr_schedulers")
@@ -36,10 +39,6 @@ DROP = ("optimizer", "optimizer_state_dict", "optimizers", "optimizer_states", "
         "scheduler", "scheduler_state_dict", "schedulers", "lr_scheduler", "lr_scheduler_state_dict", "lr_schedulers",
         "scaler", "scaler_state_dict", "grad_scaler", "grad_scaler_state_dict", "amp", "amp_state_dict")
 SUFFIX = "_compressed"
-import json
-
-from ckpt_daemon.cliutil import add_json_argument, error_record, module_main
-from ckpt_daemon.termtext import inert
 
 
 

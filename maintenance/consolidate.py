@@ -39,10 +39,20 @@ from typing import Any, Callable, Optional
 
 from ckpt_daemon import catalog as cat
 from ckpt_daemon import runtime
+from ckpt_daemon.cliutil import add_json_argument, config_path, module_main, number
 from ckpt_daemon.config import Config, load_config
 from ckpt_daemon.errors import CheckpointError, CkptError, NoValidCheckpoint, UsageError, crash_summary
-from ckpt_daemon.fsutil import (atomic_write_json, disk_full_error, fsync_dir, fsync_file, hash_file, is_enospc,
-                                loads_json_bounded, read_bytes_bounded)
+from ckpt_daemon.fsutil import (
+    atomic_write_json,
+    disk_full_error,
+    fsync_dir,
+    fsync_file,
+    hash_file,
+    is_enospc,
+    loads_json_bounded,
+    read_bytes_bounded,
+)
+from ckpt_daemon.termtext import inert
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 MODEL_FILE = "model.safetensors"
@@ -61,9 +71,6 @@ HF_COPY = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", 
            "added_tokens.json", "vocab.json", "merges.txt", "vocab.txt", "tokenizer.model", "spiece.model",
            "sentencepiece.bpe.model", "chat_template.jinja", "chat_template.json")
 JSON_MAX = 64 << 20
-from ckpt_daemon.cliutil import add_json_argument, config_path, module_main, number
-from ckpt_daemon.termtext import inert
-
 
 
 @dataclass
@@ -634,7 +641,8 @@ HELP = "export a small weights-only model (safetensors) into consolidated_models
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--from", dest="source", default="latest", metavar="WHICH",
                     help="latest | best | STEP | PATH of a checkpoint folder or file (default: latest)")
-    ap.add_argument("--average", type=number(int, 1, 10_000), default=1, metavar="K", help="average the weights of the last K valid checkpoints")
+    ap.add_argument("--average", type=number(int, 1, 10_000), default=1, metavar="K",
+                    help="average the weights of the last K valid checkpoints")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="dtype of the export (default: consolidation.dtype)")
     add_json_argument(ap, "what was written")
 

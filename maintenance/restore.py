@@ -10,6 +10,7 @@ when nothing newer is present; the command says which will be used.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -17,14 +18,11 @@ from typing import Optional
 
 from ckpt_daemon import catalog as cat
 from ckpt_daemon import runtime
+from ckpt_daemon.cliutil import add_json_argument, config_path, module_main
 from ckpt_daemon.config import Config, load_config
 from ckpt_daemon.errors import CheckpointError, UsageError
 from ckpt_daemon.fsutil import inside, read_json_file
 from maintenance.snapshot import SNAPSHOT_MANIFEST, _copy_checkpoint, choose_method
-import json
-
-from ckpt_daemon.cliutil import add_json_argument, config_path, module_main
-
 
 
 def find_snapshot(cfg: Config, which: str) -> Path:

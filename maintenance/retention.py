@@ -95,7 +95,9 @@ def _plan(checkpoints: Sequence[Item], tiers: Sequence, protected: Mapping[str, 
         chunk = ranked[pos : pos + t.count] if t.count is not None else ranked[pos:]
         for n, c in enumerate(chunk, 1):
             if t.every_steps is None:
-                d = Decision(c.name, c.step, True, [f"tier {ti}: {'newest' if ti == 1 else 'next'} {t.count if t.count is not None else 'rest'} (#{pos + n})"], ti)
+                which = "newest" if ti == 1 else "next"
+                d = Decision(c.name, c.step, True,
+                             [f"tier {ti}: {which} {t.count if t.count is not None else 'rest'} (#{pos + n})"], ti)
             else:
                 s = t.every_steps
                 b = c.step // s
@@ -103,7 +105,8 @@ def _plan(checkpoints: Sequence[Item], tiers: Sequence, protected: Mapping[str, 
                 if b >= 1 and firsts[s][b] == c.step:
                     d = Decision(c.name, c.step, True, [f"tier {ti}: first of steps {lo}-{hi}"], ti)
                 elif b < 1:
-                    d = Decision(c.name, c.step, False, [f"tier {ti}: below the first {s} steps (one per {s} steps keeps steps {s} and up)"], ti)
+                    d = Decision(c.name, c.step, False,
+                                 [f"tier {ti}: below the first {s} steps (one per {s} steps keeps steps {s} and up)"], ti)
                 else:
                     d = Decision(c.name, c.step, False, [f"tier {ti}: not first of steps {lo}-{hi} ({firsts[s][b]} is)"], ti)
             decisions[c.name] = d

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import errno
+import json
 import os
 import re
 import sys
@@ -24,19 +25,25 @@ from typing import Optional, Sequence
 
 from ckpt_daemon import catalog as cat
 from ckpt_daemon import foreign, runtime
+from ckpt_daemon.cliutil import add_json_argument, config_path, module_main
 from ckpt_daemon.config import Config, load_config
 from ckpt_daemon.errors import CheckpointError, DiskFullError, NoValidCheckpoint
-from ckpt_daemon.fsutil import (atomic_write_json, copy_into, disk_full_error, fsync_dir, is_enospc, read_json_file,
-                                remove_tree_safely, tree_stats)
+from ckpt_daemon.fsutil import (
+    atomic_write_json,
+    copy_into,
+    disk_full_error,
+    fsync_dir,
+    is_enospc,
+    read_json_file,
+    remove_tree_safely,
+    tree_stats,
+)
 from ckpt_daemon.logs import append_text
 from ckpt_daemon.termtext import inert
 
 SNAPSHOT_MANIFEST = "snapshot.json"
 SNAPSHOT_FORMAT = "ckpt-daemon-snapshot/1"
-DATE_RE = re.compile(r"\A(\d{4})-(\d{2})-(\d{2})\Z")
-import json
-
-from ckpt_daemon.cliutil import add_json_argument, config_path, module_main
+DATE_RE = re.compile(r"\A([0-9]{4})-([0-9]{2})-([0-9]{2})\Z")  # ASCII digits only (\d takes any script's)
 
 
 
@@ -277,7 +284,8 @@ def list_snapshots(root: Path) -> list[tuple[str, dt.date]]:
     if root.is_dir():
         for p in root.iterdir():
             m = DATE_RE.match(p.name)
-            if m and p.is_dir() and not p.is_symlink() and (read_json_file(p / SNAPSHOT_MANIFEST, 16 << 20) or {}).get("format") == SNAPSHOT_FORMAT:
+            if m and p.is_dir() and not p.is_symlink() \
+                    and (read_json_file(p / SNAPSHOT_MANIFEST, 16 << 20) or {}).get("format") == SNAPSHOT_FORMAT:
                 out.append((p.name, dt.date(int(m[1]), int(m[2]), int(m[3]))))
     return out
 
@@ -299,7 +307,8 @@ def prune_snapshots(cfg: Config, dry_run: bool = False) -> list[SnapDecision]:
             lines.append(f"deleted snapshot {d.name}: {'; '.join(d.reasons)}")
         except OSError as exc:
             lines.append(f"FAILED to delete snapshot {d.name}: {exc}")
-    lines.append(f"kept {sum(d.keep for d in decisions)} snapshots: " + ", ".join(f"{d.name} ({'; '.join(d.reasons)})" for d in decisions if d.keep))
+    lines.append(f"kept {sum(d.keep for d in decisions)} snapshots: "
+                 + ", ".join(f"{d.name} ({'; '.join(d.reasons)})" for d in decisions if d.keep))
     append_text(cfg.log_dir / "cleanup.log", "\n".join(lines) + "\n\n")
     return decisions
 

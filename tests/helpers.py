@@ -451,7 +451,8 @@ def record_all(root: Path, patterns: list[str] = FOREIGN_PATTERNS) -> None:
 
     for e in cat.scan(root, patterns, now=time.time() + 3600).entries:
         if e.layout != "native" and e.valid and not e.recorded:
-            foreign.record(root, e.name, e.path, e.layout, e.step, e.meta)
+            meta = cat.check_entry(e.path, verify=False, step=e.step)[3]  # all it says, metrics too (daemon/watch.py)
+            foreign.record(root, e.name, e.path, e.layout, e.step, meta)
 
 
 SECRET = "s3cr3tTOKENxyz"  # in every notification test URL: it must never show up in a log, a status or an error

@@ -192,7 +192,7 @@ def test_a_dead_target_is_logged_once_and_again_when_it_works(tmp_path, receiver
         with structlog.testing.capture_logs() as logs:
             for i, event in enumerate(["crash", "gave_up", "new_best", "disk_emergency", "crash", "training_finished"]):
                 a.emit(event, f"alert {i}", "details")
-                receiver.wait(lambda g: len(g) > i, what=f"alert {i}")  # the live target gets each one
+                receiver.wait(lambda g, i=i: len(g) > i, what=f"alert {i}")  # the live target gets each one
             deadline = time.monotonic() + 10
             while a.snapshot()["targets"][1]["failed"] < 6 and time.monotonic() < deadline:
                 time.sleep(0.05)
@@ -223,6 +223,7 @@ def test_a_dead_target_is_logged_once_and_again_when_it_works(tmp_path, receiver
 
 
 # ---------------------------------------------------------------------------------- the real daemon
+@pytest.mark.slow
 def test_a_real_daemon_notifies_a_web_hook_and_a_mail_server(tmp_path, receiver):
     import torch
 
@@ -312,6 +313,7 @@ def test_a_real_daemon_notifies_a_web_hook_and_a_mail_server(tmp_path, receiver)
         smtp.close()
 
 
+@pytest.mark.slow
 def test_the_docs_example_is_a_valid_config_shown_without_its_secrets(tmp_path):
     from tests.snippets import doc_block
 

@@ -11,7 +11,6 @@ file is protected by the quarantine that runs before every restart.
 from __future__ import annotations
 
 import os
-import signal
 import time
 from pathlib import Path
 
@@ -21,11 +20,13 @@ from ckpt_daemon import catalog as cat
 from ckpt_daemon import runtime
 from tests.helpers import BYO, FAST_RESTART, PY, Daemon, kill_right_after_a_save, newest, run_py, wait_for
 
+
 def damage(path: Path) -> None:
     """Truncate a file to half its size (a torch zip loses its central directory)."""
     os.truncate(path, path.stat().st_size // 2)
 
 
+@pytest.mark.slow
 def test_a_plain_torch_save_script_gets_every_guarantee(tmp_path, daemons):
     patterns = ["model_step_{step}.pt"]
     root = tmp_path / "checkpoints"
@@ -70,6 +71,7 @@ def test_a_plain_torch_save_script_gets_every_guarantee(tmp_path, daemons):
     assert cat.scan(root, patterns, verify=True).by_name(last.name).valid
 
 
+@pytest.mark.slow
 def test_a_script_that_resumes_itself_is_protected_from_its_own_bad_file(tmp_path, daemons):
     patterns = ["model_step_{step}.pt"]
     root = tmp_path / "checkpoints"
@@ -136,6 +138,7 @@ def _own_trainer_cycle(tmp_path: Path, daemons, script: str, patterns: list[str]
     assert cat.verify_entry(cat.scan(root, patterns).by_name(last.name)).valid
 
 
+@pytest.mark.slow
 def test_a_hugging_face_trainer_gets_every_guarantee(tmp_path, daemons):
     pytest.importorskip("transformers")
 
@@ -146,6 +149,7 @@ def test_a_hugging_face_trainer_gets_every_guarantee(tmp_path, daemons):
     _own_trainer_cycle(tmp_path, daemons, "hf_train.py", ["checkpoint-{step}"], truncate_optimizer)
 
 
+@pytest.mark.slow
 def test_a_lightning_trainer_gets_every_guarantee(tmp_path, daemons):
     pytest.importorskip("lightning")
 

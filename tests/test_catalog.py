@@ -8,6 +8,7 @@ import os
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from ckpt_daemon import catalog as cat
@@ -129,6 +130,7 @@ def test_hard_linked_files_free_nothing(tmp_path):
     assert e.bytes > 0 and e.freeable_bytes < 8192  # only the folder itself
 
 
+@pytest.mark.slow
 def test_list_cli_json_and_table(tmp_path):
     cfg = write_config(tmp_path, tiny=False)
     native(tmp_path / "checkpoints", [10, 20])

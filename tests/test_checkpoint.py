@@ -95,6 +95,7 @@ def _saver_child(root: Path, start: int, m, opt) -> None:
         mgr.save(step, model=m, optimizer=opt, metrics={"val_loss": 1.0 / step})
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_instants_during_save_never_loses_the_newest_committed(tmp_path):
     """50 SIGKILLs of a process that saves ~50 MB checkpoints back to back. Each kill waits until a save
     is under way (its scratch folder is live), then lands at a random instant within a save's duration,
@@ -318,13 +319,14 @@ def test_load_leaves_no_file_of_the_checkpoint_open_or_mapped(tmp_path):
     assert torch.equal(loaded.data_state["pos"], torch.arange(4))
 
 
+@pytest.mark.slow
 def test_the_built_in_trainer_releases_its_resume_checkpoint(tmp_path):
     """A real trainer, resumed: after the load, no file of the checkpoint it resumed from is open or mapped
     (so `cleanup` does not report it open by another process for the rest of the run)."""
     import subprocess
 
-    from tests.helpers import PY, env_for_children, write_config
     from maintenance.cleanup import open_checkpoint_files
+    from tests.helpers import PY, env_for_children, write_config
 
     cfg = write_config(tmp_path)
     subprocess.run([PY, "-m", "trainer", "--config", str(cfg), "--max-steps", "10"], env=env_for_children(),
@@ -355,6 +357,7 @@ def test_the_built_in_trainer_releases_its_resume_checkpoint(tmp_path):
 
 
 # ------------------------------------------------------------------ the docs' CheckpointManager script
+@pytest.mark.slow
 def test_the_docs_checkpoint_manager_script_starts_fresh_and_resumes_after_kill_9_under_the_daemon(tmp_path):
     """Under the daemon a fresh folder's $CKPT_RESUME is `none`: the script of docs/trainers.md starts at step 0 (no
     crash loop), saves; after a kill -9 it resumes from the newest checkpoint, and it ends with exactly

@@ -10,6 +10,8 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 from ckpt_daemon import catalog as cat
 from ckpt_daemon.config import load_config
 from maintenance.cleanup import run_cleanup
@@ -38,6 +40,7 @@ def setup_native(tmp_path: Path, steps=range(5, 65, 5), overrides=None) -> Path:
     return cfg
 
 
+@pytest.mark.slow
 def test_applied_cleanup_deletes_by_policy_and_logs_every_deletion(tmp_path):
     cfg = setup_native(tmp_path)
     r = run_py(["-m", "maintenance.cleanup", "--config", str(cfg), "-y"], check=True)
@@ -58,6 +61,7 @@ def test_applied_cleanup_deletes_by_policy_and_logs_every_deletion(tmp_path):
     assert (tmp_path / "logs" / "cleanup.log").read_text().count("=== ") == 2
 
 
+@pytest.mark.slow
 def test_dry_run_changes_nothing_at_all(tmp_path):
     cfg = setup_native(tmp_path)
     before = tree_fingerprint(tmp_path / "checkpoints")
@@ -72,6 +76,7 @@ def test_dry_run_changes_nothing_at_all(tmp_path):
     assert tree_fingerprint(tmp_path / "checkpoints") == before
 
 
+@pytest.mark.slow
 def test_without_terminal_and_without_y_it_refuses_with_exit_2(tmp_path):
     cfg = setup_native(tmp_path)
     before = tree_fingerprint(tmp_path / "checkpoints")
@@ -81,6 +86,7 @@ def test_without_terminal_and_without_y_it_refuses_with_exit_2(tmp_path):
     assert tree_fingerprint(tmp_path / "checkpoints") == before
 
 
+@pytest.mark.slow
 def test_confirmation_prompt_answered_no_deletes_nothing(tmp_path):
     cfg = setup_native(tmp_path)
     before = tree_fingerprint(tmp_path / "checkpoints")
@@ -108,6 +114,7 @@ def test_each_layout(tmp_path):
     assert (root / "latest.pt").exists()  # not a numbered checkpoint: never touched
 
 
+@pytest.mark.slow
 def test_symlinks_to_outside_are_never_followed(tmp_path):
     outside = tmp_path / "precious"
     outside.mkdir()
@@ -123,6 +130,7 @@ def test_symlinks_to_outside_are_never_followed(tmp_path):
     assert not (root / "checkpoint-5").exists() and not (root / "checkpoint-10").exists()
 
 
+@pytest.mark.slow
 def test_hard_linked_checkpoint_frees_nothing_and_says_so(tmp_path):
     cfg = setup_native(tmp_path)
     snap = tmp_path / "snapshots" / "manual"
@@ -137,6 +145,7 @@ def test_hard_linked_checkpoint_frees_nothing_and_says_so(tmp_path):
     assert d5["freeable_bytes"] < d5["bytes"] / 10
 
 
+@pytest.mark.slow
 def test_pinned_and_resumed_from_are_protected(tmp_path):
     cfg = setup_native(tmp_path)
     r = run_py(["-m", "daemon", "pin", "--config", str(cfg), "checkpoint-15", "--reason", "paper figure"], check=True)
@@ -172,6 +181,7 @@ def test_one_failed_delete_is_reported_and_the_rest_go_on(tmp_path):
     assert not any(e.name == "checkpoint-10" for e in cat.scan(tmp_path / "checkpoints", ["checkpoint-{step}"]).entries)
 
 
+@pytest.mark.slow
 def test_cleanup_loop_races_a_trainer_saving_every_step(tmp_path):
     cfg_path = write_config(tmp_path, {"trainer": {"checkpoint_every_steps": 1, "async_save": True},
                                        "retention": {"tiers": [{"count": 3}, {"every_steps": 10}]}})
@@ -210,6 +220,7 @@ def test_cleanup_loop_races_a_trainer_saving_every_step(tmp_path):
     assert f"resumed from {c.newest_valid().name}" in r.stderr
 
 
+@pytest.mark.slow
 def test_concurrent_cleanups_never_take_each_others_trash(tmp_path):
     from ckpt_daemon import runtime
     from ckpt_daemon.fsutil import atomic_write_json
@@ -234,6 +245,7 @@ def test_concurrent_cleanups_never_take_each_others_trash(tmp_path):
     live.close()
 
 
+@pytest.mark.slow
 def test_a_script_whose_epoch_changes_every_save_is_told_and_bounded(tmp_path):
     """A plain script that saves its own counter as `epoch`: every file is an epoch end. The dry run says
     so (and what to do), and retention.max_epoch_ends bounds what epoch-end protection keeps."""

@@ -86,6 +86,7 @@ def test_every_reporting_command_has_json_and_the_same_error_shape(project, caps
     assert out_json(capsys)["error"]["type"] == "UsageError"
 
 
+@pytest.mark.slow
 def test_both_spellings_run_the_same_code(project):
     a = run_py(["-m", "maintenance.cleanup", "--config", str(project), "--dry-run", "--json"], check=True)
     b = run_py(["-m", "daemon", "cleanup", "--config", str(project), "--dry-run", "--json"], check=True)
@@ -98,6 +99,7 @@ def test_both_spellings_run_the_same_code(project):
         assert "Exit codes" in r.stdout and "143" in r.stdout and "--config" in r.stdout, args
 
 
+@pytest.mark.slow
 def test_a_report_into_a_closed_pipe_ends_quietly_and_leaves_the_callers_sigpipe(project):
     # `ckpt-daemon list | head`: the reader is gone before the report is written; no traceback, no
     # "Exception ignored" line, for the table and for --json
@@ -115,6 +117,7 @@ def test_a_report_into_a_closed_pipe_ends_quietly_and_leaves_the_callers_sigpipe
     assert signal.getsignal(signal.SIGPIPE) == before
 
 
+@pytest.mark.slow
 def test_mistakes_get_a_did_you_mean_and_exit_2(project):
     r = run_py(["-m", "daemon", "stauts", "--config", str(project)])
     assert r.returncode == 2 and "did you mean 'status'" in r.stderr and "Traceback" not in r.stderr
@@ -162,6 +165,7 @@ def test_list_verify_exits_1_when_a_checkpoint_is_damaged(project, capsys):
     assert cli(["--config", str(project), "list"]) == 0  # a listing without --verify only lists
 
 
+@pytest.mark.slow
 def test_usage_errors_under_json_are_json(project):
     for args in (["status", "--json", "--bogus"], ["pin", "--json"]):
         r = run_py(["-m", "daemon", "--config", str(project), *args])
@@ -173,6 +177,7 @@ def test_usage_errors_under_json_are_json(project):
     assert "usage: ckpt-daemon status" in r.stderr and "did you mean '--json'" in r.stderr
 
 
+@pytest.mark.slow
 def test_numbers_on_the_command_line_are_bounded(project):
     """NaN, infinities and out-of-range values are usage errors naming the range, never a traceback later
     (`status --watch nan` used to die in time.sleep)."""
@@ -190,6 +195,7 @@ def test_snapshot_list_with_none_says_so(project, capsys):
     assert "No snapshots in" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_status_colour_and_watch(project):
     env = {**env_for_children(), "FORCE_COLOR": "1", "COLUMNS": "120"}
     env.pop("NO_COLOR", None)
@@ -233,6 +239,7 @@ def _ignore_stop_signals() -> None:  # in the child: what nohup, or a script's `
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+@pytest.mark.slow
 def test_status_watch_stops_on_sigint_and_sigterm_whatever_it_inherited(project):
     import pty
 
@@ -244,7 +251,7 @@ def test_status_watch_stops_on_sigint_and_sigterm_whatever_it_inherited(project)
         os.close(slave)
         seen = bytearray()
 
-        def read() -> None:
+        def read(master: int = master, seen: bytearray = seen) -> None:
             try:
                 while chunk := os.read(master, 65536):
                     seen.extend(chunk)
@@ -270,6 +277,7 @@ def test_status_watch_stops_on_sigint_and_sigterm_whatever_it_inherited(project)
         assert b"\x1b[?25l" in out and out.rindex(b"\x1b[?25h") > out.rindex(b"\x1b[?25l"), "the cursor was not put back"
 
 
+@pytest.mark.slow
 def test_completion_scripts_are_generated_from_the_parser(tmp_path):
     pytest.importorskip("shtab")
     for shell in ("bash", "zsh", "fish"):

@@ -12,6 +12,7 @@ import json
 import os
 import signal
 
+import pytest
 import yaml
 
 from ckpt_daemon import configfile
@@ -31,6 +32,7 @@ def count(text: str, needle: str) -> int:
     return text.count(needle)
 
 
+@pytest.mark.slow
 def test_edits_that_would_lose_progress_never_take_effect(tmp_path, daemons):
     d = Daemon(tmp_path, {**SLEEPER, "logging": {"level": "debug"}}).start()
     daemons.append(d)
@@ -68,7 +70,8 @@ def test_edits_that_would_lose_progress_never_take_effect(tmp_path, daemons):
     for _ in range(3):
         before = count(d.log(), "config.yaml re-read: the same text as before")
         d.cfg.touch()
-        d.wait(lambda s: count(d.log(), "config.yaml re-read: the same text as before") > before, what="a re-read")
+        d.wait(lambda s, before=before: count(d.log(), "config.yaml re-read: the same text as before") > before,
+               what="a re-read")
     assert count(d.log(), "config.yaml edit rejected") == 3  # empty, truncated, broken: once each
 
     # the fix is put in force, and only then becomes the last good copy
@@ -88,6 +91,7 @@ def test_edits_that_would_lose_progress_never_take_effect(tmp_path, daemons):
     assert d.stop() == 0
 
 
+@pytest.mark.slow
 def test_an_idle_daemon_reads_the_config_only_when_it_changes(tmp_path, daemons):
     d = Daemon(tmp_path, {**SLEEPER, "logging": {"level": "debug"}}).start()
     daemons.append(d)
@@ -98,13 +102,14 @@ def test_an_idle_daemon_reads_the_config_only_when_it_changes(tmp_path, daemons)
     for _ in range(3):  # touched, not changed: re-read, but nothing rewritten and nothing logged at info
         n = count(d.log(), "config.yaml re-read")
         d.cfg.touch()
-        d.wait(lambda s: count(d.log(), "config.yaml re-read") > n, what="a re-read")
+        d.wait(lambda s, n=n: count(d.log(), "config.yaml re-read") > n, what="a re-read")
     assert (os.stat(last_good).st_ino, os.stat(last_good).st_mtime_ns) == before
     assert json.loads(state.read_text())["written"] == s0["written"]  # nothing changed: the state is not rewritten
     assert "config.yaml reloaded" not in d.log()
     assert d.stop() == 0
 
 
+@pytest.mark.slow
 def test_a_repointed_config_symlink_and_sighup_are_picked_up(tmp_path, daemons):
     d = Daemon(tmp_path, SLEEPER)
     real = tmp_path / "configs"
@@ -137,6 +142,7 @@ def test_a_repointed_config_symlink_and_sighup_are_picked_up(tmp_path, daemons):
     assert d.stop() == 0
 
 
+@pytest.mark.slow
 def test_with_a_broken_config_the_looking_commands_still_show_what_runs(tmp_path, daemons):
     d = Daemon(tmp_path, SLEEPER).start()
     daemons.append(d)
@@ -155,6 +161,7 @@ def test_with_a_broken_config_the_looking_commands_still_show_what_runs(tmp_path
     assert d.stop() == 0
 
 
+@pytest.mark.slow
 def test_a_changed_training_command_takes_effect_at_the_next_start(tmp_path, daemons):
     d = Daemon(tmp_path, SLEEPER).start()
     daemons.append(d)
@@ -168,6 +175,7 @@ def test_a_changed_training_command_takes_effect_at_the_next_start(tmp_path, dae
     assert d.stop() == 0
 
 
+@pytest.mark.slow
 def test_held_and_rejected_edits_never_reach_the_trainer(tmp_path, daemons):
     """The trainer is given the config in force, not the live file: a held folder move, a rejected edit
     and a changed name pattern stay out of it until the daemon restarts."""
@@ -191,6 +199,7 @@ def test_held_and_rejected_edits_never_reach_the_trainer(tmp_path, daemons):
     assert d.stop() == 0
 
 
+@pytest.mark.slow
 def test_a_config_truncated_while_the_daemon_was_down_is_not_taken_at_restart(tmp_path, daemons):
     d = Daemon(tmp_path, {**SLEEPER, "logging": {"dir": "mylogs"}, "checkpoints": {"dir": "ck"}},
                env={"XDG_STATE_HOME": str(tmp_path / "state")})
@@ -212,6 +221,7 @@ def test_a_config_truncated_while_the_daemon_was_down_is_not_taken_at_restart(tm
     assert d.stop() == 0
 
 
+@pytest.mark.slow
 def test_two_configs_never_share_a_logs_folder(tmp_path, daemons):
     a = Daemon(tmp_path, {**SLEEPER, "checkpoints": {"dir": "ckA"}})
     a.start()

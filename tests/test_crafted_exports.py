@@ -29,7 +29,8 @@ from maintenance import compress, consolidate
 from tests.helpers import write_config
 from trainer import generate
 
-FUZZ = settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", "60")), deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+FUZZ = settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", "60")), deadline=None,
+                suppress_health_check=list(HealthCheck), derandomize=True)
 ERROR_KEYS = {"type", "message", "exit_code"}
 
 
@@ -158,6 +159,7 @@ def test_compress_gives_each_known_crafted_file_a_reason_and_goes_on(name):
     check_compress_batch(KNOWN[name])
 
 
+@pytest.mark.slow
 @FUZZ
 @given(CRAFTED_PT)
 def test_compress_fuzz(crafted):

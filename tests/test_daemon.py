@@ -154,6 +154,7 @@ def test_unit_file_renders_and_verifies(tmp_path):
 # ---------------------------------------------------------------------------------- the real daemon
 
 
+@pytest.mark.slow
 def test_sigkill_of_the_trainer_restarts_it_from_the_highest_valid_checkpoint(tmp_path, daemons):
     d = Daemon(tmp_path).start()
     daemons.append(d)
@@ -173,6 +174,7 @@ def test_sigkill_of_the_trainer_restarts_it_from_the_highest_valid_checkpoint(tm
     assert d.stop() == 0
 
 
+@pytest.mark.slow
 def test_corrupt_newest_then_kill_resumes_from_the_one_before(tmp_path, daemons):
     d = Daemon(tmp_path).start()
     daemons.append(d)
@@ -198,6 +200,7 @@ def test_corrupt_newest_then_kill_resumes_from_the_one_before(tmp_path, daemons)
     assert d.stop() == 0
 
 
+@pytest.mark.slow
 def test_sigterm_makes_the_trainer_save_and_both_exit_0(tmp_path, daemons):
     d = Daemon(tmp_path, {"trainer": {"checkpoint_every_steps": 100000, "eval_every_steps": 100000}}).start()
     daemons.append(d)
@@ -217,6 +220,7 @@ def test_sigterm_makes_the_trainer_save_and_both_exit_0(tmp_path, daemons):
     assert d.status()["training"]["state"] == "stopped"
 
 
+@pytest.mark.slow
 def test_config_edits_are_hot_reloaded_and_broken_ones_are_rejected(tmp_path, daemons):
     # The disk guard runs retention every 5 s while "free space" is below this absurd threshold,
     # so the tiers in force are visible in what gets deleted.
@@ -249,6 +253,7 @@ def test_config_edits_are_hot_reloaded_and_broken_ones_are_rejected(tmp_path, da
     assert d.stop() == 0
 
 
+@pytest.mark.slow
 def test_a_missed_0300_snapshot_is_taken_once_at_start(tmp_path, daemons):
     (tmp_path / "logs").mkdir()
     two_days_ago = time.time() - 2 * 86400
@@ -280,6 +285,7 @@ def test_a_missed_0300_snapshot_is_taken_once_at_start(tmp_path, daemons):
     assert d2.stop() == 0
 
 
+@pytest.mark.slow
 def test_a_crash_loop_backs_off_then_gives_up(tmp_path, daemons):
     d = Daemon(tmp_path, {"training": {"command": [PY, "-c", "import sys; print('boom: bad data'); sys.exit(3)"],
                                        "restart": {"initial_backoff_s": 0.2, "max_backoff_s": 0.8,
@@ -288,7 +294,7 @@ def test_a_crash_loop_backs_off_then_gives_up(tmp_path, daemons):
     s = d.wait(lambda s: s["training"]["state"] == "gave_up" and s, what="giving up")
     assert s["training"]["restarts"] == 3 and s["training"]["last_crash"]["returncode"] == 3
     assert "boom: bad data" in s["training"]["last_crash"]["tail"]
-    delays = [json.loads(l)["delay_s"] for l in d.log().splitlines() if "restarting after backoff" in l]
+    delays = [json.loads(line)["delay_s"] for line in d.log().splitlines() if "restarting after backoff" in line]
     assert delays == [0, 0.2, 0.4]
     assert "not restarting training" in d.log() and "4 crashes within" in d.log()
     r = run_py(["-m", "daemon", "status", "--config", str(d.cfg)])
@@ -297,6 +303,7 @@ def test_a_crash_loop_backs_off_then_gives_up(tmp_path, daemons):
     assert d.stop() == 0
 
 
+@pytest.mark.slow
 def test_daemon_is_small_and_signals_ready_to_systemd(tmp_path, daemons):
     sock_path = str(tmp_path / "notify.sock")
     srv = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -329,6 +336,7 @@ def test_daemon_is_small_and_signals_ready_to_systemd(tmp_path, daemons):
     assert "STOPPING=1" in tail
 
 
+@pytest.mark.slow
 def test_restart_with_a_broken_config_runs_on_the_last_good_one(tmp_path, daemons):
     cmd = {"training": {"command": [PY, "-c", "import time; time.sleep(3600)"]}}
     # never validated: a broken file at the very first start is a clear error
@@ -364,6 +372,7 @@ def test_trainer_log_rotates_by_size(tmp_path):
     assert (tmp_path / "trainer.log").read_text().rstrip().endswith("line 0099")
 
 
+@pytest.mark.slow
 def test_a_trainer_whose_heartbeat_stops_is_restarted(tmp_path, daemons):
     d = Daemon(tmp_path, {"training": {"command": [PY, "-c", "import time; time.sleep(3600)"],  # never beats
                                        "stop_timeout_s": 2,

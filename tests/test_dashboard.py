@@ -288,7 +288,8 @@ class Browser:
         for e in self.events:
             p = e.get("params", {})
             if e.get("method") == "Runtime.exceptionThrown":
-                out.append(f"exception: {p['exceptionDetails'].get('exception', {}).get('description') or p['exceptionDetails'].get('text')}")
+                details = p["exceptionDetails"]
+                out.append(f"exception: {details.get('exception', {}).get('description') or details.get('text')}")
             elif e.get("method") == "Runtime.consoleAPICalled" and p.get("type") in ("error", "warning", "assert"):
                 out.append(f"console.{p['type']}: {[a.get('value', a.get('description')) for a in p.get('args', [])]}")
             elif e.get("method") == "Log.entryAdded" and p.get("entry", {}).get("level") in ("error", "warning"):
@@ -303,6 +304,7 @@ class Browser:
             self.proc.wait()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(CHROMIUM is None,
                     reason="chromium is not installed (apt-get install chromium; CI installs it where it can)")
 def test_the_page_in_a_real_browser(tmp_path, daemons):  # noqa: F811

@@ -29,6 +29,7 @@ def steps_left(root: Path) -> list[int]:
 
 
 # ------------------------------------------------------------------------------ the state folder
+@pytest.mark.slow
 def test_a_planted_symlink_for_the_state_folder_is_refused_and_nothing_outside_is_touched(tmp_path):
     outside = tmp_path / "outside"
     (outside / "trash" / "run-1").mkdir(parents=True)
@@ -55,6 +56,7 @@ def test_a_planted_symlink_for_the_state_folder_is_refused_and_nothing_outside_i
     assert (outside / "trash" / "run-1" / "precious.txt").exists()
 
 
+@pytest.mark.slow
 def test_foreign_trash_and_temp_folders_are_never_ours_to_delete(tmp_path):
     """A checkpoint or snapshot folder that is also someone's home: their .trash and .tmp-* stay."""
     home = tmp_path / "home"
@@ -77,6 +79,7 @@ def test_foreign_trash_and_temp_folders_are_never_ours_to_delete(tmp_path):
 
 
 # ------------------------------------------------------------------------------ killed runs
+@pytest.mark.slow
 def test_a_cleanup_killed_half_way_is_finished_and_logged_by_the_next_job(tmp_path):
     cfg_path = write_config(tmp_path, {"retention": {"tiers": [{"count": 2}]}}, tiny=False)
     root = tmp_path / "checkpoints"
@@ -109,6 +112,7 @@ def test_a_cleanup_killed_half_way_is_finished_and_logged_by_the_next_job(tmp_pa
     assert "freed " in log.split("leftovers of interrupted runs")[-1]
 
 
+@pytest.mark.slow
 def test_a_snapshot_killed_half_way_leaves_nothing_that_blocks_the_next(tmp_path):
     import torch
 
@@ -134,6 +138,7 @@ def test_a_snapshot_killed_half_way_leaves_nothing_that_blocks_the_next(tmp_path
     assert len(snaps) == 1 and (snaps[0] / "rolling_step_100.pt").stat().st_size == (root / "rolling_step_100.pt").stat().st_size
 
 
+@pytest.mark.slow
 def test_keep_trash_reports_nothing_freed_until_the_trash_is_emptied(tmp_path):
     cfg_path = write_config(tmp_path, {"retention": {"tiers": [{"count": 1}], "keep_trash": True}}, tiny=False)
     root = tmp_path / "checkpoints"
@@ -169,6 +174,7 @@ def test_the_seed_example_runs_unattended_with_the_confirmed_default_policy(tmp_
     assert len(steps_left(cfg.checkpoint_dir)) == 43 and len(r.deleted) == 127
 
 
+@pytest.mark.slow
 def test_an_edited_policy_nobody_confirmed_never_deletes_unattended(tmp_path):
     typo = {"retention": {"tiers": [{"count": 20}, {"count": 20, "every_steps": 200}, {"every_steps": 1000000}]}}
     cfg_path = write_config(tmp_path, typo, tiny=False)
@@ -406,6 +412,7 @@ def test_a_symlink_planted_in_the_trash_or_scratch_is_removed_as_a_link_never_fo
     assert steps_left(root) == [20]
 
 
+@pytest.mark.slow
 def test_a_fifo_where_a_lock_should_be_never_hangs_anything(tmp_path):
     cfg_path = write_config(tmp_path, {}, tiny=False)
     root = tmp_path / "checkpoints"

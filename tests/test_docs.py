@@ -285,6 +285,7 @@ def run_example_under_the_daemon(tmp_path: Path, daemons, script: str, config: d
     assert d.status()["training"]["restarts"] == 1
 
 
+@pytest.mark.slow
 def test_the_readmes_plain_torch_save_example_runs_under_the_daemon(tmp_path, daemons):
     config = yaml.safe_load(doc_block("README.md", 'pattern: "model_step_{step}.pt"'))
     assert config["training"]["command"] == ["{python}", "train.py"]

@@ -198,6 +198,7 @@ TRAINER = {"hf": "huggingface", "lightning": "lightning", "nanogpt": "torch.save
 
 
 # ------------------------------------------------------------------------------------ consolidate
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", LAYOUTS)
 def test_consolidate_fp32_and_bf16_from_every_layout(kind, request, capsys):
     p = request.getfixturevalue(kind)
@@ -246,6 +247,7 @@ def test_an_export_killed_half_way_never_looks_done_and_is_cleaned(plain, tmp_pa
     assert foreign_tmp.is_dir()
 
 
+@pytest.mark.slow
 def test_hf_export_loads_with_transformers_and_generates(hf, capsys, tmp_path):
     transformers = pytest.importorskip("transformers")
     fp32 = export(capsys, hf.cfg, "--dtype", "fp32")
@@ -283,6 +285,7 @@ def test_hf_export_loads_with_transformers_and_generates(hf, capsys, tmp_path):
     assert ids[:3] == [1, 2, 3] and len(ids) == 8 and all(0 <= i < 100 for i in ids)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", LAYOUTS)
 def test_average_2_is_the_mean_of_the_two_checkpoints(kind, request, capsys):
     p = request.getfixturevalue(kind)
@@ -435,6 +438,7 @@ def test_compress_leaves_files_with_nothing_to_drop_alone(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------- ckpt-daemon's own
+@pytest.mark.slow
 def test_consolidate_sizes_loadability_and_average(tmp_path, capsys):
     cfg_path = write_config(tmp_path,
                             {"trainer": {"model": {"n_embd": 64, "n_head": 2, "n_layer": 2, "block_size": 32}}})

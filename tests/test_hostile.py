@@ -23,8 +23,19 @@ from hypothesis import strategies as st
 from ckpt_daemon import catalog as cat
 from ckpt_daemon import foreign
 from daemon.supervisor import choose_resume, choose_resume_all
-from tests.helpers import (PY, env_for_children, flip_byte, hf_folder, lightning_run, native, record_all, run_py,
-                           tiny_model, write_config, write_manifest)
+from tests.helpers import (
+    PY,
+    env_for_children,
+    flip_byte,
+    hf_folder,
+    lightning_run,
+    native,
+    record_all,
+    run_py,
+    tiny_model,
+    write_config,
+    write_manifest,
+)
 
 PATTERNS = ["checkpoint-{step}", "model_step_{step}.pt", "rolling_step_{step}"]
 
@@ -160,6 +171,7 @@ def test_an_unreadable_folder_is_reported_as_such_when_not_root():
     assert got["checkpoint-20"][0] == "unreadable" and "permission denied" in got["checkpoint-20"][1]
 
 
+@pytest.mark.slow
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_random_damage_never_raises(tmp_path_factory, data):
@@ -236,6 +248,7 @@ def _files_of(root: Path, name: str) -> list[Path]:
     return files + ([sc] if sc.exists() else [])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["native", "hf", "lightning", "plain"])
 def test_a_changed_byte_in_any_file_of_a_checkpoint_is_caught_named_and_never_chosen(two_of_each_layout, layout,
                                                                                      tmp_path):
@@ -292,6 +305,7 @@ def test_a_zip_that_is_not_a_torch_file_is_not_a_checkpoint(tmp_path):
     assert c.newest_valid().name == "checkpoint-10"
 
 
+@pytest.mark.slow
 def test_odd_names_markup_and_deep_folders_never_crash_the_commands(tmp_path):
     root = tmp_path / "checkpoints"
     native(root, [10, 20])

@@ -12,6 +12,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import pytest
+
 from daemon import httpserver
 from daemon.httpserver import Server
 from tests.helpers import PY, Daemon
@@ -78,6 +80,7 @@ def threads_of(pid: int) -> int:
     return len(list(Path(f"/proc/{pid}/task").iterdir()))
 
 
+@pytest.mark.slow
 def test_slow_loris_clients_are_cut_off_and_never_keep_a_scrape_from_being_answered(tmp_path, daemons):  # noqa: F811
     port = free_port()
     d = Daemon(tmp_path, {"training": {"command": SLEEPER}, "http": {"enabled": True, "port": port}}).start()

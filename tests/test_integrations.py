@@ -200,17 +200,20 @@ def stop_resume_finish(tmp_path: Path, script: str, pattern: str, first_save: st
 
 
 # ---------------------------------------------------------------------------------- trainer tests
+@pytest.mark.slow
 def test_hf_trainer_sigterm_saves_exits_143_and_resumes(tmp_path):
     pytest.importorskip("transformers")
     stop_resume_finish(tmp_path, HF_SCRIPT, "checkpoint-{step}", "checkpoint-5/trainer_state.json", "loss")
 
 
+@pytest.mark.slow
 def test_lightning_sigterm_saves_exits_143_and_resumes(tmp_path):
     pytest.importorskip("lightning")
     stop_resume_finish(tmp_path, LIGHTNING_SCRIPT, "epoch={epoch}-step={step}.ckpt", "epoch=0-step=5.ckpt",
                        "train_loss")
 
 
+@pytest.mark.slow
 def test_lightning_sigterm_during_validation_saves_and_exits_143(tmp_path):
     """The signal lands while Lightning validates: its own loop raises SIGTERMException (a SystemExit
     that would exit 0) after the validation; the callback saves the step and makes the exit 143."""
@@ -244,6 +247,7 @@ def _save(path: Path, step: int) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_resume_path_plain_script(tmp_path, clean_env):
     """The one line of the README, in a script of its own, with and without the daemon."""
     folder = tmp_path / "checkpoints"

@@ -165,11 +165,13 @@ def our_graph() -> dict[str, list[Import]]:
     return graph(find_modules(REPO))
 
 
+@pytest.mark.slow
 def test_the_core_and_the_roles_import_only_what_their_layer_may(our_graph):
     problems = layer_violations(our_graph)
     assert not problems, "layering violated:\n" + "\n".join(problems)
 
 
+@pytest.mark.slow
 def test_nothing_the_daemon_process_loads_imports_torch(our_graph):
     problems = daemon_process_torch_chains(our_graph)
     assert not problems, "the daemon process would import a torch-like package:\n" + "\n".join(problems)

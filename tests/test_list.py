@@ -77,6 +77,7 @@ def marks_of(table: str, name: str) -> str:
     return rows[0].rstrip("│ ").rsplit("│", 1)[-1]
 
 
+@pytest.mark.slow
 def test_hugging_face_latest_best_and_each_checkpoints_own_metrics(tmp_path):
     pytest.importorskip("transformers")
     root = tmp_path / "checkpoints"
@@ -99,6 +100,7 @@ def test_hugging_face_latest_best_and_each_checkpoints_own_metrics(tmp_path):
     assert {e["step"] for e in out["checkpoints"] if "eval_loss" in e["metrics"]} == {10, 20}
 
 
+@pytest.mark.slow
 def test_lightning_latest_and_best(tmp_path):
     pytest.importorskip("lightning")
     root = tmp_path / "checkpoints"
@@ -111,6 +113,7 @@ def test_lightning_latest_and_best(tmp_path):
     assert "latest" in marks_of(table, newest) and "best" in marks_of(table, best)
 
 
+@pytest.mark.slow
 def test_plain_torch_save_latest(tmp_path):
     root = tmp_path / "checkpoints"
     root.mkdir()

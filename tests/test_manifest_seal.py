@@ -50,6 +50,7 @@ def _listed(root: Path, tmp_path: Path, best_metric: str) -> tuple[int, dict]:
     return r.returncode, {e["name"]: e for e in json.loads(r.stdout)["checkpoints"]}
 
 
+@pytest.mark.slow
 def test_a_changed_metric_in_manifest_json_is_caught_and_never_chosen(tmp_path):
     root = tmp_path / "ck"
     _two_native(root)

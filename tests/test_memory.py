@@ -179,6 +179,7 @@ mgr.save(2, model=m, memory=True)
 """
 
 
+@pytest.mark.slow
 def test_sigkill_of_a_real_writer_mid_copy_leaves_the_previous_slot(tmp_path, region):
     ck = tmp_path / "ck"
     p = subprocess.Popen([PY, "-c", WRITER, str(ck), str(region)], stdout=subprocess.PIPE, env=env_for_children(),
@@ -260,6 +261,7 @@ def test_a_slot_that_is_a_symlink_or_a_fifo_is_refused(tmp_path, region):
     assert newest is None and len(problems) == 2
 
 
+@pytest.mark.slow
 def test_a_region_too_small_for_two_copies_is_refused_with_a_clear_error(tmp_path, tmpfs):
     small = tmpfs("8m")
     cfg = write_config(tmp_path, {"checkpoints": {"memory": {"enabled": True}}, "trainer": {"max_steps": 3}})
@@ -298,6 +300,7 @@ def _newest_memory_step(region: Path, ck: Path) -> int:
     return info.step if info else -1
 
 
+@pytest.mark.slow
 def test_daemon_persists_at_the_breakpoint_and_adopts_after_its_own_death(tmp_path, daemons):
     region = Path("/dev/shm") / f"ckpt-test-{os.getpid()}-{tmp_path.name}"
     ck = tmp_path / "checkpoints"
@@ -522,6 +525,7 @@ def test_a_full_disk_does_not_cost_the_memory_state_and_an_avoided_checkpoint_do
     mem.remove_stale_region(region)
 
 
+@pytest.mark.slow
 def test_the_daemon_side_never_imports_torch():
     code = ("import sys; import ckpt_daemon.memory, daemon.core, daemon.supervisor; "
             "assert 'torch' not in sys.modules, 'torch was imported'; print('ok')")
@@ -541,6 +545,7 @@ def _errors(text: str) -> list[str]:
     return out
 
 
+@pytest.mark.slow
 def test_a_healthy_every_step_memory_run_under_the_daemon_logs_no_error(tmp_path, daemons):
     """every_steps: 1 and a persist of every memory checkpoint: the daemon's persists and the trainer's saves
     race for the slots all the time. A slot the trainer rewrote before the daemon could pin it is not a failure
@@ -619,6 +624,7 @@ class _Saver:
         self.p.wait()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("phase", ["read", "pinned", "copied", "committed", "released"])
 def test_a_sigkill_at_every_phase_of_a_persist_loses_no_committed_memory_checkpoint(tmp_path, phase):
     """The daemon persists step 2 (slot B) and is stopped at `phase`; meanwhile the trainer commits step 3
@@ -773,6 +779,7 @@ def test_garbage_in_a_slots_place_is_reported_and_never_stops_the_trainer(tmp_pa
     mem.remove_stale_region(region)
 
 
+@pytest.mark.slow
 def test_a_restarted_built_in_trainer_under_the_daemon_goes_on_past_garbage_in_the_slots(tmp_path, daemons):
     """A folder in slot-0's place and a FIFO in slot-1's before the daemon starts: the built-in trainer's
     first memory save sets both aside and trains on (no crash, no restart), and the daemon persists."""

@@ -38,6 +38,7 @@ def status_of(url: str, method: str = "GET", headers: dict | None = None) -> int
         return exc.code
 
 
+@pytest.mark.slow
 def test_metrics_of_a_running_daemon(tmp_path, daemons):  # noqa: F811
     ck = tmp_path / "checkpoints"
     for step in range(100, 3001, 100):
@@ -127,6 +128,7 @@ def test_metrics_of_a_running_daemon(tmp_path, daemons):  # noqa: F811
     assert d.stop() == 0
 
 
+@pytest.mark.slow
 def test_a_token_guards_every_request_and_nothing_but_get_is_served(tmp_path, daemons):  # noqa: F811
     # A host that is not loopback needs a token (config validation); the server here binds to another
     # loopback address, never to a real interface, and requires the token all the same.
@@ -184,6 +186,7 @@ def test_a_token_guards_every_request_and_nothing_but_get_is_served(tmp_path, da
     assert token not in d.log() and token not in d.output()  # a secret is never logged
 
 
+@pytest.mark.slow
 def test_metrics_and_status_carry_the_loss_the_step_rate_and_the_memory_checkpoints(tmp_path, tmpfs, daemons):  # noqa: F811
     import json
     import re
@@ -241,6 +244,7 @@ while True:
 """
 
 
+@pytest.mark.slow
 def test_the_metrics_of_a_users_own_script_reach_status_and_metrics(tmp_path, daemons):  # noqa: F811
     import re
 

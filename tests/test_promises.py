@@ -86,6 +86,7 @@ def test_a_snapshot_to_a_full_filesystem_exits_3_with_the_reason(tmp_path, tmpfs
     assert not [p for p in snaps.iterdir() if not p.name.startswith(".")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["link", "copy"])
 def test_snapshot_modes_and_damage_in_place(tmp_path, mode):
     """link shares the bytes: a byte damaged in place damages the snapshot too (as the README says);
@@ -133,6 +134,7 @@ def test_best_mode_max_follows_the_highest_metric(tmp_path):
     assert CheckpointManager(tmp_path, best_metric="accuracy", best_mode="max").best_value == 0.7
 
 
+@pytest.mark.slow
 def test_snapshots_are_named_by_the_configured_time_zone(tmp_path):
     names = {}
     for tz in ("Pacific/Kiritimati", "Pacific/Pago_Pago"):  # UTC+14 and UTC-11: never the same date
@@ -147,6 +149,7 @@ def test_snapshots_are_named_by_the_configured_time_zone(tmp_path):
     assert all(t.endswith("+14:00") for t in json.loads(r.stdout)["next_runs"]["snapshot"])
 
 
+@pytest.mark.slow
 def test_status_exits_5_when_the_daemon_is_not_running(tmp_path, daemons):
     d = Daemon(tmp_path, {"training": {"command": [PY, "-c", "import time; time.sleep(3600)"]}}).start()
     daemons.append(d)
@@ -158,6 +161,7 @@ def test_status_exits_5_when_the_daemon_is_not_running(tmp_path, daemons):
     assert run_py(["-m", "daemon", "status", "--config", str(d.cfg), "--json"]).returncode == 5
 
 
+@pytest.mark.slow
 def test_pin_and_unpin(tmp_path):
     cfg = write_config(tmp_path, {"retention": {"tiers": [{"count": 1}]}}, tiny=False)
     for s in (10, 20, 30):
@@ -171,6 +175,7 @@ def test_pin_and_unpin(tmp_path):
     assert [e.step for e in cat.scan(tmp_path / "checkpoints", ["checkpoint-{step}"]).entries] == [30]
 
 
+@pytest.mark.slow
 def test_cleanup_exits_4_when_the_commit_lock_stays_taken_and_130_when_told_no(tmp_path):
     cfg = write_config(tmp_path, {"retention": {"tiers": [{"count": 1}]}}, tiny=False)
     for s in (10, 20, 30):
@@ -195,6 +200,7 @@ def test_cleanup_exits_4_when_the_commit_lock_stays_taken_and_130_when_told_no(t
     assert len(cat.scan(tmp_path / "checkpoints", ["checkpoint-{step}"]).entries) == 3
 
 
+@pytest.mark.slow
 def test_retention_disabled_stays_disabled_in_a_disk_emergency(tmp_path, daemons):
     for s in range(10, 110, 10):
         fake_native(tmp_path / "checkpoints", s)
@@ -212,6 +218,7 @@ def test_retention_disabled_stays_disabled_in_a_disk_emergency(tmp_path, daemons
     assert d.stop() == 0
 
 
+@pytest.mark.slow
 def test_a_manual_cleanup_knows_what_the_daemons_own_trainer_resumed_from(tmp_path, daemons):
     root = tmp_path / "checkpoints"
     for s in range(10, 110, 10):

@@ -9,8 +9,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -32,7 +30,7 @@ from ckpt_daemon.remote.store import FolderStore, Throttle, open_store
 from ckpt_daemon.remote.target import Credentials, CredentialsError, parse_url, read_credentials_file
 from daemon import replicaview
 from daemon.replicate import TargetWorker, lag, select
-from tests.helpers import PY, Daemon, Receiver, deep_merge, env_for_children, run_py
+from tests.helpers import PY, Daemon, Receiver, deep_merge, run_py
 from tests.seaweed import Seaweed, why_unavailable
 
 MIB = 1 << 20
@@ -254,6 +252,7 @@ def test_status_verdict_and_metrics_show_the_lag():
 
 
 # --------------------------------------------------------------------------------- a real server
+@pytest.mark.slow
 def test_every_layout_replicates_verified_and_restores_byte_identical(tmp_path, server, bucket):
     from tests.helpers import hf_folder, native, record_all, single_file
 
@@ -303,6 +302,7 @@ def test_every_layout_replicates_verified_and_restores_byte_identical(tmp_path, 
     assert [e.name for e in c2.valid()] == [e.name for e in c.entries]
 
 
+@pytest.mark.slow
 def test_every_part_carries_a_checksum_the_server_checks(tmp_path, server, bucket):
     native_ckpt(tmp_path, 7, nbytes=11 * MIB)
     store = s3(server, f"s3://{bucket}/p")
@@ -328,9 +328,10 @@ def test_local_damage_is_never_uploaded(tmp_path, server, bucket):
     with pytest.raises(LocalChanged, match="fails its recorded"):
         upload.upload_checkpoint(store, source.from_entry(e), upload.Transfer(2, 5 * MIB))
     rc = listing.scan_remote(store)
-    assert rc.replicas == [] and store.open_uploads(f"p/") == []  # aborted, nothing looks complete
+    assert rc.replicas == [] and store.open_uploads("p/") == []  # aborted, nothing looks complete
 
 
+@pytest.mark.slow
 def test_parts_in_memory_are_bounded_and_uploads_hold_no_lock(tmp_path, server, bucket, monkeypatch):
     import weakref
 
@@ -362,6 +363,7 @@ def test_parts_in_memory_are_bounded_and_uploads_hold_no_lock(tmp_path, server, 
     assert peak[0] == 2 and live() == 0 and len(lock_free) == 6
 
 
+@pytest.mark.slow
 def test_an_altered_remote_object_is_caught_and_the_previous_replica_is_restored(tmp_path, server, bucket):
     root = tmp_path / "checkpoints"
     for s in (100, 200):
@@ -702,6 +704,7 @@ sys.exit(d.run())
     assert doc["replicas"][0]["replicas"] == 1 and doc["replicas"][0]["newest"]["name"] == "checkpoint-10"
 
 
+@pytest.mark.slow
 def test_the_docs_replicas_page_runs_as_written(tmp_path, server):
     """Its config examples validate as written; its commands run as written (against SeaweedFS, with the
     server's address and keys put into the SeaweedFS example)."""
@@ -789,8 +792,8 @@ def test_the_daemon_rides_out_its_server_killed_mid_upload(tmp_path, daemons):
         d.wait(lambda s: (s["replicas"][0].get("last_error") or {}).get("kind") == "unreachable", 90, "the outage in status")
         assert d.proc.poll() is None
         srv.start()
-        s = d.wait(lambda s: s["replicas"][0]["replicas"] == 1 and s["replicas"][0]["last_error"] is None and s, 120,
-                   "the replica after the outage")
+        d.wait(lambda s: s["replicas"][0]["replicas"] == 1 and s["replicas"][0]["last_error"] is None and s, 120,
+               "the replica after the outage")
         store = open_store(parse_url("s3://ride/r"), srv.endpoint, None, Credentials(srv.access_key, srv.secret_key))
         rc = listing.scan_remote(store)
         assert listing.verify_replica(store, rc.replicas[0]).valid and store.open_uploads("r/") == []
@@ -800,6 +803,7 @@ def test_the_daemon_rides_out_its_server_killed_mid_upload(tmp_path, daemons):
         srv.stop()
 
 
+@pytest.mark.slow
 def test_a_damaged_replica_is_sent_again_from_the_good_local_copy(tmp_path, server, bucket):
     cfgp = tmp_path / "config.yaml"
     url = f"s3://{bucket}/fix"

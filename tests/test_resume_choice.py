@@ -32,6 +32,7 @@ print("done", flush=True)
 """
 
 
+@pytest.mark.slow
 def test_a_file_another_process_is_writing_is_never_quarantined_at_a_restart(tmp_path, daemons):
     root = tmp_path / "checkpoints"
     root.mkdir()
@@ -61,7 +62,7 @@ def test_a_file_another_process_is_writing_is_never_quarantined_at_a_restart(tmp
     e = cat.scan(root, ["model_step_{step}.pt"], verify=True).by_name("model_step_200.pt")
     assert e is not None and e.valid, e  # the writer finished into the folder, not into a quarantined copy
     assert torch.load(root / "model_step_200.pt", weights_only=True)["step"] == 200
-    notes = [json.loads(l) for l in d.log().splitlines() if "resume choice" in l]
+    notes = [json.loads(line) for line in d.log().splitlines() if "resume choice" in line]
     assert any("model_step_200.pt skipped: still being written by pid" in n.get("note", "") for n in notes), notes
     d.wait(lambda s: s["training"]["resumed_from"] == "model_step_200.pt", timeout=60,
            what="the next restart to resume from the finished file")
@@ -144,6 +145,7 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 
+@pytest.mark.slow
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(kind=st.sampled_from(sorted(KINDS)), where=st.floats(0, 1, exclude_max=True))
 def test_every_kind_cut_short_anywhere_is_reported_and_never_chosen(tmp_path_factory, kind, where):
@@ -157,6 +159,7 @@ def test_every_kind_cut_short_anywhere_is_reported_and_never_chosen(tmp_path_fac
     assert _choice(root, kind).name == good.name
 
 
+@pytest.mark.slow
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(kind=st.sampled_from(sorted(KINDS)), where=st.floats(0, 1, exclude_max=True), mask=st.integers(1, 255))
 def test_every_kind_with_a_byte_rotten_anywhere_after_it_settled_is_corrupt_and_never_chosen(
@@ -180,6 +183,7 @@ def test_every_kind_with_a_byte_rotten_anywhere_after_it_settled_is_corrupt_and_
     assert _choice(root, kind).name == good.name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_list_verify_and_a_snapshot_never_take_a_damaged_file_of_any_kind_for_latest(tmp_path, kind):
     from ckpt_daemon.config import load_config

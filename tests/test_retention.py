@@ -138,6 +138,7 @@ def test_properties(steps, tier_spec, data):
             assert len(buckets) == len(set(buckets))
 
 
+@pytest.mark.slow
 @settings(max_examples=300, deadline=None)
 @given(st.integers(1, 5000))
 def test_regular_saves_keep_exactly_multiples(n):

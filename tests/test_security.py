@@ -35,6 +35,7 @@ def outside(tmp_path):
     return d
 
 
+@pytest.mark.slow
 def test_snapshot_and_restore_never_follow_symlinks(tmp_path, outside):
     cfg_path = write_config(tmp_path / "proj", tiny=False)
     root = tmp_path / "proj" / "checkpoints"
@@ -58,6 +59,7 @@ def test_snapshot_and_restore_never_follow_symlinks(tmp_path, outside):
     assert (outside / "precious.bin").read_bytes() == b"p" * 4096 and sorted(p.name for p in outside.iterdir()) == ["precious.bin"]
 
 
+@pytest.mark.slow
 def test_consolidate_never_reads_through_a_symlinked_weights_file(tmp_path, outside):
     cfg_path = write_config(tmp_path / "proj")
     run_py(["-m", "trainer", "--config", str(cfg_path), "--max-steps", "10"], check=True)
@@ -71,6 +73,7 @@ def test_consolidate_never_reads_through_a_symlinked_weights_file(tmp_path, outs
     assert not list((tmp_path / "proj" / "consolidated_models").glob("*step10*"))
 
 
+@pytest.mark.slow
 def test_crafted_pickles_do_not_run_on_list_verify_consolidate_or_resume(tmp_path):
     mark = tmp_path / "PWNED"
     cfg_path = write_config(tmp_path / "proj",
@@ -95,6 +98,7 @@ def test_crafted_pickles_do_not_run_on_list_verify_consolidate_or_resume(tmp_pat
     assert not mark.exists(), "a pickle inside a checkpoint was executed"
 
 
+@pytest.mark.slow
 def test_files_the_daemon_creates_are_not_world_writable(tmp_path):
     cfg_path = write_config(tmp_path, {"trainer": {"checkpoint_every_steps": 5},
                                        "training": {"stop_timeout_s": 30}})
@@ -167,6 +171,7 @@ def _hostile_folder(tmp_path: Path) -> tuple[Path, Path]:
     return cfg_path, root
 
 
+@pytest.mark.slow
 def test_text_from_the_folder_never_reaches_the_terminal_raw(tmp_path):
     """list, cleanup --dry-run (and its log), pin and status print names, metric names, pin reasons and
     the trainer's output escaped: nothing of it can act on the terminal. JSON stays exact JSON."""
@@ -211,6 +216,7 @@ def test_text_from_the_folder_never_reaches_the_terminal_raw(tmp_path):
     assert any(f"pinned (paper{HOSTILE})" in r for d in plan["decisions"] for r in d["reasons"])
 
 
+@pytest.mark.slow
 def test_inert_shows_every_character_and_runs_none():
     from hypothesis import given, settings
     from hypothesis import strategies as st

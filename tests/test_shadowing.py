@@ -56,6 +56,7 @@ def test_our_trainer_command_is_expanded_to_leave_the_working_folder_off_the_pat
     assert expand_command(["torchrun", "-m", "trainer"], cfg, "none") == ["torchrun", "-m", "trainer"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("version", [(3, 10), sys.version_info[:2]], ids=["python3.10-bootstrap", "this-python"])
 def test_both_ways_of_starting_our_module_run_ours_next_to_a_users_trainer_py(tmp_path, version):
     """The 3.10 bootstrap runs on this Python too: both forms, for real, in a folder holding the user's files."""

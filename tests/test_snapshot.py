@@ -162,6 +162,7 @@ def test_prune_deletes_old_snapshots_and_logs(tmp_path):
     assert all(e.valid for e in cat.scan_config(cfg, verify=True).entries)
 
 
+@pytest.mark.slow
 def test_restored_snapshot_is_resumed_from(tmp_path):
     cfg_path = write_config(tmp_path)
     run_py(["-m", "trainer", "--config", str(cfg_path), "--max-steps", "20"], check=True)
@@ -176,3 +177,16 @@ def test_restored_snapshot_is_resumed_from(tmp_path):
     assert "already in" in r.stdout and "nothing was overwritten" in r.stdout
     r = run_py(["-m", "trainer", "--config", str(cfg_path), "--max-steps", "25"], check=True)
     assert "resumed from checkpoint-20 at step 20" in r.stderr
+
+
+def test_only_ascii_dates_name_a_snapshot(tmp_path):
+    """A folder under snapshots/ is a snapshot only under a date of ASCII digits: `\\d` (and int()) also
+    take Arabic-Indic or full-width digits, which would make a planted folder a snapshot to keep or prune."""
+    import datetime as dt
+
+    from maintenance.snapshot import SNAPSHOT_FORMAT, SNAPSHOT_MANIFEST, list_snapshots
+
+    for name in ("2026-12-05", "\u0662\u0660\u0662\u0666-\u0661\u0662-\u0660\u0664", "２０２６-１２-０３"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / SNAPSHOT_MANIFEST).write_text(json.dumps({"format": SNAPSHOT_FORMAT}))
+    assert list_snapshots(tmp_path) == [("2026-12-05", dt.date(2026, 12, 5))]

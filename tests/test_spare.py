@@ -103,6 +103,7 @@ def _alive(pid: int) -> bool:
     return pid_alive(pid)
 
 
+@pytest.mark.slow
 def test_the_daemon_hands_a_restart_to_its_warm_spare(tmp_path, daemons):
     """SIGKILL of the trainer: the restart goes to the spare (same pid, torch already imported), which resumes
     from the memory checkpoint the breakpoint verified; a new spare follows; stop ends both cleanly."""
@@ -144,6 +145,7 @@ def test_the_daemon_hands_a_restart_to_its_warm_spare(tmp_path, daemons):
         mem.remove_stale_region(region)
 
 
+@pytest.mark.slow
 def test_a_spare_started_for_another_config_is_not_used(tmp_path, daemons):
     """The config changes while a spare waits (here: training.env): the restart starts a fresh trainer with
     the new environment, and the old spare is ended."""
@@ -167,6 +169,7 @@ def test_a_spare_started_for_another_config_is_not_used(tmp_path, daemons):
     assert d.stop() == 0
 
 
+@pytest.mark.slow
 def test_a_stopped_spare_is_not_handed_the_restart_and_stale_variables_are_not_inherited(tmp_path, daemons):
     """A spare that cannot take a handover (SIGSTOPped) does not stall the restart: a trainer starts cold and
     the spare is ended. Variables the daemon sets per start, left in the daemon's own environment, never

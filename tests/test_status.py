@@ -83,6 +83,7 @@ def test_disk_use_is_what_df_shows_on_tmpfs_and_on_ext4_with_reserved_blocks(tmp
     assert old_figure - u.used_percent > 30
 
 
+@pytest.mark.slow
 def test_status_its_json_the_dashboard_and_metrics_show_the_disk_as_df(tmp_path, ext4, daemons):  # noqa: F811
     from tests.helpers import free_port, parse, scrape, wait_listening
 
@@ -161,6 +162,7 @@ sys.exit(1)
 """
 
 
+@pytest.mark.slow
 def test_a_crash_report_shows_real_lines_then_an_old_crash_is_history(tmp_path, daemons):  # noqa: F811
     script = tmp_path / "noisy.py"
     script.write_text(NOISY)
@@ -193,6 +195,7 @@ def test_a_crash_report_shows_real_lines_then_an_old_crash_is_history(tmp_path, 
     assert "until the daemon stopped it" in r.stdout
 
 
+@pytest.mark.slow
 def test_after_a_clean_stop_the_crash_before_is_not_current(tmp_path, daemons):  # noqa: F811
     # the run after the crash is stopped long before healthy_after_s: its clean stop is what ends the story
     script = tmp_path / "noisy.py"
@@ -207,6 +210,7 @@ def test_after_a_clean_stop_the_crash_before_is_not_current(tmp_path, daemons): 
     assert "last crash:" not in r.stdout and "earlier crash: exit code 1" in r.stdout, r.stdout
 
 
+@pytest.mark.slow
 def test_a_crash_while_stopping_is_still_shown(tmp_path, daemons):  # noqa: F811
     # the daemon stopped in the backoff after a crash: no run went fine since, the crash stays current
     d = Daemon(tmp_path, {"training": {"command": [PY, "-c", "import sys; print('bad data'); sys.exit(3)"],
@@ -219,6 +223,7 @@ def test_a_crash_while_stopping_is_still_shown(tmp_path, daemons):  # noqa: F811
     assert "last crash: exit code 3" in r.stdout and "    | bad data" in r.stdout, r.stdout
 
 
+@pytest.mark.slow
 def test_a_broken_config_is_said_once_in_status(tmp_path, daemons):  # noqa: F811
     d = Daemon(tmp_path, {"training": {"command": SLEEPER}}).start()
     daemons.append(d)
@@ -254,6 +259,7 @@ def test_cleanup_y_says_it_confirmed_the_policy_and_status_no_longer_warns(tmp_p
 
 
 # ------------------------------------------------------------------------------------ 4. crash loops
+@pytest.mark.slow
 def test_a_trainer_that_dies_at_every_start_is_a_crash_loop_whatever_the_moment(tmp_path, tmpfs, daemons):  # noqa: F811
     # memory checkpoints on a tmpfs too small for two copies of the state: the trainer exits 2 at every start
     region = tmpfs("1m") / "region"
@@ -274,6 +280,7 @@ def test_a_trainer_that_dies_at_every_start_is_a_crash_loop_whatever_the_moment(
 
 
 # ------------------------------------------------------------------------------------ 2. the trainer's metrics
+@pytest.mark.slow
 def test_the_newest_metrics_are_read_incrementally_and_bounded(tmp_path):
     from daemon.trainmetrics import NewestMetrics
 
@@ -340,6 +347,7 @@ def test_the_crash_count_in_the_window_and_when_a_loop_is_over(tmp_path):
     assert sup.snapshot()["recent_crashes"] == 2 and not sup.snapshot()["last_crash"].get("resolved")
 
 
+@pytest.mark.slow
 def test_a_status_file_of_a_newer_daemon_or_a_damaged_one_is_said_plainly(tmp_path):
     """The state file has a version: a CLI older than the daemon that wrote it refuses it with a clear
     message, a damaged one is named with where it is damaged; neither gives a traceback."""

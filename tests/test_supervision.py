@@ -12,6 +12,8 @@ import textwrap
 import time
 from pathlib import Path
 
+import pytest
+
 from ckpt_daemon import catalog as cat
 from tests.helpers import PY, Daemon, fake_native, run_py
 
@@ -51,6 +53,7 @@ def slow_stop_trainer(tmp_path: Path) -> Path:
         """)
 
 
+@pytest.mark.slow
 def test_one_daemon_per_checkpoint_folder(tmp_path, daemons):
     d = Daemon(tmp_path, {"training": {"command": SLEEPER}}).start()
     daemons.append(d)
@@ -63,6 +66,7 @@ def test_one_daemon_per_checkpoint_folder(tmp_path, daemons):
     assert d.stop() == 0
 
 
+@pytest.mark.slow
 def test_a_signal_the_daemon_did_not_send_does_not_end_training(tmp_path, daemons):
     d = Daemon(tmp_path).start()
     daemons.append(d)
@@ -78,6 +82,7 @@ def test_a_signal_the_daemon_did_not_send_does_not_end_training(tmp_path, daemon
     assert d.stop() == 0
 
 
+@pytest.mark.slow
 def test_a_give_up_for_a_full_disk_recovers_by_itself_when_space_comes_back(tmp_path, tmpfs, daemons):
     disk = tmpfs("2m")
     fake_native(disk, 10)  # a healthy checkpoint: it must not be blamed for the full disk
@@ -111,6 +116,7 @@ def test_a_give_up_for_a_full_disk_recovers_by_itself_when_space_comes_back(tmp_
     assert d.stop() == 0
 
 
+@pytest.mark.slow
 def test_a_100_percent_full_disk_never_stops_the_builtin_trainer(tmp_path, tmpfs, daemons):
     disk = tmpfs("24m")
     d = Daemon(tmp_path, {"checkpoints": {"dir": str(disk)},
@@ -147,6 +153,7 @@ def test_a_100_percent_full_disk_never_stops_the_builtin_trainer(tmp_path, tmpfs
     assert d.stop() == 0
 
 
+@pytest.mark.slow
 def test_the_watchdog_keeps_pinging_while_a_stubborn_trainer_is_killed(tmp_path, daemons):
     stubborn = script(tmp_path, "stubborn.py", """
         import signal, time
@@ -178,6 +185,7 @@ def test_the_watchdog_keeps_pinging_while_a_stubborn_trainer_is_killed(tmp_path,
     assert d.stop() == 0
 
 
+@pytest.mark.slow
 def test_heartbeats_under_torchrun_match_the_run(tmp_path, daemons):
     torchrun = str(Path(PY).with_name("torchrun"))
     d = Daemon(tmp_path, {"training": {"command": [torchrun, "--standalone", "--nproc_per_node=2", "-m", "trainer",
@@ -198,6 +206,7 @@ def test_heartbeats_under_torchrun_match_the_run(tmp_path, daemons):
     assert cat.scan(tmp_path / "checkpoints", ["checkpoint-{step}"], verify=True).newest_valid() is not None
 
 
+@pytest.mark.slow
 def test_a_killed_daemon_makes_its_trainer_save_and_the_next_one_adopts_it(tmp_path, daemons):
     slow = slow_stop_trainer(tmp_path)
     hold = tmp_path / "saved-enough"  # the trainer's final save lasts until the test has seen the adoption
@@ -220,6 +229,7 @@ def test_a_killed_daemon_makes_its_trainer_save_and_the_next_one_adopts_it(tmp_p
     assert d2.stop() == 0
 
 
+@pytest.mark.slow
 def test_stopping_the_daemon_waits_for_an_adopted_trainer_to_save_and_exit(tmp_path, daemons):
     """A trainer that runs when the daemon starts (started by hand, or left by a daemon that died) is
     adopted; stopping the daemon then waits for its final save instead of leaving it running."""
@@ -246,6 +256,7 @@ def test_stopping_the_daemon_waits_for_an_adopted_trainer_to_save_and_exit(tmp_p
         by_hand.kill()
 
 
+@pytest.mark.slow
 def test_a_broken_trainer_falls_back_after_repeated_crashes_end_to_end(tmp_path, daemons):
     root = tmp_path / "checkpoints"
     for s in (10, 20, 30):

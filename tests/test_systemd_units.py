@@ -18,7 +18,9 @@ import time
 import urllib.request
 from pathlib import Path
 
-from tests.helpers import PY, REPO, Daemon, env_for_children, write_config
+import pytest
+
+from tests.helpers import PY, Daemon, env_for_children, write_config
 
 SLEEPER = [PY, "-c", "import time; time.sleep(3600)"]
 EXE = str(Path(sys.executable).parent / "ckpt-daemon")  # the venv's ckpt-daemon, as the README's .venv/bin/...
@@ -82,6 +84,7 @@ def start_as_unit(units: Path, name: str, state: Path, d: Daemon) -> None:
                               stdin=subprocess.DEVNULL)
 
 
+@pytest.mark.slow
 def test_two_instances_side_by_side_from_the_template_unit(tmp_path, daemons):  # noqa: F811
     srv, units, state = tmp_path / "srv", tmp_path / "units", tmp_path / "state"
     units.mkdir()

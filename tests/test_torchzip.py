@@ -558,6 +558,7 @@ def test_a_flipped_byte_in_data_pkl_or_a_storage_is_detected(sample, tmp_path):
         inspect(p, verify_crc=True)
 
 
+@pytest.mark.slow
 @settings(max_examples=300, deadline=None)
 @given(data=st.data())
 def test_any_truncation_or_byte_flip_gives_a_reason_never_another_exception(sample, data):
@@ -590,6 +591,7 @@ def test_any_truncation_or_byte_flip_gives_a_reason_never_another_exception(samp
     assert (full is None) == (info is not None)
 
 
+@pytest.mark.slow
 @settings(max_examples=200, deadline=None)
 @given(data=st.data())
 def test_any_edit_of_data_pkl_behind_a_valid_crc_gives_a_reason_or_info(sample, data):
@@ -801,6 +803,7 @@ def test_build_cannot_change_our_stubs_or_validated_tensors(tmp_path):
         parse_pickle(payload)
 
 
+@pytest.mark.slow
 def test_deeply_nested_list_is_refused_not_a_recursion_error(tmp_path):
     n = 100_000
     payload = b"\x80\x02" + b"(" * n + b"]" + b"l" * n + b"."
@@ -886,6 +889,7 @@ def check_in_a_process(path: Path) -> dict:
     return json.loads(out.stdout)
 
 
+@pytest.mark.slow
 def test_a_zip_of_a_million_empty_entries_is_refused_at_the_cost_of_a_real_checkpoint(tmp_path):
     real = check_in_a_process(save({"model": tiny_gpt().state_dict(), "step": 7}, tmp_path / "real.pt"))
     assert real["reason"] is None

@@ -17,6 +17,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pytest
+
 from tests.helpers import PY, Daemon
 
 SLEEPER = [PY, "-c", "import time; time.sleep(3600)"]
@@ -56,6 +58,7 @@ def errors_in(log: str) -> list[dict]:
     return out
 
 
+@pytest.mark.slow
 def test_clients_that_close_before_reading_never_stop_the_daemon(tmp_path, daemons):  # noqa: F811
     port = free_port()
     d = Daemon(tmp_path, {"training": {"command": SLEEPER}, "http": {"enabled": True, "port": port}}).start()
@@ -69,7 +72,7 @@ def test_clients_that_close_before_reading_never_stop_the_daemon(tmp_path, daemo
             c = socket.create_connection(("127.0.0.1", port), timeout=5)
         except OSError:
             d.proc.wait(timeout=10)
-            raise AssertionError(f"the daemon died after {i} clients (exit {d.proc.returncode}):\n{d.output()[-3000:]}")
+            raise AssertionError(f"the daemon died after {i} clients (exit {d.proc.returncode}):\n{d.output()[-3000:]}") from None
         if i % 3 == 0:  # a reset (SO_LINGER 0: close sends RST), as a killed scraper or a crashed browser
             c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         c.sendall(f"GET {paths[i % len(paths)]} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
@@ -108,6 +111,7 @@ while True:
 """
 
 
+@pytest.mark.slow
 def test_a_closed_console_and_a_gone_notify_socket_never_stop_the_daemon(tmp_path, daemons):  # noqa: F811
     script = tmp_path / "printing_job.py"  # not trainer.py: `python -m daemon` in this folder would import it
     script.write_text(TRAINER)

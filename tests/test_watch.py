@@ -65,6 +65,7 @@ def errors(d: Daemon) -> list[str]:
     return out
 
 
+@pytest.mark.slow
 def test_hundreds_of_single_files_and_their_events_keep_threads_and_cpu_bounded(tmp_path, daemons):
     root = tmp_path / "checkpoints"
     root.mkdir()
@@ -115,6 +116,7 @@ def test_hundreds_of_single_files_and_their_events_keep_threads_and_cpu_bounded(
     assert d.stop() == 0
 
 
+@pytest.mark.slow
 def test_a_hugging_face_trainer_under_the_daemon_logs_no_error_in_a_healthy_run(tmp_path, daemons):
     pytest.importorskip("transformers")
     from tests.helpers import BYO, PY
@@ -202,6 +204,7 @@ def test_a_folder_written_slowly_is_in_progress_until_it_settles(tmp_path):
 
 
 # ------------------------------------------------------------------------------------ hostile files
+@pytest.mark.slow
 def test_a_rescan_lists_the_folder_and_never_parses_a_file(tmp_path, monkeypatch):
     """The periodic rescan runs on the scheduler: it must never wait on a check of a (hostile) file."""
     from ckpt_daemon import torchzip
@@ -217,6 +220,7 @@ def test_a_rescan_lists_the_folder_and_never_parses_a_file(tmp_path, monkeypatch
     assert parsed == [] and time.process_time() - t0 < 1.0
 
 
+@pytest.mark.slow
 def test_a_zip_of_a_million_empty_entries_costs_the_daemon_no_memory_and_is_reported(tmp_path, daemons):
     from tests.helpers import empty_entries_zip
 

@@ -2,5 +2,10 @@
 `ckpt_daemon.checkpoint` (an import name that cannot collide with your own `trainer.py`)."""
 
 from ckpt_daemon.checkpoint import (  # noqa: F401
-    CheckpointManager, Loaded, export_weights, load_weights, read_checkpoint, write_weights,
+    CheckpointManager,
+    Loaded,
+    export_weights,
+    load_weights,
+    read_checkpoint,
+    write_weights,
 )

@@ -22,8 +22,14 @@ from ckpt_daemon import catalog as cat
 from ckpt_daemon import foreign, runtime
 from ckpt_daemon import manifest as mf
 from ckpt_daemon.fsutil import fsync_dir, record_checksum
-from ckpt_daemon.remote.errors import (Cancelled, RemoteAuthError, RemoteError, RemoteIntegrityError, RemoteSetupError,
-                                       RemoteUnreachable)
+from ckpt_daemon.remote.errors import (
+    Cancelled,
+    RemoteAuthError,
+    RemoteError,
+    RemoteIntegrityError,
+    RemoteSetupError,
+    RemoteUnreachable,
+)
 from ckpt_daemon.remote.listing import RemoteCatalog, Replica
 from ckpt_daemon.remote.store import Store
 from ckpt_daemon.remote.upload import Transfer

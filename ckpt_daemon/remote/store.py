@@ -28,8 +28,16 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 from ckpt_daemon.fsutil import fsync_dir
-from ckpt_daemon.remote.errors import (Cancelled, RemoteAuthError, RemoteConflict, RemoteError, RemoteIntegrityError,
-                                       RemoteNotFound, RemoteSetupError, RemoteUnreachable)
+from ckpt_daemon.remote.errors import (
+    Cancelled,
+    RemoteAuthError,
+    RemoteConflict,
+    RemoteError,
+    RemoteIntegrityError,
+    RemoteNotFound,
+    RemoteSetupError,
+    RemoteUnreachable,
+)
 from ckpt_daemon.remote.target import Credentials, Target
 
 READ_CHUNK = 1 << 20

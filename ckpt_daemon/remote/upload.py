@@ -30,8 +30,14 @@ from typing import Callable, Optional
 
 from ckpt_daemon.fsutil import new_hasher, record_checksum
 from ckpt_daemon.remote import format as fmt
-from ckpt_daemon.remote.errors import (Cancelled, LocalChanged, RemoteConflict, RemoteError, RemoteIntegrityError,
-                                       RemoteNotFound)
+from ckpt_daemon.remote.errors import (
+    Cancelled,
+    LocalChanged,
+    RemoteConflict,
+    RemoteError,
+    RemoteIntegrityError,
+    RemoteNotFound,
+)
 from ckpt_daemon.remote.source import Source
 from ckpt_daemon.remote.store import Store, Throttle, b64, composite_sha256
 
@@ -429,5 +435,5 @@ def upload_checkpoint(store: Store, src: Source, t: Transfer, now: Optional[floa
         if other is not None and same_files(other, src):
             return other, False
         raise RemoteError(f"Another writer committed a different {src.name} to {store.target} at the same moment. "
-                          "Give each run its own replica url (one daemon per prefix); this one is not replicated.")
+                          "Give each run its own replica url (one daemon per prefix); this one is not replicated.") from None
     return fmt.parse(fmt.dumps(m), src.name), True

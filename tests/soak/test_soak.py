@@ -11,6 +11,7 @@ from tests.soak.soak import Soak
 SHORT_S = float(os.environ.get("CKPT_SOAK_SECONDS", "75"))
 
 
+@pytest.mark.slow
 @pytest.mark.soak
 def test_short_soak_has_no_violations(tmp_path, tmpfs, capsys):
     disk = tmpfs("48m")
@@ -26,6 +27,7 @@ def test_short_soak_has_no_violations(tmp_path, tmpfs, capsys):
     assert soak.faults["kill_trainer"] >= 3, soak.faults
 
 
+@pytest.mark.slow
 @pytest.mark.soak
 def test_short_soak_with_memory_checkpoints_has_no_violations(tmp_path, tmpfs, capsys):
     """The same, with memory-first checkpoints: the trainer is also killed mid-copy into a memory slot, and
