@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
-from ckpt_daemon.errors import CkptError, EXIT_USAGE
+from ckpt_daemon.errors import EXIT_USAGE, CkptError
 
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "bf16", "fp16")

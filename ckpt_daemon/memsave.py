@@ -31,10 +31,9 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from ckpt_daemon import devio
+from ckpt_daemon import devio, stio
 from ckpt_daemon import manifest as mf
 from ckpt_daemon import memory as mem
-from ckpt_daemon import stio
 from ckpt_daemon.errors import CheckpointError
 from ckpt_daemon.fsutil import default_checksum, free_bytes, record_checksum
 from ckpt_daemon.statecodec import decode

@@ -62,6 +62,7 @@ def test_backend_is_nccl_on_gpus_and_gloo_on_cpus():
     assert (dv.backend_for("cuda"), dv.backend_for("cpu")) == ("nccl", "gloo")
 
 
+@pytest.mark.slow  # a real process
 def test_the_trainer_asked_for_cuda_without_a_gpu_exits_with_one_paragraph_naming_the_fix(tmp_path):
     from tests.helpers import env_for_children, run_py, write_config
 
@@ -395,6 +396,7 @@ def test_a_memory_slot_loads_through_the_device_path_and_a_damaged_one_is_refuse
 
 
 # ------------------------------------------------------------------------------ the GPU benchmark
+@pytest.mark.slow  # a real process
 def test_the_gpu_benchmark_without_cuda_exits_0_and_says_why_it_measured_nothing(tmp_path):
     from tests.helpers import REPO, env_for_children, run_py
 
@@ -411,6 +413,7 @@ def test_the_gpu_benchmark_without_cuda_exits_0_and_says_why_it_measured_nothing
     assert (results.read_bytes() if results.exists() else None) == before  # nothing measured, nothing written
 
 
+@pytest.mark.slow  # ~15 s
 def test_the_gpu_benchmark_runs_every_path_as_a_dry_run_on_the_cpu(tmp_path, monkeypatch):
     # The same script with device="cpu" and a tiny model: every saver, the memory slots and the loads run,
     # so a GPU machine's short time is not spent finding a typo. The figures mean nothing here.

@@ -19,8 +19,18 @@ import torch
 from ckpt_daemon import catalog as cat
 from ckpt_daemon import memory as mem
 from ckpt_daemon.runtime import kill_tree, read_heartbeat
-from tests.helpers import (PY, Daemon, env_for_children, read_losses, run_py, same_nested, start, trainer_cmd,
-                           wait_for_step, write_config)
+from tests.helpers import (
+    PY,
+    Daemon,
+    env_for_children,
+    read_losses,
+    run_py,
+    same_nested,
+    start,
+    trainer_cmd,
+    wait_for_step,
+    write_config,
+)
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available(),
@@ -118,7 +128,8 @@ def test_torchrun_with_one_rank_per_gpu_starts_and_more_ranks_than_gpus_is_refus
     assert f"torch sees {n} GPU(s)" in r.stderr and f"--nproc_per_node at most {n}" in r.stderr
 
 
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason=f"NCCL between ranks needs two GPUs; this machine has {torch.cuda.device_count()}")
+@pytest.mark.skipif(torch.cuda.device_count() < 2,
+                    reason=f"NCCL between ranks needs two GPUs; this machine has {torch.cuda.device_count()}")
 def test_torchrun_on_two_gpus_resumes_exactly_after_sigkill(tmp_path):
     over = _over()
     ref = write_config(tmp_path / "ref", over)

@@ -58,7 +58,8 @@ def lr_lambda(cfg) -> callable:
     return f
 
 
-def build(cfg: Config, vocab_size: int, device: torch.device = torch.device("cpu")):
+def build(cfg: Config, vocab_size: int, device: Optional[torch.device] = None):
+    device = device if device is not None else torch.device("cpu")
     tc = cfg.trainer
     mc = GPTConfig(vocab_size=vocab_size, block_size=tc.model.block_size, n_layer=tc.model.n_layer,
                    n_head=tc.model.n_head, n_embd=tc.model.n_embd, dropout=tc.model.dropout)
