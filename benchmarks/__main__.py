@@ -63,7 +63,8 @@ def gpt2_state(quick: bool):
     class M(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.params = torch.nn.ParameterDict({k.replace(".", "_"): torch.nn.Parameter(torch.randn(*s) * 0.02) for k, s in shapes.items()})
+            self.params = torch.nn.ParameterDict({k.replace(".", "_"): torch.nn.Parameter(torch.randn(*s) * 0.02)
+                                                  for k, s in shapes.items()})
 
     m = M()
     opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
@@ -168,7 +169,7 @@ def bench_save_and_load(quick: bool, out: dict) -> None:
     out["async_stall_s"], out["async_total_s"] = round(min(stalls), 3), round(min(totals), 3)
     out["async_stall_ratio"] = round(min(stalls) / best["save"], 4)
     stalls, totals = [], []
-    for i in range(2):
+    for _ in range(2):
         _clear(root / "dcp-async")
         t0 = time.perf_counter()
         fut = dcp.async_save(sd, checkpoint_id=str(root / "dcp-async"))
@@ -243,7 +244,7 @@ def bench_dlrover(quick: bool, out: dict) -> None:
     try:
         r = subprocess.run([sys.executable, "-m", "benchmarks.dlrover_peer", *(["--quick"] if quick else []),
                             str(WORK / "dlrover")], capture_output=True, text=True, env=env, timeout=900)
-        line = next((l for l in reversed(r.stdout.splitlines()) if l.startswith("{")), None)
+        line = next((ln for ln in reversed(r.stdout.splitlines()) if ln.startswith("{")), None)
         res = json.loads(line) if line else {"dlrover_skipped": f"no result (exit {r.returncode}): {r.stderr.strip()[-200:]}"}
     except subprocess.TimeoutExpired:
         res = {"dlrover_skipped": "timed out after 900 s"}
@@ -394,7 +395,7 @@ def bench_train_overhead(quick: bool, out: dict) -> None:
         env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
         subprocess.run([sys.executable, "-m", "trainer", "--config", str(d / "config.yaml"), "--max-steps", str(steps)],
                        check=True, capture_output=True, env=env)
-        recs = [json.loads(l) for l in (d / "logs" / "metrics.jsonl").read_text().splitlines()]
+        recs = [json.loads(ln) for ln in (d / "logs" / "metrics.jsonl").read_text().splitlines()]
         times = [r["time"] for r in recs if 20 <= r["step"] < steps]  # startup and the final save excluded
         dts = [b - a for a, b in zip(times, times[1:])]
         ratios[label] = statistics.fmean(dts) / statistics.median(dts)
@@ -478,7 +479,7 @@ def bench_recovery(quick: bool, out: dict) -> None:
         os.kill(pid, signal.SIGKILL)
         while time.time() < deadline:
             lines = metrics.read_text().splitlines()[n_before:]
-            recs = [json.loads(l) for l in lines if l.strip()]
+            recs = [json.loads(ln) for ln in lines if ln.strip()]
             after = [r for r in recs if r["time"] > t_kill]
             if after:
                 out["recovery_s"] = round(after[0]["time"] - t_kill - backoff, 2)
@@ -568,8 +569,8 @@ def verdict(name: str, value) -> str:
 
 
 def machine() -> str:
-    cpu = next((l.split(":",
-                        1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("model name")), platform.processor())
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")), platform.processor())
     import torch
 
     return (f"{cpu}, {os.cpu_count()} cores, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB, "
@@ -634,7 +635,8 @@ def write_results(out: dict) -> None:
              "|---|---|---|---|"]
     for k, (op, goal, meaning) in GOALS.items():
         v = out.get(k)
-        lines.append(f"| `{k}` | {v} | {op + ' ' + str(goal) + ' (' + verdict(k, v) + ')' if goal is not None else 'recorded'} | {meaning} |")
+        target = f"{op} {goal} ({verdict(k, v)})" if goal is not None else "recorded"
+        lines.append(f"| `{k}` | {v} | {target} | {meaning} |")
     lines += ["",
               f"Peers on the same {out.get('state_bytes', 0) / 1e9:.2f} GB GPT-2-124M AdamW state and disk (seconds; "
               "blank: not applicable):", "",

@@ -11,7 +11,8 @@ Usable from any training script:
 
 Native format (see maintenance/manifest.py): `checkpoint-<step>/` written into `.tmp-checkpoint-<step>-<pid>/`,
 each file fsynced with its checksum (blake3 by default, sha256 on request: `checksum=` or $CKPT_CHECKSUM)
-computed while writing, manifest.json written last, the folder renamed into place and the parent fsynced. `latest` and `best` are symlinks replaced atomically.
+computed while writing, manifest.json written last, the folder renamed into place and the parent fsynced.
+`latest` and `best` are symlinks replaced atomically.
 Loading reads each file once, checking size and checksum in the same pass, and never unpickles.
 """
 
@@ -20,8 +21,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import random
+import re
 import shutil
 import threading
 import time
@@ -33,14 +34,21 @@ import numpy as np
 import torch
 
 from ckpt_daemon import catalog as cat
-from ckpt_daemon import devio
+from ckpt_daemon import devio, runtime, stio, verifyonce
 from ckpt_daemon import manifest as mf
-from ckpt_daemon import runtime
 from ckpt_daemon.errors import CheckpointError, DiskFullError, NoValidCheckpoint, crash_summary
-from ckpt_daemon.fsutil import atomic_symlink, atomic_write_json, disk_full_error, fsync_dir, free_bytes, is_enospc
-from ckpt_daemon.fsutil import default_checksum, digest_record, new_hasher, record_checksum
-from ckpt_daemon import verifyonce
-from ckpt_daemon import stio
+from ckpt_daemon.fsutil import (
+    atomic_symlink,
+    atomic_write_json,
+    default_checksum,
+    digest_record,
+    disk_full_error,
+    free_bytes,
+    fsync_dir,
+    is_enospc,
+    new_hasher,
+    record_checksum,
+)
 from ckpt_daemon.statecodec import decode, encode
 
 log = logging.getLogger("ckpt_daemon.checkpoint")

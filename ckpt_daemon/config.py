@@ -20,8 +20,18 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
 import yaml
-from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, ValidationError,
-                      field_serializer, field_validator, model_validator)
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    SecretStr,
+    ValidationError,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
 
 from ckpt_daemon.cron import next_fire_times, validate_cron
 from ckpt_daemon.errors import ConfigError
@@ -352,7 +362,8 @@ class Tier(_Section):
 
 class RetentionConfig(_Section):
     enabled: bool = Field(True, description="Run retention on its schedule (cleanup by hand works regardless).")
-    schedule: str = Field("0 4 * * 0", description="Cron expression (weekday 0 = Sunday) for the weekly retention; a 6th leading field gives seconds.")
+    schedule: str = Field("0 4 * * 0", description="Cron expression (weekday 0 = Sunday) for the weekly retention; "
+                                                   "a 6th leading field gives seconds.")
     tiers: list[Tier] = Field(
         default_factory=lambda: [Tier(count=20), Tier(count=20, every_steps=200), Tier(every_steps=1000)],
         max_length=32,

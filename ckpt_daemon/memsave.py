@@ -353,7 +353,7 @@ class MemoryWriter:
             base = mem.PAYLOAD_OFFSET
             buf = slot.buf
             npbuf = buf.numpy()
-            for name, o, size, head, tensors in layout:
+            for _name, o, size, head, tensors in layout:
                 start = base + o
                 if isinstance(head, np.ndarray):  # raw bytes of a file: copied in pieces by every core
                     _copy_parallel(npbuf[start:start + size], head)

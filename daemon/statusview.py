@@ -7,9 +7,10 @@ from __future__ import annotations
 import datetime as dt
 from typing import Optional
 
-from ckpt_daemon.device import describe as describe_device, heartbeat_device
-from ckpt_daemon.units import age, human  # noqa: F401  (also this module's API)
+from ckpt_daemon.device import describe as describe_device
+from ckpt_daemon.device import heartbeat_device
 from ckpt_daemon.termtext import inert
+from ckpt_daemon.units import age, human  # noqa: F401  (also this module's API)
 from daemon import replicaview
 from daemon.statusdoc import Status, Training, as_status
 

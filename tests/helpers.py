@@ -19,9 +19,12 @@ import time
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import TYPE_CHECKING, Callable, TypeVar
 
 import yaml
+
+if TYPE_CHECKING:
+    from ckpt_daemon import catalog as cat
 
 T = TypeVar("T")
 

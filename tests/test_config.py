@@ -134,6 +134,7 @@ def test_schema_covers_every_section():
     json.dumps(s)
 
 
+@pytest.mark.slow
 def test_check_config_cli(tmp_path):
     p = tmp_path / "config.yaml"
     p.write_text("retention:\n  tiers:\n    - count: 5\n    - every_steps: 100\n")
@@ -369,6 +370,7 @@ BILLION_LAUGHS = 'a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]\
     f"{chr(98 + i)}: &{chr(98 + i)} [" + ",".join([f"*{chr(97 + i)}"] * 9) + "]\n" for i in range(8))
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize("text,needle", [
     (BILLION_LAUGHS, "holds more than 10000 values"),  # 9**9 values once expanded: 8 minutes and 7.8 GB before

@@ -93,6 +93,7 @@ def _hf_trainer(out: Path, max_steps: int, save_steps: int = 3, seed: int = 0):
     return Trainer(model=model, args=args, train_dataset=Tokens(), callbacks=[cb]), cb
 
 
+@pytest.mark.slow
 def test_hugging_face_saves_go_to_memory_and_persist_as_its_own_folder(under_daemon, monkeypatch):
     pytest.importorskip("transformers")
     ck, region = under_daemon
@@ -316,6 +317,7 @@ def test_the_best_hugging_face_checkpoint_is_written_to_disk_too(under_daemon):
     assert _slot(region, ck).step == 9
 
 
+@pytest.mark.slow
 def test_a_second_run_replaces_the_best_of_the_same_name_and_loads_its_own(under_daemon):
     pytest.importorskip("transformers")
     from safetensors.torch import load_file
@@ -734,6 +736,7 @@ def _memory_byo_daemon(tmp_path: Path, region: Path, script: str, patterns: list
                                  "crash_window_s": 600}}})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script, patterns", [
     ("hf_train.py", ["checkpoint-{step}"]),
     ("lightning_train.py", ["epoch={epoch}-step={step}.ckpt"]),
@@ -771,6 +774,7 @@ def test_kill_minus_9_of_a_users_trainer_loses_no_step_beyond_its_memory_checkpo
         mem.remove_stale_region(region)
 
 
+@pytest.mark.slow
 def test_a_plain_torch_save_script_with_memory_on_is_told_once_that_it_gets_nothing(tmp_path, daemons):
     """memory on, a script that saves with torch.save to disk only: the daemon says so once, in its log and in
     the status (which otherwise shows an active region with nothing in it), and goes on as before."""

@@ -17,6 +17,7 @@ from tests.helpers import PY, env_for_children, read_losses, run_py, start, trai
 STEPS = 40
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world, precision", [(1, "fp32"), (2, "fp32"), (1, "bf16"), (1, "fp16")],
                          ids=["single", "torchrun-2", "bf16", "fp16-scaler"])
 def test_exact_resume_after_sigkill(tmp_path, world, precision):
@@ -71,6 +72,7 @@ def test_exact_resume_after_sigkill(tmp_path, world, precision):
             "_growth_tracker"] == resumed_step
 
 
+@pytest.mark.slow
 def test_resume_with_another_world_size_continues_and_says_so(tmp_path):
     cfg = write_config(tmp_path)
     run_py(["-m", "trainer", "--config", str(cfg), "--max-steps", "10"], check=True)
@@ -82,6 +84,7 @@ def test_resume_with_another_world_size_continues_and_says_so(tmp_path):
     assert max(losses) == 20 and all(s in losses for s in range(11, 21))
 
 
+@pytest.mark.slow
 def test_sigterm_finishes_the_step_saves_and_exits_143(tmp_path):
     cfg = write_config(tmp_path, {"trainer": {"checkpoint_every_steps": 1000, "eval_every_steps": 1000}})
     metrics = tmp_path / "logs" / "metrics.jsonl"
@@ -95,6 +98,7 @@ def test_sigterm_finishes_the_step_saves_and_exits_143(tmp_path):
     assert "stopped by signal" in (tmp_path / "t.log").read_text()
 
 
+@pytest.mark.slow
 def test_second_trainer_on_same_folder_is_refused_and_heartbeat_is_written(tmp_path):
     cfg = write_config(tmp_path)
     metrics = tmp_path / "logs" / "metrics.jsonl"
@@ -119,6 +123,7 @@ def test_second_trainer_on_same_folder_is_refused_and_heartbeat_is_written(tmp_p
     assert not training_activity(tmp_path / "checkpoints").active
 
 
+@pytest.mark.slow
 def test_training_on_a_full_disk_skips_saves_and_goes_on(tmp_path, tmpfs):
     disk = tmpfs("1m")  # a tiny-model checkpoint is ~200 KB: a few fit, then the disk is full
     cfg = write_config(tmp_path, {"checkpoints": {"dir": str(disk)}, "disk": {"save_margin_mb": 0.05}})
@@ -132,6 +137,7 @@ def test_training_on_a_full_disk_skips_saves_and_goes_on(tmp_path, tmpfs):
     assert [e.step for e in c.entries] == [5 * i for i in range(1, len(c.entries) + 1)]  # the first ones survived
 
 
+@pytest.mark.slow
 def test_resume_none_and_explicit_path(tmp_path):
     cfg = write_config(tmp_path)
     run_py(["-m", "trainer", "--config", str(cfg), "--max-steps", "10"], check=True)
@@ -150,6 +156,7 @@ def test_resume_none_and_explicit_path(tmp_path):
     assert r.returncode != 0 and "There is no checkpoint at step 999" in r.stderr
 
 
+@pytest.mark.slow
 def test_ckpt_resume_environment_is_honoured(tmp_path):
     cfg = write_config(tmp_path)
     run_py(["-m", "trainer", "--config", str(cfg), "--max-steps", "10"], check=True)
@@ -159,6 +166,7 @@ def test_ckpt_resume_environment_is_honoured(tmp_path):
     assert "resumed from checkpoint-5" in r.stderr
 
 
+@pytest.mark.slow
 def test_generate_from_checkpoint_and_export(tmp_path):
     cfg = write_config(tmp_path, {"trainer": {"checkpoint_every_steps": 50}})
     run_py(["-m", "trainer", "--config", str(cfg), "--max-steps", "100"], check=True)

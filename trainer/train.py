@@ -2,7 +2,8 @@
 
 Trains the small GPT on the configured data forever (or to trainer.max_steps), checkpoints every N
 steps through CheckpointManager, evaluates, tracks best, pins epoch ends, logs metrics to
-logs/metrics.jsonl. SIGINT/SIGTERM: finish the step, save, exit 128+signal (143 for SIGTERM: stopped, not finished; exit 0 means finished). Under torchrun: DDP with gloo on
+logs/metrics.jsonl. SIGINT/SIGTERM: finish the step, save, exit 128+signal
+(143 for SIGTERM: stopped, not finished; exit 0 means finished). Under torchrun: DDP with gloo on
 CPU (nccl on GPUs); rank 0 writes; every rank loads the checkpoint rank 0 chose.
 
 trainer.device (auto: a CUDA GPU when present; under torchrun cuda:LOCAL_RANK, bound before the process
@@ -25,13 +26,13 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from ckpt_daemon import devio, runtime
 from ckpt_daemon import device as dv
-from ckpt_daemon.config import Config
-from ckpt_daemon.logs import append_jsonl
+from ckpt_daemon import devio, runtime
 from ckpt_daemon.checkpoint import CheckpointManager, capture_rng, restore_rng
-from trainer.data import Sampler, load_corpus, val_batches
+from ckpt_daemon.config import Config
 from ckpt_daemon.gpt import GPT, GPTConfig
+from ckpt_daemon.logs import append_jsonl
+from trainer.data import Sampler, load_corpus, val_batches
 
 log = logging.getLogger("trainer")
 
@@ -299,8 +300,10 @@ def _warm_up() -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from ckpt_daemon import memsave  # noqa: F401  (imported before a warm spare waits, not after)
-    from ckpt_daemon import spare
+    from ckpt_daemon import (
+        memsave,  # noqa: F401  (imported before a warm spare waits, not after)
+        spare,
+    )
     from ckpt_daemon.cliutil import module_main
     from trainer.cli import add_train_arguments, run_train
 

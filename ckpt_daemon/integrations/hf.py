@@ -84,11 +84,11 @@ from ckpt_daemon.integrations.common import (
     BestToDisk,
     Heartbeat,
     StopRequest,
+    commit_to_disk,
     daemon_choice,
     memory_region,
     memory_writer,
     release_memory_resume,
-    commit_to_disk,
     reserve_slots,
     same_folder,
 )
