@@ -8,7 +8,7 @@ import pytest
 
 from tests.soak.soak import Soak
 
-SHORT_S = float(os.environ.get("CKPT_SOAK_SECONDS", "75"))
+SHORT_S = float(os.environ.get("CKPT_SOAK_SECONDS", "50"))
 
 
 @pytest.mark.slow
@@ -34,7 +34,7 @@ def test_short_soak_with_memory_checkpoints_has_no_violations(tmp_path, tmpfs, c
     the daemon while it persists one."""
     disk = tmpfs("48m")
     seed = int(os.environ.get("CKPT_SOAK_SEED", "20261124"))
-    soak = Soak(tmp_path, disk, seed, float(os.environ.get("CKPT_SOAK_SECONDS", "50")), memory=True)
+    soak = Soak(tmp_path, disk, seed, float(os.environ.get("CKPT_SOAK_SECONDS", "40")), memory=True)
     rc = soak.run()
     out = capsys.readouterr().out
     print(out)
