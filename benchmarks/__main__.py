@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks.common import dd_write, drop_caches
 from benchmarks.gpu import GPU_GOALS, gpu_table
 
 REPO = Path(__file__).resolve().parent.parent
@@ -27,23 +28,6 @@ def timed(fn, *a, **k) -> tuple[float, object]:
     t0 = time.perf_counter()
     r = fn(*a, **k)
     return time.perf_counter() - t0, r
-
-
-def drop_caches() -> bool:
-    try:
-        os.sync()
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-        return True
-    except OSError:
-        return False
-
-
-def dd_write(path: Path, nbytes: int) -> float:
-    count = max(1, nbytes // (16 << 20))
-    t, _ = timed(subprocess.run, ["dd", "if=/dev/zero", f"of={path}", "bs=16M", f"count={count}", "conv=fsync"],
-                 check=True, capture_output=True)
-    path.unlink()
-    return t * nbytes / (count * (16 << 20))
 
 
 def gpt2_state(quick: bool):

@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks.common import dd_write
+
 REPO = Path(__file__).resolve().parent.parent
 WORK = Path(os.environ.get("CKPT_BENCH_DIR", REPO / "benchmarks" / ".work"))
 
@@ -69,16 +71,6 @@ def _memcpy(ts) -> float:
             pos += n
         best = min(best, time.perf_counter() - t0)
     return best
-
-
-def _dd(path: Path, nbytes: int) -> float:
-    count = max(1, nbytes // (16 << 20))
-    t0 = time.perf_counter()
-    subprocess.run(["dd", "if=/dev/zero", f"of={path}", "bs=16M", f"count={count}", "conv=fsync"], check=True,
-                   capture_output=True)
-    t = time.perf_counter() - t0
-    path.unlink()
-    return t * nbytes / (count * (16 << 20))
 
 
 def bench_slots(quick: bool, out: dict) -> None:
@@ -146,7 +138,7 @@ def bench_slots(quick: bool, out: dict) -> None:
         info, _ = mem.Region(region).newest(root / "ck")
         r = mem.persist_slot(info, root / "ck")
         out["memory_persist_s"] = round(r.seconds, 3)
-        out["memory_persist_dd_s"] = round(_dd(root / "dd.bin", r.bytes), 3)
+        out["memory_persist_dd_s"] = round(dd_write(root / "dd.bin", r.bytes), 3)
         out["memory_checksum"] = json.loads((r.path / "manifest.json").read_text())["files"]["model.safetensors"].get("algo", "sha256")
         _ = torch
     finally:
