@@ -25,7 +25,7 @@ from ckpt_daemon import (
 )
 from ckpt_daemon import memory as mem
 from ckpt_daemon.integrations import common
-from tests.helpers import PY, Daemon, resident_bytes
+from tests.helpers import PY, Daemon, resident_bytes, wait_for
 
 BYO = Path(__file__).parent / "byo"
 
@@ -255,6 +255,16 @@ def test_a_tmpfs_that_fills_up_under_hugging_faces_own_write_sends_that_save_to_
     class Filler(TrainerCallback):  # another user of /dev/shm takes the rest after the first memory save
         def on_step_end(self, args, state, control, **kw):
             if state.global_step == 4:
+                # once the writer's thread has copied checkpoint-3 and removed its staging folder (on a busy
+                # machine it may still be there: freed after the filler, it would leave room for checkpoint-6)
+                staging = region / f"staging-{os.getpid()}"
+                def staged_nothing() -> bool:
+                    try:
+                        return not any(staging.iterdir())
+                    except FileNotFoundError:
+                        return True
+
+                wait_for(staged_nothing, timeout=60, what="checkpoint-3's staging folder removed")
                 with open(region.parent / "filler", "wb", buffering=0) as f:
                     for chunk in (1 << 20, 4096):  # down to the last page: a tiny checkpoint fits in a rest
                         try:
