@@ -94,10 +94,10 @@ def bench_save_and_load(quick: bool, out: dict) -> None:
     import torch.distributed.checkpoint as dcp
     from safetensors.torch import load_file, save_file
 
-    from ckpt_daemon import catalog as cat
-    from ckpt_daemon import verifyonce
     from ckpt_daemon.checkpoint import CheckpointManager, read_checkpoint
     from ckpt_daemon.fsutil import default_checksum, hash_file, record_checksum
+    from ckpt_daemon.store import catalog as cat
+    from ckpt_daemon.store import verifyonce
 
     warnings.filterwarnings("ignore")  # DCP warns that no process group is initialised (one process)
     m, opt, nbytes = gpt2_state(quick)
@@ -274,7 +274,7 @@ def bench_replicas(quick: bool, out: dict) -> None:
 def bench_snapshot(quick: bool, out: dict) -> None:
     import numpy as np
 
-    from ckpt_daemon.manifest import build_manifest, dumps_manifest
+    from ckpt_daemon.store.manifest import build_manifest, dumps_manifest
     from maintenance.snapshot import _copy_checkpoint
 
     root = WORK / "snap"
@@ -323,11 +323,11 @@ def bench_plan(quick: bool, out: dict) -> None:
 def bench_cleanup(quick: bool, out: dict) -> None:
     import torch
 
-    from ckpt_daemon import catalog as cat
     from ckpt_daemon.config import load_config
     from ckpt_daemon.fsutil import digest_record, new_hasher
-    from ckpt_daemon.manifest import build_manifest, dumps_manifest
-    from ckpt_daemon.stio import header_for
+    from ckpt_daemon.store import catalog as cat
+    from ckpt_daemon.store.manifest import build_manifest, dumps_manifest
+    from ckpt_daemon.store.safetensors_file import header_for
     from maintenance import cleanup
 
     n = 10_000 if not quick else 2_000

@@ -39,10 +39,10 @@ def bench_replicas(quick: bool = False) -> dict:
     sys.path.insert(0, str(REPO))
     from boto3.s3.transfer import TransferConfig
 
-    from ckpt_daemon import catalog as cat
     from ckpt_daemon.remote import download, listing, source, upload
     from ckpt_daemon.remote.store import open_store
     from ckpt_daemon.remote.target import Credentials, parse_url
+    from ckpt_daemon.store import catalog as cat
     from tests.seaweed import Seaweed, why_unavailable
 
     why = why_unavailable()

@@ -33,9 +33,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from ckpt_daemon import catalog as cat
-from ckpt_daemon import devio, runtime, stio, verifyonce
-from ckpt_daemon import manifest as mf
+from ckpt_daemon import devio, runtime
 from ckpt_daemon.errors import CheckpointError, DiskFullError, NoValidCheckpoint, crash_summary
 from ckpt_daemon.fsutil import (
     atomic_symlink,
@@ -49,7 +47,11 @@ from ckpt_daemon.fsutil import (
     new_hasher,
     record_checksum,
 )
-from ckpt_daemon.statecodec import decode, encode
+from ckpt_daemon.store import catalog as cat
+from ckpt_daemon.store import manifest as mf
+from ckpt_daemon.store import safetensors_file as stfile
+from ckpt_daemon.store import verifyonce
+from ckpt_daemon.store.statecodec import decode, encode
 
 log = logging.getLogger("ckpt_daemon.checkpoint")
 
@@ -345,8 +347,8 @@ class CheckpointManager:
                 names = [STATE_TENSORS] if len(shards) == 1 else [
                     f"state-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
                 algo = default_checksum(self.checksum)
-                writers = [(mf.MODEL_FILE, lambda f: stio.write_safetensors(f, p.model, p.model_meta, algo))]
-                writers += [(n, lambda f, sh=sh: stio.write_safetensors(f, sh, {"format": "ckpt-daemon/1"}, algo))
+                writers = [(mf.MODEL_FILE, lambda f: stfile.write_safetensors(f, p.model, p.model_meta, algo))]
+                writers += [(n, lambda f, sh=sh: stfile.write_safetensors(f, sh, {"format": "ckpt-daemon/1"}, algo))
                             for n, sh in zip(names, shards)]
                 writers.append((STATE_JSON, lambda f: _write_json(f, p.state_json, algo)))
                 files.update(_write_files(tmp, writers, algo))
@@ -696,13 +698,13 @@ def read_checkpoint(path: Path, map_location: str | torch.device = "cpu", verify
         raise CheckpointError(f"{path.name} is {status}: {reason}")
     files = m["files"]
     # Verify once per restart: files the daemon hashed moments ago and that are unchanged since (same
-    # size, mtime, ctime, inode) are not hashed again; see ckpt_daemon/verifyonce.py.
+    # size, mtime, ctime, inode) are not hashed again; see ckpt_daemon/store/verifyonce.py.
     trusted = verifyonce.trusted_stats(path, mf.MANIFEST) if verify else None
     if trusted:
         log.info("%s was verified by the daemon for this resume; files unchanged since are not hashed again", path.name)
 
     # Map every file (sizes checked against the manifest), then verify the ones to hash together: the
-    # reads of two files at a time overlap their hashing (stio.verify_buffers).
+    # reads of two files at a time overlap their hashing (stfile.verify_buffers).
     state_files = sorted(n for n in files if n.startswith("state") and n.endswith(".safetensors"))
     wanted = [n for n in [mf.MODEL_FILE, *state_files, STATE_JSON] if n in files]
     bufs: dict = {}
@@ -717,20 +719,20 @@ def read_checkpoint(path: Path, map_location: str | torch.device = "cpu", verify
                 continue
             meta = files[name]
             algo, digest = record_checksum(meta)  # checked by read_manifest
-            bufs[name], st = stio.map_file(path / name, meta["size"])
-            if verify and not stio.same_file(st, trusted.get(name) if trusted else None):
-                jobs.append(stio.VerifyJob(name, bufs[name], algo, digest))
-        stio.verify_buffers(jobs)
-    except stio.ChecksumMismatch as exc:
+            bufs[name], st = stfile.map_file(path / name, meta["size"])
+            if verify and not stfile.same_file(st, trusted.get(name) if trusted else None):
+                jobs.append(stfile.VerifyJob(name, bufs[name], algo, digest))
+        stfile.verify_buffers(jobs)
+    except stfile.ChecksumMismatch as exc:
         raise CheckpointError(f"{path.name} is corrupt: {exc}") from None
     get = bufs.__getitem__
     try:
-        model, meta = stio.parse_safetensors(get(mf.MODEL_FILE))
+        model, meta = stfile.parse_safetensors(get(mf.MODEL_FILE))
         join_tied(model, meta)
         state_t: dict = {}
         skeleton: dict = {}
         for name in state_files:
-            state_t.update(stio.parse_safetensors(get(name))[0])
+            state_t.update(stfile.parse_safetensors(get(name))[0])
         if copy and not to_device:  # device buffers hold no file; the files are closed already
             state_t = {k: v.clone() for k, v in state_t.items()}
         if STATE_JSON in files:
@@ -773,7 +775,7 @@ def write_weights(tensors: dict[str, torch.Tensor], dst_dir: Path, meta: dict) -
         uniq, aliases = split_tied(tensors)
         with open(tmp / mf.MODEL_FILE, "xb") as f:
             # exports keep sha256: a deployable artifact anyone can check with `sha256sum`
-            size, digest = stio.write_safetensors(f, uniq, {"format": "ckpt-daemon/weights-1", "aliases": json.dumps(aliases)}, "sha256")
+            size, digest = stfile.write_safetensors(f, uniq, {"format": "ckpt-daemon/weights-1", "aliases": json.dumps(aliases)}, "sha256")
             f.flush()
             os.fsync(f.fileno())
         atomic_write_json(tmp / "metadata.json", {**meta, "files": {mf.MODEL_FILE: {"size": size, "sha256": digest}}})
@@ -824,9 +826,9 @@ def load_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     except ValueError as exc:
         raise CheckpointError(f"{path.name} has an unusable metadata.json: {exc}") from None
     try:
-        tensors, smeta = stio.load_safetensors(path / mf.MODEL_FILE, size, digest, algo)
+        tensors, smeta = stfile.load_safetensors(path / mf.MODEL_FILE, size, digest, algo)
         return join_tied(tensors, smeta), meta
-    except stio.ChecksumMismatch as exc:
+    except stfile.ChecksumMismatch as exc:
         raise CheckpointError(f"{path.name} is corrupt: {exc}") from None
     except FileNotFoundError:
         raise CheckpointError(f"{path} has no {mf.MODEL_FILE}; there are no weights to load.") from None

@@ -34,7 +34,7 @@ import torch
 
 from ckpt_daemon import device as dv
 from ckpt_daemon.fsutil import new_hasher, record_checksum
-from ckpt_daemon.stio import ChecksumMismatch, same_file
+from ckpt_daemon.store.safetensors_file import ChecksumMismatch, same_file
 
 log = logging.getLogger("ckpt_daemon.devio")
 
@@ -152,7 +152,7 @@ def populate(buf, length: Optional[int] = None) -> str:
     entries made now, in large batches, instead of one fault per 4 KiB page inside a save's copy. Returns
     how: "populate" (madvise(MADV_POPULATE_WRITE), Linux 5.14+, the GIL released), "touch" (a read of one
     byte per page where the kernel lacks it) or "none" (nothing to do)."""
-    from ckpt_daemon.stio import _libc_madvise
+    from ckpt_daemon.store.safetensors_file import _libc_madvise
 
     n = len(buf) if length is None else min(length, len(buf))
     if n <= 0:

@@ -51,9 +51,9 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from ckpt_daemon import fsutil, runtime
-from ckpt_daemon import manifest as mf
 from ckpt_daemon.errors import CkptError
 from ckpt_daemon.fsutil import atomic_symlink, fsync_dir, is_hex64, loads_json_bounded
+from ckpt_daemon.store import manifest as mf
 
 MAGIC = b"CKPTMEM\x01"
 VERSION = 1
@@ -575,7 +575,7 @@ def persist_slot(info: SlotInfo, ckpt_dir: Path, lock_timeout_s: float = 600.0,
     header read, the slot not yet pinned), "pinned" (verified and held), "copied" (its files written and
     fsynced in scratch space), "committed" (renamed into place, still held) and "released" (no longer held;
     not called for a slot the caller pinned). For tests and tracing; it must not raise."""
-    from ckpt_daemon import catalog, foreign
+    from ckpt_daemon.store import catalog, foreign
 
     phase = phase or (lambda _name: None)
     t0 = time.perf_counter()
@@ -678,7 +678,7 @@ def _write_new(dest: Path, mm: mmap.mmap, off: int, size: int, mode: int, durabl
 def name_taken(path: Path, step: int) -> Optional[str]:
     """None if `path` holds a complete checkpoint of `step` (structure and sizes; no hashing), else why not.
     Raises ValueError for one that may still be being written (incomplete, changed in the last minute)."""
-    from ckpt_daemon import catalog
+    from ckpt_daemon.store import catalog
 
     _, status, reason, _ = catalog.check_entry(path, verify=False, step=step)
     if status == "complete":
@@ -926,7 +926,7 @@ class MemoryAgent:
     # -- persisting ---------------------------------------------------------------------------------
     def _on_disk(self, info: SlotInfo) -> bool:
         """Whether the disk holds this step, or a newer valid checkpoint the supervisor would resume from."""
-        from ckpt_daemon import catalog as cat
+        from ckpt_daemon.store import catalog as cat
 
         if os.path.lexists(self.ckpt_dir / info.name):
             try:
@@ -1101,7 +1101,7 @@ class MemoryAgent:
     UNUSED_CHECK_S = 5.0
 
     def _disk_names(self) -> set[str]:
-        from ckpt_daemon import catalog as cat
+        from ckpt_daemon.store import catalog as cat
 
         c = cat.scan(self.ckpt_dir, self.get_cfg().checkpoints.pattern, stats=False)
         return {e.name for e in c.entries}

@@ -31,12 +31,13 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from ckpt_daemon import devio, stio
-from ckpt_daemon import manifest as mf
+from ckpt_daemon import devio
 from ckpt_daemon import memory as mem
 from ckpt_daemon.errors import CheckpointError
 from ckpt_daemon.fsutil import default_checksum, free_bytes, record_checksum
-from ckpt_daemon.statecodec import decode
+from ckpt_daemon.store import manifest as mf
+from ckpt_daemon.store import safetensors_file as stfile
+from ckpt_daemon.store.statecodec import decode
 
 log = logging.getLogger("ckpt_daemon.memsave")
 
@@ -256,7 +257,7 @@ class MemoryWriter:
         layout = []
         off = 0
         for name, tensors, meta in parts:
-            head = stio.header_for(tensors, meta)
+            head = stfile.header_for(tensors, meta)
             size = len(head) + sum(t.numel() * t.element_size() for t in tensors.values())
             layout.append((name, off, size, head, tensors))
             off = -(-(off + size) // mem.ALIGN) * mem.ALIGN
@@ -561,11 +562,11 @@ def read_slot_state(region_dir: str | os.PathLike, ckpt_dir: Path, map_location=
             pass
         os.close(fd)
     try:
-        model, meta = stio.parse_safetensors(bufs[mf.MODEL_FILE])
+        model, meta = stfile.parse_safetensors(bufs[mf.MODEL_FILE])
         join_tied(model, meta)
         state_t: dict = {}
         for name in sorted(n for n in bufs if n.startswith("state") and n.endswith(".safetensors")):
-            state_t.update(stio.parse_safetensors(bufs[name])[0])
+            state_t.update(stfile.parse_safetensors(bufs[name])[0])
         skeleton = json.loads(bytes(bufs[STATE_JSON])) if STATE_JSON in bufs else {}
     except (ValueError, KeyError, TypeError) as exc:
         return None, f"{info.path.name} holds a malformed state ({exc})"

@@ -66,7 +66,7 @@ def add_list(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_list(args) -> int:
-    from ckpt_daemon import catalog as cat
+    from ckpt_daemon.store import catalog as cat
     from ckpt_daemon.units import age, human
 
     cfg, _ = _load_for_reading(args)
@@ -368,9 +368,9 @@ def _find(c, name: str, where: Path):
 
 
 def cmd_pin(args) -> int:
-    from ckpt_daemon import catalog as cat
     from ckpt_daemon import runtime
     from ckpt_daemon.config import load_config
+    from ckpt_daemon.store import catalog as cat
 
     cfg = load_config(config_path(args))
     c = cat.scan_config(cfg, stats=False)

@@ -25,13 +25,13 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from ckpt_daemon import catalog as cat
 from ckpt_daemon import configfile, runtime
 from ckpt_daemon.config import Config, diff_configs, parse_config
 from ckpt_daemon.device import heartbeat_device
 from ckpt_daemon.errors import ConfigError
 from ckpt_daemon.fsutil import disk_usage
 from ckpt_daemon.logs import get_logger, setup_logging
+from ckpt_daemon.store import catalog as cat
 from daemon import alerts
 from daemon import state as st
 from daemon import statusdoc as sd

@@ -28,10 +28,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from ckpt_daemon import catalog as cat
 from ckpt_daemon.config import Config
 from ckpt_daemon.fsutil import atomic_write_bytes, read_json_file
 from ckpt_daemon.logs import get_logger
+from ckpt_daemon.store import catalog as cat
 
 log = get_logger("daemon.dashboard")
 

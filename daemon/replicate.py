@@ -24,8 +24,7 @@ import threading
 import time
 from typing import Callable, Optional
 
-from ckpt_daemon import catalog as cat
-from ckpt_daemon import foreign, runtime
+from ckpt_daemon import runtime
 from ckpt_daemon.config import Config, ReplicaConfig
 from ckpt_daemon.logs import append_text, get_logger
 from ckpt_daemon.remote import download, listing, source, upload
@@ -41,6 +40,8 @@ from ckpt_daemon.remote.errors import (
     RemoteUnreachable,
 )
 from ckpt_daemon.remote.store import Store, Throttle
+from ckpt_daemon.store import catalog as cat
+from ckpt_daemon.store import foreign
 from daemon import alerts
 
 log = get_logger("daemon.replicate")

@@ -32,10 +32,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-from ckpt_daemon import catalog as cat
-from ckpt_daemon import foreign, runtime, spare, verifyonce
+from ckpt_daemon import runtime, spare
 from ckpt_daemon.fsutil import free_bytes
 from ckpt_daemon.logs import get_logger
+from ckpt_daemon.store import catalog as cat
+from ckpt_daemon.store import foreign, verifyonce
 from daemon import alerts
 from daemon.outputtail import OutputTail
 from daemon.watch import writers_lookup

@@ -45,9 +45,9 @@ from watchdog.events import (
 )
 from watchdog.observers import Observer
 
-from ckpt_daemon import catalog as cat
-from ckpt_daemon import foreign
 from ckpt_daemon.logs import get_logger
+from ckpt_daemon.store import catalog as cat
+from ckpt_daemon.store import foreign
 from daemon import alerts
 
 log = get_logger("daemon.watch")

@@ -18,13 +18,13 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from ckpt_daemon import catalog as cat
 from ckpt_daemon import fsutil, runtime
 from ckpt_daemon.cliutil import add_json_argument, config_path, module_main, number
 from ckpt_daemon.config import Config, load_config
 from ckpt_daemon.errors import CkptError, UsageError
 from ckpt_daemon.fsutil import fsync_dir, inside, is_enospc, read_json_file, remove_tree_safely
 from ckpt_daemon.logs import append_text
+from ckpt_daemon.store import catalog as cat
 from ckpt_daemon.termtext import inert
 from ckpt_daemon.units import human
 from maintenance import retention
@@ -457,7 +457,7 @@ def _execute_in_place(cfg: Config, r: Report, extra_protected, remove, unattende
                       lock_timeout_s: float) -> Report:
     """Delete without the trash (a full disk). A native checkpoint loses its manifest first, so that a
     crash half-way leaves an incomplete folder, never one that looks valid."""
-    from ckpt_daemon import manifest as mf
+    from ckpt_daemon.store import manifest as mf
 
     root = r.root
     planned = {d.name for d in r.to_delete}

@@ -27,10 +27,10 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
-from ckpt_daemon import catalog as cat
 from ckpt_daemon.cliutil import add_json_argument, error_record, module_main
 from ckpt_daemon.errors import CheckpointError, CkptError, UsageError, crash_summary
 from ckpt_daemon.fsutil import disk_full_error, fsync_dir, is_enospc
+from ckpt_daemon.store import catalog as cat
 from ckpt_daemon.termtext import inert
 from maintenance.consolidate import human, is_lightning, load_torch_file, same_bits
 

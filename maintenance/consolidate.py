@@ -37,7 +37,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from ckpt_daemon import catalog as cat
 from ckpt_daemon import runtime
 from ckpt_daemon.cliutil import add_json_argument, config_path, module_main, number
 from ckpt_daemon.config import Config, load_config
@@ -52,6 +51,7 @@ from ckpt_daemon.fsutil import (
     loads_json_bounded,
     read_bytes_bounded,
 )
+from ckpt_daemon.store import catalog as cat
 from ckpt_daemon.termtext import inert
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -451,8 +451,8 @@ def write_export(dst: Path, tensors: dict, json_files: dict, copies: list, meta:
                  verify: Callable[[Path], str]) -> str:
     """Write the export into a temp sibling of `dst`, verify it there, then rename it into place: an
     export under its final name is always complete and verified. Returns what `verify` found."""
-    from ckpt_daemon import stio
     from ckpt_daemon.checkpoint import split_tied
+    from ckpt_daemon.store import safetensors_file as stfile
 
     # Built in the state folder's scratch space (a lock marks it live; a killed export's folder is removed by
     # the next job of any kind), verified there, then renamed into place.
@@ -468,7 +468,7 @@ def write_export(dst: Path, tensors: dict, json_files: dict, copies: list, meta:
             uniq, aliases = split_tied(tensors)
             with open(tmp / MODEL_FILE, "xb") as f:
                 # "format": "pt" is what transformers expects of a safetensors file; "aliases" are the tied names
-                size, digest = stio.write_safetensors(f, uniq, {"format": "pt", "writer": "ckpt-daemon/weights-1",
+                size, digest = stfile.write_safetensors(f, uniq, {"format": "pt", "writer": "ckpt-daemon/weights-1",
                                                                 "aliases": json.dumps(aliases)})
                 f.flush()
                 os.fsync(f.fileno())

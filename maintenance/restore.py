@@ -16,12 +16,12 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from ckpt_daemon import catalog as cat
 from ckpt_daemon import runtime
 from ckpt_daemon.cliutil import add_json_argument, config_path, module_main
 from ckpt_daemon.config import Config, load_config
 from ckpt_daemon.errors import CheckpointError, UsageError
 from ckpt_daemon.fsutil import inside, read_json_file
+from ckpt_daemon.store import catalog as cat
 from maintenance.snapshot import SNAPSHOT_MANIFEST, _copy_checkpoint, choose_method
 
 

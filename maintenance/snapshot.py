@@ -23,8 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
-from ckpt_daemon import catalog as cat
-from ckpt_daemon import foreign, runtime
+from ckpt_daemon import runtime
 from ckpt_daemon.cliutil import add_json_argument, config_path, module_main
 from ckpt_daemon.config import Config, load_config
 from ckpt_daemon.errors import CheckpointError, DiskFullError, NoValidCheckpoint
@@ -39,6 +38,8 @@ from ckpt_daemon.fsutil import (
     tree_stats,
 )
 from ckpt_daemon.logs import append_text
+from ckpt_daemon.store import catalog as cat
+from ckpt_daemon.store import foreign
 from ckpt_daemon.termtext import inert
 
 SNAPSHOT_MANIFEST = "snapshot.json"

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Callable, TypeVar
 import yaml
 
 if TYPE_CHECKING:
-    from ckpt_daemon import catalog as cat
+    from ckpt_daemon.store import catalog as cat
 
 T = TypeVar("T")
 
@@ -264,7 +264,7 @@ def write_manifest(folder: Path, m: dict, sealed: bool = True) -> None:
     """Write `m` as the manifest.json of a native checkpoint folder: sealed with its own digest as every
     writer of ours seals it (what someone who rewrites a manifest on purpose can do too), or, with
     sealed=False, without one, as versions before the seal wrote it."""
-    from ckpt_daemon import manifest as mf
+    from ckpt_daemon.store import manifest as mf
 
     m = {k: v for k, v in m.items() if k != mf.SEAL}
     (Path(folder) / mf.MANIFEST).write_bytes(mf.dumps_manifest(m, "sha256") if sealed else json.dumps(m).encode())
@@ -289,7 +289,7 @@ def hf_folder(root: Path, step: int, complete: bool = True, state: dict | None =
 def single_file(root: Path, name: str) -> Path:
     import torch
 
-    from ckpt_daemon import catalog as cat
+    from ckpt_daemon.store import catalog as cat
 
     p = root / name
     m = cat.match_name(name, [cat.compile_pattern(x) for x in PATTERNS])
@@ -449,8 +449,8 @@ FOREIGN_PATTERNS = ["checkpoint-{step}", "epoch={epoch}-step={step}.ckpt", "mode
 
 def record_all(root: Path, patterns: list[str] = FOREIGN_PATTERNS) -> None:
     """Record every valid foreign checkpoint of `root` as the daemon does once it has settled (an hour later)."""
-    from ckpt_daemon import catalog as cat
-    from ckpt_daemon import foreign
+    from ckpt_daemon.store import catalog as cat
+    from ckpt_daemon.store import foreign
 
     for e in cat.scan(root, patterns, now=time.time() + 3600).entries:
         if e.layout != "native" and e.valid and not e.recorded:
@@ -519,7 +519,7 @@ FAST_RESTART = {"initial_backoff_s": 0.2, "max_backoff_s": 1.0, "max_crashes": 2
 
 
 def newest(root: Path, patterns) -> cat.Entry:
-    from ckpt_daemon import catalog as cat
+    from ckpt_daemon.store import catalog as cat
 
     return cat.scan(root, patterns).newest_valid()
 

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from ckpt_daemon import catalog as cat
 from ckpt_daemon import runtime
+from ckpt_daemon.store import catalog as cat
 from tests.helpers import BYO, FAST_RESTART, PY, Daemon, kill_right_after_a_save, newest, run_py, wait_for
 
 

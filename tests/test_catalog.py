@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ckpt_daemon import catalog as cat
+from ckpt_daemon.store import catalog as cat
 from tests.helpers import PATTERNS, hf_folder, native, run_py, single_file, write_config
 
 
@@ -146,8 +146,8 @@ def test_list_cli_json_and_table(tmp_path):
 def synthetic_native(root: Path, step: int) -> Path:
     """A small native checkpoint (a manifest and one safetensors file), without torch's save path."""
     from ckpt_daemon.fsutil import digest_record, new_hasher
-    from ckpt_daemon.manifest import build_manifest
-    from ckpt_daemon.stio import header_for
+    from ckpt_daemon.store.manifest import build_manifest
+    from ckpt_daemon.store.safetensors_file import header_for
 
     st = header_for({"w": torch.zeros(4)}) + bytes(16)
     h = new_hasher("blake3")

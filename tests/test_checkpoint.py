@@ -14,10 +14,10 @@ import pytest
 import safetensors.torch
 import torch
 
-from ckpt_daemon import catalog as cat
 from ckpt_daemon import checkpoint as ck
 from ckpt_daemon.checkpoint import CheckpointManager, read_checkpoint
 from ckpt_daemon.errors import CheckpointError, NoValidCheckpoint
+from ckpt_daemon.store import catalog as cat
 from tests.helpers import make_state, same_nested, same_state, write_manifest
 
 
@@ -51,11 +51,11 @@ def test_interop_with_the_safetensors_package(tmp_path):
     theirs = safetensors.torch.load_file(tmp_path / "checkpoint-1" / "model.safetensors")
     assert all(torch.equal(theirs[k], v) for k, v in m.state_dict().items())
     # and we read files the package wrote
-    from ckpt_daemon import stio
+    from ckpt_daemon.store import safetensors_file as stfile
 
     safetensors.torch.save_file({"a": torch.arange(10, dtype=torch.bfloat16), "b": torch.ones(2, 3)},
                                 tmp_path / "x.safetensors")
-    ours, _ = stio.load_safetensors(tmp_path / "x.safetensors")
+    ours, _ = stfile.load_safetensors(tmp_path / "x.safetensors")
     assert torch.equal(ours["a"], torch.arange(10, dtype=torch.bfloat16)) and torch.equal(ours["b"], torch.ones(2, 3))
 
 
@@ -79,7 +79,7 @@ def test_async_save_error_surfaces_at_next_call(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("simulated writer bug")
 
-    monkeypatch.setattr(ck.stio, "write_safetensors", boom)
+    monkeypatch.setattr(ck.stfile, "write_safetensors", boom)
     mgr.save(1, model=m, optimizer=opt, blocking=False)
     with pytest.raises(CheckpointError, match="simulated writer bug"):
         mgr.save(2, model=m, optimizer=opt, blocking=False)

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from ckpt_daemon import catalog as cat
 from ckpt_daemon.config import load_config
+from ckpt_daemon.store import catalog as cat
 from maintenance.cleanup import run_cleanup
 from tests.helpers import PY, env_for_children, hf_folder, native, run_py, single_file, write_config
 

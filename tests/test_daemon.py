@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ckpt_daemon import catalog as cat
 from ckpt_daemon.config import RestartPolicy
+from ckpt_daemon.store import catalog as cat
 from daemon.jobs import missed
 from daemon.notify import Notifier
 from daemon.supervisor import CrashPolicy, choose_resume, expand_command
@@ -119,7 +119,7 @@ def test_notify_protocol_against_our_own_socket(tmp_path, monkeypatch):
 def test_the_daemon_never_imports_torch():
     code = ("import sys; import daemon.cli, daemon.core, daemon.supervisor, daemon.jobs, daemon.watch, "
             "maintenance.cleanup, maintenance.snapshot, maintenance.restore, ckpt_daemon, ckpt_daemon.config, "
-            "ckpt_daemon.catalog, ckpt_daemon.runtime, ckpt_daemon.manifest, ckpt_daemon.fsutil, ckpt_daemon.logs; "
+            "ckpt_daemon.store.catalog, ckpt_daemon.runtime, ckpt_daemon.store.manifest, ckpt_daemon.fsutil, ckpt_daemon.logs; "
             "assert 'torch' not in sys.modules, 'torch was imported'; print('ok')")
     assert run_py(["-c", code], check=True).stdout.strip() == "ok"
 

@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ckpt_daemon import catalog as cat
 from ckpt_daemon import runtime
 from ckpt_daemon.config import load_config
+from ckpt_daemon.store import catalog as cat
 from maintenance.cleanup import build_report, run_cleanup
 from tests.helpers import PY, env_for_children, fake_native, native, run_py, seed_history, write_config
 

@@ -13,9 +13,10 @@ import pytest
 import torch
 
 from ckpt_daemon import device as dv
-from ckpt_daemon import devio, stio
+from ckpt_daemon import devio
 from ckpt_daemon.errors import EXIT_USAGE
 from ckpt_daemon.fsutil import new_hasher
+from ckpt_daemon.store import safetensors_file as stfile
 from tests.helpers import resident_bytes
 
 NO_GPU = dv.Present(cuda=False, gpus=0, bf16=False, cpu_fp16_scaler=True)
@@ -236,7 +237,6 @@ def test_a_reservation_that_cannot_fit_fails_at_the_first_save_with_the_regions_
 def test_populate_falls_back_to_touching_where_the_kernel_lacks_it(tmp_path, monkeypatch):
     import mmap
 
-    from ckpt_daemon import stio as stio_mod
 
     path = tmp_path / "f"
     with open(path, "wb") as f:
@@ -245,7 +245,7 @@ def test_populate_falls_back_to_touching_where_the_kernel_lacks_it(tmp_path, mon
     try:
         mm = mmap.mmap(fd, 8 << 20, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         mm[100:104] = b"abcd"
-        monkeypatch.setattr(stio_mod, "_libc_madvise", lambda: None)
+        monkeypatch.setattr(stfile, "_libc_madvise", lambda: None)
         assert devio.populate(mm) == "touch"
         assert mm[100:104] == b"abcd"  # nothing written
         assert resident_bytes(devio.address_of(mm)) >= (8 << 20) - 4096
@@ -299,7 +299,7 @@ def test_a_flipped_byte_or_a_short_file_fails_the_device_load_naming_the_file(tm
     (tmp_path / "f1").write_bytes(bytes(raw))
     with pytest.raises(devio.ReadError, match=r"f1 fails its blake3 checksum"):
         devio.read_to_device(jobs, "cpu", piece=65536)
-    with pytest.raises(stio.ChecksumMismatch):  # what read_checkpoint turns into "is corrupt"
+    with pytest.raises(stfile.ChecksumMismatch):  # what read_checkpoint turns into "is corrupt"
         devio.read_to_device(jobs, "cpu", piece=65536)
     (tmp_path / "f1").write_bytes(data["f1"][:123_456])
     with pytest.raises(devio.ReadError, match=r"f1 could not be read: it ended at 123456 bytes"):
@@ -314,10 +314,10 @@ def test_parse_safetensors_on_a_loaded_buffer_matches_the_host_parse(tmp_path):
     tensors = {"odd": torch.arange(7, dtype=torch.uint8), "w": torch.randn(3, 5), "h": torch.randn(4).half(),
                "step": torch.tensor(3.0), "empty": torch.empty(0, 4)}
     with open(tmp_path / "x.safetensors", "wb") as fh:
-        stio.write_safetensors(fh, tensors, {"k": "v"})
+        stfile.write_safetensors(fh, tensors, {"k": "v"})
     raw = (tmp_path / "x.safetensors").read_bytes()
-    host, meta = stio.parse_safetensors(bytearray(raw))
-    dev, meta2 = stio.parse_safetensors(torch.frombuffer(bytearray(raw), dtype=torch.uint8).clone())
+    host, meta = stfile.parse_safetensors(bytearray(raw))
+    dev, meta2 = stfile.parse_safetensors(torch.frombuffer(bytearray(raw), dtype=torch.uint8).clone())
     assert meta == meta2 == {"k": "v"} and list(host) == list(dev)
     for k in tensors:  # "w" follows 7 bytes: not 4-aligned in the buffer, copied to an aligned one
         assert dev[k].dtype == tensors[k].dtype and torch.equal(dev[k], tensors[k]), k

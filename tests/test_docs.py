@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ckpt_daemon import catalog as cat
 from ckpt_daemon.config import parse_config
+from ckpt_daemon.store import catalog as cat
 from tests.helpers import REPO, Daemon, deep_merge, run_py, wait_for
 from tests.snippets import blocks, doc_block, doc_files, find_block
 

@@ -14,9 +14,9 @@ import pytest
 import safetensors.torch
 import torch
 
-from ckpt_daemon import catalog as cat
 from ckpt_daemon.checkpoint import load_weights
 from ckpt_daemon.config import load_config
+from ckpt_daemon.store import catalog as cat
 from maintenance import compress, consolidate
 from tests.helpers import run_py, same_nested, write_config
 

@@ -14,11 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from ckpt_daemon import catalog as cat
 from ckpt_daemon import checkpoint as ck
-from ckpt_daemon import fsutil, stio, verifyonce
+from ckpt_daemon import fsutil
 from ckpt_daemon.checkpoint import CheckpointManager, read_checkpoint
 from ckpt_daemon.errors import CheckpointError
+from ckpt_daemon.store import catalog as cat
+from ckpt_daemon.store import safetensors_file as stfile
+from ckpt_daemon.store import verifyonce
 from tests.helpers import write_manifest
 
 PATTERNS = ["checkpoint-{step}"]
@@ -154,13 +156,13 @@ def test_without_the_blake3_package_it_writes_sha256_and_says_so_once(tmp_path, 
 
 def _count_hashing(monkeypatch) -> list:
     calls = []
-    real = stio.new_hasher
+    real = stfile.new_hasher
 
     def counting(algo, threads=True):
         calls.append(algo)
         return real(algo, threads)
 
-    monkeypatch.setattr(stio, "new_hasher", counting)
+    monkeypatch.setattr(stfile, "new_hasher", counting)
     return calls
 
 
@@ -219,7 +221,7 @@ def test_verify_once_record_is_ignored_when_stale_for_another_folder_or_malforme
 
 
 def test_foreign_sidecars_in_sha256_and_blake3_both_verify(tmp_path, monkeypatch):
-    from ckpt_daemon import foreign
+    from ckpt_daemon.store import foreign
 
     for algo in ("sha256", "blake3"):
         monkeypatch.setenv(fsutil.CHECKSUM_ENV, algo)
@@ -241,7 +243,7 @@ def test_foreign_sidecars_in_sha256_and_blake3_both_verify(tmp_path, monkeypatch
 
 
 # The load reads each file in pieces (madvise(MADV_POPULATE_READ) of 16 MiB at a time, two files in
-# flight) and hashes each piece as soon as it is in memory (stio.verify_buffers). Small pieces here, so
+# flight) and hashes each piece as soon as it is in memory (stfile.verify_buffers). Small pieces here, so
 # that the small test files take many; "touch" is the path for kernels without MADV_POPULATE_READ.
 
 @pytest.fixture
@@ -258,13 +260,13 @@ def bigger(tmp_path, monkeypatch):
 
 def _count_populate(monkeypatch, mode: str) -> list:
     calls = []
-    real = stio._populate
+    real = stfile._populate
 
     def populate(addr, length):
         calls.append(length)
         return errno.EINVAL if mode == "touch" else real(addr, length)
 
-    monkeypatch.setattr(stio, "_populate", populate)
+    monkeypatch.setattr(stfile, "_populate", populate)
     return calls
 
 
@@ -272,7 +274,7 @@ def _count_populate(monkeypatch, mode: str) -> list:
 def test_pieces_are_read_and_hashed_in_order_and_a_flip_in_any_piece_is_caught(bigger, monkeypatch, mode):
     path, m = bigger
     piece = 8192
-    monkeypatch.setattr(stio, "POPULATE_CHUNK", piece)
+    monkeypatch.setattr(stfile, "POPULATE_CHUNK", piece)
     calls = _count_populate(monkeypatch, mode)
     files = _manifest(path)["files"]
     big = [n for n in files if files[n]["size"] > 4 * piece]
@@ -294,15 +296,15 @@ def test_pieces_are_read_and_hashed_in_order_and_a_flip_in_any_piece_is_caught(b
 
 def test_a_read_error_in_the_middle_of_a_file_is_reported_never_hashed_past(bigger, monkeypatch):
     path, _ = bigger
-    monkeypatch.setattr(stio, "POPULATE_CHUNK", 8192)
-    real = stio._populate
+    monkeypatch.setattr(stfile, "POPULATE_CHUNK", 8192)
+    real = stfile._populate
     seen = []
 
     def failing(addr, length):
         seen.append(length)
         return errno.EIO if len(seen) == 3 else real(addr, length)
 
-    monkeypatch.setattr(stio, "_populate", failing)
+    monkeypatch.setattr(stfile, "_populate", failing)
     with pytest.raises(CheckpointError, match="corrupt: .* could not be read .*Input/output error"):
         read_checkpoint(path)
 
@@ -313,18 +315,18 @@ def test_a_file_that_shrinks_after_it_was_opened_is_an_error_not_a_crash(tmp_pat
     p.write_bytes(data)
     h = fsutil.new_hasher("blake3")
     h.update(data)
-    buf, st = stio.map_file(p, len(data))
-    if stio._populate(stio._address(buf), 4096) != 0:
+    buf, st = stfile.map_file(p, len(data))
+    if stfile._populate(stfile._address(buf), 4096) != 0:
         pytest.skip("no MADV_POPULATE_READ here (Linux < 5.14): the pages are touched, as before")
     with open(p, "r+b") as f:
         f.truncate(10_000)  # the mapping now reaches past the end of the file
-    with pytest.raises(stio.ChecksumMismatch, match="x.bin could not be read"):
-        stio.verify_buffers([stio.VerifyJob("x.bin", buf, "blake3", h.hexdigest())])
+    with pytest.raises(stfile.ChecksumMismatch, match="x.bin could not be read"):
+        stfile.verify_buffers([stfile.VerifyJob("x.bin", buf, "blake3", h.hexdigest())])
 
 
 @pytest.mark.parametrize("lanes", [1, 2, 3])
 def test_verify_buffers_checks_every_file_and_names_the_bad_one(tmp_path, lanes, monkeypatch):
-    monkeypatch.setattr(stio, "POPULATE_CHUNK", 4096)
+    monkeypatch.setattr(stfile, "POPULATE_CHUNK", 4096)
     jobs, raw = [], {}
     for i, size in enumerate([0, 100, 4096, 50_000, 70_001]):
         p = tmp_path / f"f{i}"
@@ -335,13 +337,13 @@ def test_verify_buffers_checks_every_file_and_names_the_bad_one(tmp_path, lanes,
         jobs.append((p, "sha256" if i % 2 else "blake3", h.hexdigest()))
 
     def run():
-        stio.verify_buffers([stio.VerifyJob(p.name, stio.map_file(p, p.stat().st_size)[0], a, d) for p, a, d in jobs],
+        stfile.verify_buffers([stfile.VerifyJob(p.name, stfile.map_file(p, p.stat().st_size)[0], a, d) for p, a, d in jobs],
                             lanes=lanes)
 
     run()
     for p, algo, _ in jobs[1:]:
         old = _flip(p, len(raw[p.name]) - 1)
-        with pytest.raises(stio.ChecksumMismatch, match=f"{p.name} fails its {algo} checksum"):
+        with pytest.raises(stfile.ChecksumMismatch, match=f"{p.name} fails its {algo} checksum"):
             run()
         p.write_bytes(old)
     run()

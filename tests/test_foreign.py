@@ -12,9 +12,10 @@ from pathlib import Path
 
 import torch
 
-from ckpt_daemon import catalog as cat
-from ckpt_daemon import foreign, runtime
+from ckpt_daemon import runtime
 from ckpt_daemon.config import load_config
+from ckpt_daemon.store import catalog as cat
+from ckpt_daemon.store import foreign
 from daemon.supervisor import choose_resume
 from maintenance import retention
 from maintenance.cleanup import run_cleanup

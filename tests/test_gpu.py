@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from ckpt_daemon import catalog as cat
 from ckpt_daemon import memory as mem
 from ckpt_daemon.runtime import kill_tree, read_heartbeat
+from ckpt_daemon.store import catalog as cat
 from tests.helpers import (
     PY,
     Daemon,

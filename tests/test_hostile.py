@@ -20,8 +20,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ckpt_daemon import catalog as cat
-from ckpt_daemon import foreign
+from ckpt_daemon.store import catalog as cat
+from ckpt_daemon.store import foreign
 from daemon.supervisor import choose_resume, choose_resume_all
 from tests.helpers import (
     PY,
@@ -154,14 +154,14 @@ def test_an_unreadable_folder_is_reported_as_such_when_not_root():
     native(tmp_path / "checkpoints", [10, 20])
     locked = tmp_path / "checkpoints" / "checkpoint-20"
     locked.chmod(0o000)
-    code = ("import json, sys; from ckpt_daemon import catalog as cat; "
+    code = ("import json, sys; from ckpt_daemon.store import catalog as cat; "
             f"c = cat.scan({str(tmp_path / 'checkpoints')!r}, ['checkpoint-{{step}}'], verify=True); "
             "print(json.dumps([(e.name, e.status, e.reason) for e in c.entries]))")
     if os.geteuid() != 0:
         pytest.skip("needs root to run the scan as another user")
     # import first (the interpreter lives under /root), then become `nobody` for the scan itself
     r = subprocess.run([PY, "-c",
-                        f"import os, json, ckpt_daemon.catalog; os.setgid(65534); os.setuid(65534); exec({code!r})"],
+                        f"import os, json, ckpt_daemon.store.catalog; os.setgid(65534); os.setuid(65534); exec({code!r})"],
                        capture_output=True, text=True, env=env_for_children(), timeout=60)
     locked.chmod(0o755)
     shutil.rmtree(tmp_path)

@@ -21,9 +21,9 @@ import pytest
 import torch
 
 import ckpt_daemon
-from ckpt_daemon import catalog
 from ckpt_daemon.integrations import common
 from ckpt_daemon.integrations.common import Heartbeat, StopRequest, resume_path
+from ckpt_daemon.store import catalog
 from tests.helpers import PY, env_for_children, write_config
 
 HF_SCRIPT = """

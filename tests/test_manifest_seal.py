@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from ckpt_daemon import catalog as cat
-from ckpt_daemon import foreign
-from ckpt_daemon import manifest as mf
 from ckpt_daemon.checkpoint import CheckpointManager, read_checkpoint
+from ckpt_daemon.store import catalog as cat
+from ckpt_daemon.store import foreign
+from ckpt_daemon.store import manifest as mf
 from daemon.supervisor import choose_resume_all
 from tests.helpers import flip_byte, hf_folder, make_state, record_all, run_py, write_config, write_manifest
 
@@ -133,7 +133,7 @@ def test_an_old_manifest_without_a_seal_still_loads_and_says_so_once(tmp_path, c
         assert mf.SEAL in m  # what this version writes
         write_manifest(root / name, m, sealed=False)  # what versions before the seal wrote
     mf._unsealed_said.clear()
-    with caplog.at_level(logging.INFO, logger="ckpt_daemon.manifest"):
+    with caplog.at_level(logging.INFO, logger="ckpt_daemon.store.manifest"):
         c = cat.scan(root, PATTERNS, verify=True, best_metric="val_loss")
         assert [e.status for e in c.entries] == ["complete", "complete"]
         assert c.pointer("best").name == "checkpoint-10"

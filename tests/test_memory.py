@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from ckpt_daemon import catalog as cat
-from ckpt_daemon import manifest as mf
 from ckpt_daemon import memory as mem
 from ckpt_daemon.checkpoint import CheckpointManager, read_checkpoint
 from ckpt_daemon.config import RestartPolicy
 from ckpt_daemon.memsave import read_slot_state
+from ckpt_daemon.store import catalog as cat
+from ckpt_daemon.store import manifest as mf
 from daemon.supervisor import CrashPolicy
 from tests.helpers import (
     PY,

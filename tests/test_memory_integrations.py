@@ -18,13 +18,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from ckpt_daemon import catalog as cat
-from ckpt_daemon import (
-    foreign,
-    memsave,  # noqa: F401  (imported before any test patches fsutil.free_bytes it binds)
-)
 from ckpt_daemon import memory as mem
+from ckpt_daemon import memsave  # noqa: F401  (imported before any test patches fsutil.free_bytes it binds)
 from ckpt_daemon.integrations import common
+from ckpt_daemon.store import catalog as cat
+from ckpt_daemon.store import foreign
 from tests.helpers import PY, Daemon, resident_bytes, wait_for
 
 BYO = Path(__file__).parent / "byo"

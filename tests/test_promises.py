@@ -21,10 +21,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from ckpt_daemon import catalog as cat
 from ckpt_daemon import runtime
 from ckpt_daemon.checkpoint import CheckpointManager
 from ckpt_daemon.config import load_config
+from ckpt_daemon.store import catalog as cat
 from maintenance.snapshot import take_snapshot
 from tests.helpers import PY, Daemon, env_for_children, fake_native, native, run_py, write_config
 

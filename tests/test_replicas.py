@@ -17,8 +17,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ckpt_daemon import catalog as cat
-from ckpt_daemon import manifest as mf
 from ckpt_daemon import runtime
 from ckpt_daemon.config import load_config, parse_config
 from ckpt_daemon.errors import ConfigError
@@ -28,6 +26,8 @@ from ckpt_daemon.remote import format as fmt
 from ckpt_daemon.remote.errors import LocalChanged, RemoteAuthError, RemoteIntegrityError, RemoteSetupError
 from ckpt_daemon.remote.store import FolderStore, Throttle, open_store
 from ckpt_daemon.remote.target import Credentials, CredentialsError, parse_url, read_credentials_file
+from ckpt_daemon.store import catalog as cat
+from ckpt_daemon.store import manifest as mf
 from daemon import replicaview
 from daemon.replicate import TargetWorker, lag, select
 from tests.helpers import PY, Daemon, Receiver, deep_merge, run_py

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ckpt_daemon import catalog as cat
 from ckpt_daemon import runtime
+from ckpt_daemon.store import catalog as cat
 from tests.helpers import PY, Daemon
 
 SLOW_WRITER = r"""
@@ -164,7 +164,7 @@ def test_every_kind_cut_short_anywhere_is_reported_and_never_chosen(tmp_path_fac
 @given(kind=st.sampled_from(sorted(KINDS)), where=st.floats(0, 1, exclude_max=True), mask=st.integers(1, 255))
 def test_every_kind_with_a_byte_rotten_anywhere_after_it_settled_is_corrupt_and_never_chosen(
         tmp_path_factory, kind, where, mask):
-    from ckpt_daemon import foreign
+    from ckpt_daemon.store import foreign
 
     root = tmp_path_factory.mktemp("flip")
     good, newest = two_saves(root, kind)

@@ -105,7 +105,7 @@ def test_properties(steps, tier_spec, data):
     # protections as cleanup computes them, from a catalog: the newest valid one among them
     from pathlib import Path
 
-    from ckpt_daemon.catalog import Catalog, Entry
+    from ckpt_daemon.store.catalog import Catalog, Entry
     from maintenance.retention import protections
 
     catalog = Catalog(Path("/x"),
@@ -164,7 +164,7 @@ def test_epoch_end_protection_keeps_at_most_the_newest_max_epoch_ends():
     retention could never delete anything. The cap keeps the newest K epoch ends; the rest follow the tiers."""
     from pathlib import Path
 
-    from ckpt_daemon.catalog import Catalog, Entry
+    from ckpt_daemon.store.catalog import Catalog, Entry
     from maintenance.retention import protections
 
     entries = []

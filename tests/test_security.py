@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ckpt_daemon import catalog as cat
 from ckpt_daemon.config import ConfigError, load_config
+from ckpt_daemon.store import catalog as cat
 from tests.helpers import PY, env_for_children, native, run_py, write_config, write_manifest
 
 

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from ckpt_daemon import catalog as cat
 from ckpt_daemon.config import load_config
 from ckpt_daemon.errors import DiskFullError
+from ckpt_daemon.store import catalog as cat
 from maintenance.snapshot import plan_calendar, take_snapshot
 from tests.helpers import native, run_py, write_config
 

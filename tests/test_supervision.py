@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from ckpt_daemon import catalog as cat
+from ckpt_daemon.store import catalog as cat
 from tests.helpers import PY, Daemon, fake_native, run_py
 
 SLEEPER = [PY, "-c", "import time; time.sleep(3600)"]

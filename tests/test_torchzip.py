@@ -1,4 +1,4 @@
-"""ckpt_daemon.torchzip: what the daemon learns from other trainers' torch.save files, without torch,
+"""ckpt_daemon.store.torchzip: what the daemon learns from other trainers' torch.save files, without torch,
 without unpickling, and without being hurt by a hostile file.
 
 Real files are written with torch.save (and a real Lightning run); hostile ones are built byte by byte.
@@ -30,8 +30,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ckpt_daemon import torchzip as tz
-from ckpt_daemon.torchzip import (
+from ckpt_daemon.store import torchzip as tz
+from ckpt_daemon.store.torchzip import (
     Limits,
     TensorRef,
     TorchFileInfo,
@@ -817,7 +817,7 @@ def test_deeply_nested_tuple_key_cannot_crash_the_process(tmp_path):
     # Plain pickle.loads of this crashes CPython (hashing the key overflows the C stack): run it in a
     # child so a regression shows as a failed test, not a dead test run.
     p = archive(tmp_path / "tuple.pt", b"\x80\x02}" + b")" + b"\x85" * 1_000_000 + b"K\x01s.")
-    code = ("import sys; from ckpt_daemon.torchzip import check; print(check(sys.argv[1]))")
+    code = ("import sys; from ckpt_daemon.store.torchzip import check; print(check(sys.argv[1]))")
     out = subprocess.run([sys.executable, "-c", code, str(p)], cwd=REPO, capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0, out.stderr
@@ -866,7 +866,7 @@ def test_limits_are_enforced(tmp_path):
 
 def test_the_module_imports_neither_torch_nor_numpy(tmp_path):
     p = save({"w": torch.ones(2), "rng": np.random.get_state()}, tmp_path / "x.pt")
-    code = ("import sys; from ckpt_daemon import torchzip as t; i = t.inspect(sys.argv[1]); "
+    code = ("import sys; from ckpt_daemon.store import torchzip as t; i = t.inspect(sys.argv[1]); "
             "assert t.check(sys.argv[1], verify_crc=True) is None; "
             "print(i.n_tensors, 'torch' in sys.modules, 'numpy' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code, str(p)], cwd=REPO, capture_output=True, text=True,
@@ -878,7 +878,7 @@ def test_the_module_imports_neither_torch_nor_numpy(tmp_path):
 def check_in_a_process(path: Path) -> dict:
     """torchzip.check run in a fresh process: its reason, its CPU seconds and its peak RSS."""
     # VmHWM, not ru_maxrss: the latter keeps the peak of the forking test process across exec
-    code = ("import json, re, sys, time; from ckpt_daemon import torchzip as t; "
+    code = ("import json, re, sys, time; from ckpt_daemon.store import torchzip as t; "
             "c = time.process_time(); r = t.check(sys.argv[1], verify_crc=True); "
             "hwm = int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1)); "
             "print(json.dumps({'reason': r, 'cpu': time.process_time() - c, 'rss_mb': hwm / 1024}))")
@@ -909,7 +909,7 @@ def test_a_zip_of_a_million_empty_entries_is_refused_at_the_cost_of_a_real_check
 
 
 def test_a_check_that_uses_up_its_cpu_time_is_a_timeout_not_damage(tmp_path):
-    from ckpt_daemon import foreign
+    from ckpt_daemon.store import foreign
 
     p = save({"hist": [float(i) for i in range(200_000)], "step": 1}, tmp_path / "model_step_1.pt")
     assert check(p) is None

@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from ckpt_daemon import catalog as cat
 from ckpt_daemon.runtime import kill_tree
+from ckpt_daemon.store import catalog as cat
 from tests.helpers import PY, env_for_children, read_losses, run_py, start, trainer_cmd, wait_for_step, write_config
 
 STEPS = 40

@@ -17,7 +17,7 @@ import psutil
 import pytest
 import torch
 
-from ckpt_daemon import foreign
+from ckpt_daemon.store import foreign
 from tests.helpers import Daemon, wait_for
 
 SLEEPER = ["sleep", "600"]
@@ -207,7 +207,7 @@ def test_a_folder_written_slowly_is_in_progress_until_it_settles(tmp_path):
 @pytest.mark.slow
 def test_a_rescan_lists_the_folder_and_never_parses_a_file(tmp_path, monkeypatch):
     """The periodic rescan runs on the scheduler: it must never wait on a check of a (hostile) file."""
-    from ckpt_daemon import torchzip
+    from ckpt_daemon.store import torchzip
     from tests.helpers import empty_entries_zip
 
     w, root = watcher_for(tmp_path)

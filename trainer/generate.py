@@ -16,11 +16,11 @@ from typing import Optional
 
 import torch
 
-from ckpt_daemon import catalog as cat
 from ckpt_daemon.checkpoint import gpt_from_weights, load_weights
 from ckpt_daemon.errors import CheckpointError, CkptError, UsageError, crash_summary
 from ckpt_daemon.fsutil import file_digest_problem, read_json_file
 from ckpt_daemon.gpt import GPT
+from ckpt_daemon.store import catalog as cat
 
 # Any one of these in the folder means it carries its tokenizer.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "vocab.txt", "spiece.model")

@@ -108,7 +108,7 @@ def newest_valid(root: str | os.PathLike, patterns: Iterable[str]) -> Optional[P
     Same answer as `scan(root, patterns, verify=True).newest_valid()`, but only the candidates from
     the newest down are checksummed, until one passes: a folder of a hundred multi-GB checkpoints
     is not read end to end at every start."""
-    from ckpt_daemon import catalog
+    from ckpt_daemon.store import catalog
 
     verify_entry = getattr(catalog, "verify_entry", None)
     if verify_entry is None:  # the one-pass way, should the catalog stop offering per-entry checks
@@ -382,8 +382,8 @@ def daemon_choice(patterns: Optional[Iterable[str]] = None) -> Optional[tuple[Op
 def step_of(path: str | os.PathLike, patterns: Optional[Iterable[str]] = None) -> Optional[int]:
     """The training step a checkpoint is at: `trainer_state.json` of a Hugging Face folder, else the
     `{step}` field of its name."""
-    from ckpt_daemon.catalog import compile_pattern, match_name
     from ckpt_daemon.fsutil import read_json_file
+    from ckpt_daemon.store.catalog import compile_pattern, match_name
 
     p = Path(path)
     state = read_json_file(p / "trainer_state.json", 64 << 20) if p.is_dir() else None

@@ -53,9 +53,9 @@ def transfer_for(r, cancel=None):
 def restore_from(cfg, url: str, which: str = "latest", note: Callable[[str], None] = lambda s: None) -> tuple[Optional[str], list[str]]:
     """`ckpt-daemon restore --from URL WHICH`: download, verify and commit one replica into checkpoints.dir
     (never over an existing name). Returns (the restored name or None, messages)."""
-    from ckpt_daemon import catalog as cat
     from ckpt_daemon.errors import CheckpointError, UsageError
     from ckpt_daemon.remote import download, listing
+    from ckpt_daemon.store import catalog as cat
 
     r = replica_for(cfg, url)
     store = store_for(cfg, r, warn=note)

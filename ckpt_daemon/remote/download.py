@@ -18,9 +18,7 @@ import re
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
-from ckpt_daemon import catalog as cat
-from ckpt_daemon import foreign, runtime
-from ckpt_daemon import manifest as mf
+from ckpt_daemon import runtime
 from ckpt_daemon.fsutil import fsync_dir, record_checksum
 from ckpt_daemon.remote.errors import (
     Cancelled,
@@ -33,6 +31,9 @@ from ckpt_daemon.remote.errors import (
 from ckpt_daemon.remote.listing import RemoteCatalog, Replica
 from ckpt_daemon.remote.store import Store
 from ckpt_daemon.remote.upload import Transfer
+from ckpt_daemon.store import catalog as cat
+from ckpt_daemon.store import foreign
+from ckpt_daemon.store import manifest as mf
 
 RANGE = 8 << 20
 

@@ -19,8 +19,8 @@ import json
 import re
 from typing import Any, Optional
 
-from ckpt_daemon import manifest as mf
 from ckpt_daemon.fsutil import loads_json_bounded, record_checksum
+from ckpt_daemon.store import manifest as mf
 
 FORMAT = "ckpt-daemon-replica/1"
 MARKER = "replica.json"

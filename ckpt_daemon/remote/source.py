@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from ckpt_daemon import catalog as cat
-from ckpt_daemon import foreign
-from ckpt_daemon import manifest as mf
 from ckpt_daemon.fsutil import digest_record, read_bytes_bounded, record_checksum
+from ckpt_daemon.store import catalog as cat
+from ckpt_daemon.store import foreign
+from ckpt_daemon.store import manifest as mf
 
 
 class NotReady(ValueError):

@@ -28,8 +28,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from ckpt_daemon import catalog as cat  # noqa: E402
 from ckpt_daemon.runtime import kill_tree, read_heartbeat  # noqa: E402
+from ckpt_daemon.store import catalog as cat  # noqa: E402
 
 PATTERN = ["checkpoint-{step}"]
 VALID_TIERS = [

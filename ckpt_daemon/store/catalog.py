@@ -39,11 +39,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional
 
-from ckpt_daemon import foreign, fsutil, runtime
-from ckpt_daemon import manifest as mf
+from ckpt_daemon import fsutil, runtime
 from ckpt_daemon.errors import UnsafePathError
 from ckpt_daemon.fsutil import atomic_write_bytes, loads_json_bounded, tree_stats
 from ckpt_daemon.runtime import PINS_DIR, RUNTIME_DIR, STATE_DIR  # noqa: F401  (re-exported)
+from ckpt_daemon.store import foreign
+from ckpt_daemon.store import manifest as mf
 
 POINTERS = ("latest", "best")
 HF_TEMP_PREFIX = "tmp-"  # Hugging Face's tmp-checkpoint-<step> (and 0.1's .tmp- folders)

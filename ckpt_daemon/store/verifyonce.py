@@ -61,7 +61,7 @@ def record(folder: Path, stats: dict[str, dict], now: Optional[float] = None) ->
 def verify_and_record(entry: Any, verify=None) -> Any:
     """`catalog.verify_entry` for the resume choice, recording a valid native checkpoint's file stats
     (taken before hashing, unchanged after) so that the trainer's load need not hash it again."""
-    from ckpt_daemon import catalog as cat
+    from ckpt_daemon.store import catalog as cat
 
     verify = verify or cat.verify_entry
     before = folder_stats(entry.path) if entry.layout == "native" else None

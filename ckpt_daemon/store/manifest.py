@@ -56,7 +56,7 @@ ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 
 
 SEAL = "self_digest"  # a manifest's (or sidecar's) checksum of its own bytes
 _SEAL_PLACEHOLDER = b"0" * 64
-_log = logging.getLogger("ckpt_daemon.manifest")
+_log = logging.getLogger("ckpt_daemon.store.manifest")
 _unsealed_said: set[str] = set()
 
 

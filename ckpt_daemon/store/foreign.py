@@ -22,8 +22,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from ckpt_daemon import manifest as mf
-from ckpt_daemon import runtime, torchzip
+from ckpt_daemon import runtime
 from ckpt_daemon.fsutil import (
     atomic_write_bytes,
     default_checksum,
@@ -33,6 +32,8 @@ from ckpt_daemon.fsutil import (
     read_bytes_bounded,
     record_checksum,
 )
+from ckpt_daemon.store import manifest as mf
+from ckpt_daemon.store import torchzip
 
 SIDECARS = "manifests"
 SIDECAR_FORMAT = "ckpt-daemon-sidecar/1"
