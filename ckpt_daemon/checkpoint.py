@@ -18,6 +18,7 @@ Loading reads each file once, checking size and checksum in the same pass, and n
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -49,6 +50,7 @@ from ckpt_daemon.fsutil import (
 )
 from ckpt_daemon.store import catalog as cat
 from ckpt_daemon.store import manifest as mf
+from ckpt_daemon.store import resolve as rs
 from ckpt_daemon.store import safetensors_file as stfile
 from ckpt_daemon.store import verifyonce
 from ckpt_daemon.store.statecodec import decode, encode
@@ -433,55 +435,31 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------------------------ load
     def candidates(self, which: str | int | os.PathLike = "latest") -> tuple[list[cat.Entry], list[tuple[str, str]]]:
-        """Native checkpoints to try, best first, for `which` = latest | best | step | path; and the
-        ones passed over with why (found incomplete or corrupt by the quick structural check)."""
-        if isinstance(which, os.PathLike) or (isinstance(which, str) and ("/" in which or which.startswith("."))):
-            p = Path(which).resolve()
-            if p.is_symlink() or p.name in cat.POINTERS:
-                p = p.resolve()
-            root, patterns = p.parent, [NATIVE_PATTERN]
-            c = cat.scan(root, patterns, stats=False)
-            start = c.by_name(p.name)
-            if start is None:
-                if p.is_dir() and (p / mf.MANIFEST).exists():  # a folder not named checkpoint-<step>
-                    status, reason, m = mf.check_native(p, verify=False)
-                    e = cat.Entry(p.name, p, int(m.get("step", 0)), "native", status, reason)
-                    return ([e] if e.valid else []), ([] if e.valid else [(e.name, reason)])
+        """Native checkpoints to try, newest first, for `which` = latest | best | step | path (what it names
+        is store.resolve's rule, the same for every command); and the ones passed over with why (found
+        incomplete or corrupt by the quick structural check, or of a layout CheckpointManager does not load)."""
+        try:
+            w = rs.parse_which(which)
+        except rs.Unresolved:
+            raise NoValidCheckpoint(
+                f"--resume {which!r} is not understood: use latest, best, none, a step number or a path.") from None
+        c = cat.scan(self.dir, self.patterns, stats=False)
+        if isinstance(w, Path):
+            p = w.resolve()  # a path the user gave: `latest`, `best` and other links are followed once
+            if not os.path.lexists(p) or (p.is_dir() and not (p / mf.MANIFEST).exists()
+                                          and c.by_name(p.name) is None):
                 raise NoValidCheckpoint(
                     f"{p} is not a ckpt-daemon checkpoint (a checkpoint-<step> folder with manifest.json). "
-                    "Pass a checkpoint folder, or latest, best or a step number."
-                )
-        else:
-            c = cat.scan(self.dir, self.patterns, stats=False)
-            if which == "latest":
-                # Start at the newest entry of any status and layout, so the ones passed over are reported
-                # (a checkpoint folder that lost its manifest no longer reads as native).
-                start = c.entries[-1] if c.entries else None
-            elif which == "best":
-                start = c.pointer("best") or c.newest_valid()
-            else:
-                try:
-                    step = int(which)
-                except (TypeError, ValueError):
-                    raise NoValidCheckpoint(
-                        f"--resume {which!r} is not understood: use latest, best, none, a step number or a path."
-                    ) from None
-                start = next((e for e in c.entries if e.step == step and e.layout == "native"), None)
-                if start is None:
-                    raise NoValidCheckpoint(f"There is no checkpoint at step {step} in {self.dir}.")
-        if start is None:
-            return [], []
-        skipped = []
-        out = []
-        for e in sorted(c.entries, key=lambda e: e.step, reverse=True):
-            if e.step > start.step:
-                continue
-            if e.valid and e.layout == "native":
+                    "Pass a checkpoint folder, or latest, best or a step number.")
+            w = p
+        out, skipped = [], []
+        for e, stage, why in rs.steps_back(c, w, layouts=("native",), patterns=[NATIVE_PATTERN]):
+            if stage is None:
                 out.append(e)
-            elif not e.valid:
-                skipped.append((e.name, e.reason))
+            elif stage == "layout":
+                skipped.append((e.name, f"{why}, which CheckpointManager does not load"))
             else:
-                skipped.append((e.name, f"a {e.layout} checkpoint, which CheckpointManager does not load"))
+                skipped.append((e.name, e.reason or e.status))
         return out, skipped
 
     def load(self, which: str | int | os.PathLike = "latest", *, model: torch.nn.Module, optimizer: Any = None,
@@ -528,24 +506,35 @@ class CheckpointManager:
                 )
             return None
         misfits: list[str] = []
-        for e in cands:
+        states: dict[str, dict] = {}
+
+        def read_and_apply(e: cat.Entry) -> cat.Entry:  # the verification here is the read itself
             try:
                 state = read_checkpoint(e.path, map_location=map_location, copy=True)
             except (CheckpointError, ValueError, OSError) as exc:
-                log.error("checkpoint %s failed verification and will not be used: %s", e.name, exc)
-                skipped.append((e.name, str(exc)))
-                self._quarantine(e, str(exc))
-                continue
+                return dataclasses.replace(e, status="corrupt", reason=str(exc))
             try:
                 self._apply(state, model, optimizer, scheduler, scaler, restore_rng_state, strict)
             except (RuntimeError, KeyError, ValueError, TypeError, IndexError, CheckpointError) as exc:
                 # Intact (its checksums hold) but not this model's: a changed architecture, or a checkpoint of
                 # another run. Not quarantined (nothing is wrong with it); an older one may still fit.
-                why = f"does not fit the model or optimizer ({str(exc).splitlines()[0][:300]})"
-                log.error("checkpoint %s %s; trying the previous one", e.name, why)
-                skipped.append((e.name, why))
                 misfits.append(e.name)
-                continue
+                return dataclasses.replace(
+                    e, status="invalid", reason=f"does not fit the model or optimizer ({str(exc).splitlines()[0][:300]})")
+            states[e.name] = state
+            return e
+
+        def passed_over(e: cat.Entry, stage: str, why: str) -> None:
+            skipped.append((e.name, why))
+            if e.name in misfits:
+                log.error("checkpoint %s %s; trying the previous one", e.name, why)
+            else:
+                log.error("checkpoint %s failed verification and will not be used: %s", e.name, why)
+                self._quarantine(e, why)
+
+        e = rs.first_good(((e, None, "") for e in cands), verify=read_and_apply, on_skip=passed_over)
+        if e is not None:
+            state = states[e.name]
             m = state["manifest"]
             if self.rank == 0:
                 runtime.record_resumed_from(self.dir, e.name if e.path.parent == self.dir else str(e.path), m["step"])

@@ -37,6 +37,7 @@ from ckpt_daemon.fsutil import free_bytes
 from ckpt_daemon.logs import get_logger
 from ckpt_daemon.store import catalog as cat
 from ckpt_daemon.store import foreign, verifyonce
+from ckpt_daemon.store import resolve as rs
 from daemon import alerts
 from daemon.outputtail import OutputTail
 from daemon.watch import writers_lookup
@@ -196,40 +197,40 @@ def choose_resume(c: cat.Catalog, exclude: set[str], known_bad: dict[str, str],
         else:
             known_bad[prefix + e.name] = why
 
-    for e in sorted(c.entries, key=lambda e: (e.step, e.version), reverse=True):
-        if not e.valid:
-            who = writers(e.path)
-            if who or (e.status == "in_progress" and writer_alive):
-                notes.append(f"{prefix}{e.name} skipped: still being written"
-                             + (f" by {', '.join(who)}; left in place" if who else ""))
-                continue
-            notes.append(f"{prefix}{e.name} skipped: {e.status} ({e.reason})")
-            if e.status == "in_progress":
-                what = e.reason.removeprefix("being written (").removesuffix(")")
-                set_aside(e, f"a save that stopped half-way, no process has it open for writing: {what}")
-            elif e.status != "unreadable":
-                set_aside(e, f"{e.status}: {e.reason}")
-            continue
+    def excluded(e: cat.Entry) -> Optional[str]:
         if prefix + e.name in exclude:
-            notes.append(f"{prefix}{e.name} skipped: the trainer kept crashing from it")
-            continue
+            return "the trainer kept crashing from it"
         if prefix + e.name in known_bad:
-            notes.append(f"{prefix}{e.name} skipped: failed verification ({known_bad[prefix + e.name]})")
-            continue
-        v = verify(e)
-        if not v.valid:
-            who = writers(e.path)
+            return f"failed verification ({known_bad[prefix + e.name]})"
+        return None
+
+    def passed_over(e: cat.Entry, stage: str, why: str) -> None:
+        if stage == "excluded":
+            notes.append(f"{prefix}{e.name} skipped: {why}")
+            return
+        who = writers(e.path)
+        if stage == "verification":
             if who:  # rewritten in place while we read it: a save in progress, not damage
                 notes.append(f"{prefix}{e.name} skipped: being written again by {', '.join(who)}; left in place")
-                continue
-            notes.append(f"{prefix}{e.name} skipped: failed verification ({v.reason})")
+                return
+            notes.append(f"{prefix}{e.name} skipped: failed verification ({why})")
             log.error("checkpoint failed verification; it will not be used for resume", checkpoint=prefix + e.name,
-                      reason=v.reason)
-            alerts.emit("verification_failed", f"{prefix}{e.name} failed verification", v.reason, key=prefix + e.name)
-            set_aside(e, f"failed verification: {v.reason}")
-            continue
-        return v, notes
-    return None, notes
+                      reason=why)
+            alerts.emit("verification_failed", f"{prefix}{e.name} failed verification", why, key=prefix + e.name)
+            set_aside(e, f"failed verification: {why}")
+            return
+        if who or (e.status == "in_progress" and writer_alive):
+            notes.append(f"{prefix}{e.name} skipped: still being written"
+                         + (f" by {', '.join(who)}; left in place" if who else ""))
+            return
+        notes.append(f"{prefix}{e.name} skipped: {e.status} ({e.reason})")
+        if e.status == "in_progress":
+            what = e.reason.removeprefix("being written (").removesuffix(")")
+            set_aside(e, f"a save that stopped half-way, no process has it open for writing: {what}")
+        elif e.status != "unreadable":
+            set_aside(e, f"{e.status}: {e.reason}")
+
+    return rs.newest_verified(c, rs.LATEST, verify=verify, exclude=excluded, on_skip=passed_over), notes
 
 
 def choose_resume_all(cats: dict[str, cat.Catalog], exclude: set[str], known_bad: dict[str, str],

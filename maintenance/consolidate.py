@@ -52,6 +52,7 @@ from ckpt_daemon.fsutil import (
     read_bytes_bounded,
 )
 from ckpt_daemon.store import catalog as cat
+from ckpt_daemon.store import resolve as rs
 from ckpt_daemon.termtext import inert
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -343,52 +344,19 @@ def _layout_name(e: cat.Entry) -> str:
 
 
 def _pick(cfg: Config, which: str) -> tuple[Optional[cat.Catalog], cat.Entry]:
-    if which in ("latest", "best"):
-        c = cat.scan_config(cfg)
-        src = c.newest_valid() if which == "latest" else c.pointer("best")
-        if src is None and which == "best":
-            raise NoValidCheckpoint(
-                f"There is no best checkpoint in {cfg.checkpoint_dir} yet (no `best` pointer; ckpt-daemon sets it for "
-                "its own checkpoints from their metrics). Use --from latest, a step number or a path.")
-        if src is None:
-            raise NoValidCheckpoint(f"No valid checkpoint to consolidate in {cfg.checkpoint_dir}.")
-        return c, src
-    if re.fullmatch(r"[0-9]{1,15}", which):
-        return _by_step(cfg, int(which))
-    path = Path(which).expanduser()
-    if not os.path.lexists(path):
+    """What --from names (store.resolve's rule, the same as every command's); it must be valid."""
+    try:
+        w = rs.parse_which(which)
+    except rs.Unresolved:
+        w = None
+    if w is None or (isinstance(w, Path) and not os.path.lexists(w)):
         raise UsageError(f"--from {which!r} is not understood: use latest, best, a step number or the path of a "
                          "checkpoint.")
-    return _by_path(cfg, path.absolute())
-
-
-def _by_step(cfg: Config, step: int) -> tuple[cat.Catalog, cat.Entry]:
-    c = cat.scan_config(cfg)
-    at = [e for e in c.entries if e.step == step]
-    valid = [e for e in at if e.valid]
-    if len(valid) > 1 and not all(_same_kind(e, valid[-1]) for e in valid):
-        raise UsageError(f"Step {step} names {len(valid)} checkpoints ({', '.join(e.name for e in valid)}); give the "
-                         "one you mean as a path with --from.")
-    if not valid:
-        if at:
-            e = at[0]
-            raise NoValidCheckpoint(f"There is no valid {_layout_name(e)} checkpoint at step {step} in "
-                                    f"{cfg.checkpoint_dir}: {e.name} is {e.status} ({e.reason}).")
-        raise NoValidCheckpoint(f"There is no checkpoint at step {step} in {cfg.checkpoint_dir}.")
-    return c, valid[-1]  # of Lightning's re-saves of a step (-v1, -v2), the newest
-
-
-def _by_path(cfg: Config, path: Path) -> tuple[Optional[cat.Catalog], cat.Entry]:
-    """A path: an entry of its folder's catalog (so --average finds its neighbours), else the path alone."""
-    same = os.path.realpath(path.parent) == os.path.realpath(cfg.checkpoint_dir)
-    c = cat.scan_config(cfg) if same else cat.scan(path.parent, cfg.checkpoints.pattern)
-    e = c.by_name(path.name)
-    if e is not None:
-        return c, e
-    layout, status, reason, _ = cat.check_entry(path, verify=False)
-    digits = re.findall(r"[0-9]{1,15}", path.name)
-    return None, cat.Entry(name=path.name, path=path, step=int(digits[-1]) if digits else 0, layout=layout,
-                           status=status, reason=reason)
+    home, src = rs.resolve(cat.scan_config(cfg), w, patterns=cfg.checkpoints.pattern)
+    if not src.valid and re.fullmatch(r"[0-9]{1,15}", str(which)):
+        raise NoValidCheckpoint(f"There is no valid {_layout_name(src)} checkpoint at step {src.step} in "
+                                f"{cfg.checkpoint_dir}: {src.name} is {src.status} ({src.reason}).")
+    return home, src
 
 
 # ------------------------------------------------------------------------------------ the weights

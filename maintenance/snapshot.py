@@ -40,6 +40,7 @@ from ckpt_daemon.fsutil import (
 from ckpt_daemon.logs import append_text
 from ckpt_daemon.store import catalog as cat
 from ckpt_daemon.store import foreign
+from ckpt_daemon.store import resolve as rs
 from ckpt_daemon.termtext import inert
 
 SNAPSHOT_MANIFEST = "snapshot.json"
@@ -62,14 +63,10 @@ class SnapshotResult:
 def _select(c: cat.Catalog, include: Sequence[str]) -> dict[str, list[str]]:
     """name -> roles ("latest", "best") of what a snapshot takes from one run (may be empty)."""
     chosen: dict[str, list[str]] = {}
-    if "latest" in include:
-        e = c.newest_valid()
+    for role in ("latest", "best"):
+        e = rs.valid_or_none(c, role) if role in include else None
         if e is not None:
-            chosen.setdefault(e.name, []).append("latest")
-    if "best" in include:
-        e = c.pointer("best")
-        if e is not None and e.valid:
-            chosen.setdefault(e.name, []).append("best")
+            chosen.setdefault(e.name, []).append(role)
     return chosen
 
 

@@ -108,21 +108,15 @@ def newest_valid(root: str | os.PathLike, patterns: Iterable[str]) -> Optional[P
     Same answer as `scan(root, patterns, verify=True).newest_valid()`, but only the candidates from
     the newest down are checksummed, until one passes: a folder of a hundred multi-GB checkpoints
     is not read end to end at every start."""
-    from ckpt_daemon.store import catalog
+    from ckpt_daemon.store import catalog, resolve
 
-    verify_entry = getattr(catalog, "verify_entry", None)
-    if verify_entry is None:  # the one-pass way, should the catalog stop offering per-entry checks
-        best = catalog.scan(Path(root), list(patterns), verify=True, stats=False).newest_valid()
-        return best.path if best is not None else None
-    cat = catalog.scan(Path(root), list(patterns), verify=False, stats=False)
-    for entry in reversed(cat.entries):
-        if not entry.valid:
-            continue
-        checked = verify_entry(entry)
-        if checked.valid:
-            return checked.path
-        warnings.warn(f"ckpt-daemon: skipping {entry.name}: {checked.reason}", RuntimeWarning, stacklevel=3)
-    return None
+    def warn(entry, stage: str, why: str) -> None:
+        if stage == "verification":
+            warnings.warn(f"ckpt-daemon: skipping {entry.name}: {why}", RuntimeWarning, stacklevel=4)
+
+    c = catalog.scan(Path(root), list(patterns), verify=False, stats=False)
+    best = resolve.newest_verified(c, resolve.LATEST, verify=catalog.verify_entry, on_skip=warn)
+    return best.path if best is not None else None
 
 
 def resume_path(checkpoint_dir: Optional[str | os.PathLike] = None,

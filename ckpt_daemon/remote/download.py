@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import os
-import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
@@ -34,6 +34,7 @@ from ckpt_daemon.remote.upload import Transfer
 from ckpt_daemon.store import catalog as cat
 from ckpt_daemon.store import foreign
 from ckpt_daemon.store import manifest as mf
+from ckpt_daemon.store import resolve as rs
 
 RANGE = 8 << 20
 
@@ -159,30 +160,56 @@ def choose(rc: RemoteCatalog, which: str, patterns: Iterable[str], best_metric: 
         others = [r for r in rc.replicas if r.valid]
         raise ValueError(f"{rc.url} holds no complete replica" + (
             f" named like checkpoints.pattern ({', '.join(r.name for r in others[:3])} do not match)" if others else ""))
-    if which == "latest":
-        return sorted(usable, key=lambda r: (r.step, r.created), reverse=True)
-    if which == "best":
-        named = rc.pointers.get("best")
-        hit = next((r for r in usable if r.name == named), None)
-        if hit is None and best_metric:
+    versions = {r.name: (cat.match_name(r.name, rxs) or {}).get("_version", 0) for r in usable}
+    items = [_Named(r, versions[r.name]) for r in usable]
+    try:
+        w = rs.parse_which(which, names=True)
+        if w == rs.LATEST:  # newest first: a damaged one falls back to the one before
+            return [n.replica for n in sorted(items, key=lambda n: (n.step, n.version, n.replica.created), reverse=True)]
+        best = rc.pointers.get("best")
+        if w == rs.BEST and not any(r.name == best for r in usable) and best_metric:
             scored = [r for r in usable if best_metric in (r.manifest or {}).get("metrics", {})]
             if scored:
-                hit = (min if best_mode == "min" else max)(scored, key=lambda r: (r.manifest["metrics"][best_metric], -r.step))
-        if hit is None:
-            raise ValueError(f"{rc.url} says no replica is the best one, and none records {best_metric or 'a metric'}")
-        return [hit]
-    if re.fullmatch(r"[0-9]{1,15}", which):
-        hits = [r for r in usable if r.step == int(which)]
-        if len(hits) > 1:
-            raise ValueError(f"several replicas are at step {which} ({', '.join(r.name for r in hits)}); name one")
-        if hits:
-            return hits
-    else:
-        hit = next((r for r in usable if r.name == which), None)
-        if hit is not None:
-            return [hit]
-    raise ValueError(f"{rc.url} holds no complete replica named or at step {which!r}; it holds "
-                     f"{', '.join(r.name for r in usable[-10:])}")
+                best = (min if best_mode == "min" else max)(
+                    scored, key=lambda r: (r.manifest["metrics"][best_metric], -r.step)).name
+        return [rs.pick(items, w, best, rc.url, names=True).replica]
+    except rs.Unresolved as exc:
+        if exc.kind == "no_best":
+            raise ValueError(f"{rc.url} says no replica is the best one, and none records {best_metric or 'a metric'}"
+                             ) from None
+        if exc.kind == "ambiguous":
+            raise ValueError(f"several replicas are at step {which} ({', '.join(r.name for r in usable if r.step == int(which))}); "
+                             "name one") from None
+        raise ValueError(f"{rc.url} holds no complete replica named or at step {which!r}; it holds "
+                         f"{', '.join(r.name for r in usable[-10:])}") from None
+
+
+@dataclass
+class _Named:
+    """A replica as store.resolve sees it: its name, step, re-save version and layout."""
+
+    replica: Replica
+    version: int = 0
+
+    @property
+    def name(self) -> str:
+        return self.replica.name
+
+    @property
+    def step(self) -> int:
+        return self.replica.step
+
+    @property
+    def valid(self) -> bool:
+        return self.replica.valid
+
+    @property
+    def layout(self) -> str:
+        return (self.replica.manifest or {}).get("layout", "")
+
+    @property
+    def path(self) -> Path:
+        return Path(self.replica.name)
 
 
 def restore(store: Store, rc: RemoteCatalog, which: str, root: Path, patterns: Iterable[str], t: Transfer,
