@@ -434,6 +434,10 @@ class CheckpointManager:
             self._memory = None
 
     # ------------------------------------------------------------------------------------ load
+    def _scan(self) -> cat.Catalog:
+        """This folder as every command sees it (the same best metric, so `best` names the same checkpoint)."""
+        return cat.scan(self.dir, self.patterns, stats=False, best_metric=self.best_metric, best_mode=self.best_mode)
+
     def candidates(self, which: str | int | os.PathLike = "latest") -> tuple[list[cat.Entry], list[tuple[str, str]]]:
         """Native checkpoints to try, newest first, for `which` = latest | best | step | path (what it names
         is store.resolve's rule, the same for every command); and the ones passed over with why (found
@@ -443,7 +447,7 @@ class CheckpointManager:
         except rs.Unresolved:
             raise NoValidCheckpoint(
                 f"--resume {which!r} is not understood: use latest, best, none, a step number or a path.") from None
-        c = cat.scan(self.dir, self.patterns, stats=False)
+        c = self._scan()
         if isinstance(w, Path):
             p = w.resolve()  # a path the user gave: `latest`, `best` and other links are followed once
             if not os.path.lexists(p) or (p.is_dir() and not (p / mf.MANIFEST).exists()

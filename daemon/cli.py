@@ -67,12 +67,14 @@ def add_list(p: argparse.ArgumentParser) -> None:
 
 def cmd_list(args) -> int:
     from ckpt_daemon.store import catalog as cat
+    from ckpt_daemon.store import resolve as rs
     from ckpt_daemon.units import age, human
 
     cfg, _ = _load_for_reading(args)
     if getattr(args, "remote", False):
         return _list_remote(cfg, args)
     c = cat.scan_config(cfg, verify=args.verify)
+    roles = rs.roles(c)  # what latest and best name for every command (a damaged newest is not latest)
     # damage found is a failure (exit 1), so `ckpt-daemon list --verify && ...` in a cron job notices it;
     # a checkpoint still being written is not damage
     bad = [e for e in c.entries if not e.valid and e.status != "in_progress"] if args.verify else []
@@ -80,7 +82,7 @@ def cmd_list(args) -> int:
     if args.json:
         print(json.dumps({"ok": not bad, "root": str(c.root), "checkpoints": [e.to_json() for e in c.entries],
                           "in_progress": [{"name": p.name, "step": p.step} for p in c.in_progress],
-                          "ignored": [{"name": n, "why": w} for n, w in c.ignored], "pointers": c.pointers,
+                          "ignored": [{"name": n, "why": w} for n, w in c.ignored], "pointers": roles,
                           "resumed_from": c.resumed_from}, indent=2, default=str))
         return code
     from rich.console import Console
@@ -97,7 +99,7 @@ def cmd_list(args) -> int:
         t.add_column(col, justify="right" if col in ("step", "size", "frees", "age", "epoch") else "left")
     now = time.time()
     for e in c.entries:
-        marks = [p for p, n in c.pointers.items() if n == e.name]
+        marks = [p for p, n in roles.items() if n == e.name]
         if e.pin:
             marks.append(f"pinned: {e.pin}")
         if e.epoch_end:

@@ -32,6 +32,7 @@ from ckpt_daemon.config import Config
 from ckpt_daemon.fsutil import atomic_write_bytes, read_json_file
 from ckpt_daemon.logs import get_logger
 from ckpt_daemon.store import catalog as cat
+from ckpt_daemon.store import resolve as rs
 
 log = get_logger("daemon.dashboard")
 
@@ -380,8 +381,8 @@ def _run_json(rv: RunView, snap_index: dict[tuple[str, str], dict], max_shown: i
     decisions = {d.name: d for d in (r.decisions if r is not None else [])}
     held = set(r.held) if r is not None else set()
     entries = r.entries if r is not None else ({e.name: e for e in c.entries} if c else {})
-    latest = c.newest_valid().name if c and c.newest_valid() else None
-    best = c.pointers.get("best") if c else None
+    named = rs.roles(c) if c else {}
+    latest, best = named.get(rs.LATEST), named.get(rs.BEST)
     resumed = c.resumed_from if c else None
     items = []
     for e in sorted(entries.values(), key=lambda e: (e.step, e.version, e.name)):

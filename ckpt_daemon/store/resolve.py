@@ -174,6 +174,12 @@ def named_or_none(c: cat.Catalog, which: Which) -> Optional[cat.Entry]:
         return None
 
 
+def roles(c: cat.Catalog) -> dict[str, Optional[str]]:
+    """{"latest": name, "best": name} as every command names them (None: no such checkpoint): what
+    `list` marks and the dashboard shows."""
+    return {w: (e.name if (e := named_or_none(c, w)) is not None else None) for w in (LATEST, BEST)}
+
+
 def valid_or_none(c: cat.Catalog, which: Which) -> Optional[cat.Entry]:
     """The valid checkpoint `which` names in `c`, or None (nothing named, or not valid): what a role such
     as a snapshot's `latest` and `best` holds."""
