@@ -1,4 +1,4 @@
-"""config.yaml as a file that changes under a running daemon: reading it (bounded, through a symlink
+"""config.yaml as a file: reading it (bounded, through a symlink
 the user may re-point), the last good copy, and the edits that must never take effect silently.
 
 Rules (README, "Configuration"):
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -75,20 +74,6 @@ def lost_sections(new_text: str, good_text: Optional[str]) -> list[str]:
     return sorted(sections(good_text) - sections(new_text))
 
 
-def folder_changes(old: Config, new: Config) -> list[str]:
-    """What would make a running daemon look at other checkpoints: a folder, a name pattern, the runs."""
-    out = []
-    for key, a, b in (("checkpoints.dir", old.checkpoint_dir, new.checkpoint_dir),
-                      ("checkpoints.pattern", old.checkpoints.pattern, new.checkpoints.pattern),
-                      ("checkpoints.runs", old.checkpoints.runs, new.checkpoints.runs),
-                      ("snapshots.dir", old.snapshot_dir, new.snapshot_dir),
-                      ("consolidation.dir", old.consolidation_dir, new.consolidation_dir),
-                      ("logging.dir", old.log_dir, new.log_dir)):
-        if a != b:
-            out.append(f"{key} from {a} to {b}")
-    return out
-
-
 def lost_sections_error(path: Path, lost: list[str]) -> str:
     names = ", ".join(f"`{s}:`" for s in lost)
     return (f"{path} no longer has the section(s) {names} that the running config has, so it looks emptied or "
@@ -120,7 +105,7 @@ def state_home() -> Path:
     return Path(xdg) / "ckpt-daemon"
 
 
-def _header(config_path: Path) -> str:
+def in_force_header(config_path: Path) -> str:
     return f"# ckpt-daemon: the config in force for {os.path.abspath(config_path)}\n"
 
 
@@ -143,7 +128,7 @@ def read_last_good(config_path: Path) -> Optional[tuple[Config, str]]:
             text = read_config_text(p)
         except ConfigError:
             continue
-        if text.startswith("# ckpt-daemon: the config in force for ") and not text.startswith(_header(config_path)):
+        if text.startswith("# ckpt-daemon: the config in force for ") and not text.startswith(in_force_header(config_path)):
             continue  # another config's
         try:
             return parse_config(text, config_path), text
@@ -152,15 +137,7 @@ def read_last_good(config_path: Path) -> Optional[tuple[Config, str]]:
     return None
 
 
-@dataclass
-class Loaded:
-    cfg: Config
-    text: str  # the text in force
-    error: Optional[str] = None  # why config.yaml itself is not in force (running on the last good copy)
-    notes: tuple[str, ...] = ()
-
-
-def _read_checked(config_path: Path, good: Optional[tuple[Config, str]]) -> tuple[Config, str]:
+def read_checked(config_path: Path, good: Optional[tuple[Config, str]]) -> tuple[Config, str]:
     text = read_config_text(config_path)
     cfg = parse_config(text, config_path)
     lost = lost_sections(text, good[1] if good else None)
@@ -169,70 +146,14 @@ def _read_checked(config_path: Path, good: Optional[tuple[Config, str]]) -> tupl
     return cfg, text
 
 
-def load_with_fallback(config_path: Path) -> Loaded:
-    """config.yaml if it validates and has every section the last good copy has; else the last good
-    copy, with the reason. Raises ConfigError only if there is no last good copy to fall back to."""
-    good = read_last_good(config_path)
-    try:
-        cfg, text = _read_checked(config_path, good)
-    except ConfigError as exc:
-        if good is None:
-            raise ConfigError(f"{exc} (No last good config was found to fall back to, so the daemon cannot start.)") from None
-        return Loaded(good[0], good[1], str(exc))
-    notes = tuple(f"{c} since the last run" for c in folder_changes(good[0], cfg)) if good else ()
-    return Loaded(cfg, text, None, notes)
-
-
 def load_for_reading(config_path: Path) -> tuple[Config, Optional[str]]:
     """For commands that only look (status, list, cleanup --dry-run): the config, or with a broken one
     (or one that lost sections) the last good copy and the error to show beside what they print.
     Raises if neither is usable."""
     good = read_last_good(config_path)
     try:
-        return _read_checked(config_path, good)[0], None
+        return read_checked(config_path, good)[0], None
     except ConfigError as exc:
         if good is None:
             raise
         return good[0], str(exc)
-
-
-def save_last_good(cfg: Config, text: str, config_path: Optional[Path] = None) -> Optional[str]:
-    """Keep the text of the config now in force (in the logs folder, and at a stable place); it is also
-    what the trainer is given. Returns an error message instead of raising."""
-    from ckpt_daemon.fsutil import atomic_write_bytes
-
-    config_path = config_path or cfg.source
-    header = _header(config_path)
-    body = text[len(header):] if text.startswith("# ckpt-daemon: the config in force for ") else text
-    data = (header + body.split("\n", 1)[1] if body.startswith("# ckpt-daemon: the config in force for ") else header + body)
-    try:
-        stable = stable_copy_path(config_path)
-        stable.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(stable, data.encode("utf-8"), mode=0o600)
-    except OSError:
-        pass  # best effort: a read-only home under a hardened unit without StateDirectory
-    try:
-        cfg.log_dir.mkdir(parents=True, exist_ok=True)
-        # 0600: it holds what config.yaml holds, secrets included (notify.urls, http.token); the trainer runs as us
-        atomic_write_bytes(cfg.log_dir / LAST_GOOD, data.encode("utf-8"), mode=0o600)
-        return None
-    except OSError as exc:
-        return str(exc)
-
-
-def config_key(path: Path) -> tuple:
-    """What changes when config.yaml is edited or its symlink re-pointed (cheap: two stats)."""
-    out: list = []
-    try:
-        lst = os.lstat(path)
-        out.append((lst.st_ino, lst.st_mtime_ns))
-        if os.path.islink(path):
-            out.append(os.readlink(path))
-    except OSError:
-        out.append(None)
-    try:
-        st = os.stat(path)
-        out.append((st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size, st.st_ctime_ns))
-    except OSError:
-        out.append(None)
-    return tuple(out)

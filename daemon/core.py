@@ -33,7 +33,7 @@ from ckpt_daemon.fsutil import disk_usage
 from ckpt_daemon.logs import get_logger, setup_logging
 from ckpt_daemon.store import catalog as cat
 from ckpt_daemon.store import resolve as rs
-from daemon import alerts
+from daemon import alerts, configwatch
 from daemon import state as st
 from daemon import statusdoc as sd
 from daemon.jobs import Jobs
@@ -51,7 +51,7 @@ class Daemon:
     def __init__(self, config_path: Path, echo_trainer: bool = True):
         # Not resolved: a config.yaml that is a symlink is re-read through the link, so `ln -sfn` works.
         self.config_path = Path(os.path.abspath(config_path))
-        loaded = configfile.load_with_fallback(self.config_path)  # a broken file at start: the last good copy
+        loaded = configwatch.load_with_fallback(self.config_path)  # a broken file at start: the last good copy
         self.cfg: Config = loaded.cfg
         self.config_text = loaded.text
         self.config_error: Optional[str] = loaded.error
@@ -60,7 +60,7 @@ class Daemon:
         self._seen_digest = configfile.text_digest(loaded.text) if loaded.error is None else None
         self.cfg_lock = threading.Lock()
         self.config_loaded_at = time.time()
-        self._config_key = configfile.config_key(self.config_path)
+        self._config_key = configwatch.config_key(self.config_path)
         self._reader = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="config-read")
         self._pending_read: Optional[concurrent.futures.Future] = None
         self._reload_due: Optional[float] = None
@@ -187,7 +187,7 @@ class Daemon:
         return digest, text, cfg, None
 
     def _poll_reload(self, now: float) -> None:
-        key = configfile.config_key(self.config_path)
+        key = configwatch.config_key(self.config_path)
         if key != self._config_key:
             self._config_key = key
             self.request_reload()
@@ -215,7 +215,7 @@ class Daemon:
             self._state_dirty.set()
             return
         old = self.get_cfg()
-        moved = configfile.folder_changes(old, new)
+        moved = configwatch.folder_changes(old, new)
         if moved:
             self.config_pending = (
                 f"config.yaml moves {'; '.join(moved)}. A folder never moves under a running daemon (it would "
@@ -228,7 +228,7 @@ class Daemon:
             return
         self.config_error = self.config_pending = None
         self.config_text = text
-        err = configfile.save_last_good(new, text, self.config_path)  # only ever a config put in force
+        err = configwatch.save_last_good(new, text, self.config_path)  # only ever a config put in force
         if err:
             log.warning("could not keep a copy of the last good config", error=err)
         self._apply(old, new)
@@ -411,7 +411,7 @@ class Daemon:
             log.error("config.yaml is not in force; running with the last good config until it is fixed",
                       error=self.config_error)
         else:
-            configfile.save_last_good(cfg, self.config_text, self.config_path)
+            configwatch.save_last_good(cfg, self.config_text, self.config_path)
         for note in self.config_notes:
             log.warning("config.yaml changed a folder while the daemon was down", change=note)
         self.watcher = Watcher(self.get_cfg, self.request_reload, self.config_path)
