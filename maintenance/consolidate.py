@@ -52,6 +52,7 @@ from ckpt_daemon.fsutil import (
     read_bytes_bounded,
 )
 from ckpt_daemon.store import catalog as cat
+from ckpt_daemon.store.names import number_in_name
 from ckpt_daemon.termtext import inert
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -386,8 +387,7 @@ def _by_path(cfg: Config, path: Path) -> tuple[Optional[cat.Catalog], cat.Entry]
     if e is not None:
         return c, e
     layout, status, reason, _ = cat.check_entry(path, verify=False)
-    digits = re.findall(r"[0-9]{1,15}", path.name)
-    return None, cat.Entry(name=path.name, path=path, step=int(digits[-1]) if digits else 0, layout=layout,
+    return None, cat.Entry(name=path.name, path=path, step=number_in_name(path.name, last=True) or 0, layout=layout,
                            status=status, reason=reason)
 
 
