@@ -62,6 +62,29 @@ from ckpt_daemon.store.names import (  # noqa: F401  (re-exported: daemon, maint
 SETTLE_S = 30.0  # a foreign checkpoint none of whose files changed for this long has settled
 
 
+class _AsEnum:
+    """A dataclass field that always holds a member of a str Enum, whether it is given the member or its
+    string (kept in the instance's __dict__ under its own name, so `Entry(**e.__dict__)` still works)."""
+
+    def __init__(self, enum: type) -> None:
+        self.members = {m.value: m for m in enum}
+        self.enum = enum
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj: object, owner: Optional[type] = None) -> object:
+        if obj is None:
+            raise AttributeError(self.name)  # no default: the field is required
+        return obj.__dict__[self.name]
+
+    def __set__(self, obj: object, value: object) -> None:
+        try:
+            obj.__dict__[self.name] = self.members[value]
+        except (KeyError, TypeError):
+            raise ValueError(f"{value!r} is not a valid {self.enum.__name__}") from None
+
+
 @dataclass
 class Entry:
     """One numbered checkpoint on disk."""
@@ -69,8 +92,8 @@ class Entry:
     name: str
     path: Path
     step: int
-    layout: Layout  # native | hf | file (equal to those strings)
-    status: Status  # see STATUSES (equal to those strings)
+    layout: Layout = _AsEnum(Layout)  # native | hf | file (equal to those strings, however it is set)
+    status: Status = _AsEnum(Status)  # see STATUSES (equal to those strings, however it is set)
     reason: str = ""
     bytes: int = 0  # allocated bytes
     freeable_bytes: int = 0  # what deleting it would free (hard links elsewhere count as 0)
@@ -85,14 +108,6 @@ class Entry:
     epoch_end: bool = False  # the last checkpoint of an epoch that a later checkpoint moved past
     meta: dict = field(default_factory=dict)  # what it says about itself (best info, optimizer, kind...)
     digest: Optional[str] = None  # foreign, recorded: a digest of all its files' checksums
-
-    def __setattr__(self, key: str, value: object) -> None:
-        # status and layout are always the str Enums, however they are set (equal to today's strings)
-        if key == "status":
-            value = Status(value)
-        elif key == "layout":
-            value = Layout(value)
-        object.__setattr__(self, key, value)
 
     @property
     def valid(self) -> bool:

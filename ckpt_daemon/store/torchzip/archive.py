@@ -570,7 +570,7 @@ def _decode(raw: bytes, fmt: str, bo: str) -> Any:
 
 
 # --------------------------------------------------------------------------------------------------
-# Entry points
+# Opening a file: a zip archive or a legacy file
 
 
 def _open_archive(path: Union[str, os.PathLike], limits: Limits) -> Union[_Archive, _LegacyArchive]:

@@ -17,6 +17,9 @@ from ckpt_daemon.store.torchzip.archive import _Archive, _LegacyArchive, _local_
 from ckpt_daemon.store.torchzip.bounds import _DEFAULT_LIMITS, Limits, TorchZipError, _describe
 from ckpt_daemon.store.torchzip.unpickle import _FLOAT_DTYPES, _INT_DTYPES, TensorRef, Unknown, _NpScalar
 
+# --------------------------------------------------------------------------------------------------
+# Small tensors
+
 
 def read_scalar(zf: zipfile.ZipFile, ref: TensorRef, *, byteorder: Optional[str] = None
                 ) -> Union[int, float, bool, complex, list]:
@@ -252,7 +255,8 @@ def _lightning(top: dict, x: _Extractor, info: TorchFileInfo) -> LightningInfo:
     return li
 
 
-
+# --------------------------------------------------------------------------------------------------
+# Entry points
 
 
 def find_problem(path: Union[str, os.PathLike], verify_crc: bool = False, *, limits: Optional[Limits] = None
@@ -323,6 +327,3 @@ def inspect(path: Union[str, os.PathLike], max_pickle_bytes: Optional[int] = Non
         raise TorchZipError("the file needs more memory than is available to inspect") from None
     except Exception as e:
         raise TorchZipError(f"the file cannot be inspected ({_describe(e)})") from e
-
-
-# --------------------------------------------------------------------------------------------------
