@@ -53,6 +53,7 @@ from ckpt_daemon.store import manifest as mf
 from ckpt_daemon.store import resolve as rs
 from ckpt_daemon.store import safetensors_file as stfile
 from ckpt_daemon.store import verifyonce
+from ckpt_daemon.store.names import NATIVE_PATTERN, native_name  # (also imported from here by users)
 from ckpt_daemon.store.statecodec import decode, encode
 
 log = logging.getLogger("ckpt_daemon.checkpoint")
@@ -62,11 +63,6 @@ STATE_JSON = "state.json"
 # Optimizer state above this is split into several files: a checkpoint's files are verified in
 # parallel (one thread each), so shards let a resume use every core for the checksums.
 STATE_SHARD_BYTES = 256 << 20
-NATIVE_PATTERN = "checkpoint-{step}"
-
-
-def native_name(step: int) -> str:
-    return f"checkpoint-{step}"
 
 
 # ---------------------------------------------------------------------------------------- capture

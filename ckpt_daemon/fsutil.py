@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from ckpt_daemon.errors import DiskFullError, UnsafePathError
+from ckpt_daemon.store.problems import Kind, Problem
 
 HASH_NAME = "sha256"  # the checksum of exports, sidecars written before 0.3, and `sha256sum`
 CHUNK = 16 << 20
@@ -231,28 +232,36 @@ def hash_file(path: Path, algo: str = HASH_NAME, chunk: int = CHUNK) -> str:
     return h.hexdigest()
 
 
-def file_digest_problem(path: Path, rec: Any) -> Optional[str]:
+def digest_problem(path: Path, rec: Any) -> Optional[Problem]:
     """Why the file at `path` does not match its manifest record `rec` (size and checksum), or None.
-    Never raises: an unreadable file, a bad record or an algorithm we cannot compute is a reason."""
+    Never raises: an unreadable file, a bad record or an algorithm we cannot compute is a problem. Its
+    kind: an algorithm this machine cannot compute says nothing about the bytes (unreadable); anything
+    else is a file that is not what its checkpoint recorded (corrupt)."""
     name = Path(path).name
     try:
         algo, want = record_checksum(rec)
     except ValueError as exc:
-        return f"{name}: {exc}"
+        return Problem(Kind.CORRUPT, f"{name}: {exc}")
     try:
         st = os.lstat(path)
         if not stat.S_ISREG(st.st_mode):
-            return f"{name} is not a regular file (symlinks are not followed)"
+            return Problem(Kind.CORRUPT, f"{name} is not a regular file (symlinks are not followed)")
         if isinstance(rec.get("size"), int) and st.st_size != rec["size"]:
-            return f"{name} has {st.st_size} bytes, the manifest says {rec['size']}"
+            return Problem(Kind.CORRUPT, f"{name} has {st.st_size} bytes, the manifest says {rec['size']}")
         got = hash_file(path, algo)
     except LookupError as exc:
-        return f"{name} cannot be verified: {exc}"
+        return Problem(Kind.UNREADABLE, f"{name} cannot be verified: {exc}")
     except OSError as exc:
-        return f"{name} cannot be read ({exc.strerror or exc})"
+        return Problem(Kind.CORRUPT, f"{name} cannot be read ({exc.strerror or exc})")
     if got != want:
-        return f"{name} fails its checksum ({algo} {got[:12]}..., manifest {want[:12]}...)"
+        return Problem(Kind.CORRUPT, f"{name} fails its checksum ({algo} {got[:12]}..., manifest {want[:12]}...)")
     return None
+
+
+def file_digest_problem(path: Path, rec: Any) -> Optional[str]:
+    """The message of `digest_problem` (why the file does not match its record), or None."""
+    problem = digest_problem(path, rec)
+    return None if problem is None else problem.message
 
 
 SYNC_FILE_RANGE_WRITE = 2

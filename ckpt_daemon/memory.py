@@ -54,6 +54,7 @@ from ckpt_daemon import fsutil, runtime
 from ckpt_daemon.errors import CkptError
 from ckpt_daemon.fsutil import atomic_symlink, fsync_dir, is_hex64, loads_json_bounded
 from ckpt_daemon.store import manifest as mf
+from ckpt_daemon.store.names import step_in_name
 
 MAGIC = b"CKPTMEM\x01"
 VERSION = 1
@@ -76,7 +77,6 @@ MAX_TARGET = 200  # a target's sidecar is named after it, with a few characters 
 SCRATCH_PREFIXES = ("staging-", "resume-")
 REJECTED_PREFIX = "rejected-"  # an entry a trainer found in a slot's place and moved aside (set_aside)
 CHUNK = 16 << 20
-NAME_STEP = re.compile(r"(?:step[=_-]?|checkpoint-)([0-9]{1,15})(?![0-9])")  # the step a target's name says
 
 
 class MemoryCheckpointError(CkptError):
@@ -275,8 +275,7 @@ def _parse_header(raw: bytes, file_size: int, index: int) -> SlotInfo:
             raise ValueError(f"names an unsafe target {str(target)[:60]!r}")
         if layout == "native" and target != f"checkpoint-{step}":
             raise ValueError(f"names a native target {target[:60]!r} that is not checkpoint-{step}")
-        named = NAME_STEP.search(target)
-        if layout != "native" and (named is None or int(named.group(1)) != step):
+        if layout != "native" and step_in_name(target) != step:
             raise ValueError(f"names a target {target[:60]!r} that does not carry its step {step}")
         if layout == "file" and names[:-1] != [target]:
             raise ValueError("has a single-file target but does not hold exactly that file")

@@ -37,6 +37,7 @@ from ckpt_daemon.errors import CheckpointError
 from ckpt_daemon.fsutil import default_checksum, free_bytes, record_checksum
 from ckpt_daemon.store import manifest as mf
 from ckpt_daemon.store import safetensors_file as stfile
+from ckpt_daemon.store.names import step_in_name
 from ckpt_daemon.store.statecodec import decode
 
 log = logging.getLogger("ckpt_daemon.memsave")
@@ -284,8 +285,7 @@ class MemoryWriter:
         if (layout not in ("folder", "file") or not mem.safe_name(name) or len(name) > mem.MAX_TARGET
                 or name in mem.RESERVED_TARGETS):
             raise CheckpointError(f"cannot keep {name!r} ({layout}) in memory: not a plain checkpoint name")
-        named = mem.NAME_STEP.search(name)
-        if named is None or int(named.group(1)) != step:
+        if step_in_name(name) != step:
             raise CheckpointError(f"cannot keep {name!r} in memory as step {step}: its name must carry that step")
         names = [n for n, _ in files]
         if layout == "file" and names != [name]:

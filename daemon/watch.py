@@ -47,7 +47,7 @@ from watchdog.observers import Observer
 
 from ckpt_daemon.logs import get_logger
 from ckpt_daemon.store import catalog as cat
-from ckpt_daemon.store import foreign
+from ckpt_daemon.store import foreign, names
 from daemon import alerts
 
 log = get_logger("daemon.watch")
@@ -185,9 +185,9 @@ class Watcher:
         if run is None:
             return
         name = p.name
-        if name.startswith((".",) + cat.TEMP_PREFIXES) or name in cat.POINTERS:
+        if name.startswith((".",) + names.TEMP_PREFIXES) or name in names.POINTERS:
             return
-        if cat.match_name(name, self._patterns()) is None:
+        if names.match_name(name, self._patterns()) is None:
             return
         self.last_event = time.time()
         if kind == "deleted" or not os.path.lexists(p):
@@ -203,7 +203,7 @@ class Watcher:
         pats = self.get_cfg().checkpoints.pattern
         cached = self._rx
         if cached is None or cached[0] != pats:
-            cached = (list(pats), [cat.compile_pattern(x) for x in pats])
+            cached = (list(pats), [names.compile_pattern(x) for x in pats])
             self._rx = cached
         return cached[1]
 
@@ -247,8 +247,8 @@ class Watcher:
             try:
                 with os.scandir(root) as it:
                     listing = [(d.name, d.stat(follow_symlinks=False)) for d in it
-                               if not d.name.startswith((".",) + cat.TEMP_PREFIXES) and d.name not in cat.POINTERS
-                               and cat.match_name(d.name, rxs) is not None]
+                               if not d.name.startswith((".",) + names.TEMP_PREFIXES) and d.name not in names.POINTERS
+                               and names.match_name(d.name, rxs) is not None]
             except OSError:
                 continue
             for name, st in listing:
@@ -308,7 +308,7 @@ class Watcher:
         cfg = self.get_cfg()
         root = cfg.checkpoint_dir / run if run else cfg.checkpoint_dir
         path = root / name
-        fields = cat.match_name(name, self._patterns())
+        fields = names.match_name(name, self._patterns())
         if fields is None:
             return
         try:

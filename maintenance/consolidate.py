@@ -353,7 +353,7 @@ def _pick(cfg: Config, which: str) -> tuple[Optional[cat.Catalog], cat.Entry]:
         raise UsageError(f"--from {which!r} is not understood: use latest, best, a step number or the path of a "
                          "checkpoint.")
     home, src = rs.resolve(cat.scan_config(cfg), w, patterns=cfg.checkpoints.pattern)
-    if not src.valid and re.fullmatch(r"[0-9]{1,15}", str(which)):
+    if not src.valid and isinstance(w, int):
         raise NoValidCheckpoint(f"There is no valid {_layout_name(src)} checkpoint at step {src.step} in "
                                 f"{cfg.checkpoint_dir}: {src.name} is {src.status} ({src.reason}).")
     return home, src

@@ -22,6 +22,7 @@ from ckpt_daemon.config import Config, load_config
 from ckpt_daemon.errors import CheckpointError, UsageError
 from ckpt_daemon.fsutil import inside, read_json_file
 from ckpt_daemon.store import catalog as cat
+from ckpt_daemon.store import names
 from maintenance.snapshot import SNAPSHOT_MANIFEST, _copy_checkpoint, choose_method
 
 
@@ -47,7 +48,7 @@ def restore(cfg: Config, which: str, only: Optional[str] = None) -> list[str]:
     if not todo:
         raise UsageError(f"Snapshot {snap.name} holds no checkpoint named {only!r}; it holds "
                          f"{', '.join(all_names) or 'nothing'}.")
-    rxs = [cat.compile_pattern(p) for p in cfg.checkpoints.pattern]
+    rxs = [names.compile_pattern(p) for p in cfg.checkpoints.pattern]
     runs = ["", *cfg.checkpoints.runs]
     restored = []
     for rec in todo:
@@ -58,7 +59,7 @@ def restore(cfg: Config, which: str, only: Optional[str] = None) -> list[str]:
             continue
         src_dir = snap / run if run else snap
         src = src_dir / name
-        fields = cat.match_name(name, rxs)
+        fields = names.match_name(name, rxs)
         if "/" in name or name.startswith(".") or not inside(src, snap) or src.is_symlink() or fields is None:
             lines.append(f"skipped {label}: unsafe name, a symlink, or not named like a checkpoint (not followed)")
             continue

@@ -31,6 +31,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ckpt_daemon.store import torchzip as tz
+from ckpt_daemon.store.problems import Kind
 from ckpt_daemon.store.torchzip import (
     Limits,
     TensorRef,
@@ -42,6 +43,7 @@ from ckpt_daemon.store.torchzip import (
     parse_pickle,
     read_scalar,
 )
+from ckpt_daemon.store.torchzip import unpickle as tzu
 from tests.helpers import empty_entries_zip
 
 REPO = Path(__file__).resolve().parent.parent
@@ -398,6 +400,7 @@ def test_inspect_reads_only_data_pkl_of_a_big_file(tmp_path):
     flip(p, end - 1)
     assert check(p) is None  # structure intact, and the storage is not read without verify_crc
     assert check(p, verify_crc=True) == "CRC of data/0 fails"
+    assert tz.find_problem(p, verify_crc=True).kind is Kind.CORRUPT
 
 
 def test_zip64_and_classic_end_records(tmp_path):
@@ -710,6 +713,7 @@ def test_legacy_files_are_read_and_their_whole_structure_checked(tmp_path, proto
     # a pickle that is not torch's
     (tmp_path / "plain.pt").write_bytes(pickle.dumps({"step": 1}, protocol=protocol))
     assert check(tmp_path / "plain.pt") == "not a torch.save file (a pickle without torch's magic number)"
+    assert tz.find_problem(tmp_path / "plain.pt").kind is Kind.INVALID
 
 
 def test_random_bytes(tmp_path):
@@ -789,13 +793,13 @@ def test_find_class_never_imports(tmp_path, monkeypatch):
 
 
 def test_build_cannot_change_our_stubs_or_validated_tensors(tmp_path):
-    defaults = tz._rebuild_tensor_v2.__defaults__
+    defaults = tzu._rebuild_tensor_v2.__defaults__
     rebuild_stub = b"ctorch._utils\n_rebuild_tensor_v2\n"
     for target in (rebuild_stub, b"ctorch\nfloat32\n", b"ctorch\nFloatStorage\n"):
         payload = b"\x80\x02" + target + b"N}X\x0c\x00\x00\x00__defaults__K\x01\x85s\x86b."
         with pytest.raises(TorchZipError):
             parse_pickle(payload)
-    assert tz._rebuild_tensor_v2.__defaults__ == defaults
+    assert tzu._rebuild_tensor_v2.__defaults__ == defaults
     # BUILD on a tensor that passed its bounds check, to give it another shape afterwards
     good = torch_like_pickle(FakeTensor(FakeStorage("0", 4), 0, (4,), (1,)))
     payload = good[:-1] + b"N}X\x05\x00\x00\x00shapeK\x64\x85s\x86b."
@@ -914,11 +918,12 @@ def test_a_check_that_uses_up_its_cpu_time_is_a_timeout_not_damage(tmp_path):
     p = save({"hist": [float(i) for i in range(200_000)], "step": 1}, tmp_path / "model_step_1.pt")
     assert check(p) is None
     assert "took more than 0.001 CPU seconds" in check(p, limits=Limits(max_cpu_s=0.001))
+    assert tz.find_problem(p, limits=Limits(max_cpu_s=0.001)).kind is Kind.UNREADABLE
     with pytest.raises(tz.TorchZipTimeout):
         inspect(p, limits=Limits(max_cpu_s=0.001))
     # the catalog reports such a file as unreadable (never used, never set aside as damaged)
     import unittest.mock
 
-    with unittest.mock.patch.object(tz, "DEFAULT_LIMITS", Limits(max_cpu_s=0.001)):
+    with unittest.mock.patch.object(tz.extract, "_DEFAULT_LIMITS", Limits(max_cpu_s=0.001)):
         status, reason, _ = foreign.describe_file(p, verify=False)
     assert status == "unreadable" and "CPU seconds" in reason

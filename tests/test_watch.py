@@ -213,7 +213,7 @@ def test_a_rescan_lists_the_folder_and_never_parses_a_file(tmp_path, monkeypatch
     w, root = watcher_for(tmp_path)
     empty_entries_zip(root / "model_step_7.pt", 999_990)
     parsed = []
-    for fn in ("inspect", "check"):
+    for fn in ("inspect", "check", "find_problem"):
         monkeypatch.setattr(torchzip, fn, lambda *a, fn=fn, **k: parsed.append(fn))
     t0 = time.process_time()
     assert w.rescan() == 1 and w.pending() == 1

@@ -377,7 +377,7 @@ def step_of(path: str | os.PathLike, patterns: Optional[Iterable[str]] = None) -
     """The training step a checkpoint is at: `trainer_state.json` of a Hugging Face folder, else the
     `{step}` field of its name."""
     from ckpt_daemon.fsutil import read_json_file
-    from ckpt_daemon.store.catalog import compile_pattern, match_name
+    from ckpt_daemon.store.names import compile_pattern, match_name, step_in_name
 
     p = Path(path)
     state = read_json_file(p / "trainer_state.json", 64 << 20) if p.is_dir() else None
@@ -388,8 +388,7 @@ def step_of(path: str | os.PathLike, patterns: Optional[Iterable[str]] = None) -
     fields = match_name(p.name, [compile_pattern(x) for x in pats])
     if fields and "step" in fields:
         return fields["step"]
-    m = re.search(r"(?:step[=_-]?|checkpoint-)([0-9]{1,15})(?![0-9])", p.name)
-    return int(m.group(1)) if m else None
+    return step_in_name(p.name)
 
 
 def global_rank() -> int:

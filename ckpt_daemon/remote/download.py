@@ -32,7 +32,7 @@ from ckpt_daemon.remote.listing import RemoteCatalog, Replica
 from ckpt_daemon.remote.store import Store
 from ckpt_daemon.remote.upload import Transfer
 from ckpt_daemon.store import catalog as cat
-from ckpt_daemon.store import foreign
+from ckpt_daemon.store import foreign, names
 from ckpt_daemon.store import manifest as mf
 from ckpt_daemon.store import resolve as rs
 
@@ -154,8 +154,8 @@ def choose(rc: RemoteCatalog, which: str, patterns: Iterable[str], best_metric: 
     """The replicas to try for `which` (latest | best | STEP | NAME), in order: for latest, newest first
     (a damaged one falls back to the one before); otherwise exactly one. Raises ValueError with the
     reason when none fits."""
-    rxs = [cat.compile_pattern(p) for p in patterns]
-    usable = [r for r in rc.valid() if cat.match_name(r.name, rxs) is not None]
+    rxs = [names.compile_pattern(p) for p in patterns]
+    usable = [r for r in rc.valid() if names.match_name(r.name, rxs) is not None]
     if not usable:
         others = [r for r in rc.replicas if r.valid]
         raise ValueError(f"{rc.url} holds no complete replica" + (

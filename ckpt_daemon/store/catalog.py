@@ -45,14 +45,44 @@ from ckpt_daemon.fsutil import atomic_write_bytes, loads_json_bounded, tree_stat
 from ckpt_daemon.runtime import PINS_DIR, RUNTIME_DIR, STATE_DIR  # noqa: F401  (re-exported)
 from ckpt_daemon.store import foreign
 from ckpt_daemon.store import manifest as mf
+from ckpt_daemon.store.names import (  # noqa: F401  (re-exported: daemon, maintenance and users import them here)
+    HF_TEMP_PREFIX,
+    MAX_STEP_DIGITS,
+    POINTERS,
+    STATUSES,
+    TEMP_PREFIXES,
+    TORCH_SUFFIXES,
+    Layout,
+    Status,
+    compile_pattern,
+    match_name,
+    number_in_name,
+)
 
-POINTERS = ("latest", "best")
-HF_TEMP_PREFIX = "tmp-"  # Hugging Face's tmp-checkpoint-<step> (and 0.1's .tmp- folders)
-TEMP_PREFIXES = (".tmp-", HF_TEMP_PREFIX)
-TORCH_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
-MAX_STEP_DIGITS = 15
-STATUSES = ("complete", "incomplete", "corrupt", "invalid", "unreadable", "in_progress")
 SETTLE_S = 30.0  # a foreign checkpoint none of whose files changed for this long has settled
+
+
+class _AsEnum:
+    """A dataclass field that always holds a member of a str Enum, whether it is given the member or its
+    string (kept in the instance's __dict__ under its own name, so `Entry(**e.__dict__)` still works)."""
+
+    def __init__(self, enum: type) -> None:
+        self.members = {m.value: m for m in enum}
+        self.enum = enum
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj: object, owner: Optional[type] = None) -> object:
+        if obj is None:
+            raise AttributeError(self.name)  # no default: the field is required
+        return obj.__dict__[self.name]
+
+    def __set__(self, obj: object, value: object) -> None:
+        try:
+            obj.__dict__[self.name] = self.members[value]
+        except (KeyError, TypeError):
+            raise ValueError(f"{value!r} is not a valid {self.enum.__name__}") from None
 
 
 @dataclass
@@ -62,8 +92,8 @@ class Entry:
     name: str
     path: Path
     step: int
-    layout: str  # native | hf | file
-    status: str  # see STATUSES
+    layout: Layout = _AsEnum(Layout)  # native | hf | file (equal to those strings, however it is set)
+    status: Status = _AsEnum(Status)  # see STATUSES (equal to those strings, however it is set)
     reason: str = ""
     bytes: int = 0  # allocated bytes
     freeable_bytes: int = 0  # what deleting it would free (hard links elsewhere count as 0)
@@ -81,7 +111,7 @@ class Entry:
 
     @property
     def valid(self) -> bool:
-        return self.status == "complete"
+        return self.status == Status.COMPLETE
 
     def to_json(self) -> dict:
         d = {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -127,44 +157,12 @@ class Catalog:
 
 
 # ------------------------------------------------------------------------------------------- names
-def compile_pattern(pattern: str) -> re.Pattern:
-    """`checkpoint-{step}` -> a regex whose fields match ASCII digits only (str.isdigit and re's \\d
-    also accept Arabic-Indic or full-width digits, which must never name a step). A pattern ending in a
-    file suffix also matches Lightning's re-saves of the same name: `epoch=1-step=100-v1.ckpt`."""
-    out, pos = "", 0
-    for m in re.finditer(r"\{([A-Za-z_][A-Za-z0-9_]*)\}", pattern):
-        out += re.escape(pattern[pos : m.start()]) + f"(?P<{m.group(1)}>[0-9]+)"
-        pos = m.end()
-    tail = pattern[pos:]
-    suffix = re.search(r"\.[A-Za-z0-9]{1,10}\Z", tail)
-    if suffix:
-        out += re.escape(tail[: suffix.start()]) + r"(?:-v(?P<_version>[0-9]{1,6}))?" + re.escape(suffix.group(0))
-    else:
-        out += re.escape(tail)
-    return re.compile(out + r"\Z")
-
-
-def match_name(name: str, patterns: Iterable[re.Pattern]) -> Optional[dict]:
-    for rx in patterns:
-        m = rx.match(name)
-        if m:
-            out = {}
-            for k, v in m.groupdict().items():
-                if v is not None:
-                    if len(v) > MAX_STEP_DIGITS:
-                        return None
-                    out[k] = int(v)
-            return out
-    return None
-
-
 def _temp_step(name: str, rxs: list[re.Pattern]) -> Optional[int]:
     """The step a temp or scratch name is about, if it says (for `in progress` reports only)."""
     fields = match_name(name.removeprefix(".tmp-").removeprefix(HF_TEMP_PREFIX).split(".")[0], rxs)
     if fields and "step" in fields:
         return fields["step"]
-    m = re.search(r"[0-9]{1,15}", name)
-    return int(m.group(0)) if m else None
+    return number_in_name(name)
 
 
 def _name_problem(name: str, rxs: list[re.Pattern]) -> str:

@@ -34,6 +34,8 @@ from ckpt_daemon.fsutil import (
 )
 from ckpt_daemon.store import manifest as mf
 from ckpt_daemon.store import torchzip
+from ckpt_daemon.store.names import Status
+from ckpt_daemon.store.problems import Kind, Problem
 
 SIDECARS = "manifests"
 SIDECAR_FORMAT = "ckpt-daemon-sidecar/1"
@@ -108,11 +110,19 @@ def describe_hf(folder: Path, stats: dict[str, os.stat_result], verify: bool) ->
         if not stat.S_ISREG(stats[n].st_mode):
             return "corrupt", f"{n} is not a regular file (symlinks are not followed)", meta
         p = folder / n
-        problem = mf.safetensors_problem(p, stats[n].st_size) if n.endswith(".safetensors") else torchzip.check(p, verify)
+        problem = _weights_problem(p, stats[n].st_size) if n.endswith(".safetensors") else torchzip.find_problem(p, verify)
         if problem:
-            return ("corrupt" if "CRC" in problem or "checksum" in problem else "incomplete"), f"{n}: {problem}", meta
+            # a part of a Hugging Face save that fails its CRC is damage; any other problem, a save that did not finish
+            return (Status.CORRUPT if problem.kind is Kind.CORRUPT else Status.INCOMPLETE), f"{n}: {problem.message}", meta
     meta["has_optimizer"] = "optimizer.pt" in stats
     return "complete", "", meta
+
+
+def _weights_problem(path: Path, size: int) -> Optional[Problem]:
+    """A safetensors file's structural problem: a header or layout that does not add up is an
+    unfinished write (it holds no checksums to fail)."""
+    why = mf.safetensors_problem(path, size)
+    return None if why is None else Problem(Kind.INCOMPLETE, why)
 
 
 def _index_problem(folder: Path, stats: dict) -> Optional[str]:
@@ -134,14 +144,11 @@ def describe_file(path: Path, verify: bool) -> tuple[str, str, dict]:
     says about itself."""
     try:
         info = torchzip.inspect(path, verify_crc=verify)
-    except torchzip.TorchZipTimeout as exc:  # not told apart in time: never taken for damage, never used
-        return "unreadable", f"{path.name}: {exc}", {}
-    except torchzip.TorchZipLimitError as exc:  # more work than any real checkpoint needs: not one
-        return "invalid", f"{path.name}: {exc}", {}
     except torchzip.TorchZipError as exc:
-        why = str(exc)
-        status = "corrupt" if "CRC" in why else ("invalid" if "not a torch.save file" in why else "incomplete")
-        return status, f"{path.name}: {why}", {}
+        # its kind: a timeout is unreadable (not told apart in time: never taken for damage, never used);
+        # past a bound (more work than any real checkpoint needs) or not a torch.save file, invalid; a
+        # failing CRC, corrupt; anything else, incomplete
+        return exc.kind.status, f"{path.name}: {exc}", {}
     meta: dict = {"kind": info.kind, "has_optimizer": info.has_optimizer, "state_dict_key": info.state_dict_key,
                   "metrics": {k: v for k, v in info.metrics.items() if _num(v) is not None}}
     if info.format == "legacy":

@@ -35,8 +35,8 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from ckpt_daemon.fsutil import (
+    digest_problem,
     digest_record,
-    file_digest_problem,
     loads_json_bounded,
     new_hasher,
     read_bytes_bounded,
@@ -265,10 +265,10 @@ def check_native(folder: Path, verify: bool, manifest: Optional[dict] = None,
             return "corrupt", f"{name} has {st.st_size} bytes, the manifest says {meta['size']}", m
     if verify:
         for name, meta in m["files"].items():
-            problem = file_digest_problem(Path(folder) / name, meta)
+            problem = digest_problem(Path(folder) / name, meta)
             if problem is not None:
                 # an algorithm this machine cannot compute says nothing about the bytes: not corrupt
-                return ("unreadable" if "cannot be verified" in problem else "corrupt"), problem, m
+                return problem.kind.status, problem.message, m
     return "complete", "", m
 
 

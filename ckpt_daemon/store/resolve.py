@@ -23,15 +23,14 @@ walk then passes over the others and says why.
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Callable, Collection, Iterable, Iterator, Optional, Protocol, Sequence, TypeVar, Union
 
 from ckpt_daemon.errors import NoValidCheckpoint
 from ckpt_daemon.store import catalog as cat
+from ckpt_daemon.store import names
 
 LATEST, BEST = "latest", "best"
-_STEP = re.compile(r"[0-9]{1,15}")  # ASCII digits only, as every checkpoint name is read
 
 Which = Union[str, int, Path]
 
@@ -71,8 +70,8 @@ def parse_which(which: Which, names: bool = False) -> Which:
     if isinstance(which, str):
         if which in (LATEST, BEST):
             return which
-        if _STEP.fullmatch(which):
-            return int(which)
+        if names.as_step(which) is not None:
+            return names.as_step(which)
         if "/" in which or which.startswith((".", "~")):
             return Path(which).expanduser()
         if names and which and len(which) <= 255 and "\0" not in which:
@@ -150,8 +149,7 @@ def entry_at(path: Path, patterns: Sequence[str], c: Optional[cat.Catalog] = Non
     layout, status, reason, meta = cat.check_entry(path, verify=False)
     step = meta.get("step") if isinstance(meta.get("step"), int) and not isinstance(meta.get("step"), bool) else None
     if step is None:
-        digits = _STEP.findall(path.name)
-        step = int(digits[-1]) if digits else 0
+        step = names.number_in_name(path.name, last=True) or 0
     return None, cat.Entry(name=path.name, path=path, step=step, layout=layout, status=status, reason=reason,
                            meta=meta, metrics=dict(meta.get("metrics") or {}) if isinstance(meta.get("metrics"), dict)
                            else {})
