@@ -28,7 +28,7 @@ from typing import Callable, Collection, Iterable, Iterator, Optional, Protocol,
 
 from ckpt_daemon.errors import NoValidCheckpoint
 from ckpt_daemon.store import catalog as cat
-from ckpt_daemon.store import names
+from ckpt_daemon.store import names as nm
 
 LATEST, BEST = "latest", "best"
 
@@ -70,8 +70,8 @@ def parse_which(which: Which, names: bool = False) -> Which:
     if isinstance(which, str):
         if which in (LATEST, BEST):
             return which
-        if names.as_step(which) is not None:
-            return names.as_step(which)
+        if nm.as_step(which) is not None:
+            return nm.as_step(which)
         if "/" in which or which.startswith((".", "~")):
             return Path(which).expanduser()
         if names and which and len(which) <= 255 and "\0" not in which:
@@ -149,7 +149,7 @@ def entry_at(path: Path, patterns: Sequence[str], c: Optional[cat.Catalog] = Non
     layout, status, reason, meta = cat.check_entry(path, verify=False)
     step = meta.get("step") if isinstance(meta.get("step"), int) and not isinstance(meta.get("step"), bool) else None
     if step is None:
-        step = names.number_in_name(path.name, last=True) or 0
+        step = nm.number_in_name(path.name, last=True) or 0
     return None, cat.Entry(name=path.name, path=path, step=step, layout=layout, status=status, reason=reason,
                            meta=meta, metrics=dict(meta.get("metrics") or {}) if isinstance(meta.get("metrics"), dict)
                            else {})
