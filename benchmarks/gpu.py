@@ -76,7 +76,7 @@ def _sync(dev) -> None:
 def _model(quick: bool, dev):
     import torch
 
-    from ckpt_daemon.gpt import GPT, GPTConfig
+    from ckpt_daemon.models.gpt import GPT, GPTConfig
 
     name = "dry" if dev.type == "cpu" else "quick" if quick else os.environ.get("CKPT_BENCH_GPU_MODEL", "124m")
     if name not in MODELS:

@@ -482,7 +482,7 @@ def verify_export(folder: Path, expected: dict, src: Source) -> str:
 def _check_builtin(folder: Path, tensors: dict, conf: dict) -> str:
     import torch
 
-    from ckpt_daemon.checkpoint import gpt_from_weights
+    from ckpt_daemon.models.gpt import gpt_from_weights
 
     model = gpt_from_weights(tensors, conf, folder.name)  # the config comes from the checkpoint: checked first
     with torch.no_grad():

@@ -171,7 +171,7 @@ def test_compress_fuzz(crafted):
 def project(tmp_path_factory):
     """A project whose checkpoint folder takes single files, and one native checkpoint of the built-in model."""
     from ckpt_daemon.checkpoint import CheckpointManager
-    from ckpt_daemon.gpt import GPT, GPTConfig
+    from ckpt_daemon.models.gpt import GPT, GPTConfig
 
     root = tmp_path_factory.mktemp("proj")
     cfg = write_config(root, {"checkpoints": {"pattern": ["model_step_{step}.pt", "checkpoint-{step}"]}}, tiny=False)

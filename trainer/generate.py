@@ -16,10 +16,10 @@ from typing import Optional
 
 import torch
 
-from ckpt_daemon.checkpoint import gpt_from_weights, load_weights
+from ckpt_daemon.checkpoint import load_weights
 from ckpt_daemon.errors import CheckpointError, CkptError, UsageError, crash_summary
 from ckpt_daemon.fsutil import file_digest_problem, read_json_file
-from ckpt_daemon.gpt import GPT
+from ckpt_daemon.models.gpt import GPT, gpt_from_weights
 from ckpt_daemon.store import catalog as cat
 
 # Any one of these in the folder means it carries its tokenizer.

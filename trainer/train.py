@@ -30,8 +30,8 @@ from ckpt_daemon import device as dv
 from ckpt_daemon import devio, runtime
 from ckpt_daemon.checkpoint import CheckpointManager, capture_rng, restore_rng
 from ckpt_daemon.config import Config
-from ckpt_daemon.gpt import GPT, GPTConfig
 from ckpt_daemon.logs import append_jsonl
+from ckpt_daemon.models.gpt import GPT, GPTConfig
 from trainer.data import Sampler, load_corpus, val_batches
 
 log = logging.getLogger("trainer")

@@ -18,7 +18,7 @@ import sys
 
 import torch
 
-from ckpt_daemon.gpt import GPT, GPTConfig
+from ckpt_daemon.models.gpt import GPT, GPTConfig
 from trainer.data import load_corpus
 
 

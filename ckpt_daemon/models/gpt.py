@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -91,3 +92,37 @@ class GPT(nn.Module):
             nxt = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
             idx = torch.cat([idx, nxt], dim=1)
         return idx
+
+
+MAX_VOCAB = 1 << 24
+
+
+def gpt_from_weights(tensors: dict[str, torch.Tensor], model_conf: Any, where: str):
+    """The built-in GPT holding `tensors`, built from `model_conf` (the "model" of a checkpoint's own
+    config, so untrusted): bounded as config.yaml's trainer.model is, and describing exactly these tensors
+    (checked on the meta device first, so that a crafted config allocates nothing). Raises CheckpointError."""
+    from ckpt_daemon.config import ModelConfig
+    from ckpt_daemon.errors import CheckpointError, crash_summary
+
+    if not isinstance(model_conf, dict):
+        raise CheckpointError(f"{where} holds no model config of the built-in trainer nor a Hugging Face config.json "
+                              "with a model_type; load its weights into your own model.")
+    conf = dict(model_conf)
+    vocab = conf.pop("vocab_size", None)
+    try:
+        if not isinstance(vocab, int) or isinstance(vocab, bool) or not 1 <= vocab <= MAX_VOCAB:
+            raise ValueError(f"vocab_size must be a whole number from 1 to {MAX_VOCAB} (given: {str(vocab)[:40]})")
+        gc = GPTConfig(vocab_size=vocab, **ModelConfig.model_validate(conf).model_dump())
+    except ValueError as exc:  # pydantic's ValidationError is one
+        raise CheckpointError(f"{where} has a model config the built-in GPT cannot be built from "
+                              f"({crash_summary(exc)}); it was not used.") from None
+    with torch.device("meta"):
+        want = {k: tuple(v.shape) for k, v in GPT(gc).state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in tensors.items()}
+    if want != got:
+        diff = sorted(set(want.items()) ^ set(got.items()))[:3]
+        raise CheckpointError(f"{where}: its model config does not describe its weights (e.g. {diff}); it was not used.")
+    model = GPT(gc)
+    model.load_state_dict({k: v.float() for k, v in tensors.items()})
+    model.eval()
+    return model
