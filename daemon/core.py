@@ -32,6 +32,7 @@ from ckpt_daemon.errors import ConfigError
 from ckpt_daemon.fsutil import disk_usage
 from ckpt_daemon.logs import get_logger, setup_logging
 from ckpt_daemon.store import catalog as cat
+from ckpt_daemon.store import delete
 from daemon import alerts
 from daemon import state as st
 from daemon import statusdoc as sd
@@ -302,7 +303,7 @@ class Daemon:
             checkpoints=sd.Checkpoints(
                 dir=str(cfg.checkpoint_dir), count=len(c.entries), valid=len(c.valid()), latest=desc(c.newest_valid()),
                 best=desc(c.pointer("best")), failed_verification=dict(self.watcher.bad),
-                in_progress=[p.name for p in c.in_progress], quarantined=len(runtime.quarantined(cfg.checkpoint_dir)),
+                in_progress=[p.name for p in c.in_progress], quarantined=len(delete.quarantined(cfg.checkpoint_dir)),
                 runs={run: sd.RunCheckpoints(count=len(rc.entries), valid=len(rc.valid()), latest=desc(rc.newest_valid()),
                                              best=desc(rc.pointer("best")))
                       for run, rc in cats.items() if run}),
