@@ -8,8 +8,11 @@
   moves its victims to the trash, so a deletion never races a commit.
 - resumed_from.json: the checkpoint the trainer last resumed from (protected from deletion).
 - pins/<name>: one file per pinned checkpoint, holding the reason.
-- tmp/: scratch space for saves, restores and snapshots being built; trash/: cleanups in progress;
-  quarantine/: checkpoints that failed verification, with the reason.
+- tmp/: scratch space for saves, restores and snapshots being built (store/commit.py); trash/: cleanups in
+  progress; quarantine/: checkpoints that failed verification, with the reason (store/delete.py).
+
+The locks are store/locks.py's one lock class; the commit primitive (scratch, fsync, rename under the
+commit lock) is store/commit.py; quarantine, removal, the trash and its journal are store/delete.py.
 
 The state folder is ours and nobody else's: it is created by us, a symlink or a file in its place is
 refused (never followed), and every scratch entry carries a lock so that leftovers of a killed
