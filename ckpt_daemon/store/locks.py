@@ -83,8 +83,6 @@ class FileLock:
     def try_acquire(self) -> bool:
         """Take the lock if nobody holds it. False if it is held; raises OSError (or `not_regular`'s
         error) if the lock file cannot be opened."""
-        if self.fd is not None:
-            raise RuntimeError(f"{self.path} is already held by this object")
         fd = open_lock_file(self.path, self.mode, self.create, self.not_regular)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -105,8 +103,6 @@ class FileLock:
     def acquire_within(self, timeout_s: float, on_timeout: Callable[[], Exception]) -> "FileLock":
         """Take the lock, waiting for its holder up to `timeout_s`; then raise `on_timeout()`. The lock
         file is opened once: its name cannot be swapped under us while we wait."""
-        if self.fd is not None:
-            raise RuntimeError(f"{self.path} is already held by this object")
         fd = open_lock_file(self.path, self.mode, self.create, self.not_regular)
         deadline = time.monotonic() + timeout_s
         try:
