@@ -9,9 +9,10 @@ Usable from any training script:
              data_state={"pos": pos}, metrics={"val_loss": v}, blocking=False)
     mgr.close()
 
-Native format (see maintenance/manifest.py): `checkpoint-<step>/` written into `.tmp-checkpoint-<step>-<pid>/`,
-each file fsynced with its checksum (blake3 by default, sha256 on request: `checksum=` or $CKPT_CHECKSUM)
-computed while writing, manifest.json written last, the folder renamed into place and the parent fsynced.
+Native format (see store/manifest.py): `checkpoint-<step>/` built in the state folder's scratch space
+(store/commit.py), each file fsynced with its checksum (blake3 by default, sha256 on request: `checksum=` or $CKPT_CHECKSUM)
+computed while writing, manifest.json written last, the folder renamed into place under the commit lock and
+the parent fsynced.
 `latest` and `best` are symlinks replaced atomically.
 Loading reads each file once, checking size and checksum in the same pass, and never unpickles.
 """
@@ -24,7 +25,6 @@ import logging
 import os
 import random
 import re
-import shutil
 import threading
 import time
 from dataclasses import dataclass, field
@@ -43,16 +43,16 @@ from ckpt_daemon.fsutil import (
     digest_record,
     disk_full_error,
     free_bytes,
-    fsync_dir,
     is_enospc,
     new_hasher,
     record_checksum,
 )
 from ckpt_daemon.store import catalog as cat
+from ckpt_daemon.store import delete, verifyonce
 from ckpt_daemon.store import manifest as mf
 from ckpt_daemon.store import resolve as rs
 from ckpt_daemon.store import safetensors_file as stfile
-from ckpt_daemon.store import verifyonce
+from ckpt_daemon.store.commit import Scratch
 from ckpt_daemon.store.names import NATIVE_PATTERN, native_name  # (also imported from here by users)
 from ckpt_daemon.store.statecodec import decode, encode
 
@@ -339,7 +339,7 @@ class CheckpointManager:
         try:
             # Built in the state folder's scratch space (with a lock that marks it as live work), so a
             # killed save is told apart from a live one and removed by whoever starts next.
-            with runtime.Scratch(self.dir, name) as scratch:
+            with Scratch(self.dir, name) as scratch:
                 tmp = scratch.path
                 shards = shard_tensors(p.state, STATE_SHARD_BYTES)
                 names = [STATE_TENSORS] if len(shards) == 1 else [
@@ -355,11 +355,7 @@ class CheckpointManager:
                     f.write(mf.dumps_manifest(manifest, algo))
                     f.flush()
                     os.fsync(f.fileno())
-                fsync_dir(tmp)
-                with runtime.commit_lock(self.dir):
-                    scratch.commit(final)
-                    fsync_dir(tmp.parent)
-                    self._update_pointers(name, p.manifest_extra["metrics"])
+                scratch.commit(final, then=lambda: self._update_pointers(name, p.manifest_extra["metrics"]))
         except OSError as exc:
             if not is_enospc(exc):
                 raise
@@ -610,7 +606,7 @@ class CheckpointManager:
     def _quarantine(self, e: cat.Entry, why: str) -> None:
         if self.rank != 0 or e.path.parent != self.dir:
             return
-        dst = runtime.quarantine(self.dir, e.name, why)
+        dst = delete.quarantine(self.dir, e.name, why)
         if dst is not None:
             log.warning("moved %s to %s (it failed verification: %s)", e.name, dst, why)
 
@@ -756,11 +752,12 @@ def export_weights(src: Path, dst_dir: Path, dtype: Optional[torch.dtype] = None
 def write_weights(tensors: dict[str, torch.Tensor], dst_dir: Path, meta: dict) -> Path:
     """Write tensors (tied ones stored once) and metadata.json into a new folder, atomically."""
     dst_dir = Path(dst_dir)
-    if dst_dir.exists():
+    if os.path.lexists(dst_dir):
         raise FileExistsError(f"{dst_dir} already exists; refusing to overwrite it")
-    tmp = dst_dir.with_name(f".tmp-{dst_dir.name}-{os.getpid()}")
-    tmp.mkdir(parents=True)
-    try:
+    dst_dir.parent.mkdir(parents=True, exist_ok=True)
+    # built in the destination folder's scratch space, removed whatever fails; committed under its lock
+    with Scratch(dst_dir.parent, f"weights-{dst_dir.name}") as scratch:
+        tmp = scratch.path
         uniq, aliases = split_tied(tensors)
         with open(tmp / mf.MODEL_FILE, "xb") as f:
             # exports keep sha256: a deployable artifact anyone can check with `sha256sum`
@@ -768,12 +765,7 @@ def write_weights(tensors: dict[str, torch.Tensor], dst_dir: Path, meta: dict) -
             f.flush()
             os.fsync(f.fileno())
         atomic_write_json(tmp / "metadata.json", {**meta, "files": {mf.MODEL_FILE: {"size": size, "sha256": digest}}})
-        fsync_dir(tmp)
-        os.rename(tmp, dst_dir)
-        fsync_dir(dst_dir.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        scratch.commit(dst_dir)
     return dst_dir
 
 

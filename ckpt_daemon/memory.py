@@ -53,7 +53,10 @@ from typing import Any, Callable, Optional
 from ckpt_daemon import fsutil, runtime
 from ckpt_daemon.errors import CkptError
 from ckpt_daemon.fsutil import atomic_symlink, fsync_dir, is_hex64, loads_json_bounded
+from ckpt_daemon.store import delete
 from ckpt_daemon.store import manifest as mf
+from ckpt_daemon.store.commit import Scratch
+from ckpt_daemon.store.locks import FileLock
 from ckpt_daemon.store.names import step_in_name
 
 MAGIC = b"CKPTMEM\x01"
@@ -391,7 +394,7 @@ class Region:
             if only_dead and pid is not None and runtime.pid_alive(pid):
                 continue
             try:
-                runtime.remove_entry(path)
+                delete.remove_entry(path)
             except OSError:
                 pass
 
@@ -400,7 +403,7 @@ class Region:
         self.remove_scratch(only_dead=False)
         for name in (*SLOTS, LOCK):
             try:
-                runtime.remove_entry(self.path / name)  # whatever is there (a folder in a slot's place too)
+                delete.remove_entry(self.path / name)  # whatever is there (a folder in a slot's place too)
             except FileNotFoundError:
                 pass
         try:
@@ -574,7 +577,7 @@ def persist_slot(info: SlotInfo, ckpt_dir: Path, lock_timeout_s: float = 600.0,
     header read, the slot not yet pinned), "pinned" (verified and held), "copied" (its files written and
     fsynced in scratch space), "committed" (renamed into place, still held) and "released" (no longer held;
     not called for a slot the caller pinned). For tests and tracing; it must not raise."""
-    from ckpt_daemon.store import catalog, foreign
+    from ckpt_daemon.store import catalog
 
     phase = phase or (lambda _name: None)
     t0 = time.perf_counter()
@@ -586,7 +589,7 @@ def persist_slot(info: SlotInfo, ckpt_dir: Path, lock_timeout_s: float = 600.0,
             return Persisted(None, info.step, 0.0, 0, f"{name} is already on disk")
         # the name holds something that is not a valid checkpoint of that step (a torn folder, a stranger's
         # file): it goes to quarantine, with its reason, and the memory state takes the name
-        if os.path.islink(final) or runtime.quarantine(Path(ckpt_dir), name, f"{why}; replaced by the memory "
+        if os.path.islink(final) or delete.quarantine(Path(ckpt_dir), name, f"{why}; replaced by the memory "
                                                                              f"checkpoint of step {info.step}") is None:
             raise ValueError(f"{name} is taken on disk by something that is not a valid checkpoint ({why}) and cannot "
                              "be moved to quarantine")
@@ -600,7 +603,7 @@ def persist_slot(info: SlotInfo, ckpt_dir: Path, lock_timeout_s: float = 600.0,
         if read_seq(info.path) != info.seq:
             raise ValueError(f"{info.path.name} was rewritten since it was verified")
         total = 0
-        with runtime.Scratch(ckpt_dir, name) as scratch:
+        with Scratch(ckpt_dir, name) as scratch:
             # a single file is built inside the scratch folder and renamed out of it
             entry = scratch.path / name if info.layout == "file" else scratch.path
             written: dict[str, int] = {}
@@ -620,26 +623,17 @@ def persist_slot(info: SlotInfo, ckpt_dir: Path, lock_timeout_s: float = 600.0,
                     status, reason = "invalid", "it holds a manifest.json but was not written as a native checkpoint"
             if status != "complete":
                 raise ValueError(f"the copy of {info.path.name} ({name}) is {status}: {reason}")
-            with runtime.commit_lock(ckpt_dir):
-                if os.path.lexists(final):
-                    return Persisted(None, info.step, 0.0, 0, f"{name} was saved by the trainer meanwhile")
-                if not native:
-                    records = pinned.manifest.get("files") or {}
-                    files = {("" if info.layout == "file" else f): {**records[f], "mtime_ns": ns}
-                             for f, ns in written.items()}
-                    foreign.write_sidecar(Path(ckpt_dir), name, entry, layout, info.step, meta, files)
-                try:
-                    if info.layout == "file":
-                        os.rename(entry, final)
-                        fsync_dir(Path(ckpt_dir))
-                    else:
-                        scratch.commit(final)
-                except BaseException:
-                    if not native:
-                        foreign.forget(Path(ckpt_dir), name)
-                    raise
-                if native:
-                    _point_latest(Path(ckpt_dir), name, info.step)
+            sidecar = None
+            if not native:
+                records = pinned.manifest.get("files") or {}
+                sidecar = {"layout": layout, "step": info.step, "meta": meta,
+                           "files": {("" if info.layout == "file" else f): {**records[f], "mtime_ns": ns}
+                                     for f, ns in written.items()}}
+            try:
+                scratch.commit(final, entry=entry, sidecar=sidecar, timeout_s=lock_timeout_s,
+                               then=(lambda: _point_latest(Path(ckpt_dir), name, info.step)) if native else None)
+            except FileExistsError:
+                return Persisted(None, info.step, 0.0, 0, f"{name} was saved by the trainer meanwhile")
             phase("committed")
     finally:
         if own:
@@ -708,7 +702,7 @@ def materialize(info: SlotInfo, ckpt_dir: Path, dest_root: Path) -> Path:
                 raise ValueError(f"{', '.join(bad)} in {info.path.name} fails its checksum")
         # a fresh folder of our own: whatever has that name (an earlier copy, a planted symlink) goes first,
         # never followed, and mkdir fails if anything takes the name again meanwhile
-        runtime.remove_entry(dest_root)
+        delete.remove_entry(dest_root)
         os.mkdir(dest_root, 0o700)
         if info.layout != "file":
             os.mkdir(out, 0o700)
@@ -783,34 +777,19 @@ def private_dir(path: Path) -> Path:
     return path
 
 
-class RegionLock:
+class RegionLock(FileLock):
     """The daemon's claim on a region: a live daemon holds it; a region whose lock is free was left by
-    a daemon that died (or never had one) and is adopted."""
+    a daemon that died (or never had one) and is adopted. The lock file (0600, in the private region)
+    says the holder's pid and boot id."""
 
     def __init__(self, path: Path):
-        self.path = Path(path)
-        self.fd: Optional[int] = None
+        super().__init__(Path(path) / LOCK, mode=0o600, info=lambda: f"{os.getpid()} {boot_id()}\n",
+                         not_regular=lambda p: MemoryCheckpointError(f"{p} is not a regular file; remove it and try again."))
+        self.region = Path(path)
 
     def acquire(self) -> bool:
-        private_dir(self.path)
-        fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, 0o600)
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            os.close(fd)
-            raise MemoryCheckpointError(f"{self.path / LOCK} is not a regular file; remove it and try again.")
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
-            return False
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()} {boot_id()}\n".encode())
-        self.fd = fd
-        return True
-
-    def release(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
+        private_dir(self.region)
+        return self.try_acquire()
 
 
 class MemoryAgent:

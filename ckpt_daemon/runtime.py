@@ -8,8 +8,11 @@
   moves its victims to the trash, so a deletion never races a commit.
 - resumed_from.json: the checkpoint the trainer last resumed from (protected from deletion).
 - pins/<name>: one file per pinned checkpoint, holding the reason.
-- tmp/: scratch space for saves, restores and snapshots being built; trash/: cleanups in progress;
-  quarantine/: checkpoints that failed verification, with the reason.
+- tmp/: scratch space for saves, restores and snapshots being built (store/commit.py); trash/: cleanups in
+  progress; quarantine/: checkpoints that failed verification, with the reason (store/delete.py).
+
+The locks are store/locks.py's one lock class; the commit primitive (scratch, fsync, rename under the
+commit lock) is store/commit.py; quarantine, removal, the trash and its journal are store/delete.py.
 
 The state folder is ours and nobody else's: it is created by us, a symlink or a file in its place is
 refused (never followed), and every scratch entry carries a lock so that leftovers of a killed
@@ -18,21 +21,18 @@ process are told apart from live work and removed at the next start of any job.
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import logging
 import os
-import shutil
 import stat
 import time
-import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from ckpt_daemon.errors import AlreadyRunningError, TrainingActiveError, UnsafePathError
-from ckpt_daemon.fsutil import atomic_write_bytes, atomic_write_json, fsync_dir, read_bytes_bounded, read_json_file
+from ckpt_daemon.fsutil import atomic_write_bytes, atomic_write_json, read_bytes_bounded, read_json_file
+from ckpt_daemon.store.locks import FileLock, lock_held, open_lock_file
 
 STATE_DIR = ".ckpt-daemon"
 RUNTIME_DIR = STATE_DIR  # the name used before 0.2
@@ -40,7 +40,6 @@ PINS_DIR = "pins"
 RELEASED_DIR = "released"  # epoch ends a user released with `unpin`
 HEARTBEAT = "heartbeat.json"
 DAEMON_RECORD = "daemon.json"
-_O_LOCK = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
 
 log = logging.getLogger("ckpt_daemon.runtime")
 
@@ -108,78 +107,17 @@ def _warn_once(key: str, msg: str, *args: Any) -> None:
 
 
 # ------------------------------------------------------------------------------------------ locks
-def _regular_or_refuse(fd: int, path: Path) -> int:
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise UnsafePathError(
-            f"{path} is not a regular file (a FIFO, a device or a folder was put in its place). ckpt-daemon keeps "
-            "its locks there; remove it and try again. Nothing was changed.")
-    return fd
-
-
+# One lock class (store/locks.py): the trainer's, the daemon's and the commit lock are FileLocks.
 def _lock_fd(path: Path) -> int:
-    # O_NONBLOCK: a FIFO planted at a lock's name must not hang us in open()
-    return _regular_or_refuse(os.open(path, _O_LOCK | os.O_NONBLOCK, 0o644), path)
+    return open_lock_file(path)
 
 
-def lock_held(path: Path) -> bool:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-    except OSError:
-        return False
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return False
-    except OSError:
-        return True
-    finally:
-        os.close(fd)
-
-
-class _FileLock:
+class _FileLock(FileLock):
     name = ""
 
     def __init__(self, ckpt_dir: Path):
         self.root = Path(ckpt_dir)
-        self.path = state_dir(ckpt_dir) / self.name
-        self.fd: Optional[int] = None
-
-    def try_acquire(self) -> bool:
-        fd = _lock_fd(self.path)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            os.close(fd)
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                return False
-            raise
-        try:
-            os.ftruncate(fd, 0)
-            os.write(fd, f"{os.getpid()}\n".encode())
-        except OSError:
-            pass  # the pid is informational; the flock is what counts (and a full disk must not stop us)
-        self.fd = fd
-        return True
-
-    def holder_pid(self) -> Optional[int]:
-        try:
-            text = os.read(fd := os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW), 32).decode("ascii", "replace")
-            os.close(fd)
-            return int(text.strip()) if text.strip().isascii() and text.strip().isdigit() else None
-        except OSError:
-            return None
-
-    def release(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)  # closing drops the flock
-            self.fd = None
-
-    def __exit__(self, *exc) -> None:
-        self.release()
+        super().__init__(state_dir(ckpt_dir) / self.name)
 
 
 class TrainerLock(_FileLock):
@@ -233,25 +171,14 @@ def daemon_running(ckpt_dir: Path) -> bool:
 @contextmanager
 def commit_lock(ckpt_dir: Path, timeout_s: float = 600.0) -> Iterator[None]:
     """Exclusive lock around commits and deletions in `ckpt_dir`."""
-    fd = _lock_fd(state_dir(ckpt_dir) / "commit.lock")
-    deadline = time.monotonic() + timeout_s
+    lock = FileLock(state_dir(ckpt_dir) / "commit.lock", info=None)
+    lock.acquire_within(timeout_s, lambda: TrainingActiveError(
+        f"Timed out after {timeout_s:.0f}s waiting for the commit lock of {ckpt_dir}: a save or a "
+        "cleanup is holding it. Try again later; nothing was changed."))
     try:
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except OSError as exc:
-                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-                    raise
-                if time.monotonic() > deadline:
-                    raise TrainingActiveError(
-                        f"Timed out after {timeout_s:.0f}s waiting for the commit lock of {ckpt_dir}: a save or a "
-                        "cleanup is holding it. Try again later; nothing was changed."
-                    ) from None
-                time.sleep(0.02)
         yield
     finally:
-        os.close(fd)
+        lock.release()
 
 
 # ------------------------------------------------------------------------------------ heartbeat
@@ -412,206 +339,3 @@ def kill_tree(pid: int, sig: int) -> int:
     return n
 
 
-# ------------------------------------------------------------------------------------ scratch space
-class Scratch:
-    """A folder being built in `<root>/.ckpt-daemon/<sub>/` (tmp/ by default), with a sibling lock file
-    held while its builder lives. `commit(dest)` renames it into place; leaving the block without a
-    commit removes it (unless keep=True). A builder killed mid-way leaves a folder whose lock nobody
-    holds: `clean_scratch` (or, for the trash, cleanup's recovery) finishes it off."""
-
-    def __init__(self, root: Path, label: str, sub: str = "tmp", keep: bool = False):
-        self.root = Path(root)
-        d = state_dir(root, sub)
-        safe = "".join(c if c.isascii() and (c.isalnum() or c in "-_=.") else "_" for c in label)[:100]
-        self.id = f"{safe}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self.lock_path = d / f"{self.id}.lock"
-        self.path = d / self.id
-        self.keep = keep
-        # Locked under a name nobody looks at, then renamed into place: the lock file is never seen unlocked.
-        # Between its creation and our flock, clean_scratch may take it for a dead builder's and remove it:
-        # then the rename fails and it is made again.
-        pending = d / f".{self.id}.lock.new"
-        for attempt in range(5):
-            self.fd: Optional[int] = _lock_fd(pending)
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            try:
-                os.rename(pending, self.lock_path)
-                break
-            except FileNotFoundError:
-                os.close(self.fd)
-                if attempt == 4:
-                    raise
-        os.mkdir(self.path, 0o755)
-        self.committed: Optional[Path] = None
-
-    def commit(self, dest: Path) -> Path:
-        """Rename the scratch folder to `dest` (which must not exist) and make it durable."""
-        dest = Path(dest)
-        if os.path.lexists(dest):
-            raise FileExistsError(errno.EEXIST, f"{dest} already exists; refusing to overwrite it", str(dest))
-        os.rename(self.path, dest)
-        fsync_dir(dest.parent)
-        self.committed = dest
-        return dest
-
-    def close(self) -> None:
-        if self.committed is None and not self.keep:
-            remove_entry(self.path)
-        if self.fd is not None:
-            try:
-                os.unlink(self.lock_path)
-            except OSError:
-                pass
-            os.close(self.fd)
-            self.fd = None
-
-    def __enter__(self) -> "Scratch":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-def commit_into(root: Path, built: Path, dest: Path, timeout_s: float = 600.0) -> Path:
-    """Put a checkpoint built and verified in scratch space (`built`, a folder or a file) at `dest` in
-    `root`: under the commit lock, never over an existing name (FileExistsError), the rename made durable
-    by an fsync of the folder. Restores from snapshots and from replicas commit through here."""
-    with commit_lock(root, timeout_s):
-        if os.path.lexists(dest):
-            raise FileExistsError(errno.EEXIST, f"{dest} already exists; refusing to overwrite it", str(dest))
-        os.rename(built, dest)
-        fsync_dir(Path(dest).parent)
-    return Path(dest)
-
-
-def live_scratch(root: Path, sub: str = "tmp") -> list[str]:
-    """Ids of scratch entries whose builder is alive (e.g. a save being written)."""
-    d = Path(root) / STATE_DIR / sub
-    try:
-        names = os.listdir(d)
-    except OSError:
-        return []
-    return sorted(n[:-5] for n in names if n.endswith(".lock") and n[:-5] in names and lock_held(d / n))
-
-
-def claim_dead(root: Path, sub: str = "tmp") -> Iterator[Path]:
-    """Yield the folders in `<root>/.ckpt-daemon/<sub>/` whose builder died (lock free or never made),
-    holding their lock while the caller deals with each; the lock file goes once the entry is gone.
-    Anything else found there (a symlink, a FIFO, a stray file) was not made by us as it is: it is
-    unlinked as it stands, never followed, listed or opened."""
-    try:
-        d = state_dir(root, sub, create=False)
-        names = set(os.listdir(d))
-    except (OSError, UnsafePathError):
-        return
-    for n in sorted(names):
-        p = d / n
-        try:
-            st = os.lstat(p)
-        except FileNotFoundError:
-            continue
-        if n.startswith("."):  # a lock being made (see Scratch): stale only if nobody holds it
-            if n.endswith(".lock.new") and stat.S_ISREG(st.st_mode) and not lock_held(p):
-                _unlink_quietly(p)
-            continue
-        if n.endswith(".lock"):
-            if n[:-5] not in names and stat.S_ISREG(st.st_mode) and not lock_held(p):  # killed between rename and unlink
-                _unlink_quietly(p)
-            elif not stat.S_ISREG(st.st_mode):
-                _unlink_quietly(p)
-            continue
-        if not stat.S_ISDIR(st.st_mode):
-            _unlink_quietly(p)  # a symlink (or file) in our scratch space: removed as a link, never followed
-            continue
-        fd = None
-        if f"{n}.lock" in names:
-            try:
-                fd = os.open(d / f"{n}.lock", os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-                if not stat.S_ISREG(os.fstat(fd).st_mode):
-                    raise OSError("not a regular file")
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                if fd is not None:
-                    os.close(fd)
-                continue  # its builder is alive (or its lock is not a file: leave both alone)
-        try:
-            yield p
-        finally:
-            if fd is not None:
-                if not os.path.lexists(p):
-                    _unlink_quietly(d / f"{n}.lock")
-                os.close(fd)
-
-
-def _unlink_quietly(p: Path) -> None:
-    try:
-        os.unlink(p)
-    except OSError:
-        pass
-
-
-def clean_scratch(root: Path) -> list[str]:
-    """Remove the scratch entries of builders that died. Safe to call at any time by anyone: live work
-    holds its lock. Returns the ids removed."""
-    removed = []
-    for p in claim_dead(root, "tmp"):
-        remove_entry(p)
-        removed.append(p.name)
-    return removed
-
-
-def remove_entry(p: Path) -> None:
-    """Remove whatever is at `p`: a folder with what it holds, or a file or symlink itself (never
-    followed). A folder that cannot be removed whole is left in part (the caller checks, e.g. by a mkdir
-    of that name failing)."""
-    try:
-        st = os.lstat(p)
-    except FileNotFoundError:
-        return
-    if stat.S_ISDIR(st.st_mode):
-        shutil.rmtree(p, ignore_errors=True)
-    else:
-        os.unlink(p)
-
-
-# ------------------------------------------------------------------------------------- quarantine
-def quarantine(ckpt_dir: Path, name: str, reason: str) -> Optional[Path]:
-    """Move a checkpoint that failed verification (a folder or a file, any layout) out of the catalog
-    into .ckpt-daemon/quarantine/, with a note of why. Nothing is deleted (the evidence stays for the
-    user), it can never be chosen for resume again, and the trainer can write that step afresh under
-    the same name."""
-    _check_name(name)
-    src = Path(ckpt_dir) / name
-    if src.is_symlink() or not src.exists():
-        return None
-    qdir = state_dir(ckpt_dir, "quarantine")
-    dst = qdir / f"{name}.{time.strftime('%Y%m%dT%H%M%S')}.{os.getpid()}.{uuid.uuid4().hex[:4]}"
-    with commit_lock(ckpt_dir):
-        if not src.exists() or src.is_symlink():
-            return None
-        os.rename(src, dst)
-        fsync_dir(ckpt_dir)
-    try:
-        atomic_write_bytes(qdir / f"{dst.name}.reason", (reason.strip() + "\n").encode())
-    except OSError:
-        pass  # the move is what protects the run; the note is for the user
-    return dst
-
-
-def quarantined(ckpt_dir: Path) -> list[dict]:
-    """What is in quarantine: [{name, path, reason}], newest first."""
-    d = Path(ckpt_dir) / STATE_DIR / "quarantine"
-    try:
-        names = sorted(os.listdir(d), reverse=True)
-    except OSError:
-        return []
-    out = []
-    for n in names:
-        if n.endswith(".reason"):
-            continue
-        try:
-            reason = read_bytes_bounded(d / f"{n}.reason", 8192).decode("utf-8", "replace").strip()
-        except (OSError, ValueError):
-            reason = ""
-        out.append({"name": n.rsplit(".", 3)[0], "path": str(d / n), "reason": reason})
-    return out

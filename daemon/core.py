@@ -32,6 +32,7 @@ from ckpt_daemon.errors import ConfigError
 from ckpt_daemon.fsutil import disk_usage
 from ckpt_daemon.logs import get_logger, setup_logging
 from ckpt_daemon.store import catalog as cat
+from ckpt_daemon.store import delete
 from ckpt_daemon.store import resolve as rs
 from daemon import alerts, configwatch
 from daemon import state as st
@@ -304,7 +305,7 @@ class Daemon:
                 dir=str(cfg.checkpoint_dir), count=len(c.entries), valid=len(c.valid()),
                 latest=desc(rs.named_or_none(c, rs.LATEST)), best=desc(rs.named_or_none(c, rs.BEST)),
                 failed_verification=dict(self.watcher.bad),
-                in_progress=[p.name for p in c.in_progress], quarantined=len(runtime.quarantined(cfg.checkpoint_dir)),
+                in_progress=[p.name for p in c.in_progress], quarantined=len(delete.quarantined(cfg.checkpoint_dir)),
                 runs={run: sd.RunCheckpoints(count=len(rc.entries), valid=len(rc.valid()),
                                              latest=desc(rs.named_or_none(rc, rs.LATEST)),
                                              best=desc(rs.named_or_none(rc, rs.BEST)))

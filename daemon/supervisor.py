@@ -36,7 +36,7 @@ from ckpt_daemon import runtime, spare
 from ckpt_daemon.fsutil import free_bytes
 from ckpt_daemon.logs import get_logger
 from ckpt_daemon.store import catalog as cat
-from ckpt_daemon.store import foreign, verifyonce
+from ckpt_daemon.store import delete, foreign, verifyonce
 from ckpt_daemon.store import resolve as rs
 from daemon import alerts
 from daemon.outputtail import OutputTail
@@ -191,7 +191,7 @@ def choose_resume(c: cat.Catalog, exclude: set[str], known_bad: dict[str, str],
     writers = writers or (lambda path: [])
 
     def set_aside(e: cat.Entry, why: str) -> None:
-        if runtime.quarantine(c.root, e.name, why) is not None:
+        if delete.quarantine(c.root, e.name, why) is not None:
             notes.append(f"{prefix}{e.name} moved to {runtime.STATE_DIR}/quarantine/ ({why})")
             foreign.forget(c.root, e.name)
         else:

@@ -22,9 +22,10 @@ from ckpt_daemon import fsutil, runtime
 from ckpt_daemon.cliutil import add_json_argument, config_path, module_main, number
 from ckpt_daemon.config import Config, load_config
 from ckpt_daemon.errors import CkptError, UsageError
-from ckpt_daemon.fsutil import fsync_dir, inside, is_enospc, read_json_file, remove_tree_safely
+from ckpt_daemon.fsutil import fsync_dir, inside, is_enospc, remove_tree_safely
 from ckpt_daemon.logs import append_text
 from ckpt_daemon.store import catalog as cat
+from ckpt_daemon.store import delete
 from ckpt_daemon.termtext import inert
 from ckpt_daemon.units import human
 from maintenance import retention
@@ -380,15 +381,6 @@ def policy_changes(policy: dict) -> str:
 
 
 # ---------------------------------------------------------------------------------- execute
-JOURNAL = ".journal.json"
-
-
-def _write_journal(run: runtime.Scratch, obj: dict) -> None:
-    from ckpt_daemon.fsutil import atomic_write_json
-
-    atomic_write_json(run.path / JOURNAL, obj)
-
-
 def execute(cfg: Config, r: Report, extra_protected: Optional[dict[str, str]] = None,
             remove: Callable[[Path, Path], None] = remove_tree_safely, unattended: bool = False,
             lock_timeout_s: float = 600.0) -> Report:
@@ -401,7 +393,7 @@ def execute(cfg: Config, r: Report, extra_protected: Optional[dict[str, str]] = 
     planned = {d.name for d in r.to_delete}
     keep = cfg.retention.keep_trash
     try:
-        run = runtime.Scratch(root, "run", sub="trash", keep=keep)
+        run = delete.trash_run(root, keep=keep)
     except OSError as exc:
         if not is_enospc(exc):
             raise
@@ -419,17 +411,13 @@ def execute(cfg: Config, r: Report, extra_protected: Optional[dict[str, str]] = 
             journal["planned"] = {d.name: {"reasons": d.reasons, "freeable_bytes": fresh.entries[d.name].freeable_bytes}
                                   for d in victims}
             try:
-                _write_journal(run, journal)
+                delete.write_journal(run, journal)
             except OSError as exc:
                 if not is_enospc(exc):
                     raise  # on a full disk the deletions go on without a journal: they are what frees space
             for d in victims:
-                src = root / d.name
                 try:
-                    if not inside(src, root) or os.path.islink(src):
-                        raise CkptError(f"{src} is a symlink or lies outside {root}")
-                    dst = run.path / d.name
-                    os.rename(src, dst)
+                    dst = delete.trash_locked(root, run, d.name)
                     moved.append((d.name, dst, fresh.entries[d.name].freeable_bytes))
                 except (OSError, CkptError) as exc:
                     r.failed.append((d.name, str(exc)))
@@ -449,7 +437,7 @@ def execute(cfg: Config, r: Report, extra_protected: Optional[dict[str, str]] = 
             except (OSError, CkptError) as exc:
                 r.failed.append((name, f"moved to {dst} but not removed: {exc}"))
         if keep:
-            _write_journal(run, {**journal, "state": "kept", "deleted": r.deleted})
+            delete.write_journal(run, {**journal, "state": "kept", "deleted": r.deleted})
     return r
 
 
@@ -490,7 +478,7 @@ def finish_leftovers(cfg: Config, empty_kept: bool = False) -> list[str]:
     lines: list[str] = []
     roots = [cfg.checkpoint_dir / r if r else cfg.checkpoint_dir for r in run_names(cfg)]
     for root in (*roots, cfg.snapshot_dir, cfg.consolidation_dir):
-        for sid in runtime.clean_scratch(root):
+        for sid in delete.clean_scratch(root):
             lines.append(f"removed {root / runtime.STATE_DIR / 'tmp' / sid}, left by a save, restore or snapshot "
                          "that was killed before it finished")
     for root in roots:
@@ -507,13 +495,13 @@ def finish_leftovers(cfg: Config, empty_kept: bool = False) -> list[str]:
 
 def _finish_trash(root: Path, empty_kept: bool) -> list[str]:
     lines: list[str] = []
-    for run in runtime.claim_dead(root, "trash"):
-        j = read_json_file(run / JOURNAL, 16 << 20) or {}
+    for run in delete.dead_trash_runs(root):
+        j = delete.read_journal(run)
         if j.get("state") == "kept" and not empty_kept:
             continue
         planned = j.get("planned") if isinstance(j.get("planned"), dict) else {}
         try:
-            names = sorted(n for n in os.listdir(run) if n != JOURNAL)
+            names = sorted(n for n in os.listdir(run) if n != delete.JOURNAL)
         except OSError:
             names = []
         freed = 0

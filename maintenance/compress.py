@@ -29,8 +29,9 @@ from typing import Any, Optional
 
 from ckpt_daemon.cliutil import add_json_argument, error_record, module_main
 from ckpt_daemon.errors import CheckpointError, CkptError, UsageError, crash_summary
-from ckpt_daemon.fsutil import disk_full_error, fsync_dir, is_enospc
+from ckpt_daemon.fsutil import disk_full_error, is_enospc
 from ckpt_daemon.store import catalog as cat
+from ckpt_daemon.store.commit import Scratch
 from ckpt_daemon.termtext import inert
 from maintenance.consolidate import human, is_lightning, load_torch_file, same_bits
 
@@ -93,36 +94,40 @@ def compress_file(path: Path, replace: bool = False) -> dict:
 
 
 def _write_verified(path: Path, small: dict, replace: bool) -> Path:
-    """torch.save `small` beside `path`, reload it, check every tensor bit for bit, then move it into place."""
+    """torch.save `small` in the scratch space of `path`'s folder (store/commit.py: the catalog sees a save in
+    progress, and whatever fails, nothing is left), reload it, check every tensor bit for bit, then commit it
+    into place (over the original with `replace`, over an older compressed copy otherwise)."""
     import torch
 
     out = path.with_name(f"{path.stem}{SUFFIX}{path.suffix}")
     target = path if replace else out
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")  # a .tmp name: the catalog sees a save in progress
     try:
-        with open(tmp, "xb") as f:
-            torch.save(small, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, stat.S_IMODE(os.lstat(path).st_mode))
-        back = load_torch_file(tmp)
-        want, got = tensors_of(small), tensors_of(back)
-        bad = next((k for k in want if k not in got or not same_bits(want[k], got[k])), None)
-        if bad is not None or set(want) != set(got) or list(back) != list(small):
-            raise CkptError(f"The compressed copy of {path} does not reload identically ({bad or 'its keys differ'}); "
-                            "it was removed and the original is untouched. Check the disk, then try again.")
-        os.replace(tmp, target)
-        fsync_dir(target.parent)
+        with Scratch(path.parent, f"compress-{out.name}") as scratch:
+            tmp = scratch.path / out.name
+            _build_verified(path, small, tmp, torch)
+            scratch.commit(target, entry=tmp, overwrite=True)
     except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
         if is_enospc(exc):
             raise disk_full_error(f"write the compressed copy of {path.name}", path.parent, exc) from None
         raise CkptError(f"The compressed copy of {path} could not be written ({exc.strerror or exc}); the original is "
                         "untouched.") from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return target
+
+
+def _build_verified(path: Path, small: dict, tmp: Path, torch) -> None:
+    """torch.save `small` as the new file `tmp` (fsynced, with `path`'s mode) and check that it reloads
+    identically, every tensor bit for bit."""
+    with open(tmp, "xb") as f:
+        torch.save(small, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.chmod(tmp, stat.S_IMODE(os.lstat(path).st_mode))
+    back = load_torch_file(tmp)
+    want, got = tensors_of(small), tensors_of(back)
+    bad = next((k for k in want if k not in got or not same_bits(want[k], got[k])), None)
+    if bad is not None or set(want) != set(got) or list(back) != list(small):
+        raise CkptError(f"The compressed copy of {path} does not reload identically ({bad or 'its keys differ'}); "
+                        "it was removed and the original is untouched. Check the disk, then try again.")
 
 
 def expand(patterns: list[str]) -> list[Path]:

@@ -37,14 +37,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from ckpt_daemon import runtime
 from ckpt_daemon.cliutil import add_json_argument, config_path, module_main, number
 from ckpt_daemon.config import Config, load_config
 from ckpt_daemon.errors import CheckpointError, CkptError, NoValidCheckpoint, UsageError, crash_summary
 from ckpt_daemon.fsutil import (
     atomic_write_json,
     disk_full_error,
-    fsync_dir,
     fsync_file,
     hash_file,
     is_enospc,
@@ -53,6 +51,7 @@ from ckpt_daemon.fsutil import (
 )
 from ckpt_daemon.store import catalog as cat
 from ckpt_daemon.store import resolve as rs
+from ckpt_daemon.store.commit import Scratch
 from ckpt_daemon.termtext import inert
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -425,7 +424,7 @@ def write_export(dst: Path, tensors: dict, json_files: dict, copies: list, meta:
     # Built in the state folder's scratch space (a lock marks it live; a killed export's folder is removed by
     # the next job of any kind), verified there, then renamed into place.
     try:
-        scratch = runtime.Scratch(dst.parent, f"export-{dst.name}")
+        scratch = Scratch(dst.parent, f"export-{dst.name}")
     except OSError as exc:
         if is_enospc(exc):
             raise disk_full_error("write the consolidated model", dst.parent, exc) from None
@@ -451,7 +450,6 @@ def write_export(dst: Path, tensors: dict, json_files: dict, copies: list, meta:
             atomic_write_json(tmp / "metadata.json", {**meta, "files": files})
             check = verify(tmp)
             atomic_write_json(tmp / "metadata.json", {**meta, "files": files, "verified": check})
-            fsync_dir(tmp)
             scratch.commit(dst)
         except OSError as exc:
             if is_enospc(exc):

@@ -16,13 +16,13 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from ckpt_daemon import runtime
 from ckpt_daemon.cliutil import add_json_argument, config_path, module_main
 from ckpt_daemon.config import Config, load_config
 from ckpt_daemon.errors import CheckpointError, UsageError
 from ckpt_daemon.fsutil import inside, read_json_file
 from ckpt_daemon.store import catalog as cat
 from ckpt_daemon.store import names
+from ckpt_daemon.store.commit import Scratch
 from maintenance.snapshot import SNAPSHOT_MANIFEST, _copy_checkpoint, choose_method
 
 
@@ -72,14 +72,14 @@ def restore(cfg: Config, which: str, only: Optional[str] = None) -> list[str]:
         files = rec.get("files") if isinstance(rec.get("files"), dict) else None
         sidecar = {"files": files} if files else None
         layout = "native" if (src / "manifest.json").exists() else "other"
-        with runtime.Scratch(root, f"restore-{name}") as scratch:
+        with Scratch(root, f"restore-{name}") as scratch:
             tmp = scratch.path / name
             _copy_checkpoint(src, tmp, choose_method(cfg.snapshots.mode, layout, scratch.path, src))
             layout, status, reason, _ = cat.check_entry(tmp, verify=True, step=fields["step"], sidecar=sidecar)
             if status != "complete":
                 raise CheckpointError(f"the copy of {label} in the snapshot is {status} ({reason}); it was not restored")
             try:
-                runtime.commit_into(root, tmp, dst)
+                scratch.commit(dst, entry=tmp)
             except FileExistsError:
                 raise CheckpointError(f"{label} appeared in {root} meanwhile; nothing was overwritten") from None
         restored.append(label)

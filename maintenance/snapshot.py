@@ -31,7 +31,6 @@ from ckpt_daemon.fsutil import (
     atomic_write_json,
     copy_into,
     disk_full_error,
-    fsync_dir,
     is_enospc,
     read_json_file,
     remove_tree_safely,
@@ -41,6 +40,7 @@ from ckpt_daemon.logs import append_text
 from ckpt_daemon.store import catalog as cat
 from ckpt_daemon.store import foreign
 from ckpt_daemon.store import resolve as rs
+from ckpt_daemon.store.commit import Scratch
 from ckpt_daemon.termtext import inert
 
 SNAPSHOT_MANIFEST = "snapshot.json"
@@ -195,7 +195,7 @@ def _take_snapshot(cfg: Config, now: Optional[dt.datetime], show_progress: bool)
     mode = cfg.snapshots.mode
     res = SnapshotResult(name, final, True)
     bar = None
-    with runtime.Scratch(root, f"snapshot-{name}") as scratch:
+    with Scratch(root, f"snapshot-{name}") as scratch:
         tmp = scratch.path
         try:
             # Choose and hard-link under the commit lock, so a cleanup cannot move a chosen checkpoint into
@@ -235,7 +235,6 @@ def _take_snapshot(cfg: Config, now: Optional[dt.datetime], show_progress: bool)
             "source": str(cfg.checkpoint_dir), "checkpoints": res.checkpoints,
             "apparent_bytes": res.apparent_bytes, "added_bytes": res.added_bytes,
         })
-        fsync_dir(tmp)
         scratch.commit(final)
     held = ", ".join("{}{} ({}, {})".format(f"{d['run']}/" if d["run"] else "", d["name"], "/".join(d["roles"]), d["method"])
                      for d in res.checkpoints)

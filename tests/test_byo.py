@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from ckpt_daemon import runtime
 from ckpt_daemon.store import catalog as cat
+from ckpt_daemon.store import delete as store_delete
 from tests.helpers import BYO, FAST_RESTART, PY, Daemon, kill_right_after_a_save, newest, run_py, wait_for
 
 
@@ -50,7 +50,7 @@ def test_a_plain_torch_save_script_gets_every_guarantee(tmp_path, daemons):
                what="the resume past the damaged checkpoint")
     resumed = s["training"]["resumed_from"]
     assert cat.scan(root, patterns).by_name(resumed).step < bad.step
-    assert any(q["name"] == bad.name for q in runtime.quarantined(root))
+    assert any(q["name"] == bad.name for q in store_delete.quarantined(root))
     wait_for(lambda: (e := cat.scan(root, patterns).by_name(bad.name)) is not None and cat.verify_entry(e).valid,
              what=f"{bad.name} written again under its name")
     # a manual cleanup during training keeps the checkpoint it resumed from (tiers would keep only 2)
@@ -87,7 +87,7 @@ def test_a_script_that_resumes_itself_is_protected_from_its_own_bad_file(tmp_pat
                and s, what="the restart")
     tail = (tmp_path / "logs" / "trainer.log").read_text().split("ckpt-daemon starts")[-1]
     assert f"resumed from {bad.path}" not in tail and "at step " in tail  # it found a good file on its own
-    assert any(q["name"] == bad.name for q in runtime.quarantined(root))
+    assert any(q["name"] == bad.name for q in store_delete.quarantined(root))
     wait_for(lambda: newest(root, patterns).step > bad.step, what="progress past the damaged step")
     assert d.status()["training"]["restarts"] == 1  # no crash loop: it trained on from a good file
     assert d.stop() == 0
@@ -116,7 +116,7 @@ def _own_trainer_cycle(tmp_path: Path, daemons, script: str, patterns: list[str]
                what="the restart past the damage")
     resumed = s["training"]["resumed_from"]
     assert resumed != bad.name and cat.scan(root, patterns).by_name(resumed).step < bad.step, (resumed, damaged)
-    assert any(q["name"] == bad.name for q in runtime.quarantined(root))
+    assert any(q["name"] == bad.name for q in store_delete.quarantined(root))
     wait_for(lambda: (e := cat.scan(root, patterns).by_name(bad.name)) is not None and cat.verify_entry(e).valid,
              what=f"{bad.name} written again under its name")
     # a manual cleanup during training keeps the resume point, the best and the epoch ends

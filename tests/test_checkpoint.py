@@ -18,6 +18,8 @@ from ckpt_daemon import checkpoint as ck
 from ckpt_daemon.checkpoint import CheckpointManager, read_checkpoint
 from ckpt_daemon.errors import CheckpointError, NoValidCheckpoint
 from ckpt_daemon.store import catalog as cat
+from ckpt_daemon.store import commit as store_commit
+from ckpt_daemon.store import delete as store_delete
 from tests.helpers import make_state, same_nested, same_state, write_manifest
 
 
@@ -100,7 +102,6 @@ def test_sigkill_at_random_instants_during_save_never_loses_the_newest_committed
     """50 SIGKILLs of a process that saves ~50 MB checkpoints back to back. Each kill waits until a save
     is under way (its scratch folder is live), then lands at a random instant within a save's duration,
     so most kills hit a save mid-write whatever else the machine is doing and whatever ran before."""
-    from ckpt_daemon import runtime
 
     rng = random.Random(1234)
     kills, mid_save = 0, 0
@@ -115,7 +116,7 @@ def test_sigkill_at_random_instants_during_save_never_loses_the_newest_committed
             finally:
                 os._exit(1)
         deadline = time.monotonic() + 60
-        while not runtime.live_scratch(tmp_path):
+        while not store_commit.live_scratch(tmp_path):
             assert time.monotonic() < deadline, "the saver never started a save"
             time.sleep(0.002)
         time.sleep(rng.uniform(0.0, 0.3))
@@ -125,7 +126,7 @@ def test_sigkill_at_random_instants_during_save_never_loses_the_newest_committed
         c = cat.scan(tmp_path, ["checkpoint-{step}"])
         dead = [p for p in scratch.iterdir() if p.is_dir()]
         mid_save += bool(dead)
-        assert not runtime.live_scratch(tmp_path) and not c.in_progress  # a dead save is never "in progress"
+        assert not store_commit.live_scratch(tmp_path) and not c.in_progress  # a dead save is never "in progress"
         # no temp folder is ever a checkpoint; every committed one is complete
         assert all(e.status == "complete" for e in c.entries), [(e.name, e.reason) for e in c.entries if not e.valid]
         newest = c.newest_valid()
@@ -134,7 +135,7 @@ def test_sigkill_at_random_instants_during_save_never_loses_the_newest_committed
             state = read_checkpoint(newest.path)  # verifies every checksum
             assert state["manifest"]["step"] == newest.step
             last_valid = newest.step
-        assert sorted(runtime.clean_scratch(tmp_path)) == sorted(p.name for p in dead)  # what a restarted trainer does
+        assert sorted(store_delete.clean_scratch(tmp_path)) == sorted(p.name for p in dead)  # what a restarted trainer does
         assert not list(scratch.iterdir())
         for e in c.entries[:-2]:  # keep the disk small
             import shutil

@@ -14,6 +14,7 @@ import pytest
 
 from ckpt_daemon.config import load_config
 from ckpt_daemon.store import catalog as cat
+from ckpt_daemon.store import commit as store_commit
 from maintenance.cleanup import run_cleanup
 from tests.helpers import PY, env_for_children, hf_folder, native, run_py, single_file, write_config
 
@@ -222,14 +223,13 @@ def test_cleanup_loop_races_a_trainer_saving_every_step(tmp_path):
 
 @pytest.mark.slow
 def test_concurrent_cleanups_never_take_each_others_trash(tmp_path):
-    from ckpt_daemon import runtime
     from ckpt_daemon.fsutil import atomic_write_json
 
     cfg_path = setup_native(tmp_path)
     root = tmp_path / "checkpoints"
-    live = runtime.Scratch(root, "run", sub="trash")  # a cleanup still running (it holds its lock)
+    live = store_commit.Scratch(root, "run", sub="trash")  # a cleanup still running (it holds its lock)
     (live.path / "checkpoint-1").mkdir()
-    dead = runtime.Scratch(root, "run", sub="trash")  # one killed half-way: its lock is free, its journal says why
+    dead = store_commit.Scratch(root, "run", sub="trash")  # one killed half-way: its lock is free, its journal says why
     (dead.path / "checkpoint-2").mkdir()
     (dead.path / "checkpoint-2" / "model.safetensors").write_bytes(b"x" * 100)
     atomic_write_json(dead.path / ".journal.json", {"started": time.time() - 60, "state": "moving", "planned": {

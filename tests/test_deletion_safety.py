@@ -20,6 +20,8 @@ import yaml
 from ckpt_daemon import runtime
 from ckpt_daemon.config import load_config
 from ckpt_daemon.store import catalog as cat
+from ckpt_daemon.store import commit as store_commit
+from ckpt_daemon.store import delete as store_delete
 from maintenance.cleanup import build_report, run_cleanup
 from tests.helpers import PY, env_for_children, fake_native, native, run_py, seed_history, write_config
 
@@ -346,14 +348,14 @@ def test_the_state_folder_is_ours_only(tmp_path):
     (root / ".ckpt-daemon").unlink()
     d = runtime.state_dir(root, "tmp")
     assert d.is_dir() and not d.is_symlink()
-    with runtime.Scratch(root, "x") as s:
-        assert s.path.is_dir() and runtime.live_scratch(root) == [s.id]
-        assert runtime.clean_scratch(root) == []  # alive: never removed
+    with store_commit.Scratch(root, "x") as s:
+        assert s.path.is_dir() and store_commit.live_scratch(root) == [s.id]
+        assert store_delete.clean_scratch(root) == []  # alive: never removed
     assert not s.path.exists() and not s.lock_path.exists()
     # a dead builder's lock in the making (unheld) is removed...
     pending = d / ".x-1-abcd.lock.new"
     pending.write_text("")
-    runtime.clean_scratch(root)
+    store_delete.clean_scratch(root)
     assert not pending.exists()
 
 
@@ -362,20 +364,20 @@ def test_a_scratch_whose_lock_in_the_making_is_cleaned_away_is_made_again(tmp_pa
     found it unheld), the builder makes its lock again instead of failing its save."""
     root = tmp_path / "ck"
     root.mkdir()
-    real, raced = runtime._lock_fd, []
+    real, raced = store_commit._lock_fd, []
 
     def racing_lock_fd(path):
         fd = real(path)
         if str(path).endswith(".lock.new") and not raced:
             raced.append(path)
-            assert runtime.clean_scratch(root) == []  # unheld at this instant: the cleaner removes it
+            assert store_delete.clean_scratch(root) == []  # unheld at this instant: the cleaner removes it
             assert not path.exists()
         return fd
 
-    monkeypatch.setattr(runtime, "_lock_fd", racing_lock_fd)
-    with runtime.Scratch(root, "x") as s:
+    monkeypatch.setattr(store_commit, "_lock_fd", racing_lock_fd)
+    with store_commit.Scratch(root, "x") as s:
         assert raced and s.lock_path.exists() and runtime.lock_held(s.lock_path)
-        assert runtime.clean_scratch(root) == [] and s.path.is_dir()
+        assert store_delete.clean_scratch(root) == [] and s.path.is_dir()
 
 
 def test_pins_and_records_are_never_written_through_a_symlink(tmp_path):

@@ -17,6 +17,7 @@ import torch
 from ckpt_daemon.checkpoint import load_weights
 from ckpt_daemon.config import load_config
 from ckpt_daemon.store import catalog as cat
+from ckpt_daemon.store import commit as store_commit
 from maintenance import compress, consolidate
 from tests.helpers import run_py, same_nested, write_config
 
@@ -219,7 +220,6 @@ def test_consolidate_fp32_and_bf16_from_every_layout(kind, request, capsys):
 
 
 def test_an_export_killed_half_way_never_looks_done_and_is_cleaned(plain, tmp_path, capsys, monkeypatch):
-    from ckpt_daemon import runtime
 
     cfg = write_config(tmp_path, {"checkpoints": {"dir": str(plain.root / "checkpoints"),
                                                   "pattern": ["model_step_{step}.pt"]}}, tiny=False)
@@ -231,7 +231,7 @@ def test_an_export_killed_half_way_never_looks_done_and_is_cleaned(plain, tmp_pa
     assert consolidate.main(["--config", str(cfg)]) == 130  # Ctrl+C: exit 130, no traceback
     out = tmp_path / "consolidated_models"
     assert [p.name for p in out.iterdir() if not p.name.startswith(".")] == []  # nothing under a real name
-    stale = runtime.Scratch(out, "export-x")  # a writer killed -9: its scratch folder stays, its lock goes
+    stale = store_commit.Scratch(out, "export-x")  # a writer killed -9: its scratch folder stays, its lock goes
     (stale.path / "model.safetensors").write_bytes(b"x" * 100)
     os.close(stale.fd)
     stale.fd = None

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
-from ckpt_daemon import runtime
 from ckpt_daemon.config import load_config
 from ckpt_daemon.store import catalog as cat
+from ckpt_daemon.store import delete as store_delete
 from ckpt_daemon.store import foreign
 from daemon.supervisor import choose_resume
 from maintenance import retention
@@ -76,7 +76,7 @@ def test_a_save_being_written_is_in_progress_never_failed_and_settles(tmp_path):
     # if the writer died (no process has a file of it open), the resume choice sets it aside
     e, notes = choose_resume(c, set(), {})
     assert e.name == "checkpoint-100" and not (tmp_path / "checkpoint-200").exists()
-    q = runtime.quarantined(tmp_path)
+    q = store_delete.quarantined(tmp_path)
     assert q[0]["name"] == "checkpoint-200" and "a save that stopped half-way" in q[0]["reason"]
     # ...so the trainer can write that step again under the same name
     hf_folder(tmp_path, 200)
@@ -91,7 +91,7 @@ def test_quarantine_works_for_every_layout_and_a_resave_keeps_its_name(tmp_path)
     c = cat.scan(tmp_path, PATTERNS, now=LATER)
     e, notes = choose_resume(c, set(), {})
     assert e.name == "model_step_100.pt" and not (tmp_path / "model_step_200.pt").exists()
-    assert runtime.quarantined(tmp_path)[0]["name"] == "model_step_200.pt"
+    assert store_delete.quarantined(tmp_path)[0]["name"] == "model_step_200.pt"
     assert not foreign.sidecar_path(tmp_path, "model_step_200.pt").exists()
     plain(tmp_path, 200)  # the trainer writes step 200 again
     c = cat.scan(tmp_path, PATTERNS, verify=True, now=LATER)
@@ -193,7 +193,7 @@ def test_runs_each_get_their_own_latest_best_retention_snapshot_and_restore(tmp_
     snap = take_snapshot(cfg)
     assert {(d["run"], d["name"]) for d in snap.checkpoints} == {("sft", "checkpoint-300"), ("dpo", "checkpoint-20")}
     assert (snap.path / "sft" / "checkpoint-300" / "trainer_state.json").exists()
-    runtime.quarantine(cfg.checkpoint_dir / "sft", "checkpoint-300", "test")
+    store_delete.quarantine(cfg.checkpoint_dir / "sft", "checkpoint-300", "test")
     lines = restore(cfg, snap.name, "sft/checkpoint-300")
     assert any(line.startswith("restored sft/checkpoint-300") for line in lines)
     assert cat.scan_runs(cfg, verify=True)["sft"].by_name("checkpoint-300").valid

@@ -21,6 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ckpt_daemon.store import catalog as cat
+from ckpt_daemon.store import delete as store_delete
 from ckpt_daemon.store import foreign
 from daemon.supervisor import choose_resume, choose_resume_all
 from tests.helpers import (
@@ -127,7 +128,7 @@ def test_hostile_safetensors_headers_are_reported_not_raised(tmp_path, what, cap
     assert cleanup_cli(["--config", str(cfg), "--dry-run"]) == 0
     # and the resume choice passes them over (setting them aside, newer than its choice as they are)
     assert choose_resume(cat.scan(root, PATTERNS), set(), {})[0].name == "checkpoint-20"
-    assert {q["name"] for q in __import__("ckpt_daemon.runtime").runtime.quarantined(root)} == set(bad)
+    assert {q["name"] for q in store_delete.quarantined(root)} == set(bad)
 
 
 def test_a_hostile_manifest_is_reported_not_raised(tmp_path):

@@ -22,6 +22,7 @@ from ckpt_daemon import memory as mem
 from ckpt_daemon import memsave  # noqa: F401  (imported before any test patches fsutil.free_bytes it binds)
 from ckpt_daemon.integrations import common
 from ckpt_daemon.store import catalog as cat
+from ckpt_daemon.store import delete as store_delete
 from ckpt_daemon.store import foreign
 from tests.helpers import PY, Daemon, resident_bytes, wait_for
 
@@ -330,7 +331,6 @@ def test_a_second_run_replaces_the_best_of_the_same_name_and_loads_its_own(under
     pytest.importorskip("transformers")
     from safetensors.torch import load_file
 
-    from ckpt_daemon import runtime
 
     ck, _ = under_daemon
     _hf_best_at_step_3(ck, seed=0)
@@ -339,7 +339,7 @@ def test_a_second_run_replaces_the_best_of_the_same_name_and_loads_its_own(under
     on_disk = load_file(ck / "checkpoint-3" / "model.safetensors")
     assert not torch.equal(on_disk["transformer.wte.weight"], first["transformer.wte.weight"])  # the new best
     assert torch.equal(second.model.state_dict()["transformer.wte.weight"], on_disk["transformer.wte.weight"])
-    assert [q["name"] for q in runtime.quarantined(ck)] == ["checkpoint-3"]  # the older one kept aside
+    assert [q["name"] for q in store_delete.quarantined(ck)] == ["checkpoint-3"]  # the older one kept aside
 
 
 def test_save_total_limit_applies_to_what_goes_to_disk(under_daemon):
@@ -684,7 +684,6 @@ def test_a_name_taken_on_disk_by_a_torn_or_foreign_entry_does_not_cost_the_memor
     import io
     import time
 
-    from ckpt_daemon import runtime
     from ckpt_daemon.memsave import MemoryWriter
 
     region, ck = tmp_path / "shm", tmp_path / "ck"
@@ -703,7 +702,7 @@ def test_a_name_taken_on_disk_by_a_torn_or_foreign_entry_does_not_cost_the_memor
     assert "step=5.ckpt is incomplete" in mem.name_taken(squatter, 5)
     r = mem.persist_slot(info, ck)
     assert r.path == squatter and torch.load(squatter, weights_only=False)["global_step"] == 5
-    assert [q["name"] for q in runtime.quarantined(ck)] == ["step=5.ckpt"]  # the torn one kept as evidence
+    assert [q["name"] for q in store_delete.quarantined(ck)] == ["step=5.ckpt"]  # the torn one kept as evidence
     assert mem.name_taken(squatter, 5) is None  # and now it counts as on disk
 
 

@@ -25,6 +25,7 @@ from ckpt_daemon import runtime
 from ckpt_daemon.checkpoint import CheckpointManager
 from ckpt_daemon.config import load_config
 from ckpt_daemon.store import catalog as cat
+from ckpt_daemon.store import delete as store_delete
 from maintenance.snapshot import take_snapshot
 from tests.helpers import PY, Daemon, env_for_children, fake_native, native, run_py, write_config
 
@@ -105,7 +106,7 @@ def test_snapshot_modes_and_damage_in_place(tmp_path, mode):
     snap_ok = cat.check_entry(res.path / "checkpoint-10", verify=True)[1] == "complete"
     assert snap_ok is (mode == "copy")
     if mode == "copy":
-        runtime.quarantine(cfg.checkpoint_dir, "checkpoint-10", "damaged")
+        store_delete.quarantine(cfg.checkpoint_dir, "checkpoint-10", "damaged")
         r = run_py(["-m", "maintenance.restore", res.name, "--config", str(cfg_path)], check=True)
         assert "restored checkpoint-10" in r.stdout
         assert cat.scan_config(cfg, verify=True).by_name("checkpoint-10").valid

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ckpt_daemon import runtime
 from ckpt_daemon.store import catalog as cat
+from ckpt_daemon.store import delete as store_delete
 from tests.helpers import PY, Daemon
 
 SLOW_WRITER = r"""
@@ -58,7 +58,7 @@ def test_a_file_another_process_is_writing_is_never_quarantined_at_a_restart(tmp
     finally:
         writer.kill()
         writer.wait()
-    assert runtime.quarantined(root) == []
+    assert store_delete.quarantined(root) == []
     e = cat.scan(root, ["model_step_{step}.pt"], verify=True).by_name("model_step_200.pt")
     assert e is not None and e.valid, e  # the writer finished into the folder, not into a quarantined copy
     assert torch.load(root / "model_step_200.pt", weights_only=True)["step"] == 200

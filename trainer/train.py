@@ -32,6 +32,7 @@ from ckpt_daemon.checkpoint import CheckpointManager, capture_rng, restore_rng
 from ckpt_daemon.config import Config
 from ckpt_daemon.logs import append_jsonl
 from ckpt_daemon.models.gpt import GPT, GPTConfig
+from ckpt_daemon.store import delete
 from trainer.data import Sampler, load_corpus, val_batches
 
 log = logging.getLogger("trainer")
@@ -87,7 +88,7 @@ def evaluate(model: GPT, corpus, cfg, placement: Optional[dv.Placement] = None) 
 
 def _remove_dead_saves(ckpt_dir: Path) -> None:
     """Saves killed half-way leave scratch folders whose lock nobody holds; live ones keep theirs."""
-    for sid in runtime.clean_scratch(ckpt_dir):
+    for sid in delete.clean_scratch(ckpt_dir):
         log.warning("removed %s, left by a save that was interrupted", sid)
 
 

@@ -264,12 +264,15 @@ def release_memory_resume() -> None:
         shutil.rmtree(d, ignore_errors=True)
 
 
+REPLACED_WHY = "an older save of this name, replaced by the trainer's new save of it"
+
+
 def set_aside(path: str | os.PathLike, why: str) -> bool:
     """Move an older checkpoint of the same name out of the way of a new save (the trainer saves that
     name again: a step trained again after a fallback, a second run in the same folder), into the
     daemon's quarantine with `why`: nothing is deleted, and the name then holds the new save, as the
     trainer's own writer would overwrite it. True if the name is free now. Never raises."""
-    from ckpt_daemon import runtime
+    from ckpt_daemon.store import delete
 
     p = Path(path)
     if not os.path.lexists(p):
@@ -278,7 +281,7 @@ def set_aside(path: str | os.PathLike, why: str) -> bool:
         if p.is_symlink():
             os.unlink(p)
         else:
-            runtime.quarantine(p.parent, p.name, why)
+            delete.quarantine(p.parent, p.name, why)
     except (OSError, ValueError) as exc:
         log.error("ckpt-daemon: cannot move the older %s out of the way (%s)", p, exc)
     return not os.path.lexists(p)
@@ -287,31 +290,20 @@ def set_aside(path: str | os.PathLike, why: str) -> bool:
 def commit_to_disk(dest: str | os.PathLike, fill: Callable[[Path], Any], single_file: bool = False) -> bool:
     """Write a trainer's checkpoint to disk, whole or not at all: `fill(path)` writes the folder's files
     into `path` (or, with single_file, the file `path`) in the checkpoint folder's scratch space (which
-    the daemon clears if this process dies mid-write); every file is fsynced, then it is renamed into
-    place as `dest`. An older entry of that name is set aside (`set_aside`): the trainers overwrite it,
-    we keep it in quarantine. True if `dest` is the new checkpoint now."""
-    from ckpt_daemon import runtime
-    from ckpt_daemon.fsutil import fsync_dir
+    the daemon clears if this process dies mid-write); then it is committed as every checkpoint is
+    (store/commit.py: every file fsynced, renamed into place as `dest` under the commit lock). An older
+    entry of that name is set aside under the same lock: the trainers overwrite it, we keep it in
+    quarantine. True if `dest` is the new checkpoint now."""
+    from ckpt_daemon.store.commit import Scratch
 
     dest = Path(dest)
-    with runtime.Scratch(dest.parent, dest.name) as scratch:
+    with Scratch(dest.parent, dest.name) as scratch:
         built = scratch.path / dest.name if single_file else scratch.path
         fill(built)
-        for e in os.scandir(scratch.path):
-            if e.is_file(follow_symlinks=False):
-                fd = os.open(e.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-        fsync_dir(scratch.path)
-        if not set_aside(dest, "an older save of this name, replaced by the trainer's new save of it"):
-            return False
-        if single_file:
-            os.rename(built, dest)
-            fsync_dir(dest.parent)
-        else:
-            scratch.commit(dest)
+        try:
+            scratch.commit(dest, entry=built, replace=REPLACED_WHY)
+        except FileExistsError:
+            return False  # the older entry could not be moved out of the way (logged)
     return True
 
 

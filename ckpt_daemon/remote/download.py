@@ -6,7 +6,7 @@ with those recorded at upload (an object replaced since is refused before a byte
 checkpoint is verified exactly as any local one: `catalog.check_entry(..., verify=True)` against our
 recorded checksums (a native checkpoint against its manifest.json, which must itself match the
 remote manifest; a foreign one against the remote manifest's records). Only then is it committed
-(`runtime.commit_into`: commit lock, never over an existing name, durable rename). A foreign
+(`store.commit`: commit lock, never over an existing name, durable rename). A foreign
 checkpoint gets its sidecar manifest at once, so the catalog knows its checksums from the start.
 """
 
@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
-from ckpt_daemon import runtime
 from ckpt_daemon.fsutil import fsync_dir, record_checksum
 from ckpt_daemon.remote.errors import (
     Cancelled,
@@ -35,6 +34,7 @@ from ckpt_daemon.store import catalog as cat
 from ckpt_daemon.store import foreign, names
 from ckpt_daemon.store import manifest as mf
 from ckpt_daemon.store import resolve as rs
+from ckpt_daemon.store.commit import Scratch
 
 RANGE = 8 << 20
 
@@ -130,21 +130,22 @@ def restore_one(store: Store, m: dict, root: Path, t: Transfer) -> Path:
     dest = Path(root) / name
     if os.path.lexists(dest):
         raise FileExistsError(f"{name} is already in {root}; nothing was overwritten")
-    with runtime.Scratch(root, f"replica-{name}") as scratch:
+    with Scratch(root, f"replica-{name}") as scratch:
         built = scratch.path / name
         fetch(store, m, built, t)
         status, reason = verify_download(m, built)
         if status != "complete":
             raise ReplicaDamaged(f"the replica of {name} at {store.target} does not verify ({status}: {reason}); it "
                                  "was not restored")
-        runtime.commit_into(root, built, dest)
-    if m["layout"] != "native":
-        files = {}
-        for rel, st in foreign.entry_files(dest).items():
-            r = m["files"][rel]
-            files[rel] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns,
-                          **{k: v for k, v in r.items() if k in ("algo", "digest", "sha256")}}
-        foreign.write_sidecar(root, name, dest, m["layout"], m["step"], dict(m.get("meta") or {}), files)
+        sidecar = None
+        if m["layout"] != "native":  # recorded before the rename (which keeps sizes, times and inodes)
+            files = {}
+            for rel, st in foreign.entry_files(built).items():
+                r = m["files"][rel]
+                files[rel] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns,
+                              **{k: v for k, v in r.items() if k in ("algo", "digest", "sha256")}}
+            sidecar = {"layout": m["layout"], "step": m["step"], "meta": dict(m.get("meta") or {}), "files": files}
+        scratch.commit(dest, entry=built, sidecar=sidecar)
     return dest
 
 

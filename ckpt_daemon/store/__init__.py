@@ -13,6 +13,9 @@ all of it (the modules that need torch import it where they run).
 - `torchzip`: reading torch.save files with no torch and no unpickling.
 - `statecodec`: nested training state as tensors plus a JSON skeleton (no pickle).
 - `verifyonce`: trusting a checksum already proven for the same bytes.
-- `commit`: the one commit primitive (scratch, fsync, rename, parent fsync, under the commit lock).
+- `commit`: the one commit primitive (scratch, fsync, rename, parent fsync, under the commit lock), with
+  an optional sidecar manifest written before the rename and "replace a taken name into quarantine".
+- `locks`: the one lock class (flock on a regular file we create, pid as information, try or deadline).
+- `delete`: quarantine (and its listing), removal, dead scratch, the trash and a cleanup's journal.
 - `problems`: typed verification problems (`Problem(kind, message)`).
 """

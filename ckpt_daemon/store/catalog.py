@@ -384,7 +384,9 @@ def _scan(root: Path, patterns: Iterable[str], verify: bool, stats: bool, best_m
             entries.append(e)
     if track is not None and track[0] >= DISK_CACHE_MIN_MISSES:
         _save_disk_cache(root_s, track[1:])
-    for sid in runtime.live_scratch(root):
+    from ckpt_daemon.store.commit import live_scratch
+
+    for sid in live_scratch(root):
         in_progress.append(InProgress(sid, root / STATE_DIR / "tmp" / sid, _temp_step(sid, rxs), 0.0))
     entries.sort(key=lambda e: (e.step, e.version, e.name))
     _mark_copies(entries)
