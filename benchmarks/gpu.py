@@ -147,6 +147,7 @@ def bench_gpu(quick: bool, device: str = "cuda") -> dict:
 
     from ckpt_daemon import memory as mem
     from ckpt_daemon.checkpoint import CheckpointManager, read_checkpoint
+    from daemon import memagent
 
     warnings.filterwarnings("ignore")  # DCP warns that no process group is initialised (one process)
     root = WORK / "gpu"
@@ -281,7 +282,7 @@ def bench_gpu(quick: bool, device: str = "cuda") -> dict:
         out["gpu_memory_load_s"] = round(min(t), 3)
     finally:
         mmgr.close()
-        mem.remove_stale_region(region)
+        memagent.remove_stale_region(region)
         shutil.rmtree(ck, ignore_errors=True)
 
     # -- cold loads onto the GPU

@@ -79,6 +79,7 @@ def bench_integrations(quick: bool = False) -> dict:
     except ImportError as exc:
         return {"integrations_skipped": f"transformers is not installed ({exc})"}
     from ckpt_daemon import memory as mem
+    from daemon import memagent
 
     n_embd, n_layer, saves = (64, 1, 4) if quick else (512, 6, 6)
     root = WORK / "hf-integration"
@@ -103,7 +104,7 @@ def bench_integrations(quick: bool = False) -> dict:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-        mem.remove_stale_region(region)
+        memagent.remove_stale_region(region)
         shutil.rmtree(root, ignore_errors=True)
     d = statistics.median(x[0] for x in disk)
     df = statistics.median(x[1] for x in disk)

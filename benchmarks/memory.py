@@ -79,6 +79,7 @@ def bench_slots(quick: bool, out: dict) -> None:
     from ckpt_daemon import memory as mem
     from ckpt_daemon.checkpoint import CheckpointManager
     from ckpt_daemon.memsave import read_slot_state
+    from daemon import memagent
 
     root = WORK / "memory"
     shutil.rmtree(root, ignore_errors=True)
@@ -142,7 +143,7 @@ def bench_slots(quick: bool, out: dict) -> None:
         out["memory_checksum"] = json.loads((r.path / "manifest.json").read_text())["files"]["model.safetensors"].get("algo", "sha256")
         _ = torch
     finally:
-        mem.remove_stale_region(region)
+        memagent.remove_stale_region(region)
         shutil.rmtree(root, ignore_errors=True)
 
 
@@ -174,9 +175,9 @@ def bench_train_overhead(quick: bool, out: dict) -> None:
             times = [r["time"] for r in recs if 20 <= r["step"] < steps]
             means[label] = statistics.fmean(b - a for a, b in zip(times, times[1:]))
         finally:
-            from ckpt_daemon import memory as mem
+            from daemon import memagent
 
-            mem.remove_stale_region(region)
+            memagent.remove_stale_region(region)
             shutil.rmtree(d, ignore_errors=True)
     out["memory_train_step_ms"] = round(means["none"] * 1000, 2)
     out["memory_train_overhead"] = round(means["memory"] / means["none"] - 1, 4)
@@ -219,6 +220,7 @@ def bench_recovery(quick: bool, out: dict, spare: bool = True) -> None:
         if spare:
             time.sleep(15)  # the spare imports torch (a few seconds on a quiet machine)
         from ckpt_daemon import memory as mem
+        from daemon import memagent
 
         info, _ = mem.Region(region).newest(d / "checkpoints")
         out["recovery_state_mb"] = round(info.nbytes / 2**20, 1) if info else None
@@ -251,8 +253,9 @@ def bench_recovery(quick: bool, out: dict, spare: bool = True) -> None:
         p.send_signal(signal.SIGTERM)
         p.wait(timeout=120)
         from ckpt_daemon import memory as mem
+        from daemon import memagent
 
-        mem.remove_stale_region(region)
+        memagent.remove_stale_region(region)
         shutil.rmtree(d, ignore_errors=True)
     # where the rest goes: a fresh interpreter, and importing torch in it
     t0 = time.perf_counter()

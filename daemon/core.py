@@ -425,7 +425,7 @@ class Daemon:
                                                            self.config_path))
         self.memory = None
         if cfg.checkpoints.memory.enabled:  # memory-first checkpoints (ckpt_daemon/memory.py)
-            from ckpt_daemon.memory import MemoryAgent
+            from daemon.memagent import MemoryAgent
 
             self.memory = MemoryAgent(self.get_cfg, log)
             if self.memory.start():  # adopts (persists) what a daemon that died left in the region

@@ -333,7 +333,7 @@ class Supervisor:
         self.message = ""
         self.tick = time.monotonic()
         self.lock = threading.Lock()
-        self.memory = None  # ckpt_daemon.memory.MemoryAgent when checkpoints.memory.enabled (set by the daemon)
+        self.memory = None  # daemon.memagent.MemoryAgent when checkpoints.memory.enabled (set by the daemon)
         self.spare: Optional[dict] = None  # the warm spare trainer (training.warm_spare), waiting for a restart
         self.spare_failures = 0
         self.spare_failed_key: Optional[tuple] = None

@@ -20,6 +20,7 @@ from ckpt_daemon.integrations import common
 from ckpt_daemon.store import commit as store_commit
 from ckpt_daemon.store import delete as store_delete
 from ckpt_daemon.store import foreign, locks
+from daemon import memagent
 from tests.helpers import REPO, env_for_children, wait_for
 
 HOLD_COMMIT_LOCK = textwrap.dedent("""
@@ -146,9 +147,9 @@ def test_a_weights_export_killed_half_way_leaves_only_scratch_that_the_next_job_
 
 def test_every_lock_is_the_one_lock_class(tmp_path):
     assert issubclass(runtime.TrainerLock, locks.FileLock) and issubclass(runtime.DaemonLock, locks.FileLock)
-    assert issubclass(memory.RegionLock, locks.FileLock)
+    assert issubclass(memagent.RegionLock, locks.FileLock)
     region = tmp_path / "region"
-    a, b = memory.RegionLock(region), memory.RegionLock(region)
+    a, b = memagent.RegionLock(region), memagent.RegionLock(region)
     assert a.acquire() and not b.acquire()
     assert b.holder_pid() == os.getpid()  # "pid boot-id" in the file
     assert oct(os.stat(region / memory.LOCK).st_mode & 0o777) == "0o600"
@@ -158,7 +159,7 @@ def test_every_lock_is_the_one_lock_class(tmp_path):
     os.unlink(region / memory.LOCK)
     os.mkfifo(region / memory.LOCK)
     with pytest.raises(memory.MemoryCheckpointError, match="not a regular file"):
-        memory.RegionLock(region).acquire()
+        memagent.RegionLock(region).acquire()
     root = tmp_path / "ck"
     os.makedirs(root / ".ckpt-daemon")
     os.mkfifo(root / ".ckpt-daemon" / "commit.lock")

@@ -19,6 +19,7 @@ import torch
 from ckpt_daemon import memory as mem
 from ckpt_daemon.runtime import kill_tree, read_heartbeat
 from ckpt_daemon.store import catalog as cat
+from daemon import memagent
 from tests.helpers import (
     PY,
     Daemon,
@@ -108,7 +109,7 @@ def test_exact_resume_on_the_gpu_after_sigkill_from_memory(tmp_path, daemons):
         assert read_losses(tmp_path / "run" / "logs" / "metrics.jsonl") == expected
         assert d.stop() == 0
     finally:
-        mem.remove_stale_region(region)
+        memagent.remove_stale_region(region)
 
 
 def test_torchrun_with_one_rank_per_gpu_starts_and_more_ranks_than_gpus_is_refused(tmp_path):

@@ -20,6 +20,7 @@ from ckpt_daemon.config import RestartPolicy
 from ckpt_daemon.memsave import read_slot_state
 from ckpt_daemon.store import catalog as cat
 from ckpt_daemon.store import manifest as mf
+from daemon import memagent
 from daemon.supervisor import CrashPolicy
 from tests.helpers import (
     PY,
@@ -349,7 +350,7 @@ def test_daemon_persists_at_the_breakpoint_and_adopts_after_its_own_death(tmp_pa
         assert d2.stop() == 0
         assert not region.exists()  # slots, lock file and folder
     finally:
-        mem.remove_stale_region(region)
+        memagent.remove_stale_region(region)
 
 
 class _Log:
@@ -373,7 +374,7 @@ def test_garbage_in_the_region_is_reported_and_the_agent_goes_on(tmp_path):
     (region / "slot-0").write_bytes(mem.MAGIC + os.urandom(mem.PAYLOAD_OFFSET))
     (region / "slot-1").write_bytes(_slot_with_header({**GOOD, "ckpt_dir": str(ck), "boot_id": mem.boot_id()}))
     log = _Log()
-    agent = mem.MemoryAgent(lambda: cfg, log)
+    agent = memagent.MemoryAgent(lambda: cfg, log)
     assert agent.start()
     assert agent.persist_newest("again") is None
     text = "\n".join(log.lines)
@@ -395,7 +396,7 @@ def test_garbage_in_the_region_is_reported_and_the_agent_goes_on(tmp_path):
     assert agent.remove_if_persisted("training finished")
     assert not (region / "slot-0").exists()
     agent.close()
-    mem.remove_stale_region(region)
+    memagent.remove_stale_region(region)
     assert not region.exists()
 
 
@@ -410,7 +411,7 @@ def test_breakpoint_verifies_in_memory_pins_the_slot_and_persists_it_in_the_back
                        tmp_path / "config.yaml")
     ck = cfg.checkpoint_dir
     log = _Log()
-    agent = mem.MemoryAgent(lambda: cfg, log)
+    agent = memagent.MemoryAgent(lambda: cfg, log)
     assert agent.start()
     m, opt, sched = make_state()
     mgr = CheckpointManager(ck, memory=region)
@@ -468,7 +469,7 @@ def test_breakpoint_verifies_in_memory_pins_the_slot_and_persists_it_in_the_back
     assert not loaded.from_memory and loaded.step == 2
     assert "could not be read" in caplog.text
     agent.close(clean=False)
-    mem.remove_stale_region(region)
+    memagent.remove_stale_region(region)
 
 
 def test_a_full_disk_does_not_cost_the_memory_state_and_an_avoided_checkpoint_does_not_hide_it(tmp_path, tmpfs):
@@ -484,7 +485,7 @@ def test_a_full_disk_does_not_cost_the_memory_state_and_an_avoided_checkpoint_do
     ck = cfg.checkpoint_dir
     ck.mkdir()
     log = _Log()
-    agent = mem.MemoryAgent(lambda: cfg, log)
+    agent = memagent.MemoryAgent(lambda: cfg, log)
     assert agent.start()
     m, opt, _ = make_state()
     mgr = CheckpointManager(ck, memory=region)
@@ -522,7 +523,7 @@ def test_a_full_disk_does_not_cost_the_memory_state_and_an_avoided_checkpoint_do
     agent.drain()
     assert (ck / "checkpoint-8").is_dir()
     agent.close(clean=False)
-    mem.remove_stale_region(region)
+    memagent.remove_stale_region(region)
 
 
 @pytest.mark.slow
@@ -568,7 +569,7 @@ def test_a_healthy_every_step_memory_run_under_the_daemon_logs_no_error(tmp_path
         c = cat.scan(ck, ["checkpoint-{step}"], verify=True)
         assert len([e for e in c.entries if e.valid]) >= 2 and all(e.valid for e in c.entries)
     finally:
-        mem.remove_stale_region(region)
+        memagent.remove_stale_region(region)
 
 
 # ------------------------------------------------------------------- a kill at every phase of a persist
@@ -640,7 +641,7 @@ def test_a_sigkill_at_every_phase_of_a_persist_loses_no_committed_memory_checkpo
                        tmp_path / "config.yaml")
     ck = cfg.checkpoint_dir
     log = _Log()
-    agent = mem.MemoryAgent(lambda: cfg, log)
+    agent = memagent.MemoryAgent(lambda: cfg, log)
     assert agent.start()
     at, go = threading.Event(), threading.Event()
 
@@ -677,7 +678,7 @@ def test_a_sigkill_at_every_phase_of_a_persist_loses_no_committed_memory_checkpo
     assert reply == (["skipped", "4"] if held else ["copying"]), reply
     assert not [x for x in log.lines if x.startswith("error")], log.lines
     agent.close(clean=False)
-    mem.remove_stale_region(region)
+    memagent.remove_stale_region(region)
 
 
 # ------------------------------------------------------------------------ garbage in a slot's place
@@ -719,7 +720,7 @@ def test_garbage_in_a_slots_place_is_reported_and_never_stops_the_trainer(tmp_pa
                        tmp_path / "config.yaml")
     ck = cfg.checkpoint_dir
     log = _Log()
-    agent = mem.MemoryAgent(lambda: cfg, log)
+    agent = memagent.MemoryAgent(lambda: cfg, log)
     assert agent.start()
     outside = tmp_path / "outside.txt"
     outside.write_text("not the region's")
@@ -776,7 +777,7 @@ def test_garbage_in_a_slots_place_is_reported_and_never_stops_the_trainer(tmp_pa
     assert not [x for x in log.lines if x.startswith("error")], log.lines
     assert daemon_says in daemon_lines, daemon_lines  # the daemon reported it with its reason
     agent.close(clean=False)
-    mem.remove_stale_region(region)
+    memagent.remove_stale_region(region)
 
 
 @pytest.mark.slow
@@ -805,7 +806,7 @@ def test_a_restarted_built_in_trainer_under_the_daemon_goes_on_past_garbage_in_t
         assert _errors(d.log()) == []
         assert cat.scan(ck, ["checkpoint-{step}"], verify=True).newest_valid() is not None
     finally:
-        mem.remove_stale_region(region)
+        memagent.remove_stale_region(region)
 
 
 # ---------------------------------------------------------------------------------------------- config

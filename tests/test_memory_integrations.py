@@ -24,6 +24,7 @@ from ckpt_daemon.integrations import common
 from ckpt_daemon.store import catalog as cat
 from ckpt_daemon.store import delete as store_delete
 from ckpt_daemon.store import foreign
+from daemon import memagent
 from tests.helpers import PY, Daemon, resident_bytes, wait_for
 
 BYO = Path(__file__).parent / "byo"
@@ -778,7 +779,7 @@ def test_kill_minus_9_of_a_users_trainer_loses_no_step_beyond_its_memory_checkpo
         newest = cat.scan(ck, patterns, verify=True).newest_valid()
         assert newest is not None and newest.step > info.step  # the stop's save went through memory to disk
     finally:
-        mem.remove_stale_region(region)
+        memagent.remove_stale_region(region)
 
 
 @pytest.mark.slow
@@ -803,4 +804,4 @@ def test_a_plain_torch_save_script_with_memory_on_is_told_once_that_it_gets_noth
         assert d.stop() == 0
         assert d.log().count("has never saved to memory") == 1  # once
     finally:
-        mem.remove_stale_region(region)
+        memagent.remove_stale_region(region)

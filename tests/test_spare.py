@@ -17,6 +17,7 @@ from ckpt_daemon import memory as mem
 from ckpt_daemon import spare
 from ckpt_daemon.config import parse_config
 from ckpt_daemon.errors import CkptError
+from daemon import memagent
 from tests.helpers import PY, Daemon, env_for_children
 
 
@@ -142,7 +143,7 @@ def test_the_daemon_hands_a_restart_to_its_warm_spare(tmp_path, daemons):
         assert not _alive(spare2) and not _alive(spare_pid)
         assert "warm spare trainer ended" in d.log()
     finally:
-        mem.remove_stale_region(region)
+        memagent.remove_stale_region(region)
 
 
 @pytest.mark.slow

@@ -3,7 +3,7 @@ FIFO or a device opened in a lock's place), optionally with the holder's pid wri
 (the flock is what counts). Taken without waiting (`try_acquire`) or waiting up to a deadline
 (`acquire_within`); released by closing the file. The trainer's, the daemon's, the commit lock and the
 memory region's lock are all this class (see runtime.TrainerLock, runtime.DaemonLock, runtime.commit_lock,
-memory.RegionLock).
+daemon.memagent.RegionLock).
 
 Imports nothing of ours but the errors: runtime builds its locks on it."""
 
