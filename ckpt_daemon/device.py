@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
 from ckpt_daemon.errors import EXIT_USAGE, CkptError
+from ckpt_daemon.store import dtypes
 
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -131,7 +132,7 @@ def place(device: str, precision: str, deterministic: bool, present: Present, jo
         dev = f"cuda:{job.local_rank}"
     else:
         dev = "cpu"
-    dtype = {"fp32": None, "bf16": "bfloat16", "fp16": "float16"}[precision]
+    dtype = None if precision == "fp32" else dtypes.PRECISIONS[precision]
     if use_cuda and precision == "bf16" and not present.bf16:
         raise DeviceError("trainer.precision is bf16, but this GPU does not support bfloat16 (it needs compute "
                           "capability 8.0 or newer). Use fp16 (with loss scaling) or fp32.")

@@ -50,11 +50,12 @@ from ckpt_daemon.fsutil import (
     read_bytes_bounded,
 )
 from ckpt_daemon.store import catalog as cat
+from ckpt_daemon.store import dtypes
 from ckpt_daemon.store import resolve as rs
 from ckpt_daemon.store.commit import Scratch
 from ckpt_daemon.termtext import inert
 
-DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+DTYPES = dtypes.PRECISIONS  # consolidation.dtype -> torch name (store/dtypes.py)
 MODEL_FILE = "model.safetensors"
 FORMAT = "ckpt-daemon/consolidated-1"
 # Where torch.save dicts keep the model weights, in the order they are looked for.

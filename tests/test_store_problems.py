@@ -174,3 +174,22 @@ def test_status_and_layout_are_their_strings(tmp_path):
     assert e.status is Status.CORRUPT and not e.valid
     with pytest.raises(ValueError):
         e.status = "fine"
+
+
+@pytest.mark.parametrize("header", [b"[" * 200_000 + b"]" * 200_000, b'"just a string"', b"{not json"],
+                         ids=["nesting-bomb", "not-an-object", "not-json"])
+def test_the_one_safetensors_header_reader_bounds_every_reader(tmp_path, header):
+    """The loader (parse_safetensors, what a resume reads) and the catalog's structural check read a
+    header through the same bounded reader: a crafted header is a ValueError naming it, never a
+    RecursionError or a crash, in both."""
+    from ckpt_daemon.store import manifest as mf
+    from ckpt_daemon.store import safetensors_file as stfile
+
+    raw = len(header).to_bytes(8, "little") + header
+    with pytest.raises(ValueError, match="header|JSON|nested"):
+        stfile.parse_safetensors(bytearray(raw))
+    (tmp_path / "m.safetensors").write_bytes(raw)
+    assert mf.safetensors_problem(tmp_path / "m.safetensors") is not None
+    too_long = (200 << 20).to_bytes(8, "little") + b"{}"  # declares more than the file holds
+    with pytest.raises(ValueError, match="corrupt header length"):
+        stfile.parse_safetensors(bytearray(too_long))

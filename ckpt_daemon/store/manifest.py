@@ -42,6 +42,7 @@ from ckpt_daemon.fsutil import (
     read_bytes_bounded,
     record_checksum,
 )
+from ckpt_daemon.store import dtypes
 
 MANIFEST = "manifest.json"
 FORMAT = "ckpt-daemon/1"
@@ -49,9 +50,7 @@ MODEL_FILE = "model.safetensors"
 MANIFEST_MAX_BYTES = 16 << 20
 SAFETENSORS_HEADER_MAX = 100 << 20
 MAX_STEP = 10**15  # a step number beyond this is not a real one
-ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-            "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "F4": 1, "F6_E2M3": 1,
-            "F6_E3M2": 1, "C64": 8}
+ITEMSIZE = dtypes.ITEMSIZE  # safetensors code -> bytes per element (store/dtypes.py)
 
 
 SEAL = "self_digest"  # a manifest's (or sidecar's) checksum of its own bytes
@@ -171,16 +170,27 @@ def read_manifest(folder: Path, st: Optional[os.stat_result] = None) -> dict:
     return m
 
 
+def safetensors_header_length(head: bytes, size: int, name: str) -> int:
+    """The header length a safetensors file's first 8 bytes declare, bounded by the file's size and by
+    SAFETENSORS_HEADER_MAX. The one header reader: safetensors_file.parse_safetensors uses it too."""
+    if len(head) < 8:
+        raise ValueError(f"{name} is truncated (no header)")
+    (n,) = struct.unpack("<Q", head[:8])
+    if n > min(size - 8, SAFETENSORS_HEADER_MAX):
+        raise ValueError(f"{name} has a corrupt header length")
+    return n
+
+
+def safetensors_header(raw: bytes, name: str) -> Any:
+    """A safetensors header's JSON, bounded in size and nesting (fsutil.loads_json_bounded)."""
+    return loads_json_bounded(raw, f"the header of {name}")
+
+
 def _safetensors_header(path: Path, size: int) -> tuple[int, Any]:
     with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise ValueError(f"{path.name} is truncated (no header)")
-        (n,) = struct.unpack("<Q", head)
-        if n > min(size - 8, SAFETENSORS_HEADER_MAX):
-            raise ValueError(f"{path.name} has a corrupt header length")
+        n = safetensors_header_length(f.read(8), size, path.name)
         raw = f.read(n)
-    return n, loads_json_bounded(raw, f"the header of {path.name}")
+    return n, safetensors_header(raw, path.name)
 
 
 def safetensors_problem(path: Path, size: Optional[int] = None) -> Optional[str]:

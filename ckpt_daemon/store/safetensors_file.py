@@ -23,16 +23,10 @@ from typing import Any, BinaryIO, Optional
 import torch
 
 from ckpt_daemon.fsutil import HASH_NAME, STAT_KEYS, new_hasher, start_writeback
+from ckpt_daemon.store import dtypes
+from ckpt_daemon.store import manifest as mf
 
-DTYPES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
-for _name, _code in (("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2"), ("uint16", "U16"),
-                     ("uint32", "U32"), ("uint64", "U64")):
-    if hasattr(torch, _name):
-        DTYPES[getattr(torch, _name)] = _code
+DTYPES = {getattr(torch, d.torch): d.code for d in dtypes.WRITTEN if hasattr(torch, d.torch)}  # store/dtypes.py
 CODES = {v: k for k, v in DTYPES.items()}
 
 
@@ -322,12 +316,12 @@ def parse_safetensors(buf: bytearray | bytes | torch.Tensor) -> tuple[dict[str, 
     """Tensors viewing `buf` (no copy) and the metadata. Raises ValueError on a malformed file. `buf` may
     be a uint8 tensor on any device (a file loaded onto a GPU): the tensors then view it there."""
     on_device = isinstance(buf, torch.Tensor)
-    if len(buf) < 8:
-        raise ValueError("safetensors data is truncated")
-    (n,) = struct.unpack_from("<Q", buf[:8].cpu().numpy().tobytes() if on_device else buf, 0)
-    if n > len(buf) - 8:
-        raise ValueError("safetensors header length exceeds the file")
-    header = json.loads(buf[8:8 + n].cpu().numpy().tobytes() if on_device else bytes(buf[8 : 8 + n]))
+    head = buf[:8].cpu().numpy().tobytes() if on_device else bytes(buf[:8])
+    n = mf.safetensors_header_length(head, len(buf), "safetensors data")
+    header = mf.safetensors_header(buf[8:8 + n].cpu().numpy().tobytes() if on_device else bytes(buf[8 : 8 + n]),
+                                   "safetensors data")
+    if not isinstance(header, dict):
+        raise ValueError("the safetensors header is not a JSON object")
     meta = header.pop("__metadata__", {}) or {}
     base = 8 + n
     out: dict[str, torch.Tensor] = {}

@@ -14,6 +14,7 @@ import struct
 from pathlib import PurePosixPath, PureWindowsPath
 from typing import Any, Optional, Union
 
+from ckpt_daemon.store import dtypes
 from ckpt_daemon.store.torchzip.bounds import (
     _DEFAULT_LIMITS,
     Limits,
@@ -29,22 +30,7 @@ from ckpt_daemon.store.torchzip.bounds import (
 # dtypes
 
 # name -> (itemsize, struct format of one element or a special decoder name, or None if not decodable)
-_DTYPES: dict[str, tuple[Optional[int], Optional[str]]] = {
-    "float64": (8, "d"), "float32": (4, "f"), "float16": (2, "e"), "bfloat16": (2, "bf16"),
-    "int64": (8, "q"), "int32": (4, "i"), "int16": (2, "h"), "int8": (1, "b"),
-    "uint64": (8, "Q"), "uint32": (4, "I"), "uint16": (2, "H"), "uint8": (1, "B"), "bool": (1, "?"),
-    "complex128": (16, "c16"), "complex64": (8, "c8"), "complex32": (4, "c4"),
-    "qint8": (1, None), "quint8": (1, None), "qint32": (4, None), "quint4x2": (1, None),
-    "quint2x4": (1, None),
-    "float8_e4m3fn": (1, None), "float8_e4m3fnuz": (1, None), "float8_e5m2": (1, None),
-    "float8_e5m2fnuz": (1, None), "float8_e8m0fnu": (1, None), "float4_e2m1fn_x2": (1, None),
-    "bits8": (1, None), "bits16": (2, None), "bits1x8": (1, None), "bits2x4": (1, None),
-    "bits4x2": (1, None),
-}
-# Sub-byte shell dtypes: known names, but no reliable element size for bounds checks.
-for _i in range(1, 8):
-    _DTYPES[f"int{_i}"] = (None, None)
-    _DTYPES[f"uint{_i}"] = (None, None)
+_DTYPES: dict[str, tuple[Optional[int], Optional[str]]] = {n: (d.itemsize, d.fmt) for n, d in dtypes.BY_TORCH_NAME.items()}
 
 # Legacy typed storage class name -> dtype of its elements.
 _STORAGE_DTYPES: dict[str, str] = {
