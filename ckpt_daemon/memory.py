@@ -56,6 +56,7 @@ from ckpt_daemon.store import delete
 from ckpt_daemon.store import manifest as mf
 from ckpt_daemon.store.commit import Scratch
 from ckpt_daemon.store.names import step_in_name
+from ckpt_daemon.store.problems import Kind, Problem
 
 MAGIC = b"CKPTMEM\x01"
 VERSION = 1
@@ -84,6 +85,10 @@ class MemoryCheckpointError(CkptError):
     """Memory checkpoints cannot work as configured (e.g. the tmpfs cannot hold two copies)."""
 
     exit_code = 2
+
+
+class SlotInProgress(ValueError):
+    """A slot whose sequence number is odd: a trainer is copying into it (or died mid-copy)."""
 
 
 class SlotSuperseded(ValueError):
@@ -205,14 +210,16 @@ class SlotInfo:
         return self.target or f"checkpoint-{self.step}"
 
 
-def parse_header(raw: bytes, file_size: int, index: int = 0) -> tuple[Optional[SlotInfo], Optional[str]]:
+def parse_header(raw: bytes, file_size: int, index: int = 0) -> tuple[Optional[SlotInfo], Optional[Problem]]:
     """(SlotInfo, None) for a committed slot, or (None, why not). Never raises."""
     try:
         return _parse_header(raw, file_size, index), None
+    except SlotInProgress as exc:
+        return None, Problem(Kind.IN_PROGRESS, str(exc))
     except ValueError as exc:
-        return None, str(exc)
+        return None, Problem(Kind.INVALID, str(exc))
     except Exception as exc:  # untrusted bytes: whatever slips past the checks is a reason, not a crash
-        return None, f"unreadable header ({exc.__class__.__name__})"
+        return None, Problem(Kind.UNREADABLE, f"unreadable header ({exc.__class__.__name__})")
 
 
 def _parse_header(raw: bytes, file_size: int, index: int) -> SlotInfo:
@@ -226,7 +233,7 @@ def _parse_header(raw: bytes, file_size: int, index: int) -> SlotInfo:
     if seq == 0:
         raise ValueError("never committed")
     if seq % 2:
-        raise ValueError("being written, or its writer died mid-copy (not committed)")
+        raise SlotInProgress("being written, or its writer died mid-copy (not committed)")
     if not 0 < hlen <= HEADER_MAX or JSON_OFFSET + hlen > len(raw):
         raise ValueError(f"has a corrupt header length {hlen}")
     if not 0 < plen <= MAX_PAYLOAD or PAYLOAD_OFFSET + plen > file_size:
@@ -312,30 +319,30 @@ class Region:
     def exists(self) -> bool:
         return any(os.path.lexists(self.slot_path(i)) for i in range(len(SLOTS)))
 
-    def read_slot(self, i: int) -> tuple[Optional[SlotInfo], Optional[str]]:
+    def read_slot(self, i: int) -> tuple[Optional[SlotInfo], Optional[Problem]]:
         """The committed header of slot i, or (None, why not; None if the slot file does not exist)."""
         p = self.slot_path(i)
         try:
             bad = entry_problem(os.lstat(p))  # what it is, before opening it (a socket cannot be opened)
             if bad:
-                return None, f"{p.name} {bad}"
+                return None, Problem(Kind.INVALID, f"{p.name} {bad}")
             fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
         except FileNotFoundError:
             return None, None
         except OSError as exc:
-            return None, f"{p.name} cannot be opened ({exc.strerror or exc})"
+            return None, Problem(Kind.UNREADABLE, f"{p.name} cannot be opened ({exc.strerror or exc})")
         try:
             st = os.fstat(fd)
             bad = entry_problem(st)
             if bad:
-                return None, f"{p.name} {bad}"
+                return None, Problem(Kind.INVALID, f"{p.name} {bad}")
             raw = os.pread(fd, 4096, 0)  # the header is small: read the rest only if it says so
             if len(raw) >= JSON_OFFSET:
                 hlen = struct.unpack_from("<Q", raw, 24)[0]
                 if len(raw) < JSON_OFFSET + hlen <= PAYLOAD_OFFSET:
                     raw = os.pread(fd, JSON_OFFSET + hlen, 0)
         except OSError as exc:
-            return None, f"{p.name} cannot be read ({exc.strerror or exc})"
+            return None, Problem(Kind.UNREADABLE, f"{p.name} cannot be read ({exc.strerror or exc})")
         finally:
             os.close(fd)
         if raw[:8].strip(b"\0") == b"":
@@ -343,9 +350,9 @@ class Region:
         info, why = parse_header(raw, st.st_size, i)
         if info is not None:
             info.path = p
-        return info, (f"{p.name} {why}" if why else None)
+        return info, (Problem(why.kind, f"{p.name} {why}") if why else None)
 
-    def slots(self) -> tuple[list[SlotInfo], list[str]]:
+    def slots(self) -> tuple[list[SlotInfo], list[Problem]]:
         """Committed slots, newest first, and the problems of the others."""
         good, problems = [], []
         for i in range(len(SLOTS)):
@@ -357,16 +364,16 @@ class Region:
         good.sort(key=lambda s: (s.gen, s.step), reverse=True)
         return good, problems
 
-    def newest(self, ckpt_dir: Optional[Path] = None) -> tuple[Optional[SlotInfo], list[str]]:
+    def newest(self, ckpt_dir: Optional[Path] = None) -> tuple[Optional[SlotInfo], list[Problem]]:
         """The newest committed slot written on this boot (for ckpt_dir, when given)."""
         good, problems = self.slots()
         here = boot_id()
         for s in good:
             if s.boot_id != here:
-                problems.append(f"{s.path.name} was written before the last reboot; ignored")
+                problems.append(Problem(Kind.INVALID, f"{s.path.name} was written before the last reboot; ignored"))
                 continue
             if ckpt_dir is not None and os.path.abspath(s.ckpt_dir) != os.path.abspath(ckpt_dir):
-                problems.append(f"{s.path.name} belongs to {s.ckpt_dir[:200]}, not {ckpt_dir}; ignored")
+                problems.append(Problem(Kind.INVALID, f"{s.path.name} belongs to {s.ckpt_dir[:200]}, not {ckpt_dir}; ignored"))
                 continue
             return s, problems
         return None, problems

@@ -32,6 +32,7 @@ from ckpt_daemon.memory import (
     verify_and_pin,
 )
 from ckpt_daemon.store.locks import FileLock
+from ckpt_daemon.store.problems import Kind
 
 
 class RegionLock(FileLock):
@@ -175,13 +176,13 @@ class MemoryAgent:
         c = cat.scan(self.ckpt_dir, self.get_cfg().checkpoints.pattern, stats=False)
         return any(e.valid and e.step >= info.step and e.name not in self.avoid for e in c.entries)
 
-    def _report(self, problems: list[str]) -> None:
+    def _report(self, problems: list) -> None:
         for p in problems:
-            if "being written" in p:
+            if getattr(p, "kind", None) == Kind.IN_PROGRESS:
                 continue  # a trainer copying into a slot: the normal case, not a problem
-            if p not in self.reported:
-                self.reported.add(p)
-                self.log.warning("memory slot ignored", region=str(self.path), reason=p)
+            if str(p) not in self.reported:
+                self.reported.add(str(p))
+                self.log.warning("memory slot ignored", region=str(self.path), reason=str(p))
 
     SUPERSEDED_RETRIES = 3
 
@@ -268,7 +269,7 @@ class MemoryAgent:
                 # (a slot whose persist failed, e.g. on a full disk, is still the newest state: resume from it)
                 pinned = verify_and_pin(newest)
             except (OSError, ValueError, CkptError) as exc:
-                if newest is not None and "being written" not in str(exc):
+                if newest is not None and not isinstance(exc, SlotSuperseded):  # a rewritten slot is not damaged
                     self.unusable.add((str(newest.path), newest.seq))
                 self.log.error("the newest memory checkpoint is not usable; resuming from the disk", region=str(self.path),
                                why=why, error=str(exc))
