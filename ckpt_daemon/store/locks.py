@@ -91,13 +91,7 @@ class FileLock:
             if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
                 return False
             raise
-        if self.info is not None:
-            try:
-                os.ftruncate(fd, 0)
-                os.write(fd, self.info().encode())
-            except OSError:
-                pass  # the pid is informational; the flock is what counts (and a full disk must not stop us)
-        self.fd = fd
+        self._hold(fd)
         return True
 
     def acquire_within(self, timeout_s: float, on_timeout: Callable[[], Exception]) -> "FileLock":
@@ -119,14 +113,18 @@ class FileLock:
         except BaseException:
             os.close(fd)
             raise
+        self._hold(fd)
+        return self
+
+    def _hold(self, fd: int) -> None:
+        """Keep `fd`, whose flock we now hold, and write the holder's info into it."""
         if self.info is not None:
             try:
                 os.ftruncate(fd, 0)
                 os.write(fd, self.info().encode())
             except OSError:
-                pass
+                pass  # the pid is informational; the flock is what counts (and a full disk must not stop us)
         self.fd = fd
-        return self
 
     def holder_pid(self) -> Optional[int]:
         """The pid the holder wrote (the first word of the file), if any."""
