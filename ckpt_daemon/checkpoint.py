@@ -167,6 +167,11 @@ class Loaded:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (name, why) of checkpoints passed over
     from_memory: bool = False  # restored from a memory checkpoint (path: the name it has on disk once persisted)
 
+    def source(self) -> dict:
+        """Where this state came from, small enough to send to the other ranks of a job, which load exactly
+        the same with `CheckpointManager.load_same`."""
+        return {"path": str(self.path), "step": int(self.step), "from_memory": bool(self.from_memory)}
+
 
 @dataclass
 class _Prepared:
@@ -189,7 +194,7 @@ class CheckpointManager:
         """`memory`: the shared-memory region for memory-first checkpoints (`save(..., memory=True)`, and
         `load` prefers a verified memory state as new as the disk's): a folder on a tmpfs, True for
         $CKPT_DAEMON_MEMORY (set by the daemon when checkpoints.memory.enabled), None for the same but
-        off when it is unset, False for off."""
+        off when it is unset, False for off. Every rank of a job reads it; only rank 0 writes it."""
         self.dir = Path(directory).resolve()
         self.best_metric = best_metric
         self.best_mode = best_mode
@@ -210,7 +215,7 @@ class CheckpointManager:
         self._pointer_error: Optional[str] = None
         if memory is None or memory is True:
             memory = os.environ.get("CKPT_DAEMON_MEMORY") or None
-        self.memory_dir: Optional[Path] = Path(memory).resolve() if memory and rank == 0 else None
+        self.memory_dir: Optional[Path] = Path(memory).resolve() if memory else None
         self.memory_max_bytes = memory_max_bytes
         self._memory = None  # memsave.MemoryWriter, opened at the first memory save
         if rank == 0:
@@ -264,8 +269,8 @@ class CheckpointManager:
         the first memory saves. False when memory checkpoints are off. Raises MemoryCheckpointError when the
         region cannot hold two copies (the first save would fail the same way); with background=True the
         work runs on the memory writer's thread while training goes on, and the first memory save waits for
-        it (and raises its error)."""
-        if self.memory_dir is None:
+        it (and raises its error). False on a rank other than 0 (rank 0 writes the job's state)."""
+        if self.memory_dir is None or self.rank != 0:
             return False
         from ckpt_daemon.memsave import MemoryWriter
 
@@ -278,7 +283,7 @@ class CheckpointManager:
 
     def _save_memory(self, step, model, optimizer, scheduler, scaler, epoch, data_state, metrics, config, extra,
                      pin, world_size, rng) -> Optional[Path]:
-        if self.memory_dir is None:
+        if self.memory_dir is None or self.rank != 0:
             return None
         from ckpt_daemon.memsave import MemoryWriter
 
@@ -546,6 +551,33 @@ class CheckpointManager:
             + "; ".join(f"{n}: {w}" for n, w in skipped)
             + "). Restore one from snapshots/ (python -m maintenance.restore) or start fresh with --resume none."
         )
+
+    def load_same(self, source: dict, *, model: torch.nn.Module, optimizer: Any = None, scheduler: Any = None,
+                  scaler: Any = None, restore_rng_state: bool = True, map_location: str | torch.device = "cpu",
+                  strict: bool = True) -> Loaded:
+        """Load exactly what another rank loaded (its `Loaded.source()`): the same memory checkpoint, or the
+        same folder, verified here too. Under torchrun rank 0 chooses and loads first; the others follow, so
+        that every rank starts from the same state even when rank 0 passed over a damaged checkpoint or read
+        a memory state the disk does not have yet. Raises NoValidCheckpoint when that state cannot be read
+        here (the job then restarts and chooses again)."""
+        step, path = int(source["step"]), str(source["path"])
+        if source.get("from_memory"):
+            loaded = self._load_memory("latest", [], model, optimizer, scheduler, scaler, restore_rng_state,
+                                       map_location, strict, [], exact_step=step)
+            if loaded is not None:
+                return loaded
+            if not os.path.isdir(path):  # persisted since? then the same state is on disk
+                raise NoValidCheckpoint(
+                    f"rank {self.rank} could not read the memory checkpoint at step {step} that rank 0 resumed from, "
+                    f"and {path} is not on disk yet; the job stops so that the daemon restarts it from one state.")
+        loaded = self.load(path, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                           restore_rng_state=restore_rng_state, map_location=map_location, strict=strict)
+        if loaded is None or loaded.step != step:
+            raise NoValidCheckpoint(
+                f"rank {self.rank} could not load {Path(path).name} (step {step}), which rank 0 resumed from"
+                + (f"; it found step {loaded.step}" if loaded is not None else "")
+                + "; the job stops so that the daemon restarts it from one state.")
+        return loaded
 
     def _memory_choice(self, which) -> Optional[int]:
         """The step of the memory state the daemon chose for this restart ($CKPT_DAEMON_MEMORY_RESUME),

@@ -17,6 +17,7 @@ import torch
 from ckpt_daemon import memory as mem
 from ckpt_daemon.checkpoint import CheckpointManager, read_checkpoint
 from ckpt_daemon.config import RestartPolicy
+from ckpt_daemon.errors import NoValidCheckpoint
 from ckpt_daemon.memsave import read_slot_state
 from ckpt_daemon.store import catalog as cat
 from ckpt_daemon.store import manifest as mf
@@ -107,6 +108,38 @@ def test_resume_from_memory_is_exact(tmp_path, region):
     loaded = CheckpointManager(ck, memory=region).load("latest", model=m2, optimizer=opt2, scheduler=sched2)
     assert loaded.from_memory and loaded.step == 3
     assert train_steps(m2, opt2, sched2, 4, seed=2) == expected  # bit for bit
+
+
+def test_under_torchrun_rank_0_writes_the_slots_and_another_rank_loads_exactly_what_rank_0_loaded(tmp_path, region):
+    """A job's ranks share one region: only rank 0 writes (every rank holds the same state), and a rank that
+    follows rank 0's choice (`load_same`) gets the same memory state, not the disk's older one."""
+    ck = tmp_path / "ck"
+    m, opt, sched = make_state()
+    train_steps(m, opt, sched, 2, seed=1)
+    r0 = CheckpointManager(ck, memory=region, rank=0)
+    r0.save(2, model=m, optimizer=opt, scheduler=sched, data_state={"pos": 2})  # on disk
+    r1 = CheckpointManager(ck, memory=region, rank=1)
+    train_steps(m, opt, sched, 3, seed=2)
+    assert r1.save(5, model=m, optimizer=opt, scheduler=sched, memory=True) is None  # not rank 0's to write
+    assert r1.reserve_memory(model=m, optimizer=opt) is False
+    assert mem.Region(region).newest(ck)[0] is None
+    r0.save(5, model=m, optimizer=opt, scheduler=sched, data_state={"pos": 5}, memory=True)
+    r0.wait()
+    m0, opt0, sched0 = make_state(seed=3)
+    loaded = r0.load("latest", model=m0, optimizer=opt0, scheduler=sched0)
+    assert loaded.from_memory and loaded.step == 5
+    m1, opt1, sched1 = make_state(seed=4)
+    same = r1.load_same(loaded.source(), model=m1, optimizer=opt1, scheduler=sched1)
+    assert same.from_memory and same.step == 5 and same.data_state == {"pos": 5}
+    assert same_state(m, m1) and same_nested(opt.state_dict(), opt1.state_dict())
+    # a state this rank cannot read (gone from memory, not on disk yet) stops the job with the reason
+    r0.close()
+    memagent.remove_stale_region(region)
+    with pytest.raises(NoValidCheckpoint, match="rank 1 could not read the memory checkpoint at step 5"):
+        r1.load_same(loaded.source(), model=m1, optimizer=opt1, scheduler=sched1)
+    # a folder: loaded and verified here too
+    src = {"path": str(ck / "checkpoint-2"), "step": 2, "from_memory": False}
+    assert r1.load_same(src, model=m1, optimizer=opt1, scheduler=sched1).step == 2
 
 
 def test_double_buffering_keeps_the_previous_slot_and_the_newest_wins(tmp_path, region):

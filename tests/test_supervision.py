@@ -11,10 +11,14 @@ import socket
 import textwrap
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
+from ckpt_daemon import memory as mem
+from ckpt_daemon.runtime import kill_tree
 from ckpt_daemon.store import catalog as cat
+from daemon import memagent
 from tests.helpers import PY, Daemon, fake_native, run_py
 
 SLEEPER = [PY, "-c", "import time; time.sleep(3600)"]
@@ -186,13 +190,24 @@ def test_the_watchdog_keeps_pinging_while_a_stubborn_trainer_is_killed(tmp_path,
 
 
 @pytest.mark.slow
-def test_heartbeats_under_torchrun_match_the_run(tmp_path, daemons):
+def test_heartbeats_and_memory_checkpoints_under_torchrun_match_the_run(tmp_path, daemons):
     torchrun = str(Path(PY).with_name("torchrun"))
+    region = Path("/dev/shm") / f"ckpt-test-ddp-{os.getpid()}-{tmp_path.name}"
     d = Daemon(tmp_path, {"training": {"command": [torchrun, "--standalone", "--nproc_per_node=2", "-m", "trainer",
                                                    "--config", "{config}"],
-                                       "restart": {"heartbeat_timeout_s": 3, "heartbeat_grace_s": 120}},
+                                       "restart": {"heartbeat_timeout_s": 3, "heartbeat_grace_s": 120,
+                                                   "initial_backoff_s": 0.2}},
+                          "checkpoints": {"memory": {"enabled": True, "every_steps": 2, "persist_every": 1000,
+                                                     "dir": str(region)}},
                           "trainer": {"checkpoint_every_steps": 10, "log_every_steps": 10}}).start()
     daemons.append(d)
+    try:
+        _heartbeats_and_memory_under_torchrun(tmp_path, d, region)
+    finally:
+        memagent.remove_stale_region(region)
+
+
+def _heartbeats_and_memory_under_torchrun(tmp_path: Path, d: Daemon, region: Path) -> None:
     s = d.wait(lambda s: (d.step(s) or 0) >= 5 and s, timeout=120, what="torchrun training")
     started = time.monotonic()
     pid = s["training"]["pid"]
@@ -202,8 +217,20 @@ def test_heartbeats_under_torchrun_match_the_run(tmp_path, daemons):
     s = d.status()
     assert s["training"]["pid"] == pid and s["training"]["restarts"] == 0, s["training"]
     assert "heartbeat is stale" not in d.log()
+    # rank 0 writes memory checkpoints; a SIGKILL of the whole job is resumed from the newest one by every rank
+    ck = tmp_path / "checkpoints"
+    d.wait(lambda s: (mem.Region(region).newest(ck)[0] or SimpleNamespace(step=0)).step >= 4, timeout=60,
+           what="a memory checkpoint written under torchrun")
+    kill_tree(pid, signal.SIGSTOP)
+    last = mem.Region(region).newest(ck)[0].step
+    kill_tree(pid, signal.SIGKILL)
+    s = d.wait(lambda s: s["training"]["pid"] not in (None, pid) and (d.step(s) or 0) > last and s, timeout=120,
+               what="the restarted job")
+    assert s["training"]["resumed_from"] == f"checkpoint-{last}"
+    trainer_log = (tmp_path / "logs" / "trainer.log").read_text()
+    assert trainer_log.count(f"loaded the memory checkpoint at step {last}") == 2  # rank 0, then rank 1
     assert d.stop() == 0
-    assert cat.scan(tmp_path / "checkpoints", ["checkpoint-{step}"], verify=True).newest_valid() is not None
+    assert cat.scan(ck, ["checkpoint-{step}"], verify=True).newest_valid().step > last
 
 
 @pytest.mark.slow

@@ -7,6 +7,7 @@ import random
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -70,6 +71,53 @@ def test_exact_resume_after_sigkill(tmp_path, world, precision):
         assert read_checkpoint(tmp_path / "run" / "checkpoints" / f"checkpoint-{STEPS}")["scaler"] == ref_scaler
         assert read_checkpoint(tmp_path / "run" / "checkpoints" / f"checkpoint-{resumed_step}")["scaler"][
             "_growth_tracker"] == resumed_step
+
+
+@pytest.mark.slow
+def test_torchrun_ranks_resume_exactly_from_the_memory_checkpoint_rank_0_wrote(tmp_path, monkeypatch):
+    """Memory-first under torchrun: rank 0 writes every step's state into the slots; after a SIGKILL of the
+    whole job, newer than anything on disk, rank 0 loads the newest slot and rank 1 exactly that state: the
+    losses go on bit for bit as in an uninterrupted run (a rank started fresh, or from the disk's older
+    state, would diverge at once)."""
+    from ckpt_daemon import memory as mem
+    from daemon import memagent
+
+    steps = 30
+    region = Path("/dev/shm") / f"ckpt-test-ddp-{os.getpid()}-{tmp_path.name}"
+    over = {"checkpoints": {"memory": {"enabled": True, "every_steps": 1, "persist_every": 1000, "dir": str(region)}},
+            "trainer": {"checkpoint_every_steps": 1000, "eval_every_steps": 1000, "deterministic": True}}
+    ref = write_config(tmp_path / "ref", over)  # no daemon named: the same run, saving to disk
+    r = subprocess.run(trainer_cmd(ref, 2, "--max-steps", str(steps)), capture_output=True, text=True,
+                       env=env_for_children(), timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    expected = read_losses(tmp_path / "ref" / "logs" / "metrics.jsonl")
+    assert sorted(expected) == list(range(1, steps + 1))
+
+    cfg = write_config(tmp_path / "run", over)
+    ck, metrics = tmp_path / "run" / "checkpoints", tmp_path / "run" / "logs" / "metrics.jsonl"
+    monkeypatch.setenv("CKPT_DAEMON_MEMORY", str(region))  # what the daemon sets for its trainer
+    try:
+        p = start(trainer_cmd(cfg, 2, "--max-steps", str(steps)), tmp_path / "run1.log")
+        wait_for_step(metrics, 12, p)
+        kill_tree(p.pid, signal.SIGSTOP)  # frozen: the newest slot is well defined
+        info, _ = mem.Region(region).newest(ck)  # (the other slot may be caught mid-copy)
+        kill_tree(p.pid, signal.SIGKILL)
+        p.wait()
+        assert info is not None
+        newest_disk = cat.scan(ck, ["checkpoint-{step}"], verify=True).newest_valid()
+        assert info.step >= 11 and (newest_disk is None or newest_disk.step < info.step)
+
+        r = subprocess.run(trainer_cmd(cfg, 2, "--max-steps", str(steps), "--resume", "latest"), capture_output=True,
+                           text=True, env=env_for_children(), timeout=300)
+        out = r.stdout + r.stderr
+        assert r.returncode == 0, out
+        assert f"resumed from checkpoint-{info.step} at step {info.step}" in out and "read from the memory checkpoint" in out
+        assert out.count(f"loaded the memory checkpoint at step {info.step}") == 2, out  # both ranks
+        got = read_losses(metrics)
+        for step in range(info.step + 1, steps + 1):
+            assert got[step] == expected[step], f"step {step}: {got[step]!r} != {expected[step]!r}"
+    finally:
+        memagent.remove_stale_region(region)
 
 
 @pytest.mark.slow

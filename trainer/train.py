@@ -132,11 +132,11 @@ def run(cfg: Config, resume: str, max_steps: Optional[int] = None) -> int:
     sampler = Sampler(corpus.train, tc.model.block_size, tc.batch_size, tc.seed, rank, world)
     # Memory-first checkpoints need the daemon, which persists them (it names the region in the environment).
     mem_cfg = cfg.checkpoints.memory
-    mem_dir = os.environ.get("CKPT_DAEMON_MEMORY") if mem_cfg.enabled and not distributed else None
+    # Under torchrun rank 0 writes the slots (every rank holds the same state) and every rank can read them.
+    mem_dir = os.environ.get("CKPT_DAEMON_MEMORY") if mem_cfg.enabled else None
     if mem_cfg.enabled and not mem_dir and rank == 0:
-        log.warning("checkpoints.memory.enabled is set, but memory checkpoints need the daemon (which persists them)%s; "
-                    "saving to disk every %d steps instead", " and a single process" if distributed else "",
-                    tc.checkpoint_every_steps)
+        log.warning("checkpoints.memory.enabled is set, but memory checkpoints need the daemon (which persists them); "
+                    "saving to disk every %d steps instead", tc.checkpoint_every_steps)
     mgr = CheckpointManager(ckpt_dir, best_metric=tc.best_metric, best_mode=tc.best_mode,
                             save_margin_bytes=int(cfg.disk.save_margin_mb * 2**20), patterns=cfg.checkpoints.pattern,
                             rank=rank, memory=mem_dir or False, memory_max_bytes=int(mem_cfg.max_gb * 2**30))
@@ -144,17 +144,15 @@ def run(cfg: Config, resume: str, max_steps: Optional[int] = None) -> int:
     torch.manual_seed(tc.seed + rank)  # per-rank stream for dropout; restored from the checkpoint on resume
 
     if resume != "none":
-        target = resume
+        how = {"model": model, "optimizer": opt, "scheduler": sched, "scaler": scaler, "restore_rng_state": False,
+               "map_location": device}
+        loaded = mgr.load(resume, **how) if rank == 0 else None
         if distributed:
-            # Rank 0 chooses (and verifies); the others load exactly that folder.
-            box = [None]
-            if rank == 0:
-                cands, _ = mgr.candidates(resume)
-                box = [str(cands[0].path) if cands else None]
+            # Rank 0 chose, verified and loaded (a memory checkpoint or a folder); the others load exactly that.
+            box = [loaded.source() if loaded is not None else None]
             dist.broadcast_object_list(box, src=0)
-            target = box[0]
-        loaded = mgr.load(target, model=model, optimizer=opt, scheduler=sched, scaler=scaler, restore_rng_state=False,
-                          map_location=device) if target else None
+            if rank != 0 and box[0] is not None:
+                loaded = mgr.load_same(box[0], **how)
         if loaded is not None:
             step = loaded.step
             resumed_from = loaded.path.name
@@ -176,16 +174,17 @@ def run(cfg: Config, resume: str, max_steps: Optional[int] = None) -> int:
     elif rank == 0:
         log.info("--resume none: starting fresh at step 0")
 
-    if mem_dir:
-        # the slots' space, pages and (for a GPU) pinned registration, paid now on the writer's thread while
-        # training starts, not inside the first memory saves
-        mgr.reserve_memory(model=model, optimizer=opt, background=True)
     if rank == 0:
         log.info("training on %s%s", placement.device, "" if placement.precision == "fp32" else f" with {placement.precision} autocast")
     ddp_model = model
     if distributed:
+        # (its construction is a collective: every rank has loaded its state before rank 0 touches the slots)
         ddp_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[placement.index] if placement.device_type == "cuda" else None)
+    if mem_dir and rank == 0:
+        # the slots' space, pages and (for a GPU) pinned registration, paid now on the writer's thread while
+        # training starts, not inside the first memory saves
+        mgr.reserve_memory(model=model, optimizer=opt, background=True)
     limit = max_steps if max_steps is not None else tc.max_steps
     model_cfg = {"model": mc.to_dict(), "vocab": corpus.vocab, "trainer": cfg.trainer.model_dump(mode="json")}
     best: Optional[float] = mgr.best_value
