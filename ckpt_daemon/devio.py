@@ -304,6 +304,10 @@ class _Lane:
         self.bufs = [torch.empty(piece, dtype=torch.uint8, pin_memory=gpu) for _ in range(BUFFERS_PER_LANE)]
         self.views = [b.numpy() for b in self.bufs]
         self.stream = torch.cuda.Stream(device) if gpu else None
+        if self.stream is not None:
+            # the destination tensors were just allocated on the current stream, whose earlier work may still
+            # use that memory (a block the caching allocator reuses): the lane's copies come after it
+            self.stream.wait_stream(torch.cuda.current_stream(device))
         self.events: list = [None] * BUFFERS_PER_LANE
 
 

@@ -31,8 +31,11 @@ T = TypeVar("T")
 REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
 
-# A model small enough that a test run takes seconds, big enough to learn.
+# A model small enough that a test run takes seconds, big enough to learn. On the CPU even on a GPU machine
+# (two torchrun ranks on one GPU are refused, and exact resume on a GPU needs deterministic kernels):
+# tests/test_gpu.py asks for the GPU itself.
 TINY_TRAINER = {
+    "device": "cpu",
     "seed": 7,
     "batch_size": 8,
     "learning_rate": 0.003,
