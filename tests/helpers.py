@@ -144,6 +144,14 @@ def wait_for_step(metrics: Path, step: int, proc: subprocess.Popen, timeout: flo
     raise AssertionError(f"step {step} not reached in {timeout}s")
 
 
+def newest_memory_step(region: Path, ck: Path) -> int:
+    """The step of the newest committed memory checkpoint of `ck` in `region` (-1 when there is none)."""
+    from ckpt_daemon import memory as mem
+
+    info, _ = mem.Region(region).newest(ck)
+    return info.step if info else -1
+
+
 def trainer_cmd(cfg: Path, world: int, *extra: str) -> list[str]:
     """The built-in trainer's command line: one process, or `world` ranks under torchrun."""
     if world == 1:

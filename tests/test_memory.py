@@ -28,6 +28,7 @@ from tests.helpers import (
     Daemon,
     env_for_children,
     make_state,
+    newest_memory_step,
     read_losses,
     run_py,
     same_nested,
@@ -329,11 +330,6 @@ def _memory_daemon(tmp_path: Path, region: Path, trainer: dict | None = None) ->
     })
 
 
-def _newest_memory_step(region: Path, ck: Path) -> int:
-    info, _ = mem.Region(region).newest(ck)
-    return info.step if info else -1
-
-
 @pytest.mark.slow
 def test_daemon_persists_at_the_breakpoint_and_adopts_after_its_own_death(tmp_path, daemons):
     region = Path("/dev/shm") / f"ckpt-test-{os.getpid()}-{tmp_path.name}"
@@ -345,7 +341,7 @@ def test_daemon_persists_at_the_breakpoint_and_adopts_after_its_own_death(tmp_pa
         d.wait(lambda s: (d.step(s) or 0) >= 15, what="training with memory checkpoints")
         pid = d.status()["training"]["pid"]
         os.kill(pid, signal.SIGSTOP)  # freeze it so that "the newest memory checkpoint" is well defined
-        last = _newest_memory_step(region, ck)
+        last = newest_memory_step(region, ck)
         assert last >= 10 and not (ck / f"checkpoint-{last}").exists()  # only in memory so far
         os.kill(pid, signal.SIGKILL)
         s = d.wait(lambda s: s["training"]["pid"] not in (None, pid) and (d.step(s) or 0) > last and s,
@@ -365,11 +361,11 @@ def test_daemon_persists_at_the_breakpoint_and_adopts_after_its_own_death(tmp_pa
         # 2. SIGKILL of the daemon with a state in memory newer than the disk (its trainer frozen, then killed,
         #    so it cannot save on its way out): a new daemon adopts the region and persists it first
         pid = d.status()["training"]["pid"]
-        d.wait(lambda s: _newest_memory_step(region, ck) >= last + 5, what="more memory checkpoints")
+        d.wait(lambda s: newest_memory_step(region, ck) >= last + 5, what="more memory checkpoints")
         os.kill(pid, signal.SIGSTOP)
         d.proc.kill()
         d.proc.wait()
-        last2 = _newest_memory_step(region, ck)
+        last2 = newest_memory_step(region, ck)
         os.kill(pid, signal.SIGKILL)
         assert last2 > last and not (ck / f"checkpoint-{last2}").exists()
         d2 = _memory_daemon(tmp_path, region).start()

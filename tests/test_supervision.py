@@ -11,15 +11,13 @@ import socket
 import textwrap
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
-from ckpt_daemon import memory as mem
 from ckpt_daemon.runtime import kill_tree
 from ckpt_daemon.store import catalog as cat
 from daemon import memagent
-from tests.helpers import PY, Daemon, fake_native, run_py
+from tests.helpers import PY, Daemon, fake_native, newest_memory_step, run_py
 
 SLEEPER = [PY, "-c", "import time; time.sleep(3600)"]
 
@@ -219,10 +217,9 @@ def _heartbeats_and_memory_under_torchrun(tmp_path: Path, d: Daemon, region: Pat
     assert "heartbeat is stale" not in d.log()
     # rank 0 writes memory checkpoints; a SIGKILL of the whole job is resumed from the newest one by every rank
     ck = tmp_path / "checkpoints"
-    d.wait(lambda s: (mem.Region(region).newest(ck)[0] or SimpleNamespace(step=0)).step >= 4, timeout=60,
-           what="a memory checkpoint written under torchrun")
+    d.wait(lambda s: newest_memory_step(region, ck) >= 4, timeout=60, what="a memory checkpoint written under torchrun")
     kill_tree(pid, signal.SIGSTOP)
-    last = mem.Region(region).newest(ck)[0].step
+    last = newest_memory_step(region, ck)
     kill_tree(pid, signal.SIGKILL)
     s = d.wait(lambda s: s["training"]["pid"] not in (None, pid) and (d.step(s) or 0) > last and s, timeout=120,
                what="the restarted job")
