@@ -45,6 +45,7 @@ from ckpt_daemon.fsutil import atomic_write_bytes, loads_json_bounded, tree_stat
 from ckpt_daemon.runtime import PINS_DIR, RUNTIME_DIR, STATE_DIR  # noqa: F401  (re-exported)
 from ckpt_daemon.store import foreign
 from ckpt_daemon.store import manifest as mf
+from ckpt_daemon.store.commit import live_scratch
 from ckpt_daemon.store.names import (  # noqa: F401  (re-exported: daemon, maintenance and users import them here)
     HF_TEMP_PREFIX,
     MAX_STEP_DIGITS,
@@ -384,8 +385,6 @@ def _scan(root: Path, patterns: Iterable[str], verify: bool, stats: bool, best_m
             entries.append(e)
     if track is not None and track[0] >= DISK_CACHE_MIN_MISSES:
         _save_disk_cache(root_s, track[1:])
-    from ckpt_daemon.store.commit import live_scratch
-
     for sid in live_scratch(root):
         in_progress.append(InProgress(sid, root / STATE_DIR / "tmp" / sid, _temp_step(sid, rxs), 0.0))
     entries.sort(key=lambda e: (e.step, e.version, e.name))
